@@ -1,0 +1,51 @@
+# hybridlm — build, test and train. `make test` runs the CPU suite (and compiles the CUDA code
+# when there is any); `make deps` installs the Debian packages the build needs.
+
+CXX      ?= g++
+NVCC     ?= nvcc
+CXXFLAGS ?= -std=c++17 -O3 -Wall -Wextra -fopenmp
+# .deps/include holds copies of the header-only deps on machines without the Debian packages
+INCLUDES := -I. -I.deps/include
+NVFLAGS  ?= -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp
+BUILD    := build
+
+HEADERS   := $(wildcard model/*.h data/*.h test/*.h)
+TEST_SRCS := $(wildcard test/*.cpp)
+TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/%.o)
+CUDA_SRCS := $(wildcard *.cu kernels/*.cu dev/cuda/*.cu test/*.cu)
+
+.PHONY: all test deps clean cuda_check
+
+all: $(BUILD)/test_cpu
+
+# ---- dependencies (Debian packages; headers only, except OpenMP) ----
+DEB_HEADERS := libcli11-dev:/usr/include/CLI/CLI.hpp doctest-dev:/usr/include/doctest/doctest.h \
+               libstb-dev:/usr/include/stb/stb_image_write.h libomp-dev:/usr/lib/llvm-14/include/omp.h
+deps:
+	@missing=""; for pair in $(DEB_HEADERS); do pkg=$${pair%%:*}; hdr=$${pair#*:}; \
+	  [ -e "$$hdr" ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null || \
+	  { echo "error: could not install$$missing (run as root or with sudo)"; exit 1; }; \
+	else echo "deps: all present"; fi
+
+# ---- CPU test suite ----
+$(BUILD)/%.o: %.cpp $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $(INCLUDES) -c $< -o $@
+
+$(BUILD)/test_cpu: $(TEST_OBJS)
+	$(CXX) $(CXXFLAGS) $^ -o $@
+
+test: $(BUILD)/test_cpu cuda_check
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} bash test/run.sh $(BUILD)/test_cpu
+
+# Compile check of every CUDA source (no GPU needed): objects only, nothing is run.
+cuda_check:
+	@for f in $(CUDA_SRCS); do echo "nvcc -c $$f"; \
+	  $(NVCC) $(NVFLAGS) $(INCLUDES) -c $$f -o $(BUILD)/cuda_check.o || exit 1; done; \
+	  [ -n "$(CUDA_SRCS)" ] || echo "cuda_check: no CUDA sources yet"
+
+clean:
+	rm -rf $(BUILD)
