@@ -12,9 +12,9 @@ BUILD    := build
 HEADERS   := $(wildcard model/*.h data/*.h test/*.h)
 TEST_SRCS := $(wildcard test/*.cpp)
 TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/%.o)
-CUDA_SRCS := $(wildcard *.cu kernels/*.cu dev/cuda/*.cu test/*.cu)
+CUDA_SRCS := $(wildcard *.cu dev/cuda/*.cu test/*.cu)
 
-.PHONY: all test deps clean cuda_check
+.PHONY: all test deps clean cuda_check test_gpu
 
 all: $(BUILD)/test_cpu
 
@@ -41,9 +41,19 @@ $(BUILD)/test_cpu: $(TEST_OBJS)
 test: $(BUILD)/test_cpu cuda_check
 	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} bash test/run.sh $(BUILD)/test_cpu
 
+# ---- GPU test suite (device machine): every kernel against the CPU reference ----
+GPU_TEST_SRCS := test/gpu_main.cu $(wildcard test/test_gpu_*.cu)
+KERNEL_HEADERS := $(wildcard kernels/*.cuh)
+$(BUILD)/test_gpu: $(GPU_TEST_SRCS) $(HEADERS) $(KERNEL_HEADERS)
+	@mkdir -p $(BUILD)
+	$(NVCC) $(NVFLAGS) $(INCLUDES) $(GPU_TEST_SRCS) -o $@ -lcublas
+
+test_gpu: $(BUILD)/test_gpu
+	@bash test/run.sh $(BUILD)/test_gpu
+
 # Compile check of every CUDA source (no GPU needed): objects only, nothing is run.
 cuda_check:
-	@for f in $(CUDA_SRCS); do echo "nvcc -c $$f"; \
+	@mkdir -p $(BUILD); for f in $(CUDA_SRCS); do echo "nvcc -c $$f"; \
 	  $(NVCC) $(NVFLAGS) $(INCLUDES) -c $$f -o $(BUILD)/cuda_check.o || exit 1; done; \
 	  [ -n "$(CUDA_SRCS)" ] || echo "cuda_check: no CUDA sources yet"
 
