@@ -5,6 +5,7 @@
 #pragma once
 #include <cmath>           // std::lround
 #include <cstdio>          // std::snprintf for the cost report
+#include <map>             // std::map: config as checkpoint metadata
 #include <string>          // std::string
 #include <vector>          // std::vector of layer positions
 #include "model/common.h"  // HL_CHECK, fail, Error
@@ -453,6 +454,150 @@ inline std::string cost_report(const ModelConfig& c, int L_ctx) {
                   formula_cache_bytes(c, L_ctx) / (1024.0 * 1024.0));
     s += buf;
     return s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The config as checkpoint metadata (safetensors `__metadata__` holds strings only)
+// ---------------------------------------------------------------------------------------------
+
+namespace config_detail {
+
+// Doubles in the shortest "%.Ng" that reads back to the same bits: "500000", "1e-05", "0.02".
+inline std::string double_str(double v) {
+    char buf[32];
+    for (int digits = 6; digits <= 17; digits++) {
+        std::snprintf(buf, sizeof buf, "%.*g", digits, v);
+        if (std::stod(buf) == v) break;
+    }
+    return buf;
+}
+
+// A number starts with a digit, '-' or '.' (std::stoll/stod would skip leading spaces).
+inline bool starts_number(const std::string& s) {
+    return !s.empty() && (s[0] == '-' || s[0] == '.' || (s[0] >= '0' && s[0] <= '9'));
+}
+
+inline const std::string& get(const std::map<std::string, std::string>& meta, const std::string& key,
+                              const std::string& where) {
+    auto it = meta.find(key);
+    HL_CHECK(it != meta.end(), where, ": metadata has no '", key, "' (not a hybridlm checkpoint?)");
+    return it->second;
+}
+
+// The whole string must be the number: "12abc", "", " 3" are refused.
+inline int get_int(const std::map<std::string, std::string>& meta, const std::string& key, const std::string& where) {
+    const std::string& s = get(meta, key, where);
+    size_t used = 0;
+    long long v = 0;
+    try {
+        v = std::stoll(s, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    HL_CHECK(starts_number(s) && used == s.size() && v >= -2147483647LL && v <= 2147483647LL, where,
+             ": metadata '", key, "' = '", s, "' is not an integer");
+    return int(v);
+}
+
+inline double get_double(const std::map<std::string, std::string>& meta, const std::string& key,
+                         const std::string& where) {
+    const std::string& s = get(meta, key, where);
+    size_t used = 0;
+    double v = 0;
+    try {
+        v = std::stod(s, &used);
+    } catch (const std::exception&) {
+        used = 0;
+    }
+    HL_CHECK(starts_number(s) && used == s.size() && std::isfinite(v), where, ": metadata '", key,
+             "' = '", s, "' is not a number");
+    return v;
+}
+
+}  // namespace config_detail
+
+// Every ModelConfig field as "name" → "value" (fusion in its canonical axes spelling, tied as
+// true/false), so a checkpoint carries everything needed to rebuild the model, and comparing two
+// of these maps (check_metadata in model/checkpoint.h) names the first field that differs.
+inline std::map<std::string, std::string> config_to_metadata(const ModelConfig& c) {
+    using config_detail::double_str;
+    std::map<std::string, std::string> m;
+    m["arch"] = c.arch;
+    m["vocab_size"] = std::to_string(c.vocab_size);
+    m["d_model"] = std::to_string(c.d_model);
+    m["n_layers"] = std::to_string(c.n_layers);
+    m["d_ff"] = std::to_string(c.d_ff);
+    m["n_heads"] = std::to_string(c.n_heads);
+    m["n_kv_heads"] = std::to_string(c.n_kv_heads);
+    m["head_dim"] = std::to_string(c.head_dim);
+    m["rope_theta"] = double_str(c.rope_theta);
+    m["d_ssm"] = std::to_string(c.d_ssm);
+    m["ssm_headdim"] = std::to_string(c.ssm_headdim);
+    m["d_state"] = std::to_string(c.d_state);
+    m["ngroups"] = std::to_string(c.ngroups);
+    m["d_conv"] = std::to_string(c.d_conv);
+    m["chunk"] = std::to_string(c.chunk);
+    m["intra_heads"] = std::to_string(c.intra_heads);
+    m["intra_kv_heads"] = std::to_string(c.intra_kv_heads);
+    m["intra_d_qk"] = std::to_string(c.intra_d_qk);
+    m["intra_d_v"] = std::to_string(c.intra_d_v);
+    m["intra_d_ssm"] = std::to_string(c.intra_d_ssm);
+    m["intra_ssm_headdim"] = std::to_string(c.intra_ssm_headdim);
+    m["fusion"] = to_string(c.fusion);
+    m["pattern"] = c.pattern;
+    m["tied"] = c.tied ? "true" : "false";
+    m["max_seq_len"] = std::to_string(c.max_seq_len);
+    m["norm_eps"] = double_str(c.norm_eps);
+    m["init_std"] = double_str(c.init_std);
+    return m;
+}
+
+// The inverse: a ModelConfig from checkpoint metadata (other keys, like the step, are ignored).
+// A missing or malformed field, or a config that fails config_check, is one hl::Error line that
+// starts with `where` (e.g. "checkpoint 'runs/x/model.safetensors'").
+inline ModelConfig config_from_metadata(const std::map<std::string, std::string>& meta,
+                                        const std::string& where = "checkpoint") {
+    using namespace config_detail;
+    ModelConfig c;
+    c.arch = get(meta, "arch", where);
+    c.vocab_size = get_int(meta, "vocab_size", where);
+    c.d_model = get_int(meta, "d_model", where);
+    c.n_layers = get_int(meta, "n_layers", where);
+    c.d_ff = get_int(meta, "d_ff", where);
+    c.n_heads = get_int(meta, "n_heads", where);
+    c.n_kv_heads = get_int(meta, "n_kv_heads", where);
+    c.head_dim = get_int(meta, "head_dim", where);
+    c.rope_theta = get_double(meta, "rope_theta", where);
+    c.d_ssm = get_int(meta, "d_ssm", where);
+    c.ssm_headdim = get_int(meta, "ssm_headdim", where);
+    c.d_state = get_int(meta, "d_state", where);
+    c.ngroups = get_int(meta, "ngroups", where);
+    c.d_conv = get_int(meta, "d_conv", where);
+    c.chunk = get_int(meta, "chunk", where);
+    c.intra_heads = get_int(meta, "intra_heads", where);
+    c.intra_kv_heads = get_int(meta, "intra_kv_heads", where);
+    c.intra_d_qk = get_int(meta, "intra_d_qk", where);
+    c.intra_d_v = get_int(meta, "intra_d_v", where);
+    c.intra_d_ssm = get_int(meta, "intra_d_ssm", where);
+    c.intra_ssm_headdim = get_int(meta, "intra_ssm_headdim", where);
+    try {
+        c.fusion = parse_fusion(get(meta, "fusion", where));
+    } catch (const Error& e) {
+        fail(where, ": metadata 'fusion': ", e.what());
+    }
+    c.pattern = get(meta, "pattern", where);
+    const std::string& tied = get(meta, "tied", where);
+    HL_CHECK(tied == "true" || tied == "false", where, ": metadata 'tied' = '", tied, "' is not true or false");
+    c.tied = tied == "true";
+    c.max_seq_len = get_int(meta, "max_seq_len", where);
+    c.norm_eps = get_double(meta, "norm_eps", where);
+    c.init_std = get_double(meta, "init_std", where);
+    try {
+        config_check(c);
+    } catch (const Error& e) {
+        fail(where, ": the stored config is invalid: ", e.what());
+    }
+    return c;
 }
 
 }  // namespace hl

@@ -84,7 +84,7 @@ struct Model {
     ModelParams<T> p, dp;
 
     // activations for one (B, T), allocated by alloc(); nothing is allocated in forward/backward
-    int B = 0, T = 0;
+    int B = 0, T_ = 0;
     std::vector<T> act;
     std::vector<T*> xs;                  // L+1 residual streams (B,T,D): xs[0] embeddings, xs[l+1] block l output
     std::vector<BlockActs<T>> bacts;
@@ -125,15 +125,15 @@ struct Model {
     void alloc(int B_, int T_) {
         HL_CHECK(B_ > 0 && T_ > 0, "batch and seq-len must be positive, got batch ", B_, ", seq-len ", T_);
         HL_CHECK(T_ <= cfg.max_seq_len, "seq-len ", T_, " is above the model's limit max_seq_len = ", cfg.max_seq_len);
-        if (B_ == B && T_ == T) return;
+        if (B_ == B && T_ == this->T_) return;
         B = B_;
-        T = T_;
-        const int N = B * T, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
+        this->T_ = T_;
+        const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
         auto layout = [&](Arena<T>& a) {
             xs.clear();
             bacts.clear();
             for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
-            for (int l = 0; l < L; l++) bacts.push_back(block_acts(a, blocks[l], B, T));
+            for (int l = 0; l < L; l++) bacts.push_back(block_acts(a, blocks[l], B, T_));
             xf = a.take("xf", {N, D});
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});
@@ -154,11 +154,11 @@ struct Model {
 
     // Logits for tokens (B,T) into this->logits; with targets (B,T), returns the mean cross-entropy
     // (else 0). Rows b of the batch are independent sequences.
-    T forward(const int* tokens, const int* targets, int B_, int T_) {
-        alloc(B_, T_);
-        const int N = B * T, D = cfg.d_model, V = cfg.vocab_size;
-        embedding_forward(xs[0], tokens, p.embed, B, T, V, D);
-        for (int l = 0; l < cfg.n_layers; l++) block_forward(xs[l + 1], bacts[l], xs[l], p.layers[l], blocks[l], B, T);
+    T forward(const int* tokens, const int* targets, int B_, int Tn) {
+        alloc(B_, Tn);
+        const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size;
+        embedding_forward(xs[0], tokens, p.embed, B, T_, V, D);
+        for (int l = 0; l < cfg.n_layers; l++) block_forward(xs[l + 1], bacts[l], xs[l], p.layers[l], blocks[l], B, T_);
         rmsnorm_forward(xf, rstdf, xs[cfg.n_layers], p.norm_f, N, 1, D, T(cfg.norm_eps));
         matmul_forward(logits, xf, p.lm_head, (const T*)nullptr, N, D, V);
         last_tokens = tokens;
@@ -177,13 +177,13 @@ struct Model {
     // The tokens passed to that forward must still be alive.
     void backward() {
         HL_CHECK(have_targets, "backward needs a forward with targets first");
-        const int N = B * T, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
+        const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
         for (int i = 0; i < N; i++) dlosses[i] = T(1) / T(N);
         crossentropy_backward(dlogits, dlosses, probs, targets_buf.data(), N, V);
         matmul_backward(dxf, dp.lm_head, (T*)nullptr, dlogits, xf, p.lm_head, N, D, V);
         rmsnorm_backward(dres, dp.norm_f, dxf, xs[L], p.norm_f, rstdf, N, 1, D);
-        for (int l = L - 1; l >= 0; l--) block_backward(dres, dp.layers[l], dres, bacts[l], xs[l], p.layers[l], blocks[l], B, T);
-        embedding_backward(dp.embed, dres, last_tokens, B, T, V, D);
+        for (int l = L - 1; l >= 0; l--) block_backward(dres, dp.layers[l], dres, bacts[l], xs[l], p.layers[l], blocks[l], B, T_);
+        embedding_backward(dp.embed, dres, last_tokens, B, T_, V, D);
     }
 };
 

@@ -1,0 +1,401 @@
+// trainer.h — the pieces of a training run that do not depend on where the math runs, shared by
+// train_cpu.cpp and the later GPU trainer, and each one testable on its own:
+//   lr_at           warmup + cosine learning-rate schedule
+//   build_config    the ModelConfig from the command-line flags (preset, arch, pattern/ratio, fusion, ...)
+//   train_step      one optimisation step: batch → forward → backward → clip → AdamW
+//   eval_loss       mean validation loss over fixed windows
+//   save_run/load_run   run checkpoints: parameters, AdamW moments, step and data RNG (exact resume)
+//   generate        text from a prompt with temperature and top-k
+#pragma once
+#include <algorithm>            // std::partial_sort, std::copy, std::min
+#include <climits>              // INT_MAX
+#include <cmath>                // std::cos, std::exp, std::log
+#include <cstdint>              // uint64_t
+#include <cstdio>               // std::snprintf for the progress line
+#include <map>                  // std::map: checkpoint metadata
+#include <string>               // std::string
+#include <utility>              // std::move
+#include <vector>               // std::vector
+#include "data/loader.h"        // WindowLoader, eval_windows, num_eval_windows
+#include "data/tokenizer.h"     // ByteTokenizer: prompts in, samples out
+#include "model/adamw.h"        // AdamWConfig, adamw_update, clip_grad_norm
+#include "model/checkpoint.h"   // save_safetensors, load_safetensors, tensor_views, load_into, meta_*
+#include "model/common.h"       // HL_CHECK, fail, Rng
+#include "model/config.h"       // ModelConfig, preset, make_pattern, config_to/from_metadata
+#include "model/fusion.h"       // parse_fusion
+#include "model/model.h"        // Model
+
+namespace hl {
+
+// The metadata key "format" of every checkpoint we write; a file without it is not ours.
+constexpr const char* RUN_FORMAT = "hybridlm-run-1";
+
+// ---------------------------------------------------------------------------------------------
+// Learning-rate schedule
+// ---------------------------------------------------------------------------------------------
+
+// The learning rate of 0-based step `step` of a run of `total` steps:
+//   warmup   step < warmup:  lr · (step + 1) / warmup   (linear; the first step already moves)
+//   cosine   after:          min + (lr − min) · ½(1 + cos(π · (step − warmup) / (total − warmup)))
+//            with min = min_lr_frac · lr, reaching min at step == total (one past the last step)
+// Steps at or past `total` get min (a run resumed with fewer --steps trains no further anyway).
+inline float lr_at(int step, int total, int warmup, float lr, float min_lr_frac) {
+    HL_CHECK(total > 0, "lr schedule: total steps must be positive, got ", total);
+    HL_CHECK(warmup >= 0, "lr schedule: warmup must be non-negative, got ", warmup);
+    HL_CHECK(step >= 0, "lr schedule: step must be non-negative, got ", step);
+    HL_CHECK(min_lr_frac >= 0 && min_lr_frac <= 1, "lr schedule: min_lr_frac must be in [0, 1], got ", min_lr_frac);
+    const double min_lr = double(min_lr_frac) * lr;
+    if (step < warmup) return float(double(lr) * (step + 1) / warmup);
+    if (step >= total) return float(min_lr);
+    const double progress = double(step - warmup) / double(total - warmup);  // in [0, 1): total > step >= warmup
+    const double cosine = 0.5 * (1.0 + std::cos(3.14159265358979323846 * progress));
+    return float(min_lr + (double(lr) - min_lr) * cosine);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags → config
+// ---------------------------------------------------------------------------------------------
+
+// The flags that define the model. Defaults are train_cpu's: the small intra-layer hybrid.
+struct ModelFlags {
+    std::string preset = "small";  // tiny | small | 100m | 350m | 1b | 3b
+    std::string arch = "intra";    // transformer | mamba2 | inter | intra
+    std::string pattern;           // e.g. "MMHMM": replaces the preset's layers ("" = the preset's)
+    std::string ratio;             // e.g. "1:5": attention (or H) blocks per Mamba blocks ("" = not given)
+    std::string placement;         // middle | front | end | cluster | sandwich ("" = middle)
+    int layers = 0;                // layer count for --ratio (0 = the preset's)
+    std::string fusion = "final";  // the H blocks' fusion (recipe name or axes), see model/fusion.h
+    bool untied = false;           // separate LM head instead of the tied embedding
+    int seq_len = 256;             // training context; must not exceed the preset's max_seq_len
+    int vocab = 256;               // from the data: 256 for the byte tokenizer
+};
+
+// What a pattern is, for display: all A transformer, all M mamba2, any H intra, else inter.
+inline std::string arch_of_pattern(const std::string& pattern) {
+    int a = 0, m = 0, h = 0;
+    for (char c : pattern) a += c == 'A', m += c == 'M', h += c == 'H';
+    if (h > 0) return "intra";
+    if (m == 0) return "transformer";
+    if (a == 0) return "mamba2";
+    return "inter";
+}
+
+// The model config from the flags, in this order:
+//   1. preset(preset, arch): every block type's sizes, the arch's layer count and pattern
+//   2. --pattern replaces the pattern (and layer count); or --ratio/--placement/--layers rebuild it
+//      with make_pattern, the letter being H for --arch intra and A otherwise (a transformer or
+//      mamba2 with a ratio becomes an inter-layer hybrid)
+//   3. --fusion, --untied, the vocabulary of the data
+//   4. --seq-len checked against the model's max_seq_len, then config_check
+// Every bad value is one hl::Error line naming the flag.
+inline ModelConfig build_config(const ModelFlags& f) {
+    HL_CHECK(f.seq_len > 0, "--seq-len must be positive, got ", f.seq_len);
+    HL_CHECK(f.vocab > 0, "--vocab must be positive, got ", f.vocab);
+    HL_CHECK(f.layers >= 0, "--layers must be positive (or 0 for the preset's), got ", f.layers);
+    ModelConfig c = preset(f.preset, f.arch);
+
+    if (!f.pattern.empty()) {
+        HL_CHECK(f.ratio.empty() && f.placement.empty() && f.layers == 0,
+                 "--pattern names every layer itself: do not combine it with --ratio, --placement or --layers");
+        try {
+            pattern_check(f.pattern);
+        } catch (const Error& e) {
+            fail("--pattern: ", e.what());
+        }
+        c.pattern = f.pattern;
+        c.n_layers = int(f.pattern.size());
+        c.arch = arch_of_pattern(c.pattern);
+    } else if (!f.ratio.empty() || !f.placement.empty() || f.layers > 0) {
+        const bool hybrid_arch = f.arch == "inter" || f.arch == "intra";
+        const int L = f.layers > 0 ? f.layers : c.n_layers;
+        if (f.ratio.empty() && !hybrid_arch) {
+            // a pure model with another depth: --arch transformer --layers 4 → AAAA
+            HL_CHECK(f.placement.empty(), "--placement needs --ratio (or --arch inter|intra)");
+            c.pattern = std::string(size_t(L), f.arch == "transformer" ? 'A' : 'M');
+        } else {
+            const char letter = f.arch == "intra" ? 'H' : 'A';
+            const std::string ratio = f.ratio.empty() ? "1:5" : f.ratio;  // the hybrid presets' ratio
+            c.pattern = make_pattern(L, ratio_to_count(ratio, L), letter, f.placement.empty() ? "middle" : f.placement);
+        }
+        c.n_layers = L;
+        c.arch = arch_of_pattern(c.pattern);
+    }
+
+    c.fusion = parse_fusion(f.fusion);  // parsed even without H blocks, so a typo is never silently ignored
+    c.tied = !f.untied;
+    c.vocab_size = f.vocab;
+    HL_CHECK(f.seq_len <= c.max_seq_len, "--seq-len ", f.seq_len, " is above the model's limit max_seq_len = ",
+             c.max_seq_len, " (preset ", f.preset, ")");
+    config_check(c);
+    return c;
+}
+
+// The flags of the optimisation and of the run's periodic work. "0" for an *_every means: only at
+// the end of the run.
+struct TrainFlags {
+    int batch = 8;               // B windows per step
+    int steps = 400;             // total steps of the run (a resumed run continues up to here)
+    int warmup = 40;             // linear warmup steps
+    float lr = 3e-3f;            // peak learning rate
+    float min_lr_frac = 0.1f;    // the cosine ends at min_lr_frac · lr
+    float weight_decay = 0.1f;   // AdamW's decoupled decay (matrices only, see adamw_decays)
+    float grad_clip = 1.0f;      // global gradient-norm clip
+    uint64_t seed = 1337;        // init, data order, samples
+    int log_every = 10;          // progress line every N steps
+    int eval_every = 100;        // validation loss every N steps
+    int eval_batches = 8;        // ... on this many batches of the validation split
+    int ckpt_every = 100;        // checkpoint every N steps
+    int sample_every = 200;      // sample every N steps
+    int sample_len = 256;        // tokens per sample
+    float temperature = 0.8f;    // sampling temperature (0 = greedy)
+    int top_k = 40;              // sample among the k likeliest tokens (0 = all)
+};
+
+inline void train_flags_check(const TrainFlags& f) {
+    HL_CHECK(f.batch > 0, "--batch must be positive, got ", f.batch);
+    HL_CHECK(f.steps > 0, "--steps must be positive, got ", f.steps);
+    HL_CHECK(f.warmup >= 0, "--warmup must be non-negative, got ", f.warmup);
+    HL_CHECK(f.lr > 0 && std::isfinite(f.lr), "--lr must be positive, got ", f.lr);
+    HL_CHECK(f.min_lr_frac >= 0 && f.min_lr_frac <= 1, "--min-lr-frac must be in [0, 1], got ", f.min_lr_frac);
+    HL_CHECK(f.weight_decay >= 0, "--weight-decay must be non-negative, got ", f.weight_decay);
+    HL_CHECK(f.grad_clip > 0, "--grad-clip must be positive, got ", f.grad_clip);
+    HL_CHECK(f.log_every > 0, "--log-every must be positive, got ", f.log_every);
+    HL_CHECK(f.eval_every >= 0, "--eval-every must be non-negative (0 = only at the end), got ", f.eval_every);
+    HL_CHECK(f.eval_batches > 0, "--eval-batches must be positive, got ", f.eval_batches);
+    HL_CHECK(f.ckpt_every >= 0, "--ckpt-every must be non-negative (0 = only at the end), got ", f.ckpt_every);
+    HL_CHECK(f.sample_every >= 0, "--sample-every must be non-negative (0 = only at the end), got ", f.sample_every);
+    HL_CHECK(f.sample_len > 0, "--sample-len must be positive, got ", f.sample_len);
+    HL_CHECK(f.temperature >= 0, "--temperature must be non-negative (0 = greedy), got ", f.temperature);
+    HL_CHECK(f.top_k >= 0, "--top-k must be non-negative (0 = all tokens), got ", f.top_k);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training and validation steps
+// ---------------------------------------------------------------------------------------------
+
+// Everything a resumed run needs beyond the parameters and the AdamW moments.
+struct TrainState {
+    int step = 0;             // steps completed
+    uint64_t loader_rng = 0;  // WindowLoader::rng_state() after those steps
+};
+
+struct StepStats {
+    float loss = 0;       // mean cross-entropy of this step's batch (before the update)
+    float lr = 0;         // the scheduled learning rate used
+    float grad_norm = 0;  // global gradient norm before clipping
+};
+
+// One optimisation step, `step` 0-based: the loader's next batch into inputs/targets (B, T) (caller-
+// owned), forward, backward, clip to f.grad_clip, AdamW with the scheduled lr (bias correction counts
+// step + 1). m and v are the AdamW moments, as long as model.params. Allocates nothing once the model
+// is allocated for (loader.B, loader.T).
+inline StepStats train_step(Model<float>& model, std::vector<float>& m, std::vector<float>& v, int* inputs,
+                            int* targets, WindowLoader& loader, int step, const TrainFlags& f) {
+    HL_CHECK(m.size() == model.params.size() && v.size() == model.params.size(),
+             "train_step: AdamW moments hold ", m.size(), " and ", v.size(), " values, the model has ",
+             model.params.size(), " parameters");
+    StepStats s;
+    s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
+    loader.next(inputs, targets);
+    s.loss = model.forward(inputs, targets, loader.B, loader.T);
+    model.zero_grad();
+    model.backward();
+    s.grad_norm = clip_grad_norm(model.grads.data(), model.grads.size(), f.grad_clip);
+    AdamWConfig opt;
+    opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h
+    adamw_update(model.params.data(), model.grads.data(), m.data(), v.data(), model.tensors, opt, s.lr, step + 1);
+    return s;
+}
+
+// Mean loss per token over the first n_batches · B consecutive windows of `tokens` (all of them if
+// there are fewer); inputs/targets are (B, T) buffers. A last partial batch is padded with copies of
+// its first window so the model keeps its (B, T) activations (no reallocation between training
+// steps and validation); only the real rows count.
+inline float eval_loss(Model<float>& model, int* inputs, int* targets, const std::vector<int>& tokens, int B, int T,
+                       int n_batches) {
+    HL_CHECK(B > 0 && T > 0, "eval_loss: batch and seq-len must be positive, got ", B, " and ", T);
+    HL_CHECK(n_batches > 0, "eval_loss: n_batches must be positive, got ", n_batches);
+    const int n_windows = num_eval_windows(tokens, T);
+    double sum = 0;
+    long long count = 0;
+    for (int w = 0, batch = 0; w < n_windows && batch < n_batches; w += B, batch++) {
+        const int rows = eval_windows(inputs, targets, tokens, w, B, T);
+        for (int b = rows; b < B; b++)  // padding rows: any valid tokens, their losses are not counted
+            for (int t = 0; t < T; t++) {
+                inputs[(size_t)b * T + t] = inputs[t];
+                targets[(size_t)b * T + t] = targets[t];
+            }
+        model.forward(inputs, targets, B, T);
+        for (long long i = 0; i < (long long)rows * T; i++) sum += model.losses[i];
+        count += (long long)rows * T;
+    }
+    return float(sum / double(count));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Run checkpoints (safetensors, model/checkpoint.h)
+// ---------------------------------------------------------------------------------------------
+// Tensors: every parameter under its name (embed, layers.3.mixer.in_proj, ...), then the AdamW
+// moments as optim.m.<name> and optim.v.<name>. Metadata: every ModelConfig field (config_to_metadata),
+// format, step, loader_rng, plus the caller's extras (e.g. the training flags, for the record).
+
+// Refuses a file that is not one of our checkpoints, before anything else is read from it.
+inline void check_run_format(const Checkpoint& ck) {
+    auto it = ck.metadata.find("format");
+    HL_CHECK(it != ck.metadata.end() && it->second == RUN_FORMAT, "checkpoint '", ck.path,
+             "' is not a hybridlm checkpoint: metadata 'format' is ",
+             it == ck.metadata.end() ? std::string("missing") : "'" + it->second + "'", ", expected '", RUN_FORMAT,
+             "'");
+}
+
+inline void save_run(const std::string& path, const Model<float>& model, const std::vector<float>& m,
+                     const std::vector<float>& v, const TrainState& state,
+                     const std::map<std::string, std::string>& extra = {}) {
+    HL_CHECK(m.size() == model.params.size() && v.size() == model.params.size(), "save_run: AdamW moments hold ",
+             m.size(), " and ", v.size(), " values, the model has ", model.params.size(), " parameters");
+    std::map<std::string, std::string> meta = config_to_metadata(model.cfg);
+    meta["format"] = RUN_FORMAT;
+    meta["step"] = std::to_string(state.step);
+    meta["loader_rng"] = std::to_string(state.loader_rng);
+    for (const auto& kv : extra) {
+        HL_CHECK(meta.count(kv.first) == 0, "save_run: extra metadata '", kv.first, "' would replace a reserved key");
+        meta[kv.first] = kv.second;
+    }
+    auto tensors = tensor_views(model.tensors, model.params.data());
+    for (auto& t : tensor_views(model.tensors, m.data(), "optim.m.")) tensors.push_back(std::move(t));
+    for (auto& t : tensor_views(model.tensors, v.data(), "optim.v.")) tensors.push_back(std::move(t));
+    save_safetensors(path, tensors, meta);
+}
+
+// Restores a run: the checkpoint's config must equal model.cfg field by field (else "checkpoint 'p':
+// saved with d_model=32, this run has d_model=128"); then parameters, m and v are replaced and the
+// step and loader RNG returned. Everything is read and checked before the model is touched, so a
+// refused checkpoint leaves model, m and v as they were.
+inline TrainState load_run(const std::string& path, Model<float>& model, std::vector<float>& m, std::vector<float>& v) {
+    Checkpoint ck = load_safetensors(path);
+    check_run_format(ck);
+    check_metadata(ck, config_to_metadata(model.cfg));
+    const size_t n = model.params.size();
+    std::vector<float> params(n), m_new(n), v_new(n);
+    load_into(ck, model.tensors, params.data());
+    load_into(ck, model.tensors, m_new.data(), "optim.m.");
+    load_into(ck, model.tensors, v_new.data(), "optim.v.");
+    TrainState state;
+    const uint64_t step = meta_u64(ck, "step");
+    HL_CHECK(step <= uint64_t(INT_MAX), "checkpoint '", path, "': step ", step, " is out of range");
+    state.step = int(step);
+    state.loader_rng = meta_u64(ck, "loader_rng");
+    std::copy(params.begin(), params.end(), model.params.begin());
+    m = std::move(m_new);
+    v = std::move(v_new);
+    return state;
+}
+
+// For sampling from a checkpoint without knowing its flags: the config from its metadata.
+inline ModelConfig checkpoint_config(const Checkpoint& ck) {
+    check_run_format(ck);
+    return config_from_metadata(ck.metadata, "checkpoint '" + ck.path + "'");
+}
+
+// The parameters of a checkpoint into a model built from checkpoint_config (moments are ignored).
+inline void load_params(const Checkpoint& ck, Model<float>& model) {
+    load_into(ck, model.tensors, model.params.data());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling
+// ---------------------------------------------------------------------------------------------
+
+// The next token from one row of logits (V): keep the top_k largest (all when top_k is 0 or ≥ V),
+// softmax them at `temperature`, and return the token at which the cumulative probability passes
+// u ∈ [0, 1). temperature 0 is greedy (the argmax). order: scratch of V ints. Ties are broken by the
+// lower token id, so the choice is deterministic.
+inline int sample_top_k(const float* logits, int V, float temperature, int top_k, double u, int* order) {
+    HL_CHECK(V > 0, "sample: vocabulary must be positive, got ", V);
+    HL_CHECK(temperature >= 0, "sample: temperature must be non-negative, got ", temperature);
+    HL_CHECK(top_k >= 0, "sample: top_k must be non-negative, got ", top_k);
+    const int k = (top_k == 0 || top_k > V) ? V : top_k;
+    for (int i = 0; i < V; i++) order[i] = i;
+    std::partial_sort(order, order + k, order + V, [logits](int a, int b) {
+        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    if (temperature == 0) return order[0];
+    // softmax over the k kept logits, max subtracted (order[0] holds the max)
+    const double max = logits[order[0]];
+    double sum = 0;
+    for (int i = 0; i < k; i++) sum += std::exp((logits[order[i]] - max) / temperature);
+    double target = u * sum, cum = 0;
+    for (int i = 0; i < k; i++) {
+        cum += std::exp((logits[order[i]] - max) / temperature);
+        if (target < cum) return order[i];
+    }
+    return order[k - 1];  // u·sum rounded up to the total
+}
+
+// n_tokens of text continuing `prompt` (the continuation only, the prompt is not repeated), sampled
+// with temperature and top_k from a seeded stream. Byte vocabulary only. Each token re-runs the
+// whole forward over the last ≤ window tokens, placed at the start of a (1, window) batch: the model
+// is causal, so the logits at the last real position ignore the padding after it, and the model's
+// activations keep one shape (window 0 = min(max_seq_len, 256); pass the training seq-len). An
+// empty prompt starts from a newline.
+inline std::string generate(Model<float>& model, const std::string& prompt, int n_tokens, float temperature,
+                            int top_k, uint64_t seed, int window = 0) {
+    const int V = model.cfg.vocab_size;
+    HL_CHECK(V == ByteTokenizer::vocab_size, "generate: text needs the byte vocabulary (", ByteTokenizer::vocab_size,
+             "), this model has ", V);
+    HL_CHECK(n_tokens >= 0, "generate: n_tokens must be non-negative, got ", n_tokens);
+    if (window <= 0) window = std::min(model.cfg.max_seq_len, 256);
+    HL_CHECK(window <= model.cfg.max_seq_len, "generate: window ", window, " is above the model's limit max_seq_len = ",
+             model.cfg.max_seq_len);
+    ByteTokenizer tok;
+    std::vector<int> context = tok.encode(prompt.empty() ? std::string("\n") : prompt);
+    std::vector<int> batch((size_t)window, 0);  // (1, window)
+    std::vector<int> order((size_t)V);          // scratch of sample_top_k
+    Rng rng(seed);
+    std::string out;
+    for (int i = 0; i < n_tokens; i++) {
+        const int len = std::min(int(context.size()), window);
+        const int* last = context.data() + context.size() - size_t(len);
+        for (int t = 0; t < window; t++) batch[size_t(t)] = t < len ? last[t] : 0;
+        model.forward(batch.data(), nullptr, 1, window);
+        const int next = sample_top_k(model.logits + (size_t)(len - 1) * V, V, temperature, top_k, rng.uniform(),
+                                      order.data());
+        context.push_back(next);
+        out += tok.decode_token(next);
+    }
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress line
+// ---------------------------------------------------------------------------------------------
+
+// 5130 → "5.1k", 950 → "950", 2.3e6 → "2.3M"
+inline std::string human_rate(double x) {
+    char buf[32];
+    if (x >= 1e6) std::snprintf(buf, sizeof buf, "%.1fM", x / 1e6);
+    else if (x >= 1e3) std::snprintf(buf, sizeof buf, "%.1fk", x / 1e3);
+    else std::snprintf(buf, sizeof buf, "%.0f", x);
+    return buf;
+}
+
+// 42 → "42s", 72 → "1m12s", 3725 → "1h02m"
+inline std::string human_duration(double seconds) {
+    const long s = seconds > 0 ? long(seconds + 0.5) : 0;
+    char buf[32];
+    if (s < 60) std::snprintf(buf, sizeof buf, "%lds", s);
+    else if (s < 3600) std::snprintf(buf, sizeof buf, "%ldm%02lds", s / 60, s % 60);
+    else std::snprintf(buf, sizeof buf, "%ldh%02ldm", s / 3600, (s % 3600) / 60);
+    return buf;
+}
+
+// "step 120/600 | loss 2.3412 | lr 1.2e-03 | norm 0.83 | 5.1k tok/s | ETA 1m12s"
+inline std::string progress_line(int step, int total, const StepStats& s, double tokens_per_s, double eta_s) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "step %d/%d | loss %.4f | lr %.1e | norm %.2f | %s tok/s | ETA %s", step, total,
+                  double(s.loss), double(s.lr), double(s.grad_norm), human_rate(tokens_per_s).c_str(),
+                  human_duration(eta_s).c_str());
+    return buf;
+}
+
+}  // namespace hl
