@@ -28,26 +28,24 @@ inline BlockConfig block_config(const ModelConfig& c, int l) {
     b.norm_eps = float(c.norm_eps);
     b.ffn = SwiGLUConfig{c.d_model, c.d_ff};
     if (b.kind == 'A') b.attn = AttnConfig{c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, c.rope_theta};
-    if (b.kind == 'M') {
-        b.ssm.d_model = c.d_model;
-        b.ssm.d_inner = c.d_ssm;
-        b.ssm.headdim = c.ssm_headdim;
-        b.ssm.d_state = c.d_state;
-        b.ssm.ngroups = c.ngroups;
-        b.ssm.d_conv = c.d_conv;
-        b.ssm.chunk = c.chunk;
-    }
+    // M blocks and the H blocks' Mamba branch differ only in width and head size
+    auto ssm = [&](int d_inner, int headdim) {
+        Mamba2Config m;
+        m.d_model = c.d_model;
+        m.d_inner = d_inner;
+        m.headdim = headdim;
+        m.d_state = c.d_state;
+        m.ngroups = c.ngroups;
+        m.d_conv = c.d_conv;
+        m.chunk = c.chunk;
+        return m;
+    };
+    if (b.kind == 'M') b.ssm = ssm(c.d_ssm, c.ssm_headdim);
     if (b.kind == 'H') {
         IntraConfig& h = b.intra;
         h.d_model = c.d_model;
         h.attn = AttnConfig{c.d_model, c.intra_heads, c.intra_kv_heads, c.intra_d_qk, c.intra_d_v, c.rope_theta};
-        h.ssm.d_model = c.d_model;
-        h.ssm.d_inner = c.intra_d_ssm;
-        h.ssm.headdim = c.intra_ssm_headdim;
-        h.ssm.d_state = c.d_state;
-        h.ssm.ngroups = c.ngroups;
-        h.ssm.d_conv = c.d_conv;
-        h.ssm.chunk = c.chunk;
+        h.ssm = ssm(c.intra_d_ssm, c.intra_ssm_headdim);
         h.ssm.shared_x = c.fusion.value == FusionValue::shared;
         h.fusion = c.fusion;
     }
