@@ -161,38 +161,35 @@ IntraActs<T> intra_acts(Arena<T>& a, const IntraConfig& c, int B, int T_) {
     return x;
 }
 
-// out (B,T,D) = Fuse(attention branch, Mamba branch) of inp (B,T,D)
+// value=shared: x_shared (N, Ws) holds, in each query head's slot, the V (N, Hkv, d_v) of its kv head.
 template <typename T>
-void intra_mixer_forward(T* out, IntraActs<T>& acts, const T* inp, const IntraParams<T>& p, const IntraConfig& c,
-                         int B, int T_) {
-    const FusionConfig& f = c.fusion;
-    const AttnConfig& ac = c.attn;
-    const int N = B * T_, D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width();
-    const int Ha = ac.n_heads, Hkv = ac.n_kv_heads, dv = ac.d_v, Hs = c.ssm.nheads(), P = c.ssm.headdim;
-
-    // the two branches; with shared values the Mamba branch reads V, so attention runs first
-    attn_branch_forward(acts.attn, inp, p.attn, ac, B, T_);
-    const T* x_shared = nullptr;
-    if (f.value == FusionValue::shared) {
-        const int group = Ha / Hkv;
+void intra_expand_shared_v(T* x_shared, const T* v, const IntraConfig& c, int N) {
+    const int Ha = c.attn.n_heads, Hkv = c.attn.n_kv_heads, dv = c.attn.d_v, Ws = c.ssm_width();
+    const int group = Ha / Hkv;
 #pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++)
-            for (int h = 0; h < Ha; h++)
-                for (int i = 0; i < dv; i++)
-                    acts.x_shared[(size_t)n * Ws + h * dv + i] = acts.attn.v[((size_t)n * Hkv + h / group) * dv + i];
-        x_shared = acts.x_shared;
-    }
-    mamba2_branch_forward(acts.ssm, inp, x_shared, p.ssm, c.ssm, B, T_);
-    const T* a = acts.attn.y;  // (N, Wa)
-    const T* s = acts.ssm.g;   // (N, Ws)
+    for (int n = 0; n < N; n++)
+        for (int h = 0; h < Ha; h++)
+            for (int i = 0; i < dv; i++) x_shared[(size_t)n * Ws + h * dv + i] = v[((size_t)n * Hkv + h / group) * dv + i];
+}
+
+constexpr double INTRA_NORM_EPS = 1e-5;  // the per-head branch norms
+
+// out (N, D) = Fuse(a (N, Wa), s (N, Ws)): per-head norms, scales, the sign of op=diff, then the output
+// projection(s). Fills acts.a1, rstd_a, a3, s1, rstd_s, s2 and acts.f (out=joint) or acts.tmp_out (out=sep)
+// for N rows. Shared by the training forward and the one-token step of model/generate.h.
+template <typename T>
+void intra_fuse_forward(T* out, IntraActs<T>& acts, const T* a, const T* s, const IntraParams<T>& p,
+                        const IntraConfig& c, int N) {
+    const FusionConfig& f = c.fusion;
+    const int D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width();
+    const int Ha = c.attn.n_heads, dv = c.attn.d_v, Hs = c.ssm.nheads(), P = c.ssm.headdim;
 
     // per-branch normalisation: the branches' output scales differ by > 10×, so each is normalised per head
-    const T eps = T(1e-5);
     const T* a1 = a;
     const T* s1 = s;
     if (f.norm == FusionNorm::group) {
-        rmsnorm_forward(acts.a1, acts.rstd_a, a, p.norm_a, N, Ha, dv, eps);
-        rmsnorm_forward(acts.s1, acts.rstd_s, s, p.norm_s, N, Hs, P, eps);
+        rmsnorm_forward(acts.a1, acts.rstd_a, a, p.norm_a, N, Ha, dv, T(INTRA_NORM_EPS));
+        rmsnorm_forward(acts.s1, acts.rstd_s, s, p.norm_s, N, Hs, P, T(INTRA_NORM_EPS));
         a1 = acts.a1;
         s1 = acts.s1;
     }
@@ -211,11 +208,11 @@ void intra_mixer_forward(T* out, IntraActs<T>& acts, const T* inp, const IntraPa
         }
     }
 
-    if (f.out == FusionOut::sep) {
+    if (f.out == FusionOut::sep) {  // out_s · s2 + out_a · a3
         matmul_forward(out, acts.s2, p.out_s, (const T*)nullptr, N, Ws, D);
         matmul_forward(acts.tmp_out, acts.a3, p.out_a, (const T*)nullptr, N, Wa, D);
         for (size_t i = 0; i < (size_t)N * D; i++) out[i] += acts.tmp_out[i];
-    } else {
+    } else {  // out_proj · (s2 + a3)  or  out_proj · [s2; a3]
         const int Wf = c.fused_width();
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
@@ -231,6 +228,22 @@ void intra_mixer_forward(T* out, IntraActs<T>& acts, const T* inp, const IntraPa
         }
         matmul_forward(out, acts.f, p.out_proj, (const T*)nullptr, N, Wf, D);
     }
+}
+
+// out (B,T,D) = Fuse(attention branch, Mamba branch) of inp (B,T,D)
+template <typename T>
+void intra_mixer_forward(T* out, IntraActs<T>& acts, const T* inp, const IntraParams<T>& p, const IntraConfig& c,
+                         int B, int T_) {
+    const int N = B * T_;
+    // the two branches; with shared values the Mamba branch reads V, so attention runs first
+    attn_branch_forward(acts.attn, inp, p.attn, c.attn, B, T_);
+    const T* x_shared = nullptr;
+    if (c.fusion.value == FusionValue::shared) {
+        intra_expand_shared_v(acts.x_shared, acts.attn.v, c, N);
+        x_shared = acts.x_shared;
+    }
+    mamba2_branch_forward(acts.ssm, inp, x_shared, p.ssm, c.ssm, B, T_);
+    intra_fuse_forward(out, acts, acts.attn.y, acts.ssm.g, p, c, N);
 }
 
 // dinp (B,T,D) written; dp.* accumulate.
