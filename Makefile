@@ -51,6 +51,24 @@ $(BUILD)/test_gpu: $(GPU_TEST_SRCS) $(HEADERS) $(KERNEL_HEADERS)
 test_gpu: $(BUILD)/test_gpu
 	@bash test/run.sh $(BUILD)/test_gpu
 
+# ---- the CPU trainer ----
+.PHONY: train train_cpu
+$(BUILD)/train_cpu: train_cpu.cpp $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $(INCLUDES) $< -o $@
+
+train_cpu: $(BUILD)/train_cpu
+
+# test/test_trainer.cpp runs the trainer binary end to end, so it is built before the suite
+$(BUILD)/test_cpu: | $(BUILD)/train_cpu
+
+# `make train`: install what is missing, build, then train the default small intra-layer hybrid on
+# tinyshakespeare on the CPU (a few minutes on 2 cores), ending with a sample. TRAIN_ARGS adds flags.
+train:
+	@$(MAKE) --no-print-directory deps
+	@$(MAKE) --no-print-directory $(BUILD)/train_cpu
+	$(BUILD)/train_cpu $(TRAIN_ARGS)
+
 # Compile check of every CUDA source (no GPU needed): objects only, nothing is run.
 cuda_check:
 	@mkdir -p $(BUILD); for f in $(CUDA_SRCS); do echo "nvcc -c $$f"; \

@@ -13,10 +13,13 @@ constexpr int ROW_TILE = 8;
 // out (N, OC) = inp (N, C) · weight (OC, C)ᵀ + bias (OC) [bias may be null]
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N, int C, int OC) {
+    // work items: (row tile, block of 64 output channels), so that one-row calls (decoding) use every thread too
+    const int n_tiles = (N + ROW_TILE - 1) / ROW_TILE, o_blocks = (OC + 63) / 64;
 #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += ROW_TILE) {
-        int n1 = n0 + ROW_TILE < N ? n0 + ROW_TILE : N;
-        for (int o = 0; o < OC; o++) {
+    for (int item = 0; item < n_tiles * o_blocks; item++) {
+        const int n0 = (item / o_blocks) * ROW_TILE, n1 = n0 + ROW_TILE < N ? n0 + ROW_TILE : N;
+        const int o0 = (item % o_blocks) * 64, o1 = o0 + 64 < OC ? o0 + 64 : OC;
+        for (int o = o0; o < o1; o++) {
             const T* w = weight + (size_t)o * C;
             T b = bias ? bias[o] : T(0);
             for (int n = n0; n < n1; n++) {
