@@ -1,0 +1,572 @@
+// attention.cuh — causal grouped-query softmax attention on the GPU, mirroring the core of model/attention.h
+// (attention_forward / attention_backward), as a fused flash-style pair that never stores the (T, T) matrix:
+//   forward : one pass over the key/value tiles with an online softmax; saves the per-row log-sum-exp
+//             lse (B, H, T) instead of the probabilities `att` the CPU saves;
+//   backward: D = rowsum(dout ⊙ out) by a small kernel, then P is recomputed tile by tile from q, k and lse.
+// Notation as in the CPU reference: query head h reads kv head g = h / (H / Hkv); scores s = q·k / √d_qk;
+// P = softmax over the visible keys (s ≤ t). fp32 arithmetic on plain FMA tiles in shared memory (tensor cores
+// and bf16 are a later issue; the element type T of q, k, v, out and their gradients is a template parameter,
+// every value is converted to float on load, so a bf16 instantiation needs no change here).
+//
+// Supported head dims (HL_CHECKed): 1 ≤ d_qk ≤ 128, 1 ≤ d_v ≤ 256 — every paper config (largest: the 3b
+// intra-layer hybrid, d_qk 96, d_v 192) fits. Any B, T ≥ 1, any H a multiple of Hkv.
+//
+// Backward parallelisation (deterministic, no atomics): one kernel owns a key/value tile and loops over the
+// query heads of its group and the query tiles at or below the diagonal, accumulating dk, dv in registers;
+// a second kernel owns a query tile and loops over the key tiles, accumulating dq. Each writes its rows once.
+// The price is recomputing P and dP in both (7 tile products instead of FlashAttention-2's 5 with atomics).
+#pragma once
+#include <cmath>                // INFINITY
+#include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
+#include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div
+#include "model/common.h"       // HL_CHECK
+
+namespace hl::gpu {
+
+// ---------------------------------------------------------------------------------------------------------
+// Tiling shared by the three tile kernels
+// ---------------------------------------------------------------------------------------------------------
+// A block of 256 threads works on a (64 query rows) × (64 keys) tile of scores. Thread (ty, tx) = (tid / 16,
+// tid % 16) owns the 4 × 4 entries at rows ty + 16·a and columns tx + 16·c (a, c < 4): the 16 threads sharing a
+// row are 16 consecutive lanes of one warp, so row reductions (max, sum) are 4 shuffles, and the strided
+// ownership makes the 16 lanes read 16 different shared-memory rows whose padded stride (odd) puts them in 16
+// different banks. Head-dim vectors (out, dq, dk, dv rows) use the same row ownership and columns tx + 16·c.
+namespace attn {
+constexpr int BR = 64;         // query rows per tile
+constexpr int BC = 64;         // keys per tile (BR == BC: the diagonal tile of a query tile is aligned with it)
+constexpr int THREADS = 256;   // 16 × 16 threads
+constexpr int TM = BR / 16;    // rows per thread
+constexpr int TN = BC / 16;    // columns per thread
+constexpr int MAX_DQK = 128;
+constexpr int MAX_DV = 256;
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float LN2 = 0.6931471805599453f;
+
+// Odd row stride for shared tiles read by 16 lanes at 16 different rows: 16 distinct banks.
+__host__ __device__ inline int padded(int d) { return d | 1; }
+
+// Head-dim capacity of the per-thread accumulators, a compile-time bucket ≥ d (16 threads × d / 16 columns).
+inline int bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+// Opt in to more than 48 KiB of dynamic shared memory (a host-side setting of the kernel, not an allocation;
+// cheap enough to repeat at every launch, which keeps it right for every template instantiation).
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+    if (bytes > 48 * 1024)
+        cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+// Copies `rows` rows of width d from a (B, T, heads, d) tensor — rows r0 .. r0+rows−1 of head `head` in batch
+// b — into shared memory with row stride ld, as float; rows ≥ T are zero (so they add nothing to any product).
+// Consecutive threads take consecutive elements of a row: coalesced global reads.
+template <typename T>
+__device__ inline void load_tile(float* dst, int ld, const T* src, int b, int r0, int rows, int T_, int heads,
+                                 int head, int d) {
+    for (int idx = threadIdx.x; idx < rows * d; idx += blockDim.x) {
+        const int r = idx / d, c = idx - r * d, t = r0 + r;
+        dst[r * ld + c] = t < T_ ? float(src[(((size_t)b * T_ + t) * heads + head) * d + c]) : 0.f;
+    }
+}
+
+// Sum / max over the 16 lanes that share a row (lanes differing in their low 4 bits).
+__device__ inline float row_sum16(float x) {
+    for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+__device__ inline float row_max16(float x) {
+    for (int o = 8; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+}  // namespace attn
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------------------
+
+// out (B, T, H, d_v), lse (B, H, T) ← q (B, T, H, d_qk), k (B, T, Hkv, d_qk), v (B, T, Hkv, d_v).
+// Grid (ceil(T / 64), B·H): one block per 64-row query tile of one (b, h); 256 threads (see attn:: above).
+// The block keeps its Q tile in shared memory and streams the key/value tiles 0 .. diagonal through shared
+// memory (tiles entirely above the diagonal are skipped), keeping per row the running max m, the running sum
+// l of exp(s − m) and the unnormalised output acc (FlashAttention's online softmax), rescaled by exp(m_old −
+// m_new) whenever the max grows. Scores are kept in log2 units (s·log2 e) so that exp is one exp2f.
+// Blocks are issued last query tile first: the longest (most key tiles) start earliest, shortening the tail.
+// DV_MAX ≥ d_v sizes the per-thread output accumulators (TM × DV_MAX/16 registers).
+template <typename T, int DV_MAX>
+__global__ void __launch_bounds__(attn::THREADS)
+    attention_forward_kernel(T* out, float* lse, const T* q, const T* k, const T* v, int T_, int H, int Hkv,
+                             int d_qk, int d_v, float scale_log2) {
+    using namespace attn;
+    constexpr int CV = DV_MAX / 16;  // output columns per thread
+    extern __shared__ float smem[];
+    const int ldq = padded(d_qk);
+    float* sQ = smem;            // (BR, ldq)  this block's queries
+    float* sK = sQ + BR * ldq;   // (BC, ldq)  current key tile
+    float* sV = sK + BC * ldq;   // (BC, d_v)  current value tile (read along rows: no padding needed)
+    float* sP = sV + BC * d_v;   // (BR, BC+1) probabilities of the current tile, shared by a row's 16 threads
+
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+
+    load_tile(sQ, ldq, q, b, q0, BR, T_, H, h, d_qk);
+
+    float m[TM], l[TM], acc[TM][CV];
+#pragma unroll
+    for (int a = 0; a < TM; a++) {
+        m[a] = -INFINITY;
+        l[a] = 0.f;
+#pragma unroll
+        for (int c = 0; c < CV; c++) acc[a][c] = 0.f;
+    }
+
+    const int kv_end = min(T_, q0 + BR);  // keys past the tile's last row are in every row's future
+    for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
+        __syncthreads();  // everyone is done with the previous sK, sV, sP (and sQ is loaded, first time)
+        load_tile(sK, ldq, k, b, kv0, BC, T_, Hkv, g, d_qk);
+        load_tile(sV, d_v, v, b, kv0, BC, T_, Hkv, g, d_v);
+        __syncthreads();
+
+        // s = Q Kᵀ on this thread's 4 × 4 entries
+        float s[TM][TN] = {};
+#pragma unroll 4
+        for (int d = 0; d < d_qk; d++) {
+            float qa[TM], kc[TN];
+#pragma unroll
+            for (int a = 0; a < TM; a++) qa[a] = sQ[(ty + 16 * a) * ldq + d];
+#pragma unroll
+            for (int c = 0; c < TN; c++) kc[c] = sK[(tx + 16 * c) * ldq + d];
+#pragma unroll
+            for (int a = 0; a < TM; a++)
+#pragma unroll
+                for (int c = 0; c < TN; c++) s[a][c] = fmaf(qa[a], kc[c], s[a][c]);
+        }
+
+        // causal mask, online softmax update, P to shared memory
+#pragma unroll
+        for (int a = 0; a < TM; a++) {
+            const int i = q0 + ty + 16 * a;
+            float tmax = -INFINITY;
+#pragma unroll
+            for (int c = 0; c < TN; c++) {
+                const int j = kv0 + tx + 16 * c;
+                s[a][c] = (j <= i && j < T_) ? s[a][c] * scale_log2 : -INFINITY;
+                tmax = fmaxf(tmax, s[a][c]);
+            }
+            const float m_new = fmaxf(m[a], row_max16(tmax));
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with nothing visible yet: no NaN
+            const float alpha = exp2f(m[a] - m_use);                // rescales the old sum and output
+            float psum = 0.f;
+#pragma unroll
+            for (int c = 0; c < TN; c++) {
+                const float p = exp2f(s[a][c] - m_use);  // masked: exp2(−inf) = 0
+                psum += p;
+                sP[(ty + 16 * a) * (BC + 1) + tx + 16 * c] = p;
+            }
+            l[a] = l[a] * alpha + row_sum16(psum);
+            m[a] = m_new;
+#pragma unroll
+            for (int c = 0; c < CV; c++) acc[a][c] *= alpha;
+        }
+        __syncthreads();
+
+        // acc += P V (value rows past T are zero in sV, and their P is 0)
+        for (int j = 0; j < BC; j++) {
+            float pa[TM], vc[CV];
+#pragma unroll
+            for (int a = 0; a < TM; a++) pa[a] = sP[(ty + 16 * a) * (BC + 1) + j];
+#pragma unroll
+            for (int c = 0; c < CV; c++) {
+                const int e = tx + 16 * c;
+                vc[c] = e < d_v ? sV[j * d_v + e] : 0.f;
+            }
+#pragma unroll
+            for (int a = 0; a < TM; a++)
+#pragma unroll
+                for (int c = 0; c < CV; c++) acc[a][c] = fmaf(pa[a], vc[c], acc[a][c]);
+        }
+    }
+
+    // normalise and write the rows of this tile that exist; lse in natural-log units
+#pragma unroll
+    for (int a = 0; a < TM; a++) {
+        const int i = q0 + ty + 16 * a;
+        if (i >= T_) continue;
+        const float inv = l[a] > 0.f ? 1.f / l[a] : 0.f;
+        T* o = out + (((size_t)b * T_ + i) * H + h) * d_v;
+#pragma unroll
+        for (int c = 0; c < CV; c++) {
+            const int e = tx + 16 * c;
+            if (e < d_v) o[e] = T(acc[a][c] * inv);
+        }
+        if (tx == 0) lse[((size_t)b * H + h) * T_ + i] = m[a] * LN2 + logf(l[a]);
+    }
+}
+
+inline void attention_check_gpu(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
+    HL_CHECK(B > 0 && T_ > 0 && H > 0 && Hkv > 0 && d_qk > 0 && d_v > 0, "attention (gpu): bad sizes B=", B,
+             " T=", T_, " H=", H, " Hkv=", Hkv, " d_qk=", d_qk, " d_v=", d_v);
+    HL_CHECK(H % Hkv == 0, "attention (gpu): n_heads (", H, ") must be a multiple of n_kv_heads (", Hkv, ")");
+    HL_CHECK(d_qk <= attn::MAX_DQK && d_v <= attn::MAX_DV, "attention (gpu): head dims up to d_qk ",
+             attn::MAX_DQK, ", d_v ", attn::MAX_DV, " are supported, got d_qk=", d_qk, " d_v=", d_v);
+    HL_CHECK((long long)B * H <= 65535, "attention (gpu): B·H (", (long long)B * H,
+             ") exceeds the grid's y limit 65535");
+}
+
+// out (B, T, H, d_v) and lse (B, H, T) are written; lse[b, h, t] = log Σ_{s ≤ t} exp(q_t·k_s / √d_qk), what the
+// backward needs to recompute the probabilities.
+template <typename T>
+void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv,
+                       int d_qk, int d_v, cudaStream_t stream = 0) {
+    using namespace attn;
+    attention_check_gpu(B, T_, H, Hkv, d_qk, d_v);
+    const float scale_log2 = LOG2E / sqrtf((float)d_qk);
+    const size_t smem = sizeof(float) * ((size_t)(BR + BC) * padded(d_qk) + (size_t)BC * d_v + BR * (BC + 1));
+    const dim3 grid(ceil_div(T_, BR), B * H);
+    auto launch = [&](auto kernel) {
+        allow_smem(kernel, smem);
+        kernel<<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, T_, H, Hkv, d_qk, d_v, scale_log2);
+        cudaCheckLast();
+    };
+    switch (bucket(d_v)) {
+        case 64: launch(attention_forward_kernel<T, 64>); break;
+        case 128: launch(attention_forward_kernel<T, 128>); break;
+        default: launch(attention_forward_kernel<T, 256>); break;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------------------
+
+// D (B, H, T) = rowsum(dout ⊙ out) = Σ_s P[t, s] · dP[t, s], the softmax backward's per-row term.
+// One warp per (b, t, h) row of d_v contiguous values (lanes stride the row, then a shuffle sum); 8 rows per
+// 256-thread block. The rows are indexed in (B, T, H) order so that consecutive warps read consecutive memory.
+template <typename T>
+__global__ void attention_backward_D_kernel(float* D, const T* dout, const T* out, int B, int T_, int H, int d_v) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b·T + t)·H + h
+    const int lane = threadIdx.x % 32;
+    if (row >= B * T_ * H) return;  // whole warps leave together
+    const T* o = out + (size_t)row * d_v;
+    const T* go = dout + (size_t)row * d_v;
+    float sum = 0.f;
+    for (int e = lane; e < d_v; e += 32) sum = fmaf(float(go[e]), float(o[e]), sum);
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+        const int h = row % H, bt = row / H, t = bt % T_, b = bt / T_;
+        D[((size_t)b * H + h) * T_ + t] = sum;
+    }
+}
+
+// dk (B, T, Hkv, d_qk), dv (B, T, Hkv, d_v), written. Grid (ceil(T / 64), B·Hkv): one block per 64-key tile of
+// one (b, kv head g); 256 threads. The block keeps its K and V tiles in shared memory and loops over the query
+// heads h of group g and, for each, the query tiles at or below the diagonal (tiles above it see none of these
+// keys). Per query tile it recomputes, transposed so that a thread's rows are keys j:
+//   Sᵀ[j, i] = k_j · q_i,   Pᵀ[j, i] = exp(Sᵀ/√d_qk − lse_i)   (0 where j > i or i ≥ T)
+//   dPᵀ[j, i] = v_j · dout_i,   dSᵀ[j, i] = Pᵀ · (dPᵀ − D_i)
+//   dv_j += Σ_i Pᵀ[j, i] dout_i,   dk_j += Σ_i dSᵀ[j, i] q_i / √d_qk
+// with dk, dv accumulated in registers over the whole group — a deterministic sum over query heads.
+// Pᵀ and then dSᵀ pass through one shared buffer so the 16 threads of a key row can read all 64 of its columns.
+// Blocks are issued first key tile first: it has the most query tiles below it, so the longest start earliest.
+template <typename T, int DQK_MAX, int DV_MAX>
+__global__ void __launch_bounds__(attn::THREADS)
+    attention_backward_dkdv_kernel(T* dk, T* dv, const T* dout, const float* lse, const float* D, const T* q,
+                                   const T* k, const T* v, int T_, int H, int Hkv, int d_qk, int d_v, float scale,
+                                   float scale_log2) {
+    using namespace attn;
+    constexpr int CK = DQK_MAX / 16, CV = DV_MAX / 16;
+    extern __shared__ float smem[];
+    const int ldq = padded(d_qk), ldv = padded(d_v);
+    float* sK = smem;            // (BC, ldq) this block's keys
+    float* sV = sK + BC * ldq;   // (BC, ldv) this block's values
+    float* sQ = sV + BC * ldv;   // (BR, ldq) current query tile
+    float* sO = sQ + BR * ldq;   // (BR, ldv) current dout tile
+    float* sX = sO + BR * ldv;   // (BC, BR+1) Pᵀ, then dSᵀ
+    float* sL = sX + BC * (BR + 1);  // (BR) lse · log2 e of the current query rows
+    float* sD = sL + BR;             // (BR) D of the current query rows
+
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int kv0 = blockIdx.x * BC;  // first key tile first: it sees the most query tiles
+    const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
+
+    load_tile(sK, ldq, k, b, kv0, BC, T_, Hkv, g, d_qk);
+    load_tile(sV, ldv, v, b, kv0, BC, T_, Hkv, g, d_v);
+
+    float acc_k[TM][CK], acc_v[TM][CV];
+#pragma unroll
+    for (int a = 0; a < TM; a++) {
+#pragma unroll
+        for (int c = 0; c < CK; c++) acc_k[a][c] = 0.f;
+#pragma unroll
+        for (int c = 0; c < CV; c++) acc_v[a][c] = 0.f;
+    }
+
+    for (int h = g * group; h < (g + 1) * group; h++) {
+        for (int q0 = kv0; q0 < T_; q0 += BR) {  // BR == BC: the diagonal query tile starts at kv0
+            __syncthreads();  // done with the previous sQ, sO, sX, sL, sD (and sK, sV loaded, first time)
+            load_tile(sQ, ldq, q, b, q0, BR, T_, H, h, d_qk);
+            load_tile(sO, ldv, dout, b, q0, BR, T_, H, h, d_v);
+            for (int r = threadIdx.x; r < BR; r += blockDim.x) {
+                const int i = q0 + r;
+                const size_t bhi = ((size_t)b * H + h) * T_ + i;
+                sL[r] = i < T_ ? lse[bhi] * LOG2E : 0.f;
+                sD[r] = i < T_ ? D[bhi] : 0.f;
+            }
+            __syncthreads();
+
+            // Sᵀ = K Qᵀ and dPᵀ = V doutᵀ on this thread's 4 × 4 entries (rows: keys, columns: queries)
+            float st[TM][TN] = {}, dpt[TM][TN] = {};
+#pragma unroll 4
+            for (int d = 0; d < d_qk; d++) {
+                float ka[TM], qc[TN];
+#pragma unroll
+                for (int a = 0; a < TM; a++) ka[a] = sK[(ty + 16 * a) * ldq + d];
+#pragma unroll
+                for (int c = 0; c < TN; c++) qc[c] = sQ[(tx + 16 * c) * ldq + d];
+#pragma unroll
+                for (int a = 0; a < TM; a++)
+#pragma unroll
+                    for (int c = 0; c < TN; c++) st[a][c] = fmaf(ka[a], qc[c], st[a][c]);
+            }
+#pragma unroll 4
+            for (int e = 0; e < d_v; e++) {
+                float va[TM], oc[TN];
+#pragma unroll
+                for (int a = 0; a < TM; a++) va[a] = sV[(ty + 16 * a) * ldv + e];
+#pragma unroll
+                for (int c = 0; c < TN; c++) oc[c] = sO[(tx + 16 * c) * ldv + e];
+#pragma unroll
+                for (int a = 0; a < TM; a++)
+#pragma unroll
+                    for (int c = 0; c < TN; c++) dpt[a][c] = fmaf(va[a], oc[c], dpt[a][c]);
+            }
+
+            // Pᵀ (recomputed from lse) to shared memory; dSᵀ·scale kept in st
+#pragma unroll
+            for (int a = 0; a < TM; a++) {
+                const int j = kv0 + ty + 16 * a;
+#pragma unroll
+                for (int c = 0; c < TN; c++) {
+                    const int r = tx + 16 * c, i = q0 + r;
+                    const float p = (j <= i && i < T_) ? exp2f(st[a][c] * scale_log2 - sL[r]) : 0.f;
+                    sX[(ty + 16 * a) * (BR + 1) + r] = p;
+                    st[a][c] = p * (dpt[a][c] - sD[r]) * scale;
+                }
+            }
+            __syncthreads();
+
+            // dv_j += Σ_i Pᵀ[j, i] dout_i
+            for (int r = 0; r < BR; r++) {
+                float pa[TM], oc[CV];
+#pragma unroll
+                for (int a = 0; a < TM; a++) pa[a] = sX[(ty + 16 * a) * (BR + 1) + r];
+#pragma unroll
+                for (int c = 0; c < CV; c++) {
+                    const int e = tx + 16 * c;
+                    oc[c] = e < d_v ? sO[r * ldv + e] : 0.f;
+                }
+#pragma unroll
+                for (int a = 0; a < TM; a++)
+#pragma unroll
+                    for (int c = 0; c < CV; c++) acc_v[a][c] = fmaf(pa[a], oc[c], acc_v[a][c]);
+            }
+            __syncthreads();  // everyone has read Pᵀ before it is overwritten by dSᵀ
+#pragma unroll
+            for (int a = 0; a < TM; a++)
+#pragma unroll
+                for (int c = 0; c < TN; c++) sX[(ty + 16 * a) * (BR + 1) + tx + 16 * c] = st[a][c];
+            __syncthreads();
+
+            // dk_j += Σ_i dSᵀ[j, i] q_i / √d_qk  (the scale is already in dSᵀ)
+            for (int r = 0; r < BR; r++) {
+                float sa[TM], qc[CK];
+#pragma unroll
+                for (int a = 0; a < TM; a++) sa[a] = sX[(ty + 16 * a) * (BR + 1) + r];
+#pragma unroll
+                for (int c = 0; c < CK; c++) {
+                    const int d = tx + 16 * c;
+                    qc[c] = d < d_qk ? sQ[r * ldq + d] : 0.f;
+                }
+#pragma unroll
+                for (int a = 0; a < TM; a++)
+#pragma unroll
+                    for (int c = 0; c < CK; c++) acc_k[a][c] = fmaf(sa[a], qc[c], acc_k[a][c]);
+            }
+        }
+    }
+
+    // every key row of this tile is owned by this block alone: write (not add)
+#pragma unroll
+    for (int a = 0; a < TM; a++) {
+        const int j = kv0 + ty + 16 * a;
+        if (j >= T_) continue;
+        T* dkj = dk + (((size_t)b * T_ + j) * Hkv + g) * d_qk;
+        T* dvj = dv + (((size_t)b * T_ + j) * Hkv + g) * d_v;
+#pragma unroll
+        for (int c = 0; c < CK; c++) {
+            const int d = tx + 16 * c;
+            if (d < d_qk) dkj[d] = T(acc_k[a][c]);
+        }
+#pragma unroll
+        for (int c = 0; c < CV; c++) {
+            const int e = tx + 16 * c;
+            if (e < d_v) dvj[e] = T(acc_v[a][c]);
+        }
+    }
+}
+
+// dq (B, T, H, d_qk), written. Grid (ceil(T / 64), B·H): one block per 64-row query tile of one (b, h), 256
+// threads, the forward's mapping. The block keeps its Q and dout tiles (and lse, D of its rows) and streams the
+// key/value tiles 0 .. diagonal, recomputing
+//   S = Q Kᵀ,  P = exp(S/√d_qk − lse) (masked),  dP = dout Vᵀ,  dS = P ⊙ (dP − D),  dq_i += Σ_j dS[i, j] k_j / √d_qk
+// with dq in registers. dS passes through shared memory so the 16 threads of a row can read all its columns.
+template <typename T, int DQK_MAX>
+__global__ void __launch_bounds__(attn::THREADS)
+    attention_backward_dq_kernel(T* dq, const T* dout, const float* lse, const float* D, const T* q, const T* k,
+                                 const T* v, int T_, int H, int Hkv, int d_qk, int d_v, float scale,
+                                 float scale_log2) {
+    using namespace attn;
+    constexpr int CK = DQK_MAX / 16;
+    extern __shared__ float smem[];
+    const int ldq = padded(d_qk), ldv = padded(d_v);
+    float* sQ = smem;            // (BR, ldq) this block's queries
+    float* sO = sQ + BR * ldq;   // (BR, ldv) this block's dout rows
+    float* sK = sO + BR * ldv;   // (BC, ldq) current key tile
+    float* sV = sK + BC * ldq;   // (BC, ldv) current value tile
+    float* sS = sV + BC * ldv;   // (BR, BC+1) dS of the current tile
+
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+
+    load_tile(sQ, ldq, q, b, q0, BR, T_, H, h, d_qk);
+    load_tile(sO, ldv, dout, b, q0, BR, T_, H, h, d_v);
+    float L2[TM], Di[TM], acc[TM][CK];
+#pragma unroll
+    for (int a = 0; a < TM; a++) {
+        const int i = q0 + ty + 16 * a;
+        const size_t bhi = ((size_t)b * H + h) * T_ + i;
+        L2[a] = i < T_ ? lse[bhi] * LOG2E : 0.f;
+        Di[a] = i < T_ ? D[bhi] : 0.f;
+#pragma unroll
+        for (int c = 0; c < CK; c++) acc[a][c] = 0.f;
+    }
+
+    const int kv_end = min(T_, q0 + BR);
+    for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
+        __syncthreads();  // done with the previous sK, sV, sS (and sQ, sO loaded, first time)
+        load_tile(sK, ldq, k, b, kv0, BC, T_, Hkv, g, d_qk);
+        load_tile(sV, ldv, v, b, kv0, BC, T_, Hkv, g, d_v);
+        __syncthreads();
+
+        float s[TM][TN] = {}, dp[TM][TN] = {};
+#pragma unroll 4
+        for (int d = 0; d < d_qk; d++) {
+            float qa[TM], kc[TN];
+#pragma unroll
+            for (int a = 0; a < TM; a++) qa[a] = sQ[(ty + 16 * a) * ldq + d];
+#pragma unroll
+            for (int c = 0; c < TN; c++) kc[c] = sK[(tx + 16 * c) * ldq + d];
+#pragma unroll
+            for (int a = 0; a < TM; a++)
+#pragma unroll
+                for (int c = 0; c < TN; c++) s[a][c] = fmaf(qa[a], kc[c], s[a][c]);
+        }
+#pragma unroll 4
+        for (int e = 0; e < d_v; e++) {
+            float oa[TM], vc[TN];
+#pragma unroll
+            for (int a = 0; a < TM; a++) oa[a] = sO[(ty + 16 * a) * ldv + e];
+#pragma unroll
+            for (int c = 0; c < TN; c++) vc[c] = sV[(tx + 16 * c) * ldv + e];
+#pragma unroll
+            for (int a = 0; a < TM; a++)
+#pragma unroll
+                for (int c = 0; c < TN; c++) dp[a][c] = fmaf(oa[a], vc[c], dp[a][c]);
+        }
+#pragma unroll
+        for (int a = 0; a < TM; a++) {
+            const int i = q0 + ty + 16 * a;
+#pragma unroll
+            for (int c = 0; c < TN; c++) {
+                const int j = kv0 + tx + 16 * c;
+                const float p = (j <= i && i < T_) ? exp2f(s[a][c] * scale_log2 - L2[a]) : 0.f;
+                sS[(ty + 16 * a) * (BC + 1) + tx + 16 * c] = p * (dp[a][c] - Di[a]) * scale;
+            }
+        }
+        __syncthreads();
+
+        // dq_i += Σ_j dS[i, j] k_j (key rows past T are zero in sK and have dS = 0)
+        for (int j = 0; j < BC; j++) {
+            float sa[TM], kc[CK];
+#pragma unroll
+            for (int a = 0; a < TM; a++) sa[a] = sS[(ty + 16 * a) * (BC + 1) + j];
+#pragma unroll
+            for (int c = 0; c < CK; c++) {
+                const int d = tx + 16 * c;
+                kc[c] = d < d_qk ? sK[j * ldq + d] : 0.f;
+            }
+#pragma unroll
+            for (int a = 0; a < TM; a++)
+#pragma unroll
+                for (int c = 0; c < CK; c++) acc[a][c] = fmaf(sa[a], kc[c], acc[a][c]);
+        }
+    }
+
+#pragma unroll
+    for (int a = 0; a < TM; a++) {
+        const int i = q0 + ty + 16 * a;
+        if (i >= T_) continue;
+        T* dqi = dq + (((size_t)b * T_ + i) * H + h) * d_qk;
+#pragma unroll
+        for (int c = 0; c < CK; c++) {
+            const int d = tx + 16 * c;
+            if (d < d_qk) dqi[d] = T(acc[a][c]);
+        }
+    }
+}
+
+// dq, dk, dv (shapes of q, k, v) are written — dk, dv summed over the query heads sharing each kv head.
+// scratch_D (B, H, T) receives rowsum(dout ⊙ out). lse (B, H, T) and out are the forward's.
+template <typename T>
+void attention_backward(T* dq, T* dk, T* dv, float* scratch_D, const T* dout, const T* out, const float* lse,
+                        const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv, int d_qk, int d_v,
+                        cudaStream_t stream = 0) {
+    using namespace attn;
+    attention_check_gpu(B, T_, H, Hkv, d_qk, d_v);
+    const float scale = 1.f / sqrtf((float)d_qk), scale_log2 = LOG2E * scale;
+
+    const int rows = B * T_ * H, rows_per_block = THREADS / 32;
+    attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout, out, B, T_,
+                                                                                         H, d_v);
+    cudaCheckLast();
+
+    const size_t ldq = padded(d_qk), ldv = padded(d_v);
+    const size_t smem_kv = sizeof(float) * ((BC + BR) * (ldq + ldv) + (size_t)BC * (BR + 1) + 2 * BR);
+    const dim3 grid_kv(ceil_div(T_, BC), B * Hkv);
+    auto launch_kv = [&](auto kernel) {
+        allow_smem(kernel, smem_kv);
+        kernel<<<grid_kv, THREADS, smem_kv, stream>>>(dk, dv, dout, lse, scratch_D, q, k, v, T_, H, Hkv, d_qk, d_v,
+                                                      scale, scale_log2);
+        cudaCheckLast();
+    };
+    const int bq = bucket(d_qk), bv = bucket(d_v);  // bq ∈ {64, 128} since d_qk ≤ 128
+    if (bq == 64 && bv == 64) launch_kv(attention_backward_dkdv_kernel<T, 64, 64>);
+    else if (bq == 64 && bv == 128) launch_kv(attention_backward_dkdv_kernel<T, 64, 128>);
+    else if (bq == 64) launch_kv(attention_backward_dkdv_kernel<T, 64, 256>);
+    else if (bv == 64) launch_kv(attention_backward_dkdv_kernel<T, 128, 64>);
+    else if (bv == 128) launch_kv(attention_backward_dkdv_kernel<T, 128, 128>);
+    else launch_kv(attention_backward_dkdv_kernel<T, 128, 256>);
+
+    const size_t smem_q = sizeof(float) * ((BR + BC) * (ldq + ldv) + (size_t)BR * (BC + 1));
+    const dim3 grid_q(ceil_div(T_, BR), B * H);
+    auto launch_q = [&](auto kernel) {
+        allow_smem(kernel, smem_q);
+        kernel<<<grid_q, THREADS, smem_q, stream>>>(dq, dout, lse, scratch_D, q, k, v, T_, H, Hkv, d_qk, d_v, scale,
+                                                    scale_log2);
+        cudaCheckLast();
+    };
+    if (bq == 64) launch_q(attention_backward_dq_kernel<T, 64>);
+    else launch_q(attention_backward_dq_kernel<T, 128>);
+}
+
+}  // namespace hl::gpu

@@ -1,0 +1,119 @@
+// embedding.cuh — GPU mirror of model/embedding.h: token embedding lookup and its backward.
+//
+// Token ids are not range-checked on the device the way the CPU version throws: the caller checks the host
+// copy of the batch (hl::embedding_check_tokens) before uploading it. The kernels still never read outside
+// wte: a forward row whose id is out of range is written as NaN (loud, not a stray read), and the backward
+// simply matches no vocabulary row for it.
+//
+// Backward, deterministic and atomic-free: one block per vocabulary row v scans all N token ids, collects
+// (in position order) the positions that hold v, and adds their dout rows into dwte[v]. Positions are added
+// in increasing order starting from the old dwte value, exactly the CPU's order, so the fp32 result is
+// bit-identical to the CPU. The cost is O(V·N) id comparisons, but they are cheap: ids are 4 bytes read
+// from L2, compared a block-width at a time with one warp ballot; for V = 256 it is nothing, and even for
+// V = 50257, N = 16384 it is ~0.8 G comparisons (well under a millisecond). The dout rows themselves are read
+// exactly once overall. (A sort-based scheme would be O(N log N) but needs a stable device sort; not worth it
+// at these sizes.)
+#pragma once
+#include <cuda_runtime.h>       // __ballot_sync, __popc
+#include "kernels/common.cuh"   // cudaCheckLast, ceil_div
+#include "kernels/matmul.cuh"   // elementwise_grid
+#include "model/common.h"       // HL_CHECK
+
+namespace hl::gpu {
+
+// out (N, D)[n, :] = wte[tokens[n], :]. Grid-stride over the N·D outputs, one thread per element: a warp
+// reads 32 consecutive floats of one wte row and writes 32 consecutive outputs (both coalesced).
+template <typename T>
+__global__ void embedding_forward_kernel(T* out, const int* tokens, const T* wte, size_t total, int V, int D) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t n = i / D;
+        const int d = (int)(i % D);
+        const int id = tokens[n];
+        out[i] = (id >= 0 && id < V) ? wte[(size_t)id * D + d] : T(__int_as_float(0x7fc00000));  // NaN: bad id
+    }
+}
+
+// out (B, T, D) = wte (V, D) rows picked by tokens (B, T)
+template <typename T_>
+void embedding_forward(T_* out, const int* tokens, const T_* wte, int B, int T, int V, int D,
+                       cudaStream_t stream = 0) {
+    HL_CHECK(B >= 0 && T >= 0 && V > 0 && D > 0, "embedding: bad sizes B=", B, " T=", T, " V=", V, " D=", D);
+    const size_t total = (size_t)B * T * D;
+    if (total == 0) return;
+    embedding_forward_kernel<<<elementwise_grid(total, 256), 256, 0, stream>>>(out, tokens, wte, total, V, D);
+    cudaCheckLast();
+}
+
+constexpr int EMB_BWD_BLOCK = 256;  // threads per vocabulary row = token ids compared per step
+constexpr int EMB_BWD_PER = 4;      // columns per thread per tile: a tile covers 1024 columns of D
+
+// dwte (V, D) += Σ_{n : tokens[n] = v} dout[n, :], for v = blockIdx.x.
+// grid: V blocks (grid-stride over v for huge V), block: 256 threads.
+// Per column tile of 1024 columns (one tile for D ≤ 1024): walk the ids in steps of 256; each thread
+// tests one id, the warps' ballots give every match its rank, and the matching positions land in shared
+// memory in increasing order. Then every thread adds those dout rows for its 4 columns (strided by 256
+// so a warp reads 128 contiguous bytes of a row). Accumulators live in registers, seeded with dwte.
+template <typename T>
+__global__ void embedding_backward_kernel(T* dwte, const T* dout, const int* tokens, int N, int V, int D) {
+    __shared__ int pos[EMB_BWD_BLOCK];           // matching positions of this step, in order
+    __shared__ int warp_count[EMB_BWD_BLOCK / 32];
+    const int tid = threadIdx.x, lane = tid % 32, wid = tid / 32;
+    for (int v = blockIdx.x; v < V; v += gridDim.x) {
+        for (int d0 = 0; d0 < D; d0 += EMB_BWD_BLOCK * EMB_BWD_PER) {
+            float acc[EMB_BWD_PER];
+            T* drow = dwte + (size_t)v * D;  // (D)
+#pragma unroll
+            for (int q = 0; q < EMB_BWD_PER; q++) {
+                const int d = d0 + q * EMB_BWD_BLOCK + tid;
+                acc[q] = d < D ? float(drow[d]) : 0.0f;
+            }
+            bool any = false;
+            for (int n0 = 0; n0 < N; n0 += EMB_BWD_BLOCK) {
+                const int n = n0 + tid;
+                const bool hit = n < N && tokens[n] == v;
+                const unsigned mask = __ballot_sync(0xffffffffu, hit);
+                if (lane == 0) warp_count[wid] = __popc(mask);
+                __syncthreads();
+                int offset = 0, total = 0;  // matches in earlier warps, and in the whole step
+                for (int k = 0; k < EMB_BWD_BLOCK / 32; k++) {
+                    offset += k < wid ? warp_count[k] : 0;
+                    total += warp_count[k];
+                }
+                if (hit) pos[offset + __popc(mask & ((1u << lane) - 1u))] = n;
+                __syncthreads();
+                for (int j = 0; j < total; j++) {
+                    const T* g = dout + (size_t)pos[j] * D;  // (D)
+#pragma unroll
+                    for (int q = 0; q < EMB_BWD_PER; q++) {
+                        const int d = d0 + q * EMB_BWD_BLOCK + tid;
+                        if (d < D) acc[q] += float(g[d]);
+                    }
+                }
+                any = any || total > 0;
+                __syncthreads();  // pos and warp_count are rewritten by the next step
+            }
+            if (any) {
+#pragma unroll
+                for (int q = 0; q < EMB_BWD_PER; q++) {
+                    const int d = d0 + q * EMB_BWD_BLOCK + tid;
+                    if (d < D) drow[d] = T(acc[q]);
+                }
+            }
+        }
+    }
+}
+
+// dwte (V, D) += scatter of dout (B, T, D) into the rows of the tokens seen (deterministic, see the top).
+template <typename T_>
+void embedding_backward(T_* dwte, const T_* dout, const int* tokens, int B, int T, int V, int D,
+                        cudaStream_t stream = 0) {
+    HL_CHECK(B >= 0 && T >= 0 && V > 0 && D > 0, "embedding: bad sizes B=", B, " T=", T, " V=", V, " D=", D);
+    HL_CHECK((long long)B * T < (1ll << 31), "embedding: B·T too large");
+    const int N = B * T;
+    if (N == 0) return;
+    const int grid = V < (1 << 20) ? V : (1 << 20);
+    embedding_backward_kernel<<<grid, EMB_BWD_BLOCK, 0, stream>>>(dwte, dout, tokens, N, V, D);
+    cudaCheckLast();
+}
+
+}  // namespace hl::gpu

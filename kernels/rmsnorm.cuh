@@ -1,0 +1,161 @@
+// rmsnorm.cuh — GPU mirror of model/rmsnorm.h: RMSNorm over groups of Cg channels (G = 1: the plain
+// norm; G > 1: the per-group / per-head norms), forward and backward.
+//
+// Mapping: one warp per (row, group). A group is Cg ≤ a few thousand contiguous floats, so 32 lanes
+// striding over it read coalesced 128-byte lines, and the sum of squares (forward) or the dot product
+// (backward) is one warp shuffle reduction: no shared memory, no __syncthreads. The weight gradient is a
+// reduction over rows, done separately by colsum (kernels/matmul.cuh): deterministic, no atomics.
+// Wide fp32 groups (1024 ≤ Cg ≤ 4096, Cg % 4 == 0, 16-byte aligned: the block norms of every model size)
+// take a second forward path instead: one block per (row, group) holding the row in registers as float4,
+// so x is read from memory once, not twice (measured in dev/cuda/rmsnorm.cu at N = 16384, Cg = 2048 on an
+// H100: 0.099 ms vs 0.166 ms for the warp kernel; at Cg = 128 the warp kernel is the faster one).
+// rstd stays fp32 on every path (it is a statistic, as in every mixed-precision norm).
+#pragma once
+#include <climits>               // INT_MAX
+#include <cstdint>               // uintptr_t
+#include <type_traits>           // std::is_same_v
+#include "kernels/common.cuh"    // cudaCheckLast, ceil_div
+#include "kernels/matmul.cuh"    // warp_sum, colsum
+#include "model/common.h"        // HL_CHECK
+
+namespace hl::gpu {
+
+constexpr int RMSNORM_BLOCK = 256;  // 8 warps = 8 (row, group) pairs per block
+
+// out (N, G·Cg) = inp / rms(inp over each group) · weight (G·Cg) [weight may be null]; rstd (N, G) saved.
+// grid: ceil(N·G / 8) blocks of 256 threads; warp w of the grid handles (n, g) = (w / G, w % G), which is
+// also its index into rstd (N, G).
+template <typename T>
+__global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg,
+                                       float eps) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (w >= N * G) return;  // whole warps leave together: the shuffles below see all 32 lanes
+    const int g = w % G;
+    const size_t base = (size_t)w * Cg;  // = n·G·Cg + g·Cg: rows of G groups are contiguous
+    const T* x = inp + base;             // (Cg)
+    float ss = 0.0f;
+    for (int c = lane; c < Cg; c += 32) {
+        float v = float(x[c]);
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    const float r = 1.0f / sqrtf(ss / Cg + eps);  // as the CPU: 1/sqrt, not the approximate rsqrtf
+    if (lane == 0) rstd[w] = r;
+    T* y = out + base;                                       // (Cg)
+    const T* wt = weight ? weight + (size_t)g * Cg : nullptr;  // (Cg)
+    for (int c = lane; c < Cg; c += 32) y[c] = T(float(x[c]) * r * (wt ? float(wt[c]) : 1.0f));
+}
+
+// The wide-row forward (fp32): one block of 256 threads per (row, group) = blockIdx.x; thread i holds the
+// float4s i, i + 256, ... of the row (at most RMSNORM_ROW_V4 of them, so Cg ≤ 4096) in registers from the
+// sum of squares to the output. Block reduction: warp shuffles, then the 8 warp sums in shared memory, added
+// in a fixed order by every thread.
+constexpr int RMSNORM_ROW_V4 = 4;
+
+__device__ __forceinline__ float4 rmsnorm_ld4(const float* p, int i) { return reinterpret_cast<const float4*>(p)[i]; }
+
+template <typename Unused = void>
+__global__ void rmsnorm_forward_row_kernel(float* out, float* rstd, const float* inp, const float* weight, int G,
+                                           int Cg, float eps) {
+    __shared__ float part[RMSNORM_BLOCK / 32];
+    const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4;
+    const float* x = inp + (size_t)r * Cg;                              // (Cg)
+    const float* wt = weight ? weight + (size_t)(r % G) * Cg : nullptr;  // (Cg)
+    float4 v[RMSNORM_ROW_V4];
+    float ss = 0.0f;
+#pragma unroll
+    for (int q = 0; q < RMSNORM_ROW_V4; q++) {
+        const int c = tid + q * RMSNORM_BLOCK;
+        v[q] = c < C4 ? rmsnorm_ld4(x, c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += v[q].x * v[q].x + v[q].y * v[q].y + v[q].z * v[q].z + v[q].w * v[q].w;
+    }
+    ss = warp_sum(ss);
+    if (tid % 32 == 0) part[tid / 32] = ss;
+    __syncthreads();
+    float tot = 0.0f;
+    for (int k = 0; k < RMSNORM_BLOCK / 32; k++) tot += part[k];
+    const float s = 1.0f / sqrtf(tot / Cg + eps);
+    if (tid == 0) rstd[r] = s;
+#pragma unroll
+    for (int q = 0; q < RMSNORM_ROW_V4; q++) {
+        const int c = tid + q * RMSNORM_BLOCK;
+        if (c < C4) {
+            const float4 w4 = wt ? rmsnorm_ld4(wt, c) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+            reinterpret_cast<float4*>(out + (size_t)r * Cg)[c] =
+                make_float4(v[q].x * s * w4.x, v[q].y * s * w4.y, v[q].z * s * w4.z, v[q].w * s * w4.w);
+        }
+    }
+}
+
+template <typename T>
+void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg, float eps,
+                     cudaStream_t stream = 0) {
+    HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
+    HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
+    if (N == 0) return;
+    if constexpr (std::is_same_v<T, float>) {
+        auto aligned = [](const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; };
+        if (Cg % 4 == 0 && Cg >= 1024 && Cg <= 4 * RMSNORM_BLOCK * RMSNORM_ROW_V4 && aligned(out) && aligned(inp) &&
+            aligned(weight)) {
+            rmsnorm_forward_row_kernel<><<<N * G, RMSNORM_BLOCK, 0, stream>>>(out, rstd, inp, weight, G, Cg, eps);
+            cudaCheckLast();
+            return;
+        }
+    }
+    const int warps_per_block = RMSNORM_BLOCK / 32;
+    rmsnorm_forward_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(out, rstd, inp, weight, N, G, Cg,
+                                                                                eps);
+    cudaCheckLast();
+}
+
+// dinp (N, G·Cg), written. Same mapping as the forward: one warp per (n, g). With x̂ = x·rstd, d = dout ⊙ w:
+//   dinp = rstd · (d − x̂ · mean(d ⊙ x̂))
+template <typename T>
+__global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
+                                             const float* rstd, int N, int G, int Cg) {
+    const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (w >= N * G) return;
+    const int g = w % G;
+    const size_t base = (size_t)w * Cg;
+    const T* x = inp + base;                                   // (Cg)
+    const T* dy = dout + base;                                 // (Cg)
+    const T* wt = weight ? weight + (size_t)g * Cg : nullptr;  // (Cg)
+    const float r = rstd[w];
+    float dot = 0.0f;  // Σ d ⊙ x̂
+    for (int c = lane; c < Cg; c += 32) dot += float(dy[c]) * (wt ? float(wt[c]) : 1.0f) * float(x[c]) * r;
+    dot = warp_sum(dot) / Cg;
+    T* dx = dinp + base;  // (Cg)
+    for (int c = lane; c < Cg; c += 32)
+        dx[c] = T(r * (float(dy[c]) * (wt ? float(wt[c]) : 1.0f) - float(x[c]) * r * dot));
+}
+
+// f(n, c) = dout[n, c] · x̂[n, c], the summand of dweight[c]
+template <typename T>
+struct RmsnormDweightTerm {
+    const T* dout;
+    const T* inp;
+    const float* rstd;
+    int G, Cg;
+    __device__ float operator()(int n, int c) const {
+        const size_t i = (size_t)n * G * Cg + c;
+        return float(dout[i]) * float(inp[i]) * rstd[(size_t)n * G + c / Cg];
+    }
+};
+
+// dinp is written, dweight (G·Cg) accumulates (may be null).
+template <typename T>
+void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
+                      int G, int Cg, cudaStream_t stream = 0) {
+    HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
+    HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
+    if (N == 0) return;
+    const int warps_per_block = RMSNORM_BLOCK / 32;
+    rmsnorm_backward_dinp_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(dinp, dout, inp, weight,
+                                                                                      rstd, N, G, Cg);
+    cudaCheckLast();
+    if (dweight) colsum(dweight, RmsnormDweightTerm<T>{dout, inp, rstd, G, Cg}, N, G * Cg, stream);
+}
+
+}  // namespace hl::gpu

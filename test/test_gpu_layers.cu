@@ -1,0 +1,374 @@
+// test_gpu_layers.cu — the GPU kernels of matmul, rmsnorm, embedding, swiglu, crossentropy, adamw (+ norm and
+// clipping) and conv1d against the CPU reference (model/*.h run in float on the host), on random inputs at
+// several shapes (sizes of 1, odd sizes, sizes that are not multiples of the block/tile sizes, V = 256 and a
+// 50257-like vocabulary).
+//
+// Error norm: rel err = max_i |gpu_i − cpu_i| / max_i |cpu_i| (max-norm, relative to the tensor's scale);
+// a NaN anywhere in the GPU result makes it infinite. Tolerances: forward outputs (and optimizer states)
+// ≤ 1e-4, gradients ≤ 1e-3. Every output buffer is filled with NaN (all bits set) before the kernel runs,
+// so an element a kernel forgets to write fails; parameter gradients start from random values (not zero)
+// so that "accumulate (+=)" is checked too. Each comparison prints one line with its measured error.
+#include <doctest/doctest.h>      // TEST_CASE, CHECK, INFO
+#include <cmath>                  // std::fabs, std::isfinite
+#include <cstdio>                 // std::printf
+#include <string>                 // std::string
+#include <vector>                 // std::vector
+#include "kernels/common.cuh"     // DeviceBuffer, cudaCheck
+#include "kernels/matmul.cuh"     // gpu::matmul_forward/backward
+#include "kernels/rmsnorm.cuh"    // gpu::rmsnorm_forward/backward
+#include "kernels/embedding.cuh"  // gpu::embedding_forward/backward
+#include "kernels/swiglu.cuh"     // gpu::swiglu_forward/backward
+#include "kernels/crossentropy.cuh"  // gpu::crossentropy_forward/backward
+#include "kernels/adamw.cuh"      // gpu::AdamWTable, adamw_update, grad_norm, clip_grad_norm
+#include "kernels/conv1d.cuh"     // gpu::conv1d_silu_forward/backward
+#include "model/matmul.h"         // CPU references ...
+#include "model/rmsnorm.h"
+#include "model/embedding.h"
+#include "model/swiglu.h"
+#include "model/crossentropy.h"
+#include "model/adamw.h"
+#include "model/conv1d.h"
+
+namespace {
+
+using hl::gpu::DeviceBuffer;
+
+constexpr double FWD_TOL = 1e-4;   // forward outputs, optimizer states
+constexpr double GRAD_TOL = 1e-3;  // gradients
+
+std::vector<float> randn(hl::Rng& rng, size_t n, double std = 1.0, double mean = 0.0) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = float(mean + std * rng.normal());
+    return v;
+}
+
+template <typename T>
+void to_dev(DeviceBuffer<T>& d, const std::vector<T>& h) {
+    d.alloc(h.size());
+    if (!h.empty()) d.upload(h);
+}
+
+// every float becomes 0xFFFFFFFF, a NaN
+template <typename T>
+void poison(DeviceBuffer<T>& d) {
+    if (d.n) cudaCheck(cudaMemset(d.ptr, 0xFF, d.n * sizeof(T)));
+}
+
+template <typename T>
+void alloc_poisoned(DeviceBuffer<T>& d, size_t n) {
+    d.alloc(n);
+    poison(d);
+}
+
+std::vector<float> from_dev(const DeviceBuffer<float>& d) {
+    cudaCheck(cudaDeviceSynchronize());
+    return d.download();
+}
+
+double rel_err(const std::vector<float>& gpu, const std::vector<float>& cpu) {
+    if (gpu.size() != cpu.size()) return INFINITY;
+    double err = 0, scale = 0;
+    for (size_t i = 0; i < cpu.size(); i++) {
+        if (!std::isfinite(gpu[i])) return INFINITY;
+        err = std::max(err, std::fabs((double)gpu[i] - (double)cpu[i]));
+        scale = std::max(scale, std::fabs((double)cpu[i]));
+    }
+    return scale > 0 ? err / scale : err;
+}
+
+// compares, prints the measured error, and checks it against tol
+void expect_close(const std::string& what, const std::vector<float>& gpu, const std::vector<float>& cpu, double tol) {
+    const double e = rel_err(gpu, cpu);
+    std::printf("  %-58s rel err %.2e (tol %.0e)\n", what.c_str(), e, tol);
+    INFO(what, ": rel err ", e, " > tol ", tol);
+    CHECK(e <= tol);
+}
+
+std::string shape(std::initializer_list<int> dims) {
+    std::string s = "(";
+    for (int d : dims) s += (s.size() > 1 ? "," : "") + std::to_string(d);
+    return s + ")";
+}
+
+}  // namespace
+
+TEST_CASE("gpu matmul forward/backward (cuBLAS, fp32 without TF32) equals the CPU") {
+    hl::Rng rng(101);
+    struct S { int N, C, OC; };
+    for (S s : {S{1, 1, 1}, S{37, 19, 23}, S{128, 64, 96}, S{257, 130, 515}, S{1024, 768, 2048}}) {
+        const std::string tag = "matmul " + shape({s.N, s.C, s.OC});
+        auto x = randn(rng, (size_t)s.N * s.C), w = randn(rng, (size_t)s.OC * s.C, 0.1), b = randn(rng, s.OC);
+        auto dout = randn(rng, (size_t)s.N * s.OC), dw0 = randn(rng, w.size()), db0 = randn(rng, b.size());
+        DeviceBuffer<float> dx_, dw_, db_, out_, ddout, ddinp, ddw, ddb;
+        to_dev(dx_, x); to_dev(dw_, w); to_dev(db_, b); to_dev(ddout, dout);
+        for (bool with_bias : {true, false}) {
+            std::vector<float> out((size_t)s.N * s.OC);
+            hl::matmul_forward(out.data(), x.data(), w.data(), with_bias ? b.data() : (const float*)nullptr, s.N, s.C,
+                               s.OC);
+            alloc_poisoned(out_, out.size());
+            hl::gpu::matmul_forward(out_.ptr, dx_.ptr, dw_.ptr, with_bias ? db_.ptr : (const float*)nullptr, s.N, s.C,
+                                    s.OC);
+            expect_close(tag + (with_bias ? " out (bias)" : " out (no bias)"), from_dev(out_), out, FWD_TOL);
+        }
+        // all three gradients; dweight and dbias start from random values (+=)
+        std::vector<float> dinp(x.size()), dw = dw0, db = db0;
+        hl::matmul_backward(dinp.data(), dw.data(), db.data(), dout.data(), x.data(), w.data(), s.N, s.C, s.OC);
+        alloc_poisoned(ddinp, dinp.size()); to_dev(ddw, dw0); to_dev(ddb, db0);
+        hl::gpu::matmul_backward(ddinp.ptr, ddw.ptr, ddb.ptr, ddout.ptr, dx_.ptr, dw_.ptr, s.N, s.C, s.OC);
+        expect_close(tag + " dinp", from_dev(ddinp), dinp, GRAD_TOL);
+        expect_close(tag + " dweight (+=)", from_dev(ddw), dw, GRAD_TOL);
+        expect_close(tag + " dbias (+=)", from_dev(ddb), db, GRAD_TOL);
+        // null pointers: only dbias, then only dinp (the others must be left alone)
+        std::vector<float> db2 = db0;
+        hl::matmul_backward<float>(nullptr, nullptr, db2.data(), dout.data(), x.data(), w.data(), s.N, s.C, s.OC);
+        to_dev(ddb, db0); to_dev(ddw, dw0);
+        hl::gpu::matmul_backward<float>(nullptr, nullptr, ddb.ptr, ddout.ptr, dx_.ptr, dw_.ptr, s.N, s.C, s.OC);
+        expect_close(tag + " dbias only", from_dev(ddb), db2, GRAD_TOL);
+        poison(ddinp);
+        hl::gpu::matmul_backward<float>(ddinp.ptr, nullptr, nullptr, ddout.ptr, dx_.ptr, dw_.ptr, s.N, s.C, s.OC);
+        expect_close(tag + " dinp only", from_dev(ddinp), dinp, GRAD_TOL);
+        CHECK(from_dev(ddw) == dw0);  // untouched
+    }
+}
+
+TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight) equals the CPU") {
+    hl::Rng rng(102);
+    // (no Cg = 1: there x̂ = ±1 up to eps and dinp is pure cancellation, ill-conditioned on the CPU as well)
+    struct S { int N, G, Cg; };
+    // (the last four take the wide-row forward: Cg % 4 == 0 and 1024 ≤ Cg ≤ 4096; 1030 does not)
+    for (S s : {S{1, 1, 3}, S{7, 1, 33}, S{65, 3, 17}, S{33, 5, 129}, S{129, 8, 64}, S{9, 1, 1030}, S{300, 1, 2048},
+                S{40, 1, 1028}, S{17, 2, 4096}, S{5, 3, 1024}}) {
+        for (bool with_weight : {true, false}) {
+            const std::string tag = "rmsnorm " + shape({s.N, s.G, s.Cg}) + (with_weight ? " w" : " no-w");
+            const int C = s.G * s.Cg;
+            auto x = randn(rng, (size_t)s.N * C, 2.0, 0.3), w = randn(rng, C, 0.3, 1.0);
+            auto dout = randn(rng, x.size()), dw0 = randn(rng, C);
+            const float* wp = with_weight ? w.data() : nullptr;
+            std::vector<float> out(x.size()), rstd((size_t)s.N * s.G), dinp(x.size()), dw = dw0;
+            hl::rmsnorm_forward(out.data(), rstd.data(), x.data(), wp, s.N, s.G, s.Cg, 1e-5f);
+            hl::rmsnorm_backward(dinp.data(), with_weight ? dw.data() : nullptr, dout.data(), x.data(), wp,
+                                 rstd.data(), s.N, s.G, s.Cg);
+            DeviceBuffer<float> dx_, dw_, ddout, out_, rstd_, dinp_, ddw;
+            to_dev(dx_, x); to_dev(dw_, w); to_dev(ddout, dout); to_dev(ddw, dw0);
+            alloc_poisoned(out_, out.size()); alloc_poisoned(rstd_, rstd.size()); alloc_poisoned(dinp_, dinp.size());
+            const float* wpd = with_weight ? dw_.ptr : nullptr;
+            hl::gpu::rmsnorm_forward(out_.ptr, rstd_.ptr, dx_.ptr, wpd, s.N, s.G, s.Cg, 1e-5f);
+            hl::gpu::rmsnorm_backward(dinp_.ptr, with_weight ? ddw.ptr : nullptr, ddout.ptr, dx_.ptr, wpd, rstd_.ptr,
+                                      s.N, s.G, s.Cg);
+            expect_close(tag + " out", from_dev(out_), out, FWD_TOL);
+            expect_close(tag + " rstd", from_dev(rstd_), rstd, FWD_TOL);
+            expect_close(tag + " dinp", from_dev(dinp_), dinp, GRAD_TOL);
+            if (with_weight) expect_close(tag + " dweight (+=)", from_dev(ddw), dw, GRAD_TOL);
+            else CHECK(from_dev(ddw) == dw0);
+        }
+    }
+}
+
+TEST_CASE("gpu embedding forward/backward equals the CPU (backward bit-exact: same summation order)") {
+    hl::Rng rng(103);
+    struct S { int B, T, V, D; };
+    for (S s : {S{1, 1, 1, 1}, S{3, 17, 256, 33}, S{1, 7, 5, 1500}, S{4, 129, 256, 768}, S{2, 50, 50257, 64}}) {
+        const std::string tag = "embedding " + shape({s.B, s.T, s.V, s.D});
+        const int N = s.B * s.T;
+        std::vector<int> tok(N);
+        for (int& t : tok) t = int(rng.next() % (uint64_t)s.V);
+        auto wte = randn(rng, (size_t)s.V * s.D), dout = randn(rng, (size_t)N * s.D), dwte0 = randn(rng, wte.size());
+        std::vector<float> out((size_t)N * s.D), dwte = dwte0;
+        hl::embedding_forward(out.data(), tok.data(), wte.data(), s.B, s.T, s.V, s.D);
+        hl::embedding_backward(dwte.data(), dout.data(), tok.data(), s.B, s.T, s.V, s.D);
+        DeviceBuffer<int> tok_;
+        DeviceBuffer<float> wte_, dout_, out_, dwte_;
+        to_dev(tok_, tok); to_dev(wte_, wte); to_dev(dout_, dout); to_dev(dwte_, dwte0);
+        alloc_poisoned(out_, out.size());
+        hl::gpu::embedding_forward(out_.ptr, tok_.ptr, wte_.ptr, s.B, s.T, s.V, s.D);
+        hl::gpu::embedding_backward(dwte_.ptr, dout_.ptr, tok_.ptr, s.B, s.T, s.V, s.D);
+        auto g_out = from_dev(out_), g_dwte = from_dev(dwte_);
+        expect_close(tag + " out", g_out, out, FWD_TOL);
+        expect_close(tag + " dwte (+=)", g_dwte, dwte, GRAD_TOL);
+        CHECK(g_out == out);    // a copy: exact
+        CHECK(g_dwte == dwte);  // same order of additions as the CPU: exact
+    }
+    // an out-of-range id gives a NaN row (never a stray read), and matches no row in the backward
+    std::vector<int> tok = {0, 7, 2};
+    const int V = 4, D = 3;
+    DeviceBuffer<int> tok_;
+    DeviceBuffer<float> wte_, out_;
+    to_dev(tok_, tok); wte_.alloc(V * D); wte_.zero(); out_.alloc(tok.size() * D);
+    hl::gpu::embedding_forward(out_.ptr, tok_.ptr, wte_.ptr, 1, 3, V, D);
+    auto o = from_dev(out_);
+    CHECK(o[0] == 0.0f);
+    CHECK(std::isnan(o[3]));
+    CHECK(o[6] == 0.0f);
+}
+
+TEST_CASE("gpu swiglu forward/backward equals the CPU (host layouts reused on device memory)") {
+    hl::Rng rng(104);
+    struct S { int N, D, F; };
+    for (S s : {S{1, 1, 1}, S{37, 33, 65}, S{128, 64, 172}, S{300, 256, 683}}) {
+        const std::string tag = "swiglu " + shape({s.N, s.D, s.F});
+        hl::SwiGLUConfig cfg{s.D, s.F};
+        hl::Arena<float> pc, ac;
+        hl::swiglu_params(pc, cfg);
+        hl::swiglu_acts(ac, cfg, s.N);
+        // host
+        auto params = randn(rng, pc.size, 0.2), dparams0 = randn(rng, pc.size);
+        std::vector<float> dparams = dparams0, acts(ac.size);
+        auto x = randn(rng, (size_t)s.N * s.D), dout = randn(rng, (size_t)s.N * s.D);
+        hl::Arena<float> hp(params.data()), hdp(dparams.data()), ha(acts.data());
+        auto p = hl::swiglu_params(hp, cfg);
+        auto dp = hl::swiglu_params(hdp, cfg);
+        auto a = hl::swiglu_acts(ha, cfg, s.N);
+        std::vector<float> out(x.size()), dinp(x.size());
+        hl::swiglu_forward(out.data(), a, x.data(), p, cfg, s.N);
+        hl::swiglu_backward(dinp.data(), dp, dout.data(), a, x.data(), p, cfg, s.N);
+        std::vector<float> h(a.h, a.h + (size_t)s.N * s.F);
+        // device: the same layout functions over device pointers
+        DeviceBuffer<float> params_, dparams_, acts_, x_, dout_, out_, dinp_;
+        to_dev(params_, params); to_dev(dparams_, dparams0); to_dev(x_, x); to_dev(dout_, dout);
+        alloc_poisoned(acts_, ac.size); alloc_poisoned(out_, out.size()); alloc_poisoned(dinp_, dinp.size());
+        hl::Arena<float> dpa(params_.ptr), ddpa(dparams_.ptr), daa(acts_.ptr);
+        auto gp = hl::swiglu_params(dpa, cfg);
+        auto gdp = hl::swiglu_params(ddpa, cfg);
+        auto ga = hl::swiglu_acts(daa, cfg, s.N);
+        hl::gpu::swiglu_forward(out_.ptr, ga, x_.ptr, gp, cfg, s.N);
+        hl::gpu::swiglu_backward(dinp_.ptr, gdp, dout_.ptr, ga, x_.ptr, gp, cfg, s.N);
+        auto gacts = from_dev(acts_);
+        expect_close(tag + " out", from_dev(out_), out, FWD_TOL);
+        expect_close(tag + " acts.h", std::vector<float>(gacts.begin() + (ga.h - acts_.ptr),
+                                                         gacts.begin() + (ga.h - acts_.ptr) + h.size()), h, FWD_TOL);
+        expect_close(tag + " dinp", from_dev(dinp_), dinp, GRAD_TOL);
+        expect_close(tag + " dparams w1,w3,w2 (+=)", from_dev(dparams_), dparams, GRAD_TOL);
+    }
+}
+
+TEST_CASE("gpu crossentropy forward/backward equals the CPU (V = 1, 7, 256, 50257)") {
+    hl::Rng rng(105);
+    struct S { int N, V; double std, mean; };
+    for (S s : {S{1, 1, 1, 0}, S{5, 7, 3, 0}, S{37, 256, 3, 50}, S{33, 50257, 2, -20}, S{64, 32000, 4, 0}}) {
+        const std::string tag = "crossentropy " + shape({s.N, s.V});
+        auto logits = randn(rng, (size_t)s.N * s.V, s.std, s.mean), dl = randn(rng, s.N, 1.0 / s.N);
+        std::vector<int> tgt(s.N);
+        for (int& t : tgt) t = int(rng.next() % (uint64_t)s.V);
+        std::vector<float> losses(s.N), probs(logits.size()), dlogits(logits.size());
+        hl::crossentropy_forward(losses.data(), probs.data(), logits.data(), tgt.data(), s.N, s.V);
+        hl::crossentropy_backward(dlogits.data(), dl.data(), probs.data(), tgt.data(), s.N, s.V);
+        DeviceBuffer<int> tgt_;
+        DeviceBuffer<float> logits_, dl_, losses_, probs_, dlogits_;
+        to_dev(tgt_, tgt); to_dev(logits_, logits); to_dev(dl_, dl);
+        alloc_poisoned(losses_, losses.size()); alloc_poisoned(probs_, probs.size());
+        alloc_poisoned(dlogits_, dlogits.size());
+        hl::gpu::crossentropy_forward(losses_.ptr, probs_.ptr, logits_.ptr, tgt_.ptr, s.N, s.V);
+        hl::gpu::crossentropy_backward(dlogits_.ptr, dl_.ptr, probs_.ptr, tgt_.ptr, s.N, s.V);
+        auto g_losses = from_dev(losses_), g_probs = from_dev(probs_);
+        expect_close(tag + " losses", g_losses, losses, FWD_TOL);
+        expect_close(tag + " probs", g_probs, probs, FWD_TOL);
+        expect_close(tag + " dlogits", from_dev(dlogits_), dlogits, GRAD_TOL);
+        // The float CPU sums V exponentials one by one, and terms below half an ulp of the running sum are
+        // rounded away: with wide logits (std 4, V = 32000) that alone is a ~1e-4 relative error of the CPU's
+        // own. The double reference shows how far each side is from the exact answer.
+        std::vector<double> zd(logits.begin(), logits.end()), lossd(s.N), probd(logits.size());
+        hl::crossentropy_forward(lossd.data(), probd.data(), zd.data(), tgt.data(), s.N, s.V);
+        const std::vector<float> lossd_f(lossd.begin(), lossd.end()), probd_f(probd.begin(), probd.end());
+        expect_close(tag + " losses (GPU vs double CPU)", g_losses, lossd_f, FWD_TOL);
+        expect_close(tag + " probs (GPU vs double CPU)", g_probs, probd_f, FWD_TOL);
+        std::printf("  %-58s rel err %.2e (information)\n", (tag + " probs (float CPU vs double CPU)").c_str(),
+                    rel_err(probs, probd_f));
+    }
+}
+
+TEST_CASE("gpu adamw: five steps with per-tensor decay equal the CPU; gaps between tensors untouched") {
+    hl::Rng rng(106);
+    // tensors laid out with an arena; "skipped" is taken but left out of the list: a gap the update must not touch
+    std::vector<hl::TensorInfo> infos;
+    hl::Arena<float> count(nullptr, &infos);
+    count.take("embed.weight", {256, 33});    // decays
+    count.take("layers.0.norm1", {33});       // 1-D: no decay
+    count.take("layers.0.mixer.conv_w", {19, 4});  // conv kernel: no decay
+    count.take("skipped", {11});
+    count.take("layers.0.mixer.conv_b", {19});
+    count.take("layers.0.ffn.w1", {65, 33});  // decays
+    count.take("layers.0.ffn.w2", {33, 65});  // decays (merged with w1 into one range)
+    count.take("norm_f", {1});
+    std::vector<hl::TensorInfo> listed;
+    for (auto& t : infos)
+        if (t.name != "skipped") listed.push_back(t);
+    const size_t n = count.size;
+    hl::AdamWConfig cfg;
+    cfg.weight_decay = 0.1f;
+    auto params = randn(rng, n, 0.5);
+    std::vector<float> m(n, 0.0f), v(n, 0.0f);
+    const std::vector<float> params0 = params;
+    hl::gpu::AdamWTable table(listed);
+    DeviceBuffer<float> p_, g_, m_, v_;
+    to_dev(p_, params); to_dev(m_, m); to_dev(v_, v);
+    for (int step = 1; step <= 5; step++) {
+        auto grads = randn(rng, n, step == 3 ? 1e-4 : 1.0);  // one step of tiny gradients
+        const float lr = 1e-3f * step;
+        hl::adamw_update(params.data(), grads.data(), m.data(), v.data(), listed, cfg, lr, step);
+        to_dev(g_, grads);
+        hl::gpu::adamw_update(p_.ptr, g_.ptr, m_.ptr, v_.ptr, table, cfg, lr, step);
+    }
+    auto gp = from_dev(p_);
+    std::vector<float> dcpu(n), dgpu(n);
+    for (size_t i = 0; i < n; i++) { dcpu[i] = params[i] - params0[i]; dgpu[i] = gp[i] - params0[i]; }
+    expect_close("adamw params after 5 steps", gp, params, FWD_TOL);
+    expect_close("adamw updates (params − params0)", dgpu, dcpu, FWD_TOL);
+    expect_close("adamw m", from_dev(m_), m, FWD_TOL);
+    expect_close("adamw v", from_dev(v_), v, FWD_TOL);
+    const hl::TensorInfo& gap = infos[3];
+    for (size_t i = gap.offset; i < gap.offset + gap.numel; i++) CHECK(gp[i] == params0[i]);
+    CHECK(table.n_ranges == 5);  // embed · norm1+conv_w · (gap) conv_b · w1+w2 · norm_f
+}
+
+TEST_CASE("gpu grad_norm and clip_grad_norm equal the CPU (device scalar, no host sync inside)") {
+    hl::Rng rng(107);
+    DeviceBuffer<double> scratch(hl::gpu::GRAD_NORM_BLOCKS);
+    DeviceBuffer<float> norm_(1);
+    for (size_t n : {size_t(1), size_t(1000), size_t(1 << 20) + 7, size_t(5000001)}) {
+        const std::string tag = "grad_norm n=" + std::to_string(n);
+        auto g = randn(rng, n, 0.01);
+        DeviceBuffer<float> g_;
+        to_dev(g_, g);
+        poison(norm_);
+        hl::gpu::grad_norm(norm_.ptr, g_.ptr, n, scratch.ptr);
+        const float cpu_norm = hl::grad_norm(g.data(), n);
+        expect_close(tag + " norm", from_dev(norm_), {cpu_norm}, FWD_TOL);
+        // clipping to a third of the norm scales every gradient; to twice the norm changes nothing
+        std::vector<float> gc = g;
+        const float c1 = hl::clip_grad_norm(gc.data(), n, cpu_norm / 3);
+        poison(norm_);
+        hl::gpu::clip_grad_norm(norm_.ptr, g_.ptr, n, cpu_norm / 3, scratch.ptr);
+        expect_close(tag + " clip: norm before", from_dev(norm_), {c1}, FWD_TOL);
+        expect_close(tag + " clip: clipped grads", from_dev(g_), gc, FWD_TOL);
+        auto before = from_dev(g_);
+        hl::gpu::clip_grad_norm(norm_.ptr, g_.ptr, n, cpu_norm * 2, scratch.ptr);
+        CHECK(from_dev(g_) == before);
+    }
+}
+
+TEST_CASE("gpu conv1d + SiLU forward/backward equals the CPU (odd T, T < K, K = 1…8)") {
+    hl::Rng rng(108);
+    struct S { int B, T, C, K; };
+    for (S s : {S{1, 1, 1, 1}, S{2, 37, 19, 4}, S{2, 3, 8, 4}, S{1, 257, 64, 2}, S{3, 100, 130, 4}, S{2, 70, 33, 8},
+                S{4, 1000, 520, 4}}) {
+        const std::string tag = "conv1d " + shape({s.B, s.T, s.C, s.K});
+        const size_t NC = (size_t)s.B * s.T * s.C;
+        auto x = randn(rng, NC), w = randn(rng, (size_t)s.C * s.K, 0.5), b = randn(rng, s.C, 0.5);
+        auto dout = randn(rng, NC), dw0 = randn(rng, w.size()), db0 = randn(rng, b.size());
+        std::vector<float> out(NC), pre(NC), dinp(NC), dw = dw0, db = db0;
+        hl::conv1d_silu_forward(out.data(), pre.data(), x.data(), w.data(), b.data(), s.B, s.T, s.C, s.K);
+        hl::conv1d_silu_backward(dinp.data(), dw.data(), db.data(), dout.data(), pre.data(), x.data(), w.data(), s.B,
+                                 s.T, s.C, s.K);
+        DeviceBuffer<float> x_, w_, b_, dout_, out_, pre_, dinp_, dw_, db_;
+        to_dev(x_, x); to_dev(w_, w); to_dev(b_, b); to_dev(dout_, dout); to_dev(dw_, dw0); to_dev(db_, db0);
+        alloc_poisoned(out_, NC); alloc_poisoned(pre_, NC); alloc_poisoned(dinp_, NC);
+        hl::gpu::conv1d_silu_forward(out_.ptr, pre_.ptr, x_.ptr, w_.ptr, b_.ptr, s.B, s.T, s.C, s.K);
+        hl::gpu::conv1d_silu_backward(dinp_.ptr, dw_.ptr, db_.ptr, dout_.ptr, pre_.ptr, x_.ptr, w_.ptr, s.B, s.T,
+                                      s.C, s.K);
+        expect_close(tag + " out", from_dev(out_), out, FWD_TOL);
+        expect_close(tag + " pre", from_dev(pre_), pre, FWD_TOL);
+        expect_close(tag + " dinp", from_dev(dinp_), dinp, GRAD_TOL);
+        expect_close(tag + " dw (+=)", from_dev(dw_), dw, GRAD_TOL);
+        expect_close(tag + " dbias (+=)", from_dev(db_), db, GRAD_TOL);
+    }
+}
