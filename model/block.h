@@ -20,7 +20,7 @@ struct BlockConfig {
     Mamba2Config ssm;    // used by 'M'
     IntraConfig intra;   // used by 'H'
     SwiGLUConfig ffn;
-    float norm_eps = 1e-5f;
+    double norm_eps = 1e-5;
 };
 
 inline void block_config_check(const BlockConfig& c) {

@@ -25,7 +25,7 @@ inline BlockConfig block_config(const ModelConfig& c, int l) {
     BlockConfig b;
     b.kind = c.pattern[size_t(l)];
     b.d_model = c.d_model;
-    b.norm_eps = float(c.norm_eps);
+    b.norm_eps = c.norm_eps;
     b.ffn = SwiGLUConfig{c.d_model, c.d_ff};
     if (b.kind == 'A') b.attn = AttnConfig{c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, c.rope_theta};
     // M blocks and the H blocks' Mamba branch differ only in width and head size
