@@ -69,6 +69,25 @@ train:
 	@$(MAKE) --no-print-directory $(BUILD)/train_cpu
 	$(BUILD)/train_cpu $(TRAIN_ARGS)
 
+# ---- the GPU trainer (device machine): build/train_gpu from train.cu ----
+.PHONY: train_gpu
+$(BUILD)/train_gpu: train.cu $(HEADERS) $(KERNEL_HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) $(INCLUDES) $< -o $@ -lcublas
+
+train_gpu: $(BUILD)/train_gpu
+
+# ---- dev/cuda playgrounds (device machine): `make dev/cuda/<kernel>` builds build/dev/<kernel> from
+# dev/cuda/<kernel>.cu; `make dev` builds them all. Run them as ./build/dev/<kernel> (see each file's header).
+DEV_SRCS    := $(wildcard dev/cuda/*.cu)
+DEV_TARGETS := $(DEV_SRCS:.cu=)
+.PHONY: dev $(DEV_TARGETS)
+$(BUILD)/dev/%: dev/cuda/%.cu $(HEADERS) $(KERNEL_HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) $(INCLUDES) $< -o $@ -lcublas
+$(DEV_TARGETS): dev/cuda/%: $(BUILD)/dev/%
+dev: $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%)
+
 # Compile check of every CUDA source (no GPU needed): objects only, nothing is run.
 cuda_check:
 	@mkdir -p $(BUILD); for f in $(CUDA_SRCS); do echo "nvcc -c $$f"; \

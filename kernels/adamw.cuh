@@ -17,8 +17,7 @@
 #include <algorithm>            // std::sort
 #include <cmath>                // std::pow
 #include <vector>               // std::vector
-#include "kernels/common.cuh"   // cudaCheckLast, DeviceBuffer
-#include "kernels/matmul.cuh"   // elementwise_grid
+#include "kernels/common.cuh"   // cudaCheckLast, DeviceBuffer, elementwise_grid
 #include "model/adamw.h"        // AdamWConfig, adamw_decays
 #include "model/common.h"       // TensorInfo, HL_CHECK
 

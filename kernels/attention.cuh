@@ -18,8 +18,11 @@
 #pragma once
 #include <cmath>                // INFINITY
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
-#include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div
-#include "model/common.h"       // HL_CHECK
+#include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
+#include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below)
+#include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
+#include "model/attention.h"    // AttnConfig, AttnParams, attn_config_check (section 2 below)
+#include "model/common.h"       // HL_CHECK, Arena
 
 namespace hl::gpu {
 
@@ -567,6 +570,116 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch_D, const T* dout, co
     };
     if (bq == 64) launch_q(attention_backward_dq_kernel<T, 64>);
     else launch_q(attention_backward_dq_kernel<T, 128>);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// 2. The attention mixer of block A and its reusable branch (mirrors section 2 of model/attention.h)
+// ---------------------------------------------------------------------------------------------------------
+// Same functions and arguments as the CPU's attn_branch_forward/backward and attn_mixer_forward/backward, on
+// device pointers. Parameters are the CPU's AttnParams (attn_params on an Arena over a device buffer gives the
+// same layout, so checkpoints are interchangeable). The activations differ from the CPU's AttnActs: the fused
+// kernels above never store the (B, H, T, T) probabilities, they save lse (B, H, T) and need a D (B, H, T)
+// scratch in the backward, hence GpuAttnActs. Every launch goes to `stream`; nothing is allocated.
+
+// Saved activations and backward scratch of one attention mixer (or branch) for a (B, T) batch.
+// T is the element type; the softmax statistics lse and D are fp32 whatever T is.
+template <typename T>
+struct GpuAttnActs {
+    T* q = nullptr;          // (B, T, H, d_qk)   after Wq and RoPE
+    T* k = nullptr;          // (B, T, Hkv, d_qk) after Wk and RoPE
+    T* v = nullptr;          // (B, T, Hkv, d_v)  after Wv
+    float* lse = nullptr;    // (B, H, T)         log-sum-exp of each query row's scores
+    T* y = nullptr;          // (B, T, H·d_v)     core output = branch output
+    // backward scratch
+    T* dq = nullptr;         // (B, T, H, d_qk)
+    T* dk = nullptr;         // (B, T, Hkv, d_qk)
+    T* dv = nullptr;         // (B, T, Hkv, d_v)
+    T* dy = nullptr;         // (B, T, H·d_v)     gradient of y (mixer backward only)
+    T* dinp_part = nullptr;  // (B, T, D)         one projection's share of dinp, before it is added in
+    float* D = nullptr;      // (B, H, T)         rowsum(dy ⊙ y), attention_backward's scratch
+};
+
+// Lays out GpuAttnActs in an arena (counting when the arena has no base), as attn_acts does on the CPU.
+// fp32 for now: element tensors and statistics come out of one float arena (the bf16 path will need a
+// second arena for the fp32 statistics).
+inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, int B, int T_) {
+    attn_config_check(c);
+    HL_CHECK(B > 0 && T_ > 0, "attention activations (gpu): bad sizes B=", B, " T=", T_);
+    const int D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
+    GpuAttnActs<float> s;
+    s.q = a.take("q", {B, T_, H, c.d_qk});
+    s.k = a.take("k", {B, T_, Hkv, c.d_qk});
+    s.v = a.take("v", {B, T_, Hkv, c.d_v});
+    s.lse = a.take("lse", {B, H, T_});
+    s.y = a.take("y", {B, T_, H * c.d_v});
+    s.dq = a.take("dq", {B, T_, H, c.d_qk});
+    s.dk = a.take("dk", {B, T_, Hkv, c.d_qk});
+    s.dv = a.take("dv", {B, T_, Hkv, c.d_v});
+    s.dy = a.take("dy", {B, T_, H * c.d_v});
+    s.dinp_part = a.take("dinp_part", {B, T_, D});
+    s.D = a.take("D", {B, H, T_});
+    return s;
+}
+
+// Branch: acts.y (B, T, H·d_v) = Attn(RoPE(Wq·inp), RoPE(Wk·inp), Wv·inp); no output projection.
+// inp (B, T, D) is the normed residual stream. acts.q, k, v, lse, y are written (saved for the backward).
+template <typename T>
+void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B,
+                         int T_, cudaStream_t stream = 0) {
+    attn_config_check(c);
+    const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
+    gpu::matmul_forward(acts.q, inp, p.wq, (const T*)nullptr, N, D, H * c.d_qk, stream);
+    gpu::matmul_forward(acts.k, inp, p.wk, (const T*)nullptr, N, D, Hkv * c.d_qk, stream);
+    gpu::matmul_forward(acts.v, inp, p.wv, (const T*)nullptr, N, D, Hkv * c.d_v, stream);
+    // positions enter only through q and k: rotated in place, the rotated versions are what is saved
+    gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
+    gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
+    gpu::attention_forward(acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, stream);
+}
+
+// dy (B, T, H·d_v): gradient of acts.y. dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another
+// consumer (value sharing in the intra-layer hybrid), added before the Wv backward.
+// dinp (B, T, D) is written; dp.* accumulate (a null dp field skips that gradient).
+// Uses acts.dq, dk, dv, D and dinp_part as scratch.
+template <typename T>
+void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_extra, GpuAttnActs<T>& acts,
+                          const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B, int T_,
+                          cudaStream_t stream = 0) {
+    attn_config_check(c);
+    const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
+    gpu::attention_backward(acts.dq, acts.dk, acts.dv, acts.D, dy, acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_,
+                            H, Hkv, c.d_qk, c.d_v, stream);
+    if (dv_extra) gpu::accumulate(acts.dv, dv_extra, (size_t)N * Hkv * c.d_v, stream);
+    // undo the rotations: now dq, dk are gradients of the projections' outputs
+    gpu::rope_backward(acts.dq, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
+    gpu::rope_backward(acts.dk, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
+    // inp feeds three projections: the first input gradient goes straight into dinp, the other two pass
+    // through dinp_part and are added (the CPU's order, so the sums round alike)
+    const size_t nx = (size_t)N * D;
+    gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, acts.dq, inp, p.wq, N, D, H * c.d_qk, stream);
+    gpu::matmul_backward(acts.dinp_part, dp.wk, (T*)nullptr, acts.dk, inp, p.wk, N, D, Hkv * c.d_qk, stream);
+    gpu::accumulate(dinp, acts.dinp_part, nx, stream);
+    gpu::matmul_backward(acts.dinp_part, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream);
+    gpu::accumulate(dinp, acts.dinp_part, nx, stream);
+}
+
+// Full mixer: out (B, T, D) = Wo · branch(inp).
+template <typename T>
+void attn_mixer_forward(T* out, GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>& p, const AttnConfig& c,
+                        int B, int T_, cudaStream_t stream = 0) {
+    HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
+    gpu::attn_branch_forward(acts, inp, p, c, B, T_, stream);
+    gpu::matmul_forward(out, acts.y, p.wo, (const T*)nullptr, B * T_, c.n_heads * c.d_v, c.d_model, stream);
+}
+
+// dinp (B, T, D) written; dp.* accumulate. Uses acts.dy as the gradient of the branch output.
+template <typename T>
+void attn_mixer_backward(T* dinp, AttnParams<T>& dp, const T* dout, GpuAttnActs<T>& acts, const T* inp,
+                         const AttnParams<T>& p, const AttnConfig& c, int B, int T_, cudaStream_t stream = 0) {
+    HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
+    gpu::matmul_backward(acts.dy, dp.wo, (T*)nullptr, dout, acts.y, p.wo, B * T_, c.n_heads * c.d_v, c.d_model,
+                         stream);
+    gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream);
 }
 
 }  // namespace hl::gpu

@@ -1,8 +1,10 @@
-// common.cuh — what every CUDA file shares: error checks, ceil_div, and a device buffer that owns one
-// allocation. The kernels mirror model/ (same names, same argument order) in namespace hl::gpu and work
+// common.cuh — what every CUDA file shares: error checks, ceil_div, a device buffer that owns one
+// allocation, and the small device helpers of every kernel file (scalar activations, warp_sum,
+// elementwise_grid, the deterministic column sum colsum, elementwise add / accumulate). The kernels mirror model/ (same names, same argument order) in namespace hl::gpu and work
 // on device pointers; host-side layouts (Arena, the *_params / *_acts functions of model/) are reused
 // as they are, carving views out of device allocations instead of host ones.
 #pragma once
+#include <algorithm>         // std::min
 #include <cstdio>            // std::fprintf
 #include <cstdlib>           // std::exit
 #include <vector>            // std::vector for host copies
@@ -49,5 +51,89 @@ struct DeviceBuffer {
     }
     void zero() { if (n) cudaCheck(cudaMemset(ptr, 0, n * sizeof(T))); }
 };
+
+// ---------------------------------------------------------------------------------------------------
+// Shared device helpers (used by every kernel file; they were first written in kernels/matmul.cuh)
+
+// Scalar activations on the device, the same formulas as model/common.h (expf, not the fast __expf,
+// so results stay within an ulp or two of the CPU's std::exp).
+__device__ __forceinline__ float dev_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float dev_silu(float x) { return x * dev_sigmoid(x); }
+__device__ __forceinline__ float dev_silu_grad(float x) {  // σ(x)(1 + x(1 − σ(x)))
+    float s = dev_sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+__device__ __forceinline__ float dev_softplus(float x) {  // log(1 + eˣ), stable for large x (as model/common.h)
+    return x > 20.0f ? x : log1pf(expf(x));
+}
+
+// Sum of v over the 32 lanes of a warp (butterfly: every lane ends with the total; the order of the
+// additions is fixed, so the result is deterministic).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Blocks for a grid-stride loop over n elements with `block` threads each: enough to fill the GPU many
+// times over, capped so the index arithmetic in the kernels (size_t) never needs more than 2^16 blocks.
+inline int elementwise_grid(size_t n, int block) {
+    size_t blocks = (n + block - 1) / block;
+    return (int)std::min<size_t>(blocks, size_t(1) << 16);
+}
+
+// Deterministic column sums: dst[c] += Σ_{n<N} f(n, c) for c < C (no atomics, so the result is the same
+// bit for bit on every run). A block owns COLSUM_TW consecutive columns and has COLSUM_LANES row lanes:
+// thread (x, y) sums rows y, y + LANES, ... of column x. A warp covers 8 columns × 4 rows, i.e. 32-byte
+// sectors of 4 rows: full use of every DRAM sector. Narrow tiles (8 columns, not 32) give C/8 blocks, so
+// even C = 2048 fills the GPU. The lanes' partials are then added in a fixed tree order in shared memory.
+// f is a functor (plain struct with a __device__ operator()(int n, int c) const returning float).
+constexpr int COLSUM_TW = 8;
+constexpr int COLSUM_LANES = 128;
+
+template <typename TD, typename F>
+__global__ void colsum_kernel(TD* dst, F f, int N, int C) {
+    __shared__ float part[COLSUM_LANES][COLSUM_TW];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.x * COLSUM_TW + tx;
+    float acc = 0.0f;
+    if (c < C)
+        for (int n = ty; n < N; n += COLSUM_LANES) acc += f(n, c);
+    part[ty][tx] = acc;
+    __syncthreads();
+    for (int half = COLSUM_LANES / 2; half > 0; half /= 2) {  // fixed tree: deterministic
+        if (ty < half) part[ty][tx] += part[ty + half][tx];
+        __syncthreads();
+    }
+    if (ty == 0 && c < C) dst[c] = TD(float(dst[c]) + part[0][tx]);
+}
+
+template <typename TD, typename F>
+void colsum(TD* dst, F f, int N, int C, cudaStream_t stream = 0) {
+    if (C <= 0) return;
+    dim3 block(COLSUM_TW, COLSUM_LANES);  // 1024 threads
+    colsum_kernel<<<ceil_div(C, COLSUM_TW), block, 0, stream>>>(dst, f, N, C);
+    cudaCheckLast();
+}
+
+// Elementwise sums, the residual adds of the blocks and the "this input feeds several consumers" sums of
+// the backward. Grid-stride, one thread per element (memory-bound; consecutive threads touch consecutive
+// elements). out may alias a or b.
+template <typename T>
+__global__ void add_kernel(T* out, const T* a, const T* b, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = T(float(a[i]) + float(b[i]));
+}
+
+// out (n) = a (n) + b (n)
+template <typename T>
+void add(T* out, const T* a, const T* b, size_t n, cudaStream_t stream = 0) {
+    if (n == 0) return;
+    add_kernel<<<elementwise_grid(n, 256), 256, 0, stream>>>(out, a, b, n);
+    cudaCheckLast();
+}
+
+// dst (n) += src (n)
+template <typename T>
+void accumulate(T* dst, const T* src, size_t n, cudaStream_t stream = 0) { add(dst, dst, src, n, stream); }
 
 }  // namespace hl::gpu

@@ -13,8 +13,7 @@
 #pragma once
 #include <algorithm>            // std::min
 #include <type_traits>          // std::integral_constant
-#include "kernels/common.cuh"   // cudaCheckLast, ceil_div
-#include "kernels/matmul.cuh"   // dev_silu, dev_silu_grad
+#include "kernels/common.cuh"   // cudaCheckLast, ceil_div, dev_silu, dev_silu_grad
 #include "model/common.h"       // HL_CHECK
 
 namespace hl::gpu {

@@ -15,8 +15,7 @@
 // at these sizes.)
 #pragma once
 #include <cuda_runtime.h>       // __ballot_sync, __popc
-#include "kernels/common.cuh"   // cudaCheckLast, ceil_div
-#include "kernels/matmul.cuh"   // elementwise_grid
+#include "kernels/common.cuh"   // cudaCheckLast, ceil_div, elementwise_grid
 #include "model/common.h"       // HL_CHECK
 
 namespace hl::gpu {

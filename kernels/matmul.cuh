@@ -1,9 +1,7 @@
 // matmul.cuh — GPU mirror of model/matmul.h: out = inp · Wᵀ (+ bias) and its backward, through cuBLAS.
 //
-// Also home of the few device helpers the other kernels of kernels/ share (so each lives in one place):
-//   - device scalar activations (sigmoid, silu, silu_grad) matching model/common.h, and warp_sum,
-//   - elementwise_grid, the launch size of grid-stride elementwise kernels,
-//   - colsum, a deterministic column reduction dst[c] += Σ_n f(n, c) (bias gradients, norm weights).
+// The device helpers every kernel file shares (dev_silu, warp_sum, elementwise_grid, colsum, ...) live in
+// kernels/common.cuh; matmul's bias gradient uses colsum from there.
 //
 // Conventions of every host function in kernels/ written with it (matmul, rmsnorm, embedding, swiglu,
 // crossentropy, adamw, conv1d): the CPU function's name and arguments, then a trailing
@@ -17,12 +15,11 @@
 // CUBLAS_COMPUTE_32F: no TF32 tensor cores (those round the inputs to 10 mantissa bits). For bf16 later,
 // the same cublasGemmEx call takes CUDA_R_16BF operands with fp32 accumulation (see CublasType).
 #pragma once
-#include <algorithm>        // std::min
 #include <cstdio>           // std::fprintf
 #include <cstdlib>          // std::exit
 #include <cublas_v2.h>      // cublasHandle_t, cublasGemmEx, cublasGetStatusString
 #include <cuda_bf16.h>      // __nv_bfloat16, for CublasType (the later bf16 path)
-#include "kernels/common.cuh"  // cudaCheck, cudaCheckLast, ceil_div
+#include "kernels/common.cuh"  // cudaCheck, cudaCheckLast, elementwise_grid, colsum
 #include "model/common.h"      // HL_CHECK
 
 namespace hl::gpu {
@@ -55,66 +52,6 @@ inline cublasHandle_t cublas() {
 template <typename T> struct CublasType;
 template <> struct CublasType<float> { static constexpr cudaDataType_t value = CUDA_R_32F; };
 template <> struct CublasType<__nv_bfloat16> { static constexpr cudaDataType_t value = CUDA_R_16BF; };
-
-// ---------------------------------------------------------------------------------------------------
-// Shared device helpers
-
-// Scalar activations on the device, the same formulas as model/common.h (expf, not the fast __expf,
-// so results stay within an ulp or two of the CPU's std::exp).
-__device__ __forceinline__ float dev_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
-__device__ __forceinline__ float dev_silu(float x) { return x * dev_sigmoid(x); }
-__device__ __forceinline__ float dev_silu_grad(float x) {  // σ(x)(1 + x(1 − σ(x)))
-    float s = dev_sigmoid(x);
-    return s * (1.0f + x * (1.0f - s));
-}
-
-// Sum of v over the 32 lanes of a warp (butterfly: every lane ends with the total; the order of the
-// additions is fixed, so the result is deterministic).
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
-    return v;
-}
-
-// Blocks for a grid-stride loop over n elements with `block` threads each: enough to fill the GPU many
-// times over, capped so the index arithmetic in the kernels (size_t) never needs more than 2^16 blocks.
-inline int elementwise_grid(size_t n, int block) {
-    size_t blocks = (n + block - 1) / block;
-    return (int)std::min<size_t>(blocks, size_t(1) << 16);
-}
-
-// Deterministic column sums: dst[c] += Σ_{n<N} f(n, c) for c < C (no atomics, so the result is the same
-// bit for bit on every run). A block owns COLSUM_TW consecutive columns and has COLSUM_LANES row lanes:
-// thread (x, y) sums rows y, y + LANES, ... of column x. A warp covers 8 columns × 4 rows, i.e. 32-byte
-// sectors of 4 rows: full use of every DRAM sector. Narrow tiles (8 columns, not 32) give C/8 blocks, so
-// even C = 2048 fills the GPU. The lanes' partials are then added in a fixed tree order in shared memory.
-// f is a functor (plain struct with a __device__ operator()(int n, int c) const returning float).
-constexpr int COLSUM_TW = 8;
-constexpr int COLSUM_LANES = 128;
-
-template <typename TD, typename F>
-__global__ void colsum_kernel(TD* dst, F f, int N, int C) {
-    __shared__ float part[COLSUM_LANES][COLSUM_TW];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int c = blockIdx.x * COLSUM_TW + tx;
-    float acc = 0.0f;
-    if (c < C)
-        for (int n = ty; n < N; n += COLSUM_LANES) acc += f(n, c);
-    part[ty][tx] = acc;
-    __syncthreads();
-    for (int half = COLSUM_LANES / 2; half > 0; half /= 2) {  // fixed tree: deterministic
-        if (ty < half) part[ty][tx] += part[ty + half][tx];
-        __syncthreads();
-    }
-    if (ty == 0 && c < C) dst[c] = TD(float(dst[c]) + part[0][tx]);
-}
-
-template <typename TD, typename F>
-void colsum(TD* dst, F f, int N, int C, cudaStream_t stream = 0) {
-    if (C <= 0) return;
-    dim3 block(COLSUM_TW, COLSUM_LANES);  // 1024 threads
-    colsum_kernel<<<ceil_div(C, COLSUM_TW), block, 0, stream>>>(dst, f, N, C);
-    cudaCheckLast();
-}
 
 // ---------------------------------------------------------------------------------------------------
 // matmul

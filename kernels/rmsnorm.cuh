@@ -4,7 +4,7 @@
 // Mapping: one warp per (row, group). A group is Cg ≤ a few thousand contiguous floats, so 32 lanes
 // striding over it read coalesced 128-byte lines, and the sum of squares (forward) or the dot product
 // (backward) is one warp shuffle reduction: no shared memory, no __syncthreads. The weight gradient is a
-// reduction over rows, done separately by colsum (kernels/matmul.cuh): deterministic, no atomics.
+// reduction over rows, done separately by colsum (kernels/common.cuh): deterministic, no atomics.
 // Wide fp32 groups (1024 ≤ Cg ≤ 4096, Cg % 4 == 0, 16-byte aligned: the block norms of every model size)
 // take a second forward path instead: one block per (row, group) holding the row in registers as float4,
 // so x is read from memory once, not twice (measured in dev/cuda/rmsnorm.cu at N = 16384, Cg = 2048 on an
@@ -14,8 +14,7 @@
 #include <climits>               // INT_MAX
 #include <cstdint>               // uintptr_t
 #include <type_traits>           // std::is_same_v
-#include "kernels/common.cuh"    // cudaCheckLast, ceil_div
-#include "kernels/matmul.cuh"    // warp_sum, colsum
+#include "kernels/common.cuh"    // cudaCheckLast, ceil_div, warp_sum, colsum
 #include "model/common.h"        // HL_CHECK
 
 namespace hl::gpu {

@@ -6,8 +6,8 @@
 // kernels/matmul.cuh (cuBLAS); the elementwise gate is ours, one thread per element.
 #pragma once
 #include <cstddef>              // size_t
-#include "kernels/common.cuh"   // cudaCheckLast
-#include "kernels/matmul.cuh"   // matmul_forward/backward, dev_silu, dev_silu_grad, elementwise_grid
+#include "kernels/common.cuh"   // cudaCheckLast, dev_silu, dev_silu_grad, elementwise_grid
+#include "kernels/matmul.cuh"   // matmul_forward/backward
 #include "model/swiglu.h"       // SwiGLUConfig, SwiGLUParams, SwiGLUActs, swiglu_check
 
 namespace hl::gpu {

@@ -25,9 +25,8 @@
 #include <cstdlib>                // std::atoi
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaEvent_*, cudaMemset
-#include "kernels/common.cuh"     // cudaCheck, cudaCheckLast, ceil_div, DeviceBuffer
+#include "kernels/common.cuh"     // cudaCheck, cudaCheckLast, ceil_div, DeviceBuffer, dev_silu, dev_silu_grad
 #include "kernels/conv1d.cuh"     // v2: hl::gpu::conv1d_silu_forward / backward, conv1d_dispatch_k
-#include "kernels/matmul.cuh"     // dev_silu, dev_silu_grad
 #include "model/conv1d.h"         // the CPU reference
 
 using hl::gpu::ceil_div;

@@ -26,8 +26,7 @@
 #include <cstdlib>                // std::atoi
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaEvent_*, cudaMemset
-#include "kernels/common.cuh"     // cudaCheck, cudaCheckLast, ceil_div, DeviceBuffer
-#include "kernels/matmul.cuh"     // warp_sum, colsum (v2, v3)
+#include "kernels/common.cuh"     // cudaCheck, cudaCheckLast, ceil_div, DeviceBuffer, warp_sum, colsum (v2, v3)
 #include "kernels/rmsnorm.cuh"    // v2: hl::gpu::rmsnorm_forward / rmsnorm_backward
 #include "model/rmsnorm.h"        // the CPU reference
 

@@ -1,0 +1,97 @@
+// block.cuh — the three blocks of DESIGN.md §1 on the GPU, mirroring model/block.h: pre-norm, a token mixer
+// (A attention, M Mamba-2, H intra-layer hybrid), a residual add, then pre-norm, SwiGLU and a residual add:
+//   h = x + mixer(RMSNorm(x)),   y = h + SwiGLU(RMSNorm(h))
+// Parameters: model/block.h's BlockParams over a device buffer (block_params gives the CPU's layout).
+// Activations: GpuBlockActs, the CPU's BlockActs with the GPU mixer acts and fp32 norm statistics; the FFN's
+// SwiGLUActs are the CPU struct itself (all of its tensors are element tensors).
+#pragma once
+#include <cstddef>                // size_t
+#include <cuda_runtime.h>         // cudaStream_t
+#include "kernels/attention.cuh"  // GpuAttnActs, gpu_attn_acts, attn_mixer_forward/backward
+#include "kernels/common.cuh"     // add, accumulate
+#include "kernels/intra.cuh"      // GpuIntraActs, gpu_intra_acts, intra_mixer_forward/backward
+#include "kernels/mamba2.cuh"     // GpuMamba2Acts, gpu_mamba2_acts, mamba2_mixer_forward/backward
+#include "kernels/rmsnorm.cuh"    // rmsnorm_forward/backward
+#include "kernels/swiglu.cuh"     // swiglu_forward/backward
+#include "model/block.h"          // BlockConfig, BlockParams, block_config_check
+#include "model/common.h"         // Arena
+#include "model/swiglu.h"         // SwiGLUActs, swiglu_acts
+
+namespace hl::gpu {
+
+template <typename T>
+struct GpuBlockActs {
+    T* n1 = nullptr;          // (B,T,D)  RMSNorm(x)
+    float* rstd1 = nullptr;   // (B,T)
+    GpuAttnActs<T> attn{};    // kind A
+    GpuMamba2Acts<T> ssm{};   // kind M
+    GpuIntraActs<T> intra{};  // kind H
+    T* mix = nullptr;         // (B,T,D)  mixer output
+    T* h = nullptr;           // (B,T,D)  x + mix
+    T* n2 = nullptr;          // (B,T,D)  RMSNorm(h)
+    float* rstd2 = nullptr;   // (B,T)
+    SwiGLUActs<T> ffn{};
+    T* ffo = nullptr;         // (B,T,D)  FFN output
+    // backward scratch
+    T* dn = nullptr;          // (B,T,D)
+    T* dh = nullptr;          // (B,T,D)
+};
+
+// Lays out GpuBlockActs in an arena (counting when it has no base), as block_acts does on the CPU. fp32 for now.
+inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, const BlockConfig& c, int B, int T_) {
+    block_config_check(c);
+    GpuBlockActs<float> x;
+    const int N = B * T_, D = c.d_model;
+    x.n1 = a.take("n1", {N, D});
+    x.rstd1 = a.take("rstd1", {N});
+    if (c.kind == 'A') x.attn = gpu_attn_acts(a, c.attn, B, T_);
+    if (c.kind == 'M') x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_);
+    if (c.kind == 'H') x.intra = gpu_intra_acts(a, c.intra, B, T_);
+    x.mix = a.take("mix", {N, D});
+    x.h = a.take("h", {N, D});
+    x.n2 = a.take("n2", {N, D});
+    x.rstd2 = a.take("rstd2", {N});
+    x.ffn = swiglu_acts(a, c.ffn, N);
+    x.ffo = a.take("ffo", {N, D});
+    x.dn = a.take("dn", {N, D});
+    x.dh = a.take("dh", {N, D});
+    return x;
+}
+
+// y (B,T,D) = block(x)
+template <typename T>
+void block_forward(T* y, GpuBlockActs<T>& acts, const T* x, const BlockParams<T>& p, const BlockConfig& c, int B,
+                   int T_, cudaStream_t stream = 0) {
+    const int N = B * T_, D = c.d_model;
+    const size_t ND = (size_t)N * D;
+    gpu::rmsnorm_forward(acts.n1, acts.rstd1, x, p.norm1, N, 1, D, c.norm_eps, stream);
+    if (c.kind == 'A') gpu::attn_mixer_forward(acts.mix, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream);
+    if (c.kind == 'M') gpu::mamba2_mixer_forward(acts.mix, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream);
+    if (c.kind == 'H') gpu::intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream);
+    gpu::add(acts.h, x, acts.mix, ND, stream);
+    gpu::rmsnorm_forward(acts.n2, acts.rstd2, acts.h, p.norm2, N, 1, D, c.norm_eps, stream);
+    gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
+    gpu::add(y, acts.h, acts.ffo, ND, stream);
+}
+
+// dx (B,T,D) written; dp.* accumulate. dx may alias dy (the model passes one residual-stream gradient): dy is
+// last read (added into dh) before dx is first written.
+template <typename T>
+void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& acts, const T* x,
+                    const BlockParams<T>& p, const BlockConfig& c, int B, int T_, cudaStream_t stream = 0) {
+    const int N = B * T_, D = c.d_model;
+    const size_t ND = (size_t)N * D;
+    // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
+    gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
+    gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream);
+    gpu::accumulate(acts.dh, dy, ND, stream);
+    // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh
+    if (c.kind == 'A') gpu::attn_mixer_backward(acts.dn, dp.attn, acts.dh, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream);
+    if (c.kind == 'M') gpu::mamba2_mixer_backward(acts.dn, dp.ssm, acts.dh, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream);
+    if (c.kind == 'H')
+        gpu::intra_mixer_backward(acts.dn, dp.intra, acts.dh, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream);
+    gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream);
+    gpu::accumulate(dx, acts.dh, ND, stream);
+}
+
+}  // namespace hl::gpu

@@ -1,0 +1,341 @@
+// mamba2.cuh — the Mamba-2 mixer on the GPU (DESIGN.md §1 block M), mirroring model/mamba2.h: the branch
+// (everything up to g = y ⊙ SiLU(z), which the intra-layer hybrid reuses) and the mixer (branch, then the
+// grouped gated RMSNorm and out_proj), forward and backward, same names and arguments on device pointers.
+//
+//   [z, xBC, dt_raw] = in_proj · u           cuBLAS (kernels/matmul.cuh)
+//   conv_in = [x, B, C]                       mamba2_conv_in_kernel (a gather: from in_proj, or x from x_shared)
+//   xBC = SiLU(causal_depthwise_conv1d)       kernels/conv1d.cuh
+//   [x, B, C] = split(xBC), dt = softplus(dt_raw + dt_bias), A = −exp(A_log)    mamba2_split_kernel (one launch)
+//   y = SSD(x, dt, A, B, C) + D·x             kernels/ssd.cuh (chunked)
+//   g = y ⊙ SiLU(z)                           mamba2_gate_forward_kernel
+//   mixer: gn = RMSNorm_grouped(g) · norm_w, out = out_proj · gn    kernels/rmsnorm.cuh, cuBLAS
+// The split copies x, B, C out of xBC because the SSD kernels read dense (B, T, H, P) / (B, T, G, N) rows;
+// the copies are tiny next to the scan. The parameter-gradient reductions over rows (dt_bias) use colsum
+// (deterministic, no atomics); dA comes from the SSD backward's fixed-order per-head sums.
+//
+// Parameters are model/mamba2.h's Mamba2Params (mamba2_params on an Arena over a device buffer: the CPU's
+// layout, so checkpoints are interchangeable). Activations: GpuMamba2Acts, the CPU's Mamba2Acts with the
+// norm's rstd in fp32 and the SSD scratch sized for the GPU backward (ssd_chunked_backward_scratch_size).
+// fp32 for now; the kernels here are templated on the element type T (fp32 arithmetic inside).
+#pragma once
+#include <climits>               // INT_MAX
+#include <cstddef>               // size_t
+#include <cuda_runtime.h>        // cudaStream_t, cudaMemsetAsync
+#include "kernels/common.cuh"    // cudaCheck, cudaCheckLast, elementwise_grid, colsum, dev_silu, dev_softplus, ...
+#include "kernels/conv1d.cuh"    // conv1d_silu_forward/backward
+#include "kernels/matmul.cuh"    // matmul_forward/backward for in_proj and out_proj
+#include "kernels/rmsnorm.cuh"   // rmsnorm_forward/backward for the gated norm
+#include "kernels/ssd.cuh"       // ssd_chunked_forward/backward, ssd_chunked_backward_scratch_size
+#include "model/common.h"        // Arena, HL_CHECK
+#include "model/mamba2.h"        // Mamba2Config, Mamba2Params, mamba2_config_check, MAMBA2_NORM_EPS
+#include "model/ssd.h"           // ssd_num_chunks
+
+namespace hl::gpu {
+
+// Saved activations and backward scratch of one Mamba-2 mixer (or branch) for a (B, T) batch: the fields of
+// model/mamba2.h's Mamba2Acts, with rstd and the SSD scratch in fp32.
+template <typename T>
+struct GpuMamba2Acts {
+    // forward, saved for the backward
+    T* zxbcdt = nullptr;         // (B, T, d_in_proj)  in_proj output [z, xBC, dt_raw] ([z, BC, dt_raw] if shared_x)
+    T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C]
+    T* conv_pre = nullptr;       // (B, T, conv_dim)   conv output before SiLU
+    T* xBC = nullptr;            // (B, T, conv_dim)   after SiLU
+    T* x = nullptr;              // (B, T, H, P)       the scan's inputs, split out of xBC
+    T* Bm = nullptr;             // (B, T, G, N)
+    T* Cm = nullptr;             // (B, T, G, N)
+    T* dt = nullptr;             // (B, T, H)          softplus(dt_raw + dt_bias)
+    T* A = nullptr;              // (H)                −exp(A_log)
+    T* chunk_states = nullptr;   // (B, H, nchunks, P, N)  the state entering each chunk
+    T* y = nullptr;              // (B, T, H, P)       SSD output, D·x included
+    T* g = nullptr;              // (B, T, d_inner)    y ⊙ SiLU(z): the branch output
+    T* gn = nullptr;             // (B, T, d_inner)    mixer: RMSNorm(g) · norm_w
+    float* rstd = nullptr;       // (B, T, G)          mixer: the norm's 1/rms per group
+    // backward scratch
+    T* dgn = nullptr;            // (B, T, d_inner)    mixer: gradient of gn
+    T* dg = nullptr;             // (B, T, d_inner)    mixer: gradient of g
+    T* dy = nullptr;             // (B, T, H, P)
+    T* dx = nullptr;             // (B, T, H, P)
+    T* dBm = nullptr;            // (B, T, G, N)
+    T* dCm = nullptr;            // (B, T, G, N)
+    T* ddt = nullptr;            // (B, T, H)
+    T* dA = nullptr;             // (H)
+    T* dxBC = nullptr;           // (B, T, conv_dim)   gradient of the conv output (after SiLU)
+    T* dconv_in = nullptr;       // (B, T, conv_dim)
+    T* dzxbcdt = nullptr;        // (B, T, d_in_proj)
+    float* ssd_scratch = nullptr;  // ssd_chunked_backward_scratch_size(B, T, H, P, G, N, chunk)
+};
+
+// Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU.
+// fp32 for now: one float arena holds the element tensors and the fp32 statistics alike.
+inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_) {
+    mamba2_config_check(c);
+    HL_CHECK(B > 0 && T_ > 0, "mamba2 activations (gpu): bad sizes B=", B, " T=", T_);
+    const int H = c.nheads(), P = c.headdim, G = c.ngroups, N = c.d_state, CD = c.conv_dim();
+    const int nchunks = ssd_num_chunks(T_, c.chunk);
+    const size_t scratch = ssd_chunked_backward_scratch_size(B, T_, H, P, G, N, c.chunk);
+    HL_CHECK(scratch < (size_t)INT_MAX, "mamba2 activations (gpu): SSD scratch of ", scratch, " floats is too large");
+    GpuMamba2Acts<float> x;
+    x.zxbcdt = a.take("zxbcdt", {B, T_, c.d_in_proj()});
+    x.conv_in = a.take("conv_in", {B, T_, CD});
+    x.conv_pre = a.take("conv_pre", {B, T_, CD});
+    x.xBC = a.take("xBC", {B, T_, CD});
+    x.x = a.take("x", {B, T_, H, P});
+    x.Bm = a.take("Bm", {B, T_, G, N});
+    x.Cm = a.take("Cm", {B, T_, G, N});
+    x.dt = a.take("dt", {B, T_, H});
+    x.A = a.take("A", {H});
+    x.chunk_states = a.take("chunk_states", {B, H, nchunks, P, N});
+    x.y = a.take("y", {B, T_, H, P});
+    x.g = a.take("g", {B, T_, c.d_inner});
+    x.gn = a.take("gn", {B, T_, c.d_inner});
+    x.rstd = a.take("rstd", {B, T_, G});
+    x.dgn = a.take("dgn", {B, T_, c.d_inner});
+    x.dg = a.take("dg", {B, T_, c.d_inner});
+    x.dy = a.take("dy", {B, T_, H, P});
+    x.dx = a.take("dx", {B, T_, H, P});
+    x.dBm = a.take("dBm", {B, T_, G, N});
+    x.dCm = a.take("dCm", {B, T_, G, N});
+    x.ddt = a.take("ddt", {B, T_, H});
+    x.dA = a.take("dA", {H});
+    x.dxBC = a.take("dxBC", {B, T_, CD});
+    x.dconv_in = a.take("dconv_in", {B, T_, CD});
+    x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.d_in_proj()});
+    x.ssd_scratch = a.take("ssd_scratch", {(int)scratch});
+    return x;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Elementwise kernels of the branch. All grid-stride with one thread per element of a (rows, cols) view,
+// index i = r·cols + col: consecutive threads read and write consecutive columns of a row (coalesced; the
+// sources are row slices of the same width, so their reads are coalesced too). They are memory-bound and
+// tiny next to the projections and the scan, so they are kept simple.
+// ---------------------------------------------------------------------------------------------------------
+
+// conv_in (rows, CD) = [x, B, C]: columns [DI, DI+CD) of zxbcdt (rows, DIP), or with x_shared (rows, DI)
+// non-null, x from x_shared and B, C from columns [DI, DI+2GN) of zxbcdt (which then has no x columns).
+template <typename T>
+__global__ void mamba2_conv_in_kernel(T* conv_in, const T* zxbcdt, const T* x_shared, int rows, int DI, int CD,
+                                      int DIP) {
+    const size_t total = (size_t)rows * CD;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / CD;
+        const int col = (int)(i % CD);
+        const T* zr = zxbcdt + r * DIP;
+        conv_in[i] = x_shared ? (col < DI ? x_shared[r * DI + col] : zr[col]) : zr[DI + col];
+    }
+}
+
+// Per row r: x (rows, DI), Bm, Cm (rows, GN) = the three column ranges of xBC (rows, CD); dt (rows, H) =
+// softplus(zxbcdt[r, dt_off + h] + dt_bias[h]) with dt_off = DIP − H; and A (H) = −exp(A_log).
+// One launch over rows·(CD + H) elements: columns col < CD are the split, col ≥ CD the dt of head col − CD
+// (the first H threads of the grid-stride loop also do A).
+template <typename T>
+__global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xBC, const T* zxbcdt,
+                                    const T* dt_bias, const T* A_log, int rows, int DI, int GN, int H, int DIP) {
+    const int CD = DI + 2 * GN, W = CD + H;
+    const size_t total = (size_t)rows * W;
+    const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t h = i0; h < (size_t)H; h += stride) A[h] = T(-expf(float(A_log[h])));
+    for (size_t i = i0; i < total; i += stride) {
+        const size_t r = i / W;
+        const int col = (int)(i % W);
+        if (col < DI) x[r * DI + col] = xBC[r * CD + col];
+        else if (col < DI + GN) Bm[r * GN + col - DI] = xBC[r * CD + col];
+        else if (col < CD) Cm[r * GN + col - DI - GN] = xBC[r * CD + col];
+        else {
+            const int h = col - CD;
+            dt[r * H + h] = T(dev_softplus(float(zxbcdt[r * DIP + (DIP - H) + h]) + float(dt_bias[h])));
+        }
+    }
+}
+
+// g (rows, DI) = y ⊙ SiLU(z), z = columns [0, DI) of zxbcdt (rows, DIP).
+template <typename T>
+__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const T* zxbcdt, int rows, int DI, int DIP) {
+    const size_t total = (size_t)rows * DI;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / DI;
+        const int col = (int)(i % DI);
+        g[i] = T(float(y[i]) * dev_silu(float(zxbcdt[r * DIP + col])));
+    }
+}
+
+// Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI), and dz = dg ⊙ y ⊙ SiLU'(z) straight into the z columns
+// of dzxbcdt (rows, DIP).
+template <typename T>
+__global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows,
+                                            int DI, int DIP) {
+    const size_t total = (size_t)rows * DI;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / DI;
+        const int col = (int)(i % DI);
+        const float z = float(zxbcdt[r * DIP + col]), d = float(dg[i]);
+        dy[i] = T(d * dev_silu(z));
+        dzxbcdt[r * DIP + col] = T(d * float(y[i]) * dev_silu_grad(z));
+    }
+}
+
+// Backward of dt = softplus(dt_raw + dt_bias): the dt_raw columns of dzxbcdt (rows, DIP) get
+// ddt · σ(dt_raw + dt_bias) (rows, H). The first H threads also finish A = −exp(A_log): dA_log += dA · A.
+// (dt_bias's gradient is the column sum of the same values: colsum, after this kernel.)
+template <typename T>
+__global__ void mamba2_dt_backward_kernel(T* dzxbcdt, T* dA_log, const T* ddt, const T* zxbcdt, const T* dt_bias,
+                                          const T* dA, const T* A, int rows, int H, int DIP) {
+    const size_t total = (size_t)rows * H;
+    const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t h = i0; h < (size_t)H; h += stride) dA_log[h] = T(float(dA_log[h]) + float(dA[h]) * float(A[h]));
+    for (size_t i = i0; i < total; i += stride) {
+        const size_t r = i / H;
+        const int h = (int)(i % H);
+        const size_t j = r * DIP + (DIP - H) + h;
+        dzxbcdt[j] = T(float(ddt[i]) * dev_sigmoid(float(zxbcdt[j]) + float(dt_bias[h])));
+    }
+}
+
+// f(r, h) = dzxbcdt[r, off + h]: a column of the dt_raw gradient, summed over rows by colsum for dt_bias.
+template <typename T>
+struct Mamba2ColumnTerm {
+    const T* m;
+    int ld, off;
+    __device__ float operator()(int r, int h) const { return float(m[(size_t)r * ld + off + h]); }
+};
+
+// dxBC (rows, CD) = [dx, dB, dC], the concatenation that undoes the split.
+template <typename T>
+__global__ void mamba2_concat_grad_kernel(T* dxBC, const T* dx, const T* dBm, const T* dCm, int rows, int DI, int GN) {
+    const int CD = DI + 2 * GN;
+    const size_t total = (size_t)rows * CD;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / CD;
+        const int col = (int)(i % CD);
+        dxBC[i] = col < DI ? dx[r * DI + col] : col < DI + GN ? dBm[r * GN + col - DI] : dCm[r * GN + col - DI - GN];
+    }
+}
+
+// Backward of mamba2_conv_in_kernel: dconv_in (rows, CD) back into the x/B/C columns of dzxbcdt (rows, DIP),
+// or with dx_shared (rows, DI) non-null, its x part into dx_shared and B, C into dzxbcdt's columns [DI, DI+2GN).
+template <typename T>
+__global__ void mamba2_conv_in_backward_kernel(T* dzxbcdt, T* dx_shared, const T* dconv_in, int rows, int DI, int CD,
+                                               int DIP) {
+    const size_t total = (size_t)rows * CD;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / CD;
+        const int col = (int)(i % CD);
+        T* zr = dzxbcdt + r * DIP;
+        if (!dx_shared) zr[DI + col] = dconv_in[i];
+        else if (col < DI) dx_shared[r * DI + col] = dconv_in[i];
+        else zr[col] = dconv_in[i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Branch and mixer
+// ---------------------------------------------------------------------------------------------------------
+
+// Everything up to g = y ⊙ SiLU(z), written to acts.g (B, T, d_inner). inp (B, T, d_model);
+// x_shared (B, T, d_inner) when c.shared_x, else null.
+template <typename T>
+void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shared, const Mamba2Params<T>& p,
+                           const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0) {
+    mamba2_config_check(c);
+    HL_CHECK(B > 0 && T_ > 0, "mamba2 (gpu): bad sizes B=", B, " T=", T_);
+    HL_CHECK(c.shared_x == (x_shared != nullptr), "mamba2 (gpu): x_shared must be given exactly when shared_x is set");
+    const int rows = B * T_, D = c.d_model, DI = c.d_inner, H = c.nheads(), GN = c.ngroups * c.d_state;
+    const int CD = c.conv_dim(), DIP = c.d_in_proj();
+
+    // [z, xBC, dt_raw] = in_proj · u
+    gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, DIP, stream);
+    // the conv's input [x, B, C]
+    mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.conv_in, acts.zxbcdt,
+                                                                                         x_shared, rows, DI, CD, DIP);
+    cudaCheckLast();
+    // xBC = SiLU(conv1d(xBC))
+    gpu::conv1d_silu_forward(acts.xBC, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
+    // split [x, B, C]; dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
+    mamba2_split_kernel<<<elementwise_grid((size_t)rows * (CD + H), 256), 256, 0, stream>>>(
+        acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, acts.xBC, acts.zxbcdt, p.dt_bias, p.A_log, rows, DI, GN, H, DIP);
+    cudaCheckLast();
+    // y = SSD(x, dt, A, B, C) + D·x from a zero state
+    gpu::ssd_chunked_forward(acts.y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
+                             (const T*)nullptr, (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
+                             stream);
+    // g = y ⊙ SiLU(z)
+    mamba2_gate_forward_kernel<<<elementwise_grid((size_t)rows * DI, 256), 256, 0, stream>>>(acts.g, acts.y,
+                                                                                             acts.zxbcdt, rows, DI, DIP);
+    cudaCheckLast();
+}
+
+// Backward of the branch, given dg (B, T, d_inner), the gradient of acts.g. dinp (B, T, d_model) is written;
+// dx_shared (B, T, d_inner) is written when c.shared_x (else pass null); dp.* accumulate.
+template <typename T>
+void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T* dg, GpuMamba2Acts<T>& acts,
+                            const T* inp, const T* x_shared, const Mamba2Params<T>& p, const Mamba2Config& c, int B,
+                            int T_, cudaStream_t stream = 0) {
+    mamba2_config_check(c);
+    HL_CHECK(B > 0 && T_ > 0, "mamba2 (gpu): bad sizes B=", B, " T=", T_);
+    HL_CHECK(c.shared_x == (x_shared != nullptr) && c.shared_x == (dx_shared != nullptr),
+             "mamba2 (gpu): x_shared and dx_shared must be given exactly when shared_x is set");
+    const int rows = B * T_, D = c.d_model, DI = c.d_inner, H = c.nheads(), GN = c.ngroups * c.d_state;
+    const int CD = c.conv_dim(), DIP = c.d_in_proj();
+
+    // g = y ⊙ SiLU(z)  →  dy, and dz into dzxbcdt
+    mamba2_gate_backward_kernel<<<elementwise_grid((size_t)rows * DI, 256), 256, 0, stream>>>(
+        acts.dy, acts.dzxbcdt, dg, acts.y, acts.zxbcdt, rows, DI, DIP);
+    cudaCheckLast();
+    // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
+    cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
+    gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr, acts.ssd_scratch,
+                              acts.dy, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm,
+                              p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
+    // dt = softplus(dt_raw + dt_bias) → the dt_raw columns of dzxbcdt; A = −exp(A_log) → dA_log += dA · A
+    mamba2_dt_backward_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
+        acts.dzxbcdt, dp.A_log, acts.ddt, acts.zxbcdt, p.dt_bias, acts.dA, acts.A, rows, H, DIP);
+    cudaCheckLast();
+    // dt_bias[h] += Σ_rows of that column (deterministic column sum)
+    gpu::colsum(dp.dt_bias, Mamba2ColumnTerm<T>{acts.dzxbcdt, DIP, DIP - H}, rows, H, stream);
+    // split [x, B, C] → concatenate their gradients
+    mamba2_concat_grad_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.dxBC, acts.dx,
+                                                                                            acts.dBm, acts.dCm, rows,
+                                                                                            DI, GN);
+    cudaCheckLast();
+    // xBC = SiLU(conv1d(conv_in))
+    gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, acts.dxBC, acts.conv_pre, acts.conv_in, p.conv_w, B,
+                              T_, CD, c.d_conv, stream);
+    // the conv's input came from in_proj (and x_shared)
+    mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
+        acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, DIP);
+    cudaCheckLast();
+    // [z, xBC, dt_raw] = in_proj · u
+    gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, DIP, stream);
+}
+
+// The M block's mixer: out (B, T, d_model) = out_proj(RMSNorm_grouped(g) · norm_w), g from the branch. The gated
+// norm normalises each group of d_inner/G channels on its own (as mamba_ssm does).
+template <typename T>
+void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Mamba2Params<T>& p,
+                          const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0) {
+    mamba2_config_check(c);
+    HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
+    HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
+    gpu::mamba2_branch_forward(acts, inp, (const T*)nullptr, p, c, B, T_, stream);
+    const int rows = B * T_, G = c.ngroups;
+    gpu::rmsnorm_forward(acts.gn, acts.rstd, acts.g, p.norm_w, rows, G, c.d_inner / G, float(MAMBA2_NORM_EPS), stream);
+    gpu::matmul_forward(out, acts.gn, p.out_proj, (const T*)nullptr, rows, c.d_inner, c.d_model, stream);
+}
+
+// dinp (B, T, d_model) is written; dp.* accumulate.
+template <typename T>
+void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba2Acts<T>& acts, const T* inp,
+                           const Mamba2Params<T>& p, const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0) {
+    mamba2_config_check(c);
+    HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
+    HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
+    const int rows = B * T_, G = c.ngroups;
+    gpu::matmul_backward(acts.dgn, dp.out_proj, (T*)nullptr, dout, acts.gn, p.out_proj, rows, c.d_inner, c.d_model,
+                         stream);
+    gpu::rmsnorm_backward(acts.dg, dp.norm_w, acts.dgn, acts.g, p.norm_w, acts.rstd, rows, G, c.d_inner / G, stream);
+    gpu::mamba2_branch_backward(dinp, (T*)nullptr, dp, acts.dg, acts, inp, (const T*)nullptr, p, c, B, T_, stream);
+}
+
+}  // namespace hl::gpu

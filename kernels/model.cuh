@@ -1,0 +1,370 @@
+// model.cuh — the whole language model on the GPU, mirroring model/model.h (read that first):
+//   tokens (B,T) → embedding → blocks by pattern (A | M | H) → RMSNorm → LM head → logits → cross-entropy
+// GpuModel holds one device allocation for the parameters, one for the gradients, one for each AdamW moment and
+// one for every activation of a (B, T) batch. Parameter and gradient views are carved with model/model.h's
+// model_params on an Arena over the device buffers, so the layout (names, shapes, offsets: `tensors`) is the CPU
+// Model<float>'s exactly: upload()/download() copy the whole buffer, and the CPU init and checkpoints
+// (model/trainer.h's save_run/load_run on a host Model<float>) are reused unchanged.
+//
+// One training step on the device (train_step below): the batch is copied up, then forward (loss to a device
+// scalar), zero_grad, backward, global-norm clipping (the norm stays on the device) and AdamW, all queued on one
+// stream without a host sync; the step's only sync is reading {loss, grad norm} back at its end.
+//
+// Also here: the GPU counterparts of model/trainer.h's functions that take a Model<float> — train_step,
+// eval_loss, generate — with the same arguments and results, so train.cu and the tests share them.
+// fp32 throughout for now (the bf16 path is a later issue).
+#pragma once
+#include <algorithm>              // std::min, std::copy
+#include <cstdint>                // uint64_t
+#include <memory>                 // std::unique_ptr: the AdamW table
+#include <string>                 // std::string
+#include <vector>                 // std::vector
+#include <cuda_runtime.h>         // cudaMemcpy(Async), cudaMemsetAsync, cudaStream_t
+#include "data/loader.h"          // WindowLoader, eval_windows, num_eval_windows
+#include "data/tokenizer.h"       // ByteTokenizer (generate)
+#include "kernels/adamw.cuh"      // AdamWTable, adamw_update, clip_grad_norm, GRAD_NORM_BLOCKS
+#include "kernels/block.cuh"      // GpuBlockActs, gpu_block_acts, block_forward/backward
+#include "kernels/common.cuh"     // DeviceBuffer, cudaCheck, cudaCheckLast, elementwise_grid
+#include "kernels/crossentropy.cuh"  // crossentropy_forward/backward
+#include "kernels/embedding.cuh"  // embedding_forward/backward
+#include "kernels/matmul.cuh"     // the LM head; cublas() (created at construction)
+#include "kernels/rmsnorm.cuh"    // the final norm
+#include "model/adamw.h"          // AdamWConfig
+#include "model/common.h"         // Arena, TensorInfo, Rng, HL_CHECK
+#include "model/config.h"         // ModelConfig, config_check
+#include "model/embedding.h"      // embedding_check_tokens: host-side id checks before an upload
+#include "model/model.h"          // Model<float>, ModelParams, model_params, block_config
+#include "model/trainer.h"        // StepStats, TrainFlags, lr_at, sample_top_k
+
+namespace hl::gpu {
+
+// *loss = Σ losses (N) / N. One block of LOSS_THREADS threads: each sums a strided share in double, then a
+// fixed tree in shared memory (deterministic), like the CPU's double sum. N is B·T, a few thousand at most
+// per step, so one block is plenty.
+constexpr int LOSS_THREADS = 256;
+template <typename Unused = void>
+__global__ void mean_loss_kernel(float* loss, const float* losses, int N) {
+    __shared__ double part[LOSS_THREADS];
+    double acc = 0.0;
+    for (int i = threadIdx.x; i < N; i += LOSS_THREADS) acc += (double)losses[i];
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int half = LOSS_THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) part[threadIdx.x] += part[threadIdx.x + half];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) *loss = (float)(part[0] / N);
+}
+
+// x (n) = value, grid-stride (the cross-entropy's dlosses = 1/N).
+template <typename T>
+__global__ void fill_kernel(T* x, T value, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        x[i] = value;
+}
+
+struct GpuModel {
+    ModelConfig cfg;
+    std::vector<BlockConfig> blocks;
+    std::vector<TensorInfo> tensors;     // every parameter: name, shape, offset (== Model<float>'s)
+    bool training = true;                // false: no gradients, moments or optimizer (a sampler)
+    DeviceBuffer<float> params, grads;   // (num_params) each; grads empty when !training
+    DeviceBuffer<float> m, v;            // AdamW moments, (num_params) each when training
+    ModelParams<float> p, dp;            // device views; dp all null when !training
+    std::unique_ptr<AdamWTable> adamw;   // the optimizer's device table of tensor ranges
+    DeviceBuffer<float> scalars;         // [0] mean loss of the last forward, [1] grad norm of the last update
+    DeviceBuffer<double> norm_scratch;   // GRAD_NORM_BLOCKS partial sums of the gradient norm
+    cudaStream_t stream = 0;             // every launch of this model goes here
+
+    // activations for one (B, T), allocated by alloc(); nothing is allocated in forward/backward
+    int B = 0, T_ = 0;
+    DeviceBuffer<float> act;
+    std::vector<float*> xs;              // L+1 residual streams (B,T,D): xs[0] embeddings, xs[l+1] block l output
+    std::vector<GpuBlockActs<float>> bacts;
+    float *xf = nullptr, *rstdf = nullptr;  // final norm (B,T,D), (B,T)
+    float *logits = nullptr, *probs = nullptr, *losses = nullptr;  // (B,T,V) (B,T,V) (B,T)
+    float *dlogits = nullptr, *dxf = nullptr, *dres = nullptr, *dlosses = nullptr;
+    DeviceBuffer<int> tokens_buf, targets_buf;  // (B,T) the batch on the device (set_batch; targets of the last forward)
+    const int* last_tokens = nullptr;
+    bool have_targets = false;
+
+    explicit GpuModel(const ModelConfig& c, bool train = true) : cfg(c), training(train) {
+        config_check(cfg);
+        for (int l = 0; l < cfg.n_layers; l++) {
+            blocks.push_back(block_config(cfg, l));
+            block_config_check(blocks.back());
+        }
+        Arena<float> count(nullptr, &tensors);
+        model_params(count, cfg);
+        params.alloc(count.size);
+        params.zero();
+        Arena<float> pa(params.ptr);
+        p = model_params(pa, cfg);
+        if (training) {
+            grads.alloc(count.size);
+            grads.zero();
+            m.alloc(count.size);
+            m.zero();
+            v.alloc(count.size);
+            v.zero();
+            Arena<float> ga(grads.ptr);
+            dp = model_params(ga, cfg);
+            adamw = std::make_unique<AdamWTable>(tensors);
+            norm_scratch.alloc(GRAD_NORM_BLOCKS);
+        }
+        scalars.alloc(2);
+        scalars.zero();
+        cublas();  // create the cuBLAS handle (and its workspace) now, not inside the first timed step
+    }
+
+    size_t num_params() const { return params.n; }
+
+    // ---- host ↔ device (synchronous; setup, checkpoints and tests only) ----
+
+    void check_host(const Model<float>& host, const char* who) const {
+        HL_CHECK(host.params.size() == params.n && host.tensors.size() == tensors.size(), who,
+                 ": the host model has ", host.params.size(), " parameters in ", host.tensors.size(),
+                 " tensors, the GPU model ", params.n, " in ", tensors.size());
+        for (size_t i = 0; i < tensors.size(); i++)
+            HL_CHECK(host.tensors[i].name == tensors[i].name && host.tensors[i].offset == tensors[i].offset, who,
+                     ": tensor ", i, " is '", host.tensors[i].name, "' on the host, '", tensors[i].name, "' here");
+    }
+    // parameters from a host Model<float> of the same config (its init or a loaded checkpoint)
+    void upload(const Model<float>& host) {
+        check_host(host, "GpuModel::upload");
+        params.upload(host.params);
+    }
+    void download(Model<float>& host) const {
+        check_host(host, "GpuModel::download");
+        cudaCheck(cudaMemcpy(host.params.data(), params.ptr, params.n * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+    // AdamW moments, as the host vectors of model/trainer.h's save_run/load_run
+    void upload_moments(const std::vector<float>& m_host, const std::vector<float>& v_host) {
+        HL_CHECK(training, "GpuModel::upload_moments: this model was built without an optimizer");
+        m.upload(m_host);
+        v.upload(v_host);
+    }
+    void download_moments(std::vector<float>& m_host, std::vector<float>& v_host) const {
+        HL_CHECK(training, "GpuModel::download_moments: this model was built without an optimizer");
+        m_host = m.download();
+        v_host = v.download();
+    }
+    // parameters from another GpuModel of the same config (device to device, queued on the stream)
+    void copy_params_from(const GpuModel& other) {
+        HL_CHECK(other.params.n == params.n, "GpuModel::copy_params_from: ", other.params.n, " vs ", params.n,
+                 " parameters");
+        cudaCheck(cudaMemcpyAsync(params.ptr, other.params.ptr, params.n * sizeof(float), cudaMemcpyDeviceToDevice,
+                                  stream));
+    }
+
+    // ---- activations ----
+
+    // Lays out every activation for batch B and sequence length T in one device allocation (the CPU's order).
+    void alloc(int B_, int Tn) {
+        HL_CHECK(B_ > 0 && Tn > 0, "batch and seq-len must be positive, got batch ", B_, ", seq-len ", Tn);
+        HL_CHECK(Tn <= cfg.max_seq_len, "seq-len ", Tn, " is above the model's limit max_seq_len = ", cfg.max_seq_len);
+        if (B_ == B && Tn == T_) return;
+        B = B_;
+        T_ = Tn;
+        const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
+        auto layout = [&](Arena<float>& a) {
+            xs.clear();
+            bacts.clear();
+            for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
+            for (int l = 0; l < L; l++) bacts.push_back(gpu_block_acts(a, blocks[size_t(l)], B, T_));
+            xf = a.take("xf", {N, D});
+            rstdf = a.take("rstdf", {N});
+            logits = a.take("logits", {N, V});
+            probs = a.take("probs", {N, V});
+            losses = a.take("losses", {N});
+            dlogits = a.take("dlogits", {N, V});
+            dxf = a.take("dxf", {N, D});
+            dres = a.take("dres", {N, D});
+            dlosses = a.take("dlosses", {N});
+        };
+        Arena<float> count;
+        layout(count);
+        act.alloc(count.size);
+        act.zero();
+        Arena<float> a(act.ptr);
+        layout(a);
+        tokens_buf.alloc(size_t(N));
+        targets_buf.alloc(size_t(N));
+        last_tokens = nullptr;
+        have_targets = false;
+    }
+
+    // Checks a host batch (ids in [0, V)) and copies it into tokens_buf / targets_buf (targets may be null).
+    // Allocates only when (B, T) changes.
+    void set_batch(const int* inputs, const int* targets, int B_, int Tn) {
+        alloc(B_, Tn);
+        embedding_check_tokens(inputs, B, T_, cfg.vocab_size);
+        const size_t bytes = sizeof(int) * size_t(B) * T_;
+        cudaCheck(cudaMemcpyAsync(tokens_buf.ptr, inputs, bytes, cudaMemcpyHostToDevice, stream));
+        if (targets) {
+            for (size_t i = 0; i < size_t(B) * T_; i++)
+                HL_CHECK(targets[i] >= 0 && targets[i] < cfg.vocab_size, "target ", targets[i], " at position (b=",
+                         i / size_t(T_), ", t=", i % size_t(T_), ") is out of range [0, V=", cfg.vocab_size, ")");
+            cudaCheck(cudaMemcpyAsync(targets_buf.ptr, targets, bytes, cudaMemcpyHostToDevice, stream));
+        }
+    }
+
+    // ---- forward / backward / update (queued on `stream`, no host sync) ----
+
+    // Logits for device tokens (B,T) into this->logits; with device targets (B,T), the per-token losses into
+    // this->losses and their mean into scalars[0] (read it with loss()). Token ids must be in range (set_batch
+    // checks them on the host; the kernels only make a bad id loud, as NaN). The tokens must stay alive and
+    // unchanged until backward(); the targets are copied (into targets_buf) unless they already are targets_buf.
+    void forward(const int* tokens_dev, const int* targets_dev, int B_, int Tn) {
+        alloc(B_, Tn);
+        const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
+        gpu::embedding_forward(xs[0], tokens_dev, p.embed, B, T_, V, D, stream);
+        for (int l = 0; l < L; l++)
+            gpu::block_forward(xs[size_t(l) + 1], bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
+                               blocks[size_t(l)], B, T_, stream);
+        gpu::rmsnorm_forward(xf, rstdf, xs[size_t(L)], p.norm_f, N, 1, D, float(cfg.norm_eps), stream);
+        gpu::matmul_forward(logits, xf, p.lm_head, (const float*)nullptr, N, D, V, stream);
+        last_tokens = tokens_dev;
+        have_targets = targets_dev != nullptr;
+        if (!targets_dev) return;
+        if (targets_dev != targets_buf.ptr)
+            cudaCheck(cudaMemcpyAsync(targets_buf.ptr, targets_dev, sizeof(int) * size_t(N), cudaMemcpyDeviceToDevice,
+                                      stream));
+        gpu::crossentropy_forward(losses, probs, logits, targets_buf.ptr, N, V, stream);
+        mean_loss_kernel<><<<1, LOSS_THREADS, 0, stream>>>(scalars.ptr, losses, N);
+        cudaCheckLast();
+    }
+
+    // The mean loss of the last forward with targets (a host sync).
+    float loss() const {
+        float x = 0;
+        cudaCheck(cudaMemcpy(&x, scalars.ptr, sizeof(float), cudaMemcpyDeviceToHost));
+        return x;
+    }
+
+    void zero_grad() {
+        HL_CHECK(training, "GpuModel::zero_grad: this model was built without gradients");
+        cudaCheck(cudaMemsetAsync(grads.ptr, 0, grads.n * sizeof(float), stream));
+    }
+
+    // Gradients of the mean loss of the last forward (which must have had targets) accumulate into grads.
+    void backward() {
+        HL_CHECK(training, "GpuModel::backward: this model was built without gradients");
+        HL_CHECK(have_targets, "backward needs a forward with targets first");
+        const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
+        fill_kernel<<<elementwise_grid(size_t(N), 256), 256, 0, stream>>>(dlosses, 1.0f / float(N), size_t(N));
+        cudaCheckLast();
+        gpu::crossentropy_backward(dlogits, dlosses, probs, targets_buf.ptr, N, V, stream);
+        gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream);
+        gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream);
+        for (int l = L - 1; l >= 0; l--)
+            gpu::block_backward(dres, dp.layers[size_t(l)], dres, bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
+                                blocks[size_t(l)], B, T_, stream);
+        gpu::embedding_backward(dp.embed, dres, last_tokens, B, T_, V, D, stream);
+    }
+
+    // Clips the gradients to global norm grad_clip (the norm before clipping goes to scalars[1]), then one
+    // AdamW step at learning rate lr; step is 1-based (bias correction).
+    void update(const AdamWConfig& opt, float lr, int step, float grad_clip) {
+        HL_CHECK(training, "GpuModel::update: this model was built without an optimizer");
+        gpu::clip_grad_norm(scalars.ptr + 1, grads.ptr, grads.n, grad_clip, norm_scratch.ptr, stream);
+        gpu::adamw_update(params.ptr, grads.ptr, m.ptr, v.ptr, *adamw, opt, lr, step, stream);
+    }
+
+    // {mean loss of the last forward, grad norm of the last update}: one copy, the step's one host sync.
+    void read_scalars(float* loss_out, float* norm_out) const {
+        float s[2];
+        cudaCheck(cudaMemcpy(s, scalars.ptr, sizeof s, cudaMemcpyDeviceToHost));
+        if (loss_out) *loss_out = s[0];
+        if (norm_out) *norm_out = s[1];
+    }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// GPU counterparts of model/trainer.h's train_step, eval_loss and generate (same arguments, same results)
+// ---------------------------------------------------------------------------------------------------------
+
+// One optimisation step, `step` 0-based: the loader's next batch into inputs/targets (B, T) (caller-owned host
+// buffers), up to the device, forward, backward, clip to f.grad_clip, AdamW with the scheduled lr (bias
+// correction counts step + 1). The AdamW moments are the model's own (model.m, model.v). One host sync, at the
+// end (loss and grad norm).
+inline StepStats train_step(GpuModel& model, int* inputs, int* targets, WindowLoader& loader, int step,
+                            const TrainFlags& f) {
+    StepStats s;
+    s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
+    loader.next(inputs, targets);
+    model.set_batch(inputs, targets, loader.B, loader.T);
+    model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, loader.B, loader.T);
+    model.zero_grad();
+    model.backward();
+    AdamWConfig opt;
+    opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h
+    model.update(opt, s.lr, step + 1, f.grad_clip);
+    model.read_scalars(&s.loss, &s.grad_norm);
+    return s;
+}
+
+// Mean loss per token over the first n_batches · B consecutive windows of `tokens` (as model/trainer.h's
+// eval_loss: a last partial batch is padded with copies of its first window, only real rows count). The
+// per-token losses come back to the host and are summed there in double, as on the CPU.
+inline float eval_loss(GpuModel& model, int* inputs, int* targets, const std::vector<int>& tokens, int B, int T,
+                       int n_batches) {
+    HL_CHECK(B > 0 && T > 0, "eval_loss: batch and seq-len must be positive, got ", B, " and ", T);
+    HL_CHECK(n_batches > 0, "eval_loss: n_batches must be positive, got ", n_batches);
+    const int n_windows = num_eval_windows(tokens, T);
+    std::vector<float> row_losses((size_t)B * T);
+    double sum = 0;
+    long long count = 0;
+    for (int w = 0, batch = 0; w < n_windows && batch < n_batches; w += B, batch++) {
+        const int rows = eval_windows(inputs, targets, tokens, w, B, T);
+        for (int b = rows; b < B; b++)
+            for (int t = 0; t < T; t++) {
+                inputs[(size_t)b * T + t] = inputs[t];
+                targets[(size_t)b * T + t] = targets[t];
+            }
+        model.set_batch(inputs, targets, B, T);
+        model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, B, T);
+        cudaCheck(cudaMemcpy(row_losses.data(), model.losses, sizeof(float) * (size_t)rows * T,
+                             cudaMemcpyDeviceToHost));
+        for (long long i = 0; i < (long long)rows * T; i++) sum += row_losses[(size_t)i];
+        count += (long long)rows * T;
+    }
+    return float(sum / double(count));
+}
+
+// n_tokens of text continuing `prompt`, as model/trainer.h's generate: each token runs the full GPU forward over
+// the last ≤ window tokens placed at the start of a (1, window) batch, downloads that position's logits and
+// samples on the host (sample_top_k, the same seeded stream), so the text equals the CPU's up to fp32 rounding
+// of near-tied logits. No cached decode yet (a later issue): O(window) work per token.
+inline std::string generate(GpuModel& model, const std::string& prompt, int n_tokens, float temperature, int top_k,
+                            uint64_t seed, int window = 0) {
+    const int V = model.cfg.vocab_size;
+    HL_CHECK(V == ByteTokenizer::vocab_size, "generate: text needs the byte vocabulary (", ByteTokenizer::vocab_size,
+             "), this model has ", V);
+    HL_CHECK(n_tokens >= 0, "generate: n_tokens must be non-negative, got ", n_tokens);
+    if (window <= 0) window = std::min(model.cfg.max_seq_len, 256);
+    HL_CHECK(window <= model.cfg.max_seq_len, "generate: window ", window, " is above the model's limit max_seq_len = ",
+             model.cfg.max_seq_len);
+    ByteTokenizer tok;
+    std::vector<int> context = tok.encode(prompt.empty() ? std::string("\n") : prompt);
+    std::vector<int> batch((size_t)window, 0);  // (1, window)
+    std::vector<int> order((size_t)V);          // scratch of sample_top_k
+    std::vector<float> row((size_t)V);          // the logits of the last real position
+    Rng rng(seed);
+    std::string out;
+    for (int i = 0; i < n_tokens; i++) {
+        const int len = std::min(int(context.size()), window);
+        const int* last = context.data() + context.size() - size_t(len);
+        for (int t = 0; t < window; t++) batch[size_t(t)] = t < len ? last[t] : 0;
+        model.set_batch(batch.data(), nullptr, 1, window);
+        model.forward(model.tokens_buf.ptr, nullptr, 1, window);
+        cudaCheck(cudaMemcpy(row.data(), model.logits + (size_t)(len - 1) * V, sizeof(float) * V,
+                             cudaMemcpyDeviceToHost));
+        const int next = sample_top_k(row.data(), V, temperature, top_k, rng.uniform(), order.data());
+        context.push_back(next);
+        out += tok.decode_token(next);
+    }
+    return out;
+}
+
+}  // namespace hl::gpu

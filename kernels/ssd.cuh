@@ -1,0 +1,891 @@
+// ssd.cuh — the chunked SSD scan of Mamba-2 on the GPU, forward and backward. It mirrors the chunked
+// form of model/ssd.h (same function names, same argument order, same math; read that file first):
+// time is cut into chunks of Q steps, and per (batch b, chunk c, head h), with a_t = dt_t·A_h and
+// cum_i = a_0 + … + a_i inside the chunk,
+//   y_i   = Σ_{j≤i} exp(cum_i − cum_j)·(C_i·B_j)·dt_j·x_j      (1) Y_diag = (L ⊙ C·Bᵀ)·(dt ⊙ X)
+//         + exp(cum_i)·(S_in · C_i)                          (4) Y_off
+//         + D_h·x_i
+//   S_out = Σ_j exp(cum_last − cum_j)·dt_j·x_j ⊗ B_j          (2) the chunk's own end state
+//         + exp(cum_last)·S_in                               (3) state passing across chunks
+// Per-step states are never materialised; only the state entering each chunk is (chunk_states).
+// Every exp() is of a non-positive number (clamped with fminf(·, 0) against rounding).
+//
+// Kernels (all blocks NT = 256 threads; every product of two matrices is a block tile of 64 rows ×
+// 64 or 128 columns computed from shared-memory K slices, 4 × (BN/16) outputs per thread — the shape
+// a tensor-core (mma) version would take over one-for-one):
+//   forward   1. chunk_state   per (b, c, h, 64 rows of P): (2) S_local = Xᵀ·diag(w)·B
+//             2. state_pass    per (b, h, slice of P·N): (3) sequential over chunks, in place
+//             3. chunk_output  per (b, c, h, 64 steps): (4) + (1) + D·x
+//   backward  1. chunk_state   (again, on dy and C): Σ_i exp(cum_i)·dy_i ⊗ C_i, each chunk's share of dS_in
+//             2. state_pass_bwd  reverse pass: dS_out of every chunk, and ⟨dS_out, S_in⟩ per chunk
+//             3. bwd_dx        per (b, c, h, 64 steps j): dx, and the direct part of ddt
+//             4. bwd_dB        per (b, c, g, head slice, 64 steps j): dB (heads of the group summed)
+//             5. bwd_dC        per (b, c, g, head slice, 64 steps i): dC, and ⟨C_i, dC_i⟩ per head
+//             6. sum_slices    (only if a group has several head slices) dB, dC = Σ over slices
+//             7. bwd_finalize  per (b, c, h): ∂L/∂cum → reverse cumsum → ddt, partial dA and dD
+//             8. head_grads    dA, dD += the partial sums, in a fixed order (deterministic)
+//
+// How the backward avoids differentiating the decays term by term: x_j, B_j and dt_j enter the
+// scan only through the product dt_j·x_j ⊗ B_j, and C_i only through y_i − D·x_i, so with
+// dC^h = head h's share of dC,
+//   ∂L/∂cum_i = ⟨C_i, dC^h_i⟩ − dt_i·ddt_direct_i + [i = last]·(Σ_j v_j + exp(cum_last)·⟨dS_out, S_in⟩)
+// where ddt_direct_j = ⟨x_j, ∂L/∂(dt_j x_j)⟩ (the non-decay part of ddt, from the dx kernel) and
+// v_j = exp(cum_last − cum_j)·dt_j·⟨dS_out, x_j ⊗ B_j⟩. Then ∂L/∂a_s = Σ_{i≥s} ∂L/∂cum_i, which gives
+// ddt_s += A·∂L/∂a_s and dA += Σ_s dt_s·∂L/∂a_s, as on the CPU.
+//
+// Supported: 1 ≤ Q ≤ 256 (SSD_MAX_CHUNK), 1 ≤ P ≤ 128, 1 ≤ N ≤ 128, any G dividing H, B·H ≤ 65535,
+// nchunks ≤ 65535. A ≤ 0 and dt ≥ 0 are the caller's contract (the CPU version checks them; the GPU
+// cannot without a sync). fp32 storage; the kernels are templated on the storage type T with fp32
+// accumulation and fp32 scratch, so a bf16 T is a matter of instantiating them (and loosening the
+// tests). Parameter gradients dA, dD accumulate (+=); every other gradient is written.
+#pragma once
+#include <cstddef>             // size_t
+#include <cuda_runtime.h>      // cudaStream_t, kernel launches, expf / fminf on the device
+#include "kernels/common.cuh"  // cudaCheckLast, ceil_div
+#include "model/common.h"      // HL_CHECK
+#include "model/ssd.h"         // ssd_shape, ssd_num_chunks, SSD_MAX_CHUNK: the CPU reference this mirrors
+
+namespace hl::gpu {
+
+namespace ssd_detail {
+
+constexpr int NT = 256;       // threads per block, in every kernel here
+constexpr int BM = 64;        // rows of a block tile (time steps, or rows p of a state)
+constexpr int KT = 16;        // depth of one shared-memory K slice of a block GEMM
+constexpr int TM = 4;         // rows per thread: 16 thread rows × 4 = BM
+constexpr int TX = 16;        // threads along a tile's columns (NT / TX = 16 thread rows)
+constexpr int PAD = 4;        // shared-memory row padding (keeps rows 16-byte aligned, spreads banks)
+constexpr int MAX_FEAT = 128; // largest P and N: one block tile spans all of them
+constexpr int PASS_ELEMS = 4; // state elements per thread in the state-passing kernels
+static_assert(NT >= SSD_MAX_CHUNK, "the chunk cumsum gives each step of a chunk its own thread");
+static_assert(NT == TX * (BM / TM), "thread layout of a block tile");
+
+// Sizes and row-major offsets, the device twin of SsdShape in model/ssd.h (plus Q and nchunks).
+struct Dims {
+    int B, T_, H, P, G, N, Q, nchunks;
+    __host__ __device__ int hpg() const { return H / G; }  // heads per group
+    __host__ __device__ size_t PN() const { return (size_t)P * N; }
+    __host__ __device__ size_t x(int b, int t, int h) const { return (((size_t)b * T_ + t) * H + h) * P; }   // (B,T,H,P)
+    __host__ __device__ size_t dt(int b, int t, int h) const { return ((size_t)b * T_ + t) * H + h; }        // (B,T,H)
+    __host__ __device__ size_t bc(int b, int t, int g) const { return (((size_t)b * T_ + t) * G + g) * N; }  // (B,T,G,N)
+    // the (P, N) state of chunk c of (b, h) inside a (B, H, nchunks, P, N) tensor, bh = b·H + h
+    __host__ __device__ size_t chunk(int bh, int c) const { return ((size_t)bh * nchunks + c) * PN(); }
+    __host__ __device__ int chunk_len(int c) const { return T_ - c * Q < Q ? T_ - c * Q : Q; }
+};
+
+// The feature tile width for a dimension of n ≤ 128 columns: 64 or 128 (one block covers all of them).
+inline int feat_tile(int n) { return n <= 64 ? 64 : 128; }
+
+// exp of a log-decay difference that is ≤ 0 in exact arithmetic; the clamp keeps rounding from
+// ever producing a factor above 1.
+__device__ __forceinline__ float decay_exp(float v) { return expf(fminf(v, 0.f)); }
+
+// cum[i] = Σ_{s≤i} dt[s]·A_h for the len ≤ NT steps of one chunk (Hillis–Steele scan in shared
+// memory, one step per thread), and sdt[i] = dt[s]. Steps i ≥ len get dt 0, so cum[i] = cum[len−1].
+// dt_c points at dt[b, t0, h]; consecutive steps are H apart. Called by all NT threads; starts
+// by writing cum/sdt (the caller must be past any earlier reader) and ends with a barrier.
+template <typename T>
+__device__ void chunk_cumsum(float* cum, float* sdt, const T* dt_c, int H, float A_h, int len) {
+    const int i = threadIdx.x;
+    const float d = i < len ? float(dt_c[(size_t)i * H]) : 0.f;
+    sdt[i] = d;
+    cum[i] = d * A_h;
+    for (int off = 1; off < NT; off <<= 1) {
+        __syncthreads();
+        const float v = i >= off ? cum[i - off] : 0.f;
+        __syncthreads();
+        cum[i] += v;
+    }
+    __syncthreads();
+}
+
+// Σ of v over the block's NT threads, returned to every thread (tree in shared memory red[NT];
+// fixed order, so deterministic). Called by all threads; red is free again on return.
+__device__ inline float block_sum(float v, float* red) {
+    const int tid = threadIdx.x;
+    red[tid] = v;
+    __syncthreads();
+    for (int s = NT / 2; s > 0; s >>= 1) {
+        if (tid < s) red[tid] += red[tid + s];
+        __syncthreads();
+    }
+    const float r = red[0];
+    __syncthreads();
+    return r;
+}
+
+// Row sums of a block tile: part[r] is this thread's partial sum for tile row ty·TM + r (over its
+// columns). Returns the full row sum for row tid (valid for tid < BM). red is a (BM, ≥ TX) shared
+// array of row stride RS; free again on return.
+template <int RS>
+__device__ inline float tile_row_sum(const float (&part)[TM], float (*red)[RS]) {
+    static_assert(RS >= TX, "row buffer too narrow");
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+#pragma unroll
+    for (int r = 0; r < TM; r++) red[ty * TM + r][tx] = part[r];
+    __syncthreads();
+    float s = 0.f;
+    if (tid < BM)
+        for (int k = 0; k < TX; k++) s += red[tid][k];
+    __syncthreads();
+    return s;
+}
+
+// The block GEMM every kernel here is built from:
+//   acc (this thread's TM × BN/16 share of a BM × BN tile) += Σ_{k<K} A(m, k)·B(k, n)
+// fa(m, k) and fb(k, n) fetch one element as float and return 0 outside the valid rows/columns
+// (so tiles need no special edge code); k ≥ K is zeroed here. Each K slice of KT is staged in
+// shared memory k-major (sa[k][m], sb[k][n]); thread (ty, tx) = (tid / 16, tid % 16) then owns rows
+// ty·TM.. and columns tx·(BN/16).., reading a column of sa and a row of sb per k: TM + BN/16 loads for
+// TM·BN/16 FMAs. A_KC / B_KC say whether the source is contiguous along k (true) or along m / n
+// (false): the loader then lets consecutive threads read consecutive addresses (coalesced).
+// sb may be wider than BN (one buffer serves the 64- and the 128-wide GEMMs of a kernel).
+// Called by all threads; starts and ends with the staging buffers free.
+template <int BN, bool A_KC, bool B_KC, int SBW, class FA, class FB>
+__device__ void block_gemm(float (&acc)[TM][BN / TX], int K, const FA& fa, const FB& fb, float (*sa)[BM + PAD],
+                           float (*sb)[SBW]) {
+    constexpr int TN = BN / TX;
+    static_assert(SBW >= BN, "staging buffer too narrow");
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    for (int k0 = 0; k0 < K; k0 += KT) {
+        for (int e = tid; e < KT * BM; e += NT) {
+            const int kk = A_KC ? e % KT : e / BM;
+            const int m = A_KC ? e / KT : e % BM;
+            sa[kk][m] = k0 + kk < K ? fa(m, k0 + kk) : 0.f;
+        }
+        for (int e = tid; e < KT * BN; e += NT) {
+            const int kk = B_KC ? e % KT : e / BN;
+            const int n = B_KC ? e / KT : e % BN;
+            sb[kk][n] = k0 + kk < K ? fb(k0 + kk, n) : 0.f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < KT; kk++) {
+            float av[TM], bv[TN];
+#pragma unroll
+            for (int r = 0; r < TM; r++) av[r] = sa[kk][ty * TM + r];
+#pragma unroll
+            for (int c = 0; c < TN; c++) bv[c] = sb[kk][tx * TN + c];
+#pragma unroll
+            for (int r = 0; r < TM; r++)
+#pragma unroll
+                for (int c = 0; c < TN; c++) acc[r][c] += av[r] * bv[c];
+        }
+        __syncthreads();
+    }
+}
+
+template <int BN>
+__device__ __forceinline__ void zero_acc(float (&acc)[TM][BN / TX]) {
+#pragma unroll
+    for (int r = 0; r < TM; r++)
+#pragma unroll
+        for (int c = 0; c < BN / TX; c++) acc[r][c] = 0.f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+
+// Chunk-local outer-product sum, the (2) of the forward and its mirror in the backward:
+//   out (P, N) = Σ_{t<len} w_t · U[t, :]ᵀ ⊗ V[t, :]
+//   forward  (BWD = false): U = x, V = Bm, w_t = exp(cum_last − cum_t)·dt_t: the chunk's end state from
+//            zero. Written to chunk_states[c + 1] (= S_in of the next chunk, completed by state_pass),
+//            or to final_state for the last chunk (skipped when final_state is null).
+//   backward (BWD = true):  U = dy, V = Cm, w_t = exp(cum_t): the chunk's own share of ∂L/∂S_in.
+//            Written to dS slot c − 1 (= ∂L/∂S_out of the previous chunk, completed by
+//            state_pass_bwd), or to dinit_state for chunk 0 (skipped when null).
+// Grid (ceil(P/64), nchunks, B·H): one block per 64 rows p of one chunk's (P, N) state, all N
+// columns (BN ≥ N), K = the chunk's steps. A GEMM with M = P, N = N, K = len — shaped so, because the
+// output is tiny (P·N) and the K dimension is the chunk.
+template <typename T, typename S, int BN, bool BWD>
+__global__ void __launch_bounds__(NT) ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A,
+                                                             const T* V, Dims d) {
+    const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
+    const int t0 = c * d.Q, len = d.chunk_len(c), p0 = blockIdx.x * BM;
+    // where this chunk's result goes (a whole block leaves at once, before any barrier)
+    S* dst_slot = nullptr;
+    T* dst_end = nullptr;
+    if (!BWD) {
+        if (c + 1 < d.nchunks) dst_slot = slots + d.chunk(bh, c + 1);
+        else if (end) dst_end = end + (size_t)bh * d.PN();
+        else return;
+    } else {
+        if (c > 0) dst_slot = slots + d.chunk(bh, c - 1);
+        else if (end) dst_end = end + (size_t)bh * d.PN();
+        else return;
+    }
+    __shared__ float cum[NT], sdt[NT], w[NT];
+    __shared__ float sa[KT][BM + PAD], sb[KT][BN + PAD];
+    chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
+    {
+        const int i = threadIdx.x;
+        w[i] = i >= len ? 0.f : BWD ? decay_exp(cum[i]) : decay_exp(cum[len - 1] - cum[i]) * sdt[i];
+    }
+    __syncthreads();
+
+    float acc[TM][BN / TX];
+    zero_acc<BN>(acc);
+    const int P = d.P, N = d.N;
+    // A(m = p, k = t) = w_t·U[t, p0 + m]: contiguous along p;  B(k = t, n) = V[t, n]: contiguous along n
+    auto fa = [&](int m, int k) { return p0 + m < P ? w[k] * float(U[d.x(b, t0 + k, h) + p0 + m]) : 0.f; };
+    auto fb = [&](int k, int n) { return n < N ? float(V[d.bc(b, t0 + k, g) + n]) : 0.f; };
+    block_gemm<BN, false, false>(acc, len, fa, fb, sa, sb);
+
+    const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
+#pragma unroll
+    for (int r = 0; r < TM; r++) {
+        const int p = p0 + ty * TM + r;
+        if (p >= P) continue;
+#pragma unroll
+        for (int cc = 0; cc < BN / TX; cc++) {
+            const int n = tx * (BN / TX) + cc;
+            if (n >= N) continue;
+            if (dst_slot) dst_slot[(size_t)p * N + n] = S(acc[r][cc]);
+            else dst_end[(size_t)p * N + n] = T(acc[r][cc]);
+        }
+    }
+}
+
+// Sum of a_t = dt_t·A_h over chunk c of (b, h): its total log-decay. Called by all threads.
+template <typename T>
+__device__ float chunk_log_decay(const T* dt, float A_h, const Dims& d, int b, int h, int c, float* red) {
+    const int i = threadIdx.x, len = d.chunk_len(c);
+    const float a = i < len ? float(dt[d.dt(b, c * d.Q + i, h)]) * A_h : 0.f;
+    return block_sum(a, red);
+}
+
+// (3) Forward state passing, in place. On entry chunk_states[c + 1] holds chunk c's end state from
+// zero (and final_state the last chunk's); on exit chunk_states[c] is the state entering chunk c
+// (chunk 0: init_state or zeros) and final_state the state after the last chunk:
+//   S_in[0] = init;   S_in[c + 1] = S_local[c] + exp(Σ_chunk a)·S_in[c]
+// Grid (ceil(P·N / (PASS_ELEMS·NT)), B·H): the state elements are independent, so each block walks
+// all chunks in order for PASS_ELEMS·NT of them (coalesced: element k·NT + tid), holding them in
+// registers; the chunk's decay is a block sum of its dt. Sequential in chunks, parallel in elements.
+template <typename T>
+__global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* final_state, const T* init_state,
+                                                            const T* dt, const T* A, Dims d) {
+    const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
+    const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
+    __shared__ float red[NT];
+    float run[PASS_ELEMS];
+    T* st0 = chunk_states + d.chunk(bh, 0);
+#pragma unroll
+    for (int k = 0; k < PASS_ELEMS; k++) {
+        const size_t e = e0 + (size_t)k * NT;
+        run[k] = (init_state && e < PN) ? float(init_state[(size_t)bh * PN + e]) : 0.f;
+        if (e < PN) st0[e] = T(run[k]);
+    }
+    for (int c = 0; c < d.nchunks; c++) {
+        T* dst = c + 1 < d.nchunks ? chunk_states + d.chunk(bh, c + 1) : final_state ? final_state + (size_t)bh * PN : nullptr;
+        if (!dst) break;  // the last chunk, and no final state wanted (uniform over the block)
+        const float decay = decay_exp(chunk_log_decay(dt, float(A[h]), d, b, h, c, red));
+#pragma unroll
+        for (int k = 0; k < PASS_ELEMS; k++) {
+            const size_t e = e0 + (size_t)k * NT;
+            if (e >= PN) continue;
+            run[k] = float(dst[e]) + decay * run[k];
+            dst[e] = T(run[k]);
+        }
+    }
+}
+
+// (4) + (1) + skip: the outputs of one 64-step tile of a chunk, all P columns (BF ≥ P):
+//   Y[i, :] = exp(cum_i)·C_i·S_inᵀ  +  Σ_{j≤i} exp(cum_i − cum_j)·dt_j·(C_i·B_j)·x_j  +  D·x_i
+// Grid (ceil(min(Q, T)/64), nchunks, B·H). The first term is one GEMM (K = N). The second walks the
+// causal j tiles j0 ≤ i0: the 64 × 64 tile of C·Bᵀ (K = N) goes to shared memory ms, is masked and
+// weighted there by exp(cum_i − cum_j)·dt_j, and multiplies the j tile of x (K = 64). Blocks are per
+// head, so C·Bᵀ is recomputed by each head of a group (a later version can share it).
+template <typename T, int BF>
+__global__ void __launch_bounds__(NT) ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt,
+                                                              const T* A, const T* Bm, const T* Cm, const T* D,
+                                                              Dims d) {
+    const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
+    const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
+    if (i0 >= len) return;  // a short last chunk has fewer tiles
+    const int P = d.P, N = d.N;
+    __shared__ float cum[NT], sdt[NT];
+    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ float ms[BM][BM + 1];  // the masked, weighted (C·Bᵀ) tile
+    chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
+    const T* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
+
+    float acc[TM][BF / TX];
+    zero_acc<BF>(acc);
+    // (4) A(m = i, k = n) = exp(cum_i)·C[i, n] (contiguous along n);  B(k = n, p) = S_in[p, n] (along n)
+    {
+        auto fa = [&](int m, int k) {
+            return i0 + m < len ? decay_exp(cum[i0 + m]) * float(Cm[d.bc(b, t0 + i0 + m, g) + k]) : 0.f;
+        };
+        auto fb = [&](int k, int p) { return p < P ? float(S_in[(size_t)p * N + k]) : 0.f; };
+        block_gemm<BF, true, true>(acc, N, fa, fb, sa, sb);
+    }
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+    // (1) causal j tiles
+    for (int j0 = 0; j0 <= i0; j0 += BM) {
+        float cb[TM][BM / TX];
+        zero_acc<BM>(cb);
+        auto fc = [&](int m, int k) { return i0 + m < len ? float(Cm[d.bc(b, t0 + i0 + m, g) + k]) : 0.f; };
+        auto fbj = [&](int k, int j) { return j0 + j < len ? float(Bm[d.bc(b, t0 + j0 + j, g) + k]) : 0.f; };
+        block_gemm<BM, true, true>(cb, N, fc, fbj, sa, sb);
+#pragma unroll
+        for (int r = 0; r < TM; r++)
+#pragma unroll
+            for (int cc = 0; cc < BM / TX; cc++) {
+                const int i = i0 + ty * TM + r, j = j0 + tx * (BM / TX) + cc;
+                ms[ty * TM + r][tx * (BM / TX) + cc] =
+                    (j <= i && i < len) ? decay_exp(cum[i] - cum[j]) * sdt[j] * cb[r][cc] : 0.f;
+            }
+        __syncthreads();
+        // A(m = i, k = j) = ms[i][j];  B(k = j, p) = x[j, p] (contiguous along p)
+        auto fm = [&](int m, int k) { return ms[m][k]; };
+        auto fx = [&](int k, int p) { return j0 + k < len && p < P ? float(x[d.x(b, t0 + j0 + k, h) + p]) : 0.f; };
+        block_gemm<BF, true, false>(acc, BM, fm, fx, sa, sb);  // its closing barrier frees ms
+    }
+    const float Dh = float(D[h]);
+#pragma unroll
+    for (int r = 0; r < TM; r++) {
+        const int i = i0 + ty * TM + r;
+        if (i >= len) continue;
+        const size_t row = d.x(b, t0 + i, h);
+#pragma unroll
+        for (int cc = 0; cc < BF / TX; cc++) {
+            const int p = tx * (BF / TX) + cc;
+            if (p < P) y[row + p] = T(acc[r][cc] + Dh * float(x[row + p]));
+        }
+    }
+}
+
+// Backward state passing, in place, the mirror of ssd_state_pass_kernel run from the last chunk to
+// the first. On entry dS slot c − 1 holds Σ_i exp(cum_i)·dy_i ⊗ C_i of chunk c (c ≥ 1), and
+// dinit_state that of chunk 0; on exit slot c holds dS_out(c) = ∂L/∂S_out of chunk c (the last one:
+// dfinal_state or zeros), and dinit_state = ∂L/∂init_state:
+//   dS_out(nc−1) = dfinal;   dS_out(c−1) = local(c) + exp(Σ_chunk c a)·dS_out(c)
+// Also writes dot_part[b, h, c, blockIdx.x] = exp(Σ_chunk c a)·⟨dS_out(c), S_in(c)⟩ over this block's
+// elements (S_in(c) = chunk_states[c]): the term (3) contributes to ∂L/∂cum_last. Grid and layout as
+// the forward pass.
+template <typename T>
+__global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T* dinit_state, float* dot_part,
+                                                                const T* dfinal_state, const T* chunk_states,
+                                                                const T* dt, const T* A, Dims d) {
+    const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H, nsplit = gridDim.x;
+    const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
+    __shared__ float red[NT];
+    float run[PASS_ELEMS];
+    float* last = slots + d.chunk(bh, d.nchunks - 1);
+#pragma unroll
+    for (int k = 0; k < PASS_ELEMS; k++) {
+        const size_t e = e0 + (size_t)k * NT;
+        run[k] = (dfinal_state && e < PN) ? float(dfinal_state[(size_t)bh * PN + e]) : 0.f;
+        if (e < PN) last[e] = run[k];
+    }
+    for (int c = d.nchunks - 1; c >= 0; c--) {  // here run = dS_out(c)
+        const float decay = decay_exp(chunk_log_decay(dt, float(A[h]), d, b, h, c, red));
+        const T* S_in = chunk_states + d.chunk(bh, c);
+        float dot = 0.f;
+#pragma unroll
+        for (int k = 0; k < PASS_ELEMS; k++) {
+            const size_t e = e0 + (size_t)k * NT;
+            if (e < PN) dot += run[k] * float(S_in[e]);
+        }
+        dot = block_sum(dot, red);
+        if (threadIdx.x == 0) dot_part[((size_t)bh * d.nchunks + c) * nsplit + blockIdx.x] = decay * dot;
+        // dS_out(c − 1) = dS_in(c), kept in slot c − 1 (chunk 0: dinit_state, if wanted)
+        float* dst_slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
+        T* dst_init = c == 0 && dinit_state ? dinit_state + (size_t)bh * PN : nullptr;
+        if (!dst_slot && !dst_init) break;
+#pragma unroll
+        for (int k = 0; k < PASS_ELEMS; k++) {
+            const size_t e = e0 + (size_t)k * NT;
+            if (e >= PN) continue;
+            if (dst_slot) {
+                run[k] = dst_slot[e] + decay * run[k];
+                dst_slot[e] = run[k];
+            } else {
+                run[k] = float(dst_init[e]) + decay * run[k];
+                dst_init[e] = T(run[k]);
+            }
+        }
+    }
+}
+
+// dx and the direct part of ddt for one 64-step tile j of a chunk, all P columns (BF ≥ P):
+//   acc[j, :] = Σ_{i≥j} exp(cum_i − cum_j)·(C_i·B_j)·dy_i  +  exp(cum_last − cum_j)·B_j·dS_outᵀ
+//             = ∂L/∂(dt_j·x_j)
+//   dx_j = D·dy_j + dt_j·acc_j        ddt_direct_j = ⟨x_j, acc_j⟩ (written to ddt; finalize adds A·∂L/∂a_j)
+//   v[b, h, t] = dt_j·⟨x_j, state part of acc_j⟩ (the (2) term of ∂L/∂cum_last, summed by finalize)
+// Grid (ceil(min(Q, T)/64), nchunks, B·H); the mirror of chunk_output with the causal loop over the
+// i tiles at or after j (B·Cᵀ tile in ms, masked and weighted, times the i tile of dy).
+template <typename T, int BF>
+__global__ void __launch_bounds__(NT) ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const T* dy,
+                                                        const float* slots, const T* x, const T* dt, const T* A,
+                                                        const T* Bm, const T* Cm, const T* D, Dims d) {
+    const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
+    const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
+    if (j0 >= len) return;
+    const int P = d.P, N = d.N;
+    __shared__ float cum[NT], sdt[NT];
+    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ float ms[BM][BM + 1];  // masked, weighted (B·Cᵀ) tile; later the row-sum buffer
+    chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
+    const float cum_last = cum[len - 1];
+    const float* dS = slots + d.chunk(bh, c);  // dS_out of this chunk (P, N)
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+
+    float acc[TM][BF / TX];
+    zero_acc<BF>(acc);
+    // state part: A(m = j, k = n) = exp(cum_last − cum_j)·B[j, n] (along n);  B(k = n, p) = dS[p, n] (along n)
+    {
+        auto fa = [&](int m, int k) {
+            return j0 + m < len ? decay_exp(cum_last - cum[j0 + m]) * float(Bm[d.bc(b, t0 + j0 + m, g) + k]) : 0.f;
+        };
+        auto fb = [&](int k, int p) { return p < P ? dS[(size_t)p * N + k] : 0.f; };
+        block_gemm<BF, true, true>(acc, N, fa, fb, sa, sb);
+    }
+    float vpart[TM];  // this thread's share of ⟨x_j, state part⟩
+#pragma unroll
+    for (int r = 0; r < TM; r++) {
+        vpart[r] = 0.f;
+        const int j = j0 + ty * TM + r;
+        if (j >= len) continue;
+#pragma unroll
+        for (int cc = 0; cc < BF / TX; cc++) {
+            const int p = tx * (BF / TX) + cc;
+            if (p < P) vpart[r] += float(x[d.x(b, t0 + j, h) + p]) * acc[r][cc];
+        }
+    }
+    // intra-chunk part: causal i tiles from j0 on
+    for (int i0 = j0; i0 < len; i0 += BM) {
+        float bc[TM][BM / TX];
+        zero_acc<BM>(bc);
+        auto fbm = [&](int m, int k) { return j0 + m < len ? float(Bm[d.bc(b, t0 + j0 + m, g) + k]) : 0.f; };
+        auto fci = [&](int k, int i) { return i0 + i < len ? float(Cm[d.bc(b, t0 + i0 + i, g) + k]) : 0.f; };
+        block_gemm<BM, true, true>(bc, N, fbm, fci, sa, sb);
+#pragma unroll
+        for (int r = 0; r < TM; r++)
+#pragma unroll
+            for (int cc = 0; cc < BM / TX; cc++) {
+                const int j = j0 + ty * TM + r, i = i0 + tx * (BM / TX) + cc;
+                ms[ty * TM + r][tx * (BM / TX) + cc] = (j <= i && i < len) ? decay_exp(cum[i] - cum[j]) * bc[r][cc] : 0.f;
+            }
+        __syncthreads();
+        // A(m = j, k = i) = ms[j][i];  B(k = i, p) = dy[i, p] (along p)
+        auto fm = [&](int m, int k) { return ms[m][k]; };
+        auto fdy = [&](int k, int p) { return i0 + k < len && p < P ? float(dy[d.x(b, t0 + i0 + k, h) + p]) : 0.f; };
+        block_gemm<BF, true, false>(acc, BM, fm, fdy, sa, sb);
+    }
+    // dx, and the row dots ⟨x_j, acc_j⟩
+    const float Dh = float(D[h]);
+    float dpart[TM];
+#pragma unroll
+    for (int r = 0; r < TM; r++) {
+        dpart[r] = 0.f;
+        const int j = j0 + ty * TM + r;
+        if (j >= len) continue;
+        const size_t row = d.x(b, t0 + j, h);
+        const float dtj = sdt[j];
+#pragma unroll
+        for (int cc = 0; cc < BF / TX; cc++) {
+            const int p = tx * (BF / TX) + cc;
+            if (p >= P) continue;
+            dpart[r] += float(x[row + p]) * acc[r][cc];
+            dx[row + p] = T(Dh * float(dy[row + p]) + dtj * acc[r][cc]);
+        }
+    }
+    const float ddt_direct = tile_row_sum(dpart, ms);
+    const float vrow = tile_row_sum(vpart, ms);
+    if (tid < BM && j0 + tid < len) {
+        const int t = t0 + j0 + tid;
+        ddt[d.dt(b, t, h)] = T(ddt_direct);
+        v_state[(size_t)bh * d.T_ + t] = sdt[j0 + tid] * vrow;
+    }
+}
+
+// How the heads of a group are split for the dB / dC kernels: each block sums the gradient of
+// `heads_per_slice` heads in registers (deterministic, no atomics); with more than one slice per
+// group the slices' partial sums are added by ssd_sum_slices_kernel. Largest divisor of H/G ≤ 4:
+// enough blocks to fill the GPU at G = 1, little scratch.
+inline int ssd_heads_per_slice(int hpg) {
+    for (int s = 4; s > 1; s--)
+        if (hpg % s == 0) return s;
+    return 1;
+}
+
+// dB for one 64-step tile j of a chunk, all N columns (BF ≥ N), summed over the heads of one slice:
+//   dB[j, :] = Σ_h  exp(cum_last − cum_j)·dt_j·x_jᵀ·dS_out  +  Σ_{i≥j} exp(cum_i − cum_j)·dt_j·(dy_i·x_j)·C_i
+// Grid (ceil(min(Q, T)/64), nchunks, B·G·nslices). Per head: one GEMM with K = P for the state part
+// (the weight folded into the A operand, so heads accumulate into the same registers), then the
+// causal i tiles: the (x·dyᵀ) tile (K = P) in ms, masked and weighted, times the i tile of C (K = 64).
+// Writes dBm (one slice per group) or the slice's partial sum part[slice] (B, T, G, N).
+template <typename T, int BF>
+__global__ void __launch_bounds__(NT) ssd_bwd_dB_kernel(T* dBm, float* part, const T* dy, const float* slots,
+                                                        const T* x, const T* dt, const T* A, const T* Cm, Dims d,
+                                                        int heads_per_slice) {
+    const int nslices = d.hpg() / heads_per_slice;
+    const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
+    const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
+    if (j0 >= len) return;
+    const int P = d.P, N = d.N;
+    __shared__ float cum[NT], sdt[NT];
+    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ float ms[BM][BM + 1];
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+
+    float acc[TM][BF / TX];
+    zero_acc<BF>(acc);
+    for (int hh = 0; hh < heads_per_slice; hh++) {
+        const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
+        chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
+        const float cum_last = cum[len - 1];
+        const float* dS = slots + d.chunk(bh, c);
+        // state part: A(m = j, k = p) = w_j·x[j, p] (along p);  B(k = p, n) = dS[p, n] (along n)
+        {
+            auto fa = [&](int m, int k) {
+                const int j = j0 + m;
+                return j < len ? decay_exp(cum_last - cum[j]) * sdt[j] * float(x[d.x(b, t0 + j, h) + k]) : 0.f;
+            };
+            auto fb = [&](int k, int n) { return n < N ? dS[(size_t)k * N + n] : 0.f; };
+            block_gemm<BF, true, false>(acc, P, fa, fb, sa, sb);
+        }
+        for (int i0 = j0; i0 < len; i0 += BM) {
+            float gx[TM][BM / TX];
+            zero_acc<BM>(gx);
+            auto fxj = [&](int m, int k) { return j0 + m < len ? float(x[d.x(b, t0 + j0 + m, h) + k]) : 0.f; };
+            auto fdyi = [&](int k, int i) { return i0 + i < len ? float(dy[d.x(b, t0 + i0 + i, h) + k]) : 0.f; };
+            block_gemm<BM, true, true>(gx, P, fxj, fdyi, sa, sb);
+#pragma unroll
+            for (int r = 0; r < TM; r++)
+#pragma unroll
+                for (int cc = 0; cc < BM / TX; cc++) {
+                    const int j = j0 + ty * TM + r, i = i0 + tx * (BM / TX) + cc;
+                    ms[ty * TM + r][tx * (BM / TX) + cc] =
+                        (j <= i && i < len) ? decay_exp(cum[i] - cum[j]) * sdt[j] * gx[r][cc] : 0.f;
+                }
+            __syncthreads();
+            // A(m = j, k = i) = ms[j][i];  B(k = i, n) = C[i, n] (along n)
+            auto fm = [&](int m, int k) { return ms[m][k]; };
+            auto fc = [&](int k, int n) { return i0 + k < len && n < N ? float(Cm[d.bc(b, t0 + i0 + k, g) + n]) : 0.f; };
+            block_gemm<BF, true, false>(acc, BM, fm, fc, sa, sb);
+        }
+    }
+    const size_t slice_off = (size_t)s * d.B * d.T_ * d.G * N;
+#pragma unroll
+    for (int r = 0; r < TM; r++) {
+        const int j = j0 + ty * TM + r;
+        if (j >= len) continue;
+        const size_t row = d.bc(b, t0 + j, g);
+#pragma unroll
+        for (int cc = 0; cc < BF / TX; cc++) {
+            const int n = tx * (BF / TX) + cc;
+            if (n >= N) continue;
+            if (nslices == 1) dBm[row + n] = T(acc[r][cc]);
+            else part[slice_off + row + n] = acc[r][cc];
+        }
+    }
+}
+
+// dC for one 64-step tile i of a chunk, all N columns (BF ≥ N), summed over the heads of one slice:
+//   dC^h[i, :] = exp(cum_i)·dy_i·S_in  +  Σ_{j≤i} exp(cum_i − cum_j)·dt_j·(dy_i·x_j)·B_j
+// and, per head, cdot[b, h, t] = ⟨C_i, dC^h_i⟩ (the C side of ∂L/∂cum_i). Grid (ceil(min(Q, T)/64),
+// nchunks, B·G·nslices). Per head the gradient is built in its own registers (for the dot), then
+// added to the slice total. Mirrors chunk_output with dy in place of C and the (dy·xᵀ) tile in ms.
+template <typename T, int BF>
+__global__ void __launch_bounds__(NT) ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const T* dy,
+                                                        const T* chunk_states, const T* x, const T* dt, const T* A,
+                                                        const T* Bm, const T* Cm, Dims d, int heads_per_slice) {
+    const int nslices = d.hpg() / heads_per_slice;
+    const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
+    const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
+    if (i0 >= len) return;
+    const int P = d.P, N = d.N;
+    __shared__ float cum[NT], sdt[NT];
+    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ float ms[BM][BM + 1];
+    const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
+
+    float acc[TM][BF / TX];
+    zero_acc<BF>(acc);
+    for (int hh = 0; hh < heads_per_slice; hh++) {
+        const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
+        chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
+        const T* S_in = chunk_states + d.chunk(bh, c);
+        float acch[TM][BF / TX];
+        zero_acc<BF>(acch);
+        // (4): A(m = i, k = p) = exp(cum_i)·dy[i, p] (along p);  B(k = p, n) = S_in[p, n] (along n)
+        {
+            auto fa = [&](int m, int k) {
+                const int i = i0 + m;
+                return i < len ? decay_exp(cum[i]) * float(dy[d.x(b, t0 + i, h) + k]) : 0.f;
+            };
+            auto fb = [&](int k, int n) { return n < N ? float(S_in[(size_t)k * N + n]) : 0.f; };
+            block_gemm<BF, true, false>(acch, P, fa, fb, sa, sb);
+        }
+        // (1): causal j tiles
+        for (int j0 = 0; j0 <= i0; j0 += BM) {
+            float gx[TM][BM / TX];
+            zero_acc<BM>(gx);
+            auto fdyi = [&](int m, int k) { return i0 + m < len ? float(dy[d.x(b, t0 + i0 + m, h) + k]) : 0.f; };
+            auto fxj = [&](int k, int j) { return j0 + j < len ? float(x[d.x(b, t0 + j0 + j, h) + k]) : 0.f; };
+            block_gemm<BM, true, true>(gx, P, fdyi, fxj, sa, sb);
+#pragma unroll
+            for (int r = 0; r < TM; r++)
+#pragma unroll
+                for (int cc = 0; cc < BM / TX; cc++) {
+                    const int i = i0 + ty * TM + r, j = j0 + tx * (BM / TX) + cc;
+                    ms[ty * TM + r][tx * (BM / TX) + cc] =
+                        (j <= i && i < len) ? decay_exp(cum[i] - cum[j]) * sdt[j] * gx[r][cc] : 0.f;
+                }
+            __syncthreads();
+            // A(m = i, k = j) = ms[i][j];  B(k = j, n) = B[j, n] (along n)
+            auto fm = [&](int m, int k) { return ms[m][k]; };
+            auto fbj = [&](int k, int n) { return j0 + k < len && n < N ? float(Bm[d.bc(b, t0 + j0 + k, g) + n]) : 0.f; };
+            block_gemm<BF, true, false>(acch, BM, fm, fbj, sa, sb);
+        }
+        // ⟨C_i, dC^h_i⟩, then add the head to the slice total
+        float cpart[TM];
+#pragma unroll
+        for (int r = 0; r < TM; r++) {
+            cpart[r] = 0.f;
+            const int i = i0 + ty * TM + r;
+#pragma unroll
+            for (int cc = 0; cc < BF / TX; cc++) {
+                const int n = tx * (BF / TX) + cc;
+                if (i < len && n < N) cpart[r] += float(Cm[d.bc(b, t0 + i, g) + n]) * acch[r][cc];
+                acc[r][cc] += acch[r][cc];
+            }
+        }
+        const float crow = tile_row_sum(cpart, ms);
+        if (tid < BM && i0 + tid < len) cdot[(size_t)bh * d.T_ + t0 + i0 + tid] = crow;
+    }
+    const size_t slice_off = (size_t)s * d.B * d.T_ * d.G * N;
+#pragma unroll
+    for (int r = 0; r < TM; r++) {
+        const int i = i0 + ty * TM + r;
+        if (i >= len) continue;
+        const size_t row = d.bc(b, t0 + i, g);
+#pragma unroll
+        for (int cc = 0; cc < BF / TX; cc++) {
+            const int n = tx * (BF / TX) + cc;
+            if (n >= N) continue;
+            if (nslices == 1) dCm[row + n] = T(acc[r][cc]);
+            else part[slice_off + row + n] = acc[r][cc];
+        }
+    }
+}
+
+// out[i] = Σ_{s<nslices} part[s·n + i], in slice order (deterministic). Grid-stride over the n
+// elements of a (B, T, G, N) tensor; one thread per element, coalesced.
+template <typename T>
+__global__ void __launch_bounds__(NT) ssd_sum_slices_kernel(T* out, const float* part, size_t n, int nslices) {
+    for (size_t i = (size_t)blockIdx.x * NT + threadIdx.x; i < n; i += (size_t)gridDim.x * NT) {
+        float s = 0.f;
+        for (int k = 0; k < nslices; k++) s += part[(size_t)k * n + i];
+        out[i] = T(s);
+    }
+}
+
+// Per (b, c, h), one thread per step i of the chunk:
+//   ∂L/∂cum_i = cdot_i − dt_i·ddt_direct_i + [i = len−1]·(Σ_j v_j + Σ_splits dot_part)
+//   ∂L/∂a_i   = Σ_{i' ≥ i} ∂L/∂cum_i'   (reverse Hillis–Steele scan in shared memory)
+//   ddt_i     = ddt_direct_i + A_h·∂L/∂a_i;   dA_part = Σ_i dt_i·∂L/∂a_i;   dD_part = Σ_{i,p} dy·x
+// Grid (nchunks, B·H). The partial dA, dD go to (B, H, nchunks) scratch for head_grads.
+template <typename T>
+__global__ void __launch_bounds__(NT) ssd_bwd_finalize_kernel(T* ddt, float* dA_part, float* dD_part,
+                                                              const float* cdot, const float* v_state,
+                                                              const float* dot_part, int nsplit, const T* dy,
+                                                              const T* x, const T* dt, const T* A, Dims d) {
+    const int c = blockIdx.x, bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
+    const int t0 = c * d.Q, len = d.chunk_len(c), i = threadIdx.x;
+    __shared__ float red[NT], s[NT];
+    const bool valid = i < len;
+    const size_t it = valid ? d.dt(b, t0 + i, h) : 0;
+    const float dti = valid ? float(dt[it]) : 0.f;
+    const float direct = valid ? float(ddt[it]) : 0.f;
+    float E = block_sum(valid ? v_state[(size_t)bh * d.T_ + t0 + i] : 0.f, red);
+    for (int k = 0; k < nsplit; k++) E += dot_part[((size_t)bh * d.nchunks + c) * nsplit + k];
+    s[i] = valid ? cdot[(size_t)bh * d.T_ + t0 + i] - dti * direct + (i == len - 1 ? E : 0.f) : 0.f;
+    for (int off = 1; off < NT; off <<= 1) {  // reverse inclusive scan
+        __syncthreads();
+        const float v = i + off < NT ? s[i + off] : 0.f;
+        __syncthreads();
+        s[i] += v;
+    }
+    __syncthreads();
+    const float da = s[i];
+    if (valid) ddt[it] = T(direct + float(A[h]) * da);
+    const float dA_c = block_sum(dti * da, red);
+    float dd = 0.f;
+    for (int e = i; e < len * d.P; e += NT) {
+        const size_t k = d.x(b, t0 + e / d.P, h) + e % d.P;
+        dd += float(dy[k]) * float(x[k]);
+    }
+    const float dD_c = block_sum(dd, red);
+    if (i == 0) {
+        dA_part[(size_t)bh * d.nchunks + c] = dA_c;
+        dD_part[(size_t)bh * d.nchunks + c] = dD_c;
+    }
+}
+
+// dA[h] += Σ_{b, c} dA_part[b, h, c], the same for dD: one thread per head, fixed order.
+template <typename T>
+__global__ void __launch_bounds__(NT) ssd_head_grads_kernel(T* dA, T* dD, const float* dA_part, const float* dD_part,
+                                                            Dims d) {
+    const int h = blockIdx.x * NT + threadIdx.x;
+    if (h >= d.H) return;
+    float sa = 0.f, sd = 0.f;
+    for (int b = 0; b < d.B; b++)
+        for (int c = 0; c < d.nchunks; c++) {
+            sa += dA_part[((size_t)b * d.H + h) * d.nchunks + c];
+            sd += dD_part[((size_t)b * d.H + h) * d.nchunks + c];
+        }
+    dA[h] = T(float(dA[h]) + sa);
+    dD[h] = T(float(dD[h]) + sd);
+}
+
+// Checks shared by forward and backward; returns the sizes.
+inline Dims ssd_dims(const char* who, int B, int T_, int H, int P, int G, int N, int Q) {
+    ssd_shape(who, B, T_, H, P, G, N);  // positive sizes, G divides H
+    HL_CHECK(Q >= 1 && Q <= SSD_MAX_CHUNK, who, ": chunk length Q=", Q, " must be in [1, ", SSD_MAX_CHUNK, "]");
+    HL_CHECK(P <= MAX_FEAT && N <= MAX_FEAT, who, ": headdim P=", P, " and d_state N=", N,
+             " must be <= ", MAX_FEAT, " on the GPU");
+    const int nchunks = ssd_num_chunks(T_, Q);
+    HL_CHECK((long long)B * H <= 65535 && nchunks <= 65535, who,
+             ": B·H=", (long long)B * H, " and nchunks=", nchunks, " must be <= 65535 (grid limits)");
+    return Dims{B, T_, H, P, G, N, Q, nchunks};
+}
+
+// The backward's scratch, carved in this order out of one float buffer.
+struct BwdScratch {
+    float* slots;     // (B, H, nchunks, P, N)  dS_out of every chunk
+    float* dot_part;  // (B, H, nchunks, nsplit)
+    float* v_state;   // (B, H, T)
+    float* cdot;      // (B, H, T)
+    float* dA_part;   // (B, H, nchunks)
+    float* dD_part;   // (B, H, nchunks)
+    float* dB_part;   // (nslices, B, T, G, N)  only when a group has several head slices
+    float* dC_part;   // (nslices, B, T, G, N)
+    size_t total;
+    int nsplit, nslices;
+};
+
+inline BwdScratch bwd_scratch(float* base, const Dims& d) {
+    BwdScratch s{};
+    s.nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
+    s.nslices = d.hpg() / ssd_heads_per_slice(d.hpg());
+    const size_t BH = (size_t)d.B * d.H;
+    const size_t part = s.nslices > 1 ? (size_t)s.nslices * d.B * d.T_ * d.G * d.N : 0;
+    size_t off = 0;
+    auto take = [&](size_t n) {
+        float* p = base ? base + off : nullptr;
+        off += n;
+        return p;
+    };
+    s.slots = take(BH * d.nchunks * d.PN());
+    s.dot_part = take(BH * d.nchunks * s.nsplit);
+    s.v_state = take(BH * d.T_);
+    s.cdot = take(BH * d.T_);
+    s.dA_part = take(BH * d.nchunks);
+    s.dD_part = take(BH * d.nchunks);
+    s.dB_part = take(part);
+    s.dC_part = take(part);
+    s.total = off;
+    return s;
+}
+
+}  // namespace ssd_detail
+
+// Floats of scratch ssd_chunked_backward needs (the GPU's layout differs from the CPU's
+// ssd_backward_scratch_size: it keeps dS_out of every chunk, ≈ B·H·nchunks·P·N floats, plus
+// O(B·H·T) and, when H/G > 4, the per-slice partial sums of dB and dC).
+inline size_t ssd_chunked_backward_scratch_size(int B, int T_, int H, int P, int G, int N, int Q) {
+    const ssd_detail::Dims d = ssd_detail::ssd_dims("ssd_chunked_backward_scratch_size", B, T_, H, P, G, N, Q);
+    return ssd_detail::bwd_scratch(nullptr, d).total;
+}
+
+// y (B,T,H,P) and chunk_states (B,H,nchunks,P,N) — the state entering each chunk — are written;
+// final_state (B,H,P,N) too when non-null. init_state (B,H,P,N) or null (zeros). Device pointers;
+// three launches on `stream`, no allocation, no sync. Same arguments as model/ssd.h.
+template <typename T>
+void ssd_chunked_forward(T* y, T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+                         const T* D, const T* init_state, T* final_state, int B, int T_, int H, int P, int G, int N,
+                         int Q, cudaStream_t stream = 0) {
+    using namespace ssd_detail;
+    const Dims d = ssd_dims("ssd_chunked_forward", B, T_, H, P, G, N, Q);
+    const int nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
+    const int ntiles = ceil_div(T_ < Q ? T_ : Q, BM);
+    // 1. each chunk's end state from zero → chunk_states[c + 1] / final_state
+    const dim3 g1(ceil_div(P, BM), d.nchunks, B * H);
+    if (feat_tile(N) == 64) ssd_chunk_state_kernel<T, T, 64, false><<<g1, NT, 0, stream>>>(chunk_states, final_state, x, dt, A, Bm, d);
+    else ssd_chunk_state_kernel<T, T, 128, false><<<g1, NT, 0, stream>>>(chunk_states, final_state, x, dt, A, Bm, d);
+    cudaCheckLast();
+    // 2. pass the states across chunks
+    ssd_state_pass_kernel<T><<<dim3(nsplit, B * H), NT, 0, stream>>>(chunk_states, final_state, init_state, dt, A, d);
+    cudaCheckLast();
+    // 3. the outputs
+    const dim3 g3(ntiles, d.nchunks, B * H);
+    if (feat_tile(P) == 64) ssd_chunk_output_kernel<T, 64><<<g3, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+    else ssd_chunk_output_kernel<T, 128><<<g3, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+    cudaCheckLast();
+}
+
+// Backward of ssd_chunked_forward, from the saved chunk_states. dx, ddt, dBm, dCm and dinit_state
+// (when non-null) are written; dA, dD accumulate. dfinal_state may be null (no gradient reaches the
+// final state). scratch: ssd_chunked_backward_scratch_size(...) floats, caller-owned. Same
+// arguments as model/ssd.h (scratch is float whatever T is); eight launches on `stream`.
+template <typename T>
+void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_state, float* scratch, const T* dy,
+                          const T* dfinal_state, const T* chunk_states, const T* x, const T* dt, const T* A,
+                          const T* Bm, const T* Cm, const T* D, int B, int T_, int H, int P, int G, int N, int Q,
+                          cudaStream_t stream = 0) {
+    using namespace ssd_detail;
+    const Dims d = ssd_dims("ssd_chunked_backward", B, T_, H, P, G, N, Q);
+    HL_CHECK(scratch, "ssd_chunked_backward: scratch must hold ssd_chunked_backward_scratch_size(...) floats");
+    const BwdScratch s = bwd_scratch(scratch, d);
+    const int ntiles = ceil_div(T_ < Q ? T_ : Q, BM);
+    const int hps = ssd_heads_per_slice(d.hpg());
+    // 1. each chunk's own share of dS_in: Σ_i exp(cum_i)·dy_i ⊗ C_i → slot c − 1 / dinit_state
+    const dim3 g1(ceil_div(P, BM), d.nchunks, B * H);
+    if (feat_tile(N) == 64) ssd_chunk_state_kernel<T, float, 64, true><<<g1, NT, 0, stream>>>(s.slots, dinit_state, dy, dt, A, Cm, d);
+    else ssd_chunk_state_kernel<T, float, 128, true><<<g1, NT, 0, stream>>>(s.slots, dinit_state, dy, dt, A, Cm, d);
+    cudaCheckLast();
+    // 2. reverse state passing: dS_out of every chunk, dinit_state, and the ⟨dS_out, S_in⟩ partials
+    ssd_state_pass_bwd_kernel<T><<<dim3(s.nsplit, B * H), NT, 0, stream>>>(s.slots, dinit_state, s.dot_part,
+                                                                           dfinal_state, chunk_states, dt, A, d);
+    cudaCheckLast();
+    // 3. dx and the direct part of ddt
+    const dim3 gh(ntiles, d.nchunks, B * H);
+    if (feat_tile(P) == 64) ssd_bwd_dx_kernel<T, 64><<<gh, NT, 0, stream>>>(dx, ddt, s.v_state, dy, s.slots, x, dt, A, Bm, Cm, D, d);
+    else ssd_bwd_dx_kernel<T, 128><<<gh, NT, 0, stream>>>(dx, ddt, s.v_state, dy, s.slots, x, dt, A, Bm, Cm, D, d);
+    cudaCheckLast();
+    // 4., 5. dB and dC, summed over the heads of each slice of a group
+    const dim3 gg(ntiles, d.nchunks, B * G * s.nslices);
+    if (feat_tile(N) == 64) {
+        ssd_bwd_dB_kernel<T, 64><<<gg, NT, 0, stream>>>(dBm, s.dB_part, dy, s.slots, x, dt, A, Cm, d, hps);
+        cudaCheckLast();
+        ssd_bwd_dC_kernel<T, 64><<<gg, NT, 0, stream>>>(dCm, s.dC_part, s.cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
+        cudaCheckLast();
+    } else {
+        ssd_bwd_dB_kernel<T, 128><<<gg, NT, 0, stream>>>(dBm, s.dB_part, dy, s.slots, x, dt, A, Cm, d, hps);
+        cudaCheckLast();
+        ssd_bwd_dC_kernel<T, 128><<<gg, NT, 0, stream>>>(dCm, s.dC_part, s.cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
+        cudaCheckLast();
+    }
+    // 6. several slices per group: add them up
+    if (s.nslices > 1) {
+        const size_t n = (size_t)B * T_ * G * N;
+        const int blocks = (int)((n + NT - 1) / NT < 4096 ? (n + NT - 1) / NT : 4096);
+        ssd_sum_slices_kernel<T><<<blocks, NT, 0, stream>>>(dBm, s.dB_part, n, s.nslices);
+        cudaCheckLast();
+        ssd_sum_slices_kernel<T><<<blocks, NT, 0, stream>>>(dCm, s.dC_part, n, s.nslices);
+        cudaCheckLast();
+    }
+    // 7. the decay gradients: ddt completed, per-chunk partial dA and dD
+    ssd_bwd_finalize_kernel<T><<<dim3(d.nchunks, B * H), NT, 0, stream>>>(ddt, s.dA_part, s.dD_part, s.cdot, s.v_state,
+                                                                          s.dot_part, s.nsplit, dy, x, dt, A, d);
+    cudaCheckLast();
+    // 8. dA, dD += their sums
+    ssd_head_grads_kernel<T><<<ceil_div(H, NT), NT, 0, stream>>>(dA, dD, s.dA_part, s.dD_part, d);
+    cudaCheckLast();
+}
+
+}  // namespace hl::gpu
