@@ -19,11 +19,10 @@ CUDA_SRCS := $(wildcard *.cu dev/cuda/*.cu test/*.cu)
 all: $(BUILD)/test_cpu
 
 # ---- dependencies (Debian packages; headers only, except OpenMP) ----
-DEB_HEADERS := libcli11-dev:/usr/include/CLI/CLI.hpp doctest-dev:/usr/include/doctest/doctest.h \
-               libstb-dev:/usr/include/stb/stb_image_write.h libomp-dev:/usr/lib/llvm-14/include/omp.h
+DEB_PACKAGES := libcli11-dev doctest-dev libstb-dev libomp-dev
 deps:
-	@missing=""; for pair in $(DEB_HEADERS); do pkg=$${pair%%:*}; hdr=$${pair#*:}; \
-	  [ -e "$$hdr" ] || missing="$$missing $$pkg"; done; \
+	@missing=""; for pkg in $(DEB_PACKAGES); do \
+	  dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null || \

@@ -1,0 +1,327 @@
+// train_cpu.cpp — trains a hybridlm model on the CPU, and samples from a checkpoint.
+//
+//   train_cpu                                    the small intra-layer hybrid on tinyshakespeare (make train)
+//   train_cpu --arch inter --ratio 1:1 --placement sandwich --steps 200
+//   train_cpu --resume runs/cpu/model.safetensors --steps 800     continue a run exactly where it stopped
+//   train_cpu --sample --load runs/cpu/model.safetensors --prompt "ROMEO:"
+//
+// A run: AdamW with warmup + cosine, gradient clipping, a progress line every --log-every steps,
+// validation loss (and bits per byte) every --eval-every, a sample every --sample-every, a checkpoint
+// <out>/model.safetensors every --ckpt-every and at the end, one CSV row per step in <out>/log.csv.
+// Bad input of any kind: one line "error: ..." on stderr, exit status 1, and nothing written — every
+// flag, the data and a --resume checkpoint are checked before the first file is touched.
+#include <CLI/CLI.hpp>          // CLI11: the command line
+#include <omp.h>                // omp_set_num_threads, omp_get_max_threads
+#include <sys/stat.h>           // mkdir, stat: the output folder
+#include <algorithm>            // std::max
+#include <cerrno>               // errno
+#include <chrono>               // std::chrono::steady_clock: step times
+#include <cmath>                // std::log
+#include <cstdio>               // std::printf, std::fprintf, std::FILE
+#include <cstdlib>              // std::atoi
+#include <cstring>              // std::strerror
+#include <fstream>              // std::ifstream: the old log on resume
+#include <map>                  // std::map: checkpoint metadata
+#include <string>               // std::string
+#include <vector>               // std::vector
+#include "data/loader.h"        // load_tokens, split_tokens, check_vocab, WindowLoader
+#include "model/checkpoint.h"   // load_safetensors, meta_get
+#include "model/common.h"       // hl::Error, HL_CHECK
+#include "model/config.h"       // cost_report, formula_nonembedding_params, human_count
+#include "model/model.h"        // Model
+#include "model/trainer.h"      // ModelFlags, TrainFlags, build_config, train_step, eval_loss, save/load_run, generate
+
+using namespace hl;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// mkdir -p: every missing folder of path, in order.
+void make_dirs(const std::string& path) {
+    for (size_t i = 1; i <= path.size(); i++) {
+        if (i < path.size() && path[i] != '/') continue;
+        const std::string part = path.substr(0, i);
+        struct stat st;
+        if (stat(part.c_str(), &st) == 0) {
+            HL_CHECK(S_ISDIR(st.st_mode), "--out: '", part, "' exists and is not a folder");
+            continue;
+        }
+        if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST)
+            fail("--out: cannot create folder '", part, "': ", std::strerror(errno));
+    }
+}
+
+// The CSV log of a run. A fresh run starts it over; a resumed run keeps the rows up to the
+// checkpoint's step (dropping rows of steps it will redo) and appends, so the file is one curve.
+std::FILE* open_log(const std::string& path, int resume_step) {
+    std::vector<std::string> keep;
+    if (resume_step > 0) {
+        std::ifstream in(path);
+        std::string line;
+        bool header = true;
+        while (std::getline(in, line)) {
+            if (header) { header = false; continue; }
+            if (!line.empty() && std::atoi(line.c_str()) <= resume_step) keep.push_back(line);
+        }
+    }
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) fail("cannot write the log '", path, "': ", std::strerror(errno));
+    std::fprintf(f, "step,train_loss,val_loss,lr,grad_norm,tokens_per_s\n");
+    for (const std::string& line : keep) std::fprintf(f, "%s\n", line.c_str());
+    std::fflush(f);
+    return f;
+}
+
+// The training flags as metadata, for the record (and the seq-len for --sample's window).
+std::map<std::string, std::string> train_metadata(const TrainFlags& t, const ModelFlags& mf, const std::string& data) {
+    return {{"train.seq_len", std::to_string(mf.seq_len)},  {"train.batch", std::to_string(t.batch)},
+            {"train.steps", std::to_string(t.steps)},       {"train.warmup", std::to_string(t.warmup)},
+            {"train.lr", std::to_string(t.lr)},             {"train.min_lr_frac", std::to_string(t.min_lr_frac)},
+            {"train.weight_decay", std::to_string(t.weight_decay)},
+            {"train.grad_clip", std::to_string(t.grad_clip)}, {"train.seed", std::to_string(t.seed)},
+            {"train.data", data}};
+}
+
+// --sample --load ckpt: the config from the checkpoint, then text from the prompt.
+int sample_main(const std::string& load, const std::string& prompt, const TrainFlags& t) {
+    HL_CHECK(!load.empty(), "--sample needs --load <checkpoint>");
+    HL_CHECK(t.sample_len > 0, "--sample-len must be positive, got ", t.sample_len);
+    HL_CHECK(t.temperature >= 0, "--temperature must be non-negative (0 = greedy), got ", t.temperature);
+    HL_CHECK(t.top_k >= 0, "--top-k must be non-negative (0 = all tokens), got ", t.top_k);
+    Checkpoint ck = load_safetensors(load);
+    ModelConfig cfg = checkpoint_config(ck);
+    Model<float> model(cfg);
+    load_params(ck, model);
+    // the window the model was trained on (beyond it RoPE positions were never seen)
+    int window = 0;
+    auto it = ck.metadata.find("train.seq_len");
+    if (it != ck.metadata.end()) window = std::min(std::atoi(it->second.c_str()), cfg.max_seq_len);
+    const std::string text = prompt + generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed, window);
+    std::fwrite(text.data(), 1, text.size(), stdout);  // raw bytes: a sampled 0 byte must not end the text
+    std::printf("\n");
+    return 0;
+}
+
+int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& data_path, const std::string& out,
+               const std::string& resume, const std::string& prompt, double val_frac) {
+    // ---- every check first: flags, data, config, resume checkpoint; nothing is written before ----
+    train_flags_check(t);
+    HL_CHECK(!out.empty(), "--out must name a folder");
+    std::vector<int> tokens = load_tokens(data_path);
+    ModelFlags mf = flags;
+    if (mf.vocab == 0) {  // from the data: bytes → 256, a token shard → its largest id + 1
+        int max_id = 0;
+        for (int tok : tokens) max_id = std::max(max_id, tok);
+        mf.vocab = std::max(256, max_id + 1);
+    }
+    const ModelConfig cfg = build_config(mf);
+    check_vocab(tokens, cfg.vocab_size);
+    const int B = t.batch, T = mf.seq_len;
+    Split split = split_tokens(tokens, val_frac);
+    HL_CHECK(split.val.size() >= size_t(T) + 1, "data: '", data_path, "' is too short for --seq-len ", T,
+             ": its validation part (the last ", val_frac, ") has ", split.val.size(), " tokens, fewer than ", T + 1);
+    HL_CHECK(split.train.size() >= size_t(T) + 1, "data: '", data_path, "' is too short for --seq-len ", T,
+             ": its training part has ", split.train.size(), " tokens, fewer than ", T + 1);
+
+    Model<float> model(cfg);
+    model.init(t.seed);
+    model.alloc(B, T);  // once: every step reuses these activations
+    std::vector<float> m(model.params.size(), 0.0f), v(model.params.size(), 0.0f);  // AdamW moments
+    std::vector<int> inputs(size_t(B) * T), targets(size_t(B) * T);
+    WindowLoader loader(split.train, B, T, t.seed);
+    TrainState state;
+    if (!resume.empty()) {
+        state = load_run(resume, model, m, v);
+        loader.set_rng_state(state.loader_rng);
+        HL_CHECK(state.step < t.steps, "--resume: checkpoint '", resume, "' is already at step ", state.step,
+                 " of --steps ", t.steps, "; raise --steps to train further");
+    }
+    HL_CHECK(t.stop_at == 0 || t.stop_at > state.step, "--stop-at ", t.stop_at, " is not after the checkpoint's step ",
+             state.step);
+    const int end = t.stop_at > 0 ? std::min(t.stop_at, t.steps) : t.steps;  // last step of this session
+    // the sampler: a copy of the model at batch 1, so sampling never reshapes the training activations
+    Model<float> sampler(cfg);
+    sampler.alloc(1, T);
+    const bool bytes = cfg.vocab_size == ByteTokenizer::vocab_size;
+
+    // ---- the run ----
+    make_dirs(out);
+    const std::string ckpt_path = out + "/model.safetensors";
+    std::FILE* log = open_log(out + "/log.csv", state.step);
+    const std::map<std::string, std::string> extra = train_metadata(t, mf, data_path);
+
+    std::printf("%s", cost_report(cfg, T).c_str());
+    const double n_params = double(model.num_params());
+    const double n_embed = double(cfg.vocab_size) * cfg.d_model * (cfg.tied ? 1 : 2);
+    std::printf("exact params: %s (%.0f) total, %s (%.0f) non-embedding incl. norms, biases, D, dt_bias "
+                "[formula: %.0f]\n",
+                human_count(n_params).c_str(), n_params, human_count(n_params - n_embed).c_str(),
+                n_params - n_embed, formula_nonembedding_params(cfg));
+    std::printf("data: %s, %zu tokens (train %zu, val %zu), vocab %d | batch %d × seq-len %d = %d tokens/step | "
+                "%d threads\n",
+                data_path.c_str(), tokens.size(), split.train.size(), split.val.size(), cfg.vocab_size, B, T, B * T,
+                omp_get_max_threads());
+    if (state.step > 0) std::printf("resumed from %s at step %d\n", resume.c_str(), state.step);
+    std::printf("training steps %d..%d of %d, lr %.1e (warmup %d, cosine to %.1e), out %s\n", state.step + 1, end,
+                t.steps, double(t.lr), t.warmup, double(t.lr * t.min_lr_frac), out.c_str());
+    std::fflush(stdout);
+
+    auto sample = [&](int done) {
+        if (!bytes) return;  // text needs the byte tokenizer
+        std::copy(model.params.begin(), model.params.end(), sampler.params.begin());
+        const std::string text =
+            prompt + generate(sampler, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done), T);
+        std::printf("---- sample at step %d ----\n", done);
+        std::fwrite(text.data(), 1, text.size(), stdout);  // raw bytes: a sampled 0 byte must not end the text
+        std::printf("\n----\n");
+        std::fflush(stdout);
+    };
+
+    const Clock::time_point run_start = Clock::now();
+    const int first = state.step;
+    double window_time = 0;  // training time of the steps since the last progress line
+    int window_steps = 0;
+    for (int step = first; step < end; step++) {
+        const Clock::time_point t0 = Clock::now();
+        const StepStats s = train_step(model, m, v, inputs.data(), targets.data(), loader, step, t);
+        const double dt = seconds_since(t0);
+        const int done = step + 1;
+        const bool last = done == t.steps;
+        window_time += dt;
+        window_steps++;
+
+        if (done % t.log_every == 0 || done == end || step == first) {
+            const double eta = seconds_since(run_start) / (done - first) * (end - done);
+            std::printf("%s\n", progress_line(done, t.steps, s, double(B) * T * window_steps / window_time, eta).c_str());
+            std::fflush(stdout);
+            window_time = 0;
+            window_steps = 0;
+        }
+        char val_str[32] = "";  // the CSV's val_loss: empty on steps without validation
+        if ((t.eval_every > 0 && done % t.eval_every == 0) || last) {
+            const float val = eval_loss(model, inputs.data(), targets.data(), split.val, B, T, t.eval_batches);
+            std::snprintf(val_str, sizeof val_str, "%.6f", double(val));
+            if (bytes) std::printf("val loss %.4f | %.4f bits per byte\n", double(val), double(val) / std::log(2.0));
+            else std::printf("val loss %.4f\n", double(val));
+            std::fflush(stdout);
+        }
+        std::fprintf(log, "%d,%.6f,%s,%.6e,%.6f,%.1f\n", done, double(s.loss), val_str, double(s.lr),
+                     double(s.grad_norm), double(B) * T / dt);
+        std::fflush(log);
+        if ((t.ckpt_every > 0 && done % t.ckpt_every == 0) || done == end) {
+            state.step = done;
+            state.loader_rng = loader.rng_state();
+            save_run(ckpt_path, model, m, v, state, extra);
+        }
+        if ((t.sample_every > 0 && done % t.sample_every == 0) || last) sample(done);
+    }
+    std::fclose(log);
+    if (end < t.steps) std::printf("stopped at step %d of %d (--stop-at); continue with --resume %s\n", end, t.steps,
+                                   ckpt_path.c_str());
+    std::printf("done in %s: checkpoint %s, log %s/log.csv\n", human_duration(seconds_since(run_start)).c_str(),
+                ckpt_path.c_str(), out.c_str());
+    return 0;
+}
+
+int run(int argc, char** argv) {
+    ModelFlags mf;
+    TrainFlags t;
+    std::string data = "data/tinyshakespeare.txt", out = "runs/cpu", resume, load, prompt = "ROMEO:";
+    bool sample = false;
+    int threads = 0;
+    double val_frac = 0.1;
+
+    CLI::App app{"train_cpu — train a transformer / Mamba-2 / hybrid language model on the CPU, or sample from a "
+                 "checkpoint.\nDefaults train the small intra-layer hybrid on tinyshakespeare in a few minutes "
+                 "(make train).",
+                 "train_cpu"};
+    // the help shows every default; a flag given twice takes its last value (so a script can override)
+    app.option_defaults()->always_capture_default()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+    // model
+    app.add_option("--preset", mf.preset, "size preset: tiny | small | 100m | 350m | 1b | 3b")->group("Model");
+    app.add_option("--arch", mf.arch, "transformer | mamba2 | inter (A and M blocks) | intra (H blocks in M)")
+        ->group("Model");
+    app.add_option("--pattern", mf.pattern, "layer pattern, one letter per block: A attention, M Mamba-2, "
+                                            "H intra-layer hybrid (e.g. MMHMM); replaces the preset's")
+        ->group("Model");
+    app.add_option("--ratio", mf.ratio, "attention:Mamba block ratio, e.g. 1:5 (H blocks for --arch intra, "
+                                        "A blocks otherwise)")
+        ->group("Model");
+    app.add_option("--placement", mf.placement, "where the ratio's blocks go: middle (default) | front | end | "
+                                                "cluster | sandwich")
+        ->group("Model");
+    app.add_option("--layers", mf.layers, "number of layers with --ratio (0 = the preset's)")->group("Model");
+    app.add_option("--fusion", mf.fusion, "intra-layer fusion: final | concat | hymba | falcon, or axes like "
+                                          "norm=group,scale=none,op=diff,value=sep,out=sep")
+        ->group("Model");
+    app.add_flag("--untied", mf.untied, "separate LM head (default: tied to the embedding)")->group("Model");
+    mf.vocab = 0;  // from the data unless given
+    app.add_option("--vocab", mf.vocab, "vocabulary size (0 = from the data: 256 for text, largest id + 1 for "
+                                        ".bin shards)")
+        ->group("Model");
+    // data and run
+    app.add_option("--data", data, "training text (bytes) or llm.c .bin token shard")->group("Run");
+    app.add_option("--val-frac", val_frac, "fraction of the data (at its end) held out for validation")->group("Run");
+    app.add_option("--out", out, "folder for model.safetensors and log.csv")->group("Run");
+    app.add_option("--resume", resume, "continue a run from its checkpoint (same flags: the config must match)")
+        ->group("Run");
+    app.add_option("--stop-at", t.stop_at, "end this session after that step, checkpointed (as if interrupted; "
+                                          "the schedule still spans --steps)")
+        ->group("Run");
+    app.add_option("--threads", threads, "OpenMP threads (0 = all cores); fix it for bit-exact resumes")->group("Run");
+    // optimisation
+    app.add_option("--seq-len", mf.seq_len, "training context length T")->group("Optimisation");
+    app.add_option("--batch", t.batch, "sequences per step B")->group("Optimisation");
+    app.add_option("--steps", t.steps, "total optimisation steps")->group("Optimisation");
+    app.add_option("--lr", t.lr, "peak learning rate (AdamW, beta2 0.95)")->group("Optimisation");
+    app.add_option("--warmup", t.warmup, "linear warmup steps, then cosine decay")->group("Optimisation");
+    app.add_option("--min-lr-frac", t.min_lr_frac, "the cosine ends at this fraction of --lr")->group("Optimisation");
+    app.add_option("--weight-decay", t.weight_decay, "AdamW weight decay (matrices only)")->group("Optimisation");
+    app.add_option("--grad-clip", t.grad_clip, "clip the global gradient norm to this")->group("Optimisation");
+    app.add_option("--seed", t.seed, "seed of the init, the data order and the samples")->group("Optimisation");
+    // monitoring
+    app.add_option("--log-every", t.log_every, "progress line every N steps")->group("Monitoring");
+    app.add_option("--eval-every", t.eval_every, "validation loss every N steps (0 = at the end only)")
+        ->group("Monitoring");
+    app.add_option("--eval-batches", t.eval_batches, "validation batches per evaluation")->group("Monitoring");
+    app.add_option("--ckpt-every", t.ckpt_every, "checkpoint every N steps (0 = at the end only)")->group("Monitoring");
+    app.add_option("--sample-every", t.sample_every, "sample every N steps (0 = at the end only)")
+        ->group("Monitoring");
+    // sampling
+    app.add_flag("--sample", sample, "sample from --load instead of training")->group("Sampling");
+    app.add_option("--load", load, "checkpoint to sample from (its config is read from the file)")
+        ->group("Sampling");
+    app.add_option("--prompt", prompt, "text the samples start from")->group("Sampling");
+    app.add_option("--sample-len", t.sample_len, "tokens per sample")->group("Sampling");
+    app.add_option("--temperature", t.temperature, "sampling temperature (0 = greedy)")->group("Sampling");
+    app.add_option("--top-k", t.top_k, "sample among the k likeliest tokens (0 = all)")->group("Sampling");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::Success& e) {  // --help
+        return app.exit(e);
+    }
+    HL_CHECK(threads >= 0, "--threads must be non-negative (0 = all cores), got ", threads);
+    if (threads > 0) omp_set_num_threads(threads);
+    if (sample) return sample_main(load, prompt, t);
+    HL_CHECK(load.empty(), "--load is for --sample; to continue training use --resume");
+    return train_main(mf, t, data, out, resume, prompt, val_frac);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    std::string msg;
+    try {
+        return run(argc, argv);
+    } catch (const std::exception& e) {  // hl::Error, CLI11's parse errors, anything else
+        msg = e.what();
+    }
+    for (char& c : msg)  // one line, whatever the message holds
+        if (c == '\n' || c == '\r') c = ' ';
+    std::fprintf(stderr, "error: %s\n", msg.c_str());
+    return 1;
+}
