@@ -51,54 +51,6 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// The next three are the host-only helpers of train_cpu.cpp (its anonymous namespace), repeated here so that the
-// two trainers write the same folders, logs and metadata. (They belong in a shared host header.)
-
-// mkdir -p: every missing folder of path, in order.
-void make_dirs(const std::string& path) {
-    for (size_t i = 1; i <= path.size(); i++) {
-        if (i < path.size() && path[i] != '/') continue;
-        const std::string part = path.substr(0, i);
-        struct stat st;
-        if (stat(part.c_str(), &st) == 0) {
-            HL_CHECK(S_ISDIR(st.st_mode), "--out: '", part, "' exists and is not a folder");
-            continue;
-        }
-        if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST)
-            fail("--out: cannot create folder '", part, "': ", std::strerror(errno));
-    }
-}
-
-// The CSV log of a run: a fresh run starts it over; a resumed run keeps the rows up to the checkpoint's step.
-std::FILE* open_log(const std::string& path, int resume_step) {
-    std::vector<std::string> keep;
-    if (resume_step > 0) {
-        std::ifstream in(path);
-        std::string line;
-        bool header = true;
-        while (std::getline(in, line)) {
-            if (header) { header = false; continue; }
-            if (!line.empty() && std::atoi(line.c_str()) <= resume_step) keep.push_back(line);
-        }
-    }
-    std::FILE* f = std::fopen(path.c_str(), "w");
-    if (!f) fail("cannot write the log '", path, "': ", std::strerror(errno));
-    std::fprintf(f, "step,train_loss,val_loss,lr,grad_norm,tokens_per_s\n");
-    for (const std::string& line : keep) std::fprintf(f, "%s\n", line.c_str());
-    std::fflush(f);
-    return f;
-}
-
-// The training flags as metadata, for the record (and the seq-len for --sample's window).
-std::map<std::string, std::string> train_metadata(const TrainFlags& t, const ModelFlags& mf, const std::string& data) {
-    return {{"train.seq_len", std::to_string(mf.seq_len)},  {"train.batch", std::to_string(t.batch)},
-            {"train.steps", std::to_string(t.steps)},       {"train.warmup", std::to_string(t.warmup)},
-            {"train.lr", std::to_string(t.lr)},             {"train.min_lr_frac", std::to_string(t.min_lr_frac)},
-            {"train.weight_decay", std::to_string(t.weight_decay)},
-            {"train.grad_clip", std::to_string(t.grad_clip)}, {"train.seed", std::to_string(t.seed)},
-            {"train.data", data}};
-}
-
 std::string device_name() {
     int dev = 0;
     cudaCheck(cudaGetDevice(&dev));

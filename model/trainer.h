@@ -11,7 +11,12 @@
 #include <climits>              // INT_MAX
 #include <cmath>                // std::cos, std::exp, std::log
 #include <cstdint>              // uint64_t
-#include <cstdio>               // std::snprintf for the progress line
+#include <cerrno>               // errno
+#include <cstdio>               // std::snprintf, std::FILE: the progress line, the CSV log
+#include <cstdlib>              // std::atoi
+#include <cstring>              // std::strerror
+#include <fstream>              // std::ifstream: the old log on resume
+#include <sys/stat.h>           // mkdir, stat: the run folder
 #include <map>                  // std::map: checkpoint metadata
 #include <string>               // std::string
 #include <utility>              // std::move
@@ -402,6 +407,54 @@ inline std::string progress_line(int step, int total, const StepStats& s, double
                   double(s.loss), double(s.lr), double(s.grad_norm), human_rate(tokens_per_s).c_str(),
                   human_duration(eta_s).c_str());
     return buf;
+}
+
+// ---- host helpers shared by train_cpu.cpp and train.cu: the run folder, its CSV log, its metadata ----
+
+// mkdir -p: every missing folder of path, in order.
+inline void make_dirs(const std::string& path) {
+    for (size_t i = 1; i <= path.size(); i++) {
+        if (i < path.size() && path[i] != '/') continue;
+        const std::string part = path.substr(0, i);
+        struct stat st;
+        if (stat(part.c_str(), &st) == 0) {
+            HL_CHECK(S_ISDIR(st.st_mode), "--out: '", part, "' exists and is not a folder");
+            continue;
+        }
+        if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST)
+            fail("--out: cannot create folder '", part, "': ", std::strerror(errno));
+    }
+}
+
+// The CSV log of a run. A fresh run starts it over; a resumed run keeps the rows up to the
+// checkpoint's step (dropping rows of steps it will redo) and appends, so the file is one curve.
+inline std::FILE* open_log(const std::string& path, int resume_step) {
+    std::vector<std::string> keep;
+    if (resume_step > 0) {
+        std::ifstream in(path);
+        std::string line;
+        bool header = true;
+        while (std::getline(in, line)) {
+            if (header) { header = false; continue; }
+            if (!line.empty() && std::atoi(line.c_str()) <= resume_step) keep.push_back(line);
+        }
+    }
+    std::FILE* f = std::fopen(path.c_str(), "w");
+    if (!f) fail("cannot write the log '", path, "': ", std::strerror(errno));
+    std::fprintf(f, "step,train_loss,val_loss,lr,grad_norm,tokens_per_s\n");
+    for (const std::string& line : keep) std::fprintf(f, "%s\n", line.c_str());
+    std::fflush(f);
+    return f;
+}
+
+// The training flags as metadata, for the record (and the seq-len for --sample's window).
+inline std::map<std::string, std::string> train_metadata(const TrainFlags& t, const ModelFlags& mf, const std::string& data) {
+    return {{"train.seq_len", std::to_string(mf.seq_len)},  {"train.batch", std::to_string(t.batch)},
+            {"train.steps", std::to_string(t.steps)},       {"train.warmup", std::to_string(t.warmup)},
+            {"train.lr", std::to_string(t.lr)},             {"train.min_lr_frac", std::to_string(t.min_lr_frac)},
+            {"train.weight_decay", std::to_string(t.weight_decay)},
+            {"train.grad_clip", std::to_string(t.grad_clip)}, {"train.seed", std::to_string(t.seed)},
+            {"train.data", data}};
 }
 
 }  // namespace hl
