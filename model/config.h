@@ -586,7 +586,7 @@ inline ModelConfig config_from_metadata(const std::map<std::string, std::string>
         fail(where, ": metadata 'fusion': ", e.what());
     }
     c.pattern = get(meta, "pattern", where);
-    const std::string& tied = get(meta, "tied", where);
+    const std::string tied = get(meta, "tied", where);
     HL_CHECK(tied == "true" || tied == "false", where, ": metadata 'tied' = '", tied, "' is not true or false");
     c.tied = tied == "true";
     c.max_seq_len = get_int(meta, "max_seq_len", where);
