@@ -49,12 +49,12 @@ int sample_main(const std::string& load, const std::string& prompt, const TrainF
     ModelConfig cfg = checkpoint_config(ck);
     Model<float> model(cfg);
     load_params(ck, model);
-    // the window the model was trained on (beyond it RoPE positions were never seen)
-    int window = 0;
-    auto it = ck.metadata.find("train.seq_len");
-    if (it != ck.metadata.end()) window = std::min(std::atoi(it->second.c_str()), cfg.max_seq_len);
-    const std::string text = prompt + generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed, window);
-    std::fwrite(text.data(), 1, text.size(), stdout);  // raw bytes: a sampled 0 byte must not end the text
+    // streamed as it is sampled; raw bytes, so a sampled 0 byte does not end the text
+    std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+    generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed, [](const std::string& piece) {
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+        std::fflush(stdout);
+    });
     std::printf("\n");
     return 0;
 }
@@ -96,9 +96,6 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     HL_CHECK(t.stop_at == 0 || t.stop_at > state.step, "--stop-at ", t.stop_at, " is not after the checkpoint's step ",
              state.step);
     const int end = t.stop_at > 0 ? std::min(t.stop_at, t.steps) : t.steps;  // last step of this session
-    // the sampler: a copy of the model at batch 1, so sampling never reshapes the training activations
-    Model<float> sampler(cfg);
-    sampler.alloc(1, T);
     const bool bytes = cfg.vocab_size == ByteTokenizer::vocab_size;
 
     // ---- the run ----
@@ -125,9 +122,9 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
 
     auto sample = [&](int done) {
         if (!bytes) return;  // text needs the byte tokenizer
-        std::copy(model.params.begin(), model.params.end(), sampler.params.begin());
+        // cached decoding keeps its own state, so the training activations are left as they are
         const std::string text =
-            prompt + generate(sampler, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done), T);
+            prompt + generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done));
         std::printf("---- sample at step %d ----\n", done);
         std::fwrite(text.data(), 1, text.size(), stdout);  // raw bytes: a sampled 0 byte must not end the text
         std::printf("\n----\n");

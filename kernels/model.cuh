@@ -34,7 +34,8 @@
 #include "model/config.h"         // ModelConfig, config_check
 #include "model/embedding.h"      // embedding_check_tokens: host-side id checks before an upload
 #include "model/model.h"          // Model<float>, ModelParams, model_params, block_config
-#include "model/trainer.h"        // StepStats, TrainFlags, lr_at, sample_top_k
+#include "model/generate.h"       // sample_token
+#include "model/trainer.h"        // StepStats, TrainFlags, lr_at
 
 namespace hl::gpu {
 
@@ -348,7 +349,6 @@ inline std::string generate(GpuModel& model, const std::string& prompt, int n_to
     ByteTokenizer tok;
     std::vector<int> context = tok.encode(prompt.empty() ? std::string("\n") : prompt);
     std::vector<int> batch((size_t)window, 0);  // (1, window)
-    std::vector<int> order((size_t)V);          // scratch of sample_top_k
     std::vector<float> row((size_t)V);          // the logits of the last real position
     Rng rng(seed);
     std::string out;
@@ -360,7 +360,7 @@ inline std::string generate(GpuModel& model, const std::string& prompt, int n_to
         model.forward(model.tokens_buf.ptr, nullptr, 1, window);
         cudaCheck(cudaMemcpy(row.data(), model.logits + (size_t)(len - 1) * V, sizeof(float) * V,
                              cudaMemcpyDeviceToHost));
-        const int next = sample_top_k(row.data(), V, temperature, top_k, rng.uniform(), order.data());
+        const int next = sample_token(row.data(), V, temperature, top_k, rng);
         context.push_back(next);
         out += tok.decode_token(next);
     }

@@ -5,7 +5,7 @@
 //   train_step      one optimisation step: batch → forward → backward → clip → AdamW
 //   eval_loss       mean validation loss over fixed windows
 //   save_run/load_run   run checkpoints: parameters, AdamW moments, step and data RNG (exact resume)
-//   generate        text from a prompt with temperature and top-k
+//   generate        text from a prompt with temperature and top-k, through the cached decoder
 #pragma once
 #include <algorithm>            // std::partial_sort, std::copy, std::min
 #include <climits>              // INT_MAX
@@ -15,6 +15,7 @@
 #include <cstdio>               // std::snprintf, std::FILE: the progress line, the CSV log
 #include <cstdlib>              // std::atoi
 #include <cstring>              // std::strerror
+#include <functional>           // std::function: streaming samples
 #include <fstream>              // std::ifstream: the old log on resume
 #include <sys/stat.h>           // mkdir, stat: the run folder
 #include <map>                  // std::map: checkpoint metadata
@@ -28,6 +29,7 @@
 #include "model/common.h"       // HL_CHECK, fail, Rng
 #include "model/config.h"       // ModelConfig, preset, make_pattern, config_to/from_metadata
 #include "model/fusion.h"       // parse_fusion
+#include "model/generate.h"     // generate_cached, sample_token: cached decoding
 #include "model/model.h"        // Model
 
 namespace hl {
@@ -317,64 +319,20 @@ inline void load_params(const Checkpoint& ck, Model<float>& model) {
 // Sampling
 // ---------------------------------------------------------------------------------------------
 
-// The next token from one row of logits (V): keep the top_k largest (all when top_k is 0 or ≥ V),
-// softmax them at `temperature`, and return the token at which the cumulative probability passes
-// u ∈ [0, 1). temperature 0 is greedy (the argmax). order: scratch of V ints. Ties are broken by the
-// lower token id, so the choice is deterministic.
-inline int sample_top_k(const float* logits, int V, float temperature, int top_k, double u, int* order) {
-    HL_CHECK(V > 0, "sample: vocabulary must be positive, got ", V);
-    HL_CHECK(temperature >= 0, "sample: temperature must be non-negative, got ", temperature);
-    HL_CHECK(top_k >= 0, "sample: top_k must be non-negative, got ", top_k);
-    const int k = (top_k == 0 || top_k > V) ? V : top_k;
-    for (int i = 0; i < V; i++) order[i] = i;
-    std::partial_sort(order, order + k, order + V, [logits](int a, int b) {
-        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
-    });
-    if (temperature == 0) return order[0];
-    // softmax over the k kept logits, max subtracted (order[0] holds the max)
-    const double max = logits[order[0]];
-    double sum = 0;
-    for (int i = 0; i < k; i++) sum += std::exp((logits[order[i]] - max) / temperature);
-    double target = u * sum, cum = 0;
-    for (int i = 0; i < k; i++) {
-        cum += std::exp((logits[order[i]] - max) / temperature);
-        if (target < cum) return order[i];
-    }
-    return order[k - 1];  // u·sum rounded up to the total
-}
-
-// n_tokens of text continuing `prompt` (the continuation only, the prompt is not repeated), sampled
-// with temperature and top_k from a seeded stream. Byte vocabulary only. Each token re-runs the
-// whole forward over the last ≤ window tokens, placed at the start of a (1, window) batch: the model
-// is causal, so the logits at the last real position ignore the padding after it, and the model's
-// activations keep one shape (window 0 = min(max_seq_len, 256); pass the training seq-len). An
-// empty prompt starts from a newline.
-inline std::string generate(Model<float>& model, const std::string& prompt, int n_tokens, float temperature,
-                            int top_k, uint64_t seed, int window = 0) {
-    const int V = model.cfg.vocab_size;
-    HL_CHECK(V == ByteTokenizer::vocab_size, "generate: text needs the byte vocabulary (", ByteTokenizer::vocab_size,
-             "), this model has ", V);
+// n_tokens of text continuing `prompt` (the continuation only; an empty prompt starts from a newline),
+// through the cached decoder of model/generate.h — attention layers keep a KV cache, Mamba-2 layers their conv
+// and SSM state — sampled with temperature and top_k (sample_token) from a seeded stream. Byte vocabulary only.
+// on_text, if given, sees each new byte as it is sampled (streaming).
+inline std::string generate(const Model<float>& model, const std::string& prompt, int n_tokens, float temperature,
+                            int top_k, uint64_t seed, const std::function<void(const std::string&)>& on_text = {}) {
+    HL_CHECK(model.cfg.vocab_size == ByteTokenizer::vocab_size, "generate: text needs the byte vocabulary (",
+             ByteTokenizer::vocab_size, "), this model has ", model.cfg.vocab_size);
     HL_CHECK(n_tokens >= 0, "generate: n_tokens must be non-negative, got ", n_tokens);
-    if (window <= 0) window = std::min(model.cfg.max_seq_len, 256);
-    HL_CHECK(window <= model.cfg.max_seq_len, "generate: window ", window, " is above the model's limit max_seq_len = ",
-             model.cfg.max_seq_len);
     ByteTokenizer tok;
-    std::vector<int> context = tok.encode(prompt.empty() ? std::string("\n") : prompt);
-    std::vector<int> batch((size_t)window, 0);  // (1, window)
-    std::vector<int> order((size_t)V);          // scratch of sample_top_k
-    Rng rng(seed);
-    std::string out;
-    for (int i = 0; i < n_tokens; i++) {
-        const int len = std::min(int(context.size()), window);
-        const int* last = context.data() + context.size() - size_t(len);
-        for (int t = 0; t < window; t++) batch[size_t(t)] = t < len ? last[t] : 0;
-        model.forward(batch.data(), nullptr, 1, window);
-        const int next = sample_top_k(model.logits + (size_t)(len - 1) * V, V, temperature, top_k, rng.uniform(),
-                                      order.data());
-        context.push_back(next);
-        out += tok.decode_token(next);
-    }
-    return out;
+    const std::vector<int> context = tok.encode(prompt.empty() ? std::string("\n") : prompt);
+    std::function<void(int)> on_token;
+    if (on_text) on_token = [&](int id) { on_text(tok.decode_token(id)); };
+    return tok.decode(generate_cached(model, context, n_tokens, temperature, top_k, seed, on_token));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,7 +405,7 @@ inline std::FILE* open_log(const std::string& path, int resume_step) {
     return f;
 }
 
-// The training flags as metadata, for the record (and the seq-len for --sample's window).
+// The training flags as metadata, for the record .
 inline std::map<std::string, std::string> train_metadata(const TrainFlags& t, const ModelFlags& mf, const std::string& data) {
     return {{"train.seq_len", std::to_string(mf.seq_len)},  {"train.batch", std::to_string(t.batch)},
             {"train.steps", std::to_string(t.steps)},       {"train.warmup", std::to_string(t.warmup)},

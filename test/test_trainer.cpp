@@ -475,68 +475,29 @@ TEST_CASE("resume: 3 steps + save + load + 3 steps equals 6 uninterrupted steps,
 // Sampling
 // =============================================================================================
 
-TEST_CASE("sample_top_k: greedy at temperature 0, only the top k, softmax frequencies over u") {
-    const float logits[6] = {0.5f, 2.0f, -1.0f, 2.0f, 1.0f, -3.0f};  // tie between ids 1 and 3
-    int order[6];
-    CHECK(sample_top_k(logits, 6, 0.0f, 0, 0.99, order) == 1);  // argmax; the tie goes to the lower id
-    CHECK(sample_top_k(logits, 6, 1.0f, 1, 0.99, order) == 1);  // top-1 is greedy whatever u
-    for (int k : {2, 3, 6}) {
-        for (float temp : {0.5f, 1.0f, 2.0f}) {
-            CAPTURE(k);
-            CAPTURE(temp);
-            // the kept ids and their softmax at this temperature
-            std::vector<int> kept = {1, 3, 4, 0, 2, 5};
-            kept.resize(size_t(k));
-            double z = 0;
-            for (int id : kept) z += std::exp(logits[id] / temp);
-            std::vector<int> hits(6, 0);
-            const int n = 20000;
-            for (int i = 0; i < n; i++) hits[size_t(sample_top_k(logits, 6, temp, k, (i + 0.5) / n, order))]++;
-            for (int id = 0; id < 6; id++) {
-                bool in_top = false;
-                for (int kk : kept) in_top |= kk == id;
-                const double expect = in_top ? std::exp(logits[id] / temp) / z : 0.0;
-                CHECK(double(hits[size_t(id)]) / n == doctest::Approx(expect).scale(1).epsilon(2e-4));
-            }
-        }
-    }
-    CHECK_THROWS_AS(sample_top_k(logits, 6, -1.0f, 0, 0.5, order), Error);
-    CHECK_THROWS_AS(sample_top_k(logits, 6, 1.0f, -2, 0.5, order), Error);
-}
-
-TEST_CASE("generate: the padded fixed window gives the same text as exact-length forwards; seeded") {
+TEST_CASE("generate: text through the cached decoder, streamed, seeded") {
     ModelConfig c = build_config(tiny_flags());
-    Model<float> model(c), ref(c);
+    Model<float> model(c);
     model.init(4);
-    std::copy(model.params.begin(), model.params.end(), ref.params.begin());
-    const int window = 8, n = 14;  // "ROMEO:" (6) + 14 tokens: the context slides past the window
+    const int n = 14;
     const std::string prompt = "ROMEO:";
-    std::string got = generate(model, prompt, n, 0.9f, 10, 77, window);
+    std::string streamed;
+    std::string got = generate(model, prompt, n, 0.9f, 10, 77, [&](const std::string& piece) { streamed += piece; });
     CHECK(got.size() == size_t(n));
+    CHECK(streamed == got);
+    // the same as the token-level cached decoder on the prompt's bytes
+    std::vector<int> ids = generate_cached(model, ByteTokenizer().encode(prompt), n, 0.9f, 10, 77);
+    CHECK(got == ByteTokenizer().decode(ids));
+    CHECK(generate(model, prompt, n, 0.9f, 10, 77) == got);  // same seed, same text
+    CHECK(generate(model, prompt, n, 0.9f, 10, 78) != got);  // another seed, other text
+    CHECK(generate(model, prompt, 0, 0.9f, 10, 77).empty());
+    CHECK(generate(model, "", 3, 0.0f, 0, 1).size() == 3);  // an empty prompt starts from "\n"
 
-    // reference: each step a forward over exactly the last ≤ window tokens, no padding
-    std::vector<int> ctx = ByteTokenizer().encode(prompt), order(256);
-    Rng rng(77);
-    std::string expect;
-    for (int i = 0; i < n; i++) {
-        const int len = std::min(int(ctx.size()), window);
-        std::vector<int> last(ctx.end() - len, ctx.end());
-        ref.forward(last.data(), nullptr, 1, len);
-        int next = sample_top_k(ref.logits + (len - 1) * 256, 256, 0.9f, 10, rng.uniform(), order.data());
-        ctx.push_back(next);
-        expect += char((unsigned char)next);
-    }
-    CHECK(got == expect);
-    CHECK(generate(model, prompt, n, 0.9f, 10, 77, window) == got);  // same seed, same text
-    CHECK(generate(model, prompt, 0, 0.9f, 10, 77, window).empty());
-    CHECK(generate(model, "", 3, 0.0f, 0, 1, window).size() == 3);  // an empty prompt starts from "\n"
-
-    CHECK(has(error_of([&] { generate(model, prompt, 5, 1.0f, 0, 1, 129); }), "above the model's limit"));
-    CHECK(has(error_of([&] { generate(model, prompt, -1, 1.0f, 0, 1, window); }), "n_tokens must be non-negative"));
+    CHECK(has(error_of([&] { generate(model, prompt, -1, 1.0f, 0, 1); }), "n_tokens must be non-negative"));
     ModelFlags big = tiny_flags();
     big.vocab = 300;
     Model<float> other(build_config(big));
-    CHECK(has(error_of([&] { generate(other, prompt, 5, 1.0f, 0, 1, window); }), "byte vocabulary"));
+    CHECK(has(error_of([&] { generate(other, prompt, 5, 1.0f, 0, 1); }), "byte vocabulary"));
 }
 
 TEST_CASE("progress line and its number formats") {
