@@ -95,3 +95,56 @@ TEST_CASE("model: bad sizes are clear errors") {
     ModelConfig bad = micro("MXA");
     CHECK_THROWS_AS(Model<float>{bad}, hl::Error);
 }
+
+TEST_CASE("parameter counts: the allocated tensors equal DESIGN.md's formulas, for every preset and family") {
+    // The formulas count the matmul weights, the conv weights on the x channels and A_log, D (the paper's
+    // terms); norms, biases, dt_bias, the conv on B/C and the fusion scales are ours and counted apart.
+    auto formula_part = [](const ModelConfig& c, const std::vector<TensorInfo>& tensors) {
+        double n = 0;
+        for (const TensorInfo& t : tensors) {
+            const std::string leaf = t.name.substr(t.name.rfind('.') + 1);
+            if (t.name == "embed" || t.name == "lm_head") continue;
+            if (leaf == "conv_w") n += double(t.shape[0] - 2 * c.ngroups * c.d_state) * t.shape[1];  // x rows
+            else if (leaf == "A_log" || leaf == "D" || t.shape.size() >= 2) n += double(t.numel);
+        }
+        return n;
+    };
+    struct Case { const char* preset; const char* arch; const char* fusion; };
+    std::vector<Case> cases;
+    for (const char* p : {"tiny", "small", "100m", "350m", "1b", "3b"})
+        for (const char* a : {"transformer", "mamba2", "inter", "intra"}) cases.push_back({p, a, "final"});
+    for (const char* f : {"concat", "hymba", "falcon", "norm=none,scale=scalar,op=add,value=shared,out=sep"})
+        cases.push_back({"350m", "intra", f});
+    for (const Case& k : cases) {
+        CAPTURE(k.preset);
+        CAPTURE(k.arch);
+        CAPTURE(k.fusion);
+        ModelConfig c = preset(k.preset, k.arch);
+        c.fusion = parse_fusion(k.fusion);
+        std::vector<TensorInfo> tensors;
+        Arena<float> count(nullptr, &tensors);  // counts only: no allocation, so 3b is cheap
+        model_params(count, c);
+        CHECK(formula_part(c, tensors) == formula_nonembedding_params(c));
+        CHECK(double(count.size) == formula_part(c, tensors) + formula_embedding_params(c) +
+                                        [&] {  // the rest: every tensor the formulas leave out
+                                            double rest = 0;
+                                            for (const TensorInfo& t : tensors) {
+                                                const std::string leaf = t.name.substr(t.name.rfind('.') + 1);
+                                                if (t.name == "embed" || t.name == "lm_head") continue;
+                                                if (leaf == "conv_w")
+                                                    rest += double(2 * c.ngroups * c.d_state) * t.shape[1];
+                                                else if (!(leaf == "A_log" || leaf == "D" || t.shape.size() >= 2))
+                                                    rest += double(t.numel);
+                                            }
+                                            return rest;
+                                        }());
+    }
+    // the paper's Table 8 non-embedding counts, from the allocated tensors themselves
+    for (auto [p, expect] : {std::pair{"100m", 96}, {"350m", 352}, {"1b", 973}, {"3b", 2775}}) {  // millions
+        ModelConfig c = preset(p, "transformer");
+        std::vector<TensorInfo> tensors;
+        Arena<float> count(nullptr, &tensors);
+        model_params(count, c);
+        CHECK(std::lround(formula_part(c, tensors) / 1e6) == expect);  // Table 8 prints 0.096B, 0.352B, ...
+    }
+}
