@@ -97,6 +97,12 @@ $(BUILD)/dev/%: dev/cuda/%.cu $(HEADERS) $(KERNEL_HEADERS)
 $(DEV_TARGETS): dev/cuda/%: $(BUILD)/dev/%
 dev: $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%)
 
+# `make bench` (device machine): every playground in turn — each checks its versions against the CPU and
+# prints their timings. Benchmarks never assert a time.
+.PHONY: bench
+bench: dev
+	@for b in $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%); do echo "==== $$b"; $$b || exit 1; done
+
 # Compile check of every CUDA source (no GPU needed): objects only, nothing is run.
 cuda_check:
 	@mkdir -p $(BUILD); for f in $(CUDA_SRCS); do echo "nvcc -c $$f"; \

@@ -9,9 +9,8 @@
 //       compile-time head dims (64 / 64 here)
 // FLOPs counted as the usual convention: forward 4·B·H·T²·hd / 2 (causal QKᵀ and PV), backward 2.5× forward.
 //
-// Build: nvcc -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp -I. -I.deps/include
-//          dev/cuda/attention.cu -o build/attention          (one line)
-// Run:   ./build/attention [version]     (no argument: every version)
+// Build: make dev/cuda/attention      (nvcc with the Makefile's NVFLAGS → build/dev/attention)
+// Run:   ./build/dev/attention [version]     (no argument: every version)
 #include <algorithm>               // std::sort, std::max
 #include <cmath>                   // std::fabs, std::isfinite, sqrtf
 #include <cstdio>                  // std::printf

@@ -16,9 +16,8 @@
 // Bandwidth = minimal bytes moved (forward: read inp, write pre and out; backward: dinp pass reads dout, pre and
 // writes dinp, dw pass reads dout, pre, inp) over the time.
 //
-// Build: nvcc -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp -I. -I.deps/include
-//          dev/cuda/conv1d.cu -o build/conv1d -lcublas          (one line)
-// Run:   ./build/conv1d [version]     (no argument: every version)
+// Build: make dev/cuda/conv1d      (nvcc with the Makefile's NVFLAGS → build/dev/conv1d)
+// Run:   ./build/dev/conv1d [version]     (no argument: every version)
 #include <algorithm>              // std::sort, std::max
 #include <cmath>                  // std::fabs, std::isfinite
 #include <cstdio>                 // std::printf

@@ -17,9 +17,8 @@
 // Bandwidth is reported as the minimal bytes each pass must move (forward: read x, write out; backward:
 // read dout and x, write dinp, plus read dout and x again for dweight) over the time.
 //
-// Build: nvcc -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp -I. -I.deps/include
-//          dev/cuda/rmsnorm.cu -o build/rmsnorm -lcublas          (one line)
-// Run:   ./build/rmsnorm [version]     (no argument: every version)
+// Build: make dev/cuda/rmsnorm      (nvcc with the Makefile's NVFLAGS → build/dev/rmsnorm)
+// Run:   ./build/dev/rmsnorm [version]     (no argument: every version)
 #include <algorithm>              // std::sort, std::max
 #include <cmath>                  // std::fabs, std::isfinite
 #include <cstdio>                 // std::printf

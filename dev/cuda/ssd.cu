@@ -12,8 +12,8 @@
 // d_ssm = H·P; the forward is counted as a third of it.
 //
 // Compile (from the repo root):
-//   nvcc -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp -I. -I.deps/include dev/cuda/ssd.cu -o build/dev_ssd
-// Run:   ./build/dev_ssd [version: 0 = all, 1, 2] [B T H P N G Q]
+//   make dev/cuda/ssd      (nvcc with the Makefile's NVFLAGS → build/dev/ssd)
+// Run:   ./build/dev/ssd [version: 0 = all, 1, 2] [B T H P N G Q]
 //        default shape: the paper's 350m Mamba layer, B=4 T=2048 H=24 P=128 N=128 G=1 Q=256
 #include <algorithm>           // std::sort, std::min, std::max
 #include <cmath>               // std::fabs
