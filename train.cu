@@ -41,6 +41,7 @@
 #include "model/common.h"        // hl::Error, HL_CHECK
 #include "model/config.h"        // cost_report, formula_nonembedding_params, human_count
 #include "model/model.h"         // Model<float>: the host staging copy
+#include "model/cli.h"           // add_trainer_flags, RunFlags: the command line shared with train_cpu
 #include "model/trainer.h"       // ModelFlags, TrainFlags, build_config, save/load_run, progress_line, ...
 
 using namespace hl;
@@ -219,89 +220,29 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
 int run(int argc, char** argv) {
     ModelFlags mf;
     TrainFlags t;
-    std::string data = "data/tinyshakespeare.txt", out = "runs/gpu", resume, load, prompt = "ROMEO:";
-    bool sample = false;
-    int threads = 0;
-    double val_frac = 0.1;
+    RunFlags r;
+    r.out = "runs/gpu";
 
     CLI::App app{"train_gpu — train a transformer / Mamba-2 / hybrid language model on the GPU (fp32), or sample "
                  "from a checkpoint.\nSame flags, data and checkpoint format as train_cpu (a checkpoint of one loads "
                  "in the other). Sampling runs a full GPU forward over the context window for every token and samples "
                  "on the host (no cached decode yet).",
                  "train_gpu"};
-    app.option_defaults()->always_capture_default()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-    // model
-    app.add_option("--preset", mf.preset, "size preset: tiny | small | 100m | 350m | 1b | 3b")->group("Model");
-    app.add_option("--arch", mf.arch, "transformer | mamba2 | inter (A and M blocks) | intra (H blocks in M)")
-        ->group("Model");
-    app.add_option("--pattern", mf.pattern, "layer pattern, one letter per block: A attention, M Mamba-2, "
-                                            "H intra-layer hybrid (e.g. MMHMM); replaces the preset's")
-        ->group("Model");
-    app.add_option("--ratio", mf.ratio, "attention:Mamba block ratio, e.g. 1:5 (H blocks for --arch intra, "
-                                        "A blocks otherwise)")
-        ->group("Model");
-    app.add_option("--placement", mf.placement, "where the ratio's blocks go: middle (default) | front | end | "
-                                                "cluster | sandwich")
-        ->group("Model");
-    app.add_option("--layers", mf.layers, "number of layers with --ratio (0 = the preset's)")->group("Model");
-    app.add_option("--fusion", mf.fusion, "intra-layer fusion: final | concat | hymba | falcon, or axes like "
-                                          "norm=group,scale=none,op=diff,value=sep,out=sep")
-        ->group("Model");
-    app.add_flag("--untied", mf.untied, "separate LM head (default: tied to the embedding)")->group("Model");
-    mf.vocab = 0;  // from the data unless given
-    app.add_option("--vocab", mf.vocab, "vocabulary size (0 = from the data: 256 for text, largest id + 1 for "
-                                        ".bin shards)")
-        ->group("Model");
-    // data and run
-    app.add_option("--data", data, "training text (bytes) or llm.c .bin token shard")->group("Run");
-    app.add_option("--val-frac", val_frac, "fraction of the data (at its end) held out for validation")->group("Run");
-    app.add_option("--out", out, "folder for model.safetensors and log.csv")->group("Run");
-    app.add_option("--resume", resume, "continue a run from its checkpoint (same flags: the config must match)")
-        ->group("Run");
-    app.add_option("--stop-at", t.stop_at, "end this session after that step, checkpointed (as if interrupted; "
-                                          "the schedule still spans --steps)")
-        ->group("Run");
-    app.add_option("--threads", threads, "OpenMP threads of the host-side work (init, checkpoints; 0 = all cores)")
-        ->group("Run");
-    // optimisation
-    app.add_option("--seq-len", mf.seq_len, "training context length T")->group("Optimisation");
-    app.add_option("--batch", t.batch, "sequences per step B")->group("Optimisation");
-    app.add_option("--steps", t.steps, "total optimisation steps")->group("Optimisation");
-    app.add_option("--lr", t.lr, "peak learning rate (AdamW, beta2 0.95)")->group("Optimisation");
-    app.add_option("--warmup", t.warmup, "linear warmup steps, then cosine decay")->group("Optimisation");
-    app.add_option("--min-lr-frac", t.min_lr_frac, "the cosine ends at this fraction of --lr")->group("Optimisation");
-    app.add_option("--weight-decay", t.weight_decay, "AdamW weight decay (matrices only)")->group("Optimisation");
-    app.add_option("--grad-clip", t.grad_clip, "clip the global gradient norm to this")->group("Optimisation");
-    app.add_option("--seed", t.seed, "seed of the init, the data order and the samples")->group("Optimisation");
-    // monitoring
-    app.add_option("--log-every", t.log_every, "progress line every N steps")->group("Monitoring");
-    app.add_option("--eval-every", t.eval_every, "validation loss every N steps (0 = at the end only)")
-        ->group("Monitoring");
-    app.add_option("--eval-batches", t.eval_batches, "validation batches per evaluation")->group("Monitoring");
-    app.add_option("--ckpt-every", t.ckpt_every, "checkpoint every N steps (0 = at the end only)")->group("Monitoring");
-    app.add_option("--sample-every", t.sample_every, "sample every N steps (0 = at the end only)")
-        ->group("Monitoring");
-    // sampling
-    app.add_flag("--sample", sample, "sample from --load instead of training (full GPU forward per token, "
-                                     "host-side sampling)")
-        ->group("Sampling");
-    app.add_option("--load", load, "checkpoint to sample from (its config is read from the file; train_cpu's too)")
-        ->group("Sampling");
-    app.add_option("--prompt", prompt, "text the samples start from")->group("Sampling");
-    app.add_option("--sample-len", t.sample_len, "tokens per sample")->group("Sampling");
-    app.add_option("--temperature", t.temperature, "sampling temperature (0 = greedy)")->group("Sampling");
-    app.add_option("--top-k", t.top_k, "sample among the k likeliest tokens (0 = all)")->group("Sampling");
+    add_trainer_flags(app, mf, t, r,
+                      CliText{"OpenMP threads of the host-side work (init, checkpoints; 0 = all cores)",
+                              "sample from --load instead of training (full GPU forward per token, host-side sampling)",
+                              "checkpoint to sample from (its config is read from the file; train_cpu's too)"});
 
     try {
         app.parse(argc, argv);
     } catch (const CLI::Success& e) {  // --help
         return app.exit(e);
     }
-    HL_CHECK(threads >= 0, "--threads must be non-negative (0 = all cores), got ", threads);
-    if (threads > 0) omp_set_num_threads(threads);
-    if (sample) return sample_main(load, prompt, t);
-    HL_CHECK(load.empty(), "--load is for --sample; to continue training use --resume");
-    return train_main(mf, t, data, out, resume, prompt, val_frac);
+    HL_CHECK(r.threads >= 0, "--threads must be non-negative (0 = all cores), got ", r.threads);
+    if (r.threads > 0) omp_set_num_threads(r.threads);
+    if (r.sample) return sample_main(r.load, r.prompt, t);
+    HL_CHECK(r.load.empty(), "--load is for --sample; to continue training use --resume");
+    return train_main(mf, t, r.data, r.out, r.resume, r.prompt, r.val_frac);
 }
 
 }  // namespace
