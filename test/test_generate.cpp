@@ -5,7 +5,8 @@
 #include <cmath>           // std::exp, std::fabs
 #include <string>          // std::string
 #include <vector>          // std::vector
-#include "test/gradcheck.h"    // randomize_for_gradcheck, max_abs_diff, doctest
+#include "test/gradcheck.h"
+#include "test/micro.h"     // micro: a tiny whole-model config    // randomize_for_gradcheck, max_abs_diff, doctest
 #include "model/generate.h"    // InferenceState, model_step, model_prefill, sample_token, generate_cached
 #include "model/model.h"       // Model, ModelConfig
 
@@ -14,27 +15,7 @@ using namespace hl::test;
 
 namespace {
 
-// A micro model (vocab 16) as in test_model.cpp, with chunk 4 so that T = 9 spans three SSD chunks.
-ModelConfig micro(const std::string& pattern, const std::string& fusion = "final") {
-    ModelConfig c;
-    c.arch = "test";
-    c.vocab_size = 16;
-    c.d_model = 8;
-    c.d_ff = 12;
-    c.n_heads = 2, c.n_kv_heads = 1, c.head_dim = 4;
-    c.d_ssm = 12, c.ssm_headdim = 4, c.d_state = 3, c.ngroups = 1, c.chunk = 4;
-    c.intra_heads = 2, c.intra_kv_heads = 1, c.intra_d_qk = 4, c.intra_d_v = 4, c.intra_d_ssm = 8;
-    c.intra_ssm_headdim = 4;
-    c.fusion = parse_fusion(fusion);
-    c.n_layers = int(pattern.size());
-    c.pattern = pattern;
-    c.max_seq_len = 64;
-    return c;
-}
-
-void random_tokens(Rng& rng, std::vector<int>& v, int V) {
-    for (int& t : v) t = int(rng.next() % uint64_t(V));
-}
+// Tests use micro(..., chunk 4): T = 9 spans three SSD chunks, the last one short.
 
 // The model with wide random parameters (as the gradient checks use), so every path carries signal.
 void randomize(Model<double>& m, uint64_t seed) {
@@ -89,7 +70,7 @@ TEST_CASE("step-by-step logits equal the full forward, for every architecture an
         for (int chunk : {1, 4, 64}) {  // the full forward's chunking must not show in the step results
             CAPTURE(k.name);
             CAPTURE(chunk);
-            ModelConfig c = micro(k.pattern, k.fusion);
+            ModelConfig c = micro(k.pattern, k.fusion, 4);
             c.tied = k.tied;
             c.chunk = chunk;
             Model<double> m(c);
@@ -111,7 +92,7 @@ TEST_CASE("step-by-step equals the full forward with GQA, several B/C groups, an
         for (std::string fusion : {"final", "norm=group,scale=vector,op=diff,value=shared,out=sep"}) {
             CAPTURE(d_conv);
             CAPTURE(fusion);
-            ModelConfig c = micro("AMH", fusion);
+            ModelConfig c = micro("AMH", fusion, 4);
             c.n_heads = 4, c.n_kv_heads = 2, c.head_dim = 2;                // 2 query heads per kv head
             c.d_ssm = 16, c.ssm_headdim = 4, c.ngroups = 2, c.d_state = 5;  // 4 Mamba heads in 2 groups
             c.intra_heads = 4, c.intra_kv_heads = 2, c.intra_d_qk = 2, c.intra_d_v = 2;
@@ -132,7 +113,7 @@ TEST_CASE("step-by-step equals the full forward with GQA, several B/C groups, an
 }
 
 TEST_CASE("prefill gives the last position's logits; reset starts the context over") {
-    ModelConfig c = micro("MHA");
+    ModelConfig c = micro("MHA", "final", 4);
     Model<double> m(c);
     randomize(m, 5);
     const int B = 2, T = 6, V = c.vocab_size;
@@ -162,7 +143,7 @@ TEST_CASE("prefill gives the last position's logits; reset starts the context ov
 }
 
 TEST_CASE("inference state: capacity, bad sizes and a mismatched model are clear errors") {
-    Model<double> m(micro("MA"));
+    Model<double> m(micro("MA", "final", 4));
     m.init(1);
     std::vector<double> logits(16 * 2);
     int tok[2] = {1, 2};
@@ -183,7 +164,7 @@ TEST_CASE("inference state: capacity, bad sizes and a mismatched model are clear
     int bad[1] = {16};  // outside the vocabulary
     InferenceState<double> st2(m, 1, 4);
     CHECK_THROWS_AS(model_step(logits.data(), st2, m, bad), hl::Error);
-    Model<double> other(micro("AM"));
+    Model<double> other(micro("AM", "final", 4));
     CHECK_THROWS_WITH_AS(model_step(logits.data(), st2, other, tok), doctest::Contains("made for another model"),
                          hl::Error);
     CHECK_THROWS_WITH_AS(generate_cached(m, std::vector<int>{}, 3, 1.0f, 0, 1),
@@ -192,7 +173,7 @@ TEST_CASE("inference state: capacity, bad sizes and a mismatched model are clear
 }
 
 TEST_CASE("cache_bytes: a transformer's KV cache grows with max_len, a Mamba's state does not") {
-    ModelConfig ca = micro("AA"), cm = micro("MM");
+    ModelConfig ca = micro("AA", "final", 4), cm = micro("MM", "final", 4);
     Model<float> a(ca), mm(cm);
     const int B = 2;
     InferenceState<float> a8(a, B, 8), a16(a, B, 16), m8(mm, B, 8), m100(mm, B, 100);
@@ -207,7 +188,7 @@ TEST_CASE("cache_bytes: a transformer's KV cache grows with max_len, a Mamba's s
     CHECK(m8.cache_bytes() == ssm);
     CHECK(m100.cache_bytes() == ssm);
     // H: both
-    ModelConfig ch = micro("H");
+    ModelConfig ch = micro("H", "final", 4);
     Model<double> h(ch);
     InferenceState<double> h8(h, 1, 8), h9(h, 1, 9);
     const size_t h_kv_pos = size_t(ch.intra_kv_heads) * (ch.intra_d_qk + ch.intra_d_v) * sizeof(double);
@@ -275,7 +256,7 @@ TEST_CASE("sample_token: greedy, top-k, the softmax distribution, determinism, e
 TEST_CASE("cached generation equals generation that re-runs the full forward, and streams every token") {
     for (std::string pattern : {"AA", "MHM"}) {
         CAPTURE(pattern);
-        ModelConfig c = micro(pattern);
+        ModelConfig c = micro(pattern, "final", 4);
         Model<double> m(c);
         randomize(m, 8);
         const std::vector<int> prompt = {3, 1, 4, 1, 5};
@@ -303,7 +284,7 @@ TEST_CASE("cached generation equals generation that re-runs the full forward, an
         CHECK(generate_cached(m, prompt, 0, temp, top_k, seed).empty());
     }
     // with near-uniform logits (a fresh init), two seeds give two different samples
-    Model<double> m(micro("MHM"));
+    Model<double> m(micro("MHM", "final", 4));
     m.init(1);
     CHECK(generate_cached(m, {2}, 24, 1.0f, 0, 1) != generate_cached(m, {2}, 24, 1.0f, 0, 2));
 }

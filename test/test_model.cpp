@@ -1,34 +1,13 @@
 // test_model.cpp — the whole model (embedding → blocks → norm → LM head → cross-entropy) for each
 // architecture family: gradient check of every parameter tensor, causality, and config errors.
 #include "test/gradcheck.h"
+#include "test/micro.h"     // micro: a tiny whole-model config
 #include "model/model.h"  // Model, ModelConfig, block_config
 
 using namespace hl;
 using namespace hl::test;
 
 namespace {
-
-// A micro model (vocab 16) so a whole-model finite-difference check runs in a fraction of a second.
-ModelConfig micro(const std::string& pattern, const std::string& fusion = "final") {
-    ModelConfig c;
-    c.arch = "test";
-    c.vocab_size = 16;
-    c.d_model = 8;
-    c.d_ff = 12;
-    c.n_heads = 2, c.n_kv_heads = 1, c.head_dim = 4;
-    c.d_ssm = 12, c.ssm_headdim = 4, c.d_state = 3, c.ngroups = 1, c.chunk = 3;
-    c.intra_heads = 2, c.intra_kv_heads = 1, c.intra_d_qk = 4, c.intra_d_v = 4, c.intra_d_ssm = 8;
-    c.intra_ssm_headdim = 4;
-    c.fusion = parse_fusion(fusion);
-    c.n_layers = int(pattern.size());
-    c.pattern = pattern;
-    c.max_seq_len = 64;
-    return c;
-}
-
-void random_tokens(Rng& rng, std::vector<int>& v, int V) {
-    for (int& t : v) t = int(rng.next() % uint64_t(V));
-}
 
 }  // namespace
 
