@@ -17,9 +17,14 @@
 #include <cstdlib>                 // std::atoi
 #include <vector>                  // std::vector
 #include <cuda_runtime.h>          // cudaEvent_*, cudaMemset
+#include "dev/cuda/common.cuh"   // median_ms, rel_err, poison: the playgrounds' shared harness
 #include "kernels/attention.cuh"   // v2: hl::gpu::attention_forward / attention_backward
 #include "kernels/common.cuh"      // cudaCheck, cudaCheckLast, ceil_div, DeviceBuffer
 #include "model/attention.h"       // the CPU reference core
+
+using hl::dev::median_ms;  // dev/cuda/common.cuh
+using hl::dev::rel_err;
+using hl::dev::poison;
 
 using hl::gpu::ceil_div;
 using hl::gpu::DeviceBuffer;
@@ -295,36 +300,6 @@ void run_backward(int version, Buffers& m, const Problem& p) {
         hl::gpu::attention_backward(m.dq.ptr, m.dk.ptr, m.dv.ptr, m.D.ptr, m.dout.ptr, m.out.ptr, m.lse.ptr, m.q.ptr,
                                     m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk, p.dv);
     }
-}
-
-double rel_err(const std::vector<float>& g, const std::vector<float>& c) {
-    double num = 0, den = 0;
-    for (size_t i = 0; i < g.size(); i++) {
-        if (!std::isfinite(g[i])) return INFINITY;
-        num = std::max(num, std::fabs(double(g[i]) - double(c[i])));
-        den = std::max(den, std::fabs(double(c[i])));
-    }
-    return den > 0 ? num / den : num;
-}
-
-template <typename F>
-float median_ms(F&& f, int warmup, int repeats) {
-    for (int i = 0; i < warmup; i++) f();
-    cudaEvent_t start, stop;
-    cudaCheck(cudaEventCreate(&start));
-    cudaCheck(cudaEventCreate(&stop));
-    std::vector<float> ms(repeats);
-    for (int r = 0; r < repeats; r++) {
-        cudaCheck(cudaEventRecord(start));
-        f();
-        cudaCheck(cudaEventRecord(stop));
-        cudaCheck(cudaEventSynchronize(stop));
-        cudaCheck(cudaEventElapsedTime(&ms[r], start, stop));
-    }
-    cudaCheck(cudaEventDestroy(start));
-    cudaCheck(cudaEventDestroy(stop));
-    std::sort(ms.begin(), ms.end());
-    return ms[repeats / 2];
 }
 
 int main(int argc, char** argv) {

@@ -24,9 +24,14 @@
 #include <cstdlib>                // std::atoi
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaEvent_*, cudaMemset
+#include "dev/cuda/common.cuh"   // median_ms, rel_err, poison: the playgrounds' shared harness
 #include "kernels/common.cuh"     // cudaCheck, cudaCheckLast, ceil_div, DeviceBuffer, dev_silu, dev_silu_grad
 #include "kernels/conv1d.cuh"     // v2: hl::gpu::conv1d_silu_forward / backward, conv1d_dispatch_k
 #include "model/conv1d.h"         // the CPU reference
+
+using hl::dev::median_ms;  // dev/cuda/common.cuh
+using hl::dev::rel_err;
+using hl::dev::poison;
 
 using hl::gpu::ceil_div;
 using hl::gpu::DeviceBuffer;
@@ -165,36 +170,6 @@ void forward(float* out, float* pre, const float* inp, const float* w, const flo
 // ---------------------------------------------------------------------------------------------------------
 // driver
 // ---------------------------------------------------------------------------------------------------------
-
-template <typename F>
-float median_ms(F&& f, int warmup = 3, int reps = 21) {
-    for (int i = 0; i < warmup; i++) f();
-    cudaEvent_t a, b;
-    cudaCheck(cudaEventCreate(&a));
-    cudaCheck(cudaEventCreate(&b));
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        cudaCheck(cudaEventRecord(a));
-        f();
-        cudaCheck(cudaEventRecord(b));
-        cudaCheck(cudaEventSynchronize(b));
-        cudaCheck(cudaEventElapsedTime(&ms[i], a, b));
-    }
-    cudaCheck(cudaEventDestroy(a));
-    cudaCheck(cudaEventDestroy(b));
-    std::sort(ms.begin(), ms.end());
-    return ms[reps / 2];
-}
-
-double rel_err(const std::vector<float>& gpu, const std::vector<float>& cpu) {
-    double err = 0, scale = 0;
-    for (size_t i = 0; i < cpu.size(); i++) {
-        if (!std::isfinite(gpu[i])) return INFINITY;
-        err = std::max(err, std::fabs((double)gpu[i] - cpu[i]));
-        scale = std::max(scale, std::fabs((double)cpu[i]));
-    }
-    return scale > 0 ? err / scale : err;
-}
 
 using Fwd = void (*)(float*, float*, const float*, const float*, const float*, int, int, int, int);
 using Bwd = void (*)(float*, float*, float*, const float*, const float*, const float*, const float*, int, int, int,

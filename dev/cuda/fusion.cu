@@ -39,12 +39,17 @@
 #include <string>                 // std::string
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaEvent_*, cudaMemset
+#include "dev/cuda/common.cuh"   // median_ms, rel_err, poison: the playgrounds' shared harness
 #include "kernels/common.cuh"     // cudaCheck, cudaCheckLast, DeviceBuffer, elementwise_grid, warp_sum
 #include "kernels/intra.cuh"      // v1: intra_scale_kernel; v2, v3: IntraFuseArgs, intra_fuse_norm_join_launch
 #include "kernels/matmul.cuh"     // gpu::matmul_forward, the projection timed for scale
 #include "kernels/rmsnorm.cuh"    // v1: gpu::rmsnorm_forward
 #include "model/fusion.h"         // FusionConfig, parse_fusion
 #include "model/intra.h"          // the CPU reference: hl::intra_fuse_forward, IntraConfig, IntraParams, IntraActs
+
+using hl::dev::median_ms;  // dev/cuda/common.cuh
+using hl::dev::rel_err;
+using hl::dev::poison;
 
 using hl::gpu::DeviceBuffer;
 using hl::gpu::IntraFuseArgs;
@@ -176,42 +181,6 @@ void forward(const IntraFuseArgs<float>& x, int block) {
 // ---------------------------------------------------------------------------------------------------------
 // driver
 // ---------------------------------------------------------------------------------------------------------
-
-template <typename F>
-float median_ms(F&& f, int warmup = 3, int reps = 21) {
-    for (int i = 0; i < warmup; i++) f();
-    cudaEvent_t e0, e1;
-    cudaCheck(cudaEventCreate(&e0));
-    cudaCheck(cudaEventCreate(&e1));
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        cudaCheck(cudaEventRecord(e0));
-        f();
-        cudaCheck(cudaEventRecord(e1));
-        cudaCheck(cudaEventSynchronize(e1));
-        cudaCheck(cudaEventElapsedTime(&ms[i], e0, e1));
-    }
-    cudaCheck(cudaEventDestroy(e0));
-    cudaCheck(cudaEventDestroy(e1));
-    std::sort(ms.begin(), ms.end());
-    return ms[reps / 2];
-}
-
-// max-norm relative error max_i |g_i − c_i| / max_i |c_i|; any non-finite GPU value (an unwritten, poisoned
-// element) makes it infinite
-double rel_err(const std::vector<float>& gpu, const std::vector<float>& cpu) {
-    double err = 0, scale = 0;
-    for (size_t i = 0; i < cpu.size(); i++) {
-        if (!std::isfinite(gpu[i])) return INFINITY;
-        err = std::max(err, std::fabs((double)gpu[i] - cpu[i]));
-        scale = std::max(scale, std::fabs((double)cpu[i]));
-    }
-    return scale > 0 ? err / scale : err;
-}
-
-void poison(DeviceBuffer<float>& d) {
-    if (d.n) cudaCheck(cudaMemset(d.ptr, 0xFF, d.n * sizeof(float)));  // all bits set: NaN
-}
 
 constexpr double TOL = 1e-5;
 

@@ -25,9 +25,14 @@
 #include <cstdlib>                // std::atoi
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaEvent_*, cudaMemset
+#include "dev/cuda/common.cuh"   // median_ms, rel_err, poison: the playgrounds' shared harness
 #include "kernels/common.cuh"     // cudaCheck, cudaCheckLast, ceil_div, DeviceBuffer, warp_sum, colsum (v2, v3)
 #include "kernels/rmsnorm.cuh"    // v2: hl::gpu::rmsnorm_forward / rmsnorm_backward
 #include "model/rmsnorm.h"        // the CPU reference
+
+using hl::dev::median_ms;  // dev/cuda/common.cuh
+using hl::dev::rel_err;
+using hl::dev::poison;
 
 using hl::gpu::ceil_div;
 using hl::gpu::DeviceBuffer;
@@ -202,36 +207,6 @@ void forward(float* out, float* rstd, const float* inp, const float* weight, int
 // ---------------------------------------------------------------------------------------------------------
 // driver
 // ---------------------------------------------------------------------------------------------------------
-
-template <typename F>
-float median_ms(F&& f, int warmup = 3, int reps = 21) {
-    for (int i = 0; i < warmup; i++) f();
-    cudaEvent_t a, b;
-    cudaCheck(cudaEventCreate(&a));
-    cudaCheck(cudaEventCreate(&b));
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        cudaCheck(cudaEventRecord(a));
-        f();
-        cudaCheck(cudaEventRecord(b));
-        cudaCheck(cudaEventSynchronize(b));
-        cudaCheck(cudaEventElapsedTime(&ms[i], a, b));
-    }
-    cudaCheck(cudaEventDestroy(a));
-    cudaCheck(cudaEventDestroy(b));
-    std::sort(ms.begin(), ms.end());
-    return ms[reps / 2];
-}
-
-double rel_err(const std::vector<float>& gpu, const std::vector<float>& cpu) {
-    double err = 0, scale = 0;
-    for (size_t i = 0; i < cpu.size(); i++) {
-        if (!std::isfinite(gpu[i])) return INFINITY;
-        err = std::max(err, std::fabs((double)gpu[i] - cpu[i]));
-        scale = std::max(scale, std::fabs((double)cpu[i]));
-    }
-    return scale > 0 ? err / scale : err;
-}
 
 void run_case(int N, int G, int Cg, int only) {
     const int C = G * Cg;

@@ -22,10 +22,15 @@
 #include <functional>          // std::function for the breakdown table
 #include <vector>              // std::vector host copies
 #include <cuda_runtime.h>      // cudaEvent*, cudaMemGetInfo
+#include "dev/cuda/common.cuh"   // median_ms, rel_err, poison: the playgrounds' shared harness
 #include "kernels/common.cuh"  // DeviceBuffer, cudaCheck, cudaCheckLast, ceil_div
 #include "kernels/ssd.cuh"     // v2: hl::gpu::ssd_chunked_forward/backward and the kernels inside
 #include "model/common.h"      // Rng
 #include "model/ssd.h"         // the CPU reference
+
+using hl::dev::median_ms;  // dev/cuda/common.cuh
+using hl::dev::rel_err;
+using hl::dev::poison;
 
 using hl::gpu::ceil_div;
 using hl::gpu::DeviceBuffer;
@@ -310,29 +315,6 @@ Outputs cpu_reference(const Problem& p) {
                              p.hdt.data(), p.hA.data(), p.hBm.data(), p.hCm.data(), p.hD.data(), s.B, s.T, s.H, s.P,
                              s.G, s.N, s.Q);
     return o;
-}
-
-template <class F>
-float median_ms(F f, int warmup, int reps) {
-    cudaEvent_t a, b;
-    cudaCheck(cudaEventCreate(&a));
-    cudaCheck(cudaEventCreate(&b));
-    for (int i = 0; i < warmup; i++) f();
-    cudaCheck(cudaDeviceSynchronize());
-    std::vector<float> ts;
-    for (int i = 0; i < reps; i++) {
-        cudaCheck(cudaEventRecord(a));
-        f();
-        cudaCheck(cudaEventRecord(b));
-        cudaCheck(cudaEventSynchronize(b));
-        float ms = 0;
-        cudaCheck(cudaEventElapsedTime(&ms, a, b));
-        ts.push_back(ms);
-    }
-    cudaCheck(cudaEventDestroy(a));
-    cudaCheck(cudaEventDestroy(b));
-    std::sort(ts.begin(), ts.end());
-    return ts[ts.size() / 2];
 }
 
 // v2's kernels one by one (the launch sequence of kernels/ssd.cuh, each timed alone).
