@@ -217,45 +217,21 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     return 0;
 }
 
-int run(int argc, char** argv) {
-    ModelFlags mf;
-    TrainFlags t;
-    RunFlags r;
-    r.out = "runs/gpu";
-
-    CLI::App app{"train_gpu — train a transformer / Mamba-2 / hybrid language model on the GPU (fp32), or sample "
-                 "from a checkpoint.\nSame flags, data and checkpoint format as train_cpu (a checkpoint of one loads "
-                 "in the other). Sampling runs a full GPU forward over the context window for every token and samples "
-                 "on the host (no cached decode yet).",
-                 "train_gpu"};
-    add_trainer_flags(app, mf, t, r,
-                      CliText{"OpenMP threads of the host-side work (init, checkpoints; 0 = all cores)",
-                              "sample from --load instead of training (full GPU forward per token, host-side sampling)",
-                              "checkpoint to sample from (its config is read from the file; train_cpu's too)"});
-
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::Success& e) {  // --help
-        return app.exit(e);
-    }
-    HL_CHECK(r.threads >= 0, "--threads must be non-negative (0 = all cores), got ", r.threads);
-    if (r.threads > 0) omp_set_num_threads(r.threads);
-    if (r.sample) return sample_main(r.load, r.prompt, t);
-    HL_CHECK(r.load.empty(), "--load is for --sample; to continue training use --resume");
-    return train_main(mf, t, r.data, r.out, r.resume, r.prompt, r.val_frac);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string msg;
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& e) {  // hl::Error, CLI11's parse errors, anything else
-        msg = e.what();
-    }
-    for (char& c : msg)  // one line, whatever the message holds
-        if (c == '\n' || c == '\r') c = ' ';
-    std::fprintf(stderr, "error: %s\n", msg.c_str());
-    return 1;
+    Trainer trainer;
+    trainer.name = "train_gpu";
+    trainer.about =
+        "train_gpu — train a transformer / Mamba-2 / hybrid language model on the GPU (fp32), or sample "
+        "from a checkpoint.\nSame flags, data and checkpoint format as train_cpu (a checkpoint of one loads "
+        "in the other). Sampling runs a full GPU forward over the context window for every token and samples "
+        "on the host (no cached decode yet).";
+    trainer.out = "runs/gpu";
+    trainer.text = CliText{"OpenMP threads of the host-side work (init, checkpoints; 0 = all cores)",
+                           "sample from --load instead of training (full GPU forward per token, host-side sampling)",
+                           "checkpoint to sample from (its config is read from the file; train_cpu's too)"};
+    trainer.sample_main = sample_main;
+    trainer.train_main = train_main;
+    return trainer_main(argc, argv, trainer);
 }

@@ -178,44 +178,19 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     return 0;
 }
 
-int run(int argc, char** argv) {
-    ModelFlags mf;
-    TrainFlags t;
-    RunFlags r;
-    r.out = "runs/cpu";
-
-    CLI::App app{"train_cpu — train a transformer / Mamba-2 / hybrid language model on the CPU, or sample from a "
-                 "checkpoint.\nDefaults train the small intra-layer hybrid on tinyshakespeare in a few minutes "
-                 "(make train).",
-                 "train_cpu"};
-    add_trainer_flags(app, mf, t, r,
-                      CliText{"OpenMP threads (0 = all cores); fix it for bit-exact resumes",
-                              "sample from --load instead of training",
-                              "checkpoint to sample from (its config is read from the file)"});
-
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::Success& e) {  // --help
-        return app.exit(e);
-    }
-    HL_CHECK(r.threads >= 0, "--threads must be non-negative (0 = all cores), got ", r.threads);
-    if (r.threads > 0) omp_set_num_threads(r.threads);
-    if (r.sample) return sample_main(r.load, r.prompt, t);
-    HL_CHECK(r.load.empty(), "--load is for --sample; to continue training use --resume");
-    return train_main(mf, t, r.data, r.out, r.resume, r.prompt, r.val_frac);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string msg;
-    try {
-        return run(argc, argv);
-    } catch (const std::exception& e) {  // hl::Error, CLI11's parse errors, anything else
-        msg = e.what();
-    }
-    for (char& c : msg)  // one line, whatever the message holds
-        if (c == '\n' || c == '\r') c = ' ';
-    std::fprintf(stderr, "error: %s\n", msg.c_str());
-    return 1;
+    Trainer trainer;
+    trainer.name = "train_cpu";
+    trainer.about =
+        "train_cpu — train a transformer / Mamba-2 / hybrid language model on the CPU, or sample from a "
+        "checkpoint.\nDefaults train the small intra-layer hybrid on tinyshakespeare in a few minutes (make train).";
+    trainer.out = "runs/cpu";
+    trainer.text = CliText{"OpenMP threads (0 = all cores); fix it for bit-exact resumes",
+                           "sample from --load instead of training",
+                           "checkpoint to sample from (its config is read from the file)"};
+    trainer.sample_main = sample_main;
+    trainer.train_main = train_main;
+    return trainer_main(argc, argv, trainer);
 }

@@ -2,8 +2,11 @@
 // help texts, so a command that works with one trainer works with the other. Each program names itself and
 // says in its own words what differs (threads, sampling).
 #pragma once
+#include <cstdio>             // std::fprintf: the one error line
+#include <exception>          // std::exception
 #include <string>             // std::string
 #include <CLI/CLI.hpp>        // CLI::App
+#include <omp.h>              // omp_set_num_threads
 #include "model/trainer.h"    // ModelFlags, TrainFlags
 
 namespace hl {
@@ -84,6 +87,47 @@ inline void add_trainer_flags(CLI::App& app, ModelFlags& mf, TrainFlags& t, RunF
     app.add_option("--temperature", t.temperature, "sampling temperature (0 = greedy)")->group("Sampling");
     app.add_option("--top-k", t.top_k, "sample among the k likeliest tokens (0 = all)")->group("Sampling");
 
+}
+
+// What a trainer program is: its name and description, its default run folder, its help texts, and its two
+// modes — sample from a checkpoint, or train.
+struct Trainer {
+    const char* name;
+    const char* about;
+    const char* out;
+    CliText text;
+    int (*sample_main)(const std::string& load, const std::string& prompt, const TrainFlags& t);
+    int (*train_main)(const ModelFlags& mf, const TrainFlags& t, const std::string& data, const std::string& out,
+                      const std::string& resume, const std::string& prompt, double val_frac);
+};
+
+// main() of both trainers: parse, dispatch, and turn any error into one line "error: ..." with exit status 1.
+inline int trainer_main(int argc, char** argv, const Trainer& tr) {
+    std::string msg;
+    try {
+        ModelFlags mf;
+        TrainFlags t;
+        RunFlags r;
+        r.out = tr.out;
+        CLI::App app{tr.about, tr.name};
+        add_trainer_flags(app, mf, t, r, tr.text);
+        try {
+            app.parse(argc, argv);
+        } catch (const CLI::Success& e) {  // --help
+            return app.exit(e);
+        }
+        HL_CHECK(r.threads >= 0, "--threads must be non-negative (0 = all cores), got ", r.threads);
+        if (r.threads > 0) omp_set_num_threads(r.threads);
+        if (r.sample) return tr.sample_main(r.load, r.prompt, t);
+        HL_CHECK(r.load.empty(), "--load is for --sample; to continue training use --resume");
+        return tr.train_main(mf, t, r.data, r.out, r.resume, r.prompt, r.val_frac);
+    } catch (const std::exception& e) {  // hl::Error, CLI11's parse errors, anything else
+        msg = e.what();
+    }
+    for (char& c : msg)  // one line, whatever the message holds
+        if (c == '\n' || c == '\r') c = ' ';
+    std::fprintf(stderr, "error: %s\n", msg.c_str());
+    return 1;
 }
 
 }  // namespace hl
