@@ -1,5 +1,5 @@
 // trainer.h — the pieces of a training run that do not depend on where the math runs, shared by
-// train_cpu.cpp and the later GPU trainer, and each one testable on its own:
+// train_cpu.cpp and train.cu, and each one testable on its own:
 //   lr_at           warmup + cosine learning-rate schedule
 //   build_config    the ModelConfig from the command-line flags (preset, arch, pattern/ratio, fusion, ...)
 //   train_step      one optimisation step: batch → forward → backward → clip → AdamW
