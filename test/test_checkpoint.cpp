@@ -11,35 +11,17 @@
 #include <string>             // std::string
 #include <vector>             // std::vector
 #include <doctest/doctest.h>  // TEST_CASE, CHECK
+#include "test/files.h"       // TempDir, read_bytes
 #include "model/checkpoint.h" // Json, save_safetensors, load_safetensors, load_into
 #include "model/common.h"     // Arena, Rng, TensorInfo
 
 using namespace hl;
+using hl::test::TempDir;
+using hl::test::read_bytes;
 namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char tmpl[] = "/tmp/hl_test_ckpt_XXXXXX";
-        REQUIRE(mkdtemp(tmpl) != nullptr);
-        path = tmpl;
-    }
-    ~TempDir() { fs::remove_all(path); }
-    std::string file(const std::string& name) const { return path + "/" + name; }
-};
-
-std::string read_bytes(const std::string& path) {
-    std::FILE* f = std::fopen(path.c_str(), "rb");
-    REQUIRE(f != nullptr);
-    std::string out;
-    char buf[4096];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
-    std::fclose(f);
-    return out;
-}
 void write_bytes(const std::string& path, const std::string& bytes) {
     std::FILE* f = std::fopen(path.c_str(), "wb");
     REQUIRE(f != nullptr);
