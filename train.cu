@@ -131,7 +131,7 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     // ---- the run ----
     make_dirs(out);
     const std::string ckpt_path = out + "/model.safetensors";
-    std::FILE* log = open_log(out + "/log.csv", state.step);
+    std::FILE* log = open_log(out + "/log.csv", state.step, cfg.moe);
     const std::map<std::string, std::string> extra = train_metadata(t, mf, data_path);
 
     std::printf("%s", cost_report(cfg, T).c_str());
@@ -199,8 +199,7 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
             else std::printf("val loss %.4f\n", double(val));
             std::fflush(stdout);
         }
-        std::fprintf(log, "%d,%.6f,%s,%.6e,%.6f,%.1f\n", done, double(s.loss), val_str.c_str(), double(s.lr),
-                     double(s.grad_norm), double(B) * T / dt);
+        std::fprintf(log, "%s\n", log_row(done, s, val_str, double(B) * T / dt).c_str());
         std::fflush(log);
         if ((t.ckpt_every > 0 && done % t.ckpt_every == 0) || done == end) checkpoint(done);
         if ((t.sample_every > 0 && done % t.sample_every == 0) || last) sample(done);

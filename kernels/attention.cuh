@@ -4,9 +4,10 @@
 //             lse (B, H, T) instead of the probabilities `att` the CPU saves;
 //   backward: D = rowsum(dout ⊙ out) by a small kernel, then P is recomputed tile by tile from q, k and lse.
 // Notation as in the CPU reference: query head h reads kv head g = h / (H / Hkv); scores s = q·k / √d_qk;
-// P = softmax over the visible keys (s ≤ t). fp32 arithmetic on plain FMA tiles in shared memory (tensor cores
-// and bf16 are a later issue; the element type T of q, k, v, out and their gradients is a template parameter,
-// every value is converted to float on load, so a bf16 instantiation needs no change here).
+// P = softmax over the visible keys: s ≤ t, and with a sliding window W > 0 and sink S also t − s < W or
+// s < S (hl::attn_visible, the same function on the device). fp32 arithmetic on plain FMA tiles in shared
+// memory (tensor cores and bf16 are a later issue; the element type T of q, k, v, out and their gradients is a
+// template parameter, every value is converted to float on load, so a bf16 instantiation needs no change here).
 //
 // Supported head dims (HL_CHECKed): 1 ≤ d_qk ≤ 128, 1 ≤ d_v ≤ 256 — every paper config (largest: the 3b
 // intra-layer hybrid, d_qk 96, d_v 192) fits. Any B, T ≥ 1, any H a multiple of Hkv.
@@ -15,13 +16,21 @@
 // query heads of its group and the query tiles at or below the diagonal, accumulating dk, dv in registers;
 // a second kernel owns a query tile and loops over the key tiles, accumulating dq. Each writes its rows once.
 // The price is recomputing P and dP in both (7 tile products instead of FlashAttention-2's 5 with atomics).
+//
+// Sliding window: every kernel visits only the tiles that hold a visible (query, key) pair, so the cost is
+// linear in T for a fixed W and S (visible_kv_tile / query_tiles_end below); inside a visited tile the
+// elements are masked by attn_visible. Every row sees itself (W ≥ 1), so no row is empty and lse is finite.
+// The sink key tiles, seen by every query, are the exception to "one block per key tile" in the backward: their
+// query tiles are split over several blocks whose partial dk, dv a small kernel sums (sink_split), so that no
+// block's work grows with T; the backward's scratch grows by those partials (attention_backward_scratch_size).
 #pragma once
+#include <algorithm>            // std::min
 #include <cmath>                // INFINITY
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
 #include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
-#include "model/attention.h"    // AttnConfig, AttnParams, attn_config_check (section 2 below)
+#include "model/attention.h"    // attn_visible, attention_window_check; AttnConfig, AttnParams (section 2)
 #include "model/common.h"       // HL_CHECK, Arena
 
 namespace hl::gpu {
@@ -71,6 +80,42 @@ __device__ inline void load_tile(float* dst, int ld, const T* src, int b, int r0
     }
 }
 
+// The key tiles a query tile [q0, q0 + BR) can see are those meeting [0, S) (the sink) or [q0 − W + 1, q0 + BR)
+// (the window; everything below the diagonal when W = 0). visible_kv_tile(kv0, ...) is the first of them
+// starting at or after kv0 (BC-aligned): kv0 itself while it meets the sink, else at least the tile holding
+// q0 − W + 1. Tiles it jumps over end at or before q0 − W + 1, so every key j in them has i − j ≥ W for every
+// row i ≥ q0, and starts at or after S: fully masked. Callers stop at the diagonal (kv0 < min(T, q0 + BR)).
+__host__ __device__ inline int visible_kv_tile(int kv0, int q0, int window, int sink) {
+    if (window <= 0 || kv0 < sink) return kv0;
+    const int lo = q0 - window + 1 > 0 ? (q0 - window + 1) / BC * BC : 0;
+    return kv0 > lo ? kv0 : lo;
+}
+
+// The end of the query tiles that can see key tile [kv0, kv0 + BC): from the diagonal tile q0 = kv0 (BR == BC)
+// up to T when the tile meets the sink or there is no window, else up to the last query that sees its last
+// key kv0 + BC − 1 through the window, kv0 + BC − 1 + W − 1: query tiles q0 < kv0 + BC + W − 1.
+__host__ __device__ inline int query_tiles_end(int kv0, int T_, int window, int sink) {
+    if (window <= 0 || kv0 < sink) return T_;
+    const long long end = (long long)kv0 + BC + window - 1;
+    return end < T_ ? (int)end : T_;
+}
+
+// The backward's sink split. A key tile meeting the sink is seen by every later query: one block walking all its
+// T/64 query tiles would be a serial tail growing with T. So with a window, each sink key tile's query tiles
+// are cut into chunks of SINK_CHUNK, one block per chunk writing partial dk, dv rows to scratch, and a second
+// kernel sums the partials in a fixed order (deterministic). `tiles` sink key tiles, `splits` chunks each; no
+// split ({0, 1}) when one chunk covers every query tile.
+constexpr int SINK_CHUNK = 8;  // query tiles per block of a sink key tile: about a 512-wide window's share
+struct SinkSplit {
+    int tiles = 0, splits = 1;
+};
+inline SinkSplit sink_split(int T_, int window, int sink) {
+    if (window <= 0 || sink <= 0) return {};
+    const int n_tiles = (T_ + BC - 1) / BC, splits = (n_tiles + SINK_CHUNK - 1) / SINK_CHUNK;  // tile 0 has most
+    if (splits <= 1) return {};
+    return {(sink < T_ ? (sink + BC - 1) / BC : n_tiles), splits};
+}
+
 // Sum / max over the 16 lanes that share a row (lanes differing in their low 4 bits).
 __device__ inline float row_sum16(float x) {
     for (int o = 8; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -89,7 +134,8 @@ __device__ inline float row_max16(float x) {
 // out (B, T, H, d_v), lse (B, H, T) ← q (B, T, H, d_qk), k (B, T, Hkv, d_qk), v (B, T, Hkv, d_v).
 // Grid (ceil(T / 64), B·H): one block per 64-row query tile of one (b, h); 256 threads (see attn:: above).
 // The block keeps its Q tile in shared memory and streams the key/value tiles 0 .. diagonal through shared
-// memory (tiles entirely above the diagonal are skipped), keeping per row the running max m, the running sum
+// memory (tiles entirely above the diagonal are skipped, and with a window those wholly outside it and the
+// sink: visible_kv_tile), keeping per row the running max m, the running sum
 // l of exp(s − m) and the unnormalised output acc (FlashAttention's online softmax), rescaled by exp(m_old −
 // m_new) whenever the max grows. Scores are kept in log2 units (s·log2 e) so that exp is one exp2f.
 // Blocks are issued last query tile first: the longest (most key tiles) start earliest, shortening the tail.
@@ -97,7 +143,7 @@ __device__ inline float row_max16(float x) {
 template <typename T, int DV_MAX>
 __global__ void __launch_bounds__(attn::THREADS)
     attention_forward_kernel(T* out, float* lse, const T* q, const T* k, const T* v, int T_, int H, int Hkv,
-                             int d_qk, int d_v, float scale_log2) {
+                             int d_qk, int d_v, int window, int sink, float scale_log2) {
     using namespace attn;
     constexpr int CV = DV_MAX / 16;  // output columns per thread
     extern __shared__ float smem[];
@@ -123,7 +169,8 @@ __global__ void __launch_bounds__(attn::THREADS)
     }
 
     const int kv_end = min(T_, q0 + BR);  // keys past the tile's last row are in every row's future
-    for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
+    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
+         kv0 = visible_kv_tile(kv0 + BC, q0, window, sink)) {
         __syncthreads();  // everyone is done with the previous sK, sV, sP (and sQ is loaded, first time)
         load_tile(sK, ldq, k, b, kv0, BC, T_, Hkv, g, d_qk);
         load_tile(sV, d_v, v, b, kv0, BC, T_, Hkv, g, d_v);
@@ -144,7 +191,7 @@ __global__ void __launch_bounds__(attn::THREADS)
                 for (int c = 0; c < TN; c++) s[a][c] = fmaf(qa[a], kc[c], s[a][c]);
         }
 
-        // causal mask, online softmax update, P to shared memory
+        // causal (and window) mask, online softmax update, P to shared memory
 #pragma unroll
         for (int a = 0; a < TM; a++) {
             const int i = q0 + ty + 16 * a;
@@ -152,7 +199,7 @@ __global__ void __launch_bounds__(attn::THREADS)
 #pragma unroll
             for (int c = 0; c < TN; c++) {
                 const int j = kv0 + tx + 16 * c;
-                s[a][c] = (j <= i && j < T_) ? s[a][c] * scale_log2 : -INFINITY;
+                s[a][c] = (attn_visible(i, j, window, sink) && j < T_) ? s[a][c] * scale_log2 : -INFINITY;
                 tmax = fmaxf(tmax, s[a][c]);
             }
             const float m_new = fmaxf(m[a], row_max16(tmax));
@@ -205,7 +252,7 @@ __global__ void __launch_bounds__(attn::THREADS)
     }
 }
 
-inline void attention_check_gpu(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
+inline void attention_check_gpu(int B, int T_, int H, int Hkv, int d_qk, int d_v, int window, int sink) {
     HL_CHECK(B > 0 && T_ > 0 && H > 0 && Hkv > 0 && d_qk > 0 && d_v > 0, "attention (gpu): bad sizes B=", B,
              " T=", T_, " H=", H, " Hkv=", Hkv, " d_qk=", d_qk, " d_v=", d_v);
     HL_CHECK(H % Hkv == 0, "attention (gpu): n_heads (", H, ") must be a multiple of n_kv_heads (", Hkv, ")");
@@ -213,21 +260,22 @@ inline void attention_check_gpu(int B, int T_, int H, int Hkv, int d_qk, int d_v
              attn::MAX_DQK, ", d_v ", attn::MAX_DV, " are supported, got d_qk=", d_qk, " d_v=", d_v);
     HL_CHECK((long long)B * H <= 65535, "attention (gpu): B·H (", (long long)B * H,
              ") exceeds the grid's y limit 65535");
+    attention_window_check(window, sink);
 }
 
-// out (B, T, H, d_v) and lse (B, H, T) are written; lse[b, h, t] = log Σ_{s ≤ t} exp(q_t·k_s / √d_qk), what the
-// backward needs to recompute the probabilities.
+// out (B, T, H, d_v) and lse (B, H, T) are written; lse[b, h, t] = log Σ_{visible s} exp(q_t·k_s / √d_qk), what
+// the backward needs to recompute the probabilities. window = 0: full causal; else window W, sink S.
 template <typename T>
 void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv,
-                       int d_qk, int d_v, cudaStream_t stream = 0) {
+                       int d_qk, int d_v, int window = 0, int sink = 0, cudaStream_t stream = 0) {
     using namespace attn;
-    attention_check_gpu(B, T_, H, Hkv, d_qk, d_v);
+    attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     const float scale_log2 = LOG2E / sqrtf((float)d_qk);
     const size_t smem = sizeof(float) * ((size_t)(BR + BC) * padded(d_qk) + (size_t)BC * d_v + BR * (BC + 1));
     const dim3 grid(ceil_div(T_, BR), B * H);
     auto launch = [&](auto kernel) {
         allow_smem(kernel, smem);
-        kernel<<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, T_, H, Hkv, d_qk, d_v, scale_log2);
+        kernel<<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, T_, H, Hkv, d_qk, d_v, window, sink, scale_log2);
         cudaCheckLast();
     };
     switch (bucket(d_v)) {
@@ -263,17 +311,22 @@ __global__ void attention_backward_D_kernel(float* D, const T* dout, const T* ou
 // dk (B, T, Hkv, d_qk), dv (B, T, Hkv, d_v), written. Grid (ceil(T / 64), B·Hkv): one block per 64-key tile of
 // one (b, kv head g); 256 threads. The block keeps its K and V tiles in shared memory and loops over the query
 // heads h of group g and, for each, the query tiles at or below the diagonal (tiles above it see none of these
-// keys). Per query tile it recomputes, transposed so that a thread's rows are keys j:
-//   Sᵀ[j, i] = k_j · q_i,   Pᵀ[j, i] = exp(Sᵀ/√d_qk − lse_i)   (0 where j > i or i ≥ T)
+// keys; with a window, only those up to query_tiles_end). Per query tile it recomputes, transposed so that a
+// thread's rows are keys j:
+//   Sᵀ[j, i] = k_j · q_i,   Pᵀ[j, i] = exp(Sᵀ/√d_qk − lse_i)   (0 where j is invisible to i, or i ≥ T)
 //   dPᵀ[j, i] = v_j · dout_i,   dSᵀ[j, i] = Pᵀ · (dPᵀ − D_i)
 //   dv_j += Σ_i Pᵀ[j, i] dout_i,   dk_j += Σ_i dSᵀ[j, i] q_i / √d_qk
 // with dk, dv accumulated in registers over the whole group — a deterministic sum over query heads.
 // Pᵀ and then dSᵀ pass through one shared buffer so the 16 threads of a key row can read all 64 of its columns.
 // Blocks are issued first key tile first: it has the most query tiles below it, so the longest start earliest.
+// With a sink split (sink_split), the first split.tiles · split.splits blocks are the sink key tiles' chunks
+// (block x: tile x / splits, chunk x % splits), writing their partial sums to partial (B, Hkv, tiles, splits, BC,
+// d_qk + d_v) instead of dk, dv; the rest take the key tiles after the sink.
 template <typename T, int DQK_MAX, int DV_MAX>
 __global__ void __launch_bounds__(attn::THREADS)
     attention_backward_dkdv_kernel(T* dk, T* dv, const T* dout, const float* lse, const float* D, const T* q,
-                                   const T* k, const T* v, int T_, int H, int Hkv, int d_qk, int d_v, float scale,
+                                   const T* k, const T* v, float* partial, int T_, int H, int Hkv, int d_qk,
+                                   int d_v, int window, int sink, attn::SinkSplit split, float scale,
                                    float scale_log2) {
     using namespace attn;
     constexpr int CK = DQK_MAX / 16, CV = DV_MAX / 16;
@@ -288,7 +341,10 @@ __global__ void __launch_bounds__(attn::THREADS)
     float* sD = sL + BR;             // (BR) D of the current query rows
 
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int kv0 = blockIdx.x * BC;  // first key tile first: it sees the most query tiles
+    const int n_split = split.tiles * split.splits;  // blocks that are chunks of sink key tiles
+    const bool chunk = (int)blockIdx.x < n_split;
+    const int kt = chunk ? blockIdx.x / split.splits : split.tiles + (blockIdx.x - n_split);
+    const int kv0 = kt * BC;  // first key tile first: it sees the most query tiles
     const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
 
     load_tile(sK, ldq, k, b, kv0, BC, T_, Hkv, g, d_qk);
@@ -303,8 +359,15 @@ __global__ void __launch_bounds__(attn::THREADS)
         for (int c = 0; c < CV; c++) acc_v[a][c] = 0.f;
     }
 
+    // query tiles [q_begin, q_end): from the diagonal (BR == BC: the diagonal query tile starts at kv0), or this
+    // chunk's share of them
+    int q_begin = kv0, q_end = query_tiles_end(kv0, T_, window, sink);
+    if (chunk) {
+        q_begin = kv0 + (blockIdx.x % split.splits) * SINK_CHUNK * BR;
+        q_end = min(q_end, q_begin + SINK_CHUNK * BR);  // may be empty: the chunk then writes zeros
+    }
     for (int h = g * group; h < (g + 1) * group; h++) {
-        for (int q0 = kv0; q0 < T_; q0 += BR) {  // BR == BC: the diagonal query tile starts at kv0
+        for (int q0 = q_begin; q0 < q_end; q0 += BR) {
             __syncthreads();  // done with the previous sQ, sO, sX, sL, sD (and sK, sV loaded, first time)
             load_tile(sQ, ldq, q, b, q0, BR, T_, H, h, d_qk);
             load_tile(sO, ldv, dout, b, q0, BR, T_, H, h, d_v);
@@ -350,7 +413,8 @@ __global__ void __launch_bounds__(attn::THREADS)
 #pragma unroll
                 for (int c = 0; c < TN; c++) {
                     const int r = tx + 16 * c, i = q0 + r;
-                    const float p = (j <= i && i < T_) ? exp2f(st[a][c] * scale_log2 - sL[r]) : 0.f;
+                    const float p = (attn_visible(i, j, window, sink) && i < T_)
+                                        ? exp2f(st[a][c] * scale_log2 - sL[r]) : 0.f;
                     sX[(ty + 16 * a) * (BR + 1) + r] = p;
                     st[a][c] = p * (dpt[a][c] - sD[r]) * scale;
                 }
@@ -397,6 +461,25 @@ __global__ void __launch_bounds__(attn::THREADS)
         }
     }
 
+    if (chunk) {  // this chunk's partial sums of all BC rows (summed into dk, dv by attention_sink_reduce_kernel)
+        float* part = partial + ((size_t)b * Hkv + g) * n_split * BC * (d_qk + d_v) +
+                      (size_t)blockIdx.x * BC * (d_qk + d_v);
+#pragma unroll
+        for (int a = 0; a < TM; a++) {
+            float* row = part + (size_t)(ty + 16 * a) * (d_qk + d_v);
+#pragma unroll
+            for (int c = 0; c < CK; c++) {
+                const int d = tx + 16 * c;
+                if (d < d_qk) row[d] = acc_k[a][c];
+            }
+#pragma unroll
+            for (int c = 0; c < CV; c++) {
+                const int e = tx + 16 * c;
+                if (e < d_v) row[d_qk + e] = acc_v[a][c];
+            }
+        }
+        return;
+    }
     // every key row of this tile is owned by this block alone: write (not add)
 #pragma unroll
     for (int a = 0; a < TM; a++) {
@@ -417,16 +500,34 @@ __global__ void __launch_bounds__(attn::THREADS)
     }
 }
 
+// dk, dv rows of the sink key tiles (j < split.tiles · BC, j < T) = Σ over the chunks of their partial sums, in
+// chunk order. One thread per (b, g, j, element of [dk_j, dv_j]).
+template <typename T>
+__global__ void attention_sink_reduce_kernel(T* dk, T* dv, const float* partial, int B, int T_, int Hkv, int d_qk,
+                                             int d_v, attn::SinkSplit split) {
+    const int width = d_qk + d_v, rows = min(T_, split.tiles * attn::BC);
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * Hkv * rows * width) return;
+    const int e = idx % width, j = (idx / width) % rows, bg = idx / ((size_t)width * rows);  // bg = b·Hkv + g
+    const int kt = j / attn::BC, r = j % attn::BC;
+    const float* p = partial + ((size_t)bg * split.tiles + kt) * split.splits * attn::BC * width + (size_t)r * width + e;
+    float sum = 0.f;
+    for (int c = 0; c < split.splits; c++) sum += p[(size_t)c * attn::BC * width];
+    const int b = bg / Hkv, g = bg % Hkv;
+    if (e < d_qk) dk[(((size_t)b * T_ + j) * Hkv + g) * d_qk + e] = T(sum);
+    else dv[(((size_t)b * T_ + j) * Hkv + g) * d_v + e - d_qk] = T(sum);
+}
+
 // dq (B, T, H, d_qk), written. Grid (ceil(T / 64), B·H): one block per 64-row query tile of one (b, h), 256
 // threads, the forward's mapping. The block keeps its Q and dout tiles (and lse, D of its rows) and streams the
-// key/value tiles 0 .. diagonal, recomputing
+// key/value tiles the forward visits (0 .. diagonal, less those visible_kv_tile skips), recomputing
 //   S = Q Kᵀ,  P = exp(S/√d_qk − lse) (masked),  dP = dout Vᵀ,  dS = P ⊙ (dP − D),  dq_i += Σ_j dS[i, j] k_j / √d_qk
 // with dq in registers. dS passes through shared memory so the 16 threads of a row can read all its columns.
 template <typename T, int DQK_MAX>
 __global__ void __launch_bounds__(attn::THREADS)
     attention_backward_dq_kernel(T* dq, const T* dout, const float* lse, const float* D, const T* q, const T* k,
-                                 const T* v, int T_, int H, int Hkv, int d_qk, int d_v, float scale,
-                                 float scale_log2) {
+                                 const T* v, int T_, int H, int Hkv, int d_qk, int d_v, int window, int sink,
+                                 float scale, float scale_log2) {
     using namespace attn;
     constexpr int CK = DQK_MAX / 16;
     extern __shared__ float smem[];
@@ -455,7 +556,8 @@ __global__ void __launch_bounds__(attn::THREADS)
     }
 
     const int kv_end = min(T_, q0 + BR);
-    for (int kv0 = 0; kv0 < kv_end; kv0 += BC) {
+    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
+         kv0 = visible_kv_tile(kv0 + BC, q0, window, sink)) {
         __syncthreads();  // done with the previous sK, sV, sS (and sQ, sO loaded, first time)
         load_tile(sK, ldq, k, b, kv0, BC, T_, Hkv, g, d_qk);
         load_tile(sV, ldv, v, b, kv0, BC, T_, Hkv, g, d_v);
@@ -492,7 +594,8 @@ __global__ void __launch_bounds__(attn::THREADS)
 #pragma unroll
             for (int c = 0; c < TN; c++) {
                 const int j = kv0 + tx + 16 * c;
-                const float p = (j <= i && i < T_) ? exp2f(s[a][c] * scale_log2 - L2[a]) : 0.f;
+                const float p = (attn_visible(i, j, window, sink) && i < T_)
+                                    ? exp2f(s[a][c] * scale_log2 - L2[a]) : 0.f;
                 sS[(ty + 16 * a) * (BC + 1) + tx + 16 * c] = p * (dp[a][c] - Di[a]) * scale;
             }
         }
@@ -528,28 +631,41 @@ __global__ void __launch_bounds__(attn::THREADS)
     }
 }
 
+// Floats of attention_backward's scratch: D (B, H, T), then with a window, a sink and T > SINK_CHUNK·64 the sink key
+// tiles' partial dk, dv (B, Hkv, tiles, splits, 64, d_qk + d_v) — a few times D at most for the paper's shapes.
+inline size_t attention_backward_scratch_size(int B, int T_, int H, int Hkv, int d_qk, int d_v, int window = 0,
+                                              int sink = 0) {
+    const attn::SinkSplit split = attn::sink_split(T_, window, sink);
+    return (size_t)B * H * T_ + (size_t)B * Hkv * split.tiles * split.splits * attn::BC * (d_qk + d_v);
+}
+
 // dq, dk, dv (shapes of q, k, v) are written — dk, dv summed over the query heads sharing each kv head.
-// scratch_D (B, H, T) receives rowsum(dout ⊙ out). lse (B, H, T) and out are the forward's.
+// scratch (attention_backward_scratch_size floats) starts with D (B, H, T) = rowsum(dout ⊙ out). lse (B, H, T)
+// and out are the forward's, made with the same window and sink.
 template <typename T>
-void attention_backward(T* dq, T* dk, T* dv, float* scratch_D, const T* dout, const T* out, const float* lse,
+void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, const T* out, const float* lse,
                         const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv, int d_qk, int d_v,
-                        cudaStream_t stream = 0) {
+                        int window = 0, int sink = 0, cudaStream_t stream = 0) {
     using namespace attn;
-    attention_check_gpu(B, T_, H, Hkv, d_qk, d_v);
+    attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     const float scale = 1.f / sqrtf((float)d_qk), scale_log2 = LOG2E * scale;
 
     const int rows = B * T_ * H, rows_per_block = THREADS / 32;
+    float* scratch_D = scratch;
     attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout, out, B, T_,
                                                                                          H, d_v);
     cudaCheckLast();
 
     const size_t ldq = padded(d_qk), ldv = padded(d_v);
     const size_t smem_kv = sizeof(float) * ((BC + BR) * (ldq + ldv) + (size_t)BC * (BR + 1) + 2 * BR);
-    const dim3 grid_kv(ceil_div(T_, BC), B * Hkv);
+    // sink key tiles as split.splits chunks each, then the other key tiles one block each
+    const SinkSplit split = sink_split(T_, window, sink);
+    float* partial = scratch + (size_t)B * H * T_;
+    const dim3 grid_kv(split.tiles * split.splits + ceil_div(T_, BC) - split.tiles, B * Hkv);
     auto launch_kv = [&](auto kernel) {
         allow_smem(kernel, smem_kv);
-        kernel<<<grid_kv, THREADS, smem_kv, stream>>>(dk, dv, dout, lse, scratch_D, q, k, v, T_, H, Hkv, d_qk, d_v,
-                                                      scale, scale_log2);
+        kernel<<<grid_kv, THREADS, smem_kv, stream>>>(dk, dv, dout, lse, scratch_D, q, k, v, partial, T_, H, Hkv,
+                                                      d_qk, d_v, window, sink, split, scale, scale_log2);
         cudaCheckLast();
     };
     const int bq = bucket(d_qk), bv = bucket(d_v);  // bq ∈ {64, 128} since d_qk ≤ 128
@@ -559,13 +675,19 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch_D, const T* dout, co
     else if (bv == 64) launch_kv(attention_backward_dkdv_kernel<T, 128, 64>);
     else if (bv == 128) launch_kv(attention_backward_dkdv_kernel<T, 128, 128>);
     else launch_kv(attention_backward_dkdv_kernel<T, 128, 256>);
+    if (split.tiles > 0) {
+        const size_t n = (size_t)B * Hkv * std::min(T_, split.tiles * BC) * (d_qk + d_v);
+        attention_sink_reduce_kernel<<<(unsigned)((n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(
+            dk, dv, partial, B, T_, Hkv, d_qk, d_v, split);
+        cudaCheckLast();
+    }
 
     const size_t smem_q = sizeof(float) * ((BR + BC) * (ldq + ldv) + (size_t)BR * (BC + 1));
     const dim3 grid_q(ceil_div(T_, BR), B * H);
     auto launch_q = [&](auto kernel) {
         allow_smem(kernel, smem_q);
-        kernel<<<grid_q, THREADS, smem_q, stream>>>(dq, dout, lse, scratch_D, q, k, v, T_, H, Hkv, d_qk, d_v, scale,
-                                                    scale_log2);
+        kernel<<<grid_q, THREADS, smem_q, stream>>>(dq, dout, lse, scratch_D, q, k, v, T_, H, Hkv, d_qk, d_v, window,
+                                                    sink, scale, scale_log2);
         cudaCheckLast();
     };
     if (bq == 64) launch_q(attention_backward_dq_kernel<T, 64>);
@@ -596,7 +718,8 @@ struct GpuAttnActs {
     T* dv = nullptr;         // (B, T, Hkv, d_v)
     T* dy = nullptr;         // (B, T, H·d_v)     gradient of y (mixer backward only)
     T* dinp_part = nullptr;  // (B, T, D)         one projection's share of dinp, before it is added in
-    float* D = nullptr;      // (B, H, T)         rowsum(dy ⊙ y), attention_backward's scratch
+    float* D = nullptr;      // attention_backward's scratch: rowsum(dy ⊙ y) (B, H, T), then the sink split's
+                             // partial sums (attention_backward_scratch_size)
 };
 
 // Lays out GpuAttnActs in an arena (counting when the arena has no base), as attn_acts does on the CPU.
@@ -617,7 +740,7 @@ inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, in
     s.dv = a.take("dv", {B, T_, Hkv, c.d_v});
     s.dy = a.take("dy", {B, T_, H * c.d_v});
     s.dinp_part = a.take("dinp_part", {B, T_, D});
-    s.D = a.take("D", {B, H, T_});
+    s.D = a.take("D", {(int)attention_backward_scratch_size(B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink)});
     return s;
 }
 
@@ -634,7 +757,8 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
     // positions enter only through q and k: rotated in place, the rotated versions are what is saved
     gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
     gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
-    gpu::attention_forward(acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, stream);
+    gpu::attention_forward(acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink,
+                           stream);
 }
 
 // dy (B, T, H·d_v): gradient of acts.y. dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another
@@ -648,7 +772,7 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     gpu::attention_backward(acts.dq, acts.dk, acts.dv, acts.D, dy, acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_,
-                            H, Hkv, c.d_qk, c.d_v, stream);
+                            H, Hkv, c.d_qk, c.d_v, c.window, c.sink, stream);
     if (dv_extra) gpu::accumulate(acts.dv, dv_extra, (size_t)N * Hkv * c.d_v, stream);
     // undo the rotations: now dq, dk are gradients of the projections' outputs
     gpu::rope_backward(acts.dq, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream);

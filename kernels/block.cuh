@@ -1,6 +1,7 @@
 // block.cuh — the three blocks of DESIGN.md §1 on the GPU, mirroring model/block.h: pre-norm, a token mixer
-// (A attention, M Mamba-2, H intra-layer hybrid), a residual add, then pre-norm, SwiGLU and a residual add:
-//   h = x + mixer(RMSNorm(x)),   y = h + SwiGLU(RMSNorm(h))
+// (A attention — windowed for the pattern's S —, M Mamba-2, H intra-layer hybrid), a residual add, then pre-norm,
+// the FFN (SwiGLU, or with --moe the mixture of experts) and a residual add:
+//   h = x + mixer(RMSNorm(x)),   y = h + FFN(RMSNorm(h))
 // Parameters: model/block.h's BlockParams over a device buffer (block_params gives the CPU's layout).
 // Activations: GpuBlockActs, the CPU's BlockActs with the GPU mixer acts and fp32 norm statistics; the FFN's
 // SwiGLUActs are the CPU struct itself (all of its tensors are element tensors).
@@ -11,6 +12,7 @@
 #include "kernels/common.cuh"     // add, accumulate
 #include "kernels/intra.cuh"      // GpuIntraActs, gpu_intra_acts, intra_mixer_forward/backward
 #include "kernels/mamba2.cuh"     // GpuMamba2Acts, gpu_mamba2_acts, mamba2_mixer_forward/backward
+#include "kernels/moe.cuh"        // GpuMoEActs, gpu_moe_acts, moe_forward/backward
 #include "kernels/rmsnorm.cuh"    // rmsnorm_forward/backward
 #include "kernels/swiglu.cuh"     // swiglu_forward/backward
 #include "model/block.h"          // BlockConfig, BlockParams, block_config_check
@@ -31,14 +33,17 @@ struct GpuBlockActs {
     T* n2 = nullptr;          // (B,T,D)  RMSNorm(h)
     float* rstd2 = nullptr;   // (B,T)
     SwiGLUActs<T> ffn{};
+    GpuMoEActs<T> moe{};
+    const T* moe_bias = nullptr;  // (E) the MoE's selection bias (model state, set by the model)
     T* ffo = nullptr;         // (B,T,D)  FFN output
     // backward scratch
     T* dn = nullptr;          // (B,T,D)
     T* dh = nullptr;          // (B,T,D)
 };
 
-// Lays out GpuBlockActs in an arena (counting when it has no base), as block_acts does on the CPU. fp32 for now.
-inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, const BlockConfig& c, int B, int T_) {
+// Lays out GpuBlockActs in an arena (counting when it has no base), as block_acts does on the CPU; index tensors
+// (MoE routing) in ia. fp32 for now.
+inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, Arena<int>& ia, const BlockConfig& c, int B, int T_) {
     block_config_check(c);
     GpuBlockActs<float> x;
     const int N = B * T_, D = c.d_model;
@@ -51,7 +56,8 @@ inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, const BlockConfig& c,
     x.h = a.take("h", {N, D});
     x.n2 = a.take("n2", {N, D});
     x.rstd2 = a.take("rstd2", {N});
-    x.ffn = swiglu_acts(a, c.ffn, N);
+    if (c.use_moe) x.moe = gpu_moe_acts(a, ia, c.moe, N);
+    else x.ffn = swiglu_acts(a, c.ffn, N);
     x.ffo = a.take("ffo", {N, D});
     x.dn = a.take("dn", {N, D});
     x.dh = a.take("dh", {N, D});
@@ -70,7 +76,8 @@ void block_forward(T* y, GpuBlockActs<T>& acts, const T* x, const BlockParams<T>
     if (c.kind == 'H') gpu::intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream);
     gpu::add(acts.h, x, acts.mix, ND, stream);
     gpu::rmsnorm_forward(acts.n2, acts.rstd2, acts.h, p.norm2, N, 1, D, c.norm_eps, stream);
-    gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
+    if (c.use_moe) gpu::moe_forward(acts.ffo, acts.moe, acts.n2, p.moe, acts.moe_bias, c.moe, N, stream);
+    else gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
     gpu::add(y, acts.h, acts.ffo, ND, stream);
 }
 
@@ -82,7 +89,8 @@ void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& act
     const int N = B * T_, D = c.d_model;
     const size_t ND = (size_t)N * D;
     // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
-    gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
+    if (c.use_moe) gpu::moe_backward(acts.dn, dp.moe, dy, acts.moe, acts.n2, p.moe, c.moe, N, stream);
+    else gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
     gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream);
     gpu::accumulate(acts.dh, dy, ND, stream);
     // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh

@@ -1,5 +1,5 @@
 // model.cuh — the whole language model on the GPU, mirroring model/model.h (read that first):
-//   tokens (B,T) → embedding → blocks by pattern (A | M | H) → RMSNorm → LM head → logits → cross-entropy
+//   tokens (B,T) → embedding → blocks by pattern (A | M | H | S) → RMSNorm → LM head → logits → cross-entropy
 // GpuModel holds one device allocation for the parameters, one for the gradients, one for each AdamW moment and
 // one for every activation of a (B, T) batch. Parameter and gradient views are carved with model/model.h's
 // model_params on an Arena over the device buffers, so the layout (names, shapes, offsets: `tensors`) is the CPU
@@ -72,6 +72,9 @@ struct GpuModel {
     DeviceBuffer<float> params, grads;   // (num_params) each; grads empty when !training
     DeviceBuffer<float> m, v;            // AdamW moments, (num_params) each when training
     ModelParams<float> p, dp;            // device views; dp all null when !training
+    std::vector<TensorInfo> buffer_tensors;  // the MoE balancing biases (Model<float>'s buffers, same layout)
+    DeviceBuffer<float> buffers;
+    std::vector<float*> moe_bias;        // per layer: its bias in buffers (null without MoE)
     std::unique_ptr<AdamWTable> adamw;   // the optimizer's device table of tensor ranges
     DeviceBuffer<float> scalars;         // [0] mean loss of the last forward, [1] grad norm of the last update
     DeviceBuffer<double> norm_scratch;   // GRAD_NORM_BLOCKS partial sums of the gradient norm
@@ -80,6 +83,7 @@ struct GpuModel {
     // activations for one (B, T), allocated by alloc(); nothing is allocated in forward/backward
     int B = 0, T_ = 0;
     DeviceBuffer<float> act;
+    DeviceBuffer<int> iact;              // index activations (MoE routing)
     std::vector<float*> xs;              // L+1 residual streams (B,T,D): xs[0] embeddings, xs[l+1] block l output
     std::vector<GpuBlockActs<float>> bacts;
     float *xf = nullptr, *rstdf = nullptr;  // final norm (B,T,D), (B,T)
@@ -113,6 +117,16 @@ struct GpuModel {
             adamw = std::make_unique<AdamWTable>(tensors);
             norm_scratch.alloc(GRAD_NORM_BLOCKS);
         }
+        Arena<float> count_b(nullptr, &buffer_tensors);
+        for (int l = 0; l < cfg.n_layers; l++)
+            if (blocks[size_t(l)].use_moe)
+                count_b.take("layers." + std::to_string(l) + ".ffn.expert_bias", {cfg.n_experts});
+        if (count_b.size > 0) {
+            buffers.alloc(count_b.size);
+            buffers.zero();
+        }
+        for (int l = 0, i = 0; l < cfg.n_layers; l++)
+            moe_bias.push_back(blocks[size_t(l)].use_moe ? buffers.ptr + size_t(i++) * cfg.n_experts : nullptr);
         scalars.alloc(2);
         scalars.zero();
         cublas();  // create the cuBLAS handle (and its workspace) now, not inside the first timed step
@@ -131,13 +145,17 @@ struct GpuModel {
                      ": tensor ", i, " is '", host.tensors[i].name, "' on the host, '", tensors[i].name, "' here");
     }
     // parameters from a host Model<float> of the same config (its init or a loaded checkpoint)
+    // (the buffers — MoE biases — travel with the parameters)
     void upload(const Model<float>& host) {
         check_host(host, "GpuModel::upload");
         params.upload(host.params);
+        if (buffers.n > 0) buffers.upload(host.buffers);
     }
     void download(Model<float>& host) const {
         check_host(host, "GpuModel::download");
         cudaCheck(cudaMemcpy(host.params.data(), params.ptr, params.n * sizeof(float), cudaMemcpyDeviceToHost));
+        if (buffers.n > 0)
+            cudaCheck(cudaMemcpy(host.buffers.data(), buffers.ptr, buffers.n * sizeof(float), cudaMemcpyDeviceToHost));
     }
     // AdamW moments, as the host vectors of model/trainer.h's save_run/load_run
     void upload_moments(const std::vector<float>& m_host, const std::vector<float>& v_host) {
@@ -156,6 +174,9 @@ struct GpuModel {
                  " parameters");
         cudaCheck(cudaMemcpyAsync(params.ptr, other.params.ptr, params.n * sizeof(float), cudaMemcpyDeviceToDevice,
                                   stream));
+        if (buffers.n > 0)
+            cudaCheck(cudaMemcpyAsync(buffers.ptr, other.buffers.ptr, buffers.n * sizeof(float),
+                                      cudaMemcpyDeviceToDevice, stream));
     }
 
     // ---- activations ----
@@ -168,11 +189,14 @@ struct GpuModel {
         B = B_;
         T_ = Tn;
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        auto layout = [&](Arena<float>& a) {
+        auto layout = [&](Arena<float>& a, Arena<int>& ia) {
             xs.clear();
             bacts.clear();
             for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
-            for (int l = 0; l < L; l++) bacts.push_back(gpu_block_acts(a, blocks[size_t(l)], B, T_));
+            for (int l = 0; l < L; l++) {
+                bacts.push_back(gpu_block_acts(a, ia, blocks[size_t(l)], B, T_));
+                bacts.back().moe_bias = moe_bias[size_t(l)];
+            }
             xf = a.take("xf", {N, D});
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});
@@ -184,11 +208,14 @@ struct GpuModel {
             dlosses = a.take("dlosses", {N});
         };
         Arena<float> count;
-        layout(count);
+        Arena<int> icount;
+        layout(count, icount);
         act.alloc(count.size);
         act.zero();
+        if (icount.size > 0) iact.alloc(icount.size);
         Arena<float> a(act.ptr);
-        layout(a);
+        Arena<int> ia(iact.ptr);
+        layout(a, ia);
         tokens_buf.alloc(size_t(N));
         targets_buf.alloc(size_t(N));
         last_tokens = nullptr;
@@ -272,6 +299,29 @@ struct GpuModel {
         gpu::adamw_update(params.ptr, grads.ptr, m.ptr, v.ptr, *adamw, opt, lr, step, stream);
     }
 
+    // After an update: each MoE layer's bias moves towards balance, from the last forward's loads (on the device).
+    void moe_update() {
+        for (int l = 0; l < cfg.n_layers; l++)
+            if (blocks[size_t(l)].use_moe)
+                gpu::moe_update_bias(moe_bias[size_t(l)], bacts[size_t(l)].moe.offsets, cfg.n_experts,
+                                     cfg.moe_bias_rate, stream);
+    }
+
+    // share[e] = fraction of the last forward's tokens routed to expert e, averaged over the MoE layers (from the
+    // host copies of the offsets each MoE forward makes; no sync here).
+    void expert_share(float* share) const {
+        const int E = cfg.n_experts;
+        for (int e = 0; e < E; e++) share[e] = 0;
+        int layers = 0;
+        for (int l = 0; l < cfg.n_layers; l++) {
+            if (!blocks[size_t(l)].use_moe) continue;
+            const std::vector<int>& off = bacts[size_t(l)].moe.offsets_host;
+            for (int e = 0; e < E; e++) share[e] += float(off[size_t(e) + 1] - off[size_t(e)]) / float(off[size_t(E)]);
+            layers++;
+        }
+        for (int e = 0; e < E && layers > 0; e++) share[e] /= float(layers);
+    }
+
     // {mean loss of the last forward, grad norm of the last update}: one copy, the step's one host sync.
     void read_scalars(float* loss_out, float* norm_out) const {
         float s[2];
@@ -301,6 +351,11 @@ inline StepStats train_step(GpuModel& model, int* inputs, int* targets, WindowLo
     AdamWConfig opt;
     opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h
     model.update(opt, s.lr, step + 1, f.grad_clip);
+    if (model.cfg.moe) {  // balancing from this step's loads, for the next step's routing
+        model.moe_update();
+        s.n_experts = model.cfg.n_experts;
+        model.expert_share(s.expert_share);
+    }
     model.read_scalars(&s.loss, &s.grad_norm);
     return s;
 }

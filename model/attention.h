@@ -18,10 +18,30 @@ namespace hl {
 // 1. The core
 // ---------------------------------------------------------------------------------------------------------
 
-inline void attention_check(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
+// Sliding-window attention with an attention sink (DESIGN.md, "Sliding-window baseline"): with window W > 0
+// and sink S ≥ 0, query position t sees key position s iff s ≤ t and (t − s < W or s < S) — the last W
+// positions (itself included) and the first S. W = 0 is full causal attention (S must then be 0).
+// The one statement of the rule: nvcc compiles it for the device too, so the GPU kernels use it as is.
+#ifdef __CUDACC__
+#define HL_ATTN_HOST_DEVICE __host__ __device__
+#else
+#define HL_ATTN_HOST_DEVICE
+#endif
+HL_ATTN_HOST_DEVICE inline bool attn_visible(int t, int s, int window, int sink) {
+    return s <= t && (window <= 0 || t - s < window || s < sink);
+}
+
+inline void attention_window_check(int window, int sink) {
+    HL_CHECK(window >= 0 && sink >= 0, "attention: window and sink must be >= 0, got window=", window,
+             " sink=", sink);
+    HL_CHECK(sink == 0 || window > 0, "attention: a sink (", sink, ") needs a sliding window (window > 0)");
+}
+
+inline void attention_check(int B, int T_, int H, int Hkv, int d_qk, int d_v, int window = 0, int sink = 0) {
     HL_CHECK(B > 0 && T_ > 0 && H > 0 && Hkv > 0 && d_qk > 0 && d_v > 0, "attention: bad sizes B=", B, " T=", T_,
              " H=", H, " Hkv=", Hkv, " d_qk=", d_qk, " d_v=", d_v);
     HL_CHECK(H % Hkv == 0, "attention: n_heads (", H, ") must be a multiple of n_kv_heads (", Hkv, ")");
+    attention_window_check(window, sink);
 }
 
 // a · b over n entries (a query-key score, or an output gradient against a value row)
@@ -32,13 +52,14 @@ inline T attn_dot(const T* a, const T* b, int n) {
     return s;
 }
 
-// out (B, T, H, d_v) = Σ_{s ≤ t} att[t, s] · v_s, att[t, :] = softmax_{s ≤ t}(q_t · k_s / √d_qk).
-// att (B, H, T, T) is saved for the backward; entries above the diagonal (future keys) are written as 0.
+// out (B, T, H, d_v) = Σ_s att[t, s] · v_s, att[t, :] = softmax over the visible s (attn_visible) of
+// q_t · k_s / √d_qk. att (B, H, T, T) is saved for the backward; invisible entries (the future, and with a
+// window the keys that slid out of it) are written as 0. window = 0: full causal attention.
 // q (B, T, H, d_qk), k (B, T, Hkv, d_qk), v (B, T, Hkv, d_v).
 template <typename T>
 void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv, int d_qk,
-                       int d_v) {
-    attention_check(B, T_, H, Hkv, d_qk, d_v);
+                       int d_v, int window = 0, int sink = 0) {
+    attention_check(B, T_, H, Hkv, d_qk, d_v, window, sink);
     const int group = H / Hkv;  // query heads sharing one kv head
     const T scale = T(1) / std::sqrt(T(d_qk));
 #pragma omp parallel for collapse(2) schedule(static)
@@ -48,24 +69,30 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B
             for (int t = 0; t < T_; t++) {
                 const T* qt = q + (((size_t)b * T_ + t) * H + h) * d_qk;
                 T* a = att + (((size_t)b * H + h) * T_ + t) * T_;  // row t of this head's (T, T) matrix
-                // scores of the visible keys s ≤ t, and their max for a stable softmax
+                zero(a, T_);  // masked entries get probability 0; the visible ones are overwritten below
+                // scores of the visible keys, and their max for a stable softmax (s = t is always visible)
                 T maxv = 0;
+                bool first = true;
                 for (int s = 0; s <= t; s++) {
+                    if (!attn_visible(t, s, window, sink)) continue;
                     const T* ks = k + (((size_t)b * T_ + s) * Hkv + g) * d_qk;
                     a[s] = attn_dot(qt, ks, d_qk) * scale;
-                    if (s == 0 || a[s] > maxv) maxv = a[s];
+                    if (first || a[s] > maxv) maxv = a[s];
+                    first = false;
                 }
                 T sum = 0;
                 for (int s = 0; s <= t; s++) {
+                    if (!attn_visible(t, s, window, sink)) continue;
                     a[s] = std::exp(a[s] - maxv);  // ≤ 1: no overflow
                     sum += a[s];
                 }
-                for (int s = 0; s <= t; s++) a[s] /= sum;
-                for (int s = t + 1; s < T_; s++) a[s] = 0;  // causal mask: the future gets probability 0
-                // out_t = Σ_s att[t, s] · v_s
+                for (int s = 0; s <= t; s++)
+                    if (attn_visible(t, s, window, sink)) a[s] /= sum;
+                // out_t = Σ_s att[t, s] · v_s over the visible s
                 T* o = out + (((size_t)b * T_ + t) * H + h) * d_v;
                 zero(o, d_v);
                 for (int s = 0; s <= t; s++) {
+                    if (!attn_visible(t, s, window, sink)) continue;
                     const T* vs = v + (((size_t)b * T_ + s) * Hkv + g) * d_v;
                     for (int i = 0; i < d_v; i++) o[i] += a[s] * vs[i];
                 }
@@ -78,12 +105,13 @@ void attention_forward(T* out, T* att, const T* q, const T* k, const T* v, int B
 //   dv_s  = Σ_h Σ_{t ≥ s} P[t, s] · dout_t            (summed over the query heads sharing the kv head)
 //   dS[s] = P[s] · (dP[s] − Σ_s' P[s'] · dP[s'])       (backward through the softmax)
 //   dq_t  = Σ_s dS[s] · k_s / √d_qk,   dk_s = Σ_h Σ_t dS[t, s] · q_t / √d_qk
+// The sums run over the visible (t, s) only (window, sink as in the forward): masked entries get no gradient.
 // Parallel over (b, kv head): each thread owns its kv head's dk/dv rows and its query heads' dq rows,
 // so no two threads ever add into the same entry.
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const T* q, const T* k, const T* v, int B,
-                        int T_, int H, int Hkv, int d_qk, int d_v) {
-    attention_check(B, T_, H, Hkv, d_qk, d_v);
+                        int T_, int H, int Hkv, int d_qk, int d_v, int window = 0, int sink = 0) {
+    attention_check(B, T_, H, Hkv, d_qk, d_v, window, sink);
     const int group = H / Hkv;
     const T scale = T(1) / std::sqrt(T(d_qk));
 #pragma omp parallel for collapse(2) schedule(static)
@@ -102,9 +130,11 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const 
                     // Σ_s P[s]·dP[s]; dP is recomputed below rather than stored, to need no length-T scratch
                     T rowdot = 0;
                     for (int s = 0; s <= t; s++)
-                        rowdot += a[s] * attn_dot(dout_t, v + (((size_t)b * T_ + s) * Hkv + g) * d_v, d_v);
+                        if (attn_visible(t, s, window, sink))
+                            rowdot += a[s] * attn_dot(dout_t, v + (((size_t)b * T_ + s) * Hkv + g) * d_v, d_v);
                     zero(dqt, d_qk);
                     for (int s = 0; s <= t; s++) {
+                        if (!attn_visible(t, s, window, sink)) continue;
                         const T* vs = v + (((size_t)b * T_ + s) * Hkv + g) * d_v;
                         const T* ks = k + (((size_t)b * T_ + s) * Hkv + g) * d_qk;
                         T* dvs = dv + (((size_t)b * T_ + s) * Hkv + g) * d_v;
@@ -128,9 +158,13 @@ void attention_backward(T* dq, T* dk, T* dv, const T* dout, const T* att, const 
 // ---------------------------------------------------------------------------------------------------------
 
 // Block A uses d_qk = d_v = d_model / n_heads; the intra-layer hybrid sets them separately.
+// window > 0 makes it sliding-window attention over the last `window` positions plus the first `sink`
+// (attn_visible); window = 0 is full causal attention.
 struct AttnConfig {
     int d_model = 0, n_heads = 0, n_kv_heads = 0, d_qk = 0, d_v = 0;
     double rope_theta = 500000.0;
+    int window = 0;  // W: keys t − W < s ≤ t are visible; 0 = all keys s ≤ t
+    int sink = 0;    // S: keys s < S are always visible (only with window > 0)
 };
 
 inline void attn_config_check(const AttnConfig& c) {
@@ -141,6 +175,10 @@ inline void attn_config_check(const AttnConfig& c) {
              ") must be a multiple of n_kv_heads (", c.n_kv_heads, ")");
     HL_CHECK(c.d_qk % 2 == 0, "attention config: d_qk must be even for RoPE, got ", c.d_qk);
     HL_CHECK(c.rope_theta > 0, "attention config: rope_theta must be positive, got ", c.rope_theta);
+    HL_CHECK(c.window >= 0 && c.sink >= 0, "attention config: window and sink must be >= 0, got window=", c.window,
+             " sink=", c.sink);
+    HL_CHECK(c.sink == 0 || c.window > 0, "attention config: a sink (", c.sink,
+             ") needs a sliding window (window > 0)");
 }
 
 // Weights as (out_features, in_features), the layout matmul_forward expects.
@@ -212,7 +250,7 @@ void attn_branch_forward(AttnActs<T>& acts, const T* inp, const AttnParams<T>& p
     // positions enter only through q and k: rotated in place, the rotated versions are what is saved
     rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta);
     rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta);
-    attention_forward(acts.y, acts.att, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v);
+    attention_forward(acts.y, acts.att, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink);
 }
 
 // dy (B, T, H·d_v): gradient of acts.y. dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another
@@ -225,7 +263,7 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     attention_backward(acts.dq, acts.dk, acts.dv, dy, acts.att, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk,
-                       c.d_v);
+                       c.d_v, c.window, c.sink);
     if (dv_extra) {
         const size_t nv = (size_t)N * Hkv * c.d_v;
 #pragma omp parallel for schedule(static)

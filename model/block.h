@@ -2,30 +2,39 @@
 //   A (transformer):   h = x + Attn(RMSNorm(x)),        y = h + SwiGLU(RMSNorm(h))
 //   M (Mamba-2):       h = x + Mamba2(RMSNorm(x)),      y = h + SwiGLU(RMSNorm(h))
 //   H (intra hybrid):  h = x + Fuse(Attn, Mamba2)(RMSNorm(x)),  y = h + SwiGLU(RMSNorm(h))
+// The pattern letter S (sliding-window attention) is block A with a window in its AttnConfig. With MoE the
+// FFN is model/moe.h's mixture of experts instead of one SwiGLU.
 // A stack of them (a pattern such as "MMAMMH") is the model body; see model/model.h.
 #pragma once
 #include "model/attention.h"  // AttnConfig/Params/Acts, attn_mixer_forward/backward
 #include "model/common.h"     // Arena, HL_CHECK
 #include "model/intra.h"      // IntraConfig/Params/Acts, intra_mixer_forward/backward
 #include "model/mamba2.h"     // Mamba2Config/Params/Acts, mamba2_mixer_forward/backward
+#include "model/moe.h"        // MoEConfig/Params/Acts, moe_forward/backward (the FFN with --moe)
 #include "model/rmsnorm.h"    // rmsnorm_forward/backward
 #include "model/swiglu.h"     // SwiGLUConfig/Params/Acts, swiglu_forward/backward
 
 namespace hl {
 
 struct BlockConfig {
-    char kind = 'A';     // 'A' attention, 'M' Mamba-2, 'H' intra-layer hybrid
+    char kind = 'A';     // 'A' attention (windowed for the pattern's S), 'M' Mamba-2, 'H' intra-layer hybrid
     int d_model = 0;
     AttnConfig attn;     // used by 'A'
     Mamba2Config ssm;    // used by 'M'
     IntraConfig intra;   // used by 'H'
-    SwiGLUConfig ffn;
+    SwiGLUConfig ffn;    // the dense FFN, when !use_moe
+    bool use_moe = false;
+    MoEConfig moe;       // the mixture-of-experts FFN, when use_moe
     double norm_eps = 1e-5;
 };
 
 inline void block_config_check(const BlockConfig& c) {
     HL_CHECK(c.kind == 'A' || c.kind == 'M' || c.kind == 'H', "block kind '", c.kind, "' is not A, M or H");
-    HL_CHECK(c.ffn.d_model == c.d_model, "block: FFN width ", c.ffn.d_model, " != d_model ", c.d_model);
+    if (!c.use_moe) HL_CHECK(c.ffn.d_model == c.d_model, "block: FFN width ", c.ffn.d_model, " != d_model ", c.d_model);
+    if (c.use_moe) {
+        moe_check(c.moe);
+        HL_CHECK(c.moe.d_model == c.d_model, "block: MoE width ", c.moe.d_model, " != d_model ", c.d_model);
+    }
     if (c.kind == 'A') {
         attn_config_check(c.attn);
         HL_CHECK(c.attn.d_model == c.d_model, "block: attention d_model ", c.attn.d_model, " != ", c.d_model);
@@ -45,6 +54,7 @@ struct BlockParams {
     IntraParams<T> intra{};
     T* norm2 = nullptr;  // (D) before the FFN
     SwiGLUParams<T> ffn{};
+    MoEParams<T> moe{};
 };
 
 // Names: norm1, mixer.*, norm2, ffn.* under the arena's prefix (e.g. "layers.3.").
@@ -61,7 +71,8 @@ BlockParams<T> block_params(Arena<T>& a, const BlockConfig& c) {
     p.norm2 = a.take("norm2", {c.d_model});
     {
         typename Arena<T>::Scope s(a, "ffn.");
-        p.ffn = swiglu_params(a, c.ffn);
+        if (c.use_moe) p.moe = moe_params(a, c.moe);
+        else p.ffn = swiglu_params(a, c.ffn);
     }
     return p;
 }
@@ -80,6 +91,10 @@ void block_init(BlockParams<T>& p, const BlockConfig& c, Rng& rng, int n_layers,
     }
     if (c.kind == 'M') mamba2_init(p.ssm, c.ssm, rng, n_layers);
     if (c.kind == 'H') intra_init(p.intra, c.intra, rng, n_layers, std);
+    if (c.use_moe) {
+        moe_init(p.moe, c.moe, rng, std, out_std);
+        return;
+    }
     rng.fill_normal(p.ffn.w1, (size_t)c.ffn.d_ff * D, std);
     rng.fill_normal(p.ffn.w3, (size_t)c.ffn.d_ff * D, std);
     rng.fill_normal(p.ffn.w2, (size_t)D * c.ffn.d_ff, out_std);
@@ -97,14 +112,17 @@ struct BlockActs {
     T* n2;     // (B,T,D)  RMSNorm(h)
     T* rstd2;  // (B,T)
     SwiGLUActs<T> ffn{};
+    MoEActs<T> moe{};
+    const T* moe_bias = nullptr;  // (E) the MoE's selection bias: model state (not a parameter), set by the model
     T* ffo;    // (B,T,D)  FFN output
     // backward scratch
     T* dn;     // (B,T,D)
     T* dh;     // (B,T,D)
 };
 
+// Index tensors (the MoE's routing) come from ia.
 template <typename T>
-BlockActs<T> block_acts(Arena<T>& a, const BlockConfig& c, int B, int T_) {
+BlockActs<T> block_acts(Arena<T>& a, Arena<int>& ia, const BlockConfig& c, int B, int T_) {
     BlockActs<T> x;
     const int N = B * T_, D = c.d_model;
     x.n1 = a.take("n1", {N, D});
@@ -116,7 +134,8 @@ BlockActs<T> block_acts(Arena<T>& a, const BlockConfig& c, int B, int T_) {
     x.h = a.take("h", {N, D});
     x.n2 = a.take("n2", {N, D});
     x.rstd2 = a.take("rstd2", {N});
-    x.ffn = swiglu_acts(a, c.ffn, N);
+    if (c.use_moe) x.moe = moe_acts(a, ia, c.moe, N);
+    else x.ffn = swiglu_acts(a, c.ffn, N);
     x.ffo = a.take("ffo", {N, D});
     x.dn = a.take("dn", {N, D});
     x.dh = a.take("dh", {N, D});
@@ -135,7 +154,8 @@ void block_forward(T* y, BlockActs<T>& acts, const T* x, const BlockParams<T>& p
     if (c.kind == 'H') intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_);
     for (size_t i = 0; i < (size_t)N * D; i++) acts.h[i] = x[i] + acts.mix[i];
     rmsnorm_forward(acts.n2, acts.rstd2, acts.h, p.norm2, N, 1, D, eps);
-    swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N);
+    if (c.use_moe) moe_forward(acts.ffo, acts.moe, acts.n2, p.moe, acts.moe_bias, c.moe, N);
+    else swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N);
     for (size_t i = 0; i < (size_t)N * D; i++) y[i] = acts.h[i] + acts.ffo[i];
 }
 
@@ -146,7 +166,8 @@ void block_backward(T* dx, BlockParams<T>& dp, const T* dy, BlockActs<T>& acts, 
     const int N = B * T_, D = c.d_model;
     const size_t ND = (size_t)N * D;
     // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
-    swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N);
+    if (c.use_moe) moe_backward(acts.dn, dp.moe, dy, acts.moe, acts.n2, p.moe, c.moe, N);
+    else swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N);
     rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D);
     for (size_t i = 0; i < ND; i++) acts.dh[i] += dy[i];
     // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh

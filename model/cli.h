@@ -31,10 +31,12 @@ inline void add_trainer_flags(CLI::App& app, ModelFlags& mf, TrainFlags& t, RunF
     app.option_defaults()->always_capture_default()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
     // model
     app.add_option("--preset", mf.preset, "size preset: tiny | small | 100m | 350m | 1b | 3b")->group("Model");
-    app.add_option("--arch", mf.arch, "transformer | mamba2 | inter (A and M blocks) | intra (H blocks in M)")
+    app.add_option("--arch", mf.arch, "transformer | mamba2 | inter (A and M blocks) | intra (H blocks in M) | "
+                                      "swa (sliding-window S blocks, global A in the middle)")
         ->group("Model");
     app.add_option("--pattern", mf.pattern, "layer pattern, one letter per block: A attention, M Mamba-2, "
-                                            "H intra-layer hybrid (e.g. MMHMM); replaces the preset's")
+                                            "H intra-layer hybrid, S sliding-window attention (e.g. MMHMM); "
+                                            "replaces the preset's")
         ->group("Model");
     app.add_option("--ratio", mf.ratio, "attention:Mamba block ratio, e.g. 1:5 (H blocks for --arch intra, "
                                         "A blocks otherwise)")
@@ -47,6 +49,15 @@ inline void add_trainer_flags(CLI::App& app, ModelFlags& mf, TrainFlags& t, RunF
                                           "norm=group,scale=none,op=diff,value=sep,out=sep")
         ->group("Model");
     app.add_flag("--untied", mf.untied, "separate LM head (default: tied to the embedding)")->group("Model");
+    app.add_option("--window", mf.window, "S blocks: each query sees the last W tokens (0 = the preset's, 512)")
+        ->group("Model");
+    app.add_option("--sink", mf.sink, "S blocks: ... and the first S tokens (-1 = the preset's, 64)")->group("Model");
+    app.add_flag("--moe", mf.moe, "mixture-of-experts FFN: 1 shared + top-1 of --experts routed, each half as wide")
+        ->group("Model");
+    app.add_option("--experts", mf.experts, "routed experts per MoE layer")->group("Model");
+    app.add_option("--moe-bias-rate", mf.moe_bias_rate, "MoE balancing: each step the selection bias of an "
+                                                        "under- (over-)loaded expert rises (falls) by this")
+        ->group("Model");
     mf.vocab = 0;  // from the data unless given
     app.add_option("--vocab", mf.vocab, "vocabulary size (0 = from the data: 256 for text, largest id + 1 for "
                                         ".bin shards)")

@@ -1,9 +1,11 @@
 // config.h — the model configuration: sizes of every block type, the layer pattern (one letter per
-// block: A attention, M Mamba-2, H intra-layer hybrid), the presets of DESIGN.md §P (Table 8, Table 15),
-// the pattern builder for --ratio/--placement, config_check, and the paper's cost formulas (§2).
+// block: A attention, M Mamba-2, H intra-layer hybrid, S sliding-window attention), the MoE option, the
+// presets of DESIGN.md §P (Table 8, Table 15), the pattern builder for --ratio/--placement, config_check,
+// and the paper's cost formulas (§2).
 // Pure configuration and arithmetic: no tensors, no math of the layers themselves.
 #pragma once
-#include <cmath>           // std::lround
+#include <algorithm>       // std::min
+#include <cmath>           // std::lround, std::isfinite
 #include <cstdio>          // std::snprintf for the cost report
 #include <map>             // std::map: config as checkpoint metadata
 #include <string>          // std::string
@@ -12,6 +14,8 @@
 #include "model/fusion.h"  // FusionConfig, fusion_check, to_string(FusionConfig)
 
 namespace hl {
+
+constexpr int MAX_EXPERTS = 64;  // routed experts per MoE layer (fixed-size load statistics)
 
 struct ModelConfig {
     std::string arch = "transformer";  // for display: transformer | mamba2 | inter | intra
@@ -25,6 +29,12 @@ struct ModelConfig {
     int n_kv_heads = 0;
     int head_dim = 64;
     double rope_theta = 500000.0;
+
+    // S blocks (App. E, G): the A block's attention, each query seeing the first `sink` tokens and the last
+    // `window` ones (itself included), with its own RoPE base
+    int window = 512;
+    int sink = 64;
+    double swa_rope_theta = 10000.0;
 
     // M blocks: Mamba-2 mixer, nheads = d_ssm / ssm_headdim (d_ssm is the paper's name for d_inner)
     int d_ssm = 0;
@@ -43,6 +53,12 @@ struct ModelConfig {
     int intra_d_ssm = 0;
     int intra_ssm_headdim = 0;
     FusionConfig fusion;  // how the two branches are combined (default: the paper's `final` recipe)
+
+    // Mixture of experts (§4.4): every block's FFN is 1 shared + top-1 of n_experts routed SwiGLU experts,
+    // each d_ff / 2 wide, so a token's active FFN compute equals the dense FFN's
+    bool moe = false;
+    int n_experts = 8;
+    double moe_bias_rate = 1e-3;  // the balancing bias moves by this after each step
 
     std::string pattern;  // one letter per layer, e.g. "MMMAMMMAMMMMM"
     bool tied = true;     // LM head shares the embedding
@@ -63,13 +79,13 @@ struct ModelConfig {
 // Layer patterns
 // ---------------------------------------------------------------------------------------------
 
-// Every letter must be A, M or H; the string must not be empty.
+// Every letter must be A, M, H or S; the string must not be empty.
 inline void pattern_check(const std::string& pattern) {
-    HL_CHECK(!pattern.empty(), "pattern is empty (use one letter per layer: A, M, H)");
+    HL_CHECK(!pattern.empty(), "pattern is empty (use one letter per layer: A, M, H, S)");
     for (size_t i = 0; i < pattern.size(); i++) {
         char c = pattern[i];
-        HL_CHECK(c == 'A' || c == 'M' || c == 'H', "pattern '", pattern, "': unknown letter '", c,
-                 "' at position ", i + 1, " (use A, M, H)");
+        HL_CHECK(c == 'A' || c == 'M' || c == 'H' || c == 'S', "pattern '", pattern, "': unknown letter '", c,
+                 "' at position ", i + 1, " (use A, M, H, S)");
     }
 }
 
@@ -108,7 +124,8 @@ inline int ratio_to_count(const std::string& ratio, int n_layers) {
 }
 
 // Builds a pattern of n_layers blocks, n_attn of them `letter` (A for inter-layer, H for intra-layer
-// hybrids), the rest M. The exact rule, with L = n_layers, n = n_attn, layers numbered 1..L:
+// hybrids), the rest `base` (M; S for the sliding-window baseline, whose global A layers sit in the middle).
+// The exact rule, with L = n_layers, n = n_attn, layers numbered 1..L:
 //   spacing  s = round(L / (n + 1)), at least 1, and at most (L − 2) / (n − 1) so the group fits in 2..L
 //   middle   (default) the n blocks s apart, the group centred: the layers left outside it are split
 //            before/after with the odd one after, and at least one M before — never layer 1.
@@ -117,8 +134,9 @@ inline int ratio_to_count(const std::string& ratio, int n_layers) {
 //   end      the same group shifted to end at layer L:    ..., L − s, L
 //   cluster  n adjacent layers, centred (odd leftover after), never layer 1 when n < L
 //   sandwich ceil(n/2) blocks on the first layers, floor(n/2) on the last layers
-// n == 0 gives all M, n == L all `letter`.
-inline std::string make_pattern(int n_layers, int n_attn, char letter, const std::string& placement = "middle") {
+// n == 0 gives all `base`, n == L all `letter`.
+inline std::string make_pattern(int n_layers, int n_attn, char letter, const std::string& placement = "middle",
+                                char base = 'M') {
     const int L = n_layers, n = n_attn;
     HL_CHECK(L > 0, "make_pattern: n_layers must be positive, got ", L);
     HL_CHECK(n >= 0 && n <= L, "make_pattern: ", n, " hybrid blocks do not fit in ", L, " layers");
@@ -126,7 +144,8 @@ inline std::string make_pattern(int n_layers, int n_attn, char letter, const std
     HL_CHECK(placement == "middle" || placement == "front" || placement == "end" || placement == "cluster" ||
                  placement == "sandwich",
              "unknown placement '", placement, "' (use middle, front, end, cluster, sandwich)");
-    std::string p(size_t(L), 'M');
+    HL_CHECK(base == 'M' || base == 'S', "make_pattern: the base letter must be M or S, got '", base, "'");
+    std::string p(size_t(L), base);
     if (n == 0) return p;
     if (n == L) return std::string(size_t(L), letter);
     long s = std::lround(double(L) / (n + 1));
@@ -175,7 +194,7 @@ inline void config_check(const ModelConfig& c) {
     HL_CHECK(int(c.pattern.size()) == c.n_layers, "config: pattern '", c.pattern, "' has ", c.pattern.size(),
              " letters but n_layers = ", c.n_layers);
 
-    if (c.count('A') > 0) {
+    if (c.count('A') > 0 || c.count('S') > 0) {
         HL_CHECK(c.n_heads > 0 && c.n_kv_heads > 0 && c.head_dim > 0, "config: attention needs positive n_heads (",
                  c.n_heads, "), n_kv_heads (", c.n_kv_heads, ") and head_dim (", c.head_dim, ")");
         HL_CHECK(c.d_model % c.n_heads == 0, "config: d_model ", c.d_model, " is not divisible by n_heads ",
@@ -186,6 +205,18 @@ inline void config_check(const ModelConfig& c) {
                  c.n_kv_heads);
         HL_CHECK(c.head_dim % 2 == 0, "config: head_dim ", c.head_dim, " must be even for RoPE");
         HL_CHECK(c.rope_theta > 0, "config: rope_theta must be positive, got ", c.rope_theta);
+    }
+    if (c.count('S') > 0) {
+        HL_CHECK(c.window > 0, "config: sliding-window blocks (S) need a positive window, got ", c.window);
+        HL_CHECK(c.sink >= 0, "config: sink must be non-negative, got ", c.sink);
+        HL_CHECK(c.swa_rope_theta > 0, "config: swa_rope_theta must be positive, got ", c.swa_rope_theta);
+    }
+    if (c.moe) {
+        HL_CHECK(c.d_ff % 2 == 0, "config: --moe halves d_ff per expert, so d_ff must be even, got ", c.d_ff);
+        HL_CHECK(c.n_experts >= 1 && c.n_experts <= MAX_EXPERTS, "config: n_experts must be in 1..", MAX_EXPERTS,
+                 ", got ", c.n_experts);
+        HL_CHECK(c.moe_bias_rate >= 0 && std::isfinite(c.moe_bias_rate),
+                 "config: moe_bias_rate must be non-negative, got ", c.moe_bias_rate);
     }
     if (c.count('M') > 0 || c.count('H') > 0) {  // shared by the Mamba blocks and the H blocks' Mamba branch
         HL_CHECK(c.d_state > 0 && c.ngroups > 0 && c.d_conv > 0 && c.chunk > 0,
@@ -276,8 +307,8 @@ inline ModelConfig preset(const std::string& name, const std::string& arch) {
     for (int i = 0; i < n_rows; i++)
         if (name == rows[i].name) r = &rows[i];
     HL_CHECK(r != nullptr, "unknown preset '", name, "' (use tiny, small, 100m, 350m, 1b, 3b)");
-    HL_CHECK(arch == "transformer" || arch == "mamba2" || arch == "inter" || arch == "intra", "unknown arch '",
-             arch, "' (use transformer, mamba2, inter, intra)");
+    HL_CHECK(arch == "transformer" || arch == "mamba2" || arch == "inter" || arch == "intra" || arch == "swa",
+             "unknown arch '", arch, "' (use transformer, mamba2, inter, intra, swa)");
     ModelConfig c;
     c.arch = arch;
     c.d_model = r->d_model;
@@ -299,6 +330,10 @@ inline ModelConfig preset(const std::string& name, const std::string& arch) {
     if (arch == "transformer") {
         c.n_layers = r->L_transformer;
         c.pattern = std::string(size_t(c.n_layers), 'A');
+    } else if (arch == "swa") {
+        // the sliding-window baseline: the transformer's layers, 1 global A per 5 S, in the middle
+        c.n_layers = r->L_transformer;
+        c.pattern = make_pattern(c.n_layers, ratio_to_count("1:5", c.n_layers), 'A', "middle", 'S');
     } else if (arch == "mamba2") {
         c.n_layers = r->L_mamba;
         c.pattern = std::string(size_t(c.n_layers), 'M');
@@ -359,18 +394,40 @@ inline double formula_params_intra_mixer(const ModelConfig& c) {
 }
 
 // SwiGLU: W1, W3 (d → d_ff) and W2 (d_ff → d).
-inline double formula_params_ffn(const ModelConfig& c) { return 3.0 * c.d_model * double(c.d_ff); }
+// MoE (all experts, `active` = false): the shared and E routed experts at d_ff / 2, and the router E·d;
+// active per token (`active` = true): the shared and one routed expert — the dense FFN's 3·d·d_ff — and the
+// router.
+inline double formula_params_ffn(const ModelConfig& c, bool active = false) {
+    const double d = c.d_model;
+    if (!c.moe) return 3.0 * d * double(c.d_ff);
+    const double expert = 3.0 * d * (c.d_ff / 2), router = d * c.n_experts;
+    return expert * (1 + (active ? 1 : c.n_experts)) + router;
+}
 
-// Sum over the pattern: each block is its mixer (by letter) plus its FFN.
-inline double formula_nonembedding_params(const ModelConfig& c) {
+// Sum over the pattern: each block is its mixer (by letter; S has A's weights) plus its FFN. With MoE,
+// `active` counts the parameters one token uses (what the FLOPs scale with), else all of them.
+inline double formula_nonembedding_params(const ModelConfig& c, bool active = false) {
     double total = 0;
     for (char l : c.pattern) {
-        double mixer = l == 'A' ? formula_params_attn_mixer(c)
-                       : l == 'M' ? formula_params_mamba_mixer(c)
-                                  : formula_params_intra_mixer(c);
-        total += mixer + formula_params_ffn(c);
+        double mixer = l == 'A' || l == 'S' ? formula_params_attn_mixer(c)
+                       : l == 'M'           ? formula_params_mamba_mixer(c)
+                                            : formula_params_intra_mixer(c);
+        total += mixer + formula_params_ffn(c, active);
     }
     return total;
+}
+
+// Query-key pairs a causal attention evaluates over L_ctx positions: all of them (L(L+1)/2) when window is 0,
+// else, for each t, the last min(t+1, W) keys plus the sink keys before that window.
+inline double attention_pairs(int L_ctx, int window = 0, int sink = 0) {
+    const double Lc = L_ctx;
+    if (window <= 0) return Lc * (Lc + 1) / 2;
+    double pairs = 0;
+    for (long t = 0; t < L_ctx; t++) {
+        const long in_window = std::min<long>(t + 1, window);
+        pairs += double(in_window + std::min<long>(sink, t + 1 - in_window));
+    }
+    return pairs;
 }
 
 // Embedding (and LM head when untied): not part of the cost formulas, printed beside them.
@@ -379,17 +436,20 @@ inline double formula_embedding_params(const ModelConfig& c) {
 }
 
 // Training FLOPs (forward + backward) for one sample of L_ctx tokens:
-//   6·L_ctx·(non-embedding params)                                   matmuls
+//   6·L_ctx·(non-embedding params; with MoE the active ones)        matmuls
 // + per A block  12·d_attn·L_ctx·(L_ctx + 1)/2, d_attn = n_heads·head_dim   causal QKᵀ and AV
+// + per S block  12·d_attn·(visible pairs), ≈ 12·d_attn·L_ctx·(window + sink) for L_ctx ≫ window
 // + per H block   6·(h·d_qk + h·d_v)·L_ctx·(L_ctx + 1)/2             the same, QKᵀ at d_qk, AV at d_v
 // + per M block   3·L_ctx·(9·d_ssm·N + 2·d_ssm)                      SSD scan (H: at intra_d_ssm)
 // The LM head's matmul is not included (the paper's formula counts non-embedding params only).
 inline double formula_train_flops_per_sample(const ModelConfig& c, int L_ctx) {
     HL_CHECK(L_ctx > 0, "cost: L_ctx must be positive, got ", L_ctx);
-    const double Lc = L_ctx, pairs = Lc * (Lc + 1) / 2, N = c.d_state;
-    double flops = 6 * Lc * formula_nonembedding_params(c);
+    const double Lc = L_ctx, pairs = attention_pairs(L_ctx), N = c.d_state;
+    const double swa_pairs = c.count('S') > 0 ? attention_pairs(L_ctx, c.window, c.sink) : 0;
+    double flops = 6 * Lc * formula_nonembedding_params(c, /*active=*/true);
     for (char l : c.pattern) {
         if (l == 'A') flops += 12.0 * c.n_heads * c.head_dim * pairs;
+        if (l == 'S') flops += 12.0 * c.n_heads * c.head_dim * swa_pairs;
         if (l == 'M') flops += 3 * Lc * (9.0 * c.d_ssm * N + 2.0 * c.d_ssm);
         if (l == 'H') {
             flops += 6.0 * c.intra_heads * (c.intra_d_qk + c.intra_d_v) * pairs;
@@ -404,6 +464,7 @@ inline double formula_train_flops_per_token(const ModelConfig& c, int L_ctx) {
 
 // Inference cache in bytes (bf16, 2 bytes a number) after L_ctx tokens:
 //   A block  4·head_dim·n_kv·L_ctx                       K and V
+//   S block  4·head_dim·n_kv·min(L_ctx, sink + window)   bounded: the sink and the window's ring
 //   H block  2·(d_qk + d_v)·kv·L_ctx + the Mamba term at intra_d_ssm
 //   M block  2·(d_ssm·N + d_conv·(2·G·N + d_ssm))         SSM state + conv window, constant in L_ctx
 inline double formula_cache_bytes(const ModelConfig& c, int L_ctx) {
@@ -413,6 +474,7 @@ inline double formula_cache_bytes(const ModelConfig& c, int L_ctx) {
     double bytes = 0;
     for (char l : c.pattern) {
         if (l == 'A') bytes += 4.0 * c.head_dim * c.n_kv_heads * L_ctx;
+        if (l == 'S') bytes += 4.0 * c.head_dim * c.n_kv_heads * std::min(L_ctx, c.sink + c.window);
         if (l == 'M') bytes += mamba(c.d_ssm);
         if (l == 'H') bytes += 2.0 * (c.intra_d_qk + c.intra_d_v) * c.intra_kv_heads * L_ctx + mamba(c.intra_d_ssm);
     }
@@ -438,14 +500,23 @@ inline std::string human_count(double n) {
 inline std::string cost_report(const ModelConfig& c, int L_ctx) {
     char buf[256];
     std::string s = "arch " + c.arch + ", pattern " + c.pattern + " (" + std::to_string(c.count('A')) + " A, " +
-                    std::to_string(c.count('M')) + " M, " + std::to_string(c.count('H')) + " H)";
+                    std::to_string(c.count('M')) + " M, " + std::to_string(c.count('H')) + " H";
+    if (c.count('S') > 0) s += ", " + std::to_string(c.count('S')) + " S";
+    s += ")";
     if (c.count('H') > 0) s += ", fusion " + to_string(c.fusion);
+    if (c.count('S') > 0) s += ", window " + std::to_string(c.window) + " sink " + std::to_string(c.sink);
+    if (c.moe) s += ", MoE 1 shared + top-1 of " + std::to_string(c.n_experts);
     s += "\n";
     const double params = formula_nonembedding_params(c);
     std::snprintf(buf, sizeof buf, "non-embedding params (formula): %s (%.0f)   embedding: %s (%s)\n",
                   human_count(params).c_str(), params, human_count(formula_embedding_params(c)).c_str(),
                   c.tied ? "tied" : "untied");
     s += buf;
+    if (c.moe) {
+        const double active = formula_nonembedding_params(c, true);
+        std::snprintf(buf, sizeof buf, "active per token (formula): %s (%.0f)\n", human_count(active).c_str(), active);
+        s += buf;
+    }
     double per_sample = formula_train_flops_per_sample(c, L_ctx);
     std::snprintf(buf, sizeof buf, "training FLOPs at L_ctx %d: %.3e per token, %.3e per sample\n", L_ctx,
                   per_sample / L_ctx, per_sample);
@@ -514,6 +585,12 @@ inline double get_double(const std::map<std::string, std::string>& meta, const s
     return v;
 }
 
+inline bool get_bool(const std::map<std::string, std::string>& meta, const std::string& key, const std::string& where) {
+    const std::string& s = get(meta, key, where);
+    HL_CHECK(s == "true" || s == "false", where, ": metadata '", key, "' = '", s, "' is not true or false");
+    return s == "true";
+}
+
 }  // namespace config_detail
 
 // Every ModelConfig field as "name" → "value" (fusion in its canonical axes spelling, tied as
@@ -544,6 +621,12 @@ inline std::map<std::string, std::string> config_to_metadata(const ModelConfig& 
     m["intra_d_ssm"] = std::to_string(c.intra_d_ssm);
     m["intra_ssm_headdim"] = std::to_string(c.intra_ssm_headdim);
     m["fusion"] = to_string(c.fusion);
+    m["window"] = std::to_string(c.window);
+    m["sink"] = std::to_string(c.sink);
+    m["swa_rope_theta"] = double_str(c.swa_rope_theta);
+    m["moe"] = c.moe ? "true" : "false";
+    m["n_experts"] = std::to_string(c.n_experts);
+    m["moe_bias_rate"] = double_str(c.moe_bias_rate);
     m["pattern"] = c.pattern;
     m["tied"] = c.tied ? "true" : "false";
     m["max_seq_len"] = std::to_string(c.max_seq_len);
@@ -585,10 +668,14 @@ inline ModelConfig config_from_metadata(const std::map<std::string, std::string>
     } catch (const Error& e) {
         fail(where, ": metadata 'fusion': ", e.what());
     }
+    c.window = get_int(meta, "window", where);
+    c.sink = get_int(meta, "sink", where);
+    c.swa_rope_theta = get_double(meta, "swa_rope_theta", where);
+    c.moe = get_bool(meta, "moe", where);
+    c.n_experts = get_int(meta, "n_experts", where);
+    c.moe_bias_rate = get_double(meta, "moe_bias_rate", where);
     c.pattern = get(meta, "pattern", where);
-    const std::string tied = get(meta, "tied", where);
-    HL_CHECK(tied == "true" || tied == "false", where, ": metadata 'tied' = '", tied, "' is not true or false");
-    c.tied = tied == "true";
+    c.tied = get_bool(meta, "tied", where);
     c.max_seq_len = get_int(meta, "max_seq_len", where);
     c.norm_eps = get_double(meta, "norm_eps", where);
     c.init_std = get_double(meta, "init_std", where);

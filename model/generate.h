@@ -4,6 +4,8 @@
 // needs what the earlier tokens left behind, so every layer keeps a small state and runs one step:
 //   A (attention):   a KV cache — the keys (after RoPE) and values of every earlier position; the new
 //                    query attends over all of them. Grows with the context: (B, max_len, Hkv, d_qk + d_v).
+//                    A sliding-window layer (window W, sink S) keeps only what it can still see: S sink
+//                    slots and a ring of W slots, (B, min(max_len, S + W), Hkv, d_qk + d_v).
 //   M (Mamba-2):     the recurrent state — the last d_conv−1 inputs of the causal conv, and the SSM state
 //                    S (H, P, N) of the recurrence S_t = exp(dt·A)·S_{t−1} + dt·x_t ⊗ B_t. Fixed size.
 //   H (intra):       both, for its attention branch and its Mamba branch.
@@ -42,12 +44,26 @@ namespace hl {
 // 1. Per-layer caches (kept between steps) and step scratch (rewritten every step)
 // ---------------------------------------------------------------------------------------------------------
 
-// The attention cache: keys after RoPE, so a cached key never needs rotating again.
+// The attention cache: keys after RoPE, so a cached key never needs rotating again. Position p lives in
+// slot attn_cache_slot(p, ...) of len = attn_cache_len(c, max_len) slots.
 template <typename T>
 struct AttnCache {
-    T* k = nullptr;  // (B, max_len, Hkv, d_qk)
-    T* v = nullptr;  // (B, max_len, Hkv, d_v)
+    T* k = nullptr;  // (B, len, Hkv, d_qk)
+    T* v = nullptr;  // (B, len, Hkv, d_v)
+    int len = 0;     // slots per sequence
 };
+
+// Slots per sequence: every position for full attention; for a sliding window (W, S) only the positions a
+// later query can still see — the S sinks and the last W — so the cache stops growing at S + W.
+inline int attn_cache_len(const AttnConfig& c, int max_len) {
+    return c.window > 0 ? int(std::min<long long>(max_len, (long long)c.sink + c.window)) : max_len;
+}
+
+// The slot of position p: p itself without a window, or while p is a sink (p < S); otherwise a ring of W
+// slots after the sinks, where p overwrites p − W — a position no query from p on can see (t − (p − W) ≥ W).
+inline int attn_cache_slot(int p, int window, int sink) {
+    return window > 0 && p >= sink ? sink + (p - sink) % window : p;
+}
 
 // The Mamba-2 recurrent state: everything the next token needs from the past, whatever its length.
 template <typename T>
@@ -66,8 +82,9 @@ struct LayerCache {
 template <typename T>
 AttnCache<T> attn_cache(Arena<T>& a, const AttnConfig& c, int B, int max_len) {
     AttnCache<T> s;
-    s.k = a.take("k_cache", {B, max_len, c.n_kv_heads, c.d_qk});
-    s.v = a.take("v_cache", {B, max_len, c.n_kv_heads, c.d_v});
+    s.len = attn_cache_len(c, max_len);
+    s.k = a.take("k_cache", {B, s.len, c.n_kv_heads, c.d_qk});
+    s.v = a.take("v_cache", {B, s.len, c.n_kv_heads, c.d_v});
     return s;
 }
 
@@ -97,7 +114,7 @@ struct AttnStep {
     T* q = nullptr;    // (B, H, d_qk)     the new query, after RoPE
     T* k = nullptr;    // (B, Hkv, d_qk)   the new key, after RoPE (then copied into the cache)
     T* v = nullptr;    // (B, Hkv, d_v)    the new value (then copied into the cache)
-    T* att = nullptr;  // (B, H, max_len)  softmax weights over the cached positions
+    T* att = nullptr;  // (B, H, len)      softmax weights over the cache slots (len = attn_cache_len)
     T* y = nullptr;    // (B, H·d_v)       branch output
 };
 
@@ -141,7 +158,7 @@ AttnStep<T> attn_step_scratch(Arena<T>& a, const AttnConfig& c, int B, int max_l
     s.q = a.take("q", {B, c.n_heads, c.d_qk});
     s.k = a.take("k", {B, c.n_kv_heads, c.d_qk});
     s.v = a.take("v", {B, c.n_kv_heads, c.d_v});
-    s.att = a.take("att", {B, c.n_heads, max_len});
+    s.att = a.take("att", {B, c.n_heads, attn_cache_len(c, max_len)});
     s.y = a.take("y", {B, c.n_heads * c.d_v});
     return s;
 }
@@ -289,60 +306,75 @@ struct InferenceState {
 // 3. Attention, one step
 // ---------------------------------------------------------------------------------------------------------
 
-// The new query of each sequence against the `len` cached positions s < len (the new one included):
+// The new query of each sequence, at position pos, against the cached positions it can see (attn_visible;
+// the new one included):
 //   out (B, H, d_v) = Σ_s att[s] · v_s,  att = softmax_s(q · k_s / √d_qk)
-// att (B, H, max_len) is scratch; q (B, H, d_qk); k_cache (B, max_len, Hkv, d_qk); v_cache (B, max_len, Hkv, d_v).
+// Position s is read from slot attn_cache_slot(s, window, sink). att (B, H, len) is scratch, by slot;
+// q (B, H, d_qk); k_cache (B, len, Hkv, d_qk); v_cache (B, len, Hkv, d_v).
 template <typename T>
-void attention_step(T* out, T* att, const T* q, const T* k_cache, const T* v_cache, int B, int len, int max_len,
-                    int H, int Hkv, int d_qk, int d_v) {
+void attention_step(T* out, T* att, const T* q, const T* k_cache, const T* v_cache, int B, int pos, int len, int H,
+                    int Hkv, int d_qk, int d_v, int window = 0, int sink = 0) {
     const int group = H / Hkv;  // query heads sharing one kv head
     const T scale = T(1) / std::sqrt(T(d_qk));
+    // the visible positions are two runs, in increasing order: [0, sink_end) — every s ≤ pos without a
+    // window — and [win_begin, pos], the window (empty without one)
+    const int sink_end = window > 0 ? std::min(sink, pos + 1) : pos + 1;
+    const int win_begin = window > 0 ? std::max(sink_end, pos - window + 1) : pos + 1;
+    auto for_visible = [&](auto&& f) {  // f(slot) for each visible position
+        for (int s = 0; s < sink_end; s++) f(attn_cache_slot(s, window, sink));
+        for (int s = win_begin; s <= pos; s++) f(attn_cache_slot(s, window, sink));
+    };
 #pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < H; h++) {
             const int g = h / group;
             const T* qh = q + ((size_t)b * H + h) * d_qk;
-            T* a = att + ((size_t)b * H + h) * max_len;
+            T* a = att + ((size_t)b * H + h) * len;
             // scores and their max, for a softmax whose exponents are all ≤ 0
             T maxv = 0;
-            for (int s = 0; s < len; s++) {
-                const T* ks = k_cache + (((size_t)b * max_len + s) * Hkv + g) * d_qk;
-                a[s] = attn_dot(qh, ks, d_qk) * scale;
-                if (s == 0 || a[s] > maxv) maxv = a[s];
-            }
+            bool first = true;
+            for_visible([&](int j) {
+                const T* kj = k_cache + (((size_t)b * len + j) * Hkv + g) * d_qk;
+                a[j] = attn_dot(qh, kj, d_qk) * scale;
+                if (first || a[j] > maxv) maxv = a[j];
+                first = false;
+            });
             T sum = 0;
-            for (int s = 0; s < len; s++) {
-                a[s] = std::exp(a[s] - maxv);
-                sum += a[s];
-            }
-            for (int s = 0; s < len; s++) a[s] /= sum;
+            for_visible([&](int j) {
+                a[j] = std::exp(a[j] - maxv);
+                sum += a[j];
+            });
+            for_visible([&](int j) { a[j] /= sum; });
             T* o = out + ((size_t)b * H + h) * d_v;
             zero(o, d_v);
-            for (int s = 0; s < len; s++) {
-                const T* vs = v_cache + (((size_t)b * max_len + s) * Hkv + g) * d_v;
-                for (int i = 0; i < d_v; i++) o[i] += a[s] * vs[i];
-            }
+            for_visible([&](int j) {
+                const T* vj = v_cache + (((size_t)b * len + j) * Hkv + g) * d_v;
+                for (int i = 0; i < d_v; i++) o[i] += a[j] * vj[i];
+            });
         }
     }
 }
 
-// The attention branch for the token at position pos: project q, k, v, rotate q and k to pos, append k and
-// v to the cache, attend over positions 0..pos. The output is s.y (B, H·d_v); inp (B, D).
+// The attention branch for the token at position pos: project q, k, v, rotate q and k to pos, put k and v
+// in pos's cache slot, attend over the visible positions ≤ pos. The output is s.y (B, H·d_v); inp (B, D).
 template <typename T>
 void attn_branch_step(AttnStep<T>& s, AttnCache<T>& cache, const T* inp, const AttnParams<T>& p,
                       const AttnConfig& c, int B, int pos, int max_len) {
     const int D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads, dqk = c.d_qk, dv = c.d_v;
+    HL_CHECK(cache.len == attn_cache_len(c, max_len), "attention step: the cache has ", cache.len,
+             " slots, this layer needs ", attn_cache_len(c, max_len));
     matmul_forward(s.q, inp, p.wq, (const T*)nullptr, B, D, H * dqk);
     matmul_forward(s.k, inp, p.wk, (const T*)nullptr, B, D, Hkv * dqk);
     matmul_forward(s.v, inp, p.wv, (const T*)nullptr, B, D, Hkv * dv);
     // one "time step" per sequence, at position pos: the same rotation the full forward gives token pos
     rope_forward(s.q, s.q, B, 1, H, dqk, c.rope_theta, pos);
     rope_forward(s.k, s.k, B, 1, Hkv, dqk, c.rope_theta, pos);
+    const int slot = attn_cache_slot(pos, c.window, c.sink), len = cache.len;
     for (int b = 0; b < B; b++) {
-        for (int i = 0; i < Hkv * dqk; i++) cache.k[((size_t)b * max_len + pos) * Hkv * dqk + i] = s.k[(size_t)b * Hkv * dqk + i];
-        for (int i = 0; i < Hkv * dv; i++) cache.v[((size_t)b * max_len + pos) * Hkv * dv + i] = s.v[(size_t)b * Hkv * dv + i];
+        for (int i = 0; i < Hkv * dqk; i++) cache.k[((size_t)b * len + slot) * Hkv * dqk + i] = s.k[(size_t)b * Hkv * dqk + i];
+        for (int i = 0; i < Hkv * dv; i++) cache.v[((size_t)b * len + slot) * Hkv * dv + i] = s.v[(size_t)b * Hkv * dv + i];
     }
-    attention_step(s.y, s.att, s.q, cache.k, cache.v, B, pos + 1, max_len, H, Hkv, dqk, dv);
+    attention_step(s.y, s.att, s.q, cache.k, cache.v, B, pos, len, H, Hkv, dqk, dv, c.window, c.sink);
 }
 
 // ---------------------------------------------------------------------------------------------------------

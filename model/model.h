@@ -1,12 +1,14 @@
 // model.h — the whole language model of DESIGN.md §1, assembled from a ModelConfig:
-//   tokens (B,T) → embedding (V,D) → blocks by pattern (A | M | H) → RMSNorm → LM head → logits (B,T,V)
+//   tokens (B,T) → embedding (V,D) → blocks by pattern (A | M | H | S) → RMSNorm → LM head → logits (B,T,V)
 //   → cross-entropy. Parameters, gradients and activations each live in one allocation with named views.
 //
 // Parameter names (as stored in checkpoints):
 //   embed (V,D) · layers.{i}.norm1 · layers.{i}.mixer.* · layers.{i}.norm2 · layers.{i}.ffn.{w1,w3,w2}
 //   · norm_f (D) · lm_head (V,D) only when untied. Mixer tensors: A: wq wk wv wo; M: in_proj conv_w conv_b
 //   dt_bias A_log D norm_w out_proj; H: attn.{wq,wk,wv} ssm.{in_proj,…} norm_a norm_s scale_a scale_s
-//   out_a out_s | out_proj.
+//   out_a out_s | out_proj. With MoE the FFN is ffn.shared.{w1,w3,w2}, ffn.router, ffn.experts.{w1,w3,w2}, and
+//   the model keeps one non-trainable buffer per layer, layers.{i}.ffn.expert_bias (the balancing bias), which
+//   checkpoints store beside the parameters.
 #pragma once
 #include <string>                // std::string, std::to_string
 #include <vector>                // std::vector
@@ -27,7 +29,20 @@ inline BlockConfig block_config(const ModelConfig& c, int l) {
     b.d_model = c.d_model;
     b.norm_eps = c.norm_eps;
     b.ffn = SwiGLUConfig{c.d_model, c.d_ff};
+    if (c.moe) {
+        b.use_moe = true;
+        b.moe.d_model = c.d_model;
+        b.moe.d_ff = c.d_ff / 2;  // shared + one routed expert: the dense FFN's active width
+        b.moe.n_experts = c.n_experts;
+        b.moe.bias_rate = c.moe_bias_rate;
+    }
     if (b.kind == 'A') b.attn = AttnConfig{c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, c.rope_theta};
+    if (b.kind == 'S') {  // block A whose attention sees the sink and the window only, with its own RoPE base
+        b.kind = 'A';
+        b.attn = AttnConfig{c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.head_dim, c.swa_rope_theta};
+        b.attn.window = c.window;
+        b.attn.sink = c.sink;
+    }
     // M blocks and the H blocks' Mamba branch differ only in width and head size
     auto ssm = [&](int d_inner, int headdim) {
         Mamba2Config m;
@@ -80,10 +95,16 @@ struct Model {
     std::vector<TensorInfo> tensors;  // every parameter: name, shape, offset into params/grads
     std::vector<T> params, grads;
     ModelParams<T> p, dp;
+    // non-trainable state saved with the parameters: the MoE layers' selection biases (E each), named
+    // layers.{i}.ffn.expert_bias; empty without MoE
+    std::vector<TensorInfo> buffer_tensors;
+    std::vector<T> buffers;
+    std::vector<T*> moe_bias;  // per layer: its bias in buffers (null for a layer without MoE)
 
     // activations for one (B, T), allocated by alloc(); nothing is allocated in forward/backward
     int B = 0, T_ = 0;
     std::vector<T> act;
+    std::vector<int> iact;               // index activations (MoE routing)
     std::vector<T*> xs;                  // L+1 residual streams (B,T,D): xs[0] embeddings, xs[l+1] block l output
     std::vector<BlockActs<T>> bacts;
     T *xf = nullptr, *rstdf = nullptr;   // final norm (B,T,D), (B,T)
@@ -106,6 +127,32 @@ struct Model {
         Arena<T> pa(params.data()), ga(grads.data());
         p = model_params(pa, cfg);
         dp = model_params(ga, cfg);
+        Arena<T> count_b(nullptr, &buffer_tensors);
+        for (int l = 0; l < cfg.n_layers; l++)
+            if (blocks[l].use_moe) count_b.take("layers." + std::to_string(l) + ".ffn.expert_bias", {cfg.n_experts});
+        buffers.assign(count_b.size, T(0));  // bias 0: selection by the scores alone at the start
+        for (int l = 0, i = 0; l < cfg.n_layers; l++)
+            moe_bias.push_back(blocks[l].use_moe ? buffers.data() + size_t(i++) * cfg.n_experts : nullptr);
+    }
+
+    // After an optimizer step: each MoE layer's bias moves towards balance, from the last forward's loads.
+    void moe_update() {
+        for (int l = 0; l < cfg.n_layers; l++)
+            if (blocks[l].use_moe) moe_update_bias(moe_bias[l], bacts[l].moe.offsets, cfg.n_experts, cfg.moe_bias_rate);
+    }
+
+    // share[e] = fraction of the last forward's tokens routed to expert e, averaged over the MoE layers.
+    void expert_share(float* share) const {
+        const int E = cfg.n_experts;
+        for (int e = 0; e < E; e++) share[e] = 0;
+        int layers = 0;
+        for (int l = 0; l < cfg.n_layers; l++) {
+            if (!blocks[l].use_moe) continue;
+            const int* off = bacts[l].moe.offsets;
+            for (int e = 0; e < E; e++) share[e] += float(off[e + 1] - off[e]) / float(off[E]);
+            layers++;
+        }
+        for (int e = 0; e < E && layers > 0; e++) share[e] /= float(layers);
     }
 
     size_t num_params() const { return params.size(); }
@@ -127,11 +174,14 @@ struct Model {
         B = B_;
         this->T_ = T_;
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        auto layout = [&](Arena<T>& a) {
+        auto layout = [&](Arena<T>& a, Arena<int>& ia) {
             xs.clear();
             bacts.clear();
             for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
-            for (int l = 0; l < L; l++) bacts.push_back(block_acts(a, blocks[l], B, T_));
+            for (int l = 0; l < L; l++) {
+                bacts.push_back(block_acts(a, ia, blocks[l], B, T_));
+                bacts.back().moe_bias = moe_bias[l];
+            }
             xf = a.take("xf", {N, D});
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});
@@ -143,10 +193,13 @@ struct Model {
             dlosses = a.take("dlosses", {N});
         };
         Arena<T> count;
-        layout(count);
+        Arena<int> icount;
+        layout(count, icount);
         act.assign(count.size, T(0));
+        iact.assign(icount.size, 0);
         Arena<T> a(act.data());
-        layout(a);
+        Arena<int> ia(iact.data());
+        layout(a, ia);
         targets_buf.assign(size_t(N), 0);
     }
 

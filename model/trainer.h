@@ -66,24 +66,29 @@ inline float lr_at(int step, int total, int warmup, float lr, float min_lr_frac)
 // The flags that define the model. Defaults are train_cpu's: the small intra-layer hybrid.
 struct ModelFlags {
     std::string preset = "small";  // tiny | small | 100m | 350m | 1b | 3b
-    std::string arch = "intra";    // transformer | mamba2 | inter | intra
+    std::string arch = "intra";    // transformer | mamba2 | inter | intra | swa
     std::string pattern;           // e.g. "MMHMM": replaces the preset's layers ("" = the preset's)
     std::string ratio;             // e.g. "1:5": attention (or H) blocks per Mamba blocks ("" = not given)
     std::string placement;         // middle | front | end | cluster | sandwich ("" = middle)
     int layers = 0;                // layer count for --ratio (0 = the preset's)
     std::string fusion = "final";  // the H blocks' fusion (recipe name or axes), see model/fusion.h
     bool untied = false;           // separate LM head instead of the tied embedding
+    int window = 0;                // S blocks' window (0 = the preset's)
+    int sink = -1;                 // S blocks' sink (-1 = the preset's)
+    bool moe = false;              // mixture-of-experts FFN in every block
+    int experts = 8;               // routed experts per MoE layer
+    double moe_bias_rate = 1e-3;   // the balancing bias's step
     int seq_len = 64;              // training context; must not exceed the preset's max_seq_len
     int vocab = 256;               // from the data: 256 for the byte tokenizer
 };
 
-// What a pattern is, for display: all A transformer, all M mamba2, any H intra, else inter.
+// What a pattern is, for display: all A transformer, all M mamba2, any H intra, S with A only swa, else inter.
 inline std::string arch_of_pattern(const std::string& pattern) {
-    int a = 0, m = 0, h = 0;
-    for (char c : pattern) a += c == 'A', m += c == 'M', h += c == 'H';
+    int a = 0, m = 0, h = 0, sw = 0;
+    for (char c : pattern) a += c == 'A', m += c == 'M', h += c == 'H', sw += c == 'S';
     if (h > 0) return "intra";
-    if (m == 0) return "transformer";
-    if (a == 0) return "mamba2";
+    if (m == 0) return sw > 0 ? "swa" : "transformer";
+    if (a == 0 && sw == 0) return "mamba2";
     return "inter";
 }
 
@@ -92,7 +97,7 @@ inline std::string arch_of_pattern(const std::string& pattern) {
 //   2. --pattern replaces the pattern (and layer count); or --ratio/--placement/--layers rebuild it
 //      with make_pattern, the letter being H for --arch intra and A otherwise (a transformer or
 //      mamba2 with a ratio becomes an inter-layer hybrid)
-//   3. --fusion, --untied, the vocabulary of the data
+//   3. --fusion, --untied, --window/--sink, --moe/--experts, the vocabulary of the data
 //   4. --seq-len checked against the model's max_seq_len, then config_check
 // Every bad value is one hl::Error line naming the flag.
 inline ModelConfig build_config(const ModelFlags& f) {
@@ -113,16 +118,17 @@ inline ModelConfig build_config(const ModelFlags& f) {
         c.n_layers = int(f.pattern.size());
         c.arch = arch_of_pattern(c.pattern);
     } else if (!f.ratio.empty() || !f.placement.empty() || f.layers > 0) {
-        const bool hybrid_arch = f.arch == "inter" || f.arch == "intra";
+        const bool hybrid_arch = f.arch == "inter" || f.arch == "intra" || f.arch == "swa";
         const int L = f.layers > 0 ? f.layers : c.n_layers;
         if (f.ratio.empty() && !hybrid_arch) {
             // a pure model with another depth: --arch transformer --layers 4 → AAAA
             HL_CHECK(f.placement.empty(), "--placement needs --ratio (or --arch inter|intra)");
             c.pattern = std::string(size_t(L), f.arch == "transformer" ? 'A' : 'M');
         } else {
-            const char letter = f.arch == "intra" ? 'H' : 'A';
+            const char letter = f.arch == "intra" ? 'H' : 'A', base = f.arch == "swa" ? 'S' : 'M';
             const std::string ratio = f.ratio.empty() ? "1:5" : f.ratio;  // the hybrid presets' ratio
-            c.pattern = make_pattern(L, ratio_to_count(ratio, L), letter, f.placement.empty() ? "middle" : f.placement);
+            c.pattern = make_pattern(L, ratio_to_count(ratio, L), letter, f.placement.empty() ? "middle" : f.placement,
+                                     base);
         }
         c.n_layers = L;
         c.arch = arch_of_pattern(c.pattern);
@@ -130,6 +136,19 @@ inline ModelConfig build_config(const ModelFlags& f) {
 
     c.fusion = parse_fusion(f.fusion);  // parsed even without H blocks, so a typo is never silently ignored
     c.tied = !f.untied;
+    HL_CHECK(f.window >= 0, "--window must be positive (or 0 for the preset's), got ", f.window);
+    HL_CHECK(f.sink >= -1, "--sink must be non-negative (or -1 for the preset's), got ", f.sink);
+    HL_CHECK((f.window == 0 && f.sink == -1) || c.count('S') > 0, "--window and --sink apply to S blocks, and "
+             "pattern ", c.pattern, " has none (use --arch swa or S letters in --pattern)");
+    if (f.window > 0) c.window = f.window;
+    if (f.sink >= 0) c.sink = f.sink;
+    HL_CHECK(f.experts >= 1 && f.experts <= MAX_EXPERTS, "--experts must be in 1..", MAX_EXPERTS, ", got ",
+             f.experts);
+    HL_CHECK(f.moe_bias_rate >= 0 && std::isfinite(f.moe_bias_rate), "--moe-bias-rate must be non-negative, got ",
+             f.moe_bias_rate);
+    c.moe = f.moe;
+    c.n_experts = f.experts;
+    c.moe_bias_rate = f.moe_bias_rate;
     c.vocab_size = f.vocab;
     HL_CHECK(f.seq_len <= c.max_seq_len, "--seq-len ", f.seq_len, " is above the model's limit max_seq_len = ",
              c.max_seq_len, " (preset ", f.preset, ")");
@@ -196,6 +215,8 @@ struct StepStats {
     float loss = 0;       // mean cross-entropy of this step's batch (before the update)
     float lr = 0;         // the scheduled learning rate used
     float grad_norm = 0;  // global gradient norm before clipping
+    int n_experts = 0;    // with MoE: each routed expert's share of this step's tokens, averaged over layers
+    float expert_share[MAX_EXPERTS] = {};
 };
 
 // One optimisation step, `step` 0-based: the loader's next batch into inputs/targets (B, T) (caller-
@@ -217,6 +238,11 @@ inline StepStats train_step(Model<float>& model, std::vector<float>& m, std::vec
     AdamWConfig opt;
     opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h
     adamw_update(model.params.data(), model.grads.data(), m.data(), v.data(), model.tensors, opt, s.lr, step + 1);
+    if (model.cfg.moe) {  // balancing from this step's loads, for the next step's routing
+        model.moe_update();
+        s.n_experts = model.cfg.n_experts;
+        model.expert_share(s.expert_share);
+    }
     return s;
 }
 
@@ -248,8 +274,8 @@ inline float eval_loss(Model<float>& model, int* inputs, int* targets, const std
 // ---------------------------------------------------------------------------------------------
 // Run checkpoints (safetensors, model/checkpoint.h)
 // ---------------------------------------------------------------------------------------------
-// Tensors: every parameter under its name (embed, layers.3.mixer.in_proj, ...), then the AdamW
-// moments as optim.m.<name> and optim.v.<name>. Metadata: every ModelConfig field (config_to_metadata),
+// Tensors: every parameter under its name (embed, layers.3.mixer.in_proj, ...), the model's buffers (the MoE
+// balancing biases layers.{i}.ffn.expert_bias), then the AdamW moments as optim.m.<name> and optim.v.<name>. Metadata: every ModelConfig field (config_to_metadata),
 // format, step, loader_rng, plus the caller's extras (e.g. the training flags, for the record).
 
 // Refuses a file that is not one of our checkpoints, before anything else is read from it.
@@ -275,6 +301,7 @@ inline void save_run(const std::string& path, const Model<float>& model, const s
         meta[kv.first] = kv.second;
     }
     auto tensors = tensor_views(model.tensors, model.params.data());
+    for (auto& t : tensor_views(model.buffer_tensors, model.buffers.data())) tensors.push_back(std::move(t));
     for (auto& t : tensor_views(model.tensors, m.data(), "optim.m.")) tensors.push_back(std::move(t));
     for (auto& t : tensor_views(model.tensors, v.data(), "optim.v.")) tensors.push_back(std::move(t));
     save_safetensors(path, tensors, meta);
@@ -289,8 +316,9 @@ inline TrainState load_run(const std::string& path, Model<float>& model, std::ve
     check_run_format(ck);
     check_metadata(ck, config_to_metadata(model.cfg));
     const size_t n = model.params.size();
-    std::vector<float> params(n), m_new(n), v_new(n);
+    std::vector<float> params(n), m_new(n), v_new(n), buffers(model.buffers.size());
     load_into(ck, model.tensors, params.data());
+    load_into(ck, model.buffer_tensors, buffers.data());
     load_into(ck, model.tensors, m_new.data(), "optim.m.");
     load_into(ck, model.tensors, v_new.data(), "optim.v.");
     TrainState state;
@@ -299,6 +327,7 @@ inline TrainState load_run(const std::string& path, Model<float>& model, std::ve
     state.step = int(step);
     state.loader_rng = meta_u64(ck, "loader_rng");
     std::copy(params.begin(), params.end(), model.params.begin());
+    std::copy(buffers.begin(), buffers.end(), model.buffers.begin());
     m = std::move(m_new);
     v = std::move(v_new);
     return state;
@@ -310,9 +339,12 @@ inline ModelConfig checkpoint_config(const Checkpoint& ck) {
     return config_from_metadata(ck.metadata, "checkpoint '" + ck.path + "'");
 }
 
-// The parameters of a checkpoint into a model built from checkpoint_config (moments are ignored).
+// The parameters (and buffers) of a checkpoint into a model built from checkpoint_config (moments are ignored).
 inline void load_params(const Checkpoint& ck, Model<float>& model) {
+    std::vector<float> buffers(model.buffers.size());
+    load_into(ck, model.buffer_tensors, buffers.data());  // checked before the model is touched
     load_into(ck, model.tensors, model.params.data());
+    model.buffers = std::move(buffers);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -358,13 +390,34 @@ inline std::string human_duration(double seconds) {
     return buf;
 }
 
-// "step 120/600 | loss 2.3412 | lr 1.2e-03 | norm 0.83 | 5.1k tok/s | ETA 1m12s"
+// "step 120/600 | loss 2.3412 | lr 1.2e-03 | norm 0.83 | 5.1k tok/s | ETA 1m12s", and with MoE each expert's
+// share of the step's tokens in percent: " | experts % 13 12 11 14 12 13 12 13"
 inline std::string progress_line(int step, int total, const StepStats& s, double tokens_per_s, double eta_s) {
     char buf[160];
     std::snprintf(buf, sizeof buf, "step %d/%d | loss %.4f | lr %.1e | norm %.2f | %s tok/s | ETA %s", step, total,
                   double(s.loss), double(s.lr), double(s.grad_norm), human_rate(tokens_per_s).c_str(),
                   human_duration(eta_s).c_str());
-    return buf;
+    std::string line = buf;
+    if (s.n_experts > 0) line += " | experts %";
+    for (int e = 0; e < s.n_experts; e++) {
+        std::snprintf(buf, sizeof buf, " %.0f", 100.0 * s.expert_share[e]);
+        line += buf;
+    }
+    return line;
+}
+
+// One row of log.csv (the header is open_log's): step, train_loss, val_loss (empty without validation), lr,
+// grad_norm, tokens_per_s and, with MoE, expert_share: the shares separated by spaces.
+inline std::string log_row(int step, const StepStats& s, const std::string& val, double tokens_per_s) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%d,%.6f,%s,%.6e,%.6f,%.1f", step, double(s.loss), val.c_str(), double(s.lr),
+                  double(s.grad_norm), tokens_per_s);
+    std::string row = buf;
+    for (int e = 0; e < s.n_experts; e++) {
+        std::snprintf(buf, sizeof buf, "%s%.4f", e == 0 ? "," : " ", double(s.expert_share[e]));
+        row += buf;
+    }
+    return row;
 }
 
 // ---- host helpers shared by train_cpu.cpp and train.cu: the run folder, its CSV log, its metadata ----
@@ -386,7 +439,7 @@ inline void make_dirs(const std::string& path) {
 
 // The CSV log of a run. A fresh run starts it over; a resumed run keeps the rows up to the
 // checkpoint's step (dropping rows of steps it will redo) and appends, so the file is one curve.
-inline std::FILE* open_log(const std::string& path, int resume_step) {
+inline std::FILE* open_log(const std::string& path, int resume_step, bool moe = false) {
     std::vector<std::string> keep;
     if (resume_step > 0) {
         std::ifstream in(path);
@@ -399,7 +452,7 @@ inline std::FILE* open_log(const std::string& path, int resume_step) {
     }
     std::FILE* f = std::fopen(path.c_str(), "w");
     if (!f) fail("cannot write the log '", path, "': ", std::strerror(errno));
-    std::fprintf(f, "step,train_loss,val_loss,lr,grad_norm,tokens_per_s\n");
+    std::fprintf(f, "step,train_loss,val_loss,lr,grad_norm,tokens_per_s%s\n", moe ? ",expert_share" : "");
     for (const std::string& line : keep) std::fprintf(f, "%s\n", line.c_str());
     std::fflush(f);
     return f;

@@ -1,10 +1,15 @@
 // test_attention.cpp — RoPE, the causal GQA attention core, the attention branch and the full mixer:
-// closed forms, a naive reference, causality, finite-difference gradients and bad configs.
-#include <algorithm>           // std::fill, std::max
+// closed forms, a naive reference, causality, finite-difference gradients and bad configs; sliding-window
+// attention with a sink: its masks, gradients, and cached decoding with a bounded cache.
+#include <algorithm>           // std::fill, std::max, std::min
 #include <cmath>               // std::cos, std::sin, std::exp, std::sqrt, std::isfinite, INFINITY
+#include <set>                 // std::set: the visible keys of a row, built independently of attn_visible
 #include <vector>              // std::vector
-#include "test/gradcheck.h"    // check_grad, randn, dot, max_abs_diff, doctest
+#include "test/gradcheck.h"    // check_grad, randn, dot, max_abs_diff, randomize_for_gradcheck, doctest
+#include "test/micro.h"        // micro, random_tokens: a tiny whole model for cached decoding
 #include "model/attention.h"   // attention_*, attn_*
+#include "model/generate.h"    // attn_cache, attn_step_scratch, attn_branch_step, InferenceState, model_step
+#include "model/model.h"       // Model
 #include "model/rope.h"        // rope_forward/backward
 
 using namespace hl;
@@ -92,10 +97,24 @@ TEST_CASE("rope backward passes the gradient check; in place equals out of place
 // The core
 // ---------------------------------------------------------------------------------------------------------
 
-// Naive reference: the full (T, T) score matrix with −∞ above the diagonal, softmax over each whole row.
+// The keys row t sees with window W > 0 and sink S, as sets: the last W positions up to t, and the first S
+// (clipped to t). Written from the description, not from attn_visible, so the two can disagree.
+static std::set<int> brute_force_visible_set(int t, int W, int S) {
+    std::set<int> keys;
+    for (int s = t; s >= 0 && s > t - W; s--) keys.insert(s);
+    for (int s = 0; s < S && s <= t; s++) keys.insert(s);
+    return keys;
+}
+static bool brute_force_visible(int t, int s, int W, int S) {
+    if (W == 0) return s <= t;
+    return brute_force_visible_set(t, W, S).count(s) > 0;
+}
+
+// Naive reference: the full (T, T) score matrix with −∞ where a key is not visible (the future; with a window
+// W > 0, brute_force_visible), softmax over each whole row.
 static void naive_attention(std::vector<double>& out, std::vector<double>& att, const std::vector<double>& q,
                             const std::vector<double>& k, const std::vector<double>& v, int B, int T, int H, int Hkv,
-                            int dqk, int dv) {
+                            int dqk, int dv, int W = 0, int sink = 0) {
     out.assign(B * T * H * dv, 0.0);
     att.assign(B * H * T * T, 0.0);
     std::vector<double> S(T * T);
@@ -106,7 +125,7 @@ static void naive_attention(std::vector<double>& out, std::vector<double>& att, 
                 for (int s = 0; s < T; s++) {
                     double sc = 0;
                     for (int i = 0; i < dqk; i++) sc += q[((b * T + t) * H + h) * dqk + i] * k[((b * T + s) * Hkv + g) * dqk + i];
-                    S[t * T + s] = s <= t ? sc / std::sqrt(double(dqk)) : -INFINITY;
+                    S[t * T + s] = brute_force_visible(t, s, W, sink) ? sc / std::sqrt(double(dqk)) : -INFINITY;
                 }
             for (int t = 0; t < T; t++) {
                 double mx = -INFINITY, sum = 0;
@@ -177,6 +196,130 @@ TEST_CASE("attention core is causal: a later token never changes earlier outputs
             CHECK(max_abs_diff(&out0[b * T * row], &out1[b * T * row], (t + 1) * row) == 0.0);
             CHECK(max_abs_diff(&out0[(b * T + t + 1) * row], &out1[(b * T + t + 1) * row], row) > 1e-6);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Sliding-window attention with an attention sink: the core
+// ---------------------------------------------------------------------------------------------------------
+
+// (W, S) pairs for the mask tests: no sink, a sink shorter than, equal to and longer than the window, W = 1
+static const int kWindows[][2] = {{1, 0}, {1, 2}, {2, 0}, {3, 2}, {3, 3}, {2, 5}, {4, 1}, {5, 0}};
+
+TEST_CASE("attn_visible is the rule s <= t and (t - s < W or s < S); W = 0 is causal") {
+    for (auto& ws : kWindows)
+        for (int t = 0; t < 12; t++)
+            for (int s = 0; s < 12; s++) {
+                CAPTURE(ws[0]);
+                CAPTURE(ws[1]);
+                CAPTURE(t);
+                CAPTURE(s);
+                CHECK(attn_visible(t, s, ws[0], ws[1]) == brute_force_visible(t, s, ws[0], ws[1]));
+            }
+    for (int t = 0; t < 12; t++)
+        for (int s = 0; s < 12; s++) CHECK(attn_visible(t, s, 0, 0) == (s <= t));
+    CHECK(attn_visible(10, 0, 3, 1));   // a sink
+    CHECK(!attn_visible(10, 1, 3, 1));  // slid out of the window
+    CHECK(attn_visible(10, 8, 3, 1));   // the window's oldest
+    CHECK(!attn_visible(10, 7, 3, 1));
+    CHECK(!attn_visible(2, 3, 3, 5));   // a sink is still in the future of an earlier query
+}
+
+TEST_CASE("sliding-window attention with W >= T equals full attention, forward and backward, bitwise") {
+    Rng rng(60);
+    const int B = 2, T = 7, H = 4, Hkv = 2, dqk = 6, dv = 5;
+    auto q = randn(rng, B * T * H * dqk), k = randn(rng, B * T * Hkv * dqk), v = randn(rng, B * T * Hkv * dv);
+    auto dout = randn(rng, B * T * H * dv);
+    std::vector<double> out0(B * T * H * dv), att0(B * H * T * T), dq0(q.size()), dk0(k.size()), dv0(v.size());
+    attention_forward(out0.data(), att0.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, dqk, dv);
+    attention_backward(dq0.data(), dk0.data(), dv0.data(), dout.data(), att0.data(), q.data(), k.data(), v.data(), B,
+                       T, H, Hkv, dqk, dv);
+    for (int W : {T, T + 5})
+        for (int S : {0, 3, T + 1}) {
+            CAPTURE(W);
+            CAPTURE(S);
+            std::vector<double> out(out0.size(), 7.0), att(att0.size(), 7.0), dq(q.size(), 7.0), dk(k.size(), 7.0),
+                dvv(v.size(), 7.0);
+            attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, dqk, dv, W, S);
+            attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(),
+                               B, T, H, Hkv, dqk, dv, W, S);
+            CHECK(max_abs_diff(out.data(), out0.data(), out.size()) == 0.0);
+            CHECK(max_abs_diff(att.data(), att0.data(), att.size()) == 0.0);
+            CHECK(max_abs_diff(dq.data(), dq0.data(), dq.size()) == 0.0);
+            CHECK(max_abs_diff(dk.data(), dk0.data(), dk.size()) == 0.0);
+            CHECK(max_abs_diff(dvv.data(), dv0.data(), dvv.size()) == 0.0);
+        }
+    // ...and a window shorter than T does change the result
+    std::vector<double> out(out0.size()), att(att0.size());
+    attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, dqk, dv, T - 1, 0);
+    CHECK(max_abs_diff(out.data(), out0.data(), out.size()) > 1e-6);
+}
+
+TEST_CASE("sliding-window attention: att is 0 exactly off the window and sink, > 0 on it; out equals the naive") {
+    Rng rng(61);
+    const int B = 2, T = 9, H = 4, Hkv = 2, dqk = 6, dv = 5;
+    for (auto& ws : kWindows) {
+        const int W = ws[0], S = ws[1];
+        CAPTURE(W);
+        CAPTURE(S);
+        auto q = randn(rng, B * T * H * dqk), k = randn(rng, B * T * Hkv * dqk), v = randn(rng, B * T * Hkv * dv);
+        std::vector<double> out(B * T * H * dv), att(B * H * T * T, 7.0), ref_out, ref_att;
+        attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, dqk, dv, W, S);
+        int n_visible = 0;
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++)
+                for (int t = 0; t < T; t++) {
+                    double row = 0;
+                    for (int s = 0; s < T; s++) {
+                        const double a = att[((b * H + h) * T + t) * T + s];
+                        row += a;
+                        if (brute_force_visible(t, s, W, S)) {
+                            CHECK(a > 0);
+                            n_visible++;
+                        } else {
+                            CHECK(a == 0.0);
+                        }
+                    }
+                    CHECK(row == doctest::Approx(1.0).epsilon(1e-12));
+                }
+        // as many positive entries as the sets hold
+        int expect = 0;
+        for (int t = 0; t < T; t++) expect += int(brute_force_visible_set(t, W, S).size());
+        CHECK(n_visible == expect * B * H);
+        naive_attention(ref_out, ref_att, q, k, v, B, T, H, Hkv, dqk, dv, W, S);
+        CHECK(max_abs_diff(out.data(), ref_out.data(), out.size()) < 1e-12);
+        CHECK(max_abs_diff(att.data(), ref_att.data(), att.size()) < 1e-12);
+    }
+}
+
+TEST_CASE("sliding-window attention core passes the gradient check (T=9, W=3, S=2, GQA)") {
+    Rng rng(62);
+    const int B = 2, T = 9, H = 4, Hkv = 2, dqk = 6, dv = 5, W = 3, S = 2;
+    auto q = randn(rng, B * T * H * dqk), k = randn(rng, B * T * Hkv * dqk), v = randn(rng, B * T * Hkv * dv);
+    auto probe = randn(rng, B * T * H * dv);
+    std::vector<double> out(B * T * H * dv), att(B * H * T * T);
+    auto loss = [&] {
+        attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, dqk, dv, W, S);
+        return dot(out.data(), probe.data(), out.size());
+    };
+    loss();
+    std::vector<double> dq(q.size(), 123.0), dk(k.size(), 123.0), dvv(v.size(), 123.0);
+    attention_backward(dq.data(), dk.data(), dvv.data(), probe.data(), att.data(), q.data(), k.data(), v.data(), B, T,
+                       H, Hkv, dqk, dv, W, S);
+    check_grad("q", q.data(), dq.data(), q.size(), loss);
+    check_grad("k", k.data(), dk.data(), k.size(), loss);
+    check_grad("v", v.data(), dvv.data(), v.size(), loss);
+    // queries that do not see a key do not depend on it: k_2 is neither a sink nor in the window of t ≥ 5
+    auto k1 = k;
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < Hkv * dqk; i++) k1[(b * T + 2) * Hkv * dqk + i] += 1.0;
+    std::vector<double> out1(out.size());
+    loss();
+    attention_forward(out1.data(), att.data(), q.data(), k1.data(), v.data(), B, T, H, Hkv, dqk, dv, W, S);
+    for (int b = 0; b < B; b++) {
+        const size_t row = H * dv;
+        CHECK(max_abs_diff(&out[(b * T + 5) * row], &out1[(b * T + 5) * row], 4 * row) == 0.0);
+        CHECK(max_abs_diff(&out[(b * T + 2) * row], &out1[(b * T + 2) * row], row) > 1e-6);
     }
 }
 
@@ -336,6 +479,143 @@ TEST_CASE("attention mixer in float agrees with double") {
     for (size_t i = 0; i < gf.size(); i++) CHECK(gf[i] == doctest::Approx(s.gbuf[i]).epsilon(1e-4).scale(1.0));
 }
 
+TEST_CASE("sliding-window attention mixer passes the gradient check (T=9, W=3, S=2, GQA, dqk != dv)") {
+    Rng rng(63);
+    const int B = 2, T = 9, D = 7;
+    AttnConfig c{D, 4, 2, 6, 5, 30.0, 3, 2};
+    AttnSetup s(c, B, T, true, rng);
+    auto x = randn(rng, B * T * D), probe = randn(rng, B * T * D);
+    std::vector<double> out(B * T * D), dx(x.size(), 123.0);
+    auto loss = [&] {
+        attn_mixer_forward(out.data(), s.acts, x.data(), s.p, c, B, T);
+        return dot(out.data(), probe.data(), out.size());
+    };
+    loss();
+    // the mixer really is windowed: its saved probabilities vanish off the window and sink
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < T; j++)
+            if (!brute_force_visible(t, j, 3, 2)) CHECK(s.acts.att[t * T + j] == 0.0);
+    CHECK(s.acts.att[8 * T + 3] == 0.0);
+    attn_mixer_backward(dx.data(), s.dp, probe.data(), s.acts, x.data(), s.p, c, B, T);
+    const int H = c.n_heads, Hkv = c.n_kv_heads;
+    check_grad("wq", s.p.wq, s.dp.wq, H * c.d_qk * D, loss);
+    check_grad("wk", s.p.wk, s.dp.wk, Hkv * c.d_qk * D, loss);
+    check_grad("wv", s.p.wv, s.dp.wv, Hkv * c.d_v * D, loss);
+    check_grad("wo", s.p.wo, s.dp.wo, D * H * c.d_v, loss);
+    check_grad("x", x.data(), dx.data(), dx.size(), loss);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Cached decoding with a sliding window: a bounded cache of S sinks and a ring of W slots
+// ---------------------------------------------------------------------------------------------------------
+
+TEST_CASE("attn_cache_slot: sinks keep their slot, the rest share a ring of W; the cache holds min(max_len, S + W)") {
+    CHECK(attn_cache_len(AttnConfig{8, 2, 1, 4, 4, 1e4, 0, 0}, 100) == 100);
+    CHECK(attn_cache_len(AttnConfig{8, 2, 1, 4, 4, 1e4, 3, 2}, 100) == 5);
+    CHECK(attn_cache_len(AttnConfig{8, 2, 1, 4, 4, 1e4, 3, 2}, 4) == 4);
+    for (int p = 0; p < 20; p++) CHECK(attn_cache_slot(p, 0, 0) == p);
+    const int expect[] = {0, 1, 2, 3, 4, 2, 3, 4, 2, 3};  // W = 3, S = 2
+    for (int p = 0; p < 10; p++) CHECK(attn_cache_slot(p, 3, 2) == expect[p]);
+    // at every query position, the visible positions sit in distinct slots of the bounded cache
+    for (auto& ws : kWindows) {
+        const int W = ws[0], S = ws[1];
+        for (int t = 0; t < 30; t++) {
+            std::set<int> slots;
+            for (int s : brute_force_visible_set(t, W, S)) {
+                const int slot = attn_cache_slot(s, W, S);
+                CHECK(slot < S + W);
+                slots.insert(slot);
+            }
+            CHECK(slots.size() == brute_force_visible_set(t, W, S).size());
+        }
+    }
+}
+
+TEST_CASE("cached attention branch steps equal the full windowed branch forward, with a bounded cache") {
+    const int B = 2, T = 11, D = 7;
+    struct WS { int W, S; };
+    for (WS ws : {WS{0, 0}, WS{3, 2}, WS{1, 0}, WS{2, 5}, WS{4, 0}, WS{20, 3}}) {
+        CAPTURE(ws.W);
+        CAPTURE(ws.S);
+        Rng rng(64);
+        AttnConfig c{D, 4, 2, 6, 5, 30.0, ws.W, ws.S};
+        AttnSetup s(c, B, T, false, rng);
+        auto x = randn(rng, B * T * D);
+        attn_branch_forward(s.acts, x.data(), s.p, c, B, T);  // acts.y (B, T, H·d_v)
+
+        const int len = attn_cache_len(c, T), Wy = c.n_heads * c.d_v;
+        CHECK(len == (ws.W > 0 ? std::min(T, ws.S + ws.W) : T));
+        Arena<double> count;
+        attn_cache(count, c, B, T);
+        CHECK(count.size == size_t(B) * len * c.n_kv_heads * (c.d_qk + c.d_v));  // bounded: S + W slots
+        attn_step_scratch(count, c, B, T);
+        std::vector<double> buf(count.size, 0.0);
+        Arena<double> a(buf.data());
+        AttnCache<double> cache = attn_cache(a, c, B, T);
+        AttnStep<double> step = attn_step_scratch(a, c, B, T);
+        std::vector<double> xt((size_t)B * D);  // (B, D): position t of each sequence
+        double worst = 0, scale = 0;
+        for (int t = 0; t < T; t++) {
+            for (int b = 0; b < B; b++)
+                for (int i = 0; i < D; i++) xt[(size_t)b * D + i] = x[((size_t)b * T + t) * D + i];
+            attn_branch_step(step, cache, xt.data(), s.p, c, B, t, T);
+            for (int b = 0; b < B; b++)
+                for (int i = 0; i < Wy; i++) {
+                    const double ref = s.acts.y[((size_t)b * T + t) * Wy + i];
+                    worst = std::max(worst, std::fabs(step.y[(size_t)b * Wy + i] - ref));
+                    scale = std::max(scale, std::fabs(ref));
+                }
+        }
+        CHECK(worst < 1e-12);
+        CHECK(scale > 1e-2);
+    }
+}
+
+TEST_CASE("step-by-step logits equal the full forward with windowed attention layers (A and H blocks)") {
+    // The model config has no window yet (wired by the lead): set it on the block configs directly.
+    ModelConfig mc = micro("AMH", "final", 3);
+    Model<double> m(mc);
+    m.blocks[0].attn.window = 3, m.blocks[0].attn.sink = 1;
+    m.blocks[2].intra.attn.window = 2, m.blocks[2].intra.attn.sink = 2;
+    m.init(3);
+    Rng prng(103);
+    randomize_for_gradcheck(m.tensors, m.params.data(), prng);
+    const int B = 2, T = 10, V = mc.vocab_size;
+    std::vector<int> tok(B * T);
+    Rng rng(7);
+    random_tokens(rng, tok, V);
+    m.forward(tok.data(), nullptr, B, T);
+    std::vector<double> full(m.logits, m.logits + (size_t)B * T * V);
+
+    InferenceState<double> st(m, B, T);
+    CHECK(st.layers[0].attn.len == 4);  // S + W = 1 + 3 slots, not T
+    CHECK(st.layers[2].attn.len == 4);  // 2 + 2
+    std::vector<double> logits((size_t)B * V);
+    std::vector<int> col((size_t)B);
+    double worst = 0, max_logit = 0;
+    for (int t = 0; t < T; t++) {
+        for (int b = 0; b < B; b++) col[size_t(b)] = tok[size_t(b) * T + t];
+        model_step(logits.data(), st, m, col.data());
+        for (int b = 0; b < B; b++)
+            for (int v = 0; v < V; v++) {
+                const double ref = full[((size_t)b * T + t) * V + v];
+                worst = std::max(worst, std::fabs(logits[(size_t)b * V + v] - ref));
+                max_logit = std::max(max_logit, std::fabs(ref));
+            }
+    }
+    CHECK(worst < 1e-10);
+    CHECK(max_logit > 1e-2);
+
+    // the window matters: without it the same weights give other logits after position W + S
+    Model<double> full_attn(mc);
+    std::copy(m.params.begin(), m.params.end(), full_attn.params.begin());
+    full_attn.forward(tok.data(), nullptr, B, T);
+    CHECK(max_abs_diff(full_attn.logits, full.data(), full.size()) > 1e-6);
+    // and the windowed state is smaller than the full-attention one
+    InferenceState<double> st_full(full_attn, B, T);
+    CHECK(st.cache_bytes() < st_full.cache_bytes());
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Bad sizes and configs
 // ---------------------------------------------------------------------------------------------------------
@@ -361,6 +641,18 @@ TEST_CASE("bad attention and rope configs are clear errors") {
     CHECK_THROWS_AS(attn_config_check(AttnConfig{8, 4, 0, 2, 2}), hl::Error);
     CHECK_THROWS_AS(attn_config_check(AttnConfig{8, 4, 2, 2, -1}), hl::Error);
     CHECK_THROWS_AS(attn_config_check(AttnConfig{}), hl::Error);
+    // window and sink
+    CHECK_NOTHROW(attn_config_check(AttnConfig{8, 4, 2, 2, 2, 1e4, 1, 0}));
+    CHECK_NOTHROW(attn_config_check(AttnConfig{8, 4, 2, 2, 2, 1e4, 512, 64}));
+    CHECK_THROWS_WITH_AS(attn_config_check(AttnConfig{8, 4, 2, 2, 2, 1e4, 0, 4}),
+                         "attention config: a sink (4) needs a sliding window (window > 0)", hl::Error);
+    CHECK_THROWS_AS(attn_config_check(AttnConfig{8, 4, 2, 2, 2, 1e4, -1, 0}), hl::Error);
+    CHECK_THROWS_AS(attn_config_check(AttnConfig{8, 4, 2, 2, 2, 1e4, 3, -1}), hl::Error);
+    CHECK_THROWS_AS(attention_forward(a.data(), a.data(), a.data(), a.data(), a.data(), 1, 2, 2, 2, 2, 2, -1, 0),
+                    hl::Error);
+    CHECK_THROWS_AS(attention_backward(a.data(), a.data(), a.data(), a.data(), a.data(), a.data(), a.data(), a.data(),
+                                       1, 2, 2, 2, 2, 2, 0, 3),
+                    hl::Error);
     Arena<double> count;
     CHECK_THROWS_AS(attn_params(count, AttnConfig{8, 4, 3, 2, 2}), hl::Error);
     CHECK_THROWS_AS(attn_acts(count, AttnConfig{8, 4, 2, 2, 2}, 0, 3), hl::Error);

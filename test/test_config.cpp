@@ -11,7 +11,7 @@ using namespace hl;
 namespace {
 
 const char* PRESETS[] = {"tiny", "small", "100m", "350m", "1b", "3b"};
-const char* ARCHS[] = {"transformer", "mamba2", "inter", "intra"};
+const char* ARCHS[] = {"transformer", "mamba2", "inter", "intra", "swa"};
 const double MiB = 1024.0 * 1024.0;
 
 // 1-based layers holding `letter`
@@ -231,10 +231,10 @@ TEST_CASE("ratio_to_count rounds to the share of attention, at least one block")
 }
 
 TEST_CASE("bad patterns and pattern arguments are clear errors") {
-    CHECK_THROWS_WITH_AS(pattern_check("MMX"), "pattern 'MMX': unknown letter 'X' at position 3 (use A, M, H)",
+    CHECK_THROWS_WITH_AS(pattern_check("MMX"), "pattern 'MMX': unknown letter 'X' at position 3 (use A, M, H, S)",
                          hl::Error);
-    CHECK_THROWS_WITH_AS(pattern_check("a"), "pattern 'a': unknown letter 'a' at position 1 (use A, M, H)", hl::Error);
-    CHECK_THROWS_WITH_AS(pattern_check(""), "pattern is empty (use one letter per layer: A, M, H)", hl::Error);
+    CHECK_THROWS_WITH_AS(pattern_check("a"), "pattern 'a': unknown letter 'a' at position 1 (use A, M, H, S)", hl::Error);
+    CHECK_THROWS_WITH_AS(pattern_check(""), "pattern is empty (use one letter per layer: A, M, H, S)", hl::Error);
     CHECK_NOTHROW(pattern_check("AMH"));
     CHECK_THROWS_WITH_AS(make_pattern(12, 3, 'A', "spread"),
                          "unknown placement 'spread' (use middle, front, end, cluster, sandwich)", hl::Error);
@@ -256,8 +256,9 @@ TEST_CASE("every preset × arch passes config_check; unknown names list the vali
             CHECK(int(c.pattern.size()) == c.n_layers);
             CHECK(c.vocab_size == 256);
             const std::string& a = arch;
-            char want = a == "transformer" ? 'A' : a == "mamba2" ? 'M' : a == "inter" ? 'A' : 'H';
+            char want = a == "transformer" ? 'A' : a == "mamba2" ? 'M' : a == "inter" ? 'A' : a == "swa" ? 'S' : 'H';
             CHECK(c.count(want) >= 1);
+            if (a == "swa") CHECK(c.count('A') >= 1);  // global layers among the windowed ones
             if (a == "inter" || a == "intra") {
                 CHECK(c.count('M') >= 1);
                 CHECK(c.pattern[0] == 'M');  // never first
@@ -270,7 +271,7 @@ TEST_CASE("every preset × arch passes config_check; unknown names list the vali
         }
     CHECK_THROWS_WITH_AS(preset("7b", "transformer"), "unknown preset '7b' (use tiny, small, 100m, 350m, 1b, 3b)",
                          hl::Error);
-    CHECK_THROWS_WITH_AS(preset("1b", "mamba"), "unknown arch 'mamba' (use transformer, mamba2, inter, intra)",
+    CHECK_THROWS_WITH_AS(preset("1b", "mamba"), "unknown arch 'mamba' (use transformer, mamba2, inter, intra, swa)",
                          hl::Error);
     CHECK(preset("small", "transformer").d_model == 128);
     CHECK(formula_nonembedding_params(preset("small", "transformer")) < 2e6);
@@ -295,7 +296,7 @@ TEST_CASE("config_check refuses bad sizes with one clear line") {
     CHECK_THROWS_WITH_AS(config_check(with(t, [](ModelConfig& c) { c.pattern = "AAA"; })),
                          "config: pattern 'AAA' has 3 letters but n_layers = 2", hl::Error);
     CHECK_THROWS_WITH_AS(config_check(with(t, [](ModelConfig& c) { c.pattern = "AQ"; })),
-                         "pattern 'AQ': unknown letter 'Q' at position 2 (use A, M, H)", hl::Error);
+                         "pattern 'AQ': unknown letter 'Q' at position 2 (use A, M, H, S)", hl::Error);
     CHECK_THROWS_WITH_AS(config_check(with(m, [](ModelConfig& c) { c.ssm_headdim = 24; })),
                          "config: d_ssm 64 is not divisible by ssm_headdim 24", hl::Error);
     CHECK_THROWS_WITH_AS(config_check(with(m, [](ModelConfig& c) { c.ngroups = 3; })),
@@ -338,4 +339,56 @@ TEST_CASE("cost_report prints the formula's numbers") {
     std::string ri = cost_report(preset("1b", "intra"), 8192);
     CHECK(ri.find("fusion norm=group,scale=none,op=diff,value=sep,out=sep") != std::string::npos);
     CHECK(cost_report(preset("1b", "inter"), 8192).find("43.37 MiB") != std::string::npos);
+}
+
+TEST_CASE("sliding window and MoE costs: visible pairs by brute force, bounded cache, active vs total params") {
+    // attention_pairs against counting the visible (t, s) pairs one by one
+    for (int L : {1, 5, 17, 64})
+        for (int W : {0, 1, 3, 8, 100})
+            for (int S : {0, 2, 5}) {
+                if (W == 0 && S > 0) continue;
+                double brute = 0;
+                for (int t = 0; t < L; t++)
+                    for (int s = 0; s <= t; s++) brute += (W == 0 || t - s < W || s < S) ? 1 : 0;
+                CAPTURE(L);
+                CAPTURE(W);
+                CAPTURE(S);
+                CHECK(attention_pairs(L, W, S) == brute);
+            }
+    // S blocks: the transformer's weights; at L ≤ window they cost what A blocks cost, beyond it linearly
+    ModelConfig t = preset("350m", "transformer"), w = preset("350m", "swa");
+    CHECK(w.n_layers == t.n_layers);
+    CHECK(formula_nonembedding_params(w) == formula_nonembedding_params(t));
+    CHECK(formula_train_flops_per_sample(w, 512) == formula_train_flops_per_sample(t, 512));
+    CHECK(formula_train_flops_per_sample(w, 8192) < formula_train_flops_per_sample(t, 8192));
+    // the S blocks' per-token attention term is flat beyond the window (+ sink): only the A blocks' grows
+    ModelConfig all_s = w;
+    all_s.pattern = std::string(size_t(w.n_layers), 'S');
+    const double d4k = formula_train_flops_per_token(all_s, 4096), d8k = formula_train_flops_per_token(all_s, 8192);
+    CHECK(d8k / d4k == doctest::Approx(1.0).epsilon(0.01));
+    // the cache of an S block stops growing at sink + window tokens
+    CHECK(formula_cache_bytes(all_s, 8192) == formula_cache_bytes(all_s, 576));
+    CHECK(formula_cache_bytes(all_s, 100) == formula_cache_bytes(t, 100));
+    CHECK(formula_cache_bytes(all_s, 8192) == 4.0 * all_s.head_dim * all_s.n_kv_heads * 576 * all_s.n_layers);
+
+    // MoE: all experts (1 shared + E routed, each d_ff/2) and the router; active = the dense FFN + the router
+    ModelConfig d = preset("100m", "inter"), m = d;
+    m.moe = true;
+    const double D = d.d_model, F = d.d_ff, E = m.n_experts;
+    CHECK(formula_params_ffn(m) == 3 * D * (F / 2) * (1 + E) + D * E);
+    CHECK(formula_params_ffn(m, true) == formula_params_ffn(d) + D * E);
+    CHECK(formula_nonembedding_params(m, true) ==
+          formula_nonembedding_params(d) + d.n_layers * D * E);  // equal active compute, plus the router
+    CHECK(formula_train_flops_per_sample(m, 2048) ==
+          doctest::Approx(formula_train_flops_per_sample(d, 2048) + 6.0 * 2048 * d.n_layers * D * E));
+    CHECK(cost_report(m, 2048).find("active per token") != std::string::npos);
+    m.d_ff = 7;
+    CHECK_THROWS_AS(config_check(m), Error);
+    m = d, m.moe = true, m.n_experts = 65;
+    CHECK_THROWS_AS(config_check(m), Error);
+    ModelConfig bad = preset("tiny", "swa");
+    bad.window = 0;
+    CHECK_THROWS_AS(config_check(bad), Error);
+    CHECK(make_pattern(6, 1, 'A', "middle", 'S') == "SSASSS");
+    CHECK_THROWS_AS(make_pattern(6, 1, 'A', "middle", 'X'), Error);
 }

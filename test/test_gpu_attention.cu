@@ -1,5 +1,6 @@
 // test_gpu_attention.cu — the GPU attention core (kernels/attention.cuh) and RoPE (kernels/rope.cuh) against the
-// CPU reference (model/attention.h, model/rope.h) run in float on the host, on random inputs.
+// CPU reference (model/attention.h, model/rope.h) run in float on the host, on random inputs; full causal and
+// sliding-window (window W, sink S) attention, whose kernels skip the key/query tiles that are fully masked.
 // Error measure (max-norm relative to the tensor's scale), stated once:
 //   rel_err(g, c) = max_i |g_i − c_i| / max_i |c_i|          (∞ if any GPU value is not finite)
 // Tolerances: forward outputs (out, lse, rope) ≤ 1e-4, gradients ≤ 1e-3.
@@ -49,7 +50,8 @@ struct AttnErrors {
 };
 
 // One configuration: CPU forward/backward in float, GPU forward/backward, the errors of every output.
-AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t seed) {
+// W = 0: full causal attention; else a sliding window of W with S sinks.
+AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t seed, int W = 0, int S = 0) {
     hl::Rng rng(seed);
     const size_t nq = (size_t)B * T * H * dqk, nk = (size_t)B * T * Hkv * dqk, nv = (size_t)B * T * Hkv * dv,
                  no = (size_t)B * T * H * dv, nl = (size_t)B * H * T;
@@ -57,9 +59,9 @@ AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t
 
     // CPU reference
     std::vector<float> out(no), att((size_t)B * H * T * T), dq(nq), dk(nk), dvv(nv);
-    hl::attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, dqk, dv);
+    hl::attention_forward(out.data(), att.data(), q.data(), k.data(), v.data(), B, T, H, Hkv, dqk, dv, W, S);
     hl::attention_backward(dq.data(), dk.data(), dvv.data(), dout.data(), att.data(), q.data(), k.data(), v.data(),
-                           B, T, H, Hkv, dqk, dv);
+                           B, T, H, Hkv, dqk, dv, W, S);
     // log-sum-exp of each row's visible scores, in double from q and k (what the GPU saves)
     std::vector<float> lse(nl);
     const int group = H / Hkv;
@@ -68,9 +70,10 @@ AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t
         for (int h = 0; h < H; h++)
             for (int t = 0; t < T; t++) {
                 const float* qt = &q[(((size_t)b * T + t) * H + h) * dqk];
-                std::vector<double> s(t + 1);
+                std::vector<double> s(t + 1, -INFINITY);  // invisible keys stay at −∞: exp gives 0
                 double mx = -INFINITY;
                 for (int j = 0; j <= t; j++) {
+                    if (!hl::attn_visible(t, j, W, S)) continue;
                     const float* kj = &k[(((size_t)b * T + j) * Hkv + h / group) * dqk];
                     double d = 0;
                     for (int e = 0; e < dqk; e++) d += double(qt[e]) * kj[e];
@@ -83,21 +86,21 @@ AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t
             }
 
     // GPU
-    DeviceBuffer<float> d_q(nq), d_k(nk), d_v(nv), d_dout(no), d_out(no), d_lse(nl), d_D(nl), d_dq(nq), d_dk(nk),
-        d_dv(nv);
+    DeviceBuffer<float> d_q(nq), d_k(nk), d_v(nv), d_dout(no), d_out(no), d_lse(nl),
+        d_D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, dqk, dv, W, S)), d_dq(nq), d_dk(nk), d_dv(nv);
     d_q.upload(q);
     d_k.upload(k);
     d_v.upload(v);
     d_dout.upload(dout);
     poison(d_out);
     poison(d_lse);
-    hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv);
+    hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv, W, S);
     poison(d_dq);
     poison(d_dk);
     poison(d_dv);
     poison(d_D);
     hl::gpu::attention_backward(d_dq.ptr, d_dk.ptr, d_dv.ptr, d_D.ptr, d_dout.ptr, d_out.ptr, d_lse.ptr, d_q.ptr,
-                                d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv);
+                                d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv, W, S);
     cudaCheck(cudaDeviceSynchronize());
 
     AttnErrors e;
@@ -106,20 +109,22 @@ AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t
     e.dq = rel_err(d_dq.download(), dq);
     e.dk = rel_err(d_dk.download(), dk);
     e.dv = rel_err(d_dv.download(), dvv);
-    std::printf("attention B=%d T=%4d H=%d Hkv=%d d_qk=%3d d_v=%3d  rel err: out %.2e lse %.2e dq %.2e dk %.2e "
-                "dv %.2e\n",
-                B, T, H, Hkv, dqk, dv, e.out, e.lse, e.dq, e.dk, e.dv);
+    std::printf("attention B=%d T=%4d H=%d Hkv=%d d_qk=%3d d_v=%3d W=%3d S=%2d  rel err: out %.2e lse %.2e dq %.2e "
+                "dk %.2e dv %.2e\n",
+                B, T, H, Hkv, dqk, dv, W, S, e.out, e.lse, e.dq, e.dk, e.dv);
     return e;
 }
 
-void check_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t seed) {
+void check_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t seed, int W = 0, int S = 0) {
     CAPTURE(B);
     CAPTURE(T);
     CAPTURE(H);
     CAPTURE(Hkv);
     CAPTURE(dqk);
     CAPTURE(dv);
-    AttnErrors e = run_attention(B, T, H, Hkv, dqk, dv, seed);
+    CAPTURE(W);
+    CAPTURE(S);
+    AttnErrors e = run_attention(B, T, H, Hkv, dqk, dv, seed, W, S);
     CHECK(e.out <= FWD_TOL);
     CHECK(e.lse <= FWD_TOL);
     CHECK(e.dq <= GRAD_TOL);
@@ -148,31 +153,144 @@ TEST_CASE("gpu attention at T=1024") {
     check_attention(2, 1024, 4, 2, 64, 64, 300);
 }
 
+// Windows around the 64-row/key tiles: W = 1 (only the diagonal), 16 (inside a tile), 64 (one tile), 100 (a tile
+// and a half); sinks 0, 4 (part of the first tile), 64 (the whole first tile); T short of, just past and several
+// tiles long, not a multiple of 64 (a ragged last tile).
+TEST_CASE("gpu sliding-window attention forward/backward match the CPU (W, S, T around the tiles, GQA, d_qk != d_v)") {
+    uint64_t seed = 600;
+    const int dims[][2] = {{6, 5}, {64, 128}};
+    for (auto& d : dims)
+        for (int W : {1, 16, 64, 100})
+            for (int S : {0, 4, 64})
+                for (int T : {7, 65, 200, 300}) check_attention(2, T, 4, 2, d[0], d[1], seed++, W, S);
+}
+
+TEST_CASE("gpu sliding-window attention: long sequences (many skipped tiles), a window wider than T, H = Hkv") {
+    check_attention(1, 1100, 4, 2, 64, 64, 700, 100, 4);   // window tiles far from the sink tile
+    check_attention(1, 1100, 4, 1, 32, 48, 701, 64, 64);   // sink and window exactly one tile each
+    check_attention(1, 1100, 2, 2, 64, 64, 702, 130, 70);  // sink past the first tile, window over 2+ tiles
+    check_attention(2, 300, 4, 4, 64, 64, 703, 1000, 0);   // W ≥ T: full attention
+    // W ≥ T is full attention on the GPU too (same kernels; the mask never bites)
+    AttnErrors full = run_attention(2, 150, 4, 2, 16, 16, 704), wide = run_attention(2, 150, 4, 2, 16, 16, 704, 150, 3);
+    CHECK(full.out == wide.out);
+    CHECK(full.dq == wide.dq);
+    CHECK(full.dk == wide.dk);
+}
+
+// The mixer path: a config's window and sink reach the kernels (forward and backward), through RoPE and the
+// cuBLAS projections, against the CPU mixer with the same config.
+TEST_CASE("gpu attention mixer with a window and sink matches the CPU mixer") {
+    const int B = 2, T = 150, D = 32;
+    const hl::AttnConfig c{D, 4, 2, 8, 12, 10000.0, 20, 4};
+    hl::Rng rng(800);
+    std::vector<hl::TensorInfo> infos;
+    hl::Arena<float> count(nullptr, &infos);
+    hl::attn_params(count, c);
+    auto params = randn(rng, count.size, 0.2);
+    const auto x = randn(rng, (size_t)B * T * D), dout = randn(rng, (size_t)B * T * D);
+
+    // CPU
+    std::vector<float> grads(count.size, 0.f), out(x.size()), dx(x.size());
+    hl::Arena<float> pa(params.data()), ga(grads.data()), acount;
+    hl::AttnParams<float> p = hl::attn_params(pa, c), dp = hl::attn_params(ga, c);
+    hl::attn_acts(acount, c, B, T);
+    std::vector<float> abuf(acount.size);
+    hl::Arena<float> aa(abuf.data());
+    hl::AttnActs<float> acts = hl::attn_acts(aa, c, B, T);
+    hl::attn_mixer_forward(out.data(), acts, x.data(), p, c, B, T);
+    hl::attn_mixer_backward(dx.data(), dp, dout.data(), acts, x.data(), p, c, B, T);
+
+    // GPU
+    DeviceBuffer<float> d_params(count.size), d_grads(count.size), d_x(x.size()), d_dout(dout.size()),
+        d_out(out.size()), d_dx(dx.size());
+    d_params.upload(params);
+    d_grads.zero();
+    d_x.upload(x);
+    d_dout.upload(dout);
+    poison(d_out);
+    poison(d_dx);
+    hl::Arena<float> dpa(d_params.ptr), dga(d_grads.ptr), gcount;
+    hl::AttnParams<float> gp = hl::attn_params(dpa, c), gdp = hl::attn_params(dga, c);
+    hl::gpu::gpu_attn_acts(gcount, c, B, T);
+    DeviceBuffer<float> d_acts(gcount.size);
+    hl::Arena<float> gaa(d_acts.ptr);
+    hl::gpu::GpuAttnActs<float> gacts = hl::gpu::gpu_attn_acts(gaa, c, B, T);
+    hl::gpu::attn_mixer_forward(d_out.ptr, gacts, d_x.ptr, gp, c, B, T);
+    hl::gpu::attn_mixer_backward(d_dx.ptr, gdp, d_dout.ptr, gacts, d_x.ptr, gp, c, B, T);
+    cudaCheck(cudaDeviceSynchronize());
+
+    const double e_out = rel_err(d_out.download(), out), e_dx = rel_err(d_dx.download(), dx);
+    std::printf("attention mixer W=%d S=%d T=%d  rel err: out %.2e dinp %.2e", c.window, c.sink, T, e_out, e_dx);
+    CHECK(e_out <= FWD_TOL);
+    CHECK(e_dx <= GRAD_TOL);
+    const std::vector<float> g = d_grads.download();
+    for (const hl::TensorInfo& ti : infos) {
+        CAPTURE(ti.name);
+        const std::vector<float> gi(g.begin() + ti.offset, g.begin() + ti.offset + ti.numel),
+            ci(grads.begin() + ti.offset, grads.begin() + ti.offset + ti.numel);
+        const double e = rel_err(gi, ci);
+        std::printf(" d%s %.2e", ti.name.c_str(), e);
+        CHECK(e <= GRAD_TOL);
+    }
+    std::printf("\n");
+
+    // the window matters at this T: the full-attention mixer's output is far from the windowed one
+    hl::AttnConfig full = c;
+    full.window = full.sink = 0;
+    std::vector<float> out_full(out.size());
+    hl::attn_mixer_forward(out_full.data(), acts, x.data(), p, full, B, T);
+    CHECK(rel_err(out_full, out) > 1e-2);
+}
+
+TEST_CASE("gpu attention backward scratch: D alone, plus the sink chunks' partial sums for long windowed T") {
+    using hl::gpu::attention_backward_scratch_size;
+    CHECK(attention_backward_scratch_size(2, 1100, 6, 2, 64, 128) == size_t(2 * 6 * 1100));
+    CHECK(attention_backward_scratch_size(2, 1100, 6, 2, 64, 128, 100, 0) == size_t(2 * 6 * 1100));
+    CHECK(attention_backward_scratch_size(2, 512, 6, 2, 64, 128, 100, 64) == size_t(2 * 6 * 512));  // one chunk
+    // 18 key tiles: the sink tile's 18 query tiles in 3 chunks of 8; S = 70 makes two sink tiles
+    CHECK(attention_backward_scratch_size(2, 1100, 6, 2, 64, 128, 100, 64) ==
+          size_t(2 * 6 * 1100 + 2 * 2 * 1 * 3 * 64 * 192));
+    CHECK(attention_backward_scratch_size(2, 1100, 6, 2, 64, 128, 100, 70) ==
+          size_t(2 * 6 * 1100 + 2 * 2 * 2 * 3 * 64 * 192));
+}
+
 TEST_CASE("gpu attention backward is deterministic (bitwise) and refuses unsupported head dims") {
-    const int B = 2, T = 150, H = 6, Hkv = 2, dqk = 64, dv = 128;
-    hl::Rng rng(400);
+    const int B = 2, H = 6, Hkv = 2, dqk = 64, dv = 128;
+    // full attention; and a window with a sink over T = 1100, whose sink key tile is split into chunks summed by
+    // a second kernel
+    struct Case { int T, W, S; };
+    for (Case cs : {Case{150, 0, 0}, Case{1100, 100, 64}}) {
+        const int T = cs.T;
+        CAPTURE(T);
+        hl::Rng rng(400);
+        const size_t nq = (size_t)B * T * H * dqk, nk = (size_t)B * T * Hkv * dqk, nv = (size_t)B * T * Hkv * dv,
+                     no = (size_t)B * T * H * dv, nl = (size_t)B * H * T;
+        DeviceBuffer<float> d_q(nq), d_k(nk), d_v(nv), d_dout(no), d_out(no), d_lse(nl),
+            d_D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, dqk, dv, cs.W, cs.S)), d_dq(nq), d_dk(nk),
+            d_dv(nv);
+        d_q.upload(randn(rng, nq));
+        d_k.upload(randn(rng, nk));
+        d_v.upload(randn(rng, nv));
+        d_dout.upload(randn(rng, no));
+        hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv, cs.W, cs.S);
+        std::vector<float> first[3];
+        for (int rep = 0; rep < 2; rep++) {
+            poison(d_dq);
+            poison(d_dk);
+            poison(d_dv);
+            hl::gpu::attention_backward(d_dq.ptr, d_dk.ptr, d_dv.ptr, d_D.ptr, d_dout.ptr, d_out.ptr, d_lse.ptr,
+                                        d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv, cs.W, cs.S);
+            std::vector<float> now[3] = {d_dq.download(), d_dk.download(), d_dv.download()};
+            if (rep == 0)
+                for (int i = 0; i < 3; i++) first[i] = now[i];
+            else
+                for (int i = 0; i < 3; i++) CHECK(now[i] == first[i]);
+        }
+    }
+    const int T = 150;
     const size_t nq = (size_t)B * T * H * dqk, nk = (size_t)B * T * Hkv * dqk, nv = (size_t)B * T * Hkv * dv,
                  no = (size_t)B * T * H * dv, nl = (size_t)B * H * T;
-    DeviceBuffer<float> d_q(nq), d_k(nk), d_v(nv), d_dout(no), d_out(no), d_lse(nl), d_D(nl), d_dq(nq), d_dk(nk),
-        d_dv(nv);
-    d_q.upload(randn(rng, nq));
-    d_k.upload(randn(rng, nk));
-    d_v.upload(randn(rng, nv));
-    d_dout.upload(randn(rng, no));
-    hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv);
-    std::vector<float> first[3];
-    for (int rep = 0; rep < 2; rep++) {
-        poison(d_dq);
-        poison(d_dk);
-        poison(d_dv);
-        hl::gpu::attention_backward(d_dq.ptr, d_dk.ptr, d_dv.ptr, d_D.ptr, d_dout.ptr, d_out.ptr, d_lse.ptr, d_q.ptr,
-                                    d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv);
-        std::vector<float> now[3] = {d_dq.download(), d_dk.download(), d_dv.download()};
-        if (rep == 0)
-            for (int i = 0; i < 3; i++) first[i] = now[i];
-        else
-            for (int i = 0; i < 3; i++) CHECK(now[i] == first[i]);
-    }
+    DeviceBuffer<float> d_q(nq), d_k(nk), d_v(nv), d_out(no), d_lse(nl);
     CHECK_THROWS_AS(hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, 130,
                                                dv),
                     hl::Error);
@@ -180,6 +298,12 @@ TEST_CASE("gpu attention backward is deterministic (bitwise) and refuses unsuppo
                                                257),
                     hl::Error);
     CHECK_THROWS_AS(hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, 6, 4, dqk, dv),
+                    hl::Error);
+    CHECK_THROWS_AS(hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv,
+                                               -1, 0),
+                    hl::Error);
+    CHECK_THROWS_AS(hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv,
+                                               0, 4),
                     hl::Error);
 }
 

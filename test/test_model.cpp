@@ -2,6 +2,7 @@
 // architecture family: gradient check of every parameter tensor, causality, and config errors.
 #include "test/gradcheck.h"
 #include "test/micro.h"     // micro: a tiny whole-model config
+#include <numeric>         // std::accumulate
 #include "model/model.h"  // Model, ModelConfig, block_config
 
 using namespace hl;
@@ -12,7 +13,7 @@ namespace {
 }  // namespace
 
 TEST_CASE("whole model: gradient check of every parameter tensor, for each architecture") {
-    struct Case { const char* name; std::string pattern; std::string fusion; bool tied; };
+    struct Case { const char* name; std::string pattern; std::string fusion; bool tied; bool moe = false; };
     const Case cases[] = {
         {"transformer", "AA", "final", true},
         {"mamba2", "MM", "final", true},
@@ -20,10 +21,15 @@ TEST_CASE("whole model: gradient check of every parameter tensor, for each archi
         {"intra final", "MHM", "final", true},
         {"intra concat, untied head", "HM", "concat", false},
         {"intra value=shared", "MH", "norm=group,scale=vector,op=add,value=shared,out=joint", true},
+        {"swa (window 2, sink 1)", "SAS", "final", true},
+        {"inter with MoE", "MAM", "final", true, true},
+        {"intra with MoE", "HM", "final", true, true},
     };
     for (const Case& k : cases) {
         CAPTURE(k.name);
         ModelConfig c = micro(k.pattern, k.fusion);
+        c.window = 2, c.sink = 1;
+        c.moe = k.moe, c.n_experts = 3;
         if (k.fusion.find("shared") != std::string::npos) c.intra_d_ssm = 8;  // = heads·d_v, as value=shared needs
         c.tied = k.tied;
         Model<double> m(c);
@@ -39,8 +45,26 @@ TEST_CASE("whole model: gradient check of every parameter tensor, for each archi
         loss();
         m.zero_grad();
         m.backward();
+        // MoE: the routing of the unperturbed forward, which every perturbed one must keep (else the numeric
+        // gradient would cross a routing switch and prove nothing)
+        std::vector<int> routing;
+        for (int l = 0; l < c.n_layers; l++)
+            if (m.blocks[l].use_moe) routing.insert(routing.end(), m.bacts[l].moe.expert, m.bacts[l].moe.expert + B * T);
+        auto loss_same_routing = [&] {
+            double v = loss();
+            std::vector<int> now;
+            for (int l = 0; l < c.n_layers; l++)
+                if (m.blocks[l].use_moe) now.insert(now.end(), m.bacts[l].moe.expert, m.bacts[l].moe.expert + B * T);
+            REQUIRE(now == routing);
+            return v;
+        };
+        if (k.moe) {  // the routing uses more than one expert, so the router's gradient is really exercised
+            std::vector<int> used(size_t(c.n_experts), 0);
+            for (int e : routing) used[size_t(e)] = 1;
+            CHECK(std::accumulate(used.begin(), used.end(), 0) >= 2);
+        }
         for (const TensorInfo& t : m.tensors)
-            check_grad(t.name, m.params.data() + t.offset, m.grads.data() + t.offset, t.numel, loss);
+            check_grad(t.name, m.params.data() + t.offset, m.grads.data() + t.offset, t.numel, loss_same_routing);
     }
 }
 
@@ -91,14 +115,16 @@ TEST_CASE("parameter counts: the allocated tensors equal DESIGN.md's formulas, f
     struct Case { const char* preset; const char* arch; const char* fusion; };
     std::vector<Case> cases;
     for (const char* p : {"tiny", "small", "100m", "350m", "1b", "3b"})
-        for (const char* a : {"transformer", "mamba2", "inter", "intra"}) cases.push_back({p, a, "final"});
+        for (const char* a : {"transformer", "mamba2", "inter", "intra", "swa", "inter+moe"}) cases.push_back({p, a, "final"});
     for (const char* f : {"concat", "hymba", "falcon", "norm=none,scale=scalar,op=add,value=shared,out=sep"})
         cases.push_back({"350m", "intra", f});
     for (const Case& k : cases) {
         CAPTURE(k.preset);
         CAPTURE(k.arch);
         CAPTURE(k.fusion);
-        ModelConfig c = preset(k.preset, k.arch);
+        const std::string arch = k.arch;
+        ModelConfig c = preset(k.preset, arch.substr(0, arch.find('+')));
+        c.moe = arch.find("moe") != std::string::npos;  // counts all experts and the router
         c.fusion = parse_fusion(k.fusion);
         std::vector<TensorInfo> tensors;
         Arena<float> count(nullptr, &tensors);  // counts only: no allocation, so 3b is cheap

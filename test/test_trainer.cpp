@@ -157,6 +157,31 @@ TEST_CASE("build_config: preset + arch, then --pattern or --ratio/--placement/--
     CHECK(c.vocab_size == 300);
     f = tiny_flags(128);  // the tiny preset's limit itself is fine
     CHECK(build_config(f).max_seq_len == 128);
+
+    // the sliding-window baseline: S blocks around global A ones; --window/--sink; MoE on any family
+    f = tiny_flags();
+    f.arch = "swa", f.layers = 6;
+    c = build_config(f);
+    CHECK(c.pattern == "SSASSS");
+    CHECK(c.arch == "swa");
+    CHECK((c.window == 512 && c.sink == 64));  // the paper's, unless given
+    f.window = 8, f.sink = 0;
+    c = build_config(f);
+    CHECK((c.window == 8 && c.sink == 0));
+    f = tiny_flags(), f.pattern = "MSM", f.window = 4;
+    CHECK(build_config(f).arch == "inter");
+    f.pattern = "SSA";
+    CHECK(build_config(f).arch == "swa");
+    f = tiny_flags(), f.moe = true, f.experts = 4;
+    c = build_config(f);
+    CHECK((c.moe && c.n_experts == 4 && c.moe_bias_rate == 1e-3));
+    CHECK(block_config(c, 0).use_moe);
+    CHECK(block_config(c, 0).moe.d_ff == c.d_ff / 2);
+    f = tiny_flags(), f.pattern = "SAS", f.window = 3, f.sink = 1;
+    c = build_config(f);
+    const BlockConfig sb = block_config(c, 0);
+    CHECK((sb.kind == 'A' && sb.attn.window == 3 && sb.attn.sink == 1 && sb.attn.rope_theta == 10000.0));
+    CHECK(block_config(c, 1).attn.window == 0);  // A stays global
 }
 
 TEST_CASE("build_config and train_flags_check refuse bad flags with one clear line") {
@@ -195,6 +220,16 @@ TEST_CASE("build_config and train_flags_check refuse bad flags with one clear li
     CHECK(has(err(f), "unknown placement 'top'"));
     f = tiny_flags(), f.arch = "transformer", f.placement = "end";
     CHECK(has(err(f), "--placement needs --ratio"));
+    f = tiny_flags(), f.window = 16;
+    CHECK(has(err(f), "--window and --sink apply to S blocks"));
+    f = tiny_flags(), f.arch = "swa", f.window = -1;
+    CHECK(has(err(f), "--window must be positive"));
+    f = tiny_flags(), f.arch = "swa", f.sink = -2;
+    CHECK(has(err(f), "--sink must be non-negative"));
+    f = tiny_flags(), f.moe = true, f.experts = 0;
+    CHECK(has(err(f), "--experts must be in 1..64, got 0"));
+    f = tiny_flags(), f.moe = true, f.moe_bias_rate = -1;
+    CHECK(has(err(f), "--moe-bias-rate must be non-negative"));
 
     auto terr = [](TrainFlags t) { return error_of([&] { train_flags_check(t); }); };
     TrainFlags t;
@@ -231,7 +266,9 @@ TEST_CASE("config ⇄ metadata: every field round-trips; malformed metadata is r
     ModelConfig c = build_config(f);
     c.rope_theta = 10000.5, c.norm_eps = 1e-6, c.init_std = 0.0123456789, c.chunk = 3;
     std::map<std::string, std::string> meta = config_to_metadata(c);
-    CHECK(meta.size() == 27);  // every ModelConfig field
+    c.moe = true, c.n_experts = 5, c.moe_bias_rate = 0.0025, c.window = 7, c.sink = 3, c.swa_rope_theta = 12345.5;
+    meta = config_to_metadata(c);
+    CHECK(meta.size() == 33);  // every ModelConfig field
     ModelConfig back = config_from_metadata(meta);
     CHECK(config_to_metadata(back) == meta);
     CHECK(back.pattern == c.pattern);
@@ -240,9 +277,11 @@ TEST_CASE("config ⇄ metadata: every field round-trips; malformed metadata is r
     CHECK(back.init_std == c.init_std);
     CHECK(back.tied == false);
     CHECK(to_string(back.fusion) == to_string(c.fusion));
+    CHECK((back.moe && back.n_experts == 5 && back.moe_bias_rate == 0.0025));
+    CHECK((back.window == 7 && back.sink == 3 && back.swa_rope_theta == 12345.5));
     CHECK(meta["norm_eps"] == "1e-06");  // the shortest exact spelling
     for (const char* preset_name : {"small", "1b"})
-        for (const char* arch : {"transformer", "mamba2", "inter", "intra"}) {
+        for (const char* arch : {"transformer", "mamba2", "inter", "intra", "swa"}) {
             ModelConfig p = preset(preset_name, arch);
             CHECK(config_to_metadata(config_from_metadata(config_to_metadata(p))) == config_to_metadata(p));
         }
@@ -260,6 +299,8 @@ TEST_CASE("config ⇄ metadata: every field round-trips; malformed metadata is r
     CHECK(has(broken("norm_eps", "tiny"), "metadata 'norm_eps' = 'tiny' is not a number"));
     CHECK(has(broken("norm_eps", "inf"), "is not a number"));
     CHECK(has(broken("tied", "yes"), "metadata 'tied' = 'yes' is not true or false"));
+    CHECK(has(broken("moe", "1"), "metadata 'moe' = '1' is not true or false"));
+    CHECK(has(broken("n_experts", "0"), "the stored config is invalid"));
     CHECK(has(broken("fusion", "blend"), "metadata 'fusion'"));
     CHECK(has(broken("pattern", "MQM"), "the stored config is invalid"));
     CHECK(has(broken("d_model", "-32"), "the stored config is invalid"));
@@ -428,10 +469,13 @@ TEST_CASE("load_run refuses another config, a truncated or corrupt file, and lea
 
 TEST_CASE("resume: 3 steps + save + load + 3 steps equals 6 uninterrupted steps, bit for bit") {
     TempDir dir;
-    for (const char* arch : {"intra", "inter"}) {
+    for (const char* arch : {"intra", "inter", "swa", "inter+moe"}) {
         CAPTURE(arch);
         ModelFlags f = tiny_flags();
-        f.arch = arch;
+        f.arch = std::string(arch).substr(0, std::string(arch).find('+'));
+        f.moe = std::string(arch).find("moe") != std::string::npos;
+        if (f.arch == "swa") f.window = 5, f.sink = 2;  // below the sequence length 16: the window matters
+        if (f.moe) f.moe_bias_rate = 0.01;              // the biases move visibly in 6 steps
         MiniRun straight(f, 6);
         std::vector<float> losses = straight.train(0, 6);
 
@@ -449,6 +493,13 @@ TEST_CASE("resume: 3 steps + save + load + 3 steps equals 6 uninterrupted steps,
         CHECK(same_bits(second.model.params, straight.model.params));
         CHECK(same_bits(second.m, straight.m));
         CHECK(same_bits(second.v, straight.v));
+        CHECK(same_bits(second.model.buffers, straight.model.buffers));  // the MoE biases came back too
+        if (f.moe) {
+            CHECK(second.model.buffers.size() == size_t(3 * 8));  // 3 layers × 8 experts
+            bool moved = false;
+            for (float b : straight.model.buffers) moved = moved || b != 0.0f;
+            CHECK(moved);
+        }
         CHECK(losses.back() < losses.front());  // and it did learn something
     }
 }

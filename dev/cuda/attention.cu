@@ -8,6 +8,10 @@
 //       so that every shared-memory read is a float4 (3 vector loads per 32 FMAs instead of 8 scalar per 16);
 //       compile-time head dims (64 / 64 here)
 // FLOPs counted as the usual convention: forward 4·B·H·T²·hd / 2 (causal QKᵀ and PV), backward 2.5× forward.
+// Last, v2 with a sliding window (W = 512, S = 64, the DESIGN.md baseline; and S = 0) against full attention at
+// T = 1024 … 8192 with B·T = 16384 tokens: time per token grows linearly in T without the window, and stays flat
+// with it (its kernels skip the masked tiles; the backward splits the sink key tiles, which every query sees,
+// into chunks of query tiles, so that no block walks all T/64 of them).
 //
 // Build: make dev/cuda/attention      (nvcc with the Makefile's NVFLAGS → build/dev/attention)
 // Run:   ./build/dev/attention [version]     (no argument: every version)
@@ -360,6 +364,41 @@ int main(int argc, char** argv) {
         std::printf("  v%d: fwd %8.3f ms %6.2f TFLOP/s | fwd+bwd %8.3f ms %6.2f TFLOP/s%s\n", ver, t_f,
                     fwd_flops / (t_f * 1e-3) * 1e-12, t_fb, (fwd_flops + bwd_flops) / (t_fb * 1e-3) * 1e-12,
                     ver == 3 ? "  (bwd = v2's)" : "");
+    }
+
+    // 3. sliding window vs full attention, v2 (the shipped kernels), B·T fixed; W=512 S=0 shows the sink's cost
+    if (wanted(2)) {
+        const int tokens = 16384;
+        const int variants[][2] = {{0, 0}, {512, 64}, {512, 0}};  // (W, S); W = 0 is full attention
+        std::printf("v2 full vs sliding window, B·T=%d H=16 Hkv=4 hd=64 (ms/token = median / B·T):\n", tokens);
+        std::printf("  %5s %3s %4s %3s | %8s %10s | %8s %10s\n", "T", "B", "W", "S", "fwd ms", "ms/token",
+                    "f+b ms", "ms/token");
+        for (int T : {1024, 2048, 4096, 8192}) {
+            const Problem p{tokens / T, T, 16, 4, 64, 64};
+            Buffers m(p, false);
+            m.D.alloc(hl::gpu::attention_backward_scratch_size(p.B, p.T, p.H, p.Hkv, p.dqk, p.dv, 512, 64));
+            hl::Rng r3(3);
+            for (auto* buf : {&m.q, &m.k, &m.v, &m.dout}) {
+                std::vector<float> h(buf->n);
+                r3.fill_normal(h.data(), h.size(), 1.0);
+                buf->upload(h);
+            }
+            for (auto& ws : variants) {
+                const int W = ws[0], S = ws[1];
+                auto fwd = [&] {
+                    hl::gpu::attention_forward(m.out.ptr, m.lse.ptr, m.q.ptr, m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv,
+                                               p.dqk, p.dv, W, S);
+                };
+                auto bwd = [&] {
+                    hl::gpu::attention_backward(m.dq.ptr, m.dk.ptr, m.dv.ptr, m.D.ptr, m.dout.ptr, m.out.ptr,
+                                                m.lse.ptr, m.q.ptr, m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk,
+                                                p.dv, W, S);
+                };
+                const float t_f = median_ms(fwd, 3, 11), t_fb = median_ms([&] { fwd(); bwd(); }, 3, 11);
+                std::printf("  %5d %3d %4d %3d | %8.3f %10.2e | %8.3f %10.2e\n", T, p.B, W, S, t_f, t_f / tokens,
+                            t_fb, t_fb / tokens);
+            }
+        }
     }
     return ok ? 0 : 1;
 }
