@@ -126,6 +126,7 @@ __device__ __forceinline__ int warp_sum_int(int v) {
 // counting only: the result does not depend on scheduling.
 constexpr int MOE_GROUP_BLOCK = 256;
 
+template <typename Unused = void>  // a template, so that every file including this header may define it
 __global__ void __launch_bounds__(MOE_GROUP_BLOCK) moe_group_kernel(int* offsets, int* perm, const int* expert, int N,
                                                                      int E) {
     constexpr int NW = MOE_GROUP_BLOCK / 32;
@@ -255,7 +256,7 @@ void moe_forward(T* out, GpuMoEActs<T>& acts, const T* inp, const MoEParams<T>& 
     matmul_forward(acts.logits, inp, p.router, (const T*)nullptr, N, D, E, stream);  // (N, E)
     moe_route_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(acts.gate, acts.expert, acts.logits, bias, N, E);
     cudaCheckLast();
-    moe_group_kernel<<<E, MOE_GROUP_BLOCK, 0, stream>>>(acts.offsets, acts.perm, acts.expert, N, E);
+    moe_group_kernel<><<<E, MOE_GROUP_BLOCK, 0, stream>>>(acts.offsets, acts.perm, acts.expert, N, E);
     cudaCheckLast();
     moe_gather_kernel<<<elementwise_grid(ND, 256), 256, 0, stream>>>(acts.xp, inp, acts.perm, D, ND);
     cudaCheckLast();

@@ -32,6 +32,7 @@
 #include "model/embedding.h"  // embedding_forward for the new tokens
 #include "model/intra.h"      // IntraConfig, IntraParams, IntraActs (the fusion tail's buffers)
 #include "model/mamba2.h"     // Mamba2Config, Mamba2Params, MAMBA2_NORM_EPS
+#include "model/moe.h"        // MoEActs, moe_forward: the FFN of MoE blocks
 #include "model/matmul.h"     // matmul_forward for every projection and the LM head
 #include "model/model.h"      // Model
 #include "model/rmsnorm.h"    // rmsnorm_forward
@@ -149,6 +150,7 @@ struct BlockStep {
     T* n2 = nullptr;     // (B, D)  RMSNorm(h)
     T* rstd2 = nullptr;  // (B)
     SwiGLUActs<T> ffn{};  // forward fields only (h1, h3, h)
+    MoEActs<T> moe{};     // with MoE instead: the mixture's activations for B rows
     T* ffo = nullptr;    // (B, D)  FFN output
 };
 
@@ -185,7 +187,7 @@ Mamba2Step<T> mamba2_step_scratch(Arena<T>& a, const Mamba2Config& c, int B, boo
 }
 
 template <typename T>
-BlockStep<T> block_step_scratch(Arena<T>& a, const BlockConfig& c, int B, int max_len) {
+BlockStep<T> block_step_scratch(Arena<T>& a, Arena<int>& ia, const BlockConfig& c, int B, int max_len) {
     const int D = c.d_model;
     BlockStep<T> s;
     s.n1 = a.take("n1", {B, D});
@@ -211,9 +213,13 @@ BlockStep<T> block_step_scratch(Arena<T>& a, const BlockConfig& c, int B, int ma
     s.h = a.take("h", {B, D});
     s.n2 = a.take("n2", {B, D});
     s.rstd2 = a.take("rstd2", {B});
-    s.ffn.h1 = a.take("ffn_h1", {B, c.ffn.d_ff});
-    s.ffn.h3 = a.take("ffn_h3", {B, c.ffn.d_ff});
-    s.ffn.h = a.take("ffn_h", {B, c.ffn.d_ff});
+    if (c.use_moe) {
+        s.moe = moe_acts(a, ia, c.moe, B);
+    } else {
+        s.ffn.h1 = a.take("ffn_h1", {B, c.ffn.d_ff});
+        s.ffn.h3 = a.take("ffn_h3", {B, c.ffn.d_ff});
+        s.ffn.h = a.take("ffn_h", {B, c.ffn.d_ff});
+    }
     s.ffo = a.take("ffo", {B, D});
     return s;
 }
@@ -236,6 +242,7 @@ struct InferenceState {
     std::vector<T> cache;               // every layer's KV cache / conv state / SSM state
     std::vector<LayerCache<T>> layers;  // views into cache
     std::vector<T> scratch;
+    std::vector<int> iscratch;          // index scratch (MoE routing), laid out like scratch
     std::vector<BlockStep<T>> steps;    // views into scratch; every layer's start at the same address
     T* x = nullptr;       // (B, D)  residual stream into a block
     T* y = nullptr;       // (B, D)  residual stream out of a block (then swapped with x)
@@ -266,7 +273,8 @@ struct InferenceState {
         // scratch: the model-level buffers, then one block's scratch. Layers run one after another and none
         // reads another's scratch, so every layer lays its views out from the same address; the allocation
         // is as large as the widest layer needs.
-        auto scratch_layout = [&](T* base) {
+        size_t iwidest = 0;
+        auto scratch_layout = [&](T* base, int* ibase) {
             Arena<T> a(base);
             x = a.take("x", {B, D});
             y = a.take("y", {B, D});
@@ -277,13 +285,16 @@ struct InferenceState {
             steps.clear();
             for (int l = 0; l < L; l++) {
                 Arena<T> la(base ? base + common : nullptr);
-                steps.push_back(block_step_scratch(la, m.blocks[size_t(l)], B, max_len));
+                Arena<int> ia(ibase);
+                steps.push_back(block_step_scratch(la, ia, m.blocks[size_t(l)], B, max_len));
                 widest = std::max(widest, la.size);
+                iwidest = std::max(iwidest, ia.size);
             }
             return common + widest;
         };
-        scratch.assign(scratch_layout(nullptr), T(0));
-        scratch_layout(scratch.data());
+        scratch.assign(scratch_layout(nullptr, nullptr), T(0));
+        iscratch.assign(iwidest, 0);
+        scratch_layout(scratch.data(), iscratch.empty() ? nullptr : iscratch.data());
         step_tokens.assign(size_t(B), 0);
     }
     // the views point into this object's own buffers: a copy would point into the original's
@@ -489,7 +500,7 @@ void mamba2_branch_step(Mamba2Step<T>& s, Mamba2State<T>& st, const T* inp, cons
 
 // y (B, D) = block(x (B, D)) for the token at position pos; the layer's cache is read and extended.
 template <typename T>
-void block_step(T* y, BlockStep<T>& s, LayerCache<T>& cache, const T* x, const BlockParams<T>& p,
+void block_step(T* y, BlockStep<T>& s, LayerCache<T>& cache, const T* x, const BlockParams<T>& p, const T* moe_bias,
                 const BlockConfig& c, int B, int pos, int max_len) {
     const int D = c.d_model;
     const T eps = T(c.norm_eps);
@@ -518,7 +529,8 @@ void block_step(T* y, BlockStep<T>& s, LayerCache<T>& cache, const T* x, const B
     }
     for (size_t i = 0; i < (size_t)B * D; i++) s.h[i] = x[i] + s.mix[i];
     rmsnorm_forward(s.n2, s.rstd2, s.h, p.norm2, B, 1, D, eps);
-    swiglu_forward(s.ffo, s.ffn, s.n2, p.ffn, c.ffn, B);
+    if (c.use_moe) moe_forward(s.ffo, s.moe, s.n2, p.moe, moe_bias, c.moe, B);  // each token routed on its own
+    else swiglu_forward(s.ffo, s.ffn, s.n2, p.ffn, c.ffn, B);
     for (size_t i = 0; i < (size_t)B * D; i++) y[i] = s.h[i] + s.ffo[i];
 }
 
@@ -536,7 +548,8 @@ void model_step(T* logits, InferenceState<T>& st, const Model<T>& m, const int* 
     const int B = st.B, D = c.d_model, V = c.vocab_size;
     embedding_forward(st.x, tokens, m.p.embed, B, 1, V, D);
     for (int l = 0; l < c.n_layers; l++) {
-        block_step(st.y, st.steps[size_t(l)], st.layers[size_t(l)], st.x, m.p.layers[size_t(l)], m.blocks[size_t(l)], B,
+        block_step(st.y, st.steps[size_t(l)], st.layers[size_t(l)], st.x, m.p.layers[size_t(l)], m.moe_bias[size_t(l)],
+                   m.blocks[size_t(l)], B,
                    st.pos, st.max_len);
         std::swap(st.x, st.y);  // this block's output is the next one's input
     }

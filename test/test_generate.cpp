@@ -52,9 +52,12 @@ double step_vs_full(Model<double>& m, const std::vector<int>& tok, int B, int T,
 }  // namespace
 
 TEST_CASE("step-by-step logits equal the full forward, for every architecture and fusion, at any SSD chunk") {
-    struct Case { const char* name; std::string pattern; std::string fusion; bool tied; };
+    struct Case { const char* name; std::string pattern; std::string fusion; bool tied; bool moe = false; };
     const Case cases[] = {
         {"transformer", "AA", "final", true},
+        {"swa (window 3, sink 1: bounded caches)", "SAS", "final", true},
+        {"inter with MoE (nonzero balancing biases)", "MAM", "final", true, true},
+        {"intra with MoE", "MHM", "final", false, true},
         {"mamba2", "MM", "final", true},
         {"inter", "MAM", "final", true},
         {"inter, untied head", "MAM", "final", false},
@@ -73,8 +76,11 @@ TEST_CASE("step-by-step logits equal the full forward, for every architecture an
             ModelConfig c = micro(k.pattern, k.fusion, 4);
             c.tied = k.tied;
             c.chunk = chunk;
+            c.window = 3, c.sink = 1;
+            c.moe = k.moe, c.n_experts = 3;
             Model<double> m(c);
             randomize(m, 3);
+            for (size_t i = 0; i < m.buffers.size(); i++) m.buffers[i] = 0.05 * double(i % 3) - 0.05;
             const int B = 2, T = 9;
             std::vector<int> tok(B * T);
             Rng rng(7);

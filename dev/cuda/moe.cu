@@ -77,7 +77,7 @@ void bench_grouping(int N, int E, bool skewed) {
     for (int v : {1, 2}) {
         auto launch = [&] {
             if (v == 1) v1::group_kernel<<<1, 1>>>(offsets_.ptr, perm_.ptr, expert_.ptr, N, E);
-            else hl::gpu::moe_group_kernel<<<E, hl::gpu::MOE_GROUP_BLOCK>>>(offsets_.ptr, perm_.ptr, expert_.ptr, N, E);
+            else hl::gpu::moe_group_kernel<><<<E, hl::gpu::MOE_GROUP_BLOCK>>>(offsets_.ptr, perm_.ptr, expert_.ptr, N, E);
             cudaCheckLast();
         };
         cudaCheck(cudaMemset(perm_.ptr, 0xFF, N * sizeof(int)));
