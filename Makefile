@@ -43,7 +43,8 @@ test: $(BUILD)/test_cpu cuda_check
 # ---- GPU test suite (device machine): every kernel against the CPU reference ----
 GPU_TEST_SRCS := test/gpu_main.cu $(wildcard test/test_gpu_*.cu)
 KERNEL_HEADERS := $(wildcard kernels/*.cuh)
-$(BUILD)/test_gpu: $(GPU_TEST_SRCS) $(HEADERS) $(KERNEL_HEADERS)
+CUDA_HEADERS := $(KERNEL_HEADERS) $(wildcard test/*.cuh dev/cuda/*.cuh)
+$(BUILD)/test_gpu: $(GPU_TEST_SRCS) $(HEADERS) $(CUDA_HEADERS)
 	@mkdir -p $(BUILD)
 	$(NVCC) $(NVFLAGS) $(INCLUDES) $(GPU_TEST_SRCS) -o $@ -lcublas
 
@@ -99,7 +100,7 @@ train_gpu: $(BUILD)/train_gpu
 DEV_SRCS    := $(wildcard dev/cuda/*.cu)
 DEV_TARGETS := $(DEV_SRCS:.cu=)
 .PHONY: dev $(DEV_TARGETS)
-$(BUILD)/dev/%: dev/cuda/%.cu $(HEADERS) $(KERNEL_HEADERS)
+$(BUILD)/dev/%: dev/cuda/%.cu $(HEADERS) $(CUDA_HEADERS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) $(INCLUDES) $< -o $@ -lcublas
 $(DEV_TARGETS): dev/cuda/%: $(BUILD)/dev/%
@@ -111,11 +112,15 @@ dev: $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%)
 bench: dev
 	@for b in $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%); do echo "==== $$b"; $$b || exit 1; done
 
-# Compile check of every CUDA source (no GPU needed): objects only, nothing is run.
-cuda_check:
-	@mkdir -p $(BUILD); for f in $(CUDA_SRCS); do echo "nvcc -c $$f"; \
-	  $(NVCC) $(NVFLAGS) $(INCLUDES) -c $$f -o $(BUILD)/cuda_check.o || exit 1; done; \
-	  [ -n "$(CUDA_SRCS)" ] || echo "cuda_check: no CUDA sources yet"
+# Compile check of every CUDA source (no GPU needed): one object each (so `make -j` compiles them side by side and
+# an unchanged file is not compiled again), nothing is run.
+CUDA_CHECK_OBJS := $(CUDA_SRCS:%.cu=$(BUILD)/cuda_check/%.o)
+$(BUILD)/cuda_check/%.o: %.cu $(HEADERS) $(CUDA_HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "nvcc -c $<"
+	@$(NVCC) $(NVFLAGS) $(INCLUDES) -c $< -o $@
+cuda_check: $(CUDA_CHECK_OBJS)
+	@[ -n "$(CUDA_SRCS)" ] || echo "cuda_check: no CUDA sources yet"
 
 clean:
 	rm -rf $(BUILD)

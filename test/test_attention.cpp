@@ -408,28 +408,34 @@ TEST_CASE("attention branch passes the gradient check for every weight, the inpu
     }
 }
 
+// Finite-difference check of the mixer's every weight and its input at config c (B, T), through a random probe
+// of the output. s.acts keep the last forward's activations.
+static void check_mixer_gradients(AttnSetup& s, const AttnConfig& c, int B, int T, Rng& rng) {
+    const int D = c.d_model;
+    auto x = randn(rng, B * T * D), probe = randn(rng, B * T * D);
+    std::vector<double> out(B * T * D), dx(x.size(), 123.0);
+    auto loss = [&] {
+        attn_mixer_forward(out.data(), s.acts, x.data(), s.p, c, B, T);
+        return dot(out.data(), probe.data(), out.size());
+    };
+    loss();
+    attn_mixer_backward(dx.data(), s.dp, probe.data(), s.acts, x.data(), s.p, c, B, T);
+    const int H = c.n_heads, Hkv = c.n_kv_heads;
+    check_grad("wq", s.p.wq, s.dp.wq, H * c.d_qk * D, loss);
+    check_grad("wk", s.p.wk, s.dp.wk, Hkv * c.d_qk * D, loss);
+    check_grad("wv", s.p.wv, s.dp.wv, Hkv * c.d_v * D, loss);
+    check_grad("wo", s.p.wo, s.dp.wo, D * H * c.d_v, loss);
+    check_grad("x", x.data(), dx.data(), dx.size(), loss);
+}
+
 TEST_CASE("attention mixer passes the gradient check (block A shapes and dqk != dv)") {
     Rng rng(40);
     const int B = 2, T = 5;
     // block A: d_qk = d_v = D / H with D = 12, H = 3, Hkv = 1; intra-hybrid-like: d_qk = 6, d_v = 5, D = 7
     for (AttnConfig c : {AttnConfig{12, 3, 1, 4, 4, 500000.0}, AttnConfig{7, 4, 2, 6, 5, 30.0}}) {
         CAPTURE(c.d_model);
-        const int D = c.d_model;
         AttnSetup s(c, B, T, true, rng);
-        auto x = randn(rng, B * T * D), probe = randn(rng, B * T * D);
-        std::vector<double> out(B * T * D), dx(x.size(), 123.0);
-        auto loss = [&] {
-            attn_mixer_forward(out.data(), s.acts, x.data(), s.p, c, B, T);
-            return dot(out.data(), probe.data(), out.size());
-        };
-        loss();
-        attn_mixer_backward(dx.data(), s.dp, probe.data(), s.acts, x.data(), s.p, c, B, T);
-        const int H = c.n_heads, Hkv = c.n_kv_heads;
-        check_grad("wq", s.p.wq, s.dp.wq, H * c.d_qk * D, loss);
-        check_grad("wk", s.p.wk, s.dp.wk, Hkv * c.d_qk * D, loss);
-        check_grad("wv", s.p.wv, s.dp.wv, Hkv * c.d_v * D, loss);
-        check_grad("wo", s.p.wo, s.dp.wo, D * H * c.d_v, loss);
-        check_grad("x", x.data(), dx.data(), dx.size(), loss);
+        check_mixer_gradients(s, c, B, T, rng);
     }
 }
 
@@ -484,25 +490,12 @@ TEST_CASE("sliding-window attention mixer passes the gradient check (T=9, W=3, S
     const int B = 2, T = 9, D = 7;
     AttnConfig c{D, 4, 2, 6, 5, 30.0, 3, 2};
     AttnSetup s(c, B, T, true, rng);
-    auto x = randn(rng, B * T * D), probe = randn(rng, B * T * D);
-    std::vector<double> out(B * T * D), dx(x.size(), 123.0);
-    auto loss = [&] {
-        attn_mixer_forward(out.data(), s.acts, x.data(), s.p, c, B, T);
-        return dot(out.data(), probe.data(), out.size());
-    };
-    loss();
+    check_mixer_gradients(s, c, B, T, rng);
     // the mixer really is windowed: its saved probabilities vanish off the window and sink
     for (int t = 0; t < T; t++)
         for (int j = 0; j < T; j++)
             if (!brute_force_visible(t, j, 3, 2)) CHECK(s.acts.att[t * T + j] == 0.0);
     CHECK(s.acts.att[8 * T + 3] == 0.0);
-    attn_mixer_backward(dx.data(), s.dp, probe.data(), s.acts, x.data(), s.p, c, B, T);
-    const int H = c.n_heads, Hkv = c.n_kv_heads;
-    check_grad("wq", s.p.wq, s.dp.wq, H * c.d_qk * D, loss);
-    check_grad("wk", s.p.wk, s.dp.wk, Hkv * c.d_qk * D, loss);
-    check_grad("wv", s.p.wv, s.dp.wv, Hkv * c.d_v * D, loss);
-    check_grad("wo", s.p.wo, s.dp.wo, D * H * c.d_v, loss);
-    check_grad("x", x.data(), dx.data(), dx.size(), loss);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -15,35 +15,12 @@
 #include "kernels/rope.cuh"         // hl::gpu::rope_forward/backward
 #include "model/attention.h"        // hl::attention_forward/backward (CPU reference)
 #include "model/rope.h"             // hl::rope_forward/backward (CPU reference)
+#include "test/gpu_check.cuh"        // tolerances, poison, randn, rel_err
 
 namespace {
 
-using hl::gpu::DeviceBuffer;
+using namespace hl::test;  // FWD_TOL, GRAD_TOL, randn, poison, rel_err
 
-constexpr double FWD_TOL = 1e-4;
-constexpr double GRAD_TOL = 1e-3;
-
-double rel_err(const std::vector<float>& g, const std::vector<float>& c) {
-    REQUIRE(g.size() == c.size());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < g.size(); i++) {
-        if (!std::isfinite(g[i])) return INFINITY;
-        num = std::max(num, std::fabs(double(g[i]) - double(c[i])));
-        den = std::max(den, std::fabs(double(c[i])));
-    }
-    return den > 0 ? num / den : num;
-}
-
-template <typename T>
-void poison(DeviceBuffer<T>& buf) {
-    cudaCheck(cudaMemset(buf.ptr, 0xFF, buf.n * sizeof(T)));
-}
-
-std::vector<float> randn(hl::Rng& rng, size_t n, double std = 1.0) {
-    std::vector<float> x(n);
-    rng.fill_normal(x.data(), n, std);
-    return x;
-}
 
 struct AttnErrors {
     double out = 0, lse = 0, dq = 0, dk = 0, dv = 0;

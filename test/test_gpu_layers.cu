@@ -14,6 +14,7 @@
 #include <string>                 // std::string
 #include <vector>                 // std::vector
 #include "kernels/common.cuh"     // DeviceBuffer, cudaCheck
+#include "test/gpu_check.cuh"     // tolerances, device buffers, rel_err, expect_close
 #include "kernels/matmul.cuh"     // gpu::matmul_forward/backward
 #include "kernels/rmsnorm.cuh"    // gpu::rmsnorm_forward/backward
 #include "kernels/embedding.cuh"  // gpu::embedding_forward/backward
@@ -31,58 +32,7 @@
 
 namespace {
 
-using hl::gpu::DeviceBuffer;
-
-constexpr double FWD_TOL = 1e-4;   // forward outputs, optimizer states
-constexpr double GRAD_TOL = 1e-3;  // gradients
-
-std::vector<float> randn(hl::Rng& rng, size_t n, double std = 1.0, double mean = 0.0) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = float(mean + std * rng.normal());
-    return v;
-}
-
-template <typename T>
-void to_dev(DeviceBuffer<T>& d, const std::vector<T>& h) {
-    d.alloc(h.size());
-    if (!h.empty()) d.upload(h);
-}
-
-// every float becomes 0xFFFFFFFF, a NaN
-template <typename T>
-void poison(DeviceBuffer<T>& d) {
-    if (d.n) cudaCheck(cudaMemset(d.ptr, 0xFF, d.n * sizeof(T)));
-}
-
-template <typename T>
-void alloc_poisoned(DeviceBuffer<T>& d, size_t n) {
-    d.alloc(n);
-    poison(d);
-}
-
-std::vector<float> from_dev(const DeviceBuffer<float>& d) {
-    cudaCheck(cudaDeviceSynchronize());
-    return d.download();
-}
-
-double rel_err(const std::vector<float>& gpu, const std::vector<float>& cpu) {
-    if (gpu.size() != cpu.size()) return INFINITY;
-    double err = 0, scale = 0;
-    for (size_t i = 0; i < cpu.size(); i++) {
-        if (!std::isfinite(gpu[i])) return INFINITY;
-        err = std::max(err, std::fabs((double)gpu[i] - (double)cpu[i]));
-        scale = std::max(scale, std::fabs((double)cpu[i]));
-    }
-    return scale > 0 ? err / scale : err;
-}
-
-// compares, prints the measured error, and checks it against tol
-void expect_close(const std::string& what, const std::vector<float>& gpu, const std::vector<float>& cpu, double tol) {
-    const double e = rel_err(gpu, cpu);
-    std::printf("  %-58s rel err %.2e (tol %.0e)\n", what.c_str(), e, tol);
-    INFO(what, ": rel err ", e, " > tol ", tol);
-    CHECK(e <= tol);
-}
+using namespace hl::test;  // FWD_TOL, GRAD_TOL, randn, to_dev, poison, alloc_poisoned, from_dev, rel_err, expect_close
 
 std::string shape(std::initializer_list<int> dims) {
     std::string s = "(";

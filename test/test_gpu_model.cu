@@ -23,6 +23,7 @@
 #include "data/loader.h"           // load_tokens, WindowLoader
 #include "kernels/attention.cuh"   // gpu::GpuAttnActs, gpu_attn_acts, attn_mixer_forward/backward
 #include "kernels/common.cuh"      // DeviceBuffer, cudaCheck
+#include "test/gpu_check.cuh"      // tolerances, device buffers, rel_err, expect_close
 #include "kernels/intra.cuh"       // gpu::GpuIntraActs, gpu_intra_acts, intra_mixer_forward/backward
 #include "kernels/mamba2.cuh"      // gpu::GpuMamba2Acts, gpu_mamba2_acts, mamba2_mixer/branch_forward/backward
 #include "kernels/model.cuh"       // gpu::GpuModel, gpu::train_step
@@ -39,41 +40,13 @@ namespace {
 using hl::Arena;
 using hl::Rng;
 using hl::TensorInfo;
-using hl::gpu::DeviceBuffer;
+using namespace hl::test;  // FWD_TOL, GRAD_TOL, randn, poison, from_dev, rel_err, expect_close
+using hl::test::from_dev;   // beside the overload for a raw device pointer below
 
-constexpr double FWD_TOL = 1e-4;    // forward outputs, the loss
-constexpr double GRAD_TOL = 1e-3;   // gradients
 constexpr double CURVE_TOL = 1e-3;  // |loss_gpu − loss_cpu| at every step of a 50-step run
 
-double rel_err(const float* g, const float* c, size_t n) {
-    double err = 0, scale = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (!std::isfinite(g[i])) return INFINITY;
-        err = std::max(err, std::fabs((double)g[i] - (double)c[i]));
-        scale = std::max(scale, std::fabs((double)c[i]));
-    }
-    return scale > 0 ? err / scale : err;
-}
-double rel_err(const std::vector<float>& g, const std::vector<float>& c) {
-    return g.size() == c.size() ? rel_err(g.data(), c.data(), c.size()) : INFINITY;
-}
 
-void expect_close(const std::string& what, const std::vector<float>& gpu, const std::vector<float>& cpu, double tol) {
-    const double e = rel_err(gpu, cpu);
-    std::printf("  %-64s rel err %.2e (tol %.0e)\n", what.c_str(), e, tol);
-    INFO(what, ": rel err ", e, " > tol ", tol);
-    CHECK(e <= tol);
-}
 
-template <typename T>
-void poison(DeviceBuffer<T>& d) {  // every float becomes 0xFFFFFFFF, a NaN
-    if (d.n) cudaCheck(cudaMemset(d.ptr, 0xFF, d.n * sizeof(T)));
-}
-
-std::vector<float> from_dev(const DeviceBuffer<float>& d) {
-    cudaCheck(cudaDeviceSynchronize());
-    return d.download();
-}
 std::vector<float> from_dev(const float* p, size_t n) {
     cudaCheck(cudaDeviceSynchronize());
     std::vector<float> h(n);
@@ -81,11 +54,6 @@ std::vector<float> from_dev(const float* p, size_t n) {
     return h;
 }
 
-std::vector<float> randn(Rng& rng, size_t n, double std = 1.0) {
-    std::vector<float> v(n);
-    rng.fill_normal(v.data(), n, std);
-    return v;
-}
 
 // One mixer's parameters on both sides: the host copy (CPU reference), the device copy, and their gradients,
 // laid out by the same *_params function (so the views line up tensor by tensor).
