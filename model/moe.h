@@ -11,7 +11,6 @@
 // moe_update_bias nudges the bias of over-loaded experts down and under-loaded ones up.
 #pragma once
 #include <cstddef>         // size_t
-#include <vector>          // std::vector (the counting sort's fill positions)
 #include "model/common.h"  // Arena, HL_CHECK, Rng, sigmoid
 #include "model/matmul.h"  // matmul_forward (the router)
 #include "model/swiglu.h"  // SwiGLUConfig/Params/Acts, swiglu_params/acts, swiglu_forward/backward
@@ -160,12 +159,14 @@ void moe_route(MoEActs<T>& acts, const T* inp, const T* router, const T* bias, c
         acts.expert[n] = best;
         acts.gate[n] = sigmoid(logit[best]);
     }
-    // counting sort: offsets = exclusive prefix sum of the counts; filling in token order keeps it stable
+    // counting sort: offsets = exclusive prefix sum of the counts
     for (int e = 0; e <= E; e++) acts.offsets[e] = 0;
     for (int n = 0; n < N; n++) acts.offsets[acts.expert[n] + 1]++;
     for (int e = 0; e < E; e++) acts.offsets[e + 1] += acts.offsets[e];
-    std::vector<int> next(acts.offsets, acts.offsets + E);
-    for (int n = 0; n < N; n++) acts.perm[next[acts.expert[n]]++] = n;
+    // each expert's tokens in token order (one pass per expert, as the GPU's one block per expert): no scratch
+    for (int e = 0; e < E; e++)
+        for (int n = 0, j = acts.offsets[e]; n < N; n++)
+            if (acts.expert[n] == e) acts.perm[j++] = n;
 }
 
 // out (N, D) written. bias (E) may be null (= zeros).
