@@ -483,4 +483,32 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
     ssd_reduce_head_grads(dA, dD, partial_dA, partial_dD, B, H);
 }
 
+// ---------------------------------------------------------------------------------------------
+// 3. The matrix the scan implements (for reading and for pictures, not for training)
+// ---------------------------------------------------------------------------------------------
+
+// From a zero state the scan is a lower-triangular (semiseparable) matrix acting on x along time:
+//   y_i = Σ_{j ≤ i} M[i, j] · x_j + D_h · x_i,   M[i, j] = (C_i · B_j) · exp(Σ_{j<s≤i} dt_s·A_h) · dt_j
+// M (T, T) of batch row b and head h is written (zeros above the diagonal) — attention's softmax matrix
+// has the same place in an attention layer. The log-decay sums are running sums, so this is O(T²·N).
+template <typename T>
+void ssd_mixing_matrix(T* M, const T* dt, const T* A, const T* Bm, const T* Cm, int b, int h, int B, int T_, int H,
+                       int G, int N) {
+    HL_CHECK(b >= 0 && b < B && h >= 0 && h < H && G > 0 && H % G == 0 && T_ > 0 && N > 0,
+             "ssd_mixing_matrix: bad sizes b=", b, " h=", h, " B=", B, " T=", T_, " H=", H, " G=", G, " N=", N);
+    const int g = h / (H / G);
+    for (int i = 0; i < T_; i++) {
+        const T* Ci = Cm + (((size_t)b * T_ + i) * G + g) * N;
+        T seg = 0;  // Σ_{j<s≤i} dt_s·A: grows as j walks down from i
+        for (int j = i; j >= 0; j--) {
+            const T* Bj = Bm + (((size_t)b * T_ + j) * G + g) * N;
+            T CB = 0;
+            for (int n = 0; n < N; n++) CB += Ci[n] * Bj[n];
+            M[(size_t)i * T_ + j] = CB * std::exp(seg) * dt[((size_t)b * T_ + j) * H + h];
+            seg += dt[((size_t)b * T_ + j) * H + h] * A[h];
+        }
+        for (int j = i + 1; j < T_; j++) M[(size_t)i * T_ + j] = T(0);
+    }
+}
+
 }  // namespace hl

@@ -238,6 +238,7 @@ TEST_CASE("ssd: the scan is the semiseparable matrix y = M·(dt ⊙ x) + D·x") 
     Problem pr(2, 7, 4, 5, 2, 3, 14);
     const int B = pr.B, T = pr.T, H = pr.H, P = pr.P, G = pr.G, N = pr.N;
     std::vector<double> ref(pr.n_x(), 0.0);
+    std::vector<double> Mref((size_t)B * H * T * T, 0.0);  // (B, H, T, T), M[i, j]·dt_j
     for (int b = 0; b < B; b++)
         for (int h = 0; h < H; h++) {
             const int g = h / (H / G);
@@ -249,6 +250,7 @@ TEST_CASE("ssd: the scan is the semiseparable matrix y = M·(dt ⊙ x) + D·x") 
                     for (int s = j + 1; s <= i; s++) seg += pr.dt[((size_t)b * T + s) * H + h] * pr.A[h];
                     const double M = CB * std::exp(seg);
                     const double dtj = pr.dt[((size_t)b * T + j) * H + h];
+                    Mref[((size_t)(b * H + h) * T + i) * T + j] = M * dtj;
                     for (int p = 0; p < P; p++)
                         ref[(((size_t)b * T + i) * H + h) * P + p] += M * dtj * pr.x[(((size_t)b * T + j) * H + h) * P + p];
                 }
@@ -266,6 +268,14 @@ TEST_CASE("ssd: the scan is the semiseparable matrix y = M·(dt ⊙ x) + D·x") 
         scan.forward(pr);
         CHECK(scaled_diff(scan.y, ref) < 1e-12);
     }
+    // ssd_mixing_matrix (what the study draws) is that matrix, zeros above the diagonal included
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            std::vector<double> M((size_t)T * T, -1.0);
+            ssd_mixing_matrix(M.data(), pr.dt.data(), pr.A.data(), pr.Bm.data(), pr.Cm.data(), b, h, B, T, H, G, N);
+            CHECK(scaled_diff(M, std::vector<double>(Mref.begin() + (size_t)(b * H + h) * T * T,
+                                                     Mref.begin() + (size_t)(b * H + h + 1) * T * T)) < 1e-13);
+        }
 }
 
 TEST_CASE("ssd: strong decay (large dt, A ≈ −2) stays finite, in double and in float") {
