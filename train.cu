@@ -20,37 +20,27 @@
 #pragma nv_diag_suppress 2361
 #include <CLI/CLI.hpp>           // CLI11: the command line
 #pragma nv_diag_default 2361
-#include <omp.h>                 // omp_set_num_threads: host-side init and checkpoint code
-#include <sys/stat.h>            // mkdir, stat: the output folder
-#include <algorithm>             // std::max, std::min
-#include <cerrno>                // errno
-#include <chrono>                // std::chrono::steady_clock: step times
-#include <cmath>                 // std::log
-#include <cstdio>                // std::printf, std::fprintf, std::FILE
+#include <algorithm>             // std::min
+#include <cstdint>               // uint64_t
+#include <cstdio>                // std::printf, std::fwrite
 #include <cstdlib>               // std::atoi
-#include <cstring>               // std::strerror
-#include <fstream>               // std::ifstream: the old log on resume
 #include <map>                   // std::map: checkpoint metadata
 #include <string>                // std::string
 #include <vector>                // std::vector
 #include <cuda_runtime.h>        // cudaGetDeviceProperties
-#include "data/loader.h"         // load_tokens, split_tokens, check_vocab, WindowLoader
-#include "data/tokenizer.h"      // ByteTokenizer
+#include "data/loader.h"         // WindowLoader
+#include "kernels/common.cuh"    // cudaCheck
 #include "kernels/model.cuh"     // gpu::GpuModel, gpu::train_step, gpu::eval_loss, gpu::generate
 #include "model/checkpoint.h"    // load_safetensors
-#include "model/common.h"        // hl::Error, HL_CHECK
-#include "model/config.h"        // cost_report, formula_nonembedding_params, human_count
+#include "model/common.h"        // HL_CHECK
 #include "model/model.h"         // Model<float>: the host staging copy
-#include "model/cli.h"           // add_trainer_flags, RunFlags: the command line shared with train_cpu
-#include "model/trainer.h"       // ModelFlags, TrainFlags, build_config, save/load_run, progress_line, ...
+#include "model/cli.h"           // Trainer, trainer_main: the command line shared with train_cpu
+#include "model/run.h"           // prepare_run, session_end, run_training: the loop shared with train_cpu
+#include "model/trainer.h"       // save/load_run, checkpoint_config, load_params
 
 using namespace hl;
 
 namespace {
-
-using Clock = std::chrono::steady_clock;
-
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 std::string device_name() {
     int dev = 0;
@@ -81,139 +71,63 @@ int sample_main(const std::string& load, const std::string& prompt, const TrainF
     return 0;
 }
 
+// The GPU side of a run (model/run.h): the model and its AdamW moments on the device, a host Model<float> as the
+// staging copy of checkpoints, and a second device copy at batch 1 for sampling (so sampling never reshapes the
+// training activations).
+struct GpuBackend {
+    const RunSetup& r;
+    const TrainFlags& t;
+    WindowLoader& loader;
+    gpu::GpuModel& model;
+    gpu::GpuModel& sampler;
+    Model<float>& host;
+    std::string ckpt_path, prompt;
+    std::map<std::string, std::string> extra;  // the training flags, recorded in each checkpoint
+    std::vector<int> inputs, targets;          // (B, T) host staging of the batch
+
+    StepStats step(int step) { return gpu::train_step(model, inputs.data(), targets.data(), loader, step, t); }
+    float eval() {
+        return gpu::eval_loss(model, inputs.data(), targets.data(), r.split.val, r.B, r.T, t.eval_batches);
+    }
+    std::string sample(int done) {
+        sampler.copy_params_from(model);
+        return prompt + gpu::generate(sampler, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done),
+                                      r.T);
+    }
+    void save(const TrainState& state) {
+        std::vector<float> m, v;
+        model.download(host);
+        model.download_moments(m, v);
+        save_run(ckpt_path, host, m, v, state, extra);
+    }
+    std::string where() const { return "device " + device_name() + ", fp32"; }
+};
+
 int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& data_path, const std::string& out,
                const std::string& resume, const std::string& prompt, double val_frac) {
-    // ---- every check first: flags, data, config, resume checkpoint; nothing is written before ----
-    train_flags_check(t);
-    HL_CHECK(!out.empty(), "--out must name a folder");
-    std::vector<int> tokens = load_tokens(data_path);
-    ModelFlags mf = flags;
-    if (mf.vocab == 0) {  // from the data: bytes → 256, a token shard → its largest id + 1
-        int max_id = 0;
-        for (int tok : tokens) max_id = std::max(max_id, tok);
-        mf.vocab = std::max(256, max_id + 1);
-    }
-    check_vocab(tokens, mf.vocab);
-    const ModelConfig cfg = build_config(mf);
-    const int B = t.batch, T = mf.seq_len;
-    Split split = split_tokens(tokens, val_frac);
-    HL_CHECK(split.val.size() >= size_t(T) + 1, "data: '", data_path, "' is too short for --seq-len ", T,
-             ": its validation part (the last ", val_frac, ") has ", split.val.size(), " tokens, fewer than ", T + 1);
-    HL_CHECK(split.train.size() >= size_t(T) + 1, "data: '", data_path, "' is too short for --seq-len ", T,
-             ": its training part has ", split.train.size(), " tokens, fewer than ", T + 1);
-
-    Model<float> host(cfg);  // the CPU init, and the staging copy of checkpoints
+    // every check first: flags, data, config, resume checkpoint; nothing is written before
+    const RunSetup r = prepare_run(flags, t, data_path, out, val_frac);
+    Model<float> host(r.cfg);  // the CPU init, and the staging copy of checkpoints
     host.init(t.seed);
     std::vector<float> m(host.params.size(), 0.0f), v(host.params.size(), 0.0f);  // AdamW moments (host copies)
-    WindowLoader loader(split.train, B, T, t.seed);
+    WindowLoader loader(r.split.train, r.B, r.T, t.seed);
     TrainState state;
     if (!resume.empty()) {
         state = load_run(resume, host, m, v);
         loader.set_rng_state(state.loader_rng);
-        HL_CHECK(state.step < t.steps, "--resume: checkpoint '", resume, "' is already at step ", state.step,
-                 " of --steps ", t.steps, "; raise --steps to train further");
     }
-    HL_CHECK(t.stop_at == 0 || t.stop_at > state.step, "--stop-at ", t.stop_at, " is not after the checkpoint's step ",
-             state.step);
-    const int end = t.stop_at > 0 ? std::min(t.stop_at, t.steps) : t.steps;  // last step of this session
+    const int end = session_end(t, state, resume);
 
-    gpu::GpuModel model(cfg);
+    gpu::GpuModel model(r.cfg);
     model.upload(host);
     model.upload_moments(m, v);
-    model.alloc(B, T);  // once: every step reuses these activations
-    std::vector<int> inputs(size_t(B) * T), targets(size_t(B) * T);
-    // the sampler: a second device copy at batch 1 (no gradients), so sampling never reshapes the training
-    // activations
-    gpu::GpuModel sampler(cfg, /*train=*/false);
-    sampler.alloc(1, T);
-    const bool bytes = cfg.vocab_size == ByteTokenizer::vocab_size;
-
-    // ---- the run ----
-    make_dirs(out);
-    const std::string ckpt_path = out + "/model.safetensors";
-    std::FILE* log = open_log(out + "/log.csv", state.step, cfg.moe);
-    const std::map<std::string, std::string> extra = train_metadata(t, mf, data_path);
-
-    std::printf("%s", cost_report(cfg, T).c_str());
-    const double n_params = double(model.num_params());
-    const double n_embed = double(cfg.vocab_size) * cfg.d_model * (cfg.tied ? 1 : 2);
-    std::printf("exact params: %s (%.0f) total, %s (%.0f) non-embedding incl. norms, biases, D, dt_bias "
-                "[formula: %.0f]\n",
-                human_count(n_params).c_str(), n_params, human_count(n_params - n_embed).c_str(),
-                n_params - n_embed, formula_nonembedding_params(cfg));
-    std::printf("data: %s, %zu tokens (train %zu, val %zu), vocab %d | batch %d × seq-len %d = %d tokens/step | "
-                "device %s, fp32\n",
-                data_path.c_str(), tokens.size(), split.train.size(), split.val.size(), cfg.vocab_size, B, T, B * T,
-                device_name().c_str());
-    if (state.step > 0) std::printf("resumed from %s at step %d\n", resume.c_str(), state.step);
-    std::printf("training steps %d..%d of %d, lr %.1e (warmup %d, cosine to %.1e), out %s\n", state.step + 1, end,
-                t.steps, double(t.lr), t.warmup, double(t.lr * t.min_lr_frac), out.c_str());
-    std::fflush(stdout);
-
-    auto sample = [&](int done) {
-        if (!bytes) return;  // text needs the byte tokenizer
-        sampler.copy_params_from(model);
-        const std::string text =
-            prompt + gpu::generate(sampler, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done), T);
-        std::printf("---- sample at step %d ----\n", done);
-        std::fwrite(text.data(), 1, text.size(), stdout);
-        std::printf("\n----\n");
-        std::fflush(stdout);
-    };
-    auto checkpoint = [&](int done) {
-        state.step = done;
-        state.loader_rng = loader.rng_state();
-        model.download(host);
-        model.download_moments(m, v);
-        save_run(ckpt_path, host, m, v, state, extra);
-    };
-
-    const Clock::time_point run_start = Clock::now();
-    const int first = state.step;
-    double window_time = 0, train_time = 0;  // training time since the last progress line / of the session
-    int window_steps = 0;
-    for (int step = first; step < end; step++) {
-        const Clock::time_point t0 = Clock::now();
-        const StepStats s = gpu::train_step(model, inputs.data(), targets.data(), loader, step, t);
-        const double dt = seconds_since(t0);  // train_step ends with a sync: this is the step's device time
-        const int done = step + 1;
-        const bool last = done == t.steps;
-        window_time += dt;
-        train_time += dt;
-        window_steps++;
-
-        if (done % t.log_every == 0 || done == end || step == first) {
-            const double eta = seconds_since(run_start) / (done - first) * (end - done);
-            std::printf("%s\n", progress_line(done, t.steps, s, double(B) * T * window_steps / window_time, eta).c_str());
-            std::fflush(stdout);
-            window_time = 0;
-            window_steps = 0;
-        }
-        std::string val_str;
-        if ((t.eval_every > 0 && done % t.eval_every == 0) || last) {
-            const float val = gpu::eval_loss(model, inputs.data(), targets.data(), split.val, B, T, t.eval_batches);
-            char buf[64];
-            std::snprintf(buf, sizeof buf, "%.6f", double(val));
-            val_str = buf;
-            if (bytes) std::printf("val loss %.4f | %.4f bits per byte\n", double(val), double(val) / std::log(2.0));
-            else std::printf("val loss %.4f\n", double(val));
-            std::fflush(stdout);
-        }
-        std::fprintf(log, "%s\n", log_row(done, s, val_str, double(B) * T / dt).c_str());
-        std::fflush(log);
-        if ((t.ckpt_every > 0 && done % t.ckpt_every == 0) || done == end) checkpoint(done);
-        if ((t.sample_every > 0 && done % t.sample_every == 0) || last) sample(done);
-    }
-    std::fclose(log);
-    if (end > first)
-        std::printf("training throughput: %s tok/s over %d steps (%.2f ms/step, excluding eval, samples, checkpoints)\n",
-                    human_rate(double(B) * T * (end - first) / train_time).c_str(), end - first,
-                    1e3 * train_time / (end - first));
-    if (end < t.steps) std::printf("stopped at step %d of %d (--stop-at); continue with --resume %s\n", end, t.steps,
-                                   ckpt_path.c_str());
-    std::printf("done in %s: checkpoint %s, log %s/log.csv\n", human_duration(seconds_since(run_start)).c_str(),
-                ckpt_path.c_str(), out.c_str());
-    return 0;
+    model.alloc(r.B, r.T);  // once: every step reuses these activations
+    gpu::GpuModel sampler(r.cfg, /*train=*/false);
+    sampler.alloc(1, r.T);
+    GpuBackend be{r, t, loader, model, sampler, host, out + "/model.safetensors", prompt,
+                  train_metadata(t, r.mf, data_path), std::vector<int>(size_t(r.B) * r.T),
+                  std::vector<int>(size_t(r.B) * r.T)};
+    return run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()));
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 //   build_config    the ModelConfig from the command-line flags (preset, arch, pattern/ratio, fusion, ...)
 //   train_step      one optimisation step: batch → forward → backward → clip → AdamW
 //   eval_loss       mean validation loss over fixed windows
+//   eval_loss_by_position, mqar_accuracy, niah_eval   long-context evaluation (data/tasks.h's tasks)
 //   save_run/load_run   run checkpoints: parameters, AdamW moments, step and data RNG (exact resume)
 //   generate        text from a prompt with temperature and top-k, through the cached decoder
 #pragma once
@@ -23,6 +24,7 @@
 #include <utility>              // std::move
 #include <vector>               // std::vector
 #include "data/loader.h"        // WindowLoader, eval_windows, num_eval_windows
+#include "data/tasks.h"         // niah_correct: NIAH scoring
 #include "data/tokenizer.h"     // ByteTokenizer: prompts in, samples out
 #include "model/adamw.h"        // AdamWConfig, adamw_update, clip_grad_norm
 #include "model/checkpoint.h"   // save_safetensors, load_safetensors, tensor_views, load_into, meta_*
@@ -269,6 +271,95 @@ inline float eval_loss(Model<float>& model, int* inputs, int* targets, const std
         count += (long long)rows * T;
     }
     return float(sum / double(count));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Long-context evaluation
+// ---------------------------------------------------------------------------------------------
+
+// eval_loss per position: per_pos[t] (resized to T) = the mean loss at position t over the same windows
+// (the loss of predicting token t + 1 of a window from tokens 0..t). Returns the overall mean, which is
+// eval_loss's, as every window has all T positions. With T beyond the training length it shows where the
+// loss starts to climb.
+inline float eval_loss_by_position(Model<float>& model, int* inputs, int* targets, const std::vector<int>& tokens,
+                                   int B, int T, int n_batches, std::vector<double>& per_pos) {
+    HL_CHECK(B > 0 && T > 0, "eval_loss_by_position: batch and seq-len must be positive, got ", B, " and ", T);
+    HL_CHECK(n_batches > 0, "eval_loss_by_position: n_batches must be positive, got ", n_batches);
+    const int n_windows = num_eval_windows(tokens, T);
+    per_pos.assign(size_t(T), 0.0);
+    long long windows = 0;
+    for (int w = 0, batch = 0; w < n_windows && batch < n_batches; w += B, batch++) {
+        const int rows = eval_windows(inputs, targets, tokens, w, B, T);
+        for (int b = rows; b < B; b++)  // padding rows as in eval_loss: not counted
+            for (int t = 0; t < T; t++) {
+                inputs[(size_t)b * T + t] = inputs[t];
+                targets[(size_t)b * T + t] = targets[t];
+            }
+        model.forward(inputs, targets, B, T);
+        for (int b = 0; b < rows; b++)
+            for (int t = 0; t < T; t++) per_pos[size_t(t)] += model.losses[(size_t)b * T + t];
+        windows += rows;
+    }
+    double sum = 0;
+    for (double& l : per_pos) {
+        sum += l;
+        l /= double(windows);
+    }
+    return float(sum / (double(windows) * T));
+}
+
+// A score over the masked positions of a batch (an MQAR batch: the answer digits).
+struct MaskedScore {
+    double accuracy = 0;  // fraction of masked positions whose argmax logit (lowest id on ties) is the target
+    double loss = 0;      // mean cross-entropy −log softmax(logits)[target] over them
+    long long count = 0;  // masked positions
+};
+
+// The score of logits (N, V) against targets (N) at the positions where mask (N) is nonzero (at least one).
+inline MaskedScore masked_score(const float* logits, const int* targets, const uint8_t* mask, long long N, int V) {
+    HL_CHECK(V > 0, "masked_score: vocabulary size must be positive, got ", V);
+    MaskedScore s;
+    long long right = 0;
+    double loss = 0;
+    for (long long i = 0; i < N; i++) {
+        if (!mask[i]) continue;
+        const float* row = logits + i * V;
+        const int y = targets[i];
+        HL_CHECK(y >= 0 && y < V, "masked_score: target ", y, " at position ", i, " is outside 0..", V - 1);
+        int best = 0;
+        for (int v = 1; v < V; v++)
+            if (row[v] > row[best]) best = v;
+        double z = 0;  // log-sum-exp, shifted by the max for range
+        for (int v = 0; v < V; v++) z += std::exp(double(row[v]) - double(row[best]));
+        loss += std::log(z) + double(row[best]) - double(row[y]);
+        right += best == y;
+        s.count++;
+    }
+    HL_CHECK(s.count > 0, "masked_score: the mask selects no position");
+    s.accuracy = double(right) / double(s.count);
+    s.loss = loss / double(s.count);
+    return s;
+}
+
+// MQAR accuracy and masked loss of the model on one batch inputs/targets/mask (B, T) (data/tasks.h's
+// mqar_batch): a forward, then masked_score of its logits. The model's activations become (B, T).
+inline MaskedScore mqar_accuracy(Model<float>& model, const int* inputs, const int* targets, const uint8_t* mask,
+                                 int B, int T) {
+    model.forward(inputs, targets, B, T);
+    return masked_score(model.logits, targets, mask, (long long)B * T, model.cfg.vocab_size);
+}
+
+// One NIAH prompt (data/tasks.h's niah_example): max_new tokens of greedy generation (temperature 0) through
+// the cached decoder, scored by niah_correct. The generated text goes to *generated when asked for. The
+// cached decoder has no length limit of its own, so prompts may be longer than the training context.
+inline bool niah_eval(const Model<float>& model, const std::vector<int>& prompt, const std::string& answer,
+                      int max_new, std::string* generated = nullptr) {
+    HL_CHECK(model.cfg.vocab_size == ByteTokenizer::vocab_size, "niah_eval: NIAH needs the byte vocabulary (",
+             ByteTokenizer::vocab_size, "), this model has ", model.cfg.vocab_size);
+    HL_CHECK(max_new > 0, "niah_eval: max_new must be positive, got ", max_new);
+    const std::string text = ByteTokenizer().decode(generate_cached(model, prompt, max_new, 0.0f, 0, 0));
+    if (generated) *generated = text;
+    return niah_correct(text, answer);
 }
 
 // ---------------------------------------------------------------------------------------------
