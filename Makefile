@@ -9,7 +9,7 @@ INCLUDES := -I. -I.deps/include
 NVFLAGS  ?= -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp
 BUILD    := build
 
-HEADERS   := $(wildcard model/*.h data/*.h test/*.h)
+HEADERS   := $(wildcard model/*.h data/*.h test/*.h dev/study/*.h)
 TEST_SRCS := $(wildcard test/*.cpp)
 TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/%.o)
 CUDA_SRCS := $(wildcard *.cu dev/cuda/*.cu test/*.cu)
