@@ -12,7 +12,7 @@ BUILD    := build
 HEADERS   := $(wildcard model/*.h data/*.h test/*.h dev/study/*.h)
 TEST_SRCS := $(wildcard test/*.cpp)
 TEST_OBJS := $(TEST_SRCS:%.cpp=$(BUILD)/%.o)
-CUDA_SRCS := $(wildcard *.cu dev/cuda/*.cu test/*.cu)
+CUDA_SRCS := $(wildcard *.cu dev/cuda/*.cu dev/study/*.cu test/*.cu)
 
 .PHONY: all test deps clean cuda_check test_gpu
 
@@ -37,7 +37,7 @@ $(BUILD)/%.o: %.cpp $(HEADERS)
 $(BUILD)/test_cpu: $(TEST_OBJS)
 	$(CXX) $(CXXFLAGS) $^ -o $@
 
-test: $(BUILD)/test_cpu cuda_check
+test: $(BUILD)/test_cpu $(BUILD)/study_cpu cuda_check
 	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} bash test/run.sh $(BUILD)/test_cpu
 
 # ---- GPU test suite (device machine): every kernel against the CPU reference ----
@@ -111,6 +111,19 @@ dev: $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%)
 .PHONY: bench
 bench: dev
 	@for b in $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%); do echo "==== $$b"; $$b || exit 1; done
+
+# ---- the study (dev/study, issue 6): `make study` on the device machine runs every family into docs/study;
+# `make study_cpu` builds the CPU smoke version (build/study_cpu [out]: tiny models, under a minute).
+.PHONY: study study_cpu
+$(BUILD)/study_cpu: dev/study/study_cpu.cpp $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $(INCLUDES) $< -o $@
+study_cpu: $(BUILD)/study_cpu
+$(BUILD)/study: dev/study/study.cu $(HEADERS) $(CUDA_HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) $(INCLUDES) $< -o $@ -lcublas
+study: $(BUILD)/study
+	$(BUILD)/study docs/study $(STUDY_ARGS)
 
 # Compile check of every CUDA source (no GPU needed): one object each (so `make -j` compiles them side by side and
 # an unchanged file is not compiled again), nothing is run.

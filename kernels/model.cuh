@@ -339,13 +339,22 @@ struct GpuModel {
 // buffers), up to the device, forward, backward, clip to f.grad_clip, AdamW with the scheduled lr (bias
 // correction counts step + 1). The AdamW moments are the model's own (model.m, model.v). One host sync, at the
 // end (loss and grad norm).
+inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* targets, int B, int T, int step,
+                               const TrainFlags& f);
+
 inline StepStats train_step(GpuModel& model, int* inputs, int* targets, WindowLoader& loader, int step,
                             const TrainFlags& f) {
+    loader.next(inputs, targets);
+    return train_step_on(model, inputs, targets, loader.B, loader.T, step, f);
+}
+
+// The step itself on a given host batch (B, T) — text windows or a synthetic task's batch (data/tasks.h).
+inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* targets, int B, int T, int step,
+                               const TrainFlags& f) {
     StepStats s;
     s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
-    loader.next(inputs, targets);
-    model.set_batch(inputs, targets, loader.B, loader.T);
-    model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, loader.B, loader.T);
+    model.set_batch(inputs, targets, B, T);
+    model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, B, T);
     model.zero_grad();
     model.backward();
     AdamWConfig opt;

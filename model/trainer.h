@@ -225,15 +225,24 @@ struct StepStats {
 // owned), forward, backward, clip to f.grad_clip, AdamW with the scheduled lr (bias correction counts
 // step + 1). m and v are the AdamW moments, as long as model.params. Allocates nothing once the model
 // is allocated for (loader.B, loader.T).
+inline StepStats train_step_on(Model<float>& model, std::vector<float>& m, std::vector<float>& v, const int* inputs,
+                               const int* targets, int B, int T, int step, const TrainFlags& f);
+
 inline StepStats train_step(Model<float>& model, std::vector<float>& m, std::vector<float>& v, int* inputs,
                             int* targets, WindowLoader& loader, int step, const TrainFlags& f) {
+    loader.next(inputs, targets);
+    return train_step_on(model, m, v, inputs, targets, loader.B, loader.T, step, f);
+}
+
+// The step itself on a given batch (B, T) — text windows or a synthetic task's batch (data/tasks.h).
+inline StepStats train_step_on(Model<float>& model, std::vector<float>& m, std::vector<float>& v, const int* inputs,
+                               const int* targets, int B, int T, int step, const TrainFlags& f) {
     HL_CHECK(m.size() == model.params.size() && v.size() == model.params.size(),
              "train_step: AdamW moments hold ", m.size(), " and ", v.size(), " values, the model has ",
              model.params.size(), " parameters");
     StepStats s;
     s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
-    loader.next(inputs, targets);
-    s.loss = model.forward(inputs, targets, loader.B, loader.T);
+    s.loss = model.forward(inputs, targets, B, T);
     model.zero_grad();
     model.backward();
     s.grad_norm = clip_grad_norm(model.grads.data(), model.grads.size(), f.grad_clip);
