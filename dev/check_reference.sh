@@ -63,6 +63,11 @@ CASES=(
     "mamba2-float|--arch mamba2 --float"
     "intra-final-float|--arch intra --float"
     "intra-hymba-float|--arch intra --fusion hymba --untied --float --data random"
+    "swa-window4-sink2|--pattern SAS --set window=4 --set sink=2"
+    "swa-window3-sink0|--arch swa --set window=3 --set sink=0"
+    "inter-moe|--arch inter --set moe=true --set n_experts=4"
+    "intra-moe|--arch intra --set moe=true"
+    "swa-moe-float|--arch swa --set window=3 --set sink=1 --set moe=true --float"
 )
 
 rm -rf "$OUT"

@@ -102,21 +102,6 @@ void write_safetensors(const std::string& path, const std::vector<OutTensor>& te
     if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("dump_grads: cannot rename '", tmp, "' to '", path, "'");
 }
 
-// mkdir -p
-void make_dirs(const std::string& path) {
-    for (size_t i = 1; i <= path.size(); i++) {
-        if (i < path.size() && path[i] != '/') continue;
-        const std::string part = path.substr(0, i);
-        struct stat st;
-        if (stat(part.c_str(), &st) == 0) {
-            HL_CHECK(S_ISDIR(st.st_mode), "--out: '", part, "' exists and is not a folder");
-            continue;
-        }
-        if (mkdir(part.c_str(), 0755) != 0 && errno != EEXIST)
-            fail("--out: cannot create folder '", part, "': ", std::strerror(errno));
-    }
-}
-
 // Forward with targets, backward, and everything the reference compares, in the model's float type T.
 template <typename T>
 std::vector<OutTensor> run(Model<T>& model, const std::vector<int>& inputs, const std::vector<int>& targets, int B,
@@ -207,6 +192,7 @@ int main(int argc, char** argv) {
         if (perturb > 0) {  // at init many tensors are all ones: a mix-up between two of them would not show
             Rng prng(seed ^ 0x9e3779b97f4a7c15ull);
             for (float& p : fmodel.params) p *= float(1.0 + perturb * prng.normal());
+            for (float& b : fmodel.buffers) b = float(0.05 * prng.normal());  // MoE biases: routing must use them
         }
         double loss = 0;
         std::vector<OutTensor> tensors;
@@ -215,6 +201,7 @@ int main(int argc, char** argv) {
         } else {
             Model<double> dmodel(cfg);
             for (size_t i = 0; i < fmodel.params.size(); i++) dmodel.params[i] = double(fmodel.params[i]);
+            for (size_t i = 0; i < fmodel.buffers.size(); i++) dmodel.buffers[i] = double(fmodel.buffers[i]);
             tensors = run(dmodel, inputs, targets, batch, Tn, &loss);
         }
 

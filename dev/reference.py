@@ -97,6 +97,12 @@ class Config:
     intra_d_ssm: int = 0
     intra_ssm_headdim: int = 0
     fusion: Fusion = field(default_factory=Fusion)
+    window: int = 512  # S blocks: the last `window` keys and the first `sink` ones
+    sink: int = 64
+    swa_rope_theta: float = 10000.0
+    moe: bool = False  # the FFN: 1 shared + top-1 of n_experts routed SwiGLU experts, each d_ff / 2 wide
+    n_experts: int = 8
+    moe_bias_rate: float = 1e-3
     pattern: str = ""
     tied: bool = True
     max_seq_len: int = 1024
@@ -113,7 +119,7 @@ def config_from_metadata(meta):
         s = meta[name]
         if name == "fusion":
             value = parse_fusion(s)
-        elif name == "tied":
+        elif name in ("tied", "moe"):
             value = {"true": True, "false": False}[s]
         elif isinstance(default, str):
             value = s
@@ -122,7 +128,7 @@ def config_from_metadata(meta):
         else:
             value = float(s)
         setattr(cfg, name, value)
-    if len(cfg.pattern) != cfg.n_layers or set(cfg.pattern) - set("AMH"):
+    if len(cfg.pattern) != cfg.n_layers or set(cfg.pattern) - set("AMHS"):
         raise ValueError(f"config: pattern '{cfg.pattern}' does not match n_layers = {cfg.n_layers}")
     return cfg
 
@@ -176,8 +182,12 @@ def load_params(model, tensors):
     """Copies every parameter of the model from tensors[name]; names and shapes must all match. Extra
     tensors are allowed only under optim. (the AdamW moments of a run checkpoint)."""
     params = dict(model.named_parameters())
+    buffers = {n: b for n, b in model.named_buffers() if n.endswith("expert_bias")}  # the MoE balancing biases
+    for name, b in buffers.items():
+        with torch.no_grad():
+            b.copy_(tensors[name])
     missing = [n for n in params if n not in tensors]
-    extra = [n for n in tensors if n not in params and not n.startswith("optim.")]
+    extra = [n for n in tensors if n not in params and n not in buffers and not n.startswith("optim.")]
     if missing or extra:
         raise ValueError(f"checkpoint does not match the model: missing {missing}, unexpected {extra}")
     with torch.no_grad():
@@ -214,16 +224,20 @@ def rope(x, theta):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-def causal_attention(q, k, v):
+def causal_attention(q, k, v, window=0, sink=0):
     """softmax(q kᵀ / √d_qk, causal) v. q (B, T, H, d_qk), k (B, T, Hkv, d_qk), v (B, T, Hkv, d_v)
-    → (B, T, H·d_v). Query head h reads kv head h / (H / Hkv)."""
+    → (B, T, H·d_v). Query head h reads kv head h / (H / Hkv). With a window, query t sees key s only when
+    t − s < window or s < sink."""
     B, T, H, d_qk = q.shape
     group = H // k.shape[2]
     k = k.repeat_interleave(group, dim=2)  # (B, T, H, d_qk)
     v = v.repeat_interleave(group, dim=2)  # (B, T, H, d_v)
     scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(d_qk)  # (B, H, T, T)
-    future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    att = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    t = torch.arange(T, device=q.device)
+    hidden = t[None, :] > t[:, None]  # (T, T) [query, key]: the future
+    if window > 0:
+        hidden |= (t[:, None] - t[None, :] >= window) & (t[None, :] >= sink)
+    att = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhts,bshd->bthd", att, v).reshape(B, T, -1)
 
 
@@ -289,12 +303,36 @@ class SwiGLU(nn.Module):
         return (F.silu(m @ self.w1.T) * (m @ self.w3.T)) @ self.w2.T
 
 
+class MoE(nn.Module):
+    """1 shared + top-1 of E routed SwiGLU experts: out = shared(m) + g · expert_e(m), e = argmax(σ(R·m) + bias)
+    (first index on ties), g = σ(R·m)_e. The bias (a checkpoint buffer, not a parameter) only selects."""
+
+    def __init__(self, d_model, d_ff, n_experts):
+        super().__init__()
+        self.shared = SwiGLU(d_model, d_ff)
+        self.router = nn.Parameter(torch.empty(n_experts, d_model))
+        self.experts = nn.Module()
+        self.experts.w1 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        self.experts.w3 = nn.Parameter(torch.empty(n_experts, d_ff, d_model))
+        self.experts.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        self.register_buffer("expert_bias", torch.zeros(n_experts), persistent=False)
+
+    def forward(self, m):
+        score = torch.sigmoid(m @ self.router.T)  # (B, T, E)
+        e = (score.detach() + self.expert_bias).argmax(dim=-1)  # (B, T)
+        g = score.gather(-1, e.unsqueeze(-1))  # (B, T, 1): the router learns through it
+        w1, w3, w2 = self.experts.w1[e], self.experts.w3[e], self.experts.w2[e]  # per token
+        h = F.silu(torch.einsum("btfd,btd->btf", w1, m)) * torch.einsum("btfd,btd->btf", w3, m)
+        return self.shared(m) + g * torch.einsum("btdf,btf->btd", w2, h)
+
+
 class Attention(nn.Module):
     """Causal GQA attention with RoPE; with_wo=False is the intra-layer block's branch (no output projection)."""
 
-    def __init__(self, d_model, n_heads, n_kv_heads, d_qk, d_v, theta, with_wo=True):
+    def __init__(self, d_model, n_heads, n_kv_heads, d_qk, d_v, theta, with_wo=True, window=0, sink=0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.d_qk, self.d_v, self.theta = n_heads, n_kv_heads, d_qk, d_v, theta
+        self.window, self.sink = window, sink
         self.wq = nn.Parameter(torch.empty(n_heads * d_qk, d_model))
         self.wk = nn.Parameter(torch.empty(n_kv_heads * d_qk, d_model))
         self.wv = nn.Parameter(torch.empty(n_kv_heads * d_v, d_model))
@@ -306,7 +344,7 @@ class Attention(nn.Module):
         q = rope((n @ self.wq.T).reshape(B, T, self.n_heads, self.d_qk), self.theta)
         k = rope((n @ self.wk.T).reshape(B, T, self.n_kv_heads, self.d_qk), self.theta)
         v = (n @ self.wv.T).reshape(B, T, self.n_kv_heads, self.d_v)
-        return causal_attention(q, k, v), v
+        return causal_attention(q, k, v, self.window, self.sink), v
 
     def forward(self, n):
         return self.branch(n)[0] @ self.wo.T
@@ -417,12 +455,15 @@ class Block(nn.Module):
         self.norm1 = nn.Parameter(torch.empty(D))
         if kind == "A":
             self.mixer = Attention(D, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, cfg.rope_theta)
+        elif kind == "S":  # A's weights; the window and sink, and their own RoPE base
+            self.mixer = Attention(D, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.head_dim, cfg.swa_rope_theta,
+                                   window=cfg.window, sink=cfg.sink)
         elif kind == "M":
             self.mixer = Mamba2(D, cfg.d_ssm, cfg.ssm_headdim, cfg.d_state, cfg.ngroups, cfg.d_conv, cfg.chunk)
         else:
             self.mixer = IntraMixer(cfg)
         self.norm2 = nn.Parameter(torch.empty(D))
-        self.ffn = SwiGLU(D, cfg.d_ff)
+        self.ffn = MoE(D, cfg.d_ff // 2, cfg.n_experts) if cfg.moe else SwiGLU(D, cfg.d_ff)
 
     def forward(self, x):
         h = x + self.mixer(rmsnorm(x, self.norm1, self.eps))
