@@ -37,7 +37,7 @@ $(BUILD)/%.o: %.cpp $(HEADERS)
 $(BUILD)/test_cpu: $(TEST_OBJS)
 	$(CXX) $(CXXFLAGS) $^ -o $@
 
-test: $(BUILD)/test_cpu $(BUILD)/study_cpu cuda_check
+test: $(BUILD)/test_cpu $(BUILD)/study_cpu $(BUILD)/dump_grads cuda_check
 	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} bash test/run.sh $(BUILD)/test_cpu
 
 # ---- GPU test suite (device machine): every kernel against the CPU reference ----
@@ -87,13 +87,31 @@ endif
 # The GPU's defaults: 16× the CPU's tokens per step (32 × 256) for 1000 steps (2000 overfit: README); same model, same data.
 GPU_TRAIN_ARGS ?= --batch 32 --seq-len 256 --steps 1000 --warmup 100 --lr 2e-3 --log-every 100 --eval-every 200 \
                   --ckpt-every 500 --sample-every 500 --out runs/gpu
+# `make train_gpu NGPU=2`: NGPU processes on this host, one per GPU (data parallel, kernels/dist.cuh), meeting
+# through a fresh id file; --batch is the global batch (the same loss curve as one GPU with the same flags). If a
+# rank fails the others are stopped, and the exit status is non-zero.
+NGPU ?= 1
 .PHONY: train_gpu
 $(BUILD)/train_gpu: train.cu $(HEADERS) $(KERNEL_HEADERS)
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVFLAGS) $(INCLUDES) $< -o $@ -lcublas
+	$(NVCC) $(NVFLAGS) $(INCLUDES) $< -o $@ -lcublas -lnccl
 
+train_gpu: SHELL := /bin/bash
 train_gpu: $(BUILD)/train_gpu
+ifeq ($(NGPU),1)
 	$(BUILD)/train_gpu $(GPU_TRAIN_ARGS) $(TRAIN_ARGS)
+else
+	@id=$$(mktemp -u /tmp/hybridlm_nccl_id.XXXXXX); pids=(); \
+	echo "$(NGPU) ranks: $(BUILD)/train_gpu $(GPU_TRAIN_ARGS) $(TRAIN_ARGS) --nccl-init fs:$$id --rank R --world $(NGPU)"; \
+	for ((r = 0; r < $(NGPU); r++)); do \
+	  $(BUILD)/train_gpu $(GPU_TRAIN_ARGS) $(TRAIN_ARGS) --nccl-init fs:$$id --rank $$r --world $(NGPU) & pids+=($$!); \
+	done; \
+	rc=0; while [ $${#pids[@]} -gt 0 ]; do sleep 1; \
+	  for i in "$${!pids[@]}"; do kill -0 $${pids[i]} 2>/dev/null && continue; \
+	    wait $${pids[i]} || { [ $$rc != 0 ] || kill "$${pids[@]}" 2>/dev/null; rc=1; }; unset "pids[i]"; \
+	  done; \
+	done; rm -f "$$id" "$$id.tmp"; exit $$rc
+endif
 
 # ---- dev/cuda playgrounds (device machine): `make dev/cuda/<kernel>` builds build/dev/<kernel> from
 # dev/cuda/<kernel>.cu; `make dev` builds them all. Run them as ./build/dev/<kernel> (see each file's header).
@@ -111,6 +129,11 @@ dev: $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%)
 .PHONY: bench
 bench: dev
 	@for b in $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%); do echo "==== $$b"; $$b || exit 1; done
+
+# dev/dump_grads (for dev/check_reference.sh, the PyTorch comparison): built by `make test` so it keeps compiling
+$(BUILD)/dump_grads: dev/dump_grads.cpp $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CXX) $(CXXFLAGS) $(INCLUDES) $< -o $@
 
 # ---- the study (dev/study, issue 6): `make study` on the device machine runs every family into docs/study;
 # `make study_cpu` builds the CPU smoke version (build/study_cpu [out]: tiny models, under a minute).

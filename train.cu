@@ -5,9 +5,15 @@
 //   train_gpu --arch inter --ratio 1:1 --placement sandwich --steps 200
 //   train_gpu --resume runs/gpu/model.safetensors --steps 800     continue a run where it stopped
 //   train_gpu --sample --load runs/gpu/model.safetensors --prompt "ROMEO:"
+//   train_gpu --nccl-init fs:/tmp/id --rank R --world 2 ...      one rank of a 2-GPU run (`make train_gpu NGPU=2`)
 //
 // Build: nvcc -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp -I. -I.deps/include train.cu
-//          -o build/train_gpu -lcublas          (one line; or `make train_gpu`)
+//          -o build/train_gpu -lcublas -lnccl          (one line; or `make train_gpu`)
+//
+// Several GPUs (kernels/dist.cuh): one process per GPU, data parallel. --batch is the global batch, split evenly
+// over the ranks, each rank's loader draws the same global batch and keeps its own rows, so N GPUs train on
+// exactly the batches of one GPU with the same flags, and a checkpoint of N GPUs resumes on M. Only rank 0 prints,
+// evaluates, samples and writes log.csv and checkpoints.
 //
 // The model lives on the device (kernels/model.cuh: GpuModel); the host keeps a Model<float> only as the
 // staging copy of the CPU init and of checkpoints (model/trainer.h's save_run/load_run are reused as they are,
@@ -30,6 +36,7 @@
 #include <cuda_runtime.h>        // cudaGetDeviceProperties
 #include "data/loader.h"         // WindowLoader
 #include "kernels/common.cuh"    // cudaCheck
+#include "kernels/dist.cuh"      // gpu::Dist, gpu::DistFlags, gpu::train_step_dist: several GPUs
 #include "kernels/model.cuh"     // gpu::GpuModel, gpu::train_step, gpu::eval_loss, gpu::generate
 #include "model/checkpoint.h"    // load_safetensors
 #include "model/common.h"        // HL_CHECK
@@ -42,6 +49,19 @@ using namespace hl;
 
 namespace {
 
+gpu::DistFlags dist_flags;  // --nccl-init, --rank, --world (set by the parser, read by train_main)
+
+void add_dist_flags(CLI::App& app) {
+    app.add_option("--nccl-init", dist_flags.nccl_init, "several GPUs: fs:PATH, a file every rank sees, through "
+                                                        "which the ranks meet (empty = one GPU)")
+        ->group("Multi-GPU");
+    app.add_option("--rank", dist_flags.rank, "this process's rank (-1 = $RANK or $OMPI_COMM_WORLD_RANK, else 0)")
+        ->group("Multi-GPU");
+    app.add_option("--world", dist_flags.world, "number of ranks (0 = $WORLD_SIZE or $OMPI_COMM_WORLD_SIZE, else 1); "
+                                                "--batch is split evenly over them")
+        ->group("Multi-GPU");
+}
+
 std::string device_name() {
     int dev = 0;
     cudaCheck(cudaGetDevice(&dev));
@@ -53,6 +73,8 @@ std::string device_name() {
 // --sample --load ckpt: the config from the checkpoint, the parameters onto the device, then text.
 int sample_main(const std::string& load, const std::string& prompt, const TrainFlags& t) {
     HL_CHECK(!load.empty(), "--sample needs --load <checkpoint>");
+    HL_CHECK(dist_flags.nccl_init.empty() && dist_flags.world <= 1, "--nccl-init / --world are for training; "
+             "--sample runs on one GPU");
     HL_CHECK(t.sample_len > 0, "--sample-len must be positive, got ", t.sample_len);
     HL_CHECK(t.temperature >= 0, "--temperature must be non-negative (0 = greedy), got ", t.temperature);
     HL_CHECK(t.top_k >= 0, "--top-k must be non-negative (0 = all tokens), got ", t.top_k);
@@ -73,21 +95,30 @@ int sample_main(const std::string& load, const std::string& prompt, const TrainF
 
 // The GPU side of a run (model/run.h): the model and its AdamW moments on the device, a host Model<float> as the
 // staging copy of checkpoints, and a second device copy at batch 1 for sampling (so sampling never reshapes the
-// training activations).
+// training activations). On several GPUs, each rank's model runs B_rank = B / world rows of the global batch.
 struct GpuBackend {
     const RunSetup& r;
     const TrainFlags& t;
+    const gpu::Dist& dist;
     WindowLoader& loader;
     gpu::GpuModel& model;
     gpu::GpuModel& sampler;
     Model<float>& host;
     std::string ckpt_path, prompt;
     std::map<std::string, std::string> extra;  // the training flags, recorded in each checkpoint
-    std::vector<int> inputs, targets;          // (B, T) host staging of the batch
+    std::vector<int> inputs, targets;          // (B, T) host staging of the global batch
 
-    StepStats step(int step) { return gpu::train_step(model, inputs.data(), targets.data(), loader, step, t); }
+    int rank_rows() const { return r.B / dist.world; }
+    StepStats step(int step) {
+        loader.next(inputs.data(), targets.data());  // the same global batch on every rank
+        const size_t first = size_t(dist.rank) * rank_rows() * r.T;  // this rank's rows
+        return gpu::train_step_dist(model, dist, inputs.data() + first, targets.data() + first, rank_rows(), r.T,
+                                    step, t);
+    }
+    // (lead rank only) the 1-GPU run's windows: --eval-batches batches of B are world times as many of B_rank
     float eval() {
-        return gpu::eval_loss(model, inputs.data(), targets.data(), r.split.val, r.B, r.T, t.eval_batches);
+        return gpu::eval_loss(model, inputs.data(), targets.data(), r.split.val, rank_rows(), r.T,
+                              t.eval_batches * dist.world);
     }
     std::string sample(int done) {
         sampler.copy_params_from(model);
@@ -100,13 +131,21 @@ struct GpuBackend {
         model.download_moments(m, v);
         save_run(ckpt_path, host, m, v, state, extra);
     }
-    std::string where() const { return "device " + device_name() + ", fp32"; }
+    std::string where() const {
+        if (dist.world == 1) return "device " + device_name() + ", fp32";
+        return std::to_string(dist.world) + " × device " + device_name() + " (NCCL, " + std::to_string(rank_rows()) +
+               " rows each), fp32";
+    }
 };
 
 int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& data_path, const std::string& out,
                const std::string& resume, const std::string& prompt, double val_frac) {
     // every check first: flags, data, config, resume checkpoint; nothing is written before
     const RunSetup r = prepare_run(flags, t, data_path, out, val_frac);
+    gpu::Dist dist;
+    dist.configure(dist_flags);
+    HL_CHECK(r.B % dist.world == 0, "--batch ", r.B, " (the global batch) must be a multiple of --world ", dist.world);
+    HL_CHECK(dist.world == 1 || !r.cfg.moe, "--moe is not supported on several GPUs yet");
     Model<float> host(r.cfg);  // the CPU init, and the staging copy of checkpoints
     host.init(t.seed);
     std::vector<float> m(host.params.size(), 0.0f), v(host.params.size(), 0.0f);  // AdamW moments (host copies)
@@ -117,17 +156,22 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
         loader.set_rng_state(state.loader_rng);
     }
     const int end = session_end(t, state, resume);
+    dist.connect();  // before any other CUDA call: it picks this rank's GPU
 
     gpu::GpuModel model(r.cfg);
     model.upload(host);
     model.upload_moments(m, v);
-    model.alloc(r.B, r.T);  // once: every step reuses these activations
+    dist.broadcast(model.params.ptr, model.params.n, model.stream);  // every rank starts from the lead's state
+    dist.broadcast(model.m.ptr, model.m.n, model.stream);
+    dist.broadcast(model.v.ptr, model.v.n, model.stream);
+    model.alloc(r.B / dist.world, r.T);  // once: every step reuses these activations
     gpu::GpuModel sampler(r.cfg, /*train=*/false);
-    sampler.alloc(1, r.T);
-    GpuBackend be{r, t, loader, model, sampler, host, out + "/model.safetensors", prompt,
+    if (dist.lead()) sampler.alloc(1, r.T);
+    GpuBackend be{r, t, dist, loader, model, sampler, host, out + "/model.safetensors", prompt,
                   train_metadata(t, r.mf, data_path), std::vector<int>(size_t(r.B) * r.T),
                   std::vector<int>(size_t(r.B) * r.T)};
-    return run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()));
+    return run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()),
+                        dist.lead());
 }
 
 }  // namespace
@@ -146,5 +190,6 @@ int main(int argc, char** argv) {
                            "checkpoint to sample from (its config is read from the file; train_cpu's too)"};
     trainer.sample_main = sample_main;
     trainer.train_main = train_main;
+    trainer.add_flags = add_dist_flags;
     return trainer_main(argc, argv, trainer);
 }

@@ -110,6 +110,8 @@ struct Trainer {
     int (*sample_main)(const std::string& load, const std::string& prompt, const TrainFlags& t);
     int (*train_main)(const ModelFlags& mf, const TrainFlags& t, const std::string& data, const std::string& out,
                       const std::string& resume, const std::string& prompt, double val_frac);
+    // flags of this trainer only (train_gpu's multi-GPU flags), added after the shared ones; null: none
+    void (*add_flags)(CLI::App& app) = nullptr;
 };
 
 // main() of both trainers: parse, dispatch, and turn any error into one line "error: ..." with exit status 1.
@@ -122,6 +124,7 @@ inline int trainer_main(int argc, char** argv, const Trainer& tr) {
         r.out = tr.out;
         CLI::App app{tr.about, tr.name};
         add_trainer_flags(app, mf, t, r, tr.text);
+        if (tr.add_flags) tr.add_flags(app);
         try {
             app.parse(argc, argv);
         } catch (const CLI::Success& e) {  // --help

@@ -72,10 +72,17 @@ inline int session_end(const TrainFlags& t, const TrainState& state, const std::
 // a checkpoint every --ckpt-every and at the end, a sample every --sample-every and at the last step, one CSV
 // row per step in <out>/log.csv. The loader's RNG goes into each checkpoint, so a resumed run continues the
 // same data order. n_params: the model's exact parameter count, printed beside the formula's.
+// lead = false: a follower rank of a multi-GPU run (train.cu, kernels/dist.cuh) — it only steps, in step with the
+// lead rank (its collectives wait for the others); printing, log, validation, checkpoints and samples are the
+// lead's alone.
 template <typename Backend>
 int run_training(Backend& be, const RunSetup& r, TrainState state, int end, WindowLoader& loader,
                  const TrainFlags& t, const std::string& data_path, const std::string& out,
-                 const std::string& resume, double n_params) {
+                 const std::string& resume, double n_params, bool lead = true) {
+    if (!lead) {
+        for (int step = state.step; step < end; step++) be.step(step);
+        return 0;
+    }
     using Clock = std::chrono::steady_clock;
     auto seconds_since = [](Clock::time_point t0) {
         return std::chrono::duration<double>(Clock::now() - t0).count();
