@@ -171,19 +171,11 @@ inline StepStats train_step_dist(GpuModel& model, const Dist& d, const int* inpu
     if (d.world == 1) return train_step_on(model, inputs, targets, B, T, step, f);
     HL_CHECK(!model.cfg.moe, "--moe is not supported on several GPUs yet (its balancing needs the expert loads of "
                              "every rank)");
-    StepStats s;
-    s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
-    model.set_batch(inputs, targets, B, T);
-    model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, B, T);
-    model.zero_grad();
-    model.backward();
-    d.all_reduce_mean(model.grads.ptr, model.grads.n, model.stream);  // each rank's mean-loss gradient → the global
-    AdamWConfig opt;
-    opt.weight_decay = f.weight_decay;
-    model.update(opt, s.lr, step + 1, f.grad_clip);
-    d.all_reduce_mean(model.scalars.ptr, 1, model.stream);  // the loss; scalars[1], the norm, is already global
-    model.read_scalars(&s.loss, &s.grad_norm);
-    return s;
+    StepHooks hooks;
+    // each rank's mean-loss gradient → the global one; after the update, the loss (the norm is already global)
+    hooks.after_backward = [&] { d.all_reduce_mean(model.grads.ptr, model.grads.n, model.stream); };
+    hooks.after_update = [&] { d.all_reduce_mean(model.scalars.ptr, 1, model.stream); };
+    return train_step_on(model, inputs, targets, B, T, step, f, hooks);
 }
 
 }  // namespace hl::gpu

@@ -16,6 +16,7 @@
 #pragma once
 #include <algorithm>              // std::min, std::copy
 #include <cstdint>                // uint64_t
+#include <functional>             // std::function: StepHooks
 #include <memory>                 // std::unique_ptr: the AdamW table
 #include <string>                 // std::string
 #include <vector>                 // std::vector
@@ -339,8 +340,14 @@ struct GpuModel {
 // buffers), up to the device, forward, backward, clip to f.grad_clip, AdamW with the scheduled lr (bias
 // correction counts step + 1). The AdamW moments are the model's own (model.m, model.v). One host sync, at the
 // end (loss and grad norm).
+// Work a multi-GPU run (kernels/dist.cuh) adds inside a step: after the backward (average the gradients over the
+// ranks) and after the update (average the loss). Empty on one GPU.
+struct StepHooks {
+    std::function<void()> after_backward, after_update;
+};
+
 inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* targets, int B, int T, int step,
-                               const TrainFlags& f);
+                               const TrainFlags& f, const StepHooks& hooks = {});
 
 inline StepStats train_step(GpuModel& model, int* inputs, int* targets, WindowLoader& loader, int step,
                             const TrainFlags& f) {
@@ -350,16 +357,18 @@ inline StepStats train_step(GpuModel& model, int* inputs, int* targets, WindowLo
 
 // The step itself on a given host batch (B, T) — text windows or a synthetic task's batch (data/tasks.h).
 inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* targets, int B, int T, int step,
-                               const TrainFlags& f) {
+                               const TrainFlags& f, const StepHooks& hooks) {
     StepStats s;
     s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
     model.set_batch(inputs, targets, B, T);
     model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, B, T);
     model.zero_grad();
     model.backward();
+    if (hooks.after_backward) hooks.after_backward();
     AdamWConfig opt;
     opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h
     model.update(opt, s.lr, step + 1, f.grad_clip);
+    if (hooks.after_update) hooks.after_update();
     if (model.cfg.moe) {  // balancing from this step's loads, for the next step's routing
         model.moe_update();
         s.n_experts = model.cfg.n_experts;
