@@ -65,6 +65,8 @@ inline std::vector<Entry> default_entries(const std::string& preset) {
             make("swa", "swa")};
 }
 
+constexpr int MATRIX_T = 64;  // tokens of the attention / SSD matrix pictures
+
 struct StudyConfig {
     std::vector<Entry> entries;
     int B = 16, T = 256;              // text training batch and length
@@ -97,6 +99,7 @@ struct Result {
     std::vector<double> mqar_acc, niah_acc;      // per task length
     std::vector<std::vector<double>> niah_grid;  // [depth][length]
     std::vector<double> decode_ms, cache_bytes, cache_formula;
+    std::vector<double> attn_matrix, ssd_matrix;  // (64, 64) each, for a model with A and M blocks (else empty)
 };
 
 // Mean loss over the first n_batches·B windows of `tokens` at length T, and (per_pos non-null) the mean at each
@@ -179,6 +182,27 @@ void train_on(Backend& be, int steps, const TrainFlags& base, uint64_t seed, int
     }
 }
 
+// One attention head's probabilities and one SSD head's mixing matrix on the same T tokens of text, from a model
+// with both (an inter-layer hybrid): (T, T) each, row-major. The first A block's head 0, the first M block's head 0.
+inline void mixing_matrices(Model<float>& m, const std::vector<int>& tokens, int T, std::vector<double>& attn,
+                            std::vector<double>& ssd) {
+    HL_CHECK(int(tokens.size()) >= T + 1, "mixing_matrices: need ", T + 1, " tokens");
+    m.forward(tokens.data(), tokens.data() + 1, 1, T);
+    attn.clear(), ssd.clear();
+    for (int l = 0; l < m.cfg.n_layers; l++) {
+        const BlockConfig& b = m.blocks[size_t(l)];
+        if (b.kind == 'A' && attn.empty()) attn.assign(m.bacts[size_t(l)].attn.att, m.bacts[size_t(l)].attn.att + T * T);
+        if (b.kind == 'M' && ssd.empty()) {
+            const Mamba2Acts<float>& a = m.bacts[size_t(l)].ssm;
+            std::vector<float> M((size_t)T * T);
+            ssd_mixing_matrix(M.data(), a.dt, a.A, a.Bm, a.Cm, 0, 0, 1, T, b.ssm.nheads(), b.ssm.ngroups, b.ssm.d_state);
+            ssd.assign(M.begin(), M.end());
+        }
+    }
+    HL_CHECK(!attn.empty() && !ssd.empty(), "mixing_matrices: the model needs an A block and an M block, pattern ",
+             m.cfg.pattern);
+}
+
 // The whole study for one entry. text: the training split; val: the validation split.
 template <typename Backend>
 Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& text, const std::vector<int>& val,
@@ -210,6 +234,12 @@ Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& 
             }
         }
         r.val = r.curve_val.back();
+        if (cfg.count('A') > 0 && cfg.count('M') > 0) {  // the pictures: both mixers of this trained model
+            Model<float> host(cfg);
+            be.to_host(host);
+            const int T = std::min(MATRIX_T, sc.T);
+            mixing_matrices(host, std::vector<int>(val.begin(), val.begin() + T + 1), T, r.attn_matrix, r.ssd_matrix);
+        }
         eval_text(be, val, std::max(1, sc.B * sc.T / sc.long_T), sc.long_T, sc.eval_batches, &r.per_pos);
         for (int L : sc.decode_lengths) {
             size_t bytes = 0;
@@ -248,27 +278,6 @@ Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& 
         }
     }
     return r;
-}
-
-// One attention head's probabilities and one SSD head's mixing matrix on the same T tokens of text, from a model
-// with both (an inter-layer hybrid): (T, T) each, row-major. The first A block's head 0, the first M block's head 0.
-inline void mixing_matrices(Model<float>& m, const std::vector<int>& tokens, int T, std::vector<double>& attn,
-                            std::vector<double>& ssd) {
-    HL_CHECK(int(tokens.size()) >= T + 1, "mixing_matrices: need ", T + 1, " tokens");
-    m.forward(tokens.data(), tokens.data() + 1, 1, T);
-    attn.clear(), ssd.clear();
-    for (int l = 0; l < m.cfg.n_layers; l++) {
-        const BlockConfig& b = m.blocks[size_t(l)];
-        if (b.kind == 'A' && attn.empty()) attn.assign(m.bacts[size_t(l)].attn.att, m.bacts[size_t(l)].attn.att + T * T);
-        if (b.kind == 'M' && ssd.empty()) {
-            const Mamba2Acts<float>& a = m.bacts[size_t(l)].ssm;
-            std::vector<float> M((size_t)T * T);
-            ssd_mixing_matrix(M.data(), a.dt, a.A, a.Bm, a.Cm, 0, 0, 1, T, b.ssm.nheads(), b.ssm.ngroups, b.ssm.d_state);
-            ssd.assign(M.begin(), M.end());
-        }
-    }
-    HL_CHECK(!attn.empty() && !ssd.empty(), "mixing_matrices: the model needs an A block and an M block, pattern ",
-             m.cfg.pattern);
 }
 
 // ---- outputs: one CSV of every number, and the figures ----
@@ -408,29 +417,11 @@ std::vector<Result> run_study(const StudyConfig& sc, const std::vector<int>& tex
     }
     write_csv(sc.out + "/results.csv", sc, rs);
     write_figures(sc.out, sc, rs);
-    // the two mixing matrices, from an inter-layer hybrid trained like the first entry of that arch
-    for (const Entry& e : sc.entries) {
-        ModelFlags mf = e.flags;
-        mf.seq_len = sc.T;
-        ModelConfig cfg = build_config(mf);
-        if (cfg.count('A') == 0 || cfg.count('M') == 0) continue;
-        Backend be(cfg, sc.seed);
-        TrainFlags f = sc.train;
-        f.steps = sc.steps;
-        WindowLoader loader(text, sc.B, sc.T, sc.seed);
-        std::vector<int> in((size_t)sc.B * sc.T), tg(in.size());
-        for (int s = 0; s < f.steps; s++) {
-            loader.next(in.data(), tg.data());
-            be.train(in.data(), tg.data(), sc.B, sc.T, s, f);
+    for (const Result& r : rs)  // the two mixing matrices of the first model that has both mixers
+        if (!r.attn_matrix.empty()) {
+            write_matrices(sc.out, r.attn_matrix, r.ssd_matrix, std::min(MATRIX_T, sc.T));
+            break;
         }
-        Model<float> host(cfg);
-        be.to_host(host);
-        const int T = std::min(64, sc.T);
-        std::vector<double> attn, ssd;
-        mixing_matrices(host, std::vector<int>(val.begin(), val.begin() + T + 1), T, attn, ssd);
-        write_matrices(sc.out, attn, ssd, T);
-        break;
-    }
     return rs;
 }
 
