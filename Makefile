@@ -146,7 +146,7 @@ $(BUILD)/study: dev/study/study.cu $(HEADERS) $(CUDA_HEADERS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) $(INCLUDES) $< -o $@ -lcublas
 study: $(BUILD)/study
-	$(BUILD)/study docs/study $(STUDY_ARGS)
+	$(BUILD)/study --out docs/study $(STUDY_ARGS)
 
 # Compile check of every CUDA source (no GPU needed): one object each (so `make -j` compiles them side by side and
 # an unchanged file is not compiled again), nothing is run.

@@ -49,7 +49,8 @@ using namespace hl;
 
 namespace {
 
-gpu::DistFlags dist_flags;  // --nccl-init, --rank, --world (set by the parser, read by train_main)
+gpu::DistFlags dist_flags;          // --nccl-init, --rank, --world (set by the parser, read by train_main)
+gpu::DataParallelFlags dp_flags;    // --bucket-mb, --zero1
 
 void add_dist_flags(CLI::App& app) {
     app.add_option("--nccl-init", dist_flags.nccl_init, "several GPUs: fs:PATH, a file every rank sees, through "
@@ -59,6 +60,13 @@ void add_dist_flags(CLI::App& app) {
         ->group("Multi-GPU");
     app.add_option("--world", dist_flags.world, "number of ranks (0 = $WORLD_SIZE or $OMPI_COMM_WORLD_SIZE, else 1); "
                                                 "--batch is split evenly over them")
+        ->group("Multi-GPU");
+    app.add_option("--bucket-mb", dp_flags.bucket_mb, "gradients all-reduced in buckets of about this many MB while "
+                                                      "the backward runs (0 = one all-reduce after it)")
+        ->check(CLI::Range(0.0, 1e6))
+        ->group("Multi-GPU");
+    app.add_flag("--zero1", dp_flags.zero1, "ZeRO-1: AdamW moments sharded over the ranks (reduce-scatter the "
+                                            "gradients, update a shard, all-gather the parameters)")
         ->group("Multi-GPU");
 }
 
@@ -100,6 +108,7 @@ struct GpuBackend {
     const RunSetup& r;
     const TrainFlags& t;
     const gpu::Dist& dist;
+    gpu::DataParallel& dp;
     WindowLoader& loader;
     gpu::GpuModel& model;
     gpu::GpuModel& sampler;
@@ -112,8 +121,7 @@ struct GpuBackend {
     StepStats step(int step) {
         loader.next(inputs.data(), targets.data());  // the same global batch on every rank
         const size_t first = size_t(dist.rank) * rank_rows() * r.T;  // this rank's rows
-        return gpu::train_step_dist(model, dist, inputs.data() + first, targets.data() + first, rank_rows(), r.T,
-                                    step, t);
+        return gpu::train_step_dist(dp, inputs.data() + first, targets.data() + first, rank_rows(), r.T, step, t);
     }
     // (lead rank only) the 1-GPU run's windows: --eval-batches batches of B are world times as many of B_rank
     float eval() {
@@ -125,16 +133,22 @@ struct GpuBackend {
         return prompt + gpu::generate(sampler, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done),
                                       r.T);
     }
+    // every rank calls it (ZeRO-1's moments are gathered from all of them); the lead writes the file
     void save(const TrainState& state) {
         std::vector<float> m, v;
+        dp.gather_moments(m, v);
+        if (!dist.lead()) return;
         model.download(host);
-        model.download_moments(m, v);
         save_run(ckpt_path, host, m, v, state, extra);
     }
     std::string where() const {
         if (dist.world == 1) return "device " + device_name() + ", fp32";
         return std::to_string(dist.world) + " × device " + device_name() + " (NCCL, " + std::to_string(rank_rows()) +
-               " rows each), fp32";
+               " rows each, " + (dp.flags.zero1 ? std::string("ZeRO-1") : bucket_text()) + "), fp32";
+    }
+    std::string bucket_text() const {
+        if (dp.buckets.empty()) return "one all-reduce after the backward";
+        return std::to_string(dp.buckets.size()) + " all-reduce buckets overlapped with the backward";
     }
 };
 
@@ -158,16 +172,20 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     const int end = session_end(t, state, resume);
     dist.connect();  // before any other CUDA call: it picks this rank's GPU
 
-    gpu::GpuModel model(r.cfg);
+    const int shards = dp_flags.zero1 ? dist.world : 1;
+    gpu::GpuModel model(r.cfg, /*train=*/true, shards, dp_flags.zero1 ? dist.rank : 0);
     model.upload(host);
-    model.upload_moments(m, v);
+    model.upload_moments(m, v);  // (ZeRO-1: this rank's shard of them)
     dist.broadcast(model.params.ptr, model.params.n, model.stream);  // every rank starts from the lead's state
-    dist.broadcast(model.m.ptr, model.m.n, model.stream);
-    dist.broadcast(model.v.ptr, model.v.n, model.stream);
+    if (!model.sharded()) {
+        dist.broadcast(model.m.ptr, model.m.n, model.stream);
+        dist.broadcast(model.v.ptr, model.v.n, model.stream);
+    }
+    gpu::DataParallel dp(dist, model, t, dp_flags);
     model.alloc(r.B / dist.world, r.T);  // once: every step reuses these activations
     gpu::GpuModel sampler(r.cfg, /*train=*/false);
     if (dist.lead()) sampler.alloc(1, r.T);
-    GpuBackend be{r, t, dist, loader, model, sampler, host, out + "/model.safetensors", prompt,
+    GpuBackend be{r, t, dist, dp, loader, model, sampler, host, out + "/model.safetensors", prompt,
                   train_metadata(t, r.mf, data_path), std::vector<int>(size_t(r.B) * r.T),
                   std::vector<int>(size_t(r.B) * r.T)};
     return run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()),

@@ -11,7 +11,8 @@ and optionally --compile (torch.compile) and --dtype bf16 (autocast, fp32 master
 
     python3 dev/bench_torch.py --config CKPT --batch 8 --seq-len 2048 --steps 20 [--attn sdpa] [--ssd triton]
                                [--compile] [--dtype bf16] [--flops-per-token F] [--csv out.csv]
-    python3 dev/bench_torch.py --selfcheck      # the swapped layers equal the reference ones (CPU, float64)
+    python3 dev/bench_torch.py --selfcheck      # the swapped layers equal the reference ones (SDPA: float64;
+                                                # Triton SSD: fp32, on a GPU only)
 
 (reference.py's MoE gathers each token's expert weights: it checks gradients, it is not a speed baseline for MoE.)
 CKPT: any hybridlm checkpoint (train_cpu/train_gpu/dump_grads write one); only its config is used and the
@@ -57,7 +58,10 @@ def use_fast_layers(attn, ssd):
     if attn == "sdpa":
         reference.causal_attention = sdpa_attention
     if ssd == "triton":
-        reference.ssd_chunked = triton_ssd
+        import mamba_ssm.ops.triton.ssd_combined  # noqa: F401  fails here if missing, not inside a compiled step
+        # under --compile the Triton kernels run as they are between compiled graphs: dynamo tracing into mamba_ssm's
+        # autograd.Function and its autotuned kernels is not something to depend on (they are fused kernels anyway)
+        reference.ssd_chunked = torch.compiler.disable(triton_ssd)
 
 
 def build(cfg, device, seed=0):
@@ -141,6 +145,29 @@ def selfcheck():
         print(f"sdpa vs reference attention H={H} Hkv={Hkv} window={window} sink={sink}: rel err {err:.2e}")
         worst = max(worst, err)
     ok = worst < 1e-12
+    if torch.cuda.is_available():  # the Triton SSD (GPU only) against the einsum one, forward and gradients, fp32
+        worst_ssd = 0.0
+        for (T, H, P, G, N, Q) in [(200, 4, 32, 1, 32, 64), (256, 6, 64, 2, 64, 64)]:
+            g = torch.Generator(device="cuda").manual_seed(T)
+            x = torch.randn(2, T, H, P, device="cuda", generator=g)
+            dt = F.softplus(torch.randn(2, T, H, device="cuda", generator=g) - 2)
+            A = -torch.rand(H, device="cuda", generator=g) - 0.1
+            Bm = torch.randn(2, T, G, N, device="cuda", generator=g)
+            Cm = torch.randn(2, T, G, N, device="cuda", generator=g)
+            w = torch.randn(2, T, H, P, device="cuda", generator=g)
+            outs = []
+            for fn in (reference.ssd_chunked, triton_ssd):
+                ins = [t.clone().requires_grad_() for t in (x, dt, A, Bm, Cm)]
+                y = fn(*ins, Q)
+                (y * w).sum().backward()
+                outs.append([y.detach()] + [t.grad for t in ins])
+            errs = [(b - a).abs().max().item() / a.abs().max().item() for a, b in zip(*outs)]
+            print(f"triton vs reference SSD T={T} H={H} P={P} G={G} N={N} Q={Q}: rel err y {errs[0]:.1e}, "
+                  f"grads x dt A B C {' '.join(f'{e:.1e}' for e in errs[1:])}")
+            worst_ssd = max(worst_ssd, *errs)
+        ok = ok and worst_ssd < 1e-2  # the Triton kernels' dots run in TF32
+    else:
+        print("(no GPU: the Triton SSD check is skipped)")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

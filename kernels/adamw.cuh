@@ -14,7 +14,8 @@
 // double as the CPU), clip_grad_norm then scales the gradients by a factor read from that scalar.
 // Parameters, moments and the norm are fp32 on every path (master weights); gradients take the element type.
 #pragma once
-#include <algorithm>            // std::sort
+#include <algorithm>            // std::sort, std::max, std::min
+#include <cstdint>              // SIZE_MAX
 #include <cmath>                // std::pow
 #include <vector>               // std::vector
 #include "kernels/common.cuh"   // cudaCheckLast, DeviceBuffer, elementwise_grid
@@ -37,10 +38,13 @@ struct AdamWTable {
     int n_ranges = 0;
     size_t total = 0;  // elements updated per step
 
-    explicit AdamWTable(const std::vector<TensorInfo>& tensors) {
+    // Every tensor, or (ZeRO-1, kernels/dist.cuh) only their parts inside [lo, hi): one rank's shard.
+    explicit AdamWTable(const std::vector<TensorInfo>& tensors, size_t lo = 0, size_t hi = SIZE_MAX) {
         std::vector<AdamWRange> rs;
-        for (const TensorInfo& t : tensors)
-            if (t.numel) rs.push_back({t.offset, t.numel, 0, adamw_decays(t) ? 1 : 0});
+        for (const TensorInfo& t : tensors) {
+            const size_t a = std::max(t.offset, lo), b = std::min(t.offset + t.numel, hi);
+            if (a < b) rs.push_back({a, b - a, 0, adamw_decays(t) ? 1 : 0});
+        }
         std::sort(rs.begin(), rs.end(), [](const AdamWRange& a, const AdamWRange& b) { return a.offset < b.offset; });
         std::vector<AdamWRange> merged;
         for (const AdamWRange& r : rs) {
@@ -65,12 +69,14 @@ struct AdamWTable {
 };
 
 // Grid-stride over the table's `total` elements; element i lives in the last range whose prefix ≤ i.
-// Per element, the same float operations in the same order as the CPU:
+// The moments of parameter j are m[j − mv_base], v[j − mv_base]: 0 when they cover every parameter, the shard's
+// first element when they hold one rank's shard (ZeRO-1). Per element, the same float operations in the same
+// order as the CPU:
 //   m ← β1·m + (1−β1)·g     v ← β2·v + (1−β2)·g²     p ← p − lr·(m̂/(√v̂ + eps) + wd·p)
 template <typename TG>
 __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v, const AdamWRange* ranges,
-                             int n_ranges, size_t total, float b1, float b2, float eps, float lr, float wd,
-                             float bc1, float bc2) {
+                             int n_ranges, size_t total, size_t mv_base, float b1, float b2, float eps, float lr,
+                             float wd, float bc1, float bc2) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         int lo = 0, hi = n_ranges - 1;  // find the last range with prefix ≤ i
         while (lo < hi) {
@@ -81,10 +87,11 @@ __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v,
         const AdamWRange r = ranges[lo];
         const size_t j = r.offset + (i - r.prefix);
         const float g = float(grads[j]);
-        const float mt = b1 * m[j] + (1.0f - b1) * g;
-        const float vt = b2 * v[j] + (1.0f - b2) * g * g;
-        m[j] = mt;
-        v[j] = vt;
+        const size_t k = j - mv_base;
+        const float mt = b1 * m[k] + (1.0f - b1) * g;
+        const float vt = b2 * v[k] + (1.0f - b2) * g * g;
+        m[k] = mt;
+        v[k] = vt;
         const float mhat = mt / bc1, vhat = vt / bc2;
         const float p = params[j];
         params[j] = p - lr * (mhat / (sqrtf(vhat) + eps) + (r.decay ? wd : 0.0f) * p);
@@ -95,13 +102,13 @@ __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v,
 // step is 1-based. Bias corrections are computed in double on the host, as the CPU does.
 template <typename TG>
 void adamw_update(float* params, const TG* grads, float* m, float* v, const AdamWTable& table,
-                  const AdamWConfig& cfg, float lr, int step, cudaStream_t stream = 0) {
+                  const AdamWConfig& cfg, float lr, int step, cudaStream_t stream = 0, size_t mv_base = 0) {
     HL_CHECK(step >= 1, "adamw: step is 1-based (for bias correction), got ", step);
     if (table.total == 0) return;
     const float bc1 = 1.0f - float(std::pow((double)cfg.beta1, step));
     const float bc2 = 1.0f - float(std::pow((double)cfg.beta2, step));
     adamw_kernel<<<elementwise_grid(table.total, 256), 256, 0, stream>>>(params, grads, m, v, table.ranges.ptr,
-                                                              table.n_ranges, table.total, cfg.beta1, cfg.beta2,
+                                                              table.n_ranges, table.total, mv_base, cfg.beta1, cfg.beta2,
                                                               cfg.eps, lr, cfg.weight_decay, bc1, bc2);
     cudaCheckLast();
 }
@@ -137,24 +144,33 @@ __global__ void grad_norm_partial_kernel(double* partial, const T* grads, size_t
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
-// Stage 2 (one block): *norm = sqrt(Σ partial). (A template only so that the header can be included by
-// several translation units without a duplicate kernel symbol.)
+// Stage 2 (one block): *norm = sqrt(Σ partial), and *sumsq = Σ partial when sumsq is not null (a shard's share,
+// to be summed over the ranks). (A template only so that the header can be included by several translation
+// units without a duplicate kernel symbol.)
 template <typename Unused = void>
-__global__ void grad_norm_final_kernel(float* norm, const double* partial, int n_partial) {
+__global__ void grad_norm_final_kernel(float* norm, double* sumsq, const double* partial, int n_partial) {
     double acc = 0.0;
     for (int i = threadIdx.x; i < n_partial; i += blockDim.x) acc += partial[i];
     const double s = block_sum_double(acc);
-    if (threadIdx.x == 0) *norm = (float)sqrt(s);
+    if (threadIdx.x == 0) {
+        *norm = (float)sqrt(s);
+        if (sumsq) *sumsq = s;
+    }
 }
 
-// *norm (a device scalar) = ‖grads (n)‖₂. scratch: GRAD_NORM_BLOCKS doubles of device memory.
+// *norm (a device scalar) = ‖grads (n)‖₂, and *sumsq = ‖grads‖₂² when given. scratch: GRAD_NORM_BLOCKS doubles.
 template <typename T>
-void grad_norm(float* norm, const T* grads, size_t n, double* scratch, cudaStream_t stream = 0) {
+void grad_norm(float* norm, const T* grads, size_t n, double* scratch, cudaStream_t stream = 0,
+               double* sumsq = nullptr) {
     grad_norm_partial_kernel<<<GRAD_NORM_BLOCKS, GRAD_NORM_THREADS, 0, stream>>>(scratch, grads, n);
     cudaCheckLast();
-    grad_norm_final_kernel<><<<1, GRAD_NORM_THREADS, 0, stream>>>(norm, scratch, GRAD_NORM_BLOCKS);
+    grad_norm_final_kernel<><<<1, GRAD_NORM_THREADS, 0, stream>>>(norm, sumsq, scratch, GRAD_NORM_BLOCKS);
     cudaCheckLast();
 }
+
+// *norm = sqrt(*sumsq): the global norm from the squares summed over the ranks.
+template <typename Unused = void>
+__global__ void sqrt_kernel(float* norm, const double* sumsq) { *norm = (float)sqrt(*sumsq); }
 
 // grads *= max_norm / *norm when *norm > max_norm (the norm is read on the device; every thread reads
 // the same scalar, so the whole grid takes the same branch). Grid-stride, one thread per element.
@@ -167,15 +183,21 @@ __global__ void clip_scale_kernel(T* grads, size_t n, const float* norm, float m
         grads[i] = T(float(grads[i]) * scale);
 }
 
+// grads scaled down to norm max_norm when the norm already in *norm (device) is above it.
+template <typename T>
+void clip_by_norm(T* grads, size_t n, const float* norm, float max_norm, cudaStream_t stream = 0) {
+    HL_CHECK(max_norm > 0.0f, "clip_grad_norm: max_norm must be positive, got ", max_norm);
+    if (n == 0) return;
+    clip_scale_kernel<<<elementwise_grid(n, 256), 256, 0, stream>>>(grads, n, norm, max_norm);
+    cudaCheckLast();
+}
+
 // *norm = ‖grads‖₂ before clipping (what the trainer logs; read it when convenient), and grads scaled
 // down to norm max_norm when above it. scratch: GRAD_NORM_BLOCKS doubles.
 template <typename T>
 void clip_grad_norm(float* norm, T* grads, size_t n, float max_norm, double* scratch, cudaStream_t stream = 0) {
-    HL_CHECK(max_norm > 0.0f, "clip_grad_norm: max_norm must be positive, got ", max_norm);
     grad_norm(norm, grads, n, scratch, stream);
-    if (n == 0) return;
-    clip_scale_kernel<<<elementwise_grid(n, 256), 256, 0, stream>>>(grads, n, norm, max_norm);
-    cudaCheckLast();
+    clip_by_norm(grads, n, norm, max_norm, stream);
 }
 
 }  // namespace hl::gpu

@@ -70,13 +70,15 @@ struct GpuModel {
     std::vector<BlockConfig> blocks;
     std::vector<TensorInfo> tensors;     // every parameter: name, shape, offset (== Model<float>'s)
     bool training = true;                // false: no gradients, moments or optimizer (a sampler)
-    DeviceBuffer<float> params, grads;   // (num_params) each; grads empty when !training
-    DeviceBuffer<float> m, v;            // AdamW moments, (num_params) each when training
+    size_t n_params = 0;                 // parameters; params and grads hold n_params rounded up to whole shards
+    DeviceBuffer<float> params, grads;   // (shards · shard_n) each; grads empty when !training
+    DeviceBuffer<float> m, v;            // AdamW moments of parameters [shard_lo, shard_lo + shard_n) when training
+    size_t shard_lo = 0, shard_n = 0;    // all of them on one GPU; one rank's shard under ZeRO-1 (kernels/dist.cuh)
     ModelParams<float> p, dp;            // device views; dp all null when !training
     std::vector<TensorInfo> buffer_tensors;  // the MoE balancing biases (Model<float>'s buffers, same layout)
     DeviceBuffer<float> buffers;
     std::vector<float*> moe_bias;        // per layer: its bias in buffers (null without MoE)
-    std::unique_ptr<AdamWTable> adamw;   // the optimizer's device table of tensor ranges
+    std::unique_ptr<AdamWTable> adamw;   // the optimizer's device table of tensor ranges (within the shard)
     DeviceBuffer<float> scalars;         // [0] mean loss of the last forward, [1] grad norm of the last update
     DeviceBuffer<double> norm_scratch;   // GRAD_NORM_BLOCKS partial sums of the gradient norm
     cudaStream_t stream = 0;             // every launch of this model goes here
@@ -94,7 +96,11 @@ struct GpuModel {
     const int* last_tokens = nullptr;
     bool have_targets = false;
 
-    explicit GpuModel(const ModelConfig& c, bool train = true) : cfg(c), training(train) {
+    // shards > 1 (ZeRO-1): this model keeps AdamW moments for shard `shard` of `shards` equal parts of the
+    // parameters only, and its update is kernels/dist.cuh's (the step needs the other ranks).
+    explicit GpuModel(const ModelConfig& c, bool train = true, int shards = 1, int shard = 0)
+        : cfg(c), training(train) {
+        HL_CHECK(shards >= 1 && shard >= 0 && shard < shards, "GpuModel: shard ", shard, " of ", shards);
         config_check(cfg);
         for (int l = 0; l < cfg.n_layers; l++) {
             blocks.push_back(block_config(cfg, l));
@@ -102,20 +108,23 @@ struct GpuModel {
         }
         Arena<float> count(nullptr, &tensors);
         model_params(count, cfg);
-        params.alloc(count.size);
+        n_params = count.size;
+        shard_n = (n_params + size_t(shards) - 1) / size_t(shards);
+        shard_lo = size_t(shard) * shard_n;
+        params.alloc(shard_n * size_t(shards));  // the padding stays 0 (and its gradients too)
         params.zero();
         Arena<float> pa(params.ptr);
         p = model_params(pa, cfg);
         if (training) {
-            grads.alloc(count.size);
+            grads.alloc(params.n);
             grads.zero();
-            m.alloc(count.size);
+            m.alloc(shard_n);
             m.zero();
-            v.alloc(count.size);
+            v.alloc(shard_n);
             v.zero();
             Arena<float> ga(grads.ptr);
             dp = model_params(ga, cfg);
-            adamw = std::make_unique<AdamWTable>(tensors);
+            adamw = std::make_unique<AdamWTable>(tensors, shard_lo, shard_lo + shard_n);
             norm_scratch.alloc(GRAD_NORM_BLOCKS);
         }
         Arena<float> count_b(nullptr, &buffer_tensors);
@@ -133,14 +142,15 @@ struct GpuModel {
         cublas();  // create the cuBLAS handle (and its workspace) now, not inside the first timed step
     }
 
-    size_t num_params() const { return params.n; }
+    size_t num_params() const { return n_params; }
+    bool sharded() const { return shard_n != n_params; }
 
     // ---- host ↔ device (synchronous; setup, checkpoints and tests only) ----
 
     void check_host(const Model<float>& host, const char* who) const {
-        HL_CHECK(host.params.size() == params.n && host.tensors.size() == tensors.size(), who,
+        HL_CHECK(host.params.size() == n_params && host.tensors.size() == tensors.size(), who,
                  ": the host model has ", host.params.size(), " parameters in ", host.tensors.size(),
-                 " tensors, the GPU model ", params.n, " in ", tensors.size());
+                 " tensors, the GPU model ", n_params, " in ", tensors.size());
         for (size_t i = 0; i < tensors.size(); i++)
             HL_CHECK(host.tensors[i].name == tensors[i].name && host.tensors[i].offset == tensors[i].offset, who,
                      ": tensor ", i, " is '", host.tensors[i].name, "' on the host, '", tensors[i].name, "' here");
@@ -149,31 +159,36 @@ struct GpuModel {
     // (the buffers — MoE biases — travel with the parameters)
     void upload(const Model<float>& host) {
         check_host(host, "GpuModel::upload");
-        params.upload(host.params);
+        cudaCheck(cudaMemcpy(params.ptr, host.params.data(), n_params * sizeof(float), cudaMemcpyHostToDevice));
         if (buffers.n > 0) buffers.upload(host.buffers);
     }
     void download(Model<float>& host) const {
         check_host(host, "GpuModel::download");
-        cudaCheck(cudaMemcpy(host.params.data(), params.ptr, params.n * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(host.params.data(), params.ptr, n_params * sizeof(float), cudaMemcpyDeviceToHost));
         if (buffers.n > 0)
             cudaCheck(cudaMemcpy(host.buffers.data(), buffers.ptr, buffers.n * sizeof(float), cudaMemcpyDeviceToHost));
     }
     // AdamW moments, as the host vectors of model/trainer.h's save_run/load_run
     void upload_moments(const std::vector<float>& m_host, const std::vector<float>& v_host) {
         HL_CHECK(training, "GpuModel::upload_moments: this model was built without an optimizer");
-        m.upload(m_host);
-        v.upload(v_host);
+        HL_CHECK(m_host.size() == n_params && v_host.size() == n_params, "GpuModel::upload_moments: ",
+                 m_host.size(), " and ", v_host.size(), " moments for ", n_params, " parameters");
+        const size_t n = std::min(shard_n, n_params - std::min(shard_lo, n_params));  // the shard's real ones
+        m.zero(), v.zero();
+        cudaCheck(cudaMemcpy(m.ptr, m_host.data() + shard_lo, n * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(v.ptr, v_host.data() + shard_lo, n * sizeof(float), cudaMemcpyHostToDevice));
     }
     void download_moments(std::vector<float>& m_host, std::vector<float>& v_host) const {
         HL_CHECK(training, "GpuModel::download_moments: this model was built without an optimizer");
+        HL_CHECK(!sharded(), "GpuModel::download_moments: a sharded model holds one shard (kernels/dist.cuh gathers)");
         m_host = m.download();
         v_host = v.download();
     }
     // parameters from another GpuModel of the same config (device to device, queued on the stream)
     void copy_params_from(const GpuModel& other) {
-        HL_CHECK(other.params.n == params.n, "GpuModel::copy_params_from: ", other.params.n, " vs ", params.n,
+        HL_CHECK(other.n_params == n_params, "GpuModel::copy_params_from: ", other.n_params, " vs ", n_params,
                  " parameters");
-        cudaCheck(cudaMemcpyAsync(params.ptr, other.params.ptr, params.n * sizeof(float), cudaMemcpyDeviceToDevice,
+        cudaCheck(cudaMemcpyAsync(params.ptr, other.params.ptr, n_params * sizeof(float), cudaMemcpyDeviceToDevice,
                                   stream));
         if (buffers.n > 0)
             cudaCheck(cudaMemcpyAsync(buffers.ptr, other.buffers.ptr, buffers.n * sizeof(float),
@@ -277,7 +292,9 @@ struct GpuModel {
     }
 
     // Gradients of the mean loss of the last forward (which must have had targets) accumulate into grads.
-    void backward() {
+    // layer_done(l), when given, is called (on the host, as the launches are queued) once block l's gradients
+    // are queued: a data-parallel run starts reducing them while the earlier blocks' backward runs.
+    void backward(const std::function<void(int)>& layer_done = {}) {
         HL_CHECK(training, "GpuModel::backward: this model was built without gradients");
         HL_CHECK(have_targets, "backward needs a forward with targets first");
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
@@ -286,9 +303,11 @@ struct GpuModel {
         gpu::crossentropy_backward(dlogits, dlosses, probs, targets_buf.ptr, N, V, stream);
         gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream);
         gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream);
-        for (int l = L - 1; l >= 0; l--)
+        for (int l = L - 1; l >= 0; l--) {
             gpu::block_backward(dres, dp.layers[size_t(l)], dres, bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
                                 blocks[size_t(l)], B, T_, stream);
+            if (layer_done) layer_done(l);
+        }
         gpu::embedding_backward(dp.embed, dres, last_tokens, B, T_, V, D, stream);
     }
 
@@ -296,6 +315,7 @@ struct GpuModel {
     // AdamW step at learning rate lr; step is 1-based (bias correction).
     void update(const AdamWConfig& opt, float lr, int step, float grad_clip) {
         HL_CHECK(training, "GpuModel::update: this model was built without an optimizer");
+        HL_CHECK(!sharded(), "GpuModel::update: a sharded model steps through kernels/dist.cuh");
         gpu::clip_grad_norm(scalars.ptr + 1, grads.ptr, grads.n, grad_clip, norm_scratch.ptr, stream);
         gpu::adamw_update(params.ptr, grads.ptr, m.ptr, v.ptr, *adamw, opt, lr, step, stream);
     }
@@ -340,10 +360,14 @@ struct GpuModel {
 // buffers), up to the device, forward, backward, clip to f.grad_clip, AdamW with the scheduled lr (bias
 // correction counts step + 1). The AdamW moments are the model's own (model.m, model.v). One host sync, at the
 // end (loss and grad norm).
-// Work a multi-GPU run (kernels/dist.cuh) adds inside a step: after the backward (average the gradients over the
-// ranks) and after the update (average the loss). Empty on one GPU.
+// Work a multi-GPU run (kernels/dist.cuh) adds inside a step: as each block's gradients are queued (start
+// averaging them over the ranks), after the backward (the rest), the update itself (ZeRO-1: this rank's shard,
+// then the parameters gathered) and after it (average the loss). Empty on one GPU.
 struct StepHooks {
-    std::function<void()> after_backward, after_update;
+    std::function<void(int)> layer_done;          // block l's gradients are queued (GpuModel::backward)
+    std::function<void()> after_backward;         // every gradient is queued
+    std::function<void(float lr, int step)> update;  // replaces model.update (clip + AdamW); step is 1-based
+    std::function<void()> after_update;
 };
 
 inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* targets, int B, int T, int step,
@@ -363,11 +387,15 @@ inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* ta
     model.set_batch(inputs, targets, B, T);
     model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, B, T);
     model.zero_grad();
-    model.backward();
+    model.backward(hooks.layer_done);
     if (hooks.after_backward) hooks.after_backward();
-    AdamWConfig opt;
-    opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h
-    model.update(opt, s.lr, step + 1, f.grad_clip);
+    if (hooks.update) {
+        hooks.update(s.lr, step + 1);
+    } else {
+        AdamWConfig opt;
+        opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h
+        model.update(opt, s.lr, step + 1, f.grad_clip);
+    }
     if (hooks.after_update) hooks.after_update();
     if (model.cfg.moe) {  // balancing from this step's loads, for the next step's routing
         model.moe_update();

@@ -5,7 +5,8 @@
 //   StepStats step(int step)                 one optimisation step (0-based)
 //   float eval()                             the validation loss
 //   std::string sample(int done)             text continuing the prompt
-//   void save(const TrainState& state)       the checkpoint after state.step steps
+//   void save(const TrainState& state)       the checkpoint after state.step steps (every rank calls it; only
+//                                            the lead writes, the others give their share of the state)
 //   std::string where()                      for the header line: "2 threads", "device NVIDIA H200, fp32"
 #pragma once
 #include <algorithm>            // std::max, std::min
@@ -75,12 +76,20 @@ inline int session_end(const TrainFlags& t, const TrainState& state, const std::
 // lead = false: a follower rank of a multi-GPU run (train.cu, kernels/dist.cuh) — it only steps, in step with the
 // lead rank (its collectives wait for the others); printing, log, validation, checkpoints and samples are the
 // lead's alone.
+// A checkpoint after `done` steps: every --ckpt-every, and at the session's last step.
+inline bool checkpoint_due(const TrainFlags& t, int done, int end) {
+    return (t.ckpt_every > 0 && done % t.ckpt_every == 0) || done == end;
+}
+
 template <typename Backend>
 int run_training(Backend& be, const RunSetup& r, TrainState state, int end, WindowLoader& loader,
                  const TrainFlags& t, const std::string& data_path, const std::string& out,
                  const std::string& resume, double n_params, bool lead = true) {
-    if (!lead) {
-        for (int step = state.step; step < end; step++) be.step(step);
+    if (!lead) {  // the steps, and its share of each checkpoint (a sharded optimizer's moments)
+        for (int step = state.step; step < end; step++) {
+            be.step(step);
+            if (checkpoint_due(t, step + 1, end)) be.save(state);
+        }
         return 0;
     }
     using Clock = std::chrono::steady_clock;
@@ -143,7 +152,7 @@ int run_training(Backend& be, const RunSetup& r, TrainState state, int end, Wind
         }
         std::fprintf(log, "%s\n", log_row(done, s, val_str, double(B) * T / dt).c_str());
         std::fflush(log);
-        if ((t.ckpt_every > 0 && done % t.ckpt_every == 0) || done == end) {
+        if (checkpoint_due(t, done, end)) {
             state.step = done;
             state.loader_rng = loader.rng_state();
             be.save(state);

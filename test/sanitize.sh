@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# sanitize.sh BINARY TOOL [JOBS] — runs every test case of a doctest binary under
+# sanitize.sh BINARY TOOL [JOBS] [PATTERN] — runs every test case of a doctest binary (or those whose name
+# matches the extended regex PATTERN) under
 # `compute-sanitizer --tool TOOL` (memcheck, racecheck, initcheck, synccheck), one process per case,
 # JOBS at a time (default: the number of cores), so the slow sanitizers finish in one sitting.
 # Prints one line per case and ends with "N passed, N failed"; logs go to build/sanitize/TOOL/.
 set -u
-bin=$1 tool=$2 jobs=${3:-$(nproc)}
+bin=$1 tool=$2 jobs=${3:-$(nproc)} pattern=${4:-}
 logdir=build/sanitize/$tool
 mkdir -p "$logdir" && rm -f "$logdir"/*.log
 command -v compute-sanitizer >/dev/null || { echo "error: compute-sanitizer not found (CUDA toolkit's bin/)"; exit 1; }
 # doctest splits -tc filters at commas, so a case name's commas become the one-character wildcard '?'
 "$bin" --list-test-cases --no-version 2>/dev/null | sed -n '/^====/,/^====/p' | sed '1d;$d' > "$logdir/cases.txt"
-[ -s "$logdir/cases.txt" ] || { echo "error: $bin lists no test cases"; exit 1; }
+if [ -n "$pattern" ]; then grep -E -- "$pattern" "$logdir/cases.txt" > "$logdir/cases.sel" || true; mv "$logdir/cases.sel" "$logdir/cases.txt"; fi
+[ -s "$logdir/cases.txt" ] || { echo "error: $bin lists no test cases${pattern:+ matching '$pattern'}"; exit 1; }
 run_case() {  # run_case INDEX: the case on that line of cases.txt
     local name; name=$(sed -n "$1p" "$logdir/cases.txt")
     local log="$logdir/$1.log" filter=${name//,/?}

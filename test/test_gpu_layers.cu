@@ -11,6 +11,7 @@
 #include <doctest/doctest.h>      // TEST_CASE, CHECK, INFO
 #include <cmath>                  // std::fabs, std::isfinite
 #include <cstdio>                 // std::printf
+#include <memory>                 // std::unique_ptr: the shard tables
 #include <string>                 // std::string
 #include <vector>                 // std::vector
 #include "kernels/common.cuh"     // DeviceBuffer, cudaCheck
@@ -268,6 +269,61 @@ TEST_CASE("gpu adamw: five steps with per-tensor decay equal the CPU; gaps betwe
     const hl::TensorInfo& gap = infos[3];
     for (size_t i = gap.offset; i < gap.offset + gap.numel; i++) CHECK(gp[i] == params0[i]);
     CHECK(table.n_ranges == 5);  // embed · norm1+conv_w · (gap) conv_b · w1+w2 · norm_f
+}
+
+TEST_CASE("gpu adamw on shards (ZeRO-1's update): every shard's update with its own moments is the whole update") {
+    // what kernels/dist.cuh does on each rank, here all shards on one GPU: the table of one shard (tensors cut at
+    // its ends), moments holding that shard only (mv_base), and the shard's squared gradient norm
+    hl::Rng rng(109);
+    std::vector<hl::TensorInfo> infos;
+    hl::Arena<float> count(nullptr, &infos);
+    count.take("embed", {40, 7});
+    count.take("layers.0.norm1", {7});
+    count.take("layers.0.mixer.conv_w", {9, 4});
+    count.take("layers.0.ffn.w1", {13, 7});
+    count.take("norm_f", {7});
+    const size_t n = count.size;
+    const int shards = 3;
+    const size_t S = (n + shards - 1) / shards;  // padded to 3·S, as GpuModel does
+    hl::AdamWConfig cfg;
+    cfg.weight_decay = 0.1f;
+    std::vector<float> p0 = randn(rng, shards * S, 0.5), zeros(shards * S, 0.0f);
+    for (size_t i = n; i < shards * S; i++) p0[i] = 0;
+    hl::gpu::AdamWTable whole(infos);
+    DeviceBuffer<float> p_, g_, m_, v_, ps_, ms_[shards], vs_[shards];
+    to_dev(p_, p0), to_dev(ps_, p0), to_dev(m_, zeros), to_dev(v_, zeros);
+    for (int r = 0; r < shards; r++) ms_[r].alloc(S), ms_[r].zero(), vs_[r].alloc(S), vs_[r].zero();
+    std::vector<std::unique_ptr<hl::gpu::AdamWTable>> tables;
+    size_t total = 0;
+    for (int r = 0; r < shards; r++) {
+        tables.push_back(std::make_unique<hl::gpu::AdamWTable>(infos, r * S, (r + 1) * S));
+        total += tables.back()->total;
+    }
+    CHECK(total == whole.total);  // the shards cut the tensors, they lose and double nothing
+    DeviceBuffer<double> scratch(hl::gpu::GRAD_NORM_BLOCKS), sumsq(1);
+    DeviceBuffer<float> norm_(1);
+    for (int step = 1; step <= 3; step++) {
+        std::vector<float> g = randn(rng, shards * S, 1.0);
+        for (size_t i = n; i < shards * S; i++) g[i] = 0;
+        to_dev(g_, g);
+        hl::gpu::adamw_update(p_.ptr, g_.ptr, m_.ptr, v_.ptr, whole, cfg, 1e-2f, step);
+        double sq = 0;
+        for (int r = 0; r < shards; r++) {
+            hl::gpu::adamw_update(ps_.ptr, g_.ptr, ms_[r].ptr, vs_[r].ptr, *tables[size_t(r)], cfg, 1e-2f, step, 0,
+                                  r * S);
+            hl::gpu::grad_norm(norm_.ptr, g_.ptr + r * S, S, scratch.ptr, 0, sumsq.ptr);
+            sq += from_dev(sumsq)[0];
+        }
+        const float cpu_norm = hl::grad_norm(g.data(), n);
+        CHECK(std::sqrt(sq) == doctest::Approx(cpu_norm).epsilon(1e-6));
+    }
+    CHECK(from_dev(ps_) == from_dev(p_));  // bitwise: the same float operations per element
+    std::vector<float> m_all = from_dev(m_), m_cat;
+    for (int r = 0; r < shards; r++) {
+        const std::vector<float> mr = from_dev(ms_[r]);
+        m_cat.insert(m_cat.end(), mr.begin(), mr.end());
+    }
+    CHECK(m_cat == m_all);
 }
 
 TEST_CASE("gpu grad_norm and clip_grad_norm equal the CPU (device scalar, no host sync inside)") {

@@ -2,6 +2,7 @@
 // training FLOPs, every evaluation filled in, the CSV's rows and the figures written as PNGs; and the recall
 // batches' masks.
 #include <cmath>                 // std::isfinite
+#include <cstdio>                // std::fopen: a part cut short
 #include <string>                // std::string
 #include <vector>                // std::vector
 #include <doctest/doctest.h>     // TEST_CASE, CHECK, REQUIRE
@@ -58,6 +59,30 @@ TEST_CASE("study: a micro study runs every evaluation, matches training FLOPs, w
         const std::string bytes = test::read_bytes(sc.out + "/" + png + ".png");
         CHECK(bytes.substr(0, 4) == "\x89PNG");
     }
+
+    // each entry's part file holds its Result exactly (17 digits), so a study run in pieces merges to the same CSV
+    const study::Result back = study::load_result(study::part_path(sc.out, 1));
+    CHECK(back.name == rs[1].name);
+    CHECK(back.steps == rs[1].steps);
+    CHECK(back.val == rs[1].val);
+    CHECK(back.curve_val == rs[1].curve_val);
+    CHECK(back.per_pos == rs[1].per_pos);
+    CHECK(back.niah_grid == rs[1].niah_grid);
+    CHECK(back.attn_matrix == rs[1].attn_matrix);
+    CHECK(back.cache_formula == rs[1].cache_formula);
+    study::merge_study(sc);
+    CHECK(test::read_bytes(sc.out + "/results.csv") == csv);
+    // a part cut short, or another study's part in its place, is one clear error
+    const std::string part = test::read_bytes(study::part_path(sc.out, 1));
+    {
+        std::FILE* f = std::fopen(study::part_path(sc.out, 1).c_str(), "w");
+        std::fwrite(part.data(), 1, part.size() / 2, f);
+        std::fclose(f);
+    }
+    CHECK_THROWS_WITH_AS(study::load_result(study::part_path(sc.out, 1)), doctest::Contains("is not a study part"),
+                         Error);
+    std::swap(sc.entries[0], sc.entries[1]);
+    CHECK_THROWS_WITH_AS(study::merge_study(sc), doctest::Contains("a part of another study"), Error);
 }
 
 TEST_CASE("study: NIAH and MQAR batches mask exactly the answers") {

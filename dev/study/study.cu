@@ -1,13 +1,18 @@
 // study.cu — the study of dev/study/study.h on the GPU: every family at preset small on tinyshakespeare, matched
 // parameters and training FLOPs, the recall tasks, decoding with caches, the CSV and the figures (issue 6).
 //
-//   make study                      builds build/study and runs it into docs/study
-//   build/study [out] [preset] [steps]
+//   make study                                   builds build/study and runs every entry into docs/study
+//   build/study --entries 0-5 --device 0 &       or in pieces (several GPUs, several sessions): each entry's
+//   build/study --entries 6-11 --device 1        Result goes to docs/study/parts/NN.txt,
+//   build/study --merge                          and the merge writes the CSV and the figures
 #include <cstdio>                 // std::printf
-#include <cstdlib>                // std::atoi
 #include <exception>              // std::exception
 #include <string>                 // std::string
 #include <vector>                 // std::vector
+// CLI11 trips nvcc's front end (warning 2361, a narrowing check in its type traits, harmless), as in train.cu
+#pragma nv_diag_suppress 2361
+#include <CLI/CLI.hpp>            // CLI::App
+#pragma nv_diag_default 2361
 #include <cuda_runtime.h>         // cudaMemcpy, cudaDeviceSynchronize
 #include "data/loader.h"          // load_tokens, split_tokens
 #include "dev/study/study.h"      // StudyConfig, default_entries, run_study
@@ -65,20 +70,60 @@ struct GpuBackend {
 }  // namespace
 
 int main(int argc, char** argv) {
+    CLI::App app{"study — the paper's comparisons at a small scale on the GPU (dev/study/study.h)"};
+    hl::study::StudyConfig sc;
+    std::string preset = "small", entries;
+    bool merge_only = false;
+    int device = 0;
+    sc.out = "docs/study", sc.steps = 1000, sc.task_steps = 1000;
+    app.add_option("--out", sc.out, "folder of results.csv, the figures and parts/ (one file per entry)");
+    app.add_option("--preset", preset, "model size of every entry")->check(CLI::IsMember({"tiny", "small", "100m"}));
+    app.add_option("--steps", sc.steps, "the transformer's text steps; the FLOPs budget of every entry")
+        ->check(CLI::Range(1, 1000000));
+    app.add_option("--task-steps", sc.task_steps, "training steps of each recall task")->check(CLI::Range(1, 1000000));
+    app.add_option("--entries", entries, "only entries FIRST-LAST (0-based, inclusive), into parts/; no merge");
+    app.add_flag("--merge", merge_only, "only the merge: parts/ of every entry into the CSV and the figures");
+    app.add_option("--device", device, "CUDA device")->check(CLI::Range(0, 63));
+    app.add_flag_callback("--list", [] {
+        const auto es = hl::study::default_entries("small");
+        for (size_t i = 0; i < es.size(); i++) std::printf("%2zu %s\n", i, es[i].name.c_str());
+        throw CLI::Success();
+    }, "print the entries with their indices");
     try {
-        hl::study::StudyConfig sc;
-        sc.out = argc > 1 ? argv[1] : "docs/study";
-        const std::string preset = argc > 2 ? argv[2] : "small";
-        sc.steps = argc > 3 ? std::atoi(argv[3]) : 1000;
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        return app.exit(e);
+    }
+    try {
         sc.entries = hl::study::default_entries(preset);
+        size_t first = 0, last = sc.entries.size();
+        if (!entries.empty()) {  // "A" or "A-B"
+            const size_t dash = entries.find('-');
+            auto number = [&](const std::string& t) {
+                HL_CHECK(!t.empty() && t.size() < 6 && t.find_first_not_of("0123456789") == std::string::npos,
+                         "--entries must be FIRST-LAST within 0-", last - 1, ", got '", entries, "'");
+                return std::stoi(t);
+            };
+            const int a = number(entries.substr(0, dash));
+            const int b = dash == std::string::npos ? a : number(entries.substr(dash + 1));
+            HL_CHECK(a <= b && b < int(last), "--entries must be FIRST-LAST within 0-", last - 1, ", got '", entries,
+                     "'");
+            first = size_t(a), last = size_t(b) + 1;
+        }
         sc.B = 32, sc.T = 256, sc.eval_every = 100, sc.eval_batches = 8, sc.long_T = 1024;
         sc.train.lr = 2e-3f, sc.train.warmup = 100;
-        sc.task_steps = 1000, sc.task_B = 32, sc.task_T = 256, sc.task_lengths = {256, 512, 1024, 2048};
+        sc.task_B = 32, sc.task_T = 256, sc.task_lengths = {256, 512, 1024, 2048};
         sc.task_eval_examples = 32;
         sc.decode_lengths = {256, 1024, 4096, 8192};
-        const hl::Split split = hl::split_tokens(hl::load_tokens("data/tinyshakespeare.txt"), 0.1);
-        hl::study::run_study<GpuBackend>(sc, split.train, split.val);
-        std::printf("wrote %s/results.csv and its figures\n", sc.out.c_str());
+        if (!merge_only) {
+            cudaCheck(cudaSetDevice(device));
+            const hl::Split split = hl::split_tokens(hl::load_tokens("data/tinyshakespeare.txt"), 0.1);
+            hl::study::run_entries<GpuBackend>(sc, first, last, split.train, split.val);
+        }
+        if (merge_only || entries.empty()) {
+            hl::study::merge_study(sc);
+            std::printf("wrote %s/results.csv and its figures\n", sc.out.c_str());
+        }
         return 0;
     } catch (const std::exception& e) {
         std::fprintf(stderr, "error: %s\n", e.what());

@@ -392,37 +392,133 @@ inline void write_matrices(const std::string& dir, const std::vector<double>& at
     hs.save_png(dir + "/ssd_matrix.png");
 }
 
-// The study: entries in turn (the first sets the FLOPs budget when none is given), then the CSV and the figures,
-// and the two matrices of the first inter-layer hybrid. Prints a line per entry.
-template <typename Backend>
-std::vector<Result> run_study(const StudyConfig& sc, const std::vector<int>& text, const std::vector<int>& val) {
-    HL_CHECK(!sc.entries.empty(), "study: no entries");
-    HL_CHECK(sc.long_T >= sc.T, "study: long_T (", sc.long_T, ") must be at least T (", sc.T, ")");
-    double budget = sc.flops_budget;
-    if (budget <= 0) {
-        ModelFlags mf = sc.entries.front().flags;
-        mf.seq_len = sc.T;
-        budget = formula_train_flops_per_token(build_config(mf), sc.T) * sc.B * sc.T * sc.steps;
+// ---- one entry's Result as a small text file (out/parts/NN.txt), so that a study can be run in pieces (entries
+// on several GPUs or in several sessions) and merged: `key n v1 … vn` per line, numbers with 17 digits. ----
+
+inline std::string part_path(const std::string& out, size_t index) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "/parts/%02zu.txt", index);
+    return out + buf;
+}
+
+inline void save_result(const std::string& path, const Result& r) {
+    std::FILE* f = std::fopen((path + ".tmp").c_str(), "w");
+    HL_CHECK(f != nullptr, "study: cannot write '", path, ".tmp'");
+    std::fprintf(f, "name %s\narch %s\npattern %s\nsteps %d\n", r.name.c_str(), r.arch.c_str(), r.pattern.c_str(),
+                 r.steps);
+    auto vec = [&](const char* key, const std::vector<double>& v) {
+        std::fprintf(f, "%s %zu", key, v.size());
+        for (double x : v) std::fprintf(f, " %.17g", x);
+        std::fprintf(f, "\n");
+    };
+    vec("scalars", {r.params, r.flops_per_token, r.flops, r.val});
+    vec("curve_flops", r.curve_flops), vec("curve_val", r.curve_val), vec("per_pos", r.per_pos);
+    vec("mqar_acc", r.mqar_acc), vec("niah_acc", r.niah_acc);
+    for (const auto& row : r.niah_grid) vec("niah_row", row);
+    vec("decode_ms", r.decode_ms), vec("cache_bytes", r.cache_bytes), vec("cache_formula", r.cache_formula);
+    vec("attn_matrix", r.attn_matrix), vec("ssd_matrix", r.ssd_matrix);
+    const bool ok = std::fprintf(f, "end\n") > 0;
+    HL_CHECK(std::fclose(f) == 0 && ok, "study: cannot finish writing '", path, ".tmp'");
+    HL_CHECK(std::rename((path + ".tmp").c_str(), path.c_str()) == 0, "study: cannot rename to '", path, "'");
+}
+
+inline Result load_result(const std::string& path) {
+    std::FILE* f = std::fopen(path.c_str(), "r");
+    HL_CHECK(f != nullptr, "study: no part '", path, "' (run its entry first)");
+    Result r;
+    char key[64], text[256];
+    auto bad = [&](const char* what) {
+        std::fclose(f);
+        fail("study: '", path, "' is not a study part (", what, ")");
+    };
+    for (const char* k : {"name", "arch", "pattern"}) {
+        if (std::fscanf(f, "%63s %255[^\n]", key, text) != 2 || std::string(key) != k) bad(k);
+        (k[0] == 'n' ? r.name : k[0] == 'a' ? r.arch : r.pattern) = text;
     }
-    make_dirs(sc.out);
-    std::vector<Result> rs;
-    for (const Entry& e : sc.entries) {
+    if (std::fscanf(f, "%63s %d", key, &r.steps) != 2 || std::string(key) != "steps") bad("steps");
+    bool ended = false;
+    while (!ended && std::fscanf(f, "%63s", key) == 1) {
+        const std::string k = key;
+        if (k == "end") {
+            ended = true;
+            break;
+        }
+        size_t n = 0;
+        if (std::fscanf(f, "%zu", &n) != 1 || n > (1u << 24)) bad(key);
+        std::vector<double> v(n);
+        for (double& x : v)
+            if (std::fscanf(f, "%lf", &x) != 1) bad(key);
+        if (k == "scalars" && n == 4) r.params = v[0], r.flops_per_token = v[1], r.flops = v[2], r.val = v[3];
+        else if (k == "curve_flops") r.curve_flops = v;
+        else if (k == "curve_val") r.curve_val = v;
+        else if (k == "per_pos") r.per_pos = v;
+        else if (k == "mqar_acc") r.mqar_acc = v;
+        else if (k == "niah_acc") r.niah_acc = v;
+        else if (k == "niah_row") r.niah_grid.push_back(v);
+        else if (k == "decode_ms") r.decode_ms = v;
+        else if (k == "cache_bytes") r.cache_bytes = v;
+        else if (k == "cache_formula") r.cache_formula = v;
+        else if (k == "attn_matrix") r.attn_matrix = v;
+        else if (k == "ssd_matrix") r.ssd_matrix = v;
+        else bad(key);
+    }
+    if (!ended) bad("it ends early");
+    std::fclose(f);
+    return r;
+}
+
+// The training FLOPs every entry gets: sc.flops_budget, or what the first entry does in sc.steps steps.
+inline double study_budget(const StudyConfig& sc) {
+    if (sc.flops_budget > 0) return sc.flops_budget;
+    ModelFlags mf = sc.entries.front().flags;
+    mf.seq_len = sc.T;
+    return formula_train_flops_per_token(build_config(mf), sc.T) * sc.B * sc.T * sc.steps;
+}
+
+// Entries [first, last) in turn, each into its part file. Prints a line per entry.
+template <typename Backend>
+void run_entries(const StudyConfig& sc, size_t first, size_t last, const std::vector<int>& text,
+                 const std::vector<int>& val) {
+    HL_CHECK(!sc.entries.empty(), "study: no entries");
+    HL_CHECK(first < last && last <= sc.entries.size(), "study: entries ", first, "..", last, " are not within 0..",
+             sc.entries.size());
+    HL_CHECK(sc.long_T >= sc.T, "study: long_T (", sc.long_T, ") must be at least T (", sc.T, ")");
+    const double budget = study_budget(sc);
+    make_dirs(sc.out + "/parts");
+    for (size_t i = first; i < last; i++) {
         const auto t0 = std::chrono::steady_clock::now();
-        rs.push_back(run_entry<Backend>(e, sc, text, val, budget));
-        const Result& r = rs.back();
+        const Result r = run_entry<Backend>(sc.entries[i], sc, text, val, budget);
+        save_result(part_path(sc.out, i), r);
         std::printf("%-18s %-14s %5d steps  val %.4f  MQAR %s  NIAH %s  (%.0f s)\n", r.name.c_str(), r.pattern.c_str(),
                     r.steps, r.val, join(r.mqar_acc).c_str(), join(r.niah_acc).c_str(),
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         std::fflush(stdout);
     }
+}
+
+// Every entry's part into the CSV and the figures, and the two matrices of the first model with both mixers.
+inline std::vector<Result> merge_study(const StudyConfig& sc) {
+    std::vector<Result> rs;
+    for (size_t i = 0; i < sc.entries.size(); i++) {
+        rs.push_back(load_result(part_path(sc.out, i)));
+        HL_CHECK(rs.back().name == sc.entries[i].name, "study: part ", i, " is '", rs.back().name, "', expected '",
+                 sc.entries[i].name, "' (a part of another study?)");
+    }
     write_csv(sc.out + "/results.csv", sc, rs);
     write_figures(sc.out, sc, rs);
-    for (const Result& r : rs)  // the two mixing matrices of the first model that has both mixers
+    for (const Result& r : rs)
         if (!r.attn_matrix.empty()) {
             write_matrices(sc.out, r.attn_matrix, r.ssd_matrix, std::min(MATRIX_T, sc.T));
             break;
         }
     return rs;
+}
+
+// The whole study in one go: every entry, then the merge.
+template <typename Backend>
+std::vector<Result> run_study(const StudyConfig& sc, const std::vector<int>& text, const std::vector<int>& val) {
+    run_entries<Backend>(sc, 0, sc.entries.size(), text, val);
+    return merge_study(sc);
 }
 
 // ---- the CPU backend (the GPU's is in study.cu) ----
