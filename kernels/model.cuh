@@ -95,6 +95,7 @@ struct GpuModel {
     DeviceBuffer<int> tokens_buf, targets_buf;  // (B,T) the batch on the device (set_batch; targets of the last forward)
     const int* last_tokens = nullptr;
     bool have_targets = false;
+    bool weighted = false;               // dlosses already holds set_loss_weights' weights for the next backward
 
     // shards > 1 (ZeRO-1): this model keeps AdamW moments for shard `shard` of `shards` equal parts of the
     // parameters only, and its update is kernels/dist.cuh's (the step needs the other ranks).
@@ -253,6 +254,14 @@ struct GpuModel {
         }
     }
 
+    // The next backward's gradient is of Σ_i w[i] · loss_i (w: B·T host floats, after the forward) instead of
+    // the mean loss (model/model.h's loss_weights).
+    void set_loss_weights(const float* w) {
+        HL_CHECK(have_targets, "set_loss_weights: after a forward with targets");
+        cudaCheck(cudaMemcpyAsync(dlosses, w, sizeof(float) * size_t(B) * T_, cudaMemcpyHostToDevice, stream));
+        weighted = true;
+    }
+
     // ---- forward / backward / update (queued on `stream`, no host sync) ----
 
     // Logits for device tokens (B,T) into this->logits; with device targets (B,T), the per-token losses into
@@ -291,15 +300,18 @@ struct GpuModel {
         cudaCheck(cudaMemsetAsync(grads.ptr, 0, grads.n * sizeof(float), stream));
     }
 
-    // Gradients of the mean loss of the last forward (which must have had targets) accumulate into grads.
-    // layer_done(l), when given, is called (on the host, as the launches are queued) once block l's gradients
+    // Gradients of the mean loss of the last forward (which must have had targets) accumulate into grads (or of
+    // the weighted loss, after set_loss_weights). layer_done(l), when given, is called (on the host, as the launches are queued) once block l's gradients
     // are queued: a data-parallel run starts reducing them while the earlier blocks' backward runs.
     void backward(const std::function<void(int)>& layer_done = {}) {
         HL_CHECK(training, "GpuModel::backward: this model was built without gradients");
         HL_CHECK(have_targets, "backward needs a forward with targets first");
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        fill_kernel<<<elementwise_grid(size_t(N), 256), 256, 0, stream>>>(dlosses, 1.0f / float(N), size_t(N));
-        cudaCheckLast();
+        if (!weighted) {
+            fill_kernel<<<elementwise_grid(size_t(N), 256), 256, 0, stream>>>(dlosses, 1.0f / float(N), size_t(N));
+            cudaCheckLast();
+        }
+        weighted = false;
         gpu::crossentropy_backward(dlogits, dlosses, probs, targets_buf.ptr, N, V, stream);
         gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream);
         gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream);
@@ -371,7 +383,7 @@ struct StepHooks {
 };
 
 inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* targets, int B, int T, int step,
-                               const TrainFlags& f, const StepHooks& hooks = {});
+                               const TrainFlags& f, const StepHooks& hooks = {}, const float* loss_weights = nullptr);
 
 inline StepStats train_step(GpuModel& model, int* inputs, int* targets, WindowLoader& loader, int step,
                             const TrainFlags& f) {
@@ -379,14 +391,16 @@ inline StepStats train_step(GpuModel& model, int* inputs, int* targets, WindowLo
     return train_step_on(model, inputs, targets, loader.B, loader.T, step, f);
 }
 
-// The step itself on a given host batch (B, T) — text windows or a synthetic task's batch (data/tasks.h).
+// The step itself on a given host batch (B, T) — text windows or a synthetic task's batch (data/tasks.h); with
+// loss_weights (B·T, host), the gradient is of the weighted loss (GpuModel::set_loss_weights).
 inline StepStats train_step_on(GpuModel& model, const int* inputs, const int* targets, int B, int T, int step,
-                               const TrainFlags& f, const StepHooks& hooks) {
+                               const TrainFlags& f, const StepHooks& hooks, const float* loss_weights) {
     StepStats s;
     s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
     model.set_batch(inputs, targets, B, T);
     model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, B, T);
     model.zero_grad();
+    if (loss_weights) model.set_loss_weights(loss_weights);
     model.backward(hooks.layer_done);
     if (hooks.after_backward) hooks.after_backward();
     if (hooks.update) {

@@ -224,12 +224,13 @@ struct Model {
 
     void zero_grad() { zero(grads.data(), grads.size()); }
 
-    // Gradients of the mean loss of the last forward (which must have had targets) accumulate into grads.
-    // The tokens passed to that forward must still be alive.
-    void backward() {
+    // Gradients of the mean loss of the last forward (which must have had targets) accumulate into grads, or,
+    // given loss_weights (N = B·T), of Σ_i loss_weights[i] · loss_i: a task trained on its answers alone puts
+    // 1/count on those and 0 elsewhere. The tokens passed to that forward must still be alive.
+    void backward(const T* loss_weights = nullptr) {
         HL_CHECK(have_targets, "backward needs a forward with targets first");
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        for (int i = 0; i < N; i++) dlosses[i] = T(1) / T(N);
+        for (int i = 0; i < N; i++) dlosses[i] = loss_weights ? loss_weights[i] : T(1) / T(N);
         crossentropy_backward(dlogits, dlosses, probs, targets_buf.data(), N, V);
         matmul_backward(dxf, dp.lm_head, (T*)nullptr, dlogits, xf, p.lm_head, N, D, V);
         rmsnorm_backward(dres, dp.norm_f, dxf, xs[L], p.norm_f, rstdf, N, 1, D);

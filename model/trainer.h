@@ -226,7 +226,8 @@ struct StepStats {
 // step + 1). m and v are the AdamW moments, as long as model.params. Allocates nothing once the model
 // is allocated for (loader.B, loader.T).
 inline StepStats train_step_on(Model<float>& model, std::vector<float>& m, std::vector<float>& v, const int* inputs,
-                               const int* targets, int B, int T, int step, const TrainFlags& f);
+                               const int* targets, int B, int T, int step, const TrainFlags& f,
+                               const float* loss_weights = nullptr);
 
 inline StepStats train_step(Model<float>& model, std::vector<float>& m, std::vector<float>& v, int* inputs,
                             int* targets, WindowLoader& loader, int step, const TrainFlags& f) {
@@ -234,9 +235,11 @@ inline StepStats train_step(Model<float>& model, std::vector<float>& m, std::vec
     return train_step_on(model, m, v, inputs, targets, loader.B, loader.T, step, f);
 }
 
-// The step itself on a given batch (B, T) — text windows or a synthetic task's batch (data/tasks.h).
+// The step itself on a given batch (B, T) — text windows or a synthetic task's batch (data/tasks.h); with
+// loss_weights (B·T), the gradient is of the weighted loss (Model::backward), the reported loss still the mean.
 inline StepStats train_step_on(Model<float>& model, std::vector<float>& m, std::vector<float>& v, const int* inputs,
-                               const int* targets, int B, int T, int step, const TrainFlags& f) {
+                               const int* targets, int B, int T, int step, const TrainFlags& f,
+                               const float* loss_weights) {
     HL_CHECK(m.size() == model.params.size() && v.size() == model.params.size(),
              "train_step: AdamW moments hold ", m.size(), " and ", v.size(), " values, the model has ",
              model.params.size(), " parameters");
@@ -244,7 +247,7 @@ inline StepStats train_step_on(Model<float>& model, std::vector<float>& m, std::
     s.lr = lr_at(step, f.steps, f.warmup, f.lr, f.min_lr_frac);
     s.loss = model.forward(inputs, targets, B, T);
     model.zero_grad();
-    model.backward();
+    model.backward(loss_weights);
     s.grad_norm = clip_grad_norm(model.grads.data(), model.grads.size(), f.grad_clip);
     AdamWConfig opt;
     opt.weight_decay = f.weight_decay;  // beta1 0.9, beta2 0.95, eps 1e-8 as in model/adamw.h

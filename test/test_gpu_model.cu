@@ -412,6 +412,45 @@ TEST_CASE("gpu model: one training step of each architecture (tiny, B=2, T=33): 
     }
 }
 
+TEST_CASE("gpu model: a step on per-token loss weights equals the CPU's (tiny, B=2, T=33; the study's task loss)") {
+    const int B = 2, T = 33, N = B * T;
+    for (const Arch& a : ARCHS) {
+        const hl::ModelConfig cfg = tiny_config(a, T);
+        const std::string tag = arch_tag(a, cfg) + " weighted";
+        hl::Model<float> cpu(cfg);
+        cpu.init(1234);
+        hl::gpu::GpuModel gpu(cfg);
+        gpu.upload(cpu);
+        Rng rng(98);
+        std::vector<int> tokens(N), targets(N);
+        for (auto& t : tokens) t = int(rng.next() % 256);
+        for (auto& t : targets) t = int(rng.next() % 256);
+        std::vector<float> w(N, 0.0f);
+        for (int i = N - 7; i < N; i++) w[size_t(i)] = 1.0f / 7;  // the last 7 targets only, as a needle's digits
+        cpu.forward(tokens.data(), targets.data(), B, T);
+        cpu.zero_grad();
+        cpu.backward(w.data());
+        gpu.set_batch(tokens.data(), targets.data(), B, T);
+        gpu.forward(gpu.tokens_buf.ptr, gpu.targets_buf.ptr, B, T);
+        gpu.zero_grad();
+        gpu.set_loss_weights(w.data());
+        gpu.backward();
+        const std::vector<float> g = from_dev(gpu.grads);
+        expect_close(tag + " every gradient", std::vector<float>(g.begin(), g.begin() + long(cpu.grads.size())),
+                     cpu.grads, GRAD_TOL);
+        // the weights are used once: the next backward is of the mean loss again
+        gpu.forward(gpu.tokens_buf.ptr, gpu.targets_buf.ptr, B, T);
+        gpu.zero_grad();
+        gpu.backward();
+        cpu.forward(tokens.data(), targets.data(), B, T);
+        cpu.zero_grad();
+        cpu.backward();
+        const std::vector<float> g2 = from_dev(gpu.grads);
+        expect_close(tag + " then unweighted", std::vector<float>(g2.begin(), g2.begin() + long(cpu.grads.size())),
+                     cpu.grads, GRAD_TOL);
+    }
+}
+
 TEST_CASE("gpu model: 50 AdamW steps of each architecture follow the CPU loss curve (tiny, B=2, T=32)") {
     std::vector<int> text = hl::load_tokens("data/tinyshakespeare.txt");
     REQUIRE(text.size() > 100000);

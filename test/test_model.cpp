@@ -68,6 +68,44 @@ TEST_CASE("whole model: gradient check of every parameter tensor, for each archi
     }
 }
 
+TEST_CASE("whole model: per-token loss weights give the gradient of the weighted loss (gradient check)") {
+    // what the study's recall tasks train on: Σ_i w_i · loss_i, here with some weights 0 (unscored tokens)
+    ModelConfig c = micro("MAM", "final");
+    Model<double> m(c);
+    m.init(3);
+    Rng prng(5);
+    randomize_for_gradcheck(m.tensors, m.params.data(), prng);
+    const int B = 2, T = 5, N = B * T;
+    Rng rng(8);
+    std::vector<int> tok(N), tgt(N);
+    random_tokens(rng, tok, c.vocab_size);
+    random_tokens(rng, tgt, c.vocab_size);
+    std::vector<double> w(N);
+    for (int i = 0; i < N; i++) w[i] = i % 3 == 0 ? 0.0 : rng.uniform();
+    auto weighted = [&] {
+        m.forward(tok.data(), tgt.data(), B, T);
+        double sum = 0;
+        for (int i = 0; i < N; i++) sum += w[i] * m.losses[i];
+        return sum;
+    };
+    weighted();
+    m.zero_grad();
+    m.backward(w.data());
+    for (const TensorInfo& t : m.tensors)
+        check_grad(t.name, m.params.data() + t.offset, m.grads.data() + t.offset, t.numel, weighted);
+    // weights of 1/N everywhere are the plain mean, bitwise
+    const std::vector<double> g_w = m.grads;
+    std::vector<double> mean_w(N, 1.0 / N);
+    m.forward(tok.data(), tgt.data(), B, T);
+    m.zero_grad();
+    m.backward(mean_w.data());
+    const std::vector<double> g_mean_w = m.grads;
+    m.zero_grad();
+    m.backward();
+    CHECK(m.grads == g_mean_w);
+    CHECK(m.grads != g_w);
+}
+
 TEST_CASE("whole model is causal: changing token t+1 leaves the logits up to t unchanged") {
     for (std::string pattern : {"AA", "MM", "MAM", "MHM"}) {
         CAPTURE(pattern);

@@ -53,8 +53,8 @@ TEST_CASE("study: a micro study runs every evaluation, matches training FLOPs, w
     for (char c : csv) lines += c == '\n';
     CHECK(lines == 3);  // header + one row per entry
     CHECK(csv.find("inter 1:1,inter,") != std::string::npos);
-    for (const char* png : {"loss_vs_flops", "position_loss", "recall", "decode", "cache", "niah_transformer",
-                            "niah_inter_1_1", "attention", "ssd_matrix"}) {
+    for (const char* png : {"loss_vs_flops", "position_loss", "recall", "niah_digits", "decode", "cache",
+                            "niah_transformer", "niah_inter_1_1", "attention", "ssd_matrix"}) {
         CAPTURE(png);
         const std::string bytes = test::read_bytes(sc.out + "/" + png + ".png");
         CHECK(bytes.substr(0, 4) == "\x89PNG");

@@ -50,12 +50,14 @@ constexpr Rgb INK{40, 40, 40};        // text, axes
 constexpr Rgb GRID{228, 228, 228};    // grid lines behind the data
 constexpr Rgb MISSING{170, 170, 170}; // masked (NaN) heatmap cells
 
-// Series colours: ten well-separated hues (the usual "category10" set), cycled.
+// Series colours: the usual "category10" hues, then six darker ones (a study draws twelve families), cycled.
 inline Rgb palette(int i) {
-    static const Rgb colors[10] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},
-                                   {148, 103, 189}, {140, 86, 75}, {227, 119, 194}, {127, 127, 127},
-                                   {188, 189, 34},  {23, 190, 207}};
-    return colors[((i % 10) + 10) % 10];
+    constexpr int n = 16;
+    static const Rgb colors[n] = {{31, 119, 180}, {255, 127, 14}, {44, 160, 44},  {214, 39, 40},
+                                  {148, 103, 189}, {140, 86, 75}, {227, 119, 194}, {127, 127, 127},
+                                  {188, 189, 34},  {23, 190, 207}, {0, 0, 0},     {0, 60, 140},
+                                  {130, 0, 0},     {0, 110, 90},  {200, 0, 200},  {110, 90, 0}};
+    return colors[((i % n) + n) % n];
 }
 
 // A viridis-like colormap, t in [0, 1]: dark purple → blue → teal → green → yellow, lightness rising

@@ -32,8 +32,9 @@ struct GpuBackend {
         host.init(seed);
         model.upload(host);
     }
-    hl::StepStats train(const int* in, const int* tg, int B, int T, int step, const hl::TrainFlags& f) {
-        return hl::gpu::train_step_on(model, in, tg, B, T, step, f);
+    hl::StepStats train(const int* in, const int* tg, int B, int T, int step, const hl::TrainFlags& f,
+                        const float* loss_weights = nullptr) {
+        return hl::gpu::train_step_on(model, in, tg, B, T, step, f, {}, loss_weights);
     }
     void forward(const int* in, const int* tg, int B, int T) {
         model.set_batch(in, tg, B, T);

@@ -13,7 +13,9 @@
 // The training itself goes through a backend, so that the same study runs on the CPU (study_cpu, a small smoke
 // version in the tests) and on the GPU (study.cu). A backend has:
 //   Backend(const ModelConfig&, uint64_t seed)       the model, initialised
-//   StepStats train(inputs, targets, B, T, step, f)  one optimisation step on a host batch (B, T)
+//   StepStats train(inputs, targets, B, T, step, f, loss_weights)
+//                                                    one optimisation step on a host batch (B, T); loss_weights
+//                                                    (B·T or null): the recall tasks train on their answers only
 //   void forward(inputs, targets, B, T)              logits (B·T·V) and per-token losses (B·T) into host vectors
 //   const std::vector<float>& logits(), losses()
 //   void to_host(Model<float>&)                      the parameters (and MoE buffers) into a CPU model
@@ -21,7 +23,7 @@
 #pragma once
 #include <algorithm>             // std::max, std::min
 #include <chrono>                // std::chrono::steady_clock
-#include <cmath>                 // std::log, NAN
+#include <cmath>                 // std::log, std::llround, NAN
 #include <cstdio>                // std::FILE, std::fprintf
 #include <string>                // std::string
 #include <vector>                // std::vector
@@ -96,7 +98,8 @@ struct Result {
     std::vector<double> curve_flops, curve_val;  // validation along the run
     double val = NAN;                            // at the end
     std::vector<double> per_pos;                 // long_T positions
-    std::vector<double> mqar_acc, niah_acc;      // per task length
+    std::vector<double> mqar_acc, niah_acc;      // per task length: MQAR answer bytes right; needles found whole
+    std::vector<double> mqar_exact, niah_digits; // ... MQAR examples with every answer right; needle digits right
     std::vector<std::vector<double>> niah_grid;  // [depth][length]
     std::vector<double> decode_ms, cache_bytes, cache_formula;
     std::vector<double> attn_matrix, ssd_matrix;  // (64, 64) each, for a model with A and M blocks (else empty)
@@ -156,29 +159,43 @@ inline TaskBatch mqar_task_batch(const MqarConfig& c, int B, int T, Rng& rng) {
     return tb;
 }
 
-// Fraction of examples whose every masked target is the argmax (all of a needle's digits, all of MQAR's answers).
+// Of the masked targets (a needle's digits, MQAR's answers): the fraction that are the argmax (`token`), and the
+// fraction of examples whose every one is (`exact`).
+struct TaskScore {
+    double token = 0, exact = 0;
+};
 template <typename Backend>
-double task_accuracy(Backend& be, const TaskBatch& tb, int B, int T, int V) {
+TaskScore task_accuracy(Backend& be, const TaskBatch& tb, int B, int T, int V) {
     be.forward(tb.in.data(), tb.tg.data(), B, T);
-    int correct = 0;
+    TaskScore ts;
+    long long right = 0, count = 0;
     for (int b = 0; b < B; b++) {
         const size_t o = (size_t)b * T;
         const MaskedScore s = masked_score(be.logits().data() + o * V, tb.tg.data() + o, tb.mask.data() + o, T, V);
-        correct += s.accuracy == 1.0;
+        ts.exact += s.accuracy == 1.0;
+        right += (long long)std::llround(s.accuracy * double(s.count)), count += s.count;
     }
-    return double(correct) / B;
+    ts.exact /= B;
+    ts.token = double(right) / double(std::max(1LL, count));
+    return ts;
 }
 
-// Trains a fresh model of `cfg` on batches from make_batch(rng) for `steps` steps.
+// Trains a fresh model of `cfg` on batches from make_batch(rng) for `steps` steps, on the answers alone (the
+// mean loss over the masked targets: the rest of a task's bytes are random, and would only add noise).
 template <typename Backend, typename MakeBatch>
 void train_on(Backend& be, int steps, const TrainFlags& base, uint64_t seed, int B, int T, MakeBatch make_batch) {
     TrainFlags f = base;
     f.steps = steps;
     f.warmup = std::min(f.warmup, steps / 10);
     Rng rng(seed);
+    std::vector<float> w((size_t)B * T);
     for (int s = 0; s < steps; s++) {
         const TaskBatch tb = make_batch(rng);
-        be.train(tb.in.data(), tb.tg.data(), B, T, s, f);
+        long long count = 0;
+        for (uint8_t m : tb.mask) count += m;
+        HL_CHECK(count > 0, "study: a task batch without answers");
+        for (size_t i = 0; i < w.size(); i++) w[i] = tb.mask[i] ? 1.0f / float(count) : 0.0f;
+        be.train(tb.in.data(), tb.tg.data(), B, T, s, f, w.data());
     }
 }
 
@@ -255,9 +272,12 @@ Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& 
         train_on(be, sc.task_steps, sc.train, sc.seed + 2, sc.task_B, sc.task_T,
                  [&](Rng& rng) { return mqar_task_batch(sc.mqar, sc.task_B, sc.task_T, rng); });
         Rng rng(sc.seed + 3);
-        for (int L : sc.task_lengths)
-            r.mqar_acc.push_back(task_accuracy(be, mqar_task_batch(sc.mqar, sc.task_eval_examples, L, rng),
-                                               sc.task_eval_examples, L, V));
+        for (int L : sc.task_lengths) {
+            const TaskScore ts = task_accuracy(be, mqar_task_batch(sc.mqar, sc.task_eval_examples, L, rng),
+                                               sc.task_eval_examples, L, V);
+            r.mqar_acc.push_back(ts.token);
+            r.mqar_exact.push_back(ts.exact);
+        }
     }
     {
         Backend be(cfg, sc.seed + 4);
@@ -266,15 +286,16 @@ Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& 
         Rng rng(sc.seed + 6);
         r.niah_grid.assign(sc.niah_depths.size(), std::vector<double>(sc.task_lengths.size(), 0.0));
         for (size_t li = 0; li < sc.task_lengths.size(); li++) {
-            double sum = 0;
+            double found = 0, digits = 0;
             for (size_t di = 0; di < sc.niah_depths.size(); di++) {
                 const int L = sc.task_lengths[li];
-                const double acc = task_accuracy(
+                const TaskScore ts = task_accuracy(
                     be, niah_batch(val, sc.task_eval_examples, L, sc.niah_depths[di], rng), sc.task_eval_examples, L, V);
-                r.niah_grid[di][li] = acc;
-                sum += acc;
+                r.niah_grid[di][li] = ts.exact;
+                found += ts.exact, digits += ts.token;
             }
-            r.niah_acc.push_back(sum / double(sc.niah_depths.size()));
+            r.niah_acc.push_back(found / double(sc.niah_depths.size()));
+            r.niah_digits.push_back(digits / double(sc.niah_depths.size()));
         }
     }
     return r;
@@ -298,7 +319,7 @@ inline void write_csv(const std::string& path, const StudyConfig& sc, const std:
     std::fprintf(f, "name,arch,pattern,nonembedding_params,train_flops_per_token,steps,train_flops,val_loss,"
                     "val_curve_flops,val_curve_loss,loss_first_T,loss_beyond_T,mqar_acc_by_length,"
                     "niah_acc_by_length,task_lengths,decode_ms,cache_bytes,cache_bytes_formula_fp32,"
-                    "decode_lengths\n");
+                    "decode_lengths,mqar_exact_by_length,niah_digit_acc_by_length\n");
     for (const Result& r : rs) {
         double first = 0, beyond = 0;
         const int T = std::min<int>(sc.T, int(r.per_pos.size()));
@@ -307,17 +328,18 @@ inline void write_csv(const std::string& path, const StudyConfig& sc, const std:
         beyond /= std::max(1, int(r.per_pos.size()) - T);
         std::vector<double> lengths(sc.task_lengths.begin(), sc.task_lengths.end()),
             dlen(sc.decode_lengths.begin(), sc.decode_lengths.end());
-        std::fprintf(f, "%s,%s,%s,%.0f,%.6g,%d,%.6g,%.6f,%s,%s,%.6f,%.6f,%s,%s,%s,%s,%s,%s,%s\n", r.name.c_str(),
+        std::fprintf(f, "%s,%s,%s,%.0f,%.6g,%d,%.6g,%.6f,%s,%s,%.6f,%.6f,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r.name.c_str(),
                      r.arch.c_str(), r.pattern.c_str(), r.params, r.flops_per_token, r.steps, r.flops, r.val,
                      join(r.curve_flops).c_str(), join(r.curve_val).c_str(), first, beyond, join(r.mqar_acc).c_str(),
                      join(r.niah_acc).c_str(), join(lengths).c_str(), join(r.decode_ms).c_str(),
-                     join(r.cache_bytes).c_str(), join(r.cache_formula).c_str(), join(dlen).c_str());
+                     join(r.cache_bytes).c_str(), join(r.cache_formula).c_str(), join(dlen).c_str(),
+                     join(r.mqar_exact).c_str(), join(r.niah_digits).c_str());
     }
     HL_CHECK(std::fclose(f) == 0, "study: cannot finish writing '", path, "'");
 }
 
-// loss_vs_flops.png, position_loss.png, recall.png, decode.png, cache.png, niah_<entry>.png (the first three
-// families), and mixing.png's two matrices as attention.png and ssd_matrix.png.
+// loss_vs_flops.png, position_loss.png, recall.png (MQAR), niah_digits.png, decode.png, cache.png,
+// niah_<entry>.png (needles found by length × depth, one per entry); write_matrices: attention.png, ssd_matrix.png.
 inline void write_figures(const std::string& dir, const StudyConfig& sc, const std::vector<Result>& rs) {
     using namespace hl::plot;
     auto xs = [](const std::vector<int>& v) { return std::vector<double>(v.begin(), v.end()); };
@@ -328,23 +350,32 @@ inline void write_figures(const std::string& dir, const StudyConfig& sc, const s
     q.save_png(dir + "/loss_vs_flops.png");
 
     LineChart p;
-    p.title = "loss by position (trained at T = " + std::to_string(sc.T) + ")";
+    constexpr int bin = 32;  // positions averaged per point: one position's mean over a few windows is noisy
+    p.title = "loss by position, means of " + std::to_string(bin) + " (trained at T = " + std::to_string(sc.T) + ")";
     p.xlabel = "position", p.ylabel = "loss (nats/byte)";
     for (const Result& r : rs) {
-        std::vector<double> x(r.per_pos.size());
-        for (size_t i = 0; i < x.size(); i++) x[i] = double(i);
-        p.add(r.name, x, r.per_pos);
+        std::vector<double> x, y;
+        for (size_t i = 0; i + bin <= r.per_pos.size(); i += bin) {
+            double sum = 0;
+            for (size_t j = i; j < i + bin; j++) sum += r.per_pos[j];
+            x.push_back(double(i) + bin / 2.0), y.push_back(sum / bin);
+        }
+        p.add(r.name, x, y);
     }
     p.save_png(dir + "/position_loss.png");
 
     LineChart m;
-    m.title = "recall, trained at T = " + std::to_string(sc.task_T) + " (MQAR solid, NIAH dots)";
+    m.title = "MQAR: answer bytes right, trained at T = " + std::to_string(sc.task_T);
     m.xlabel = "context length", m.ylabel = "accuracy", m.log_x = true;
+    LineChart n;
+    n.title = "needle in a haystack: digits right, trained at T = " + std::to_string(sc.task_T);
+    n.xlabel = "context length", n.ylabel = "accuracy", n.log_x = true;
     for (const Result& r : rs) {
-        m.add(r.name + " MQAR", xs(sc.task_lengths), r.mqar_acc);
-        m.add(r.name + " NIAH", xs(sc.task_lengths), r.niah_acc).markers = true;
+        m.add(r.name, xs(sc.task_lengths), r.mqar_acc).markers = true;
+        n.add(r.name, xs(sc.task_lengths), r.niah_digits).markers = true;
     }
     m.save_png(dir + "/recall.png");
+    n.save_png(dir + "/niah_digits.png");
 
     LineChart d;
     d.title = "decode time per token";
@@ -414,6 +445,7 @@ inline void save_result(const std::string& path, const Result& r) {
     vec("scalars", {r.params, r.flops_per_token, r.flops, r.val});
     vec("curve_flops", r.curve_flops), vec("curve_val", r.curve_val), vec("per_pos", r.per_pos);
     vec("mqar_acc", r.mqar_acc), vec("niah_acc", r.niah_acc);
+    vec("mqar_exact", r.mqar_exact), vec("niah_digits", r.niah_digits);
     for (const auto& row : r.niah_grid) vec("niah_row", row);
     vec("decode_ms", r.decode_ms), vec("cache_bytes", r.cache_bytes), vec("cache_formula", r.cache_formula);
     vec("attn_matrix", r.attn_matrix), vec("ssd_matrix", r.ssd_matrix);
@@ -454,6 +486,8 @@ inline Result load_result(const std::string& path) {
         else if (k == "per_pos") r.per_pos = v;
         else if (k == "mqar_acc") r.mqar_acc = v;
         else if (k == "niah_acc") r.niah_acc = v;
+        else if (k == "mqar_exact") r.mqar_exact = v;
+        else if (k == "niah_digits") r.niah_digits = v;
         else if (k == "niah_row") r.niah_grid.push_back(v);
         else if (k == "decode_ms") r.decode_ms = v;
         else if (k == "cache_bytes") r.cache_bytes = v;
@@ -489,8 +523,9 @@ void run_entries(const StudyConfig& sc, size_t first, size_t last, const std::ve
         const auto t0 = std::chrono::steady_clock::now();
         const Result r = run_entry<Backend>(sc.entries[i], sc, text, val, budget);
         save_result(part_path(sc.out, i), r);
-        std::printf("%-18s %-14s %5d steps  val %.4f  MQAR %s  NIAH %s  (%.0f s)\n", r.name.c_str(), r.pattern.c_str(),
-                    r.steps, r.val, join(r.mqar_acc).c_str(), join(r.niah_acc).c_str(),
+        std::printf("%-18s %-14s %5d steps  val %.4f  MQAR %s  NIAH found %s digits %s  (%.0f s)\n", r.name.c_str(),
+                    r.pattern.c_str(), r.steps, r.val, join(r.mqar_acc).c_str(), join(r.niah_acc).c_str(),
+                    join(r.niah_digits).c_str(),
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
         std::fflush(stdout);
     }
@@ -532,8 +567,9 @@ struct CpuBackend {
         m.assign(model.params.size(), 0.f);
         v.assign(model.params.size(), 0.f);
     }
-    StepStats train(const int* in, const int* tg, int B, int T, int step, const TrainFlags& f) {
-        return train_step_on(model, m, v, in, tg, B, T, step, f);
+    StepStats train(const int* in, const int* tg, int B, int T, int step, const TrainFlags& f,
+                    const float* loss_weights = nullptr) {
+        return train_step_on(model, m, v, in, tg, B, T, step, f, loss_weights);
     }
     void forward(const int* in, const int* tg, int B, int T) {
         model.forward(in, tg, B, T);
