@@ -6,7 +6,7 @@
 set -euo pipefail
 trainer=${1:-build/train_gpu}
 steps=${2:-1000}
-args=${ARGS:-"--batch 32 --seq-len 256 --warmup 100 --lr 2e-3 --log-every 100 --eval-every 0 --ckpt-every 0 --sample-every 0 --sample-len 64"}
+args=${ARGS:-"--batch 32 --seq-len 256 --warmup 100 --lr 2e-3 --log-every 100 --eval-every 100 --ckpt-every 0 --sample-every 0 --sample-len 64"}
 printf "%-12s %-4s %10s %12s  %s\n" family moe "val loss" "tok/s" "expert shares at the end (%)"
 for family in transformer mamba2 inter intra; do
     for moe in "" "--moe"; do

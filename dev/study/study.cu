@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
     std::string preset = "small", entries;
     bool merge_only = false;
     int device = 0;
-    sc.out = "docs/study", sc.steps = 1000, sc.task_steps = 1000;
+    sc.out = "docs/study", sc.steps = 1000, sc.task_steps = 1500;
     app.add_option("--out", sc.out, "folder of results.csv, the figures and parts/ (one file per entry)");
     app.add_option("--preset", preset, "model size of every entry")->check(CLI::IsMember({"tiny", "small", "100m"}));
     app.add_option("--steps", sc.steps, "the transformer's text steps; the FLOPs budget of every entry")
