@@ -130,6 +130,13 @@ dev: $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%)
 bench: dev
 	@for b in $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%); do echo "==== $$b"; $$b || exit 1; done
 
+# ---- training speed against PyTorch (issue 9), on the device machine with .whl/ carried (dev/bench_torch.sh):
+# every architecture at 100m and 350m, T = 2048 and 8192, hybridlm and PyTorch in one table (bench/models.sh;
+# ARCHS, PRESETS, SEQ_LENS, TOKENS, TORCH=0 … narrow it) into bench/results/<date>/models.csv
+.PHONY: bench_models
+bench_models: $(BUILD)/train_gpu
+	bash bench/models.sh bench/results/$$(date +%F)
+
 # dev/dump_grads (for dev/check_reference.sh, the PyTorch comparison): built by `make test` so it keeps compiling
 $(BUILD)/dump_grads: dev/dump_grads.cpp $(HEADERS)
 	@mkdir -p $(dir $@)

@@ -19,25 +19,24 @@
 // staging copy of the CPU init and of checkpoints (model/trainer.h's save_run/load_run are reused as they are,
 // so the file format is the CPU trainer's). Each step queues forward, backward, clipping and AdamW without a
 // host sync and reads {loss, grad norm} back once at the end; the progress line's tok/s is measured on that.
-// Sampling runs a full GPU forward over the context window per token and samples on the host (no cached decode
-// yet). Bad input: one line "error: ..." on stderr, exit status 1, nothing written.
+// Sampling runs the cached decoder on the GPU (kernels/generate.cuh: KV caches, conv and SSM states; one step per
+// token) and samples on the host from the same seeded stream as the CPU. Bad input: one line "error: ..." on stderr, exit status 1, nothing written.
 // CLI11 trips nvcc's front end (warning 2361, a narrowing check inside its type traits, harmless): silenced for
 // that header only.
 #pragma nv_diag_suppress 2361
 #include <CLI/CLI.hpp>           // CLI11: the command line
 #pragma nv_diag_default 2361
-#include <algorithm>             // std::min
 #include <cstdint>               // uint64_t
 #include <cstdio>                // std::printf, std::fwrite
-#include <cstdlib>               // std::atoi
 #include <map>                   // std::map: checkpoint metadata
 #include <string>                // std::string
 #include <vector>                // std::vector
-#include <cuda_runtime.h>        // cudaGetDeviceProperties
+#include <cuda_runtime.h>        // cudaGetDeviceProperties, cudaMemGetInfo
 #include "data/loader.h"         // WindowLoader
 #include "kernels/common.cuh"    // cudaCheck
 #include "kernels/dist.cuh"      // gpu::Dist, gpu::DistFlags, gpu::train_step_dist: several GPUs
-#include "kernels/model.cuh"     // gpu::GpuModel, gpu::train_step, gpu::eval_loss, gpu::generate
+#include "kernels/generate.cuh"  // gpu::generate: cached decoding
+#include "kernels/model.cuh"     // gpu::GpuModel, gpu::train_step, gpu::eval_loss
 #include "model/checkpoint.h"    // load_safetensors
 #include "model/common.h"        // HL_CHECK
 #include "model/model.h"         // Model<float>: the host staging copy
@@ -92,11 +91,12 @@ int sample_main(const std::string& load, const std::string& prompt, const TrainF
     load_params(ck, host);
     gpu::GpuModel model(cfg, /*train=*/false);
     model.upload(host);
-    int window = 0;  // the window the model was trained on (beyond it RoPE positions were never seen)
-    auto it = ck.metadata.find("train.seq_len");
-    if (it != ck.metadata.end()) window = std::min(std::atoi(it->second.c_str()), cfg.max_seq_len);
-    const std::string text = prompt + gpu::generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed, window);
-    std::fwrite(text.data(), 1, text.size(), stdout);  // raw bytes: a sampled 0 byte must not end the text
+    // streamed as it is sampled; raw bytes, so a sampled 0 byte does not end the text
+    std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+    gpu::generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed, [](const std::string& piece) {
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+        std::fflush(stdout);
+    });
     std::printf("\n");
     return 0;
 }
@@ -111,7 +111,6 @@ struct GpuBackend {
     gpu::DataParallel& dp;
     WindowLoader& loader;
     gpu::GpuModel& model;
-    gpu::GpuModel& sampler;
     Model<float>& host;
     std::string ckpt_path, prompt;
     std::map<std::string, std::string> extra;  // the training flags, recorded in each checkpoint
@@ -128,10 +127,9 @@ struct GpuBackend {
         return gpu::eval_loss(model, inputs.data(), targets.data(), r.split.val, rank_rows(), r.T,
                               t.eval_batches * dist.world);
     }
+    // the cached decoder reads the parameters only: the training activations are left as they are
     std::string sample(int done) {
-        sampler.copy_params_from(model);
-        return prompt + gpu::generate(sampler, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done),
-                                      r.T);
+        return prompt + gpu::generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done));
     }
     // every rank calls it (ZeRO-1's moments are gathered from all of them); the lead writes the file
     void save(const TrainState& state) {
@@ -183,13 +181,18 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     }
     gpu::DataParallel dp(dist, model, t, dp_flags);
     model.alloc(r.B / dist.world, r.T);  // once: every step reuses these activations
-    gpu::GpuModel sampler(r.cfg, /*train=*/false);
-    if (dist.lead()) sampler.alloc(1, r.T);
-    GpuBackend be{r, t, dist, dp, loader, model, sampler, host, out + "/model.safetensors", prompt,
+    GpuBackend be{r, t, dist, dp, loader, model, host, out + "/model.safetensors", prompt,
                   train_metadata(t, r.mf, data_path), std::vector<int>(size_t(r.B) * r.T),
                   std::vector<int>(size_t(r.B) * r.T)};
-    return run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()),
-                        dist.lead());
+    const int rc = run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()),
+                                dist.lead());
+    if (dist.lead()) {  // what the run held on the device (our buffers are plain cudaMallocs: no caching allocator)
+        size_t free = 0, total = 0;
+        cudaCheck(cudaMemGetInfo(&free, &total));
+        std::printf("device memory in use: %.2f GiB of %.2f GiB\n", double(total - free) / (1 << 30),
+                    double(total) / (1 << 30));
+    }
+    return rc;
 }
 
 }  // namespace
@@ -200,11 +203,11 @@ int main(int argc, char** argv) {
     trainer.about =
         "train_gpu — train a transformer / Mamba-2 / hybrid language model on the GPU (fp32), or sample "
         "from a checkpoint.\nSame flags, data and checkpoint format as train_cpu (a checkpoint of one loads "
-        "in the other). Sampling runs a full GPU forward over the context window for every token and samples "
-        "on the host (no cached decode yet).";
+        "in the other). Sampling decodes on the GPU with KV caches and recurrent states and samples on the "
+        "host.";
     trainer.out = "runs/gpu";
     trainer.text = CliText{"OpenMP threads of the host-side work (init, checkpoints; 0 = all cores)",
-                           "sample from --load instead of training (full GPU forward per token, host-side sampling)",
+                           "sample from --load instead of training (cached GPU decoding, host-side sampling)",
                            "checkpoint to sample from (its config is read from the file; train_cpu's too)"};
     trainer.sample_main = sample_main;
     trainer.train_main = train_main;

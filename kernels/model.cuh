@@ -22,7 +22,6 @@
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaMemcpy(Async), cudaMemsetAsync, cudaStream_t
 #include "data/loader.h"          // WindowLoader, eval_windows, num_eval_windows
-#include "data/tokenizer.h"       // ByteTokenizer (generate)
 #include "kernels/adamw.cuh"      // AdamWTable, adamw_update, clip_grad_norm, GRAD_NORM_BLOCKS
 #include "kernels/block.cuh"      // GpuBlockActs, gpu_block_acts, block_forward/backward
 #include "kernels/common.cuh"     // DeviceBuffer, cudaCheck, cudaCheckLast, elementwise_grid
@@ -35,7 +34,6 @@
 #include "model/config.h"         // ModelConfig, config_check
 #include "model/embedding.h"      // embedding_check_tokens: host-side id checks before an upload
 #include "model/model.h"          // Model<float>, ModelParams, model_params, block_config
-#include "model/generate.h"       // sample_token
 #include "model/trainer.h"        // StepStats, TrainFlags, lr_at
 
 namespace hl::gpu {
@@ -446,40 +444,6 @@ inline float eval_loss(GpuModel& model, int* inputs, int* targets, const std::ve
         count += (long long)rows * T;
     }
     return float(sum / double(count));
-}
-
-// n_tokens of text continuing `prompt`, as model/trainer.h's generate: each token runs the full GPU forward over
-// the last ≤ window tokens placed at the start of a (1, window) batch, downloads that position's logits and
-// samples on the host (sample_top_k, the same seeded stream), so the text equals the CPU's up to fp32 rounding
-// of near-tied logits. No cached decode yet (a later issue): O(window) work per token.
-inline std::string generate(GpuModel& model, const std::string& prompt, int n_tokens, float temperature, int top_k,
-                            uint64_t seed, int window = 0) {
-    const int V = model.cfg.vocab_size;
-    HL_CHECK(V == ByteTokenizer::vocab_size, "generate: text needs the byte vocabulary (", ByteTokenizer::vocab_size,
-             "), this model has ", V);
-    HL_CHECK(n_tokens >= 0, "generate: n_tokens must be non-negative, got ", n_tokens);
-    if (window <= 0) window = std::min(model.cfg.max_seq_len, 256);
-    HL_CHECK(window <= model.cfg.max_seq_len, "generate: window ", window, " is above the model's limit max_seq_len = ",
-             model.cfg.max_seq_len);
-    ByteTokenizer tok;
-    std::vector<int> context = tok.encode(prompt.empty() ? std::string("\n") : prompt);
-    std::vector<int> batch((size_t)window, 0);  // (1, window)
-    std::vector<float> row((size_t)V);          // the logits of the last real position
-    Rng rng(seed);
-    std::string out;
-    for (int i = 0; i < n_tokens; i++) {
-        const int len = std::min(int(context.size()), window);
-        const int* last = context.data() + context.size() - size_t(len);
-        for (int t = 0; t < window; t++) batch[size_t(t)] = t < len ? last[t] : 0;
-        model.set_batch(batch.data(), nullptr, 1, window);
-        model.forward(model.tokens_buf.ptr, nullptr, 1, window);
-        cudaCheck(cudaMemcpy(row.data(), model.logits + (size_t)(len - 1) * V, sizeof(float) * V,
-                             cudaMemcpyDeviceToHost));
-        const int next = sample_token(row.data(), V, temperature, top_k, rng);
-        context.push_back(next);
-        out += tok.decode_token(next);
-    }
-    return out;
 }
 
 }  // namespace hl::gpu
