@@ -35,7 +35,7 @@
 #include "data/loader.h"         // WindowLoader
 #include "kernels/common.cuh"    // cudaCheck
 #include "kernels/dist.cuh"      // gpu::Dist, gpu::DistFlags, gpu::train_step_dist: several GPUs
-#include "kernels/generate.cuh"  // gpu::generate: cached decoding
+#include "kernels/generate.cuh"  // gpu::generate_cached: cached decoding (model/trainer.h's generate calls it)
 #include "kernels/model.cuh"     // gpu::GpuModel, gpu::train_step, gpu::eval_loss
 #include "model/checkpoint.h"    // load_safetensors
 #include "model/common.h"        // HL_CHECK
@@ -93,7 +93,7 @@ int sample_main(const std::string& load, const std::string& prompt, const TrainF
     model.upload(host);
     // streamed as it is sampled; raw bytes, so a sampled 0 byte does not end the text
     std::fwrite(prompt.data(), 1, prompt.size(), stdout);
-    gpu::generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed, [](const std::string& piece) {
+    generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed, [](const std::string& piece) {
         std::fwrite(piece.data(), 1, piece.size(), stdout);
         std::fflush(stdout);
     });
@@ -129,7 +129,7 @@ struct GpuBackend {
     }
     // the cached decoder reads the parameters only: the training activations are left as they are
     std::string sample(int done) {
-        return prompt + gpu::generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done));
+        return prompt + generate(model, prompt, t.sample_len, t.temperature, t.top_k, t.seed + uint64_t(done));
     }
     // every rank calls it (ZeRO-1's moments are gathered from all of them); the lead writes the file
     void save(const TrainState& state) {

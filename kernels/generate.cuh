@@ -31,7 +31,6 @@
 #include <utility>                // std::swap of the residual buffers
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaStream_t, cudaMemcpyAsync, cudaMemsetAsync
-#include "data/tokenizer.h"       // ByteTokenizer (generate)
 #include "kernels/attention.cuh"  // attn::MAX_DQK, attn::MAX_DV (the same head-dim limits as the training kernels)
 #include "kernels/common.cuh"     // DeviceBuffer, cudaCheck, cudaCheckLast, ceil_div, elementwise_grid, add, warp_sum
 #include "kernels/embedding.cuh"  // embedding_forward for the new tokens
@@ -609,21 +608,6 @@ inline std::vector<int> generate_cached(const GpuModel& m, const std::vector<int
         }
     }
     return out;
-}
-
-// n_tokens of text continuing `prompt` (the continuation only; an empty prompt starts from a newline), as
-// model/trainer.h's generate: through generate_cached above, with on_text seeing each new byte as it is sampled.
-// Byte vocabulary only.
-inline std::string generate(const GpuModel& model, const std::string& prompt, int n_tokens, float temperature,
-                            int top_k, uint64_t seed, const std::function<void(const std::string&)>& on_text = {}) {
-    HL_CHECK(model.cfg.vocab_size == ByteTokenizer::vocab_size, "generate: text needs the byte vocabulary (",
-             ByteTokenizer::vocab_size, "), this model has ", model.cfg.vocab_size);
-    HL_CHECK(n_tokens >= 0, "generate: n_tokens must be non-negative, got ", n_tokens);
-    ByteTokenizer tok;
-    const std::vector<int> context = tok.encode(prompt.empty() ? std::string("\n") : prompt);
-    std::function<void(int)> on_token;
-    if (on_text) on_token = [&](int id) { on_text(tok.decode_token(id)); };
-    return tok.decode(generate_cached(model, context, n_tokens, temperature, top_k, seed, on_token));
 }
 
 }  // namespace hl::gpu

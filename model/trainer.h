@@ -457,9 +457,11 @@ inline void load_params(const Checkpoint& ck, Model<float>& model) {
 // n_tokens of text continuing `prompt` (the continuation only; an empty prompt starts from a newline),
 // through the cached decoder of model/generate.h — attention layers keep a KV cache, Mamba-2 layers their conv
 // and SSM state — sampled with temperature and top_k (sample_token) from a seeded stream. Byte vocabulary only.
-// on_text, if given, sees each new byte as it is sampled (streaming).
-inline std::string generate(const Model<float>& model, const std::string& prompt, int n_tokens, float temperature,
-                            int top_k, uint64_t seed, const std::function<void(const std::string&)>& on_text = {}) {
+// on_text, if given, sees each new byte as it is sampled (streaming). The same for the GPU model (kernels/
+// generate.cuh): its generate_cached is found by argument-dependent lookup.
+template <typename Model_>
+std::string generate(const Model_& model, const std::string& prompt, int n_tokens, float temperature, int top_k,
+                     uint64_t seed, const std::function<void(const std::string&)>& on_text = {}) {
     HL_CHECK(model.cfg.vocab_size == ByteTokenizer::vocab_size, "generate: text needs the byte vocabulary (",
              ByteTokenizer::vocab_size, "), this model has ", model.cfg.vocab_size);
     HL_CHECK(n_tokens >= 0, "generate: n_tokens must be non-negative, got ", n_tokens);

@@ -9,7 +9,7 @@
 //   3. reset(), then model_prefill of the sequences in two pieces (the second at pos ≠ 0) gives the last
 //      position's logits;
 //   4. greedy generation of 20 tokens equals the CPU's generate_cached token for token, and streams each token;
-//   5. gpu::generate (train_gpu's text sampler) writes the CPU trainer's text.
+//   5. hl::generate on the GPU model (train_gpu's text sampler) writes the CPU trainer's text.
 // Error norm: rel err = max |gpu − cpu| / max |cpu| per tensor (test/gpu_check.cuh).
 #include <doctest/doctest.h>        // TEST_CASE, CHECK, INFO, REQUIRE
 #include <algorithm>                // std::max
@@ -196,9 +196,9 @@ TEST_CASE("gpu cached decoding equals the CPU's for each family (tiny, B=2, T=33
         // 5. the text sampler train_gpu uses (temperature and top-k, streamed pieces): the CPU trainer's text
         std::string pieces;
         const std::string text =
-            hl::gpu::generate(gpu, "ROMEO:", n_gen, 0.0f, 0, 7, [&](const std::string& p) { pieces += p; });
+            hl::generate(gpu, "ROMEO:", n_gen, 0.0f, 0, 7, [&](const std::string& p) { pieces += p; });
         CHECK(text == hl::generate(cpu, "ROMEO:", n_gen, 0.0f, 0, 7));
         CHECK(pieces == text);
-        CHECK(hl::gpu::generate(gpu, "", 3, 0.8f, 5, 1).size() == 3);  // an empty prompt starts from "\n"
+        CHECK(hl::generate(gpu, "", 3, 0.8f, 5, 1).size() == 3);  // an empty prompt starts from "\n"
     }
 }
