@@ -462,6 +462,30 @@ inline double formula_train_flops_per_token(const ModelConfig& c, int L_ctx) {
     return formula_train_flops_per_sample(c, L_ctx) / L_ctx;
 }
 
+// FLOPs of one decoded token at position L_ctx (the L_ctx-th token, seeing itself and the L_ctx − 1 before it),
+// the forward share of the training formula above (a third of it) at that one position:
+//   2·(active non-embedding params) + per A block 4·d_attn·L_ctx (QKᵀ and AV over the visible keys),
+//   S blocks over min(visible) keys, H blocks 2·h·(d_qk + d_v) per key, + per M block 9·d_ssm·N + 2·d_ssm
+// so that 3 · Σ_{t=1..L} decode(t) = formula_train_flops_per_sample(L) exactly (a test checks it).
+inline double formula_decode_flops_per_token(const ModelConfig& c, int L_ctx) {
+    HL_CHECK(L_ctx > 0, "cost: L_ctx must be positive, got ", L_ctx);
+    const double keys = attention_pairs(L_ctx) - attention_pairs(L_ctx - 1), N = c.d_state;  // = L_ctx
+    const double swa_keys = c.count('S') > 0 ? attention_pairs(L_ctx, c.window, c.sink) -
+                                                   attention_pairs(L_ctx - 1, c.window, c.sink)
+                                             : 0;
+    double flops = 2 * formula_nonembedding_params(c, /*active=*/true);
+    for (char l : c.pattern) {
+        if (l == 'A') flops += 4.0 * c.n_heads * c.head_dim * keys;
+        if (l == 'S') flops += 4.0 * c.n_heads * c.head_dim * swa_keys;
+        if (l == 'M') flops += 9.0 * c.d_ssm * N + 2.0 * c.d_ssm;
+        if (l == 'H') {
+            flops += 2.0 * c.intra_heads * (c.intra_d_qk + c.intra_d_v) * keys;
+            flops += 9.0 * c.intra_d_ssm * N + 2.0 * c.intra_d_ssm;
+        }
+    }
+    return flops;
+}
+
 // Inference cache in bytes (bf16, 2 bytes a number) after L_ctx tokens:
 //   A block  4·head_dim·n_kv·L_ctx                       K and V
 //   S block  4·head_dim·n_kv·min(L_ctx, sink + window)   bounded: the sink and the window's ring

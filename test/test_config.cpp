@@ -105,6 +105,29 @@ TEST_CASE("Mamba mixer formula uses d_ssm, and the H mixer's is as stated") {
               2 * (formula_params_intra_mixer(i) + formula_params_ffn(i)));
 }
 
+TEST_CASE("decode FLOPs per token: three times their sum over the positions is the training formula") {
+    for (const char* arch : {"transformer", "mamba2", "inter", "intra", "swa"}) {
+        for (bool moe : {false, true}) {
+            CAPTURE(arch);
+            CAPTURE(moe);
+            ModelConfig c = preset("small", arch);
+            c.window = 64, c.sink = 4;  // the S blocks' window well inside L, so their cost saturates
+            c.moe = moe;
+            const int L = 300;
+            double sum = 0;
+            for (int t = 1; t <= L; t++) sum += formula_decode_flops_per_token(c, t);
+            CHECK(3 * sum == doctest::Approx(formula_train_flops_per_sample(c, L)).epsilon(1e-12));
+            // attention's per-token cost grows with the position, Mamba's and a saturated window's do not
+            const double grow = formula_decode_flops_per_token(c, 2 * L) - formula_decode_flops_per_token(c, L);
+            if (std::string(arch) == "mamba2") CHECK(grow == 0);
+            else CHECK(grow > 0);
+        }
+    }
+    ModelConfig s = preset("small", "swa");
+    s.pattern = "SSS", s.n_layers = 3, s.window = 64, s.sink = 4;
+    CHECK(formula_decode_flops_per_token(s, 1000) == formula_decode_flops_per_token(s, 2000));
+}
+
 TEST_CASE("1B at 8K: cache 256 MiB vs 13.4 MiB vs 43 MiB; Mamba ~18% fewer FLOPs") {
     const int L = 8192;
     ModelConfig t = preset("1b", "transformer"), m = preset("1b", "mamba2"), inter = preset("1b", "inter");

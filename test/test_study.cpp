@@ -40,6 +40,9 @@ TEST_CASE("study: a micro study runs every evaluation, matches training FLOPs, w
         CHECK(r.mqar_acc.size() == 2);
         CHECK(r.niah_grid.size() == 2);
         CHECK(r.decode_ms.size() == 2);
+        CHECK(r.prefill_ms.size() == 2);
+        CHECK(r.prefill_ms[1] > 0);
+        CHECK(r.decode_flops[1] > 0);
         CHECK(r.cache_bytes[0] > 0);
     }
     CHECK(rs[0].steps == 6);
@@ -53,7 +56,7 @@ TEST_CASE("study: a micro study runs every evaluation, matches training FLOPs, w
     for (char c : csv) lines += c == '\n';
     CHECK(lines == 3);  // header + one row per entry
     CHECK(csv.find("inter 1:1,inter,") != std::string::npos);
-    for (const char* png : {"loss_vs_flops", "position_loss", "recall", "niah_digits", "decode", "cache",
+    for (const char* png : {"loss_vs_flops", "position_loss", "recall", "niah_digits", "decode", "prefill", "cache",
                             "niah_transformer", "niah_inter_1_1", "attention", "ssd_matrix"}) {
         CAPTURE(png);
         const std::string bytes = test::read_bytes(sc.out + "/" + png + ".png");
@@ -70,6 +73,8 @@ TEST_CASE("study: a micro study runs every evaluation, matches training FLOPs, w
     CHECK(back.niah_grid == rs[1].niah_grid);
     CHECK(back.attn_matrix == rs[1].attn_matrix);
     CHECK(back.cache_formula == rs[1].cache_formula);
+    CHECK(back.prefill_ms == rs[1].prefill_ms);
+    CHECK(back.decode_flops == rs[1].decode_flops);
     study::merge_study(sc);
     CHECK(test::read_bytes(sc.out + "/results.csv") == csv);
     // a part cut short, or another study's part in its place, is one clear error

@@ -5,6 +5,7 @@
 //   build/study --entries 0-5 --device 0 &       or in pieces (several GPUs, several sessions): each entry's
 //   build/study --entries 6-11 --device 1        Result goes to docs/study/parts/NN.txt,
 //   build/study --merge                          and the merge writes the CSV and the figures
+#include <chrono>                 // std::chrono: decode and prefill times
 #include <cstdio>                 // std::printf
 #include <exception>              // std::exception
 #include <string>                 // std::string
@@ -48,14 +49,18 @@ struct GpuBackend {
     const std::vector<float>& logits() const { return logit_buf; }
     const std::vector<float>& losses() const { return loss_buf; }
     void to_host(hl::Model<float>& host) const { model.download(host); }
-    // the prompt through the cached decoder (a loop of steps), then 32 timed steps
-    double decode_ms(int L_ctx, size_t* cache_bytes) {
+    // the prompt through the cached decoder (a loop of steps; timed: the prefill), then 32 timed steps
+    double decode_ms(int L_ctx, size_t* cache_bytes, double* prefill_ms) {
         const int n_timed = 32;
         hl::gpu::GpuInferenceState st(model, 1, L_ctx + n_timed);
         hl::gpu::DeviceBuffer<float> logits(size_t(model.cfg.vocab_size));
         hl::gpu::DeviceBuffer<int> tok(1);
         std::vector<int> prompt(size_t(L_ctx), '\n');
+        cudaCheck(cudaDeviceSynchronize());
+        const auto p0 = std::chrono::steady_clock::now();
         hl::gpu::model_prefill(logits.ptr, st, model, prompt.data(), L_ctx);
+        cudaCheck(cudaDeviceSynchronize());
+        *prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
         const int nl = '\n';
         tok.upload(&nl);
         cudaCheck(cudaDeviceSynchronize());

@@ -19,7 +19,9 @@
 //   void forward(inputs, targets, B, T)              logits (B·T·V) and per-token losses (B·T) into host vectors
 //   const std::vector<float>& logits(), losses()
 //   void to_host(Model<float>&)                      the parameters (and MoE buffers) into a CPU model
-//   double decode_ms(int L_ctx, size_t* cache_bytes) time per generated token after a context of L_ctx tokens
+//   double decode_ms(int L_ctx, size_t* cache_bytes, double* prefill_ms)
+//                                                    time per generated token after a context of L_ctx tokens; the
+//                                                    cache's bytes and the time to take in that context
 #pragma once
 #include <algorithm>             // std::max, std::min
 #include <chrono>                // std::chrono::steady_clock
@@ -102,6 +104,7 @@ struct Result {
     std::vector<double> mqar_exact, niah_digits; // ... MQAR examples with every answer right; needle digits right
     std::vector<std::vector<double>> niah_grid;  // [depth][length]
     std::vector<double> decode_ms, cache_bytes, cache_formula;
+    std::vector<double> prefill_ms, decode_flops;  // the context's prefill; DESIGN.md's FLOPs of one decoded token
     std::vector<double> attn_matrix, ssd_matrix;  // (64, 64) each, for a model with A and M blocks (else empty)
 };
 
@@ -260,9 +263,12 @@ Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& 
         eval_text(be, val, std::max(1, sc.B * sc.T / sc.long_T), sc.long_T, sc.eval_batches, &r.per_pos);
         for (int L : sc.decode_lengths) {
             size_t bytes = 0;
-            r.decode_ms.push_back(be.decode_ms(L, &bytes));
+            double prefill = 0;
+            r.decode_ms.push_back(be.decode_ms(L, &bytes, &prefill));
+            r.prefill_ms.push_back(prefill);
             r.cache_bytes.push_back(double(bytes));
             r.cache_formula.push_back(formula_cache_bytes(cfg, L) * 2);  // the formula counts bf16; we hold fp32
+            r.decode_flops.push_back(formula_decode_flops_per_token(cfg, L + 1));  // the first token after L
         }
     }
     // recall: each task on a fresh model, trained at task_T, scored at every length
@@ -319,7 +325,8 @@ inline void write_csv(const std::string& path, const StudyConfig& sc, const std:
     std::fprintf(f, "name,arch,pattern,nonembedding_params,train_flops_per_token,steps,train_flops,val_loss,"
                     "val_curve_flops,val_curve_loss,loss_first_T,loss_beyond_T,mqar_acc_by_length,"
                     "niah_acc_by_length,task_lengths,decode_ms,cache_bytes,cache_bytes_formula_fp32,"
-                    "decode_lengths,mqar_exact_by_length,niah_digit_acc_by_length\n");
+                    "decode_lengths,mqar_exact_by_length,niah_digit_acc_by_length,prefill_ms,"
+                    "decode_flops_formula\n");
     for (const Result& r : rs) {
         double first = 0, beyond = 0;
         const int T = std::min<int>(sc.T, int(r.per_pos.size()));
@@ -328,12 +335,14 @@ inline void write_csv(const std::string& path, const StudyConfig& sc, const std:
         beyond /= std::max(1, int(r.per_pos.size()) - T);
         std::vector<double> lengths(sc.task_lengths.begin(), sc.task_lengths.end()),
             dlen(sc.decode_lengths.begin(), sc.decode_lengths.end());
-        std::fprintf(f, "%s,%s,%s,%.0f,%.6g,%d,%.6g,%.6f,%s,%s,%.6f,%.6f,%s,%s,%s,%s,%s,%s,%s,%s,%s\n", r.name.c_str(),
+        std::fprintf(f, "%s,%s,%s,%.0f,%.6g,%d,%.6g,%.6f,%s,%s,%.6f,%.6f,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s\n",
+                     r.name.c_str(),
                      r.arch.c_str(), r.pattern.c_str(), r.params, r.flops_per_token, r.steps, r.flops, r.val,
                      join(r.curve_flops).c_str(), join(r.curve_val).c_str(), first, beyond, join(r.mqar_acc).c_str(),
                      join(r.niah_acc).c_str(), join(lengths).c_str(), join(r.decode_ms).c_str(),
                      join(r.cache_bytes).c_str(), join(r.cache_formula).c_str(), join(dlen).c_str(),
-                     join(r.mqar_exact).c_str(), join(r.niah_digits).c_str());
+                     join(r.mqar_exact).c_str(), join(r.niah_digits).c_str(), join(r.prefill_ms).c_str(),
+                     join(r.decode_flops).c_str());
     }
     HL_CHECK(std::fclose(f) == 0, "study: cannot finish writing '", path, "'");
 }
@@ -389,6 +398,13 @@ inline void write_figures(const std::string& dir, const StudyConfig& sc, const s
         c.add(r.name + " formula", xs(sc.decode_lengths), r.cache_formula).markers = true;
     }
     d.save_png(dir + "/decode.png");
+    LineChart pf;
+    pf.title = "prefill time (the context through the cached decoder)";
+    pf.xlabel = "context length", pf.ylabel = "ms", pf.log_x = true, pf.log_y = true;
+    for (const Result& r : rs)  // (parts written before prefill was timed have none)
+        if (r.prefill_ms.size() == sc.decode_lengths.size())
+            pf.add(r.name, xs(sc.decode_lengths), r.prefill_ms).markers = true;
+    if (!pf.series.empty()) pf.save_png(dir + "/prefill.png");
     c.save_png(dir + "/cache.png");
 
     for (size_t i = 0; i < rs.size(); i++) {
@@ -448,6 +464,7 @@ inline void save_result(const std::string& path, const Result& r) {
     vec("mqar_exact", r.mqar_exact), vec("niah_digits", r.niah_digits);
     for (const auto& row : r.niah_grid) vec("niah_row", row);
     vec("decode_ms", r.decode_ms), vec("cache_bytes", r.cache_bytes), vec("cache_formula", r.cache_formula);
+    vec("prefill_ms", r.prefill_ms), vec("decode_flops", r.decode_flops);
     vec("attn_matrix", r.attn_matrix), vec("ssd_matrix", r.ssd_matrix);
     const bool ok = std::fprintf(f, "end\n") > 0;
     HL_CHECK(std::fclose(f) == 0 && ok, "study: cannot finish writing '", path, ".tmp'");
@@ -492,6 +509,8 @@ inline Result load_result(const std::string& path) {
         else if (k == "decode_ms") r.decode_ms = v;
         else if (k == "cache_bytes") r.cache_bytes = v;
         else if (k == "cache_formula") r.cache_formula = v;
+        else if (k == "prefill_ms") r.prefill_ms = v;
+        else if (k == "decode_flops") r.decode_flops = v;
         else if (k == "attn_matrix") r.attn_matrix = v;
         else if (k == "ssd_matrix") r.ssd_matrix = v;
         else bad(key);
@@ -527,6 +546,11 @@ void run_entries(const StudyConfig& sc, size_t first, size_t last, const std::ve
                     r.pattern.c_str(), r.steps, r.val, join(r.mqar_acc).c_str(), join(r.niah_acc).c_str(),
                     join(r.niah_digits).c_str(),
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        for (size_t k = 0; k < r.decode_ms.size(); k++)  // inference beside DESIGN.md's formulas
+            std::printf("    context %5d: decode %.3f ms/token (formula %.3g FLOP/token), prefill %.1f ms, cache %.0f B "
+                        "(formula %.0f B, fp32)\n",
+                        sc.decode_lengths[k], r.decode_ms[k], r.decode_flops[k], r.prefill_ms[k], r.cache_bytes[k],
+                        r.cache_formula[k]);
         std::fflush(stdout);
     }
 }
@@ -583,12 +607,14 @@ struct CpuBackend {
         host.params = model.params;
         host.buffers = model.buffers;
     }
-    // a context of L_ctx tokens through the cached decoder, then 8 timed steps
-    double decode_ms(int L_ctx, size_t* cache_bytes) {
+    // a context of L_ctx tokens through the cached decoder (timed: the prefill), then 8 timed steps
+    double decode_ms(int L_ctx, size_t* cache_bytes, double* prefill_ms) {
         InferenceState<float> st(model, 1, L_ctx + 8);
         std::vector<float> logits(size_t(model.cfg.vocab_size));
         int tok = '\n';
+        const auto p0 = std::chrono::steady_clock::now();
         for (int i = 0; i < L_ctx; i++) model_step(logits.data(), st, model, &tok);
+        *prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
         const auto t0 = std::chrono::steady_clock::now();
         for (int i = 0; i < 8; i++) model_step(logits.data(), st, model, &tok);
         *cache_bytes = InferenceState<float>(model, 1, L_ctx).cache_bytes();  // the cache of L_ctx tokens exactly
