@@ -23,7 +23,8 @@
 //                                                    time per generated token after a context of L_ctx tokens; the
 //                                                    cache's bytes and the time to take in that context
 #pragma once
-#include <algorithm>             // std::max, std::min
+#include <algorithm>             // std::max, std::min, std::find_if
+#include <utility>               // std::pair, std::move
 #include <chrono>                // std::chrono::steady_clock
 #include <cmath>                 // std::log, std::llround, NAN
 #include <cstdio>                // std::FILE, std::fprintf
@@ -448,6 +449,21 @@ inline std::string part_path(const std::string& out, size_t index) {
     return out + buf;
 }
 
+// The per-length / per-position vectors of a Result by their key in a part file: one list for the writer and the
+// reader. (scalars and the NIAH grid's rows are written apart.)
+using ResultVector = std::vector<double> Result::*;
+inline const std::vector<std::pair<const char*, ResultVector>>& result_vectors() {
+    static const std::vector<std::pair<const char*, ResultVector>> fields = {
+        {"curve_flops", &Result::curve_flops}, {"curve_val", &Result::curve_val},
+        {"per_pos", &Result::per_pos},         {"mqar_acc", &Result::mqar_acc},
+        {"niah_acc", &Result::niah_acc},       {"mqar_exact", &Result::mqar_exact},
+        {"niah_digits", &Result::niah_digits}, {"decode_ms", &Result::decode_ms},
+        {"cache_bytes", &Result::cache_bytes}, {"cache_formula", &Result::cache_formula},
+        {"prefill_ms", &Result::prefill_ms},   {"decode_flops", &Result::decode_flops},
+        {"attn_matrix", &Result::attn_matrix}, {"ssd_matrix", &Result::ssd_matrix}};
+    return fields;
+}
+
 inline void save_result(const std::string& path, const Result& r) {
     std::FILE* f = std::fopen((path + ".tmp").c_str(), "w");
     HL_CHECK(f != nullptr, "study: cannot write '", path, ".tmp'");
@@ -459,13 +475,8 @@ inline void save_result(const std::string& path, const Result& r) {
         std::fprintf(f, "\n");
     };
     vec("scalars", {r.params, r.flops_per_token, r.flops, r.val});
-    vec("curve_flops", r.curve_flops), vec("curve_val", r.curve_val), vec("per_pos", r.per_pos);
-    vec("mqar_acc", r.mqar_acc), vec("niah_acc", r.niah_acc);
-    vec("mqar_exact", r.mqar_exact), vec("niah_digits", r.niah_digits);
+    for (const auto& [key, field] : result_vectors()) vec(key, r.*field);
     for (const auto& row : r.niah_grid) vec("niah_row", row);
-    vec("decode_ms", r.decode_ms), vec("cache_bytes", r.cache_bytes), vec("cache_formula", r.cache_formula);
-    vec("prefill_ms", r.prefill_ms), vec("decode_flops", r.decode_flops);
-    vec("attn_matrix", r.attn_matrix), vec("ssd_matrix", r.ssd_matrix);
     const bool ok = std::fprintf(f, "end\n") > 0;
     HL_CHECK(std::fclose(f) == 0 && ok, "study: cannot finish writing '", path, ".tmp'");
     HL_CHECK(std::rename((path + ".tmp").c_str(), path.c_str()) == 0, "study: cannot rename to '", path, "'");
@@ -497,23 +508,16 @@ inline Result load_result(const std::string& path) {
         std::vector<double> v(n);
         for (double& x : v)
             if (std::fscanf(f, "%lf", &x) != 1) bad(key);
-        if (k == "scalars" && n == 4) r.params = v[0], r.flops_per_token = v[1], r.flops = v[2], r.val = v[3];
-        else if (k == "curve_flops") r.curve_flops = v;
-        else if (k == "curve_val") r.curve_val = v;
-        else if (k == "per_pos") r.per_pos = v;
-        else if (k == "mqar_acc") r.mqar_acc = v;
-        else if (k == "niah_acc") r.niah_acc = v;
-        else if (k == "mqar_exact") r.mqar_exact = v;
-        else if (k == "niah_digits") r.niah_digits = v;
-        else if (k == "niah_row") r.niah_grid.push_back(v);
-        else if (k == "decode_ms") r.decode_ms = v;
-        else if (k == "cache_bytes") r.cache_bytes = v;
-        else if (k == "cache_formula") r.cache_formula = v;
-        else if (k == "prefill_ms") r.prefill_ms = v;
-        else if (k == "decode_flops") r.decode_flops = v;
-        else if (k == "attn_matrix") r.attn_matrix = v;
-        else if (k == "ssd_matrix") r.ssd_matrix = v;
-        else bad(key);
+        if (k == "scalars" && n == 4) {
+            r.params = v[0], r.flops_per_token = v[1], r.flops = v[2], r.val = v[3];
+        } else if (k == "niah_row") {
+            r.niah_grid.push_back(v);
+        } else {
+            const auto& fields = result_vectors();
+            const auto it = std::find_if(fields.begin(), fields.end(), [&](const auto& e) { return k == e.first; });
+            if (it == fields.end()) bad(key);
+            r.*(it->second) = std::move(v);
+        }
     }
     if (!ended) bad("it ends early");
     std::fclose(f);
