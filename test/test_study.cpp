@@ -77,6 +77,17 @@ TEST_CASE("study: a micro study runs every evaluation, matches training FLOPs, w
     CHECK(back.decode_flops == rs[1].decode_flops);
     study::merge_study(sc);
     CHECK(test::read_bytes(sc.out + "/results.csv") == csv);
+    // inference measured again (--inference-only): new times in the part, every other number kept
+    study::remeasure_inference<study::CpuBackend>(sc, 1, 2);
+    const study::Result again = study::load_result(study::part_path(sc.out, 1));
+    CHECK(again.val == rs[1].val);
+    CHECK(again.curve_val == rs[1].curve_val);
+    CHECK(again.niah_grid == rs[1].niah_grid);
+    CHECK(again.cache_bytes == rs[1].cache_bytes);  // sizes are exact; the times are new
+    CHECK(again.decode_flops == rs[1].decode_flops);
+    REQUIRE(again.prefill_ms.size() == 2);
+    CHECK(again.prefill_ms[1] > 0);
+    CHECK(again.decode_ms.size() == 2);
     // a part cut short, or another study's part in its place, is one clear error
     const std::string part = test::read_bytes(study::part_path(sc.out, 1));
     {

@@ -49,18 +49,22 @@ struct GpuBackend {
     const std::vector<float>& logits() const { return logit_buf; }
     const std::vector<float>& losses() const { return loss_buf; }
     void to_host(hl::Model<float>& host) const { model.download(host); }
-    // the prompt through the cached decoder (a loop of steps; timed: the prefill), then 32 timed steps
+    // the prefill: the parallel forward over L_ctx tokens at batch 1 (timed after one untimed pass at that shape,
+    // which allocates its activations); then the context through the cached decoder and 32 timed steps
     double decode_ms(int L_ctx, size_t* cache_bytes, double* prefill_ms) {
         const int n_timed = 32;
+        std::vector<int> prompt(size_t(L_ctx), '\n');
+        model.set_batch(prompt.data(), nullptr, 1, L_ctx);
+        model.forward(model.tokens_buf.ptr, nullptr, 1, L_ctx);
+        cudaCheck(cudaDeviceSynchronize());
+        const auto p0 = std::chrono::steady_clock::now();
+        model.forward(model.tokens_buf.ptr, nullptr, 1, L_ctx);
+        cudaCheck(cudaDeviceSynchronize());
+        *prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
         hl::gpu::GpuInferenceState st(model, 1, L_ctx + n_timed);
         hl::gpu::DeviceBuffer<float> logits(size_t(model.cfg.vocab_size));
         hl::gpu::DeviceBuffer<int> tok(1);
-        std::vector<int> prompt(size_t(L_ctx), '\n');
-        cudaCheck(cudaDeviceSynchronize());
-        const auto p0 = std::chrono::steady_clock::now();
         hl::gpu::model_prefill(logits.ptr, st, model, prompt.data(), L_ctx);
-        cudaCheck(cudaDeviceSynchronize());
-        *prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
         const int nl = '\n';
         tok.upload(&nl);
         cudaCheck(cudaDeviceSynchronize());
@@ -79,7 +83,7 @@ int main(int argc, char** argv) {
     CLI::App app{"study — the paper's comparisons at a small scale on the GPU (dev/study/study.h)"};
     hl::study::StudyConfig sc;
     std::string preset = "small", entries;
-    bool merge_only = false;
+    bool merge_only = false, inference_only = false;
     int device = 0;
     sc.out = "docs/study", sc.steps = 1000, sc.task_steps = 1500;
     app.add_option("--out", sc.out, "folder of results.csv, the figures and parts/ (one file per entry)");
@@ -89,6 +93,8 @@ int main(int argc, char** argv) {
     app.add_option("--task-steps", sc.task_steps, "training steps of each recall task")->check(CLI::Range(1, 1000000));
     app.add_option("--entries", entries, "only entries FIRST-LAST (0-based, inclusive), into parts/; no merge");
     app.add_flag("--merge", merge_only, "only the merge: parts/ of every entry into the CSV and the figures");
+    app.add_flag("--inference-only", inference_only, "only measure inference again (decode, prefill, cache) for the "
+                 "--entries (default all) on fresh models, into their existing parts; no merge");
     app.add_option("--device", device, "CUDA device")->check(CLI::Range(0, 63));
     app.add_flag_callback("--list", [] {
         const auto es = hl::study::default_entries("small");
@@ -121,12 +127,16 @@ int main(int argc, char** argv) {
         sc.task_B = 32, sc.task_T = 256, sc.task_lengths = {256, 512, 1024, 2048};
         sc.task_eval_examples = 32;
         sc.decode_lengths = {256, 1024, 4096, 8192};
-        if (!merge_only) {
+        HL_CHECK(!(merge_only && inference_only), "--merge and --inference-only exclude each other");
+        if (inference_only) {
+            cudaCheck(cudaSetDevice(device));
+            hl::study::remeasure_inference<GpuBackend>(sc, first, last);
+        } else if (!merge_only) {
             cudaCheck(cudaSetDevice(device));
             const hl::Split split = hl::split_tokens(hl::load_tokens("data/tinyshakespeare.txt"), 0.1);
             hl::study::run_entries<GpuBackend>(sc, first, last, split.train, split.val);
         }
-        if (merge_only || entries.empty()) {
+        if (merge_only || (entries.empty() && !inference_only)) {
             hl::study::merge_study(sc);
             std::printf("wrote %s/results.csv and its figures\n", sc.out.c_str());
         }

@@ -21,7 +21,9 @@
 //   void to_host(Model<float>&)                      the parameters (and MoE buffers) into a CPU model
 //   double decode_ms(int L_ctx, size_t* cache_bytes, double* prefill_ms)
 //                                                    time per generated token after a context of L_ctx tokens; the
-//                                                    cache's bytes and the time to take in that context
+//                                                    cache's bytes; the prefill: the parallel forward over that
+//                                                    context at batch 1 (the chunked SSD and flash attention, not
+//                                                    the decoder's token loop, which costs about L_ctx decode steps)
 #pragma once
 #include <algorithm>             // std::max, std::min, std::find_if
 #include <utility>               // std::pair, std::move
@@ -225,13 +227,35 @@ inline void mixing_matrices(Model<float>& m, const std::vector<int>& tokens, int
 }
 
 // The whole study for one entry. text: the training split; val: the validation split.
-template <typename Backend>
-Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& text, const std::vector<int>& val,
-                 double flops_budget) {
+// An entry's model config: its flags at the study's training length, with room for the longest evaluation.
+inline ModelConfig entry_config(const Entry& e, const StudyConfig& sc) {
     ModelFlags mf = e.flags;
     mf.seq_len = sc.T;
     ModelConfig cfg = build_config(mf);
     cfg.max_seq_len = std::max({cfg.max_seq_len, sc.long_T, sc.task_lengths.back(), sc.decode_lengths.back()});
+    return cfg;
+}
+
+// Inference at each of sc.decode_lengths, beside DESIGN.md's formulas, into r (replacing what it held). The
+// times do not depend on the weights, so any model of the config will do (remeasure_inference uses a fresh one).
+template <typename Backend>
+void measure_inference(Backend& be, const ModelConfig& cfg, const StudyConfig& sc, Result& r) {
+    r.decode_ms.clear(), r.prefill_ms.clear(), r.cache_bytes.clear(), r.cache_formula.clear(), r.decode_flops.clear();
+    for (int L : sc.decode_lengths) {
+        size_t bytes = 0;
+        double prefill = 0;
+        r.decode_ms.push_back(be.decode_ms(L, &bytes, &prefill));
+        r.prefill_ms.push_back(prefill);
+        r.cache_bytes.push_back(double(bytes));
+        r.cache_formula.push_back(formula_cache_bytes(cfg, L) * 2);  // the formula counts bf16; we hold fp32
+        r.decode_flops.push_back(formula_decode_flops_per_token(cfg, L + 1));  // the first token after L
+    }
+}
+
+template <typename Backend>
+Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& text, const std::vector<int>& val,
+                 double flops_budget) {
+    const ModelConfig cfg = entry_config(e, sc);
     Result r;
     r.name = e.name, r.arch = cfg.arch, r.pattern = cfg.pattern;
     r.params = formula_nonembedding_params(cfg);
@@ -262,15 +286,7 @@ Result run_entry(const Entry& e, const StudyConfig& sc, const std::vector<int>& 
             mixing_matrices(host, std::vector<int>(val.begin(), val.begin() + T + 1), T, r.attn_matrix, r.ssd_matrix);
         }
         eval_text(be, val, std::max(1, sc.B * sc.T / sc.long_T), sc.long_T, sc.eval_batches, &r.per_pos);
-        for (int L : sc.decode_lengths) {
-            size_t bytes = 0;
-            double prefill = 0;
-            r.decode_ms.push_back(be.decode_ms(L, &bytes, &prefill));
-            r.prefill_ms.push_back(prefill);
-            r.cache_bytes.push_back(double(bytes));
-            r.cache_formula.push_back(formula_cache_bytes(cfg, L) * 2);  // the formula counts bf16; we hold fp32
-            r.decode_flops.push_back(formula_decode_flops_per_token(cfg, L + 1));  // the first token after L
-        }
+        measure_inference(be, cfg, sc, r);
     }
     // recall: each task on a fresh model, trained at task_T, scored at every length
     const int V = cfg.vocab_size;
@@ -400,7 +416,7 @@ inline void write_figures(const std::string& dir, const StudyConfig& sc, const s
     }
     d.save_png(dir + "/decode.png");
     LineChart pf;
-    pf.title = "prefill time (the context through the cached decoder)";
+    pf.title = "prefill time (the parallel forward over the context, batch 1)";
     pf.xlabel = "context length", pf.ylabel = "ms", pf.log_x = true, pf.log_y = true;
     for (const Result& r : rs)  // (parts written before prefill was timed have none)
         if (r.prefill_ms.size() == sc.decode_lengths.size())
@@ -524,12 +540,30 @@ inline Result load_result(const std::string& path) {
     return r;
 }
 
+// Entry i's part, which must be of that entry.
+inline Result load_part(const StudyConfig& sc, size_t i) {
+    Result r = load_result(part_path(sc.out, i));
+    HL_CHECK(r.name == sc.entries[i].name, "study: part ", i, " is '", r.name, "', expected '", sc.entries[i].name,
+             "' (a part of another study?)");
+    return r;
+}
+
 // The training FLOPs every entry gets: sc.flops_budget, or what the first entry does in sc.steps steps.
 inline double study_budget(const StudyConfig& sc) {
     if (sc.flops_budget > 0) return sc.flops_budget;
     ModelFlags mf = sc.entries.front().flags;
     mf.seq_len = sc.T;
     return formula_train_flops_per_token(build_config(mf), sc.T) * sc.B * sc.T * sc.steps;
+}
+
+// The inference lines of one entry, beside DESIGN.md's formulas.
+inline void print_inference(const StudyConfig& sc, const Result& r) {
+    for (size_t k = 0; k < r.decode_ms.size(); k++)
+        std::printf("    context %5d: decode %.3f ms/token (formula %.3g FLOP/token), prefill %.1f ms, cache %.0f B "
+                    "(formula %.0f B, fp32)\n",
+                    sc.decode_lengths[k], r.decode_ms[k], r.decode_flops[k], r.prefill_ms[k], r.cache_bytes[k],
+                    r.cache_formula[k]);
+    std::fflush(stdout);
 }
 
 // Entries [first, last) in turn, each into its part file. Prints a line per entry.
@@ -550,23 +584,31 @@ void run_entries(const StudyConfig& sc, size_t first, size_t last, const std::ve
                     r.pattern.c_str(), r.steps, r.val, join(r.mqar_acc).c_str(), join(r.niah_acc).c_str(),
                     join(r.niah_digits).c_str(),
                     std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-        for (size_t k = 0; k < r.decode_ms.size(); k++)  // inference beside DESIGN.md's formulas
-            std::printf("    context %5d: decode %.3f ms/token (formula %.3g FLOP/token), prefill %.1f ms, cache %.0f B "
-                        "(formula %.0f B, fp32)\n",
-                        sc.decode_lengths[k], r.decode_ms[k], r.decode_flops[k], r.prefill_ms[k], r.cache_bytes[k],
-                        r.cache_formula[k]);
-        std::fflush(stdout);
+        print_inference(sc, r);
+    }
+}
+
+// Entries [first, last) again, inference only: each part's decode, prefill and cache columns measured anew on a
+// fresh model of its config (everything else in the part is kept). For a new device, or after a kernel change.
+template <typename Backend>
+void remeasure_inference(const StudyConfig& sc, size_t first, size_t last) {
+    HL_CHECK(first < last && last <= sc.entries.size(), "study: entries ", first, "..", last, " are not within 0..",
+             sc.entries.size());
+    for (size_t i = first; i < last; i++) {
+        Result r = load_part(sc, i);
+        const ModelConfig cfg = entry_config(sc.entries[i], sc);
+        Backend be(cfg, sc.seed);
+        measure_inference(be, cfg, sc, r);
+        save_result(part_path(sc.out, i), r);
+        std::printf("%-18s %-14s inference measured again\n", r.name.c_str(), r.pattern.c_str());
+        print_inference(sc, r);
     }
 }
 
 // Every entry's part into the CSV and the figures, and the two matrices of the first model with both mixers.
 inline std::vector<Result> merge_study(const StudyConfig& sc) {
     std::vector<Result> rs;
-    for (size_t i = 0; i < sc.entries.size(); i++) {
-        rs.push_back(load_result(part_path(sc.out, i)));
-        HL_CHECK(rs.back().name == sc.entries[i].name, "study: part ", i, " is '", rs.back().name, "', expected '",
-                 sc.entries[i].name, "' (a part of another study?)");
-    }
+    for (size_t i = 0; i < sc.entries.size(); i++) rs.push_back(load_part(sc, i));
     write_csv(sc.out + "/results.csv", sc, rs);
     write_figures(sc.out, sc, rs);
     for (const Result& r : rs)
@@ -611,14 +653,18 @@ struct CpuBackend {
         host.params = model.params;
         host.buffers = model.buffers;
     }
-    // a context of L_ctx tokens through the cached decoder (timed: the prefill), then 8 timed steps
+    // the prefill: the parallel forward over L_ctx tokens at batch 1 (timed); then the context through the cached
+    // decoder and 8 timed steps
     double decode_ms(int L_ctx, size_t* cache_bytes, double* prefill_ms) {
+        std::vector<int> prompt(size_t(L_ctx), '\n');
+        model.forward(prompt.data(), nullptr, 1, L_ctx);  // (allocates the activations of that shape)
+        const auto p0 = std::chrono::steady_clock::now();
+        model.forward(prompt.data(), nullptr, 1, L_ctx);
+        *prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
         InferenceState<float> st(model, 1, L_ctx + 8);
         std::vector<float> logits(size_t(model.cfg.vocab_size));
         int tok = '\n';
-        const auto p0 = std::chrono::steady_clock::now();
         for (int i = 0; i < L_ctx; i++) model_step(logits.data(), st, model, &tok);
-        *prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - p0).count();
         const auto t0 = std::chrono::steady_clock::now();
         for (int i = 0; i < 8; i++) model_step(logits.data(), st, model, &tok);
         *cache_bytes = InferenceState<float>(model, 1, L_ctx).cache_bytes();  // the cache of L_ctx tokens exactly
