@@ -1,4 +1,5 @@
-// train.cu — trains a hybridlm model on the GPU (fp32), and samples from a checkpoint. The same command line,
+// train.cu — trains a hybridlm model on the GPU (fp32, or bf16 matmuls: --precision), and samples from a
+// checkpoint. The same command line,
 // data, checkpoint format and sampling as train_cpu.cpp: a checkpoint written by one loads in the other.
 //
 //   train_gpu                                    the small intra-layer hybrid on tinyshakespeare
@@ -50,8 +51,13 @@ namespace {
 
 gpu::DistFlags dist_flags;          // --nccl-init, --rank, --world (set by the parser, read by train_main)
 gpu::DataParallelFlags dp_flags;    // --bucket-mb, --zero1
+std::string precision = "fp32";     // --precision
 
-void add_dist_flags(CLI::App& app) {
+// the flags train_cpu does not have: precision and several GPUs
+void add_gpu_flags(CLI::App& app) {
+    app.add_option("--precision", precision, "fp32, or bf16: every matmul on bf16 operands (tensor cores, fp32 "
+                                             "accumulation); activations, master weights and AdamW stay fp32")
+        ->check(CLI::IsMember({"fp32", "bf16"}));
     app.add_option("--nccl-init", dist_flags.nccl_init, "several GPUs: fs:PATH, a file every rank sees, through "
                                                         "which the ranks meet (empty = one GPU)")
         ->group("Multi-GPU");
@@ -140,9 +146,10 @@ struct GpuBackend {
         save_run(ckpt_path, host, m, v, state, extra);
     }
     std::string where() const {
-        if (dist.world == 1) return "device " + device_name() + ", fp32";
+        const std::string prec = std::string(", ") + gpu::precision_name(model.precision);
+        if (dist.world == 1) return "device " + device_name() + prec;
         return std::to_string(dist.world) + " × device " + device_name() + " (NCCL, " + std::to_string(rank_rows()) +
-               " rows each, " + (dp.flags.zero1 ? std::string("ZeRO-1") : bucket_text()) + "), fp32";
+               " rows each, " + (dp.flags.zero1 ? std::string("ZeRO-1") : bucket_text()) + ")" + prec;
     }
     std::string bucket_text() const {
         if (dp.buckets.empty()) return "one all-reduce after the backward";
@@ -174,6 +181,7 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     gpu::GpuModel model(r.cfg, /*train=*/true, shards, dp_flags.zero1 ? dist.rank : 0);
     model.upload(host);
     model.upload_moments(m, v);  // (ZeRO-1: this rank's shard of them)
+    model.set_precision(precision == "bf16" ? gpu::Precision::bf16 : gpu::Precision::fp32);
     dist.broadcast(model.params.ptr, model.params.n, model.stream);  // every rank starts from the lead's state
     if (!model.sharded()) {
         dist.broadcast(model.m.ptr, model.m.n, model.stream);
@@ -184,6 +192,7 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     GpuBackend be{r, t, dist, dp, loader, model, host, out + "/model.safetensors", prompt,
                   train_metadata(t, r.mf, data_path), std::vector<int>(size_t(r.B) * r.T),
                   std::vector<int>(size_t(r.B) * r.T)};
+    be.extra["precision"] = precision;
     const int rc = run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()),
                                 dist.lead());
     if (dist.lead()) {  // what the run held on the device (our buffers are plain cudaMallocs: no caching allocator)
@@ -201,7 +210,7 @@ int main(int argc, char** argv) {
     Trainer trainer;
     trainer.name = "train_gpu";
     trainer.about =
-        "train_gpu — train a transformer / Mamba-2 / hybrid language model on the GPU (fp32), or sample "
+        "train_gpu — train a transformer / Mamba-2 / hybrid language model on the GPU (fp32 or bf16 matmuls), or sample "
         "from a checkpoint.\nSame flags, data and checkpoint format as train_cpu (a checkpoint of one loads "
         "in the other). Sampling decodes on the GPU with KV caches and recurrent states and samples on the "
         "host.";
@@ -211,6 +220,6 @@ int main(int argc, char** argv) {
                            "checkpoint to sample from (its config is read from the file; train_cpu's too)"};
     trainer.sample_main = sample_main;
     trainer.train_main = train_main;
-    trainer.add_flags = add_dist_flags;
+    trainer.add_flags = add_gpu_flags;
     return trainer_main(argc, argv, trainer);
 }

@@ -11,7 +11,8 @@
 # token (DESIGN.md's formula, as the trainer prints it) / PEAK_TFLOPS (default 989, the H100/H200 dense bf16 peak,
 # for both sides, whatever precision they run in).
 # Environment (defaults): ARCHS (transformer mamba2 inter intra), PRESETS (100m 350m), SEQ_LENS (2048 8192),
-# TOKENS (16384), STEPS (12), WARM (3), TORCH (1: also the PyTorch baseline; MODES, DTYPE… as dev/bench_torch.sh),
+# TOKENS (16384), STEPS (12), WARM (3), PRECISIONS (fp32 bf16: train_gpu --precision), TORCH (1: also the PyTorch
+# baseline; MODES, DTYPE… as dev/bench_torch.sh),
 # TRAINER (build/train_gpu), PEAK_TFLOPS (989). A run that fails is a "failed" row; the script goes on.
 set -uo pipefail
 [ $# -eq 1 ] || { echo "usage: bash bench/models.sh OUT" >&2; exit 1; }
@@ -26,6 +27,7 @@ STEPS=${STEPS:-12}
 WARM=${WARM:-3}
 TORCH=${TORCH:-1}
 TRAINER=${TRAINER:-build/train_gpu}
+PRECISIONS=${PRECISIONS:-fp32 bf16}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 csv=$out/models.csv
 echo "impl,arch,preset,batch,seq_len,ms_per_step,tokens_per_s,peak_gib,mfu" >"$csv"
@@ -35,24 +37,27 @@ for preset in $PRESETS; do
         B=$((TOKENS / T))
         [ "$B" -ge 1 ] || { echo "TOKENS $TOKENS < seq-len $T" >&2; exit 1; }
         for arch in $ARCHS; do
-            run=$out/runs/$preset-$T-$arch log=$out/logs/hybridlm-$preset-$T-$arch.txt
+          for prec in $PRECISIONS; do
+            run=$out/runs/$preset-$T-$arch-$prec log=$out/logs/hybridlm-$preset-$T-$arch-$prec.txt
             "$TRAINER" --preset "$preset" --arch "$arch" --batch "$B" --seq-len "$T" --steps "$STEPS" --warmup 2 \
-                --log-every 1 --eval-every 0 --eval-batches 1 --ckpt-every 0 --sample-len 1 --out "$run" >"$log" 2>&1
+                --log-every 1 --eval-every 0 --eval-batches 1 --ckpt-every 0 --sample-len 1 --precision "$prec" \
+                --out "$run" >"$log" 2>&1
             rc=$?
             flops=$(sed -n 's/^training FLOPs at L_ctx [0-9]*: \([0-9.e+]*\) per token.*/\1/p' "$log" | head -n 1)
             mem=$(sed -n 's/^device memory in use: \([0-9.]*\) GiB.*/\1/p' "$log")
             if [ $rc -ne 0 ] || [ ! -s "$run/log.csv" ]; then
-                echo "hybridlm fp32,$arch,$preset,$B,$T,failed:rc=$rc,,," >>"$csv"
+                echo "hybridlm $prec,$arch,$preset,$B,$T,failed:rc=$rc,,," >>"$csv"
                 echo "hybridlm: $preset $arch T=$T failed (rc $rc): $(tail -n 1 "$log")"
             else
                 awk -F, -v warm="$WARM" -v B="$B" -v T="$T" -v f="${flops:-0}" -v peak="$PEAK_TFLOPS" -v mem="${mem:-nan}" \
-                    -v arch="$arch" -v preset="$preset" '
+                    -v arch="$arch" -v preset="$preset" -v prec="$prec" '
                     NR > 1 && $1 > warm { s += $6; n++ }
-                    END { tok = s / n; printf "hybridlm fp32,%s,%s,%d,%d,%.3f,%.0f,%s,%.4f\n", arch, preset, B, T,
+                    END { tok = s / n; printf "hybridlm %s,%s,%s,%d,%d,%.3f,%.0f,%s,%.4f\n", prec, arch, preset, B, T,
                           1e3 * B * T / tok, tok, mem, f * tok / (peak * 1e12) }' "$run/log.csv" >>"$csv"
                 tail -n 1 "$csv"
             fi
             rm -f "$run/model.safetensors"  # a checkpoint of weights and moments: GBs we do not need
+          done
         done
         if [ "$TORCH" = 1 ]; then
             PRESET=$preset SEQ_LEN=$T BATCH=$B ARCHS=$ARCHS SELFCHECK=0 TRAINER=$TRAINER \
@@ -63,4 +68,4 @@ for preset in $PRESETS; do
     done
 done
 echo "== $csv"
-column -s, -t <"$csv"
+if command -v column >/dev/null; then column -s, -t <"$csv"; else cat "$csv"; fi

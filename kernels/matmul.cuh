@@ -12,13 +12,20 @@
 // column-major product Xᵀ = Bᵀ·Aᵀ, which swaps the operand order; the comments write out each case.
 //
 // fp32 must match the CPU to ~1e-5, so the handle uses CUBLAS_DEFAULT_MATH and every GEMM asks for
-// CUBLAS_COMPUTE_32F: no TF32 tensor cores (those round the inputs to 10 mantissa bits). For bf16 later,
-// the same cublasGemmEx call takes CUDA_R_16BF operands with fp32 accumulation (see CublasType).
+// CUBLAS_COMPUTE_32F: no TF32 tensor cores (those round the inputs to 10 mantissa bits).
+//
+// bf16 operands (train_gpu --precision bf16; section "bf16 operands" below): while a Bf16Scope is open, every
+// GEMM here takes its two operands in bf16 and runs on the tensor cores with fp32 accumulation, writing (or
+// accumulating into) the same fp32 outputs. The weight comes from a bf16 copy of the model's parameters, the
+// activation operand (inp, or dout in the backward) is rounded into a scratch buffer just before its GEMM.
+// Everything else — activations, gradients, master weights, AdamW, attention, the SSD — stays fp32.
 #pragma once
 #include <cstdio>           // std::fprintf
 #include <cstdlib>          // std::exit
+#include <cstdint>          // uintptr_t
+#include <type_traits>      // std::is_same_v: bf16 operands in the fp32 instantiation only
 #include <cublas_v2.h>      // cublasHandle_t, cublasGemmEx, cublasGetStatusString
-#include <cuda_bf16.h>      // __nv_bfloat16, for CublasType (the later bf16 path)
+#include <cuda_bf16.h>      // __nv_bfloat16, __float2bfloat16_rn: the bf16 operands
 #include "kernels/common.cuh"  // cudaCheck, cudaCheckLast, elementwise_grid, colsum
 #include "model/common.h"      // HL_CHECK
 
@@ -54,6 +61,87 @@ template <> struct CublasType<float> { static constexpr cudaDataType_t value = C
 template <> struct CublasType<__nv_bfloat16> { static constexpr cudaDataType_t value = CUDA_R_16BF; };
 
 // ---------------------------------------------------------------------------------------------------
+// bf16 operands
+
+using bf16 = __nv_bfloat16;
+
+// out (n) = in rounded to the nearest bf16. Grid-stride, four elements a thread per iteration (float4 loads)
+// when both pointers allow it.
+template <typename Unused = void>
+__global__ void round_bf16_kernel(bf16* out, const float* in, size_t n) {
+    const size_t stride = (size_t)gridDim.x * blockDim.x, first = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    const bool vec = (reinterpret_cast<uintptr_t>(in) % 16 == 0) && (reinterpret_cast<uintptr_t>(out) % 8 == 0);
+    size_t done = 0;
+    if (vec) {
+        const size_t n4 = n / 4;
+        for (size_t i = first; i < n4; i += stride) {
+            const float4 x = reinterpret_cast<const float4*>(in)[i];
+            __nv_bfloat162 lo = __floats2bfloat162_rn(x.x, x.y), hi = __floats2bfloat162_rn(x.z, x.w);
+            reinterpret_cast<__nv_bfloat162*>(out)[2 * i] = lo;
+            reinterpret_cast<__nv_bfloat162*>(out)[2 * i + 1] = hi;
+        }
+        done = n4 * 4;
+    }
+    for (size_t i = done + first; i < n; i += stride) out[i] = __float2bfloat16_rn(in[i]);
+}
+
+inline void round_bf16(bf16* out, const float* in, size_t n, cudaStream_t stream = 0) {
+    if (n == 0) return;
+    round_bf16_kernel<><<<elementwise_grid((n + 3) / 4, 256), 256, 0, stream>>>(out, in, n);
+    cudaCheckLast();
+}
+
+// What the GEMMs need while a model runs with bf16 operands (kernels/model.cuh owns the buffers): params16 is
+// the bf16 copy of the fp32 parameters [params, params + n) (the model refreshes it at the start of each
+// forward), a16 and b16 are scratch for the two activation operands of a GEMM, scratch_n elements each.
+struct Bf16Operands {
+    const float* params = nullptr;
+    size_t n = 0;
+    const bf16* params16 = nullptr;
+    bf16 *a16 = nullptr, *b16 = nullptr;
+    size_t scratch_n = 0;
+
+    // the bf16 copy of a weight (count elements) that lies within the parameters
+    const bf16* weight(const float* w, size_t count) const {
+        const uintptr_t lo = reinterpret_cast<uintptr_t>(params), at = reinterpret_cast<uintptr_t>(w);
+        HL_CHECK(at >= lo && at + count * sizeof(float) <= lo + n * sizeof(float),
+                 "matmul (bf16 operands): the weight is not within the model's parameters");
+        return params16 + (w - params);
+    }
+    // `in` (count elements) rounded into the scratch `dst` (a16 or b16)
+    bf16* round(bf16* dst, const float* in, size_t count, cudaStream_t stream) const {
+        HL_CHECK(count <= scratch_n, "matmul (bf16 operands): ", count, " elements, scratch holds ", scratch_n);
+        round_bf16(dst, in, count, stream);
+        return dst;
+    }
+};
+
+// The operands in effect: null (fp32 GEMMs) unless a Bf16Scope is open (one per forward or backward of a model in
+// bf16; they nest, the innermost wins).
+inline const Bf16Operands*& current_bf16() {
+    static thread_local const Bf16Operands* current = nullptr;
+    return current;
+}
+struct Bf16Scope {
+    const Bf16Operands* saved;
+    explicit Bf16Scope(const Bf16Operands* b) : saved(current_bf16()) { current_bf16() = b; }
+    ~Bf16Scope() { current_bf16() = saved; }
+    Bf16Scope(const Bf16Scope&) = delete;
+    Bf16Scope& operator=(const Bf16Scope&) = delete;
+};
+
+// One column-major GEMM C (m, n) = alpha · op(A) · op(B) + beta · C through cublasGemmEx, fp32 accumulation; the
+// element types of A and B (fp32 or bf16, the same for both) and of C are given.
+inline void gemm(cublasOperation_t opA, cublasOperation_t opB, int m, int n, int k, const void* A, int lda,
+                 const void* B, int ldb, cudaDataType_t ab_type, float beta, void* C, cudaDataType_t c_type, int ldc,
+                 cudaStream_t stream) {
+    const float one = 1.0f;
+    cublasCheck(cublasSetStream(cublas(), stream));
+    cublasCheck(cublasGemmEx(cublas(), opA, opB, m, n, k, &one, A, ab_type, lda, B, ab_type, ldb, &beta, C, c_type,
+                             ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+// ---------------------------------------------------------------------------------------------------
 // matmul
 
 // out (N, OC) += bias (OC) broadcast over rows. Grid-stride, one thread per element: consecutive
@@ -79,11 +167,16 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N,
     HL_CHECK(N >= 0 && C > 0 && OC > 0, "matmul: bad sizes N=", N, " C=", C, " OC=", OC);
     if (N == 0) return;
     const cudaDataType_t ty = CublasType<T>::value;
-    const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSetStream(cublas(), stream));
     // column-major: outᵀ (OC, N) = W (OC, C) [stored as Wᵀ (C, OC), so op T] · inpᵀ (C, N) [op N]
-    cublasCheck(cublasGemmEx(cublas(), CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, &one, weight, ty, C, inp, ty, C, &zero,
-                             out, ty, OC, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr;
+    if (ops) {
+        const float* w = reinterpret_cast<const float*>(weight);
+        const float* x = reinterpret_cast<const float*>(inp);
+        gemm(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, ops->weight(w, size_t(OC) * C), C,
+             ops->round(ops->a16, x, size_t(N) * C, stream), C, CUDA_R_16BF, 0.0f, out, ty, OC, stream);
+    } else {
+        gemm(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, weight, C, inp, C, ty, 0.0f, out, ty, OC, stream);
+    }
     if (bias) {
         const size_t total = (size_t)N * OC;
         matmul_add_bias_kernel<<<elementwise_grid(total, 256), 256, 0, stream>>>(out, bias, total, OC);
@@ -96,21 +189,23 @@ template <typename T>
 void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight, int N, int C,
                      int OC, cudaStream_t stream = 0) {
     HL_CHECK(N >= 0 && C > 0 && OC > 0, "matmul: bad sizes N=", N, " C=", C, " OC=", OC);
+    if (N == 0) return;
     const cudaDataType_t ty = CublasType<T>::value;
-    const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSetStream(cublas(), stream));
-    if (dinp && N > 0) {
-        // dinp (N, C) = dout (N, OC) · W (OC, C);  column-major: dinpᵀ (C, N) = Wᵀ (C, OC) · doutᵀ (OC, N)
-        cublasCheck(cublasGemmEx(cublas(), CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, &one, weight, ty, C, dout, ty, OC,
-                                 &zero, dinp, ty, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    // the operands: as given, or in bf16 (dout rounded once for both products)
+    const void *W = weight, *dY = dout, *X = inp;
+    cudaDataType_t ab = ty;
+    if (const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr) {
+        ab = CUDA_R_16BF;
+        if (dinp) W = ops->weight(reinterpret_cast<const float*>(weight), size_t(OC) * C);
+        dY = ops->round(ops->b16, reinterpret_cast<const float*>(dout), size_t(N) * OC, stream);
+        if (dweight) X = ops->round(ops->a16, reinterpret_cast<const float*>(inp), size_t(N) * C, stream);
     }
-    if (dweight && N > 0) {
-        // dW (OC, C) += doutᵀ (OC, N) · inp (N, C);  column-major: dWᵀ (C, OC) += inpᵀ (C, N) · dout (N, OC),
-        // where dout (N, OC) is the transpose of the stored column-major doutᵀ (OC, N): op T. beta = 1: +=.
-        cublasCheck(cublasGemmEx(cublas(), CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, &one, inp, ty, C, dout, ty, OC, &one,
-                                 dweight, ty, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    }
-    if (dbias && N > 0) colsum(dbias, MatmulDbiasTerm<T>{dout, OC}, N, OC, stream);  // dbias[o] += Σ_n dout[n, o]
+    // dinp (N, C) = dout (N, OC) · W (OC, C);  column-major: dinpᵀ (C, N) = Wᵀ (C, OC) · doutᵀ (OC, N)
+    if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, W, C, dY, OC, ab, 0.0f, dinp, ty, C, stream);
+    // dW (OC, C) += doutᵀ (OC, N) · inp (N, C);  column-major: dWᵀ (C, OC) += inpᵀ (C, N) · dout (N, OC),
+    // where dout (N, OC) is the transpose of the stored column-major doutᵀ (OC, N): op T. beta = 1: +=.
+    if (dweight) gemm(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, X, C, dY, OC, ab, 1.0f, dweight, ty, C, stream);
+    if (dbias) colsum(dbias, MatmulDbiasTerm<T>{dout, OC}, N, OC, stream);  // dbias[o] += Σ_n dout[n, o]
 }
 
 }  // namespace hl::gpu

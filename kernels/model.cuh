@@ -12,7 +12,10 @@
 //
 // Also here: the GPU counterparts of model/trainer.h's functions that take a Model<float> — train_step,
 // eval_loss, generate — with the same arguments and results, so train.cu and the tests share them.
-// fp32 throughout for now (the bf16 path is a later issue).
+// Precision: fp32 throughout by default. set_precision(Precision::bf16) makes every matmul take bf16 operands on
+// the tensor cores (kernels/matmul.cuh's Bf16Operands: a bf16 copy of the parameters, rounded at the start of each
+// forward, and scratch for the activation operand), fp32 accumulation; activations, gradients, the fp32 master
+// weights, AdamW and every other kernel stay fp32.
 #pragma once
 #include <algorithm>              // std::min, std::copy
 #include <cstdint>                // uint64_t
@@ -63,6 +66,9 @@ __global__ void fill_kernel(T* x, T value, size_t n) {
         x[i] = value;
 }
 
+enum class Precision { fp32, bf16 };
+inline const char* precision_name(Precision p) { return p == Precision::bf16 ? "bf16" : "fp32"; }
+
 struct GpuModel {
     ModelConfig cfg;
     std::vector<BlockConfig> blocks;
@@ -80,6 +86,9 @@ struct GpuModel {
     DeviceBuffer<float> scalars;         // [0] mean loss of the last forward, [1] grad norm of the last update
     DeviceBuffer<double> norm_scratch;   // GRAD_NORM_BLOCKS partial sums of the gradient norm
     cudaStream_t stream = 0;             // every launch of this model goes here
+    Precision precision = Precision::fp32;  // of the matmuls (set_precision)
+    DeviceBuffer<bf16> params16, operand_scratch;  // bf16 only: the parameters' copy; a16 and b16 of `ops`
+    Bf16Operands ops;                    // what the matmuls read in bf16 (kernels/matmul.cuh)
 
     // activations for one (B, T), allocated by alloc(); nothing is allocated in forward/backward
     int B = 0, T_ = 0;
@@ -140,6 +149,29 @@ struct GpuModel {
         scalars.zero();
         cublas();  // create the cuBLAS handle (and its workspace) now, not inside the first timed step
     }
+
+    // fp32 or bf16 matmul operands from the next forward on (allocates the bf16 copy and scratch on the first
+    // switch to bf16; the scratch follows alloc's batch shape).
+    void set_precision(Precision pr) {
+        precision = pr;
+        if (pr != Precision::bf16 || params16.n > 0) return;
+        params16.alloc(n_params);
+        ops.params = params.ptr, ops.n = n_params, ops.params16 = params16.ptr;
+        alloc_operand_scratch();
+    }
+    // the two activation operands of any matmul of a (B, T) batch: rows ≤ B·T, width ≤ the widest parameter dim
+    void alloc_operand_scratch() {
+        if (precision != Precision::bf16 || B == 0) return;
+        int width = 0;
+        for (const TensorInfo& t : tensors)
+            if (t.shape.size() >= 2)
+                for (int d : t.shape) width = std::max(width, d);
+        ops.scratch_n = size_t(B) * T_ * size_t(width);
+        operand_scratch.alloc(2 * ops.scratch_n);
+        ops.a16 = operand_scratch.ptr, ops.b16 = operand_scratch.ptr + ops.scratch_n;
+    }
+    // the operands the matmuls should see now: null = fp32
+    const Bf16Operands* matmul_operands() const { return precision == Precision::bf16 ? &ops : nullptr; }
 
     size_t num_params() const { return n_params; }
     bool sharded() const { return shard_n != n_params; }
@@ -233,6 +265,7 @@ struct GpuModel {
         layout(a, ia);
         tokens_buf.alloc(size_t(N));
         targets_buf.alloc(size_t(N));
+        alloc_operand_scratch();
         last_tokens = nullptr;
         have_targets = false;
     }
@@ -269,6 +302,8 @@ struct GpuModel {
     void forward(const int* tokens_dev, const int* targets_dev, int B_, int Tn) {
         alloc(B_, Tn);
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
+        const Bf16Scope scope(matmul_operands());
+        if (precision == Precision::bf16) round_bf16(params16.ptr, params.ptr, n_params, stream);  // this step's weights
         gpu::embedding_forward(xs[0], tokens_dev, p.embed, B, T_, V, D, stream);
         for (int l = 0; l < L; l++)
             gpu::block_forward(xs[size_t(l) + 1], bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
@@ -305,6 +340,7 @@ struct GpuModel {
         HL_CHECK(training, "GpuModel::backward: this model was built without gradients");
         HL_CHECK(have_targets, "backward needs a forward with targets first");
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
+        const Bf16Scope scope(matmul_operands());  // (the forward's bf16 weights)
         if (!weighted) {
             fill_kernel<<<elementwise_grid(size_t(N), 256), 256, 0, stream>>>(dlosses, 1.0f / float(N), size_t(N));
             cudaCheckLast();

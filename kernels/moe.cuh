@@ -422,8 +422,12 @@ void moe_forward(T* out, GpuMoEActs<T>& acts, const T* inp, const MoEParams<T>& 
     const size_t ND = (size_t)N * D, NF = (size_t)N * F;
     // shared expert
     swiglu_forward(acts.shared_out, acts.shared, inp, p.shared, scfg, N, stream);
-    // router and routing
-    matmul_forward(acts.logits, inp, p.router, (const T*)nullptr, N, D, E, stream);  // (N, E)
+    // router and routing; the router's matmul stays fp32 under bf16 operands (kernels/matmul.cuh): its logits pick
+    // the experts, and rounding them could flip a near-tie between two
+    {
+        const Bf16Scope fp32_router(nullptr);
+        matmul_forward(acts.logits, inp, p.router, (const T*)nullptr, N, D, E, stream);  // (N, E)
+    }
     moe_route_kernel<<<ceil_div(N, 256), 256, 0, stream>>>(acts.gate, acts.expert, acts.logits, bias, N, E);
     cudaCheckLast();
     moe_group_kernel<><<<E, MOE_GROUP_BLOCK, 0, stream>>>(acts.offsets, acts.perm, acts.expert, N, E);
@@ -495,7 +499,10 @@ void moe_backward(T* dinp, MoEParams<T>& dp, const T* dout, GpuMoEActs<T>& acts,
     moe_dgate_kernel<<<ceil_div(N, WARPS), WARPS * 32, 0, stream>>>(acts.dgate, acts.dlogits, acts.dyp, dout, acts.yp,
                                                                     acts.gate, acts.expert, acts.perm, N, D, E);
     cudaCheckLast();
-    matmul_backward(acts.dx_router, dp.router, (T*)nullptr, acts.dlogits, inp, p.router, N, D, E, stream);
+    {
+        const Bf16Scope fp32_router(nullptr);  // as in the forward
+        matmul_backward(acts.dx_router, dp.router, (T*)nullptr, acts.dlogits, inp, p.router, N, D, E, stream);
+    }
     if (gemm == MoEGemm::grouped) {  // the same steps, one launch each, rows grouped by the device offsets
         moe_grouped_matmul<false>(acts.dh, acts.dyp, p.w2, acts.offsets, N, D, F, E, false, stream);  // dyp · W2_e
         moe_grouped_dweight(dp.w2, acts.dyp, acts.h, acts.offsets, N, F, D, E, stream);  // dW2_e += dyp_eᵀ · h_e

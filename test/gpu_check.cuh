@@ -4,7 +4,9 @@
 #pragma once
 #include <algorithm>             // std::max
 #include <cmath>                 // std::fabs, std::isfinite, INFINITY
+#include <cstdint>               // uint32_t
 #include <cstdio>                // std::printf
+#include <cstring>               // std::memcpy
 #include <string>                // std::string
 #include <vector>                // std::vector
 #include <doctest/doctest.h>     // CHECK, INFO
@@ -62,6 +64,20 @@ inline double rel_err(const std::vector<float>& g, const std::vector<float>& c) 
 }
 
 // compares, prints the measured error, and checks it against tol
+// x rounded to the nearest bf16 (ties to even), kept as a float: what __float2bfloat16_rn gives on the device
+inline float round_bf16_host(float x) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    u &= 0xFFFF0000u;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+}
+inline std::vector<float> round_bf16_host(std::vector<float> v) {
+    for (float& x : v) x = round_bf16_host(x);
+    return v;
+}
+
 inline void expect_close(const std::string& what, const std::vector<float>& gpu, const std::vector<float>& cpu,
                          double tol) {
     const double e = rel_err(gpu, cpu);

@@ -82,6 +82,62 @@ TEST_CASE("gpu matmul forward/backward (cuBLAS, fp32 without TF32) equals the CP
     }
 }
 
+TEST_CASE("gpu matmul with bf16 operands (tensor cores) equals the CPU on the bf16-rounded operands") {
+    // The weight lives inside a "parameter" buffer (at an offset, as in a model) whose bf16 copy the GEMMs read; the
+    // CPU reference multiplies the same operands rounded to bf16, in fp32 like the GPU's accumulation. Against the
+    // unrounded fp32 product the error must be far larger: the tensor-core path really ran.
+    hl::Rng rng(102);
+    struct S { int N, C, OC; };
+    for (S s : {S{1, 1, 1}, S{37, 19, 23}, S{257, 130, 515}, S{1024, 768, 2048}}) {
+        const std::string tag = "matmul bf16 " + shape({s.N, s.C, s.OC});
+        const size_t offset = 13;  // the weight's place in the parameters (odd: an unaligned copy)
+        auto params = randn(rng, offset + (size_t)s.OC * s.C + 5, 0.1);
+        auto x = randn(rng, (size_t)s.N * s.C), dout = randn(rng, (size_t)s.N * s.OC);
+        auto dw0 = randn(rng, (size_t)s.OC * s.C), b = randn(rng, s.OC);
+        const std::vector<float> w(params.begin() + offset, params.begin() + offset + (size_t)s.OC * s.C);
+        const auto x16 = round_bf16_host(x), w16 = round_bf16_host(w), dout16 = round_bf16_host(dout);
+        DeviceBuffer<float> dparams, dx_, ddout, db_, out_, ddinp, ddw;
+        DeviceBuffer<hl::gpu::bf16> params16, scratch;
+        to_dev(dparams, params); to_dev(dx_, x); to_dev(ddout, dout); to_dev(db_, b);
+        params16.alloc(params.size());
+        hl::gpu::round_bf16(params16.ptr, dparams.ptr, params.size());
+        hl::gpu::Bf16Operands ops;
+        ops.params = dparams.ptr, ops.n = params.size(), ops.params16 = params16.ptr;
+        ops.scratch_n = (size_t)s.N * std::max(s.C, s.OC);
+        scratch.alloc(2 * ops.scratch_n);
+        ops.a16 = scratch.ptr, ops.b16 = scratch.ptr + ops.scratch_n;
+        const float* dw_ptr = dparams.ptr + offset;
+
+        std::vector<float> out((size_t)s.N * s.OC), out32(out.size());
+        hl::matmul_forward(out.data(), x16.data(), w16.data(), b.data(), s.N, s.C, s.OC);
+        hl::matmul_forward(out32.data(), x.data(), w.data(), b.data(), s.N, s.C, s.OC);
+        std::vector<float> dinp(x.size()), dw = dw0;
+        hl::matmul_backward(dinp.data(), dw.data(), (float*)nullptr, dout16.data(), x16.data(), w16.data(), s.N, s.C,
+                            s.OC);
+        alloc_poisoned(out_, out.size());
+        alloc_poisoned(ddinp, dinp.size());
+        to_dev(ddw, dw0);
+        {
+            const hl::gpu::Bf16Scope scope(&ops);
+            hl::gpu::matmul_forward(out_.ptr, dx_.ptr, dw_ptr, db_.ptr, s.N, s.C, s.OC);
+            hl::gpu::matmul_backward(ddinp.ptr, ddw.ptr, (float*)nullptr, ddout.ptr, dx_.ptr, dw_ptr, s.N, s.C, s.OC);
+        }
+        CHECK(hl::gpu::current_bf16() == nullptr);  // the scope closed
+        expect_close(tag + " out", from_dev(out_), out, FWD_TOL);
+        expect_close(tag + " dinp", from_dev(ddinp), dinp, GRAD_TOL);
+        expect_close(tag + " dweight (+=)", from_dev(ddw), dw, GRAD_TOL);
+        if (s.C >= 19) {
+            const double vs_fp32 = rel_err(from_dev(out_), out32);
+            std::printf("  %-64s rel err %.2e (> 1e-4: the operands were rounded)\n", (tag + " out vs fp32").c_str(),
+                        vs_fp32);
+            CHECK(vs_fp32 > 1e-4);
+        }
+        // a weight that is not a parameter is refused, not read from somewhere else
+        const hl::gpu::Bf16Scope scope(&ops);
+        CHECK_THROWS_AS(hl::gpu::matmul_forward(out_.ptr, dx_.ptr, dx_.ptr, (const float*)nullptr, 1, 1, 1), hl::Error);
+    }
+}
+
 TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight) equals the CPU") {
     hl::Rng rng(102);
     // (no Cg = 1: there x̂ = ±1 up to eps and dinp is pure cancellation, ill-conditioned on the CPU as well)
