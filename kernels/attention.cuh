@@ -26,9 +26,12 @@
 #pragma once
 #include <algorithm>            // std::min
 #include <cmath>                // INFINITY
+#include <type_traits>          // std::is_same_v: the tensor-core kernels take fp32 tensors only
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
+#include <mma.h>                // nvcuda::wmma: the tensor-core kernels (the tensor-core section above)
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
-#include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below)
+#include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below); bf16,
+                                //   current_bf16: whether the tensor-core kernels run (the tensor-core section above)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
 #include "model/attention.h"    // attn_visible, attention_window_check; AttnConfig, AttnParams (section 2)
 #include "model/common.h"       // HL_CHECK, Arena
@@ -126,6 +129,338 @@ __device__ inline float row_max16(float x) {
     return x;
 }
 }  // namespace attn
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core versions of the three tile kernels (bf16 operands, fp32 accumulation and softmax)
+// ---------------------------------------------------------------------------------------------------------
+// Used in place of the kernels above while a Bf16Scope is open (train_gpu --precision bf16: kernels/matmul.cuh)
+// and d_qk = d_v = D ∈ {64, 128}; the backward's key kernel only without a sink split. The same tiles (64 query
+// rows × 64 keys), the same loops over them (visible_kv_tile, query_tiles_end) and the same lse, but 4 warps a
+// block, each owning 16 rows of the tile, and every tile product on the tensor cores through nvcuda::wmma
+// (16×16×16 bf16 fragments, fp32 accumulators): q, k, v and dout are rounded to bf16 as they are loaded into
+// shared memory, and so are the probabilities P and dS before they multiply v, q or k. Scores, the online
+// softmax, lse and every accumulation stay fp32. A fragment's element-to-thread map is opaque, so values that need
+// per-row work (the softmax, the rescaled forward output) go through shared memory between the products.
+namespace attn_tc {
+using namespace nvcuda;
+constexpr int THREADS = 128;   // 4 warps × 16 rows = BR
+constexpr int LDS = attn::BC + 4;  // float rows of scores (wmma: a multiple of 4 floats)
+constexpr int LDP = attn::BC + 8;  // bf16 rows of probabilities (a multiple of 8 bf16)
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
+using FragBcol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
+using FragBrow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// bf16 tile rows: D + 8 elements (16 bytes of padding: a multiple of 8, and row starts 16 rows apart stay
+// 32-byte aligned, as wmma wants)
+template <int D> __host__ __device__ constexpr int ldh() { return D + 8; }
+
+// rows r0 .. r0+rows−1 of head `head` of a (B, T, heads, D) tensor into shared memory as bf16 (row stride ld);
+// rows ≥ T are zero
+template <typename T, int D>
+__device__ inline void load_bf16(bf16* dst, int ld, const T* src, int b, int r0, int rows, int T_, int heads,
+                                 int head) {
+    for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+        const int r = idx / D, c = idx % D, t = r0 + r;
+        dst[r * ld + c] = __float2bfloat16_rn(t < T_ ? float(src[(((size_t)b * T_ + t) * heads + head) * D + c]) : 0.f);
+    }
+}
+
+// C (16, 64) = A (16, K) · Bᵀ, where B is (64, K): both row-major bf16 in shared memory; C float, row stride LDS
+template <int K>
+__device__ inline void mma_abt(float* C, const bf16* A, int lda, const bf16* B, int ldb) {
+#pragma unroll
+    for (int n = 0; n < attn::BC / 16; n++) {
+        FragC c;
+        wmma::fill_fragment(c, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < K; kk += 16) {
+            FragA a;
+            FragBcol bt;  // column-major (K, 16) view of 16 rows of B: Bᵀ
+            wmma::load_matrix_sync(a, A + kk, lda);
+            wmma::load_matrix_sync(bt, B + n * 16 * ldb + kk, ldb);
+            wmma::mma_sync(c, a, bt, c);
+        }
+        wmma::store_matrix_sync(C + n * 16, c, LDS, wmma::mem_row_major);
+    }
+}
+
+// acc[n] (16, 16 columns n·16 …) += A (16, 64) · B (64, D): A row-major bf16 (row stride LDP), B row-major bf16
+template <int D>
+__device__ inline void mma_ab(FragC (&acc)[D / 16], const bf16* A, const bf16* B, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < attn::BC; kk += 16) {
+        FragA a;
+        wmma::load_matrix_sync(a, A + kk, LDP);
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) {
+            FragBrow bm;
+            wmma::load_matrix_sync(bm, B + kk * ldb + n * 16, ldb);
+            wmma::mma_sync(acc[n], a, bm, acc[n]);
+        }
+    }
+}
+
+// The softmax pass of one warp over its 16 rows of a (16, 64) float tile: lane → row lane % 16, half lane / 16
+// (32 columns each). Column c of the lane's half is visited as (c + row + 16·half) mod 32: with a row stride of
+// 4 mod 32 banks, the 32 lanes then hit 32 different banks.
+__device__ inline int tile_col(int c, int row, int half) { return half * 32 + ((c + row + 16 * half) & 31); }
+
+// 64 rows of D floats (row stride D + 4) from shared memory to a (B, T, heads, D) tensor, rows ≥ T skipped,
+// each scaled by mul[row] (or by `scalar` when mul is null); coalesced (consecutive threads, consecutive columns)
+template <typename T, int D>
+__device__ inline void store_rows(T* dst, const float* src, const float* mul, float scalar, int b, int r0, int T_,
+                                  int heads, int head) {
+    for (int idx = threadIdx.x; idx < attn::BR * D; idx += blockDim.x) {
+        const int r = idx / D, c = idx % D, t = r0 + r;
+        if (t < T_)
+            dst[(((size_t)b * T_ + t) * heads + head) * D + c] = T(src[r * (D + 4) + c] * (mul ? mul[r] : scalar));
+    }
+}
+}  // namespace attn_tc
+
+// Forward (as attention_forward_kernel): S = Q Kᵀ per key tile on the tensor cores into shared memory; the online
+// softmax by two lanes a row writes P (bf16) and rescales the row's unnormalised output, which lives in shared
+// memory (fp32) and is loaded into accumulators for O += P V and stored back.
+template <typename T, int D>
+__global__ void __launch_bounds__(attn_tc::THREADS)
+    attention_forward_tc_kernel(T* out, float* lse, const T* q, const T* k, const T* v, int T_, int H, int Hkv,
+                                int window, int sink, float scale_log2) {
+    using namespace attn;
+    using namespace attn_tc;
+    constexpr int LDH = ldh<D>(), LDO = D + 4;
+    extern __shared__ __align__(128) unsigned char smem_tc[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BR, LDH)
+    bf16* sK = sQ + BR * LDH;                     // (BC, LDH)
+    bf16* sV = sK + BC * LDH;                     // (BC, LDH)
+    float* sS = reinterpret_cast<float*>(sV + BC * LDH);  // (BR, LDS) scores of the current tile
+    bf16* sP = reinterpret_cast<bf16*>(sS + BR * LDS);    // (BR, LDP) its probabilities
+    float* sO = reinterpret_cast<float*>(sP + BR * LDP);  // (BR, LDO) unnormalised output
+    float* sInv = sO + BR * LDO;                          // (BR) 1 / l at the end
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane % 16, half = lane / 16;
+    const int r_tile = warp * 16 + row;  // this lane's row in the tile
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv), i = q0 + r_tile;
+
+    load_bf16<T, D>(sQ, LDH, q, b, q0, BR, T_, H, h);
+    for (int idx = threadIdx.x; idx < BR * LDO; idx += blockDim.x) sO[idx] = 0.f;
+    float m = -INFINITY, l = 0.f;  // the row's running max (log2 units) and sum; both lanes of a row keep them
+
+    const int kv_end = min(T_, q0 + BR);
+    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
+         kv0 = visible_kv_tile(kv0 + BC, q0, window, sink)) {
+        __syncthreads();  // the previous tile's sK, sV are no longer read (and sQ, sO are ready, first time)
+        load_bf16<T, D>(sK, LDH, k, b, kv0, BC, T_, Hkv, g);
+        load_bf16<T, D>(sV, LDH, v, b, kv0, BC, T_, Hkv, g);
+        __syncthreads();
+
+        float* S = sS + warp * 16 * LDS;
+        mma_abt<D>(S, sQ + warp * 16 * LDH, LDH, sK, LDH);
+        __syncwarp();
+        float tmax = -INFINITY;
+        for (int c = 0; c < 32; c++) {
+            const int col = tile_col(c, row, half), j = kv0 + col;
+            float& s = S[row * LDS + col];
+            s = (attn_visible(i, j, window, sink) && j < T_) ? s * scale_log2 : -INFINITY;
+            tmax = fmaxf(tmax, s);
+        }
+        const float m_new = fmaxf(m, fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16)));
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float alpha = exp2f(m - m_use);
+        float psum = 0.f;
+        bf16* P = sP + warp * 16 * LDP;
+        for (int c = 0; c < 32; c++) {
+            const int col = tile_col(c, row, half);
+            const bf16 p = __float2bfloat16_rn(exp2f(S[row * LDS + col] - m_use));
+            P[row * LDP + col] = p;
+            psum += __bfloat162float(p);  // the sum of what multiplies V
+        }
+        l = l * alpha + psum + __shfl_xor_sync(0xffffffffu, psum, 16);
+        m = m_new;
+        float* O = sO + warp * 16 * LDO;
+        for (int c = 0; c < D / 2; c++) O[row * LDO + half * (D / 2) + ((c + row + 16 * half) % (D / 2))] *= alpha;
+        __syncwarp();
+
+        FragC acc[D / 16];
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) wmma::load_matrix_sync(acc[n], O + n * 16, LDO, wmma::mem_row_major);
+        mma_ab<D>(acc, P, sV, LDH);
+#pragma unroll
+        for (int n = 0; n < D / 16; n++) wmma::store_matrix_sync(O + n * 16, acc[n], LDO, wmma::mem_row_major);
+    }
+    if (half == 0) {
+        sInv[r_tile] = l > 0.f ? 1.f / l : 0.f;
+        if (i < T_) lse[((size_t)b * H + h) * T_ + i] = m * LN2 + logf(l);
+    }
+    __syncthreads();
+    store_rows<T, D>(out, sO, sInv, 1.f, b, q0, T_, H, h);
+}
+
+// dk, dv (as attention_backward_dkdv_kernel, without the sink split): a block owns 64 keys (16 a warp) and loops
+// over the query heads of its group and their query tiles from the diagonal on. Per query tile, on the tensor
+// cores: Sᵀ = K Qᵀ and dPᵀ = V doutᵀ into shared memory, then Pᵀ = exp(Sᵀ/√d − lse) and dSᵀ = Pᵀ ⊙ (dPᵀ − D) (bf16),
+// then dv += Pᵀ dout and dk += dSᵀ Q in fragments that stay in registers over the whole loop.
+template <typename T, int D>
+__global__ void __launch_bounds__(attn_tc::THREADS)
+    attention_backward_dkdv_tc_kernel(T* dk, T* dv, const T* dout, const float* lse, const float* Dr, const T* q,
+                                      const T* k, const T* v, int T_, int H, int Hkv, int window, int sink,
+                                      float scale, float scale_log2) {
+    using namespace attn;
+    using namespace attn_tc;
+    constexpr int LDH = ldh<D>(), LDO = D + 4;
+    extern __shared__ __align__(128) unsigned char smem_tc[];
+    bf16* sK = reinterpret_cast<bf16*>(smem_tc);  // (BC, LDH) this block's keys
+    bf16* sV = sK + BC * LDH;                     // (BC, LDH) and values
+    bf16* sQ = sV + BC * LDH;                     // (BR, LDH) current query tile
+    bf16* sO = sQ + BR * LDH;                     // (BR, LDH) its dout rows
+    float* sS = reinterpret_cast<float*>(sO + BR * LDH);  // (BC, LDS) Sᵀ
+    float* sDP = sS + BC * LDS;                           // (BC, LDS) dPᵀ
+    bf16* sP = reinterpret_cast<bf16*>(sDP + BC * LDS);   // (BC, LDP) Pᵀ
+    bf16* sDS = sP + BC * LDP;                            // (BC, LDP) dSᵀ
+    float* sL2 = reinterpret_cast<float*>(sDS + BC * LDP);  // (BR) lse · log2 e of the current query rows
+    float* sD = sL2 + BR;                                   // (BR) D of the current query rows
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane % 16, half = lane / 16;
+    const int kv0 = blockIdx.x * BC, j = kv0 + warp * 16 + row;  // this lane's key
+    const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
+
+    load_bf16<T, D>(sK, LDH, k, b, kv0, BC, T_, Hkv, g);
+    load_bf16<T, D>(sV, LDH, v, b, kv0, BC, T_, Hkv, g);
+    FragC dk_acc[D / 16], dv_acc[D / 16];
+#pragma unroll
+    for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dk_acc[n], 0.f), wmma::fill_fragment(dv_acc[n], 0.f);
+
+    const int q_end = query_tiles_end(kv0, T_, window, sink);
+    for (int h = g * group; h < (g + 1) * group; h++)
+        for (int q0 = kv0; q0 < q_end; q0 += BR) {
+            __syncthreads();  // the previous query tile is no longer read
+            load_bf16<T, D>(sQ, LDH, q, b, q0, BR, T_, H, h);
+            load_bf16<T, D>(sO, LDH, dout, b, q0, BR, T_, H, h);
+            for (int r = threadIdx.x; r < BR; r += blockDim.x) {
+                const int i = q0 + r;
+                const size_t bhi = ((size_t)b * H + h) * T_ + i;
+                sL2[r] = i < T_ ? lse[bhi] * LOG2E : 0.f;
+                sD[r] = i < T_ ? Dr[bhi] : 0.f;
+            }
+            __syncthreads();
+
+            float* S = sS + warp * 16 * LDS;
+            float* DP = sDP + warp * 16 * LDS;
+            mma_abt<D>(S, sK + warp * 16 * LDH, LDH, sQ, LDH);
+            mma_abt<D>(DP, sV + warp * 16 * LDH, LDH, sO, LDH);
+            __syncwarp();
+            bf16* P = sP + warp * 16 * LDP;
+            bf16* DS = sDS + warp * 16 * LDP;
+            for (int c = 0; c < 32; c++) {
+                const int col = tile_col(c, row, half), i = q0 + col;
+                const bool vis = i < T_ && j < T_ && attn_visible(i, j, window, sink);
+                const float p = vis ? exp2f(S[row * LDS + col] * scale_log2 - sL2[col]) : 0.f;
+                P[row * LDP + col] = __float2bfloat16_rn(p);
+                DS[row * LDP + col] = __float2bfloat16_rn(p * (DP[row * LDS + col] - sD[col]));
+            }
+            __syncwarp();
+            mma_ab<D>(dv_acc, P, sO, LDH);
+            mma_ab<D>(dk_acc, DS, sQ, LDH);
+        }
+
+    // the warps' rows through shared memory (sS and sDP, contiguous, hold 64 rows of D + 4 floats) to dv, then dk
+    __syncthreads();
+    float* F = sS;
+#pragma unroll
+    for (int n = 0; n < D / 16; n++)
+        wmma::store_matrix_sync(F + warp * 16 * LDO + n * 16, dv_acc[n], LDO, wmma::mem_row_major);
+    __syncthreads();
+    store_rows<T, D>(dv, F, nullptr, 1.f, b, kv0, T_, Hkv, g);
+    __syncthreads();
+#pragma unroll
+    for (int n = 0; n < D / 16; n++)
+        wmma::store_matrix_sync(F + warp * 16 * LDO + n * 16, dk_acc[n], LDO, wmma::mem_row_major);
+    __syncthreads();
+    store_rows<T, D>(dk, F, nullptr, scale, b, kv0, T_, Hkv, g);
+}
+
+// dq (as attention_backward_dq_kernel): a block owns 64 queries (16 a warp) and loops over the visible key tiles:
+// S = Q Kᵀ and dP = dout Vᵀ on the tensor cores, P and dS = P ⊙ (dP − D) per row, then dq += dS K in fragments.
+template <typename T, int D>
+__global__ void __launch_bounds__(attn_tc::THREADS)
+    attention_backward_dq_tc_kernel(T* dq, const T* dout, const float* lse, const float* Dr, const T* q, const T* k,
+                                    const T* v, int T_, int H, int Hkv, int window, int sink, float scale,
+                                    float scale_log2) {
+    using namespace attn;
+    using namespace attn_tc;
+    constexpr int LDH = ldh<D>(), LDO = D + 4;
+    extern __shared__ __align__(128) unsigned char smem_tc[];
+    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BR, LDH) this block's queries
+    bf16* sO = sQ + BR * LDH;                     // (BR, LDH) and dout rows
+    bf16* sK = sO + BR * LDH;                     // (BC, LDH) current key tile
+    bf16* sV = sK + BC * LDH;                     // (BC, LDH) and values
+    float* sS = reinterpret_cast<float*>(sV + BC * LDH);  // (BR, LDS) S
+    float* sDP = sS + BR * LDS;                           // (BR, LDS) dP
+    bf16* sDS = reinterpret_cast<bf16*>(sDP + BR * LDS);  // (BR, LDP) dS
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane % 16, half = lane / 16;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, i = q0 + warp * 16 + row;
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+
+    load_bf16<T, D>(sQ, LDH, q, b, q0, BR, T_, H, h);
+    load_bf16<T, D>(sO, LDH, dout, b, q0, BR, T_, H, h);
+    const size_t bhi = ((size_t)b * H + h) * T_ + i;
+    const float L2 = i < T_ ? lse[bhi] * LOG2E : 0.f, Di = i < T_ ? Dr[bhi] : 0.f;
+    FragC dq_acc[D / 16];
+#pragma unroll
+    for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq_acc[n], 0.f);
+
+    const int kv_end = min(T_, q0 + BR);
+    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
+         kv0 = visible_kv_tile(kv0 + BC, q0, window, sink)) {
+        __syncthreads();
+        load_bf16<T, D>(sK, LDH, k, b, kv0, BC, T_, Hkv, g);
+        load_bf16<T, D>(sV, LDH, v, b, kv0, BC, T_, Hkv, g);
+        __syncthreads();
+
+        float* S = sS + warp * 16 * LDS;
+        float* DP = sDP + warp * 16 * LDS;
+        mma_abt<D>(S, sQ + warp * 16 * LDH, LDH, sK, LDH);
+        mma_abt<D>(DP, sO + warp * 16 * LDH, LDH, sV, LDH);
+        __syncwarp();
+        bf16* DS = sDS + warp * 16 * LDP;
+        for (int c = 0; c < 32; c++) {
+            const int col = tile_col(c, row, half), j = kv0 + col;
+            const bool vis = i < T_ && j < T_ && attn_visible(i, j, window, sink);
+            const float p = vis ? exp2f(S[row * LDS + col] * scale_log2 - L2) : 0.f;
+            DS[row * LDP + col] = __float2bfloat16_rn(p * (DP[row * LDS + col] - Di));
+        }
+        __syncwarp();
+        mma_ab<D>(dq_acc, DS, sK, LDH);
+    }
+    __syncthreads();
+    float* F = sS;  // sS and sDP: 64 rows of D + 4 floats
+#pragma unroll
+    for (int n = 0; n < D / 16; n++)
+        wmma::store_matrix_sync(F + warp * 16 * LDO + n * 16, dq_acc[n], LDO, wmma::mem_row_major);
+    __syncthreads();
+    store_rows<T, D>(dq, F, nullptr, scale, b, q0, T_, H, h);
+}
+
+// Whether the tensor-core kernels take this call: bf16 operands in effect (a Bf16Scope), fp32 tensors, and equal
+// head dims of 64 or 128.
+template <typename T>
+inline bool attention_use_tc(int d_qk, int d_v) {
+    return std::is_same_v<T, float> && current_bf16() != nullptr && d_qk == d_v && (d_qk == 64 || d_qk == 128);
+}
+
+// Shared memory of the three tensor-core kernels for head dim D.
+inline size_t attention_tc_smem_forward(int D) {
+    using namespace attn;
+    return sizeof(bf16) * (size_t)(BR + 2 * BC) * (D + 8) + sizeof(float) * BR * attn_tc::LDS +
+           sizeof(bf16) * BR * attn_tc::LDP + sizeof(float) * ((size_t)BR * (D + 4) + BR);
+}
+inline size_t attention_tc_smem_backward(int D) {  // both kernels (dkdv also needs its 2·BR floats of lse and D)
+    using namespace attn;
+    return sizeof(bf16) * (size_t)(2 * BR + 2 * BC) * (D + 8) + sizeof(float) * 2 * BR * attn_tc::LDS +
+           sizeof(bf16) * 2 * BR * attn_tc::LDP + sizeof(float) * 2 * BR;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Forward
@@ -271,8 +606,20 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
     using namespace attn;
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     const float scale_log2 = LOG2E / sqrtf((float)d_qk);
-    const size_t smem = sizeof(float) * ((size_t)(BR + BC) * padded(d_qk) + (size_t)BC * d_v + BR * (BC + 1));
     const dim3 grid(ceil_div(T_, BR), B * H);
+    if (attention_use_tc<T>(d_qk, d_v)) {  // bf16 operands: the tensor-core kernel (the tensor-core section above)
+        const size_t smem_tc = attention_tc_smem_forward(d_qk);
+        auto launch_tc = [&](auto kernel) {
+            allow_smem(kernel, smem_tc);
+            kernel<<<grid, attn_tc::THREADS, smem_tc, stream>>>(out, lse, q, k, v, T_, H, Hkv, window, sink,
+                                                                 scale_log2);
+            cudaCheckLast();
+        };
+        if (d_qk == 64) launch_tc(attention_forward_tc_kernel<T, 64>);
+        else launch_tc(attention_forward_tc_kernel<T, 128>);
+        return;
+    }
+    const size_t smem = sizeof(float) * ((size_t)(BR + BC) * padded(d_qk) + (size_t)BC * d_v + BR * (BC + 1));
     auto launch = [&](auto kernel) {
         allow_smem(kernel, smem);
         kernel<<<grid, THREADS, smem, stream>>>(out, lse, q, k, v, T_, H, Hkv, d_qk, d_v, window, sink, scale_log2);
@@ -656,10 +1003,28 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                                                                                          H, d_v);
     cudaCheckLast();
 
+    const SinkSplit split = sink_split(T_, window, sink);
+    if (attention_use_tc<T>(d_qk, d_v)) {  // bf16 operands: the tensor-core kernels (the tensor-core section above)
+        const size_t smem_tc = attention_tc_smem_backward(d_qk);
+        auto launch_tc = [&](auto kernel, dim3 grid, auto... args) {
+            allow_smem(kernel, smem_tc);
+            kernel<<<grid, attn_tc::THREADS, smem_tc, stream>>>(args...);
+            cudaCheckLast();
+        };
+        const dim3 grid_kv(ceil_div(T_, BC), B * Hkv), grid_q(ceil_div(T_, BR), B * H);
+        const bool d64 = d_qk == 64;
+        if (split.tiles == 0)  // (the sink split stays with the kernel below)
+            launch_tc(d64 ? attention_backward_dkdv_tc_kernel<T, 64> : attention_backward_dkdv_tc_kernel<T, 128>,
+                      grid_kv, dk, dv, dout, lse, (const float*)scratch_D, q, k, v, T_, H, Hkv, window, sink, scale,
+                      scale_log2);
+        launch_tc(d64 ? attention_backward_dq_tc_kernel<T, 64> : attention_backward_dq_tc_kernel<T, 128>, grid_q, dq,
+                  dout, lse, (const float*)scratch_D, q, k, v, T_, H, Hkv, window, sink, scale, scale_log2);
+        if (split.tiles == 0) return;
+        dq = nullptr;  // done: only dk, dv below
+    }
     const size_t ldq = padded(d_qk), ldv = padded(d_v);
     const size_t smem_kv = sizeof(float) * ((BC + BR) * (ldq + ldv) + (size_t)BC * (BR + 1) + 2 * BR);
     // sink key tiles as split.splits chunks each, then the other key tiles one block each
-    const SinkSplit split = sink_split(T_, window, sink);
     float* partial = scratch + (size_t)B * H * T_;
     const dim3 grid_kv(split.tiles * split.splits + ceil_div(T_, BC) - split.tiles, B * Hkv);
     auto launch_kv = [&](auto kernel) {
@@ -682,6 +1047,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
         cudaCheckLast();
     }
 
+    if (!dq) return;
     const size_t smem_q = sizeof(float) * ((BR + BC) * (ldq + ldv) + (size_t)BR * (BC + 1));
     const dim3 grid_q(ceil_div(T_, BR), B * H);
     auto launch_q = [&](auto kernel) {

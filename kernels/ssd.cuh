@@ -11,8 +11,8 @@
 // Every exp() is of a non-positive number (clamped with fminf(·, 0) against rounding).
 //
 // Kernels (all blocks NT = 256 threads; every product of two matrices is a block tile of 64 rows ×
-// 64 or 128 columns computed from shared-memory K slices, 4 × (BN/16) outputs per thread — the shape
-// a tensor-core (mma) version would take over one-for-one):
+// 64 or 128 columns computed from shared-memory K slices, 4 × (BN/16) outputs per thread: block_gemm, on
+// fp32 FMAs, or on the tensor cores with bf16 operands — block_gemm_tc, Dims::tc, opt-in: ssd_tensor_cores()):
 //   forward   1. chunk_state   per (b, c, h, 64 rows of P): (2) S_local = Xᵀ·diag(w)·B
 //             2. state_pass    per (b, h, slice of P·N): (3) sequential over chunks, in place
 //             3. chunk_output  per (b, c, h, 64 steps): (4) + (1) + D·x
@@ -36,12 +36,16 @@
 // Supported: 1 ≤ Q ≤ 256 (SSD_MAX_CHUNK), 1 ≤ P ≤ 128, 1 ≤ N ≤ 128, any G dividing H, B·H ≤ 65535,
 // nchunks ≤ 65535. A ≤ 0 and dt ≥ 0 are the caller's contract (the CPU version checks them; the GPU
 // cannot without a sync). fp32 storage; the kernels are templated on the storage type T with fp32
-// accumulation and fp32 scratch, so a bf16 T is a matter of instantiating them (and loosening the
-// tests). Parameter gradients dA, dD accumulate (+=); every other gradient is written.
+// accumulation and fp32 scratch. Under bf16 operands (a Bf16Scope, kernels/matmul.cuh) and ssd_tensor_cores()
+// (off by default: see there) the block GEMMs round their operands to bf16 and run on the tensor cores; cumsums,
+// decays and every accumulation stay fp32.
+// Parameter gradients dA, dD accumulate (+=); every other gradient is written.
 #pragma once
 #include <cstddef>             // size_t
 #include <cuda_runtime.h>      // cudaStream_t, kernel launches, expf / fminf on the device
+#include <mma.h>               // nvcuda::wmma: block_gemm on the tensor cores (bf16 runs)
 #include "kernels/common.cuh"  // cudaCheckLast, ceil_div
+#include "kernels/matmul.cuh"  // bf16, current_bf16: whether bf16 operands are in effect
 #include "model/common.h"      // HL_CHECK
 #include "model/ssd.h"         // ssd_shape, ssd_num_chunks, SSD_MAX_CHUNK: the CPU reference this mirrors
 
@@ -63,6 +67,7 @@ static_assert(NT == TX * (BM / TM), "thread layout of a block tile");
 // Sizes and row-major offsets, the device twin of SsdShape in model/ssd.h (plus Q and nchunks).
 struct Dims {
     int B, T_, H, P, G, N, Q, nchunks;
+    bool tc = false;  // every block_gemm on the tensor cores (ssd_tensor_cores() and bf16 operands in effect)
     __host__ __device__ int hpg() const { return H / G; }  // heads per group
     __host__ __device__ size_t PN() const { return (size_t)P * N; }
     __host__ __device__ size_t x(int b, int t, int h) const { return (((size_t)b * T_ + t) * H + h) * P; }   // (B,T,H,P)
@@ -142,8 +147,13 @@ __device__ inline float tile_row_sum(const float (&part)[TM], float (*red)[RS]) 
 // sb may be wider than BN (one buffer serves the 64- and the 128-wide GEMMs of a kernel).
 // Called by all threads; starts and ends with the staging buffers free.
 template <int BN, bool A_KC, bool B_KC, int SBW, class FA, class FB>
+__device__ void block_gemm_tc(float (&acc)[TM][BN / TX], int K, const FA& fa, const FB& fb, float (*sa)[BM + PAD],
+                              float (*sb)[SBW]);
+
+template <int BN, bool A_KC, bool B_KC, int SBW, class FA, class FB>
 __device__ void block_gemm(float (&acc)[TM][BN / TX], int K, const FA& fa, const FB& fb, float (*sa)[BM + PAD],
-                           float (*sb)[SBW]) {
+                           float (*sb)[SBW], bool tc) {
+    if (tc) return block_gemm_tc<BN, A_KC, B_KC>(acc, K, fa, fb, sa, sb);
     constexpr int TN = BN / TX;
     static_assert(SBW >= BN, "staging buffer too narrow");
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
@@ -171,6 +181,63 @@ __device__ void block_gemm(float (&acc)[TM][BN / TX], int K, const FA& fa, const
 #pragma unroll
                 for (int c = 0; c < TN; c++) acc[r][c] += av[r] * bv[c];
         }
+        __syncthreads();
+    }
+}
+
+// block_gemm on the tensor cores (Dims::tc: bf16 runs), the same product and the same acc layout: each K slice
+// is staged as bf16 in the same buffers (k-major, so A is a column-major fragment and B a row-major one), the 8
+// warps each keep BN/32 fp32 accumulator fragments of 16 × 16 (warp w: rows 16·(w % 4), column blocks from
+// (w / 4)·BN/32), and at the end the tile passes through sb, 16 rows at a time, into the threads' acc.
+// The staging buffers must be 32-byte aligned (wmma), as every kernel here declares them.
+template <int BN, bool A_KC, bool B_KC, int SBW, class FA, class FB>
+__device__ void block_gemm_tc(float (&acc)[TM][BN / TX], int K, const FA& fa, const FB& fb, float (*sa)[BM + PAD],
+                              float (*sb)[SBW]) {
+    using namespace nvcuda;
+    constexpr int TN = BN / TX, F = BN / 32, LDA = BM + 8, LDB = BN + 8;
+    static_assert(LDA * sizeof(bf16) <= (BM + PAD) * sizeof(float) && LDB * sizeof(bf16) <= SBW * sizeof(float) &&
+                      KT == 16 && SBW % 4 == 0 && BN % 32 == 0,
+                  "bf16 staging fits the float buffers; one 16-deep K slice a step; fp32 rows of sb for wmma");
+    bf16* sa16 = reinterpret_cast<bf16*>(&sa[0][0]);  // (KT, LDA): A(m, k) at [k][m]
+    bf16* sb16 = reinterpret_cast<bf16*>(&sb[0][0]);  // (KT, LDB): B(k, n) at [k][n]
+    const int tid = threadIdx.x, warp = tid / 32, rb = warp % 4, cb0 = (warp / 4) * F;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[F];
+#pragma unroll
+    for (int f = 0; f < F; f++) wmma::fill_fragment(c[f], 0.f);
+    for (int k0 = 0; k0 < K; k0 += KT) {
+        for (int e = tid; e < KT * BM; e += NT) {
+            const int kk = A_KC ? e % KT : e / BM;
+            const int m = A_KC ? e / KT : e % BM;
+            sa16[kk * LDA + m] = __float2bfloat16_rn(k0 + kk < K ? fa(m, k0 + kk) : 0.f);
+        }
+        for (int e = tid; e < KT * BN; e += NT) {
+            const int kk = B_KC ? e % KT : e / BN;
+            const int n = B_KC ? e / KT : e % BN;
+            sb16[kk * LDB + n] = __float2bfloat16_rn(k0 + kk < K ? fb(k0 + kk, n) : 0.f);
+        }
+        __syncthreads();
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> a;
+        wmma::load_matrix_sync(a, sa16 + rb * 16, LDA);
+#pragma unroll
+        for (int f = 0; f < F; f++) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> bm;
+            wmma::load_matrix_sync(bm, sb16 + (cb0 + f) * 16, LDB);
+            wmma::mma_sync(c[f], a, bm, c[f]);
+        }
+        __syncthreads();
+    }
+    const int tx = tid % TX, ty = tid / TX;
+    float* st = &sb[0][0];  // (16, SBW) floats: one 16-row block of the tile at a time
+    for (int r16 = 0; r16 < BM / 16; r16++) {
+        if (rb == r16)
+#pragma unroll
+            for (int f = 0; f < F; f++) wmma::store_matrix_sync(st + (cb0 + f) * 16, c[f], SBW, wmma::mem_row_major);
+        __syncthreads();
+        if ((ty * TM) / 16 == r16)
+#pragma unroll
+            for (int r = 0; r < TM; r++)
+#pragma unroll
+                for (int cc = 0; cc < TN; cc++) acc[r][cc] += st[(ty * TM + r - 16 * r16) * SBW + tx * TN + cc];
         __syncthreads();
     }
 }
@@ -216,7 +283,8 @@ __global__ void __launch_bounds__(NT) ssd_chunk_state_kernel(S* slots, T* end, c
         else return;
     }
     __shared__ float cum[NT], sdt[NT], w[NT];
-    __shared__ float sa[KT][BM + PAD], sb[KT][BN + PAD];
+    __shared__ __align__(32) float sa[KT][BM + PAD];  // (aligned for block_gemm_tc)
+    __shared__ __align__(32) float sb[KT][BN + PAD];
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
     {
         const int i = threadIdx.x;
@@ -230,7 +298,7 @@ __global__ void __launch_bounds__(NT) ssd_chunk_state_kernel(S* slots, T* end, c
     // A(m = p, k = t) = w_t·U[t, p0 + m]: contiguous along p;  B(k = t, n) = V[t, n]: contiguous along n
     auto fa = [&](int m, int k) { return p0 + m < P ? w[k] * float(U[d.x(b, t0 + k, h) + p0 + m]) : 0.f; };
     auto fb = [&](int k, int n) { return n < N ? float(V[d.bc(b, t0 + k, g) + n]) : 0.f; };
-    block_gemm<BN, false, false>(acc, len, fa, fb, sa, sb);
+    block_gemm<BN, false, false>(acc, len, fa, fb, sa, sb, d.tc);
 
     const int tx = threadIdx.x % TX, ty = threadIdx.x / TX;
 #pragma unroll
@@ -305,7 +373,8 @@ __global__ void __launch_bounds__(NT) ssd_chunk_output_kernel(T* y, const T* chu
     if (i0 >= len) return;  // a short last chunk has fewer tiles
     const int P = d.P, N = d.N;
     __shared__ float cum[NT], sdt[NT];
-    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ __align__(32) float sa[KT][BM + PAD];  // (aligned for block_gemm_tc)
+    __shared__ __align__(32) float sb[KT][BF + PAD];
     __shared__ float ms[BM][BM + 1];  // the masked, weighted (C·Bᵀ) tile
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
     const T* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
@@ -318,7 +387,7 @@ __global__ void __launch_bounds__(NT) ssd_chunk_output_kernel(T* y, const T* chu
             return i0 + m < len ? decay_exp(cum[i0 + m]) * float(Cm[d.bc(b, t0 + i0 + m, g) + k]) : 0.f;
         };
         auto fb = [&](int k, int p) { return p < P ? float(S_in[(size_t)p * N + k]) : 0.f; };
-        block_gemm<BF, true, true>(acc, N, fa, fb, sa, sb);
+        block_gemm<BF, true, true>(acc, N, fa, fb, sa, sb, d.tc);
     }
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
     // (1) causal j tiles
@@ -327,7 +396,7 @@ __global__ void __launch_bounds__(NT) ssd_chunk_output_kernel(T* y, const T* chu
         zero_acc<BM>(cb);
         auto fc = [&](int m, int k) { return i0 + m < len ? float(Cm[d.bc(b, t0 + i0 + m, g) + k]) : 0.f; };
         auto fbj = [&](int k, int j) { return j0 + j < len ? float(Bm[d.bc(b, t0 + j0 + j, g) + k]) : 0.f; };
-        block_gemm<BM, true, true>(cb, N, fc, fbj, sa, sb);
+        block_gemm<BM, true, true>(cb, N, fc, fbj, sa, sb, d.tc);
 #pragma unroll
         for (int r = 0; r < TM; r++)
 #pragma unroll
@@ -340,7 +409,7 @@ __global__ void __launch_bounds__(NT) ssd_chunk_output_kernel(T* y, const T* chu
         // A(m = i, k = j) = ms[i][j];  B(k = j, p) = x[j, p] (contiguous along p)
         auto fm = [&](int m, int k) { return ms[m][k]; };
         auto fx = [&](int k, int p) { return j0 + k < len && p < P ? float(x[d.x(b, t0 + j0 + k, h) + p]) : 0.f; };
-        block_gemm<BF, true, false>(acc, BM, fm, fx, sa, sb);  // its closing barrier frees ms
+        block_gemm<BF, true, false>(acc, BM, fm, fx, sa, sb, d.tc);  // its closing barrier frees ms
     }
     const float Dh = float(D[h]);
 #pragma unroll
@@ -425,7 +494,8 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_
     if (j0 >= len) return;
     const int P = d.P, N = d.N;
     __shared__ float cum[NT], sdt[NT];
-    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ __align__(32) float sa[KT][BM + PAD];  // (aligned for block_gemm_tc)
+    __shared__ __align__(32) float sb[KT][BF + PAD];
     __shared__ float ms[BM][BM + 1];  // masked, weighted (B·Cᵀ) tile; later the row-sum buffer
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
     const float cum_last = cum[len - 1];
@@ -440,7 +510,7 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_
             return j0 + m < len ? decay_exp(cum_last - cum[j0 + m]) * float(Bm[d.bc(b, t0 + j0 + m, g) + k]) : 0.f;
         };
         auto fb = [&](int k, int p) { return p < P ? dS[(size_t)p * N + k] : 0.f; };
-        block_gemm<BF, true, true>(acc, N, fa, fb, sa, sb);
+        block_gemm<BF, true, true>(acc, N, fa, fb, sa, sb, d.tc);
     }
     float vpart[TM];  // this thread's share of ⟨x_j, state part⟩
 #pragma unroll
@@ -460,7 +530,7 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_
         zero_acc<BM>(bc);
         auto fbm = [&](int m, int k) { return j0 + m < len ? float(Bm[d.bc(b, t0 + j0 + m, g) + k]) : 0.f; };
         auto fci = [&](int k, int i) { return i0 + i < len ? float(Cm[d.bc(b, t0 + i0 + i, g) + k]) : 0.f; };
-        block_gemm<BM, true, true>(bc, N, fbm, fci, sa, sb);
+        block_gemm<BM, true, true>(bc, N, fbm, fci, sa, sb, d.tc);
 #pragma unroll
         for (int r = 0; r < TM; r++)
 #pragma unroll
@@ -472,7 +542,7 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_
         // A(m = j, k = i) = ms[j][i];  B(k = i, p) = dy[i, p] (along p)
         auto fm = [&](int m, int k) { return ms[m][k]; };
         auto fdy = [&](int k, int p) { return i0 + k < len && p < P ? float(dy[d.x(b, t0 + i0 + k, h) + p]) : 0.f; };
-        block_gemm<BF, true, false>(acc, BM, fm, fdy, sa, sb);
+        block_gemm<BF, true, false>(acc, BM, fm, fdy, sa, sb, d.tc);
     }
     // dx, and the row dots ⟨x_j, acc_j⟩
     const float Dh = float(D[h]);
@@ -527,7 +597,8 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dB_kernel(T* dBm, float* part, con
     if (j0 >= len) return;
     const int P = d.P, N = d.N;
     __shared__ float cum[NT], sdt[NT];
-    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ __align__(32) float sa[KT][BM + PAD];  // (aligned for block_gemm_tc)
+    __shared__ __align__(32) float sb[KT][BF + PAD];
     __shared__ float ms[BM][BM + 1];
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
 
@@ -545,14 +616,14 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dB_kernel(T* dBm, float* part, con
                 return j < len ? decay_exp(cum_last - cum[j]) * sdt[j] * float(x[d.x(b, t0 + j, h) + k]) : 0.f;
             };
             auto fb = [&](int k, int n) { return n < N ? dS[(size_t)k * N + n] : 0.f; };
-            block_gemm<BF, true, false>(acc, P, fa, fb, sa, sb);
+            block_gemm<BF, true, false>(acc, P, fa, fb, sa, sb, d.tc);
         }
         for (int i0 = j0; i0 < len; i0 += BM) {
             float gx[TM][BM / TX];
             zero_acc<BM>(gx);
             auto fxj = [&](int m, int k) { return j0 + m < len ? float(x[d.x(b, t0 + j0 + m, h) + k]) : 0.f; };
             auto fdyi = [&](int k, int i) { return i0 + i < len ? float(dy[d.x(b, t0 + i0 + i, h) + k]) : 0.f; };
-            block_gemm<BM, true, true>(gx, P, fxj, fdyi, sa, sb);
+            block_gemm<BM, true, true>(gx, P, fxj, fdyi, sa, sb, d.tc);
 #pragma unroll
             for (int r = 0; r < TM; r++)
 #pragma unroll
@@ -565,7 +636,7 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dB_kernel(T* dBm, float* part, con
             // A(m = j, k = i) = ms[j][i];  B(k = i, n) = C[i, n] (along n)
             auto fm = [&](int m, int k) { return ms[m][k]; };
             auto fc = [&](int k, int n) { return i0 + k < len && n < N ? float(Cm[d.bc(b, t0 + i0 + k, g) + n]) : 0.f; };
-            block_gemm<BF, true, false>(acc, BM, fm, fc, sa, sb);
+            block_gemm<BF, true, false>(acc, BM, fm, fc, sa, sb, d.tc);
         }
     }
     const size_t slice_off = (size_t)s * d.B * d.T_ * d.G * N;
@@ -599,7 +670,8 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dC_kernel(T* dCm, float* part, flo
     if (i0 >= len) return;
     const int P = d.P, N = d.N;
     __shared__ float cum[NT], sdt[NT];
-    __shared__ float sa[KT][BM + PAD], sb[KT][BF + PAD];
+    __shared__ __align__(32) float sa[KT][BM + PAD];  // (aligned for block_gemm_tc)
+    __shared__ __align__(32) float sb[KT][BF + PAD];
     __shared__ float ms[BM][BM + 1];
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
 
@@ -618,7 +690,7 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dC_kernel(T* dCm, float* part, flo
                 return i < len ? decay_exp(cum[i]) * float(dy[d.x(b, t0 + i, h) + k]) : 0.f;
             };
             auto fb = [&](int k, int n) { return n < N ? float(S_in[(size_t)k * N + n]) : 0.f; };
-            block_gemm<BF, true, false>(acch, P, fa, fb, sa, sb);
+            block_gemm<BF, true, false>(acch, P, fa, fb, sa, sb, d.tc);
         }
         // (1): causal j tiles
         for (int j0 = 0; j0 <= i0; j0 += BM) {
@@ -626,7 +698,7 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dC_kernel(T* dCm, float* part, flo
             zero_acc<BM>(gx);
             auto fdyi = [&](int m, int k) { return i0 + m < len ? float(dy[d.x(b, t0 + i0 + m, h) + k]) : 0.f; };
             auto fxj = [&](int k, int j) { return j0 + j < len ? float(x[d.x(b, t0 + j0 + j, h) + k]) : 0.f; };
-            block_gemm<BM, true, true>(gx, P, fdyi, fxj, sa, sb);
+            block_gemm<BM, true, true>(gx, P, fdyi, fxj, sa, sb, d.tc);
 #pragma unroll
             for (int r = 0; r < TM; r++)
 #pragma unroll
@@ -639,7 +711,7 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dC_kernel(T* dCm, float* part, flo
             // A(m = i, k = j) = ms[i][j];  B(k = j, n) = B[j, n] (along n)
             auto fm = [&](int m, int k) { return ms[m][k]; };
             auto fbj = [&](int k, int n) { return j0 + k < len && n < N ? float(Bm[d.bc(b, t0 + j0 + k, g) + n]) : 0.f; };
-            block_gemm<BF, true, false>(acch, BM, fm, fbj, sa, sb);
+            block_gemm<BF, true, false>(acch, BM, fm, fbj, sa, sb, d.tc);
         }
         // ⟨C_i, dC^h_i⟩, then add the head to the slice total
         float cpart[TM];
@@ -742,6 +814,16 @@ __global__ void __launch_bounds__(NT) ssd_head_grads_kernel(T* dA, T* dD, const 
     dD[h] = T(float(dD[h]) + sd);
 }
 
+// Whether a bf16 run's scan takes block_gemm_tc. Off: on an H200 (2026-11-30, train_gpu --precision bf16, 100m and
+// 350m, T = 2048) whole steps of mamba2 / inter / intra were no faster with it (1–3% slower in the same session,
+// within the ±10% spread between runs) — its bf16 staging and two barriers per 16-deep K slice bound it, not the
+// products — and mamba2's 500-step validation loss moved 1.2% from fp32's (0.55% without it). The tests switch
+// it on, so it stays checked.
+inline bool& ssd_tensor_cores() {
+    static bool on = false;
+    return on;
+}
+
 // Checks shared by forward and backward; returns the sizes.
 inline Dims ssd_dims(const char* who, int B, int T_, int H, int P, int G, int N, int Q) {
     ssd_shape(who, B, T_, H, P, G, N);  // positive sizes, G divides H
@@ -751,7 +833,9 @@ inline Dims ssd_dims(const char* who, int B, int T_, int H, int P, int G, int N,
     const int nchunks = ssd_num_chunks(T_, Q);
     HL_CHECK((long long)B * H <= 65535 && nchunks <= 65535, who,
              ": B·H=", (long long)B * H, " and nchunks=", nchunks, " must be <= 65535 (grid limits)");
-    return Dims{B, T_, H, P, G, N, Q, nchunks};
+    Dims d{B, T_, H, P, G, N, Q, nchunks};
+    d.tc = ssd_tensor_cores() && current_bf16() != nullptr;
+    return d;
 }
 
 // The backward's scratch, carved in this order out of one float buffer.

@@ -271,3 +271,41 @@ TEST_CASE("gpu ssd: unsupported sizes are clear errors") {
                                                          p, p, 1, 8, 2, 16, 1, 16, 64),
                     hl::Error);  // no scratch
 }
+
+TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan within bf16 rounding") {
+    // Every block GEMM of the scan takes bf16 operands (8 mantissa bits) with fp32 accumulation when a Bf16Scope
+    // is open (a bf16 model): the forward within 2e-2 of its scale, the gradients within 5e-2 (dA, a sum over
+    // every step of cancelling terms, 1e-1). The errors are printed; the fp32 path stays at 1e-4 / 1e-3 above.
+    const std::vector<Case> cases = {
+        {2, 300, 4, 64, 1, 128, 256, true, true},   // the paper's P = 64, N = 128, Q = 256
+        {2, 200, 4, 128, 2, 64, 64, false, true},   // wide heads, two groups
+        {1, 130, 2, 65, 1, 65, 128, true, false},   // sizes off the tiles
+    };
+    const hl::gpu::Bf16Operands ops;  // (the scan only asks whether bf16 operands are in effect)
+    hl::gpu::ssd_detail::ssd_tensor_cores() = true;  // (opt-in: off in training, see kernels/ssd.cuh)
+    for (size_t i = 0; i < cases.size(); i++) {
+        const Case& k = cases[i];
+        const Inputs in = make_inputs(k, 5000 + i);
+        Result g;
+        {
+            const hl::gpu::Bf16Scope scope(&ops);
+            g = run_gpu(k, in);
+        }
+        const Result c = run_cpu(k, in, k.Q);
+        const std::string ctx = "bf16 " + k.name();
+        const double ey = max_rel_err(g.y, c.y);
+        expect_close("bf16 y", g.y, c.y, 2e-2, ctx);
+        expect_close("bf16 chunk_states", g.states, c.states, 2e-2, ctx);
+        if (k.fin) expect_close("bf16 final_state", g.fin, c.fin, 2e-2, ctx);
+        expect_close("bf16 dx", g.dx, c.dx, 5e-2, ctx);
+        expect_close("bf16 ddt", g.ddt, c.ddt, 5e-2, ctx);
+        expect_close("bf16 dBm", g.dBm, c.dBm, 5e-2, ctx);
+        expect_close("bf16 dCm", g.dCm, c.dCm, 5e-2, ctx);
+        expect_close("bf16 dA", minus(g.dA, DA0), minus(c.dA, DA0), 1e-1, ctx);
+        expect_close("bf16 dD", minus(g.dD, DD0), minus(c.dD, DD0), 5e-2, ctx);
+        if (k.init) expect_close("bf16 dinit_state", g.dinit, c.dinit, 5e-2, ctx);
+        CHECK(ey > 1e-6);  // the tensor-core path ran (fp32 agrees to ~1e-7 here)
+    }
+    hl::gpu::ssd_detail::ssd_tensor_cores() = false;
+    print_worst("bf16 operands");
+}
