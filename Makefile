@@ -137,6 +137,12 @@ bench: dev
 bench_models: $(BUILD)/train_gpu
 	bash bench/models.sh bench/results/$$(date +%F)
 
+# ---- the per-kernel table (issue 9): our attention and SSD beside PyTorch's flash SDPA and mamba_ssm's Triton SSD
+# over T, one run (bench/kernels.sh) into bench/results/<date>/{attention,ssd}.csv
+.PHONY: bench_kernels
+bench_kernels: dev
+	bash bench/kernels.sh bench/results/$$(date +%F)
+
 # dev/dump_grads (for dev/check_reference.sh, the PyTorch comparison): built by `make test` so it keeps compiling
 $(BUILD)/dump_grads: dev/dump_grads.cpp $(HEADERS)
 	@mkdir -p $(dir $@)

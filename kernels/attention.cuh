@@ -5,9 +5,11 @@
 //   backward: D = rowsum(dout ⊙ out) by a small kernel, then P is recomputed tile by tile from q, k and lse.
 // Notation as in the CPU reference: query head h reads kv head g = h / (H / Hkv); scores s = q·k / √d_qk;
 // P = softmax over the visible keys: s ≤ t, and with a sliding window W > 0 and sink S also t − s < W or
-// s < S (hl::attn_visible, the same function on the device). fp32 arithmetic on plain FMA tiles in shared
-// memory (tensor cores and bf16 are a later issue; the element type T of q, k, v, out and their gradients is a
-// template parameter, every value is converted to float on load, so a bf16 instantiation needs no change here).
+// s < S (hl::attn_visible, the same function on the device). Two sets of kernels:
+//   fp32 : plain FMA tiles in shared memory, any head dims below (the element type T of q, k, v, out and their
+//          gradients is a template parameter, every value is converted to float on load);
+//   bf16 operands (train_gpu --precision bf16, d_qk = d_v ∈ {64, 128}): tensor-core kernels in
+//          FlashAttention-2's register-resident form, fp32 softmax and accumulation (the tensor-core section).
 //
 // Supported head dims (HL_CHECKed): 1 ≤ d_qk ≤ 128, 1 ≤ d_v ≤ 256 — every paper config (largest: the 3b
 // intra-layer hybrid, d_qk 96, d_v 192) fits. Any B, T ≥ 1, any H a multiple of Hkv.
@@ -28,8 +30,8 @@
 #include <cmath>                // INFINITY
 #include <type_traits>          // std::is_same_v: the tensor-core kernels take fp32 tensors only
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
-#include <mma.h>                // nvcuda::wmma: the tensor-core kernels (the tensor-core section above)
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
+#include "kernels/mma.cuh"      // mma::tile_abt, tile_ab, to_a, load_rows_bf16: the tensor-core kernels
 #include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below); bf16,
                                 //   current_bf16: whether the tensor-core kernels run (the tensor-core section above)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
@@ -134,313 +136,281 @@ __device__ inline float row_max16(float x) {
 // Tensor-core versions of the three tile kernels (bf16 operands, fp32 accumulation and softmax)
 // ---------------------------------------------------------------------------------------------------------
 // Used in place of the kernels above while a Bf16Scope is open (train_gpu --precision bf16: kernels/matmul.cuh)
-// and d_qk = d_v = D ∈ {64, 128}; the backward's key kernel only without a sink split. The same tiles (64 query
-// rows × 64 keys), the same loops over them (visible_kv_tile, query_tiles_end) and the same lse, but 4 warps a
-// block, each owning 16 rows of the tile, and every tile product on the tensor cores through nvcuda::wmma
-// (16×16×16 bf16 fragments, fp32 accumulators): q, k, v and dout are rounded to bf16 as they are loaded into
-// shared memory, and so are the probabilities P and dS before they multiply v, q or k. Scores, the online
-// softmax, lse and every accumulation stay fp32. A fragment's element-to-thread map is opaque, so values that need
-// per-row work (the softmax, the rescaled forward output) go through shared memory between the products.
+// and d_qk = d_v = D ∈ {64, 128}; the backward's key kernel only without a sink split. The same loops over the
+// same 64-key tiles (visible_kv_tile) and the same lse, but each warp owns 16 rows of the block's (128 queries in
+// the forward and dq, 64 keys in dk, dv), every tile product runs on the tensor cores (mma.sync m16n8k16 through
+// kernels/mma.cuh), and FlashAttention-2's register-resident form: a warp's scores come out of the product in
+// registers, the softmax (or P and dS in the backward) is computed there, row statistics by two shuffles among
+// the 4 lanes that share a row, and the result is turned straight into the next product's A operand (mma::to_a).
+// Shared memory holds only the bf16 input tiles: q, k, v and dout are rounded to bf16 as they are loaded, and
+// so are P and dS before they multiply v, q or k. Scores, the online softmax, lse and every accumulation stay
+// fp32. (The first tensor-core version, on nvcuda::wmma with its opaque fragments, passed every score through
+// shared memory; it is v4 of dev/cuda/attention.cu.)
 namespace attn_tc {
-using namespace nvcuda;
-constexpr int THREADS = 128;   // 4 warps × 16 rows = BR
-constexpr int LDS = attn::BC + 4;  // float rows of scores (wmma: a multiple of 4 floats)
-constexpr int LDP = attn::BC + 8;  // bf16 rows of probabilities (a multiple of 8 bf16)
-using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
-using FragBcol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
-using FragBrow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
-using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+// Rows a block owns, 16 a warp: 128 queries (forward, dq: 8 warps) or 64 keys (dk, dv: 4 warps, as 128 keys were
+// slower there: one block an SM at its register count, and half the blocks); and the tile streamed past them,
+// 64 keys (forward, dq) or 64 queries (dk, dv).
+constexpr int WARPS = 8, THREADS = 32 * WARPS, BQ = 16 * WARPS;
+constexpr int KV_WARPS = 4, KV_THREADS = 32 * KV_WARPS, BKV = 16 * KV_WARPS;
+constexpr int BS = 64;
+static_assert(BQ % attn::BC == 0 && BKV % attn::BC == 0 && BS == attn::BC,
+              "key tiles stay aligned with the fp32 kernels' 64-key tiles");
 
-// bf16 tile rows: D + 8 elements (16 bytes of padding: a multiple of 8, and row starts 16 rows apart stay
-// 32-byte aligned, as wmma wants)
+// bf16 tile rows: D + 8 elements (see kernels/mma.cuh: conflict-free ldmatrix, 16-byte aligned rows)
 template <int D> __host__ __device__ constexpr int ldh() { return D + 8; }
 
-// rows r0 .. r0+rows−1 of head `head` of a (B, T, heads, D) tensor into shared memory as bf16 (row stride ld);
-// rows ≥ T are zero
-template <typename T, int D>
-__device__ inline void load_bf16(bf16* dst, int ld, const T* src, int b, int r0, int rows, int T_, int heads,
-                                 int head) {
-    for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
-        const int r = idx / D, c = idx % D, t = r0 + r;
-        dst[r * ld + c] = __float2bfloat16_rn(t < T_ ? float(src[(((size_t)b * T_ + t) * heads + head) * D + c]) : 0.f);
-    }
+// What a warp's product of queries [qa, qb) and keys [ka, kb) needs: NONE when no pair is visible because every
+// key comes after every query (skipped), ALL when every pair is visible and inside T (no mask), else MASK.
+enum Vis { NONE, MASK, ALL };
+__device__ inline Vis visibility(int qa, int qb, int ka, int kb, int T_, int window, int sink) {
+    if (ka > qb - 1) return NONE;
+    const bool all = kb - 1 <= qa && qb <= T_ && (window <= 0 || kb <= sink || qb - 1 - ka < window);
+    return all ? ALL : MASK;
 }
 
-// C (16, 64) = A (16, K) · Bᵀ, where B is (64, K): both row-major bf16 in shared memory; C float, row stride LDS
-template <int K>
-__device__ inline void mma_abt(float* C, const bf16* A, int lda, const bf16* B, int ldb) {
-#pragma unroll
-    for (int n = 0; n < attn::BC / 16; n++) {
-        FragC c;
-        wmma::fill_fragment(c, 0.f);
-#pragma unroll
-        for (int kk = 0; kk < K; kk += 16) {
-            FragA a;
-            FragBcol bt;  // column-major (K, 16) view of 16 rows of B: Bᵀ
-            wmma::load_matrix_sync(a, A + kk, lda);
-            wmma::load_matrix_sync(bt, B + n * 16 * ldb + kk, ldb);
-            wmma::mma_sync(c, a, bt, c);
-        }
-        wmma::store_matrix_sync(C + n * 16, c, LDS, wmma::mem_row_major);
-    }
+// Row statistics of a lane's two rows: over the 4 lanes holding the same row (lanes differing in bits 0, 1).
+__device__ inline float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
-
-// acc[n] (16, 16 columns n·16 …) += A (16, 64) · B (64, D): A row-major bf16 (row stride LDP), B row-major bf16
-template <int D>
-__device__ inline void mma_ab(FragC (&acc)[D / 16], const bf16* A, const bf16* B, int ldb) {
-#pragma unroll
-    for (int kk = 0; kk < attn::BC; kk += 16) {
-        FragA a;
-        wmma::load_matrix_sync(a, A + kk, LDP);
-#pragma unroll
-        for (int n = 0; n < D / 16; n++) {
-            FragBrow bm;
-            wmma::load_matrix_sync(bm, B + kk * ldb + n * 16, ldb);
-            wmma::mma_sync(acc[n], a, bm, acc[n]);
-        }
-    }
-}
-
-// The softmax pass of one warp over its 16 rows of a (16, 64) float tile: lane → row lane % 16, half lane / 16
-// (32 columns each). Column c of the lane's half is visited as (c + row + 16·half) mod 32: with a row stride of
-// 4 mod 32 banks, the 32 lanes then hit 32 different banks.
-__device__ inline int tile_col(int c, int row, int half) { return half * 32 + ((c + row + 16 * half) & 31); }
-
-// 64 rows of D floats (row stride D + 4) from shared memory to a (B, T, heads, D) tensor, rows ≥ T skipped,
-// each scaled by mul[row] (or by `scalar` when mul is null); coalesced (consecutive threads, consecutive columns)
-template <typename T, int D>
-__device__ inline void store_rows(T* dst, const float* src, const float* mul, float scalar, int b, int r0, int T_,
-                                  int heads, int head) {
-    for (int idx = threadIdx.x; idx < attn::BR * D; idx += blockDim.x) {
-        const int r = idx / D, c = idx % D, t = r0 + r;
-        if (t < T_)
-            dst[(((size_t)b * T_ + t) * heads + head) * D + c] = T(src[r * (D + 4) + c] * (mul ? mul[r] : scalar));
-    }
+__device__ inline float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 }  // namespace attn_tc
 
-// Forward (as attention_forward_kernel): S = Q Kᵀ per key tile on the tensor cores into shared memory; the online
-// softmax by two lanes a row writes P (bf16) and rescales the row's unnormalised output, which lives in shared
-// memory (fp32) and is loaded into accumulators for O += P V and stored back.
-template <typename T, int D>
-__global__ void __launch_bounds__(attn_tc::THREADS)
-    attention_forward_tc_kernel(T* out, float* lse, const T* q, const T* k, const T* v, int T_, int H, int Hkv,
-                                int window, int sink, float scale_log2) {
+// Forward (as attention_forward_kernel, but 128 query rows a block): per key tile, S = Q Kᵀ (16 × 64 per warp) in
+// registers, the online softmax on them (each lane keeps its two rows' running max and its share of their sums,
+// the 4 shares added at the end), then O += P V with P as the A operand and O (16 × D per warp) in registers
+// throughout. A warp whose rows all precede the tile skips it.
+template <int D>
+__global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head dim 64: two blocks an SM
+    attention_forward_tc_kernel(float* out, float* lse, const float* q, const float* k, const float* v, int T_,
+                                int H, int Hkv, int window, int sink, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
-    constexpr int LDH = ldh<D>(), LDO = D + 4;
+    constexpr int LD = ldh<D>();
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BR, LDH)
-    bf16* sK = sQ + BR * LDH;                     // (BC, LDH)
-    bf16* sV = sK + BC * LDH;                     // (BC, LDH)
-    float* sS = reinterpret_cast<float*>(sV + BC * LDH);  // (BR, LDS) scores of the current tile
-    bf16* sP = reinterpret_cast<bf16*>(sS + BR * LDS);    // (BR, LDP) its probabilities
-    float* sO = reinterpret_cast<float*>(sP + BR * LDP);  // (BR, LDO) unnormalised output
-    float* sInv = sO + BR * LDO;                          // (BR) 1 / l at the end
+    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BQ, LD)
+    bf16* sK = sQ + BQ * LD;                      // (BS, LD)
+    bf16* sV = sK + BS * LD;                      // (BS, LD)
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane % 16, half = lane / 16;
-    const int r_tile = warp * 16 + row;  // this lane's row in the tile
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv), i = q0 + r_tile;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, qw = q0 + warp * 16;  // the block's and the warp's rows
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+    const int i0 = qw + lane / 4;  // this lane's rows: i0 and i0 + 8
 
-    load_bf16<T, D>(sQ, LDH, q, b, q0, BR, T_, H, h);
-    for (int idx = threadIdx.x; idx < BR * LDO; idx += blockDim.x) sO[idx] = 0.f;
-    float m = -INFINITY, l = 0.f;  // the row's running max (log2 units) and sum; both lanes of a row keep them
+    mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BQ, T_, H, h);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (log2 units); this lane's share of Σ
+    float o[D / 8][4];                                          // unnormalised output, rows i0, i0 + 8
+    mma::zero(o);
 
-    const int kv_end = min(T_, q0 + BR);
+    const int kv_end = min(T_, q0 + BQ);
     for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
-         kv0 = visible_kv_tile(kv0 + BC, q0, window, sink)) {
-        __syncthreads();  // the previous tile's sK, sV are no longer read (and sQ, sO are ready, first time)
-        load_bf16<T, D>(sK, LDH, k, b, kv0, BC, T_, Hkv, g);
-        load_bf16<T, D>(sV, LDH, v, b, kv0, BC, T_, Hkv, g);
+         kv0 = visible_kv_tile(kv0 + BS, q0, window, sink)) {
+        __syncthreads();  // the previous tile's sK, sV are no longer read (and sQ is ready, the first time)
+        mma::load_rows_bf16<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
+        mma::load_rows_bf16<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
         __syncthreads();
+        const Vis vis = visibility(qw, qw + 16, kv0, kv0 + BS, T_, window, sink);
+        if (vis == NONE) continue;
 
-        float* S = sS + warp * 16 * LDS;
-        mma_abt<D>(S, sQ + warp * 16 * LDH, LDH, sK, LDH);
-        __syncwarp();
-        float tmax = -INFINITY;
-        for (int c = 0; c < 32; c++) {
-            const int col = tile_col(c, row, half), j = kv0 + col;
-            float& s = S[row * LDS + col];
-            s = (attn_visible(i, j, window, sink) && j < T_) ? s * scale_log2 : -INFINITY;
-            tmax = fmaxf(tmax, s);
-        }
-        const float m_new = fmaxf(m, fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 16)));
-        const float m_use = m_new == -INFINITY ? 0.f : m_new;
-        const float alpha = exp2f(m - m_use);
-        float psum = 0.f;
-        bf16* P = sP + warp * 16 * LDP;
-        for (int c = 0; c < 32; c++) {
-            const int col = tile_col(c, row, half);
-            const bf16 p = __float2bfloat16_rn(exp2f(S[row * LDS + col] - m_use));
-            P[row * LDP + col] = p;
-            psum += __bfloat162float(p);  // the sum of what multiplies V
-        }
-        l = l * alpha + psum + __shfl_xor_sync(0xffffffffu, psum, 16);
-        m = m_new;
-        float* O = sO + warp * 16 * LDO;
-        for (int c = 0; c < D / 2; c++) O[row * LDO + half * (D / 2) + ((c + row + 16 * half) % (D / 2))] *= alpha;
-        __syncwarp();
-
-        FragC acc[D / 16];
+        float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv0 + 8n + 2·(lane % 4) + e % 2
+        mma::zero(s);
+        mma::tile_abt<D, BS>(s, sQ + warp * 16 * LD, LD, sK, LD);
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int n = 0; n < D / 16; n++) wmma::load_matrix_sync(acc[n], O + n * 16, LDO, wmma::mem_row_major);
-        mma_ab<D>(acc, P, sV, LDH);
+        for (int n = 0; n < BS / 8; n++)
 #pragma unroll
-        for (int n = 0; n < D / 16; n++) wmma::store_matrix_sync(O + n * 16, acc[n], LDO, wmma::mem_row_major);
+            for (int e = 0; e < 4; e++) {
+                const int i = i0 + 8 * (e / 2), j = kv0 + 8 * n + 2 * (lane % 4) + e % 2;
+                const bool visible = vis == ALL || (j < T_ && attn_visible(i, j, window, sink));
+                s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
+                mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
+            }
+        float alpha[2], m_use[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float m_new = fmaxf(m[r], quad_max(mx[r]));
+            m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
+            alpha[r] = exp2f(m[r] - m_use[r]);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[n][e] = mma::bf16_value(exp2f(s[n][e] - m_use[e / 2]));  // P as it multiplies V, and as summed
+                l[e / 2] += s[n][e];
+            }
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+        }
+        uint32_t p[BS / 16][4];
+        mma::to_a<BS>(p, s);
+        mma::tile_ab<BS, D>(o, p, sV, LD);
     }
-    if (half == 0) {
-        sInv[r_tile] = l > 0.f ? 1.f / l : 0.f;
-        if (i < T_) lse[((size_t)b * H + h) * T_ + i] = m * LN2 + logf(l);
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] = quad_sum(l[r]);
+        inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const int i = i0 + 8 * r;
+        if (i < T_ && lane % 4 == 0) lse[((size_t)b * H + h) * T_ + i] = m[r] * LN2 + logf(l[r]);
     }
-    __syncthreads();
-    store_rows<T, D>(out, sO, sInv, 1.f, b, q0, T_, H, h);
+    mma::store_rows<D>(out, o, inv, b, qw, T_, H, h);
 }
 
 // dk, dv (as attention_backward_dkdv_kernel, without the sink split): a block owns 64 keys (16 a warp) and loops
-// over the query heads of its group and their query tiles from the diagonal on. Per query tile, on the tensor
-// cores: Sᵀ = K Qᵀ and dPᵀ = V doutᵀ into shared memory, then Pᵀ = exp(Sᵀ/√d − lse) and dSᵀ = Pᵀ ⊙ (dPᵀ − D) (bf16),
-// then dv += Pᵀ dout and dk += dSᵀ Q in fragments that stay in registers over the whole loop.
-template <typename T, int D>
-__global__ void __launch_bounds__(attn_tc::THREADS)
-    attention_backward_dkdv_tc_kernel(T* dk, T* dv, const T* dout, const float* lse, const float* Dr, const T* q,
-                                      const T* k, const T* v, int T_, int H, int Hkv, int window, int sink,
-                                      float scale, float scale_log2) {
+// over the query heads of its group and their 64-row query tiles from the diagonal on. Per
+// half query tile (32 queries, which bounds the live registers): Sᵀ = K Qᵀ and dPᵀ = V doutᵀ in registers,
+// Pᵀ = exp(Sᵀ/√d − lse) and dSᵀ = Pᵀ ⊙ (dPᵀ − D) there, then dv += Pᵀ dout and dk += dSᵀ Q into accumulators that
+// stay in registers over the whole loop. A warp whose keys all follow the half tile's queries skips it.
+template <int D>
+__global__ void __launch_bounds__(attn_tc::KV_THREADS)
+    attention_backward_dkdv_tc_kernel(float* dk, float* dv, const float* dout, const float* lse, const float* Dr,
+                                      const float* q, const float* k, const float* v, int T_, int H, int Hkv,
+                                      int window, int sink, float scale, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
-    constexpr int LDH = ldh<D>(), LDO = D + 4;
+    constexpr int LD = ldh<D>(), QH = BS / 2;
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sK = reinterpret_cast<bf16*>(smem_tc);  // (BC, LDH) this block's keys
-    bf16* sV = sK + BC * LDH;                     // (BC, LDH) and values
-    bf16* sQ = sV + BC * LDH;                     // (BR, LDH) current query tile
-    bf16* sO = sQ + BR * LDH;                     // (BR, LDH) its dout rows
-    float* sS = reinterpret_cast<float*>(sO + BR * LDH);  // (BC, LDS) Sᵀ
-    float* sDP = sS + BC * LDS;                           // (BC, LDS) dPᵀ
-    bf16* sP = reinterpret_cast<bf16*>(sDP + BC * LDS);   // (BC, LDP) Pᵀ
-    bf16* sDS = sP + BC * LDP;                            // (BC, LDP) dSᵀ
-    float* sL2 = reinterpret_cast<float*>(sDS + BC * LDP);  // (BR) lse · log2 e of the current query rows
-    float* sD = sL2 + BR;                                   // (BR) D of the current query rows
+    bf16* sK = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LD) this block's keys
+    bf16* sV = sK + BKV * LD;                     // (BKV, LD) and values
+    bf16* sQ = sV + BKV * LD;                     // (BS, LD) current query tile
+    bf16* sO = sQ + BS * LD;                      // (BS, LD) its dout rows
+    float* sL2 = reinterpret_cast<float*>(sO + BS * LD);  // (BS) lse · log2 e of the current query rows
+    float* sD = sL2 + BS;                                 // (BS) D of the current query rows
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane % 16, half = lane / 16;
-    const int kv0 = blockIdx.x * BC, j = kv0 + warp * 16 + row;  // this lane's key
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int kv0 = blockIdx.x * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
     const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
 
-    load_bf16<T, D>(sK, LDH, k, b, kv0, BC, T_, Hkv, g);
-    load_bf16<T, D>(sV, LDH, v, b, kv0, BC, T_, Hkv, g);
-    FragC dk_acc[D / 16], dv_acc[D / 16];
-#pragma unroll
-    for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dk_acc[n], 0.f), wmma::fill_fragment(dv_acc[n], 0.f);
+    mma::load_rows_bf16<D>(sK, LD, k, b, kv0, BKV, T_, Hkv, g);
+    mma::load_rows_bf16<D>(sV, LD, v, b, kv0, BKV, T_, Hkv, g);
+    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+    mma::zero(dk_acc);
+    mma::zero(dv_acc);
 
-    const int q_end = query_tiles_end(kv0, T_, window, sink);
+    // the queries that see a key of [kv0, kv0 + BKV): from the diagonal up to T, or with a window (and no sink key
+    // here) up to the last query that sees key kv0 + BKV − 1 through the window
+    const long long w_end = (long long)kv0 + BKV + window - 1;
+    const int q_end = (window <= 0 || kv0 < sink || w_end >= T_) ? T_ : (int)w_end;
     for (int h = g * group; h < (g + 1) * group; h++)
-        for (int q0 = kv0; q0 < q_end; q0 += BR) {
+        for (int q0 = kv0; q0 < q_end; q0 += BS) {
             __syncthreads();  // the previous query tile is no longer read
-            load_bf16<T, D>(sQ, LDH, q, b, q0, BR, T_, H, h);
-            load_bf16<T, D>(sO, LDH, dout, b, q0, BR, T_, H, h);
-            for (int r = threadIdx.x; r < BR; r += blockDim.x) {
+            mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BS, T_, H, h);
+            mma::load_rows_bf16<D>(sO, LD, dout, b, q0, BS, T_, H, h);
+            for (int r = threadIdx.x; r < BS; r += blockDim.x) {
                 const int i = q0 + r;
                 const size_t bhi = ((size_t)b * H + h) * T_ + i;
                 sL2[r] = i < T_ ? lse[bhi] * LOG2E : 0.f;
                 sD[r] = i < T_ ? Dr[bhi] : 0.f;
             }
             __syncthreads();
-
-            float* S = sS + warp * 16 * LDS;
-            float* DP = sDP + warp * 16 * LDS;
-            mma_abt<D>(S, sK + warp * 16 * LDH, LDH, sQ, LDH);
-            mma_abt<D>(DP, sV + warp * 16 * LDH, LDH, sO, LDH);
-            __syncwarp();
-            bf16* P = sP + warp * 16 * LDP;
-            bf16* DS = sDS + warp * 16 * LDP;
-            for (int c = 0; c < 32; c++) {
-                const int col = tile_col(c, row, half), i = q0 + col;
-                const bool vis = i < T_ && j < T_ && attn_visible(i, j, window, sink);
-                const float p = vis ? exp2f(S[row * LDS + col] * scale_log2 - sL2[col]) : 0.f;
-                P[row * LDP + col] = __float2bfloat16_rn(p);
-                DS[row * LDP + col] = __float2bfloat16_rn(p * (DP[row * LDS + col] - sD[col]));
+#pragma unroll
+            for (int qh = 0; qh < BS; qh += QH) {
+                const Vis vis = visibility(q0 + qh, q0 + qh + QH, jw, jw + 16, T_, window, sink);
+                if (vis == NONE) continue;
+                // st[n][e], dpt[n][e]: key j0 + 8·(e / 2), query q0 + qh + 8n + 2·(lane % 4) + e % 2
+                float st[QH / 8][4], dpt[QH / 8][4];
+                mma::zero(st);
+                mma::zero(dpt);
+                mma::tile_abt<D, QH>(st, sK + warp * 16 * LD, LD, sQ + qh * LD, LD);
+                mma::tile_abt<D, QH>(dpt, sV + warp * 16 * LD, LD, sO + qh * LD, LD);
+#pragma unroll
+                for (int n = 0; n < QH / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int c = qh + 8 * n + 2 * (lane % 4) + e % 2, i = q0 + c, j = j0 + 8 * (e / 2);
+                        const bool visible = vis == ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
+                        const float p = visible ? exp2f(st[n][e] * scale_log2 - sL2[c]) : 0.f;
+                        st[n][e] = p;
+                        dpt[n][e] = p * (dpt[n][e] - sD[c]);
+                    }
+                uint32_t pt[QH / 16][4], dst[QH / 16][4];
+                mma::to_a<QH>(pt, st);
+                mma::to_a<QH>(dst, dpt);
+                mma::tile_ab<QH, D>(dv_acc, pt, sO + qh * LD, LD);
+                mma::tile_ab<QH, D>(dk_acc, dst, sQ + qh * LD, LD);
             }
-            __syncwarp();
-            mma_ab<D>(dv_acc, P, sO, LDH);
-            mma_ab<D>(dk_acc, DS, sQ, LDH);
         }
-
-    // the warps' rows through shared memory (sS and sDP, contiguous, hold 64 rows of D + 4 floats) to dv, then dk
-    __syncthreads();
-    float* F = sS;
-#pragma unroll
-    for (int n = 0; n < D / 16; n++)
-        wmma::store_matrix_sync(F + warp * 16 * LDO + n * 16, dv_acc[n], LDO, wmma::mem_row_major);
-    __syncthreads();
-    store_rows<T, D>(dv, F, nullptr, 1.f, b, kv0, T_, Hkv, g);
-    __syncthreads();
-#pragma unroll
-    for (int n = 0; n < D / 16; n++)
-        wmma::store_matrix_sync(F + warp * 16 * LDO + n * 16, dk_acc[n], LDO, wmma::mem_row_major);
-    __syncthreads();
-    store_rows<T, D>(dk, F, nullptr, scale, b, kv0, T_, Hkv, g);
+    const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
+    mma::store_rows<D>(dv, dv_acc, one, b, jw, T_, Hkv, g);
+    mma::store_rows<D>(dk, dk_acc, sc, b, jw, T_, Hkv, g);
 }
 
-// dq (as attention_backward_dq_kernel): a block owns 64 queries (16 a warp) and loops over the visible key tiles:
-// S = Q Kᵀ and dP = dout Vᵀ on the tensor cores, P and dS = P ⊙ (dP − D) per row, then dq += dS K in fragments.
-template <typename T, int D>
-__global__ void __launch_bounds__(attn_tc::THREADS)
-    attention_backward_dq_tc_kernel(T* dq, const T* dout, const float* lse, const float* Dr, const T* q, const T* k,
-                                    const T* v, int T_, int H, int Hkv, int window, int sink, float scale,
-                                    float scale_log2) {
+// dq (as attention_backward_dq_kernel, but 128 queries a block): a block owns 128 queries (16 a warp) and loops over
+// the visible key tiles, half a tile (32 keys) at a time: S = Q Kᵀ and dP = dout Vᵀ in registers,
+// dS = P ⊙ (dP − D) there, then dq += dS K into accumulators that stay in registers. A warp whose rows all precede
+// the half tile skips it.
+template <int D>
+__global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head dim 64: two blocks an SM
+    attention_backward_dq_tc_kernel(float* dq, const float* dout, const float* lse, const float* Dr, const float* q,
+                                    const float* k, const float* v, int T_, int H, int Hkv, int window, int sink,
+                                    float scale, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
-    constexpr int LDH = ldh<D>(), LDO = D + 4;
+    constexpr int LD = ldh<D>(), KH = BS / 2;
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BR, LDH) this block's queries
-    bf16* sO = sQ + BR * LDH;                     // (BR, LDH) and dout rows
-    bf16* sK = sO + BR * LDH;                     // (BC, LDH) current key tile
-    bf16* sV = sK + BC * LDH;                     // (BC, LDH) and values
-    float* sS = reinterpret_cast<float*>(sV + BC * LDH);  // (BR, LDS) S
-    float* sDP = sS + BR * LDS;                           // (BR, LDS) dP
-    bf16* sDS = reinterpret_cast<bf16*>(sDP + BR * LDS);  // (BR, LDP) dS
+    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BQ, LD) this block's queries
+    bf16* sO = sQ + BQ * LD;                      // (BQ, LD) and dout rows
+    bf16* sK = sO + BQ * LD;                      // (BS, LD) current key tile
+    bf16* sV = sK + BS * LD;                      // (BS, LD) and values
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row = lane % 16, half = lane / 16;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR, i = q0 + warp * 16 + row;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
     const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
 
-    load_bf16<T, D>(sQ, LDH, q, b, q0, BR, T_, H, h);
-    load_bf16<T, D>(sO, LDH, dout, b, q0, BR, T_, H, h);
-    const size_t bhi = ((size_t)b * H + h) * T_ + i;
-    const float L2 = i < T_ ? lse[bhi] * LOG2E : 0.f, Di = i < T_ ? Dr[bhi] : 0.f;
-    FragC dq_acc[D / 16];
+    mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BQ, T_, H, h);
+    mma::load_rows_bf16<D>(sO, LD, dout, b, q0, BQ, T_, H, h);
+    float L2[2], Di[2];
 #pragma unroll
-    for (int n = 0; n < D / 16; n++) wmma::fill_fragment(dq_acc[n], 0.f);
-
-    const int kv_end = min(T_, q0 + BR);
-    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
-         kv0 = visible_kv_tile(kv0 + BC, q0, window, sink)) {
-        __syncthreads();
-        load_bf16<T, D>(sK, LDH, k, b, kv0, BC, T_, Hkv, g);
-        load_bf16<T, D>(sV, LDH, v, b, kv0, BC, T_, Hkv, g);
-        __syncthreads();
-
-        float* S = sS + warp * 16 * LDS;
-        float* DP = sDP + warp * 16 * LDS;
-        mma_abt<D>(S, sQ + warp * 16 * LDH, LDH, sK, LDH);
-        mma_abt<D>(DP, sO + warp * 16 * LDH, LDH, sV, LDH);
-        __syncwarp();
-        bf16* DS = sDS + warp * 16 * LDP;
-        for (int c = 0; c < 32; c++) {
-            const int col = tile_col(c, row, half), j = kv0 + col;
-            const bool vis = i < T_ && j < T_ && attn_visible(i, j, window, sink);
-            const float p = vis ? exp2f(S[row * LDS + col] * scale_log2 - L2) : 0.f;
-            DS[row * LDP + col] = __float2bfloat16_rn(p * (DP[row * LDS + col] - Di));
-        }
-        __syncwarp();
-        mma_ab<D>(dq_acc, DS, sK, LDH);
+    for (int r = 0; r < 2; r++) {
+        const int i = i0 + 8 * r;
+        const size_t bhi = ((size_t)b * H + h) * T_ + i;
+        L2[r] = i < T_ ? lse[bhi] * LOG2E : 0.f;
+        Di[r] = i < T_ ? Dr[bhi] : 0.f;
     }
-    __syncthreads();
-    float* F = sS;  // sS and sDP: 64 rows of D + 4 floats
+    float dq_acc[D / 8][4];
+    mma::zero(dq_acc);
+
+    const int kv_end = min(T_, q0 + BQ);
+    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
+         kv0 = visible_kv_tile(kv0 + BS, q0, window, sink)) {
+        __syncthreads();
+        mma::load_rows_bf16<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
+        mma::load_rows_bf16<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
+        __syncthreads();
 #pragma unroll
-    for (int n = 0; n < D / 16; n++)
-        wmma::store_matrix_sync(F + warp * 16 * LDO + n * 16, dq_acc[n], LDO, wmma::mem_row_major);
-    __syncthreads();
-    store_rows<T, D>(dq, F, nullptr, scale, b, q0, T_, H, h);
+        for (int kh = 0; kh < BS; kh += KH) {
+            const Vis vis = visibility(qw, qw + 16, kv0 + kh, kv0 + kh + KH, T_, window, sink);
+            if (vis == NONE) continue;
+            // s[n][e], dp[n][e]: row i0 + 8·(e / 2), key kv0 + kh + 8n + 2·(lane % 4) + e % 2
+            float s[KH / 8][4], dp[KH / 8][4];
+            mma::zero(s);
+            mma::zero(dp);
+            mma::tile_abt<D, KH>(s, sQ + warp * 16 * LD, LD, sK + kh * LD, LD);
+            mma::tile_abt<D, KH>(dp, sO + warp * 16 * LD, LD, sV + kh * LD, LD);
+#pragma unroll
+            for (int n = 0; n < KH / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = i0 + 8 * (e / 2), j = kv0 + kh + 8 * n + 2 * (lane % 4) + e % 2;
+                    const bool visible = vis == ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
+                    const float p = visible ? exp2f(s[n][e] * scale_log2 - L2[e / 2]) : 0.f;
+                    dp[n][e] = p * (dp[n][e] - Di[e / 2]);
+                }
+            uint32_t ds[KH / 16][4];
+            mma::to_a<KH>(ds, dp);
+            mma::tile_ab<KH, D>(dq_acc, ds, sK + kh * LD, LD);
+        }
+    }
+    const float sc[2] = {scale, scale};
+    mma::store_rows<D>(dq, dq_acc, sc, b, qw, T_, H, h);
 }
 
 // Whether the tensor-core kernels take this call: bf16 operands in effect (a Bf16Scope), fp32 tensors, and equal
@@ -450,16 +420,16 @@ inline bool attention_use_tc(int d_qk, int d_v) {
     return std::is_same_v<T, float> && current_bf16() != nullptr && d_qk == d_v && (d_qk == 64 || d_qk == 128);
 }
 
-// Shared memory of the three tensor-core kernels for head dim D.
+// Shared memory of the tensor-core kernels for head dim D: bf16 tiles only (the owned rows and two streamed tiles in
+// the forward; two of each in the backward's kernels, plus the dkdv kernel's 2·BS floats of lse and D).
 inline size_t attention_tc_smem_forward(int D) {
-    using namespace attn;
-    return sizeof(bf16) * (size_t)(BR + 2 * BC) * (D + 8) + sizeof(float) * BR * attn_tc::LDS +
-           sizeof(bf16) * BR * attn_tc::LDP + sizeof(float) * ((size_t)BR * (D + 4) + BR);
+    return sizeof(bf16) * (size_t)(attn_tc::BQ + 2 * attn_tc::BS) * (D + 8);
 }
-inline size_t attention_tc_smem_backward(int D) {  // both kernels (dkdv also needs its 2·BR floats of lse and D)
-    using namespace attn;
-    return sizeof(bf16) * (size_t)(2 * BR + 2 * BC) * (D + 8) + sizeof(float) * 2 * BR * attn_tc::LDS +
-           sizeof(bf16) * 2 * BR * attn_tc::LDP + sizeof(float) * 2 * BR;
+inline size_t attention_tc_smem_dkdv(int D) {
+    return sizeof(bf16) * (size_t)(2 * attn_tc::BKV + 2 * attn_tc::BS) * (D + 8) + sizeof(float) * 2 * attn_tc::BS;
+}
+inline size_t attention_tc_smem_dq(int D) {
+    return sizeof(bf16) * (size_t)(2 * attn_tc::BQ + 2 * attn_tc::BS) * (D + 8);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -607,17 +577,20 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     const float scale_log2 = LOG2E / sqrtf((float)d_qk);
     const dim3 grid(ceil_div(T_, BR), B * H);
-    if (attention_use_tc<T>(d_qk, d_v)) {  // bf16 operands: the tensor-core kernel (the tensor-core section above)
-        const size_t smem_tc = attention_tc_smem_forward(d_qk);
-        auto launch_tc = [&](auto kernel) {
-            allow_smem(kernel, smem_tc);
-            kernel<<<grid, attn_tc::THREADS, smem_tc, stream>>>(out, lse, q, k, v, T_, H, Hkv, window, sink,
-                                                                 scale_log2);
-            cudaCheckLast();
-        };
-        if (d_qk == 64) launch_tc(attention_forward_tc_kernel<T, 64>);
-        else launch_tc(attention_forward_tc_kernel<T, 128>);
-        return;
+    if constexpr (std::is_same_v<T, float>) {
+        if (attention_use_tc<T>(d_qk, d_v)) {  // bf16 operands: the tensor-core kernel (the tensor-core section)
+            const size_t smem_tc = attention_tc_smem_forward(d_qk);
+            const dim3 grid_tc(ceil_div(T_, attn_tc::BQ), B * H);
+            auto launch_tc = [&](auto kernel) {
+                allow_smem(kernel, smem_tc);
+                kernel<<<grid_tc, attn_tc::THREADS, smem_tc, stream>>>(out, lse, q, k, v, T_, H, Hkv, window, sink,
+                                                                        scale_log2);
+                cudaCheckLast();
+            };
+            if (d_qk == 64) launch_tc(attention_forward_tc_kernel<64>);
+            else launch_tc(attention_forward_tc_kernel<128>);
+            return;
+        }
     }
     const size_t smem = sizeof(float) * ((size_t)(BR + BC) * padded(d_qk) + (size_t)BC * d_v + BR * (BC + 1));
     auto launch = [&](auto kernel) {
@@ -1004,60 +977,67 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     cudaCheckLast();
 
     const SinkSplit split = sink_split(T_, window, sink);
-    if (attention_use_tc<T>(d_qk, d_v)) {  // bf16 operands: the tensor-core kernels (the tensor-core section above)
-        const size_t smem_tc = attention_tc_smem_backward(d_qk);
-        auto launch_tc = [&](auto kernel, dim3 grid, auto... args) {
-            allow_smem(kernel, smem_tc);
-            kernel<<<grid, attn_tc::THREADS, smem_tc, stream>>>(args...);
-            cudaCheckLast();
-        };
-        const dim3 grid_kv(ceil_div(T_, BC), B * Hkv), grid_q(ceil_div(T_, BR), B * H);
-        const bool d64 = d_qk == 64;
-        if (split.tiles == 0)  // (the sink split stays with the kernel below)
-            launch_tc(d64 ? attention_backward_dkdv_tc_kernel<T, 64> : attention_backward_dkdv_tc_kernel<T, 128>,
-                      grid_kv, dk, dv, dout, lse, (const float*)scratch_D, q, k, v, T_, H, Hkv, window, sink, scale,
-                      scale_log2);
-        launch_tc(d64 ? attention_backward_dq_tc_kernel<T, 64> : attention_backward_dq_tc_kernel<T, 128>, grid_q, dq,
-                  dout, lse, (const float*)scratch_D, q, k, v, T_, H, Hkv, window, sink, scale, scale_log2);
-        if (split.tiles == 0) return;
-        dq = nullptr;  // done: only dk, dv below
+    // which products the tensor-core kernels take (the tensor-core section): both under bf16 operands, except the
+    // sink split's dk, dv, which stay with the fp32 kernel
+    bool tc_dq = false, tc_dkdv = false;
+    if constexpr (std::is_same_v<T, float>) {
+        if (attention_use_tc<T>(d_qk, d_v)) {
+            tc_dq = true;
+            tc_dkdv = split.tiles == 0;
+            auto launch_tc = [&](auto kernel, dim3 grid, int threads, size_t smem, auto... args) {
+                allow_smem(kernel, smem);
+                kernel<<<grid, threads, smem, stream>>>(args...);
+                cudaCheckLast();
+            };
+            const dim3 grid_kv(ceil_div(T_, attn_tc::BKV), B * Hkv), grid_q(ceil_div(T_, attn_tc::BQ), B * H);
+            const bool d64 = d_qk == 64;
+            if (tc_dkdv)
+                launch_tc(d64 ? attention_backward_dkdv_tc_kernel<64> : attention_backward_dkdv_tc_kernel<128>,
+                          grid_kv, attn_tc::KV_THREADS, attention_tc_smem_dkdv(d_qk), dk, dv, dout, lse,
+                          (const float*)scratch_D, q, k, v, T_, H, Hkv, window, sink, scale, scale_log2);
+            launch_tc(d64 ? attention_backward_dq_tc_kernel<64> : attention_backward_dq_tc_kernel<128>, grid_q,
+                      attn_tc::THREADS, attention_tc_smem_dq(d_qk), dq, dout, lse, (const float*)scratch_D, q, k, v,
+                      T_, H, Hkv, window, sink, scale, scale_log2);
+        }
     }
     const size_t ldq = padded(d_qk), ldv = padded(d_v);
-    const size_t smem_kv = sizeof(float) * ((BC + BR) * (ldq + ldv) + (size_t)BC * (BR + 1) + 2 * BR);
-    // sink key tiles as split.splits chunks each, then the other key tiles one block each
-    float* partial = scratch + (size_t)B * H * T_;
-    const dim3 grid_kv(split.tiles * split.splits + ceil_div(T_, BC) - split.tiles, B * Hkv);
-    auto launch_kv = [&](auto kernel) {
-        allow_smem(kernel, smem_kv);
-        kernel<<<grid_kv, THREADS, smem_kv, stream>>>(dk, dv, dout, lse, scratch_D, q, k, v, partial, T_, H, Hkv,
-                                                      d_qk, d_v, window, sink, split, scale, scale_log2);
-        cudaCheckLast();
-    };
     const int bq = bucket(d_qk), bv = bucket(d_v);  // bq ∈ {64, 128} since d_qk ≤ 128
-    if (bq == 64 && bv == 64) launch_kv(attention_backward_dkdv_kernel<T, 64, 64>);
-    else if (bq == 64 && bv == 128) launch_kv(attention_backward_dkdv_kernel<T, 64, 128>);
-    else if (bq == 64) launch_kv(attention_backward_dkdv_kernel<T, 64, 256>);
-    else if (bv == 64) launch_kv(attention_backward_dkdv_kernel<T, 128, 64>);
-    else if (bv == 128) launch_kv(attention_backward_dkdv_kernel<T, 128, 128>);
-    else launch_kv(attention_backward_dkdv_kernel<T, 128, 256>);
-    if (split.tiles > 0) {
-        const size_t n = (size_t)B * Hkv * std::min(T_, split.tiles * BC) * (d_qk + d_v);
-        attention_sink_reduce_kernel<<<(unsigned)((n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(
-            dk, dv, partial, B, T_, Hkv, d_qk, d_v, split);
-        cudaCheckLast();
+    if (!tc_dkdv) {
+        const size_t smem_kv = sizeof(float) * ((BC + BR) * (ldq + ldv) + (size_t)BC * (BR + 1) + 2 * BR);
+        // sink key tiles as split.splits chunks each, then the other key tiles one block each
+        float* partial = scratch + (size_t)B * H * T_;
+        const dim3 grid_kv(split.tiles * split.splits + ceil_div(T_, BC) - split.tiles, B * Hkv);
+        auto launch_kv = [&](auto kernel) {
+            allow_smem(kernel, smem_kv);
+            kernel<<<grid_kv, THREADS, smem_kv, stream>>>(dk, dv, dout, lse, scratch_D, q, k, v, partial, T_, H, Hkv,
+                                                          d_qk, d_v, window, sink, split, scale, scale_log2);
+            cudaCheckLast();
+        };
+        if (bq == 64 && bv == 64) launch_kv(attention_backward_dkdv_kernel<T, 64, 64>);
+        else if (bq == 64 && bv == 128) launch_kv(attention_backward_dkdv_kernel<T, 64, 128>);
+        else if (bq == 64) launch_kv(attention_backward_dkdv_kernel<T, 64, 256>);
+        else if (bv == 64) launch_kv(attention_backward_dkdv_kernel<T, 128, 64>);
+        else if (bv == 128) launch_kv(attention_backward_dkdv_kernel<T, 128, 128>);
+        else launch_kv(attention_backward_dkdv_kernel<T, 128, 256>);
+        if (split.tiles > 0) {
+            const size_t n = (size_t)B * Hkv * std::min(T_, split.tiles * BC) * (d_qk + d_v);
+            attention_sink_reduce_kernel<<<(unsigned)((n + THREADS - 1) / THREADS), THREADS, 0, stream>>>(
+                dk, dv, partial, B, T_, Hkv, d_qk, d_v, split);
+            cudaCheckLast();
+        }
     }
-
-    if (!dq) return;
-    const size_t smem_q = sizeof(float) * ((BR + BC) * (ldq + ldv) + (size_t)BR * (BC + 1));
-    const dim3 grid_q(ceil_div(T_, BR), B * H);
-    auto launch_q = [&](auto kernel) {
-        allow_smem(kernel, smem_q);
-        kernel<<<grid_q, THREADS, smem_q, stream>>>(dq, dout, lse, scratch_D, q, k, v, T_, H, Hkv, d_qk, d_v, window,
-                                                    sink, scale, scale_log2);
-        cudaCheckLast();
-    };
-    if (bq == 64) launch_q(attention_backward_dq_kernel<T, 64>);
-    else launch_q(attention_backward_dq_kernel<T, 128>);
+    if (!tc_dq) {
+        const size_t smem_q = sizeof(float) * ((BR + BC) * (ldq + ldv) + (size_t)BR * (BC + 1));
+        const dim3 grid_q(ceil_div(T_, BR), B * H);
+        auto launch_q = [&](auto kernel) {
+            allow_smem(kernel, smem_q);
+            kernel<<<grid_q, THREADS, smem_q, stream>>>(dq, dout, lse, scratch_D, q, k, v, T_, H, Hkv, d_qk, d_v,
+                                                        window, sink, scale, scale_log2);
+            cudaCheckLast();
+        };
+        if (bq == 64) launch_q(attention_backward_dq_kernel<T, 64>);
+        else launch_q(attention_backward_dq_kernel<T, 128>);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------------

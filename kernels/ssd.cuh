@@ -154,21 +154,39 @@ template <int BN, bool A_KC, bool B_KC, int SBW, class FA, class FB>
 __device__ void block_gemm(float (&acc)[TM][BN / TX], int K, const FA& fa, const FB& fb, float (*sa)[BM + PAD],
                            float (*sb)[SBW], bool tc) {
     if (tc) return block_gemm_tc<BN, A_KC, B_KC>(acc, K, fa, fb, sa, sb);
-    constexpr int TN = BN / TX;
+    constexpr int TN = BN / TX, NA = KT * BM / NT, NB = KT * BN / NT;  // elements a thread stages per slice
     static_assert(SBW >= BN, "staging buffer too narrow");
+    static_assert(KT * BM % NT == 0 && KT * BN % NT == 0, "every thread stages the same number of elements");
     const int tid = threadIdx.x, tx = tid % TX, ty = tid / TX;
-    for (int k0 = 0; k0 < K; k0 += KT) {
-        for (int e = tid; e < KT * BM; e += NT) {
-            const int kk = A_KC ? e % KT : e / BM;
-            const int m = A_KC ? e / KT : e % BM;
-            sa[kk][m] = k0 + kk < K ? fa(m, k0 + kk) : 0.f;
+    // The next K slice is fetched into registers while the current one is multiplied, so that the fetch's
+    // global-memory latency overlaps the FMAs instead of stalling every slice.
+    float ra[NA], rb[NB];
+    auto fetch = [&](int k0) {
+#pragma unroll
+        for (int u = 0; u < NA; u++) {
+            const int e = tid + u * NT, kk = A_KC ? e % KT : e / BM, m = A_KC ? e / KT : e % BM;
+            ra[u] = k0 + kk < K ? fa(m, k0 + kk) : 0.f;
         }
-        for (int e = tid; e < KT * BN; e += NT) {
-            const int kk = B_KC ? e % KT : e / BN;
-            const int n = B_KC ? e / KT : e % BN;
-            sb[kk][n] = k0 + kk < K ? fb(k0 + kk, n) : 0.f;
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            const int e = tid + u * NT, kk = B_KC ? e % KT : e / BN, n = B_KC ? e / KT : e % BN;
+            rb[u] = k0 + kk < K ? fb(k0 + kk, n) : 0.f;
+        }
+    };
+    fetch(0);
+    for (int k0 = 0; k0 < K; k0 += KT) {
+#pragma unroll
+        for (int u = 0; u < NA; u++) {
+            const int e = tid + u * NT;
+            sa[A_KC ? e % KT : e / BM][A_KC ? e / KT : e % BM] = ra[u];
+        }
+#pragma unroll
+        for (int u = 0; u < NB; u++) {
+            const int e = tid + u * NT;
+            sb[B_KC ? e % KT : e / BN][B_KC ? e / KT : e % BN] = rb[u];
         }
         __syncthreads();
+        if (k0 + KT < K) fetch(k0 + KT);
 #pragma unroll
         for (int kk = 0; kk < KT; kk++) {
             float av[TM], bv[TN];

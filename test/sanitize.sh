@@ -4,6 +4,11 @@
 # `compute-sanitizer --tool TOOL` (memcheck, racecheck, initcheck, synccheck), one process per case,
 # JOBS at a time (default: the number of cores), so the slow sanitizers finish in one sitting.
 # Prints one line per case and ends with "N passed, N failed"; logs go to build/sanitize/TOOL/.
+# racecheck leaves out the cases whose GEMMs run on cuBLAS's Hopper bf16 kernels (RACECHECK_SKIP, a regex of case
+# names): it reports a shared-memory hazard inside cuBLAS's own nvjet_sm90 kernel, which synchronises through
+# hardware barriers (mbarrier, TMA) that racecheck does not model, and excluding that kernel by name makes the
+# sanitizer itself fail. Those cases hold none of our shared-memory kernels that the others do not; memcheck,
+# initcheck and synccheck still run them.
 set -u
 bin=$1 tool=$2 jobs=${3:-$(nproc)} pattern=${4:-}
 logdir=build/sanitize/$tool
@@ -12,6 +17,11 @@ command -v compute-sanitizer >/dev/null || { echo "error: compute-sanitizer not 
 # doctest splits -tc filters at commas, so a case name's commas become the one-character wildcard '?'
 "$bin" --list-test-cases --no-version 2>/dev/null | sed -n '/^====/,/^====/p' | sed '1d;$d' > "$logdir/cases.txt"
 if [ -n "$pattern" ]; then grep -E -- "$pattern" "$logdir/cases.txt" > "$logdir/cases.sel" || true; mv "$logdir/cases.sel" "$logdir/cases.txt"; fi
+skip=${RACECHECK_SKIP-matmul with bf16 operands|model with bf16 matmuls}
+if [ "$tool" = racecheck ] && [ -n "$skip" ]; then
+    grep -E -- "$skip" "$logdir/cases.txt" | sed 's/^/skip  (racecheck: cuBLAS bf16 GEMMs) /'
+    grep -v -E -- "$skip" "$logdir/cases.txt" > "$logdir/cases.sel" || true; mv "$logdir/cases.sel" "$logdir/cases.txt"
+fi
 [ -s "$logdir/cases.txt" ] || { echo "error: $bin lists no test cases${pattern:+ matching '$pattern'}"; exit 1; }
 run_case() {  # run_case INDEX: the case on that line of cases.txt
     local name; name=$(sed -n "$1p" "$logdir/cases.txt")

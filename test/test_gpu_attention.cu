@@ -29,8 +29,10 @@ struct AttnErrors {
 // One configuration: CPU forward/backward in float, GPU forward/backward, the errors of every output.
 // W = 0: full causal attention; else a sliding window of W with S sinks.
 // tc: with bf16 operands in effect (a Bf16Scope, as in a bf16 model), where the tensor-core kernels run.
+// offset > 0: q, k, v and dout start that many floats into their buffers (not 16-byte aligned, as tensors carved
+// out of an arena can be), so the kernels' unaligned loads run.
 AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t seed, int W = 0, int S = 0,
-                         bool tc = false) {
+                         bool tc = false, int offset = 0) {
     hl::Rng rng(seed);
     const size_t nq = (size_t)B * T * H * dqk, nk = (size_t)B * T * Hkv * dqk, nv = (size_t)B * T * Hkv * dv,
                  no = (size_t)B * T * H * dv, nl = (size_t)B * H * T;
@@ -65,23 +67,29 @@ AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t
             }
 
     // GPU
-    DeviceBuffer<float> d_q(nq), d_k(nk), d_v(nv), d_dout(no), d_out(no), d_lse(nl),
-        d_D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, dqk, dv, W, S)), d_dq(nq), d_dk(nk), d_dv(nv);
-    d_q.upload(q);
-    d_k.upload(k);
-    d_v.upload(v);
-    d_dout.upload(dout);
+    DeviceBuffer<float> d_q(nq + offset), d_k(nk + offset), d_v(nv + offset), d_dout(no + offset), d_out(no),
+        d_lse(nl), d_D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, dqk, dv, W, S)), d_dq(nq), d_dk(nk),
+        d_dv(nv);
+    auto upload_at = [&](DeviceBuffer<float>& d, const std::vector<float>& h) {
+        cudaCheck(cudaMemcpy(d.ptr + offset, h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice));
+    };
+    upload_at(d_q, q);
+    upload_at(d_k, k);
+    upload_at(d_v, v);
+    upload_at(d_dout, dout);
     poison(d_out);
     poison(d_lse);
     const hl::gpu::Bf16Operands ops;  // (the attention kernels only ask whether bf16 operands are in effect)
     const hl::gpu::Bf16Scope scope(tc ? &ops : nullptr);
-    hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, d_q.ptr, d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv, W, S);
+    const float *q_in = d_q.ptr + offset, *k_in = d_k.ptr + offset, *v_in = d_v.ptr + offset,
+                *dout_in = d_dout.ptr + offset;
+    hl::gpu::attention_forward(d_out.ptr, d_lse.ptr, q_in, k_in, v_in, B, T, H, Hkv, dqk, dv, W, S);
     poison(d_dq);
     poison(d_dk);
     poison(d_dv);
     poison(d_D);
-    hl::gpu::attention_backward(d_dq.ptr, d_dk.ptr, d_dv.ptr, d_D.ptr, d_dout.ptr, d_out.ptr, d_lse.ptr, d_q.ptr,
-                                d_k.ptr, d_v.ptr, B, T, H, Hkv, dqk, dv, W, S);
+    hl::gpu::attention_backward(d_dq.ptr, d_dk.ptr, d_dv.ptr, d_D.ptr, dout_in, d_out.ptr, d_lse.ptr, q_in, k_in, v_in,
+                                B, T, H, Hkv, dqk, dv, W, S);
     cudaCheck(cudaDeviceSynchronize());
 
     AttnErrors e;
@@ -90,9 +98,10 @@ AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t
     e.dq = rel_err(d_dq.download(), dq);
     e.dk = rel_err(d_dk.download(), dk);
     e.dv = rel_err(d_dv.download(), dvv);
-    std::printf("attention%s B=%d T=%4d H=%d Hkv=%d d_qk=%3d d_v=%3d W=%3d S=%2d  rel err: out %.2e lse %.2e dq %.2e "
-                "dk %.2e dv %.2e\n",
-                tc ? " (tensor cores)" : "", B, T, H, Hkv, dqk, dv, W, S, e.out, e.lse, e.dq, e.dk, e.dv);
+    std::printf("attention%s%s B=%d T=%4d H=%d Hkv=%d d_qk=%3d d_v=%3d W=%3d S=%2d  rel err: out %.2e lse %.2e "
+                "dq %.2e dk %.2e dv %.2e\n",
+                tc ? " (tensor cores)" : "", offset ? " (unaligned)" : "", B, T, H, Hkv, dqk, dv, W, S, e.out, e.lse,
+                e.dq, e.dk, e.dv);
     return e;
 }
 
@@ -331,15 +340,17 @@ TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core wi
     // q, k, v, dout and the probabilities are rounded to bf16 (8 mantissa bits, relative step 2^-8): the outputs
     // within 2e-2 of their scale, the gradients within 5e-2, against the fp32 CPU reference. Head dims 64 and 128,
     // GQA, T not a multiple of the 64-row tile, full causal and a window with sinks (with and without the sink
-    // split that the key kernel leaves to the fp32 kernel).
+    // split that the key kernel leaves to the fp32 kernel), and inputs that are not 16-byte aligned.
     uint64_t seed = 900;
-    struct C { int T, Hkv, d, W, S; };
-    for (C c : {C{1, 2, 64, 0, 0}, C{65, 2, 64, 0, 0}, C{200, 1, 64, 0, 0}, C{130, 4, 128, 0, 0},
-                C{300, 2, 64, 16, 4}, C{700, 2, 64, 64, 16}, C{1024, 2, 128, 0, 0}}) {
+    struct C { int T, Hkv, d, W, S, offset; };
+    for (C c : {C{1, 2, 64, 0, 0, 0}, C{65, 2, 64, 0, 0, 0}, C{200, 1, 64, 0, 0, 0}, C{130, 4, 128, 0, 0, 0},
+                C{300, 2, 64, 16, 4, 0}, C{700, 2, 64, 64, 16, 0}, C{1024, 2, 128, 0, 0, 0}, C{200, 2, 64, 0, 0, 1},
+                C{150, 2, 128, 100, 4, 3}, C{1100, 2, 64, 0, 0, 0}}) {
         CAPTURE(c.T);
         CAPTURE(c.d);
         CAPTURE(c.W);
-        const AttnErrors e = run_attention(2, c.T, 4, c.Hkv, c.d, c.d, seed++, c.W, c.S, true);
+        CAPTURE(c.offset);
+        const AttnErrors e = run_attention(2, c.T, 4, c.Hkv, c.d, c.d, seed++, c.W, c.S, true, c.offset);
         CHECK(e.out <= 2e-2);
         CHECK(e.lse <= 2e-2);
         CHECK(e.dq <= 5e-2);

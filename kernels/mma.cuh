@@ -1,0 +1,156 @@
+// mma.cuh — warp-level bf16 tensor-core products on register fragments: the PTX instructions mma.sync
+// (m16n8k16, bf16 in, fp32 accumulate) and ldmatrix, and the three tile products the tensor-core attention
+// (kernels/attention.cuh) is written with. Unlike nvcuda::wmma, whose fragment layout is opaque, the layouts
+// here are the documented ones, so a kernel can work on its accumulators in registers (a softmax row by row)
+// and turn them into the next product's operand without a round trip through shared memory.
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 0..31, g = lane / 4,
+// c = 2·(lane % 4):
+//   accumulator C (16 × 8, fp32, 4 registers): c0, c1 at row g, columns c, c+1; c2, c3 at row g+8, same columns
+//   A (16 × 16, bf16, 4 registers of 2):       a0 row g, k c..c+1;  a1 row g+8, k c..c+1;
+//                                              a2 row g, k c+8..c+9; a3 row g+8, k c+8..c+9
+//   B (16 × 8, bf16, 2 registers of 2):        b0 k c..c+1, column g;  b1 k c+8..c+9, column g
+// So two neighbouring accumulator tiles (16 × 16) hold exactly an A fragment's elements: to_a below.
+// ldmatrix.x4 loads four 8 × 8 bf16 matrices from shared memory, lanes 8m .. 8m+7 giving the row addresses of
+// matrix m; lane l receives row l / 4, elements c, c+1 of each (or, with .trans, column l / 4, rows c, c+1).
+//
+// Shared-memory tiles are row-major bf16 with a row stride of (width + 8) elements: 16 bytes of padding, so the
+// 8 rows an ldmatrix reads start in 8 different 16-byte bank groups (no conflicts), and every row start stays
+// 16-byte aligned, as ldmatrix needs.
+#pragma once
+#include <cstdint>          // uint32_t
+#include <cuda_bf16.h>      // __nv_bfloat16, __floats2bfloat162_rn
+
+namespace hl::gpu::mma {
+
+using bf16 = __nv_bfloat16;
+
+__device__ inline uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// Four 8 × 8 matrices; `p` is this lane's row address (see the header).
+__device__ inline void ldsm_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ inline void ldsm_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// c (16 × 8) += a (16 × 16) · b (16 × 8)
+__device__ inline void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats rounded to bf16 in one register, the first in the low half (the lower column index).
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+// The rounded value of a float as bf16 would hold it (what a product sees), as a float.
+__device__ inline float bf16_value(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+template <int N>
+__device__ inline void zero(float (&acc)[N][4]) {
+#pragma unroll
+    for (int n = 0; n < N; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
+// acc (16 × N) += A (16 × K) · Bᵀ, with A's 16 rows and B's N rows (each K wide) row-major in shared memory
+// (row strides lda, ldb): acc[n] is the accumulator tile of columns 8n .. 8n+7. K, N multiples of 16.
+template <int K, int N>
+__device__ inline void tile_abt(float (&acc)[N / 8][4], const bf16* A, int lda, const bf16* B, int ldb) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < K; kk += 16) {
+        uint32_t a[4];  // matrices: rows 0-7 | 8-15 at k 0-7, then the same at k 8-15
+        ldsm_x4(a, A + (lane % 16) * lda + kk + (lane / 16) * 8);
+#pragma unroll
+        for (int n = 0; n < N; n += 16) {
+            uint32_t b[4];  // matrices: B rows n..n+7 at k 0-7 | k 8-15, then rows n+8..n+15 at k 0-7 | 8-15
+            ldsm_x4(b, B + (n + lane % 8 + (lane / 16) * 8) * ldb + kk + ((lane / 8) % 2) * 8);
+            mma_bf16(acc[n / 8], a, b[0], b[1]);
+            mma_bf16(acc[n / 8 + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// acc (16 × N) += P (16 × K) · B, with P as A fragments in registers (p[kk] covers columns 16kk .. 16kk+15) and B
+// (K × N) row-major in shared memory (row stride ldb), read transposed by ldmatrix.trans.
+template <int K, int N>
+__device__ inline void tile_ab(float (&acc)[N / 8][4], const uint32_t (&p)[K / 16][4], const bf16* B, int ldb) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
+#pragma unroll
+        for (int n = 0; n < N; n += 16) {
+            uint32_t b[4];  // matrices: B rows 0-7 | 8-15 of this k step at columns n..n+7, then at n+8..n+15
+            ldsm_x4_trans(b, B + (16 * kk + lane % 16) * ldb + n + (lane / 16) * 8);
+            mma_bf16(acc[n / 8], p[kk], b[0], b[1]);
+            mma_bf16(acc[n / 8 + 1], p[kk], b[2], b[3]);
+        }
+    }
+}
+
+// The accumulator tiles (16 × K, fp32) as A fragments (bf16): tiles 2kk and 2kk+1 make fragment kk.
+template <int K>
+__device__ inline void to_a(uint32_t (&p)[K / 16][4], const float (&acc)[K / 8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
+        p[kk][0] = pack_bf16(acc[2 * kk][0], acc[2 * kk][1]);
+        p[kk][1] = pack_bf16(acc[2 * kk][2], acc[2 * kk][3]);
+        p[kk][2] = pack_bf16(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+        p[kk][3] = pack_bf16(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+    }
+}
+
+// Rows r0 .. r0+rows−1 of head `head` of a (B, T, heads, D) fp32 tensor into shared memory as bf16 (row stride
+// ld), rows ≥ T zero; all threads of the block take part. float4 loads when the tensor is 16-byte aligned (D is a
+// multiple of 4 here; an arena's tensors need not be aligned, hence the check).
+template <int D>
+__device__ inline void load_rows_bf16(bf16* dst, int ld, const float* src, int b, int r0, int rows, int T_,
+                                      int heads, int head) {
+    if (reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+        for (int idx = threadIdx.x; idx < rows * (D / 4); idx += blockDim.x) {
+            const int r = idx / (D / 4), c = (idx % (D / 4)) * 4, t = r0 + r;
+            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < T_) x = *reinterpret_cast<const float4*>(src + (((size_t)b * T_ + t) * heads + head) * D + c);
+            uint2 packed;
+            packed.x = pack_bf16(x.x, x.y);
+            packed.y = pack_bf16(x.z, x.w);
+            *reinterpret_cast<uint2*>(dst + r * ld + c) = packed;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
+            const int r = idx / D, c = idx % D, t = r0 + r;
+            dst[r * ld + c] = __float2bfloat16_rn(t < T_ ? src[(((size_t)b * T_ + t) * heads + head) * D + c] : 0.f);
+        }
+    }
+}
+
+// The 16 rows of a warp's accumulator tiles (16 × N) to rows r0 .. r0+15 of head `head` of a (B, T, heads, N)
+// fp32 tensor, row g scaled by mul[0] and row g+8 by mul[1]; rows ≥ T skipped.
+template <int N>
+__device__ inline void store_rows(float* dst, const float (&acc)[N / 8][4], const float (&mul)[2], int b, int r0,
+                                  int T_, int heads, int head) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int t = r0 + lane / 4 + 8 * half;
+        if (t >= T_) continue;
+        float* row = dst + (((size_t)b * T_ + t) * heads + head) * N + 2 * (lane % 4);
+#pragma unroll
+        for (int n = 0; n < N / 8; n++) {
+            row[8 * n] = acc[n][2 * half] * mul[half];
+            row[8 * n + 1] = acc[n][2 * half + 1] * mul[half];
+        }
+    }
+}
+
+}  // namespace hl::gpu::mma
