@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # kernels.sh OUT — the per-kernel table of issue 9, on the device machine (build/dev/* built, .whl/ carried):
-# our attention (fp32 and bf16-operand tensor-core kernels) and SSD against PyTorch's flash SDPA and mamba_ssm's
-# Triton SSD on the same shapes over T, in one run. Each side prints `csv,` lines (dev/cuda/attention.cu's last
-# section, dev/cuda/ssd.cu's timing, dev/bench_kernels.py); this joins them into OUT/attention.csv, OUT/ssd.csv and a table with
-# PyTorch's fwd+bwd time over ours. Logs in OUT/.  Environment: PYTHON (python3), SSD_TS (2048 4096 8192).
+# our attention (fp32 and bf16-operand tensor-core kernels) and SSD (fp32, and the opt-in tensor cores) against
+# PyTorch's flash SDPA and mamba_ssm's Triton SSD on the same shapes over T, in one run. Each side prints `csv,`
+# lines (dev/cuda/attention.cu's last section, dev/cuda/ssd.cu's timing, dev/bench_kernels.py); this joins them
+# into OUT/attention.csv, OUT/ssd.csv and a table with PyTorch's fwd+bwd time over ours. Logs in OUT/.
+# Environment: PYTHON (python3), SSD_TS (2048 4096 8192).
 set -u
 [ $# -eq 1 ] || { echo "usage: bash bench/kernels.sh OUT" >&2; exit 1; }
 out=$1
@@ -18,8 +19,10 @@ done
 echo "== $(date -u '+%F %T') UTC, $(command -v nvidia-smi >/dev/null && nvidia-smi -L | head -n 1 || echo 'no nvidia-smi')"
 build/dev/attention >"$out/attention.log" 2>&1 || echo "(build/dev/attention failed: see $out/attention.log)"
 for T in $SSD_TS; do
-    build/dev/ssd 2 $((8192 / T)) "$T" 24 128 128 1 256 >"$out/ssd-$T.log" 2>&1 \
-        || echo "(build/dev/ssd at T=$T failed: see $out/ssd-$T.log)"
+    for v in 2 3; do  # the shipped fp32 kernels, and the same with tensor cores (train_gpu --ssd-tensor-cores)
+        build/dev/ssd $v $((8192 / T)) "$T" 24 128 128 1 256 >"$out/ssd-$T-v$v.log" 2>&1 \
+            || echo "(build/dev/ssd $v at T=$T failed: see $out/ssd-$T-v$v.log)"
+    done
 done
 PYTHONPATH=$PWD/.whl/py${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" dev/bench_kernels.py >"$out/torch.log" 2>&1 \
     || echo "(dev/bench_kernels.py failed: see $out/torch.log)"

@@ -138,7 +138,7 @@ __device__ inline float row_max16(float x) {
 // Used in place of the kernels above while a Bf16Scope is open (train_gpu --precision bf16: kernels/matmul.cuh)
 // and d_qk = d_v = D ∈ {64, 128}; the backward's key kernel only without a sink split. The same loops over the
 // same 64-key tiles (visible_kv_tile) and the same lse, but each warp owns 16 rows of the block's (128 queries in
-// the forward and dq, 64 keys in dk, dv), every tile product runs on the tensor cores (mma.sync m16n8k16 through
+// the forward, 64 in dq, 64 keys in dk, dv), every tile product runs on the tensor cores (mma.sync m16n8k16 through
 // kernels/mma.cuh), and FlashAttention-2's register-resident form: a warp's scores come out of the product in
 // registers, the softmax (or P and dS in the backward) is computed there, row statistics by two shuffles among
 // the 4 lanes that share a row, and the result is turned straight into the next product's A operand (mma::to_a).
@@ -147,11 +147,11 @@ __device__ inline float row_max16(float x) {
 // fp32. (The first tensor-core version, on nvcuda::wmma with its opaque fragments, passed every score through
 // shared memory; it is v4 of dev/cuda/attention.cu.)
 namespace attn_tc {
-// Rows a block owns, 16 a warp: 128 queries (forward, dq: 8 warps) or 64 keys (dk, dv: 4 warps, as 128 keys were
-// slower there: one block an SM at its register count, and half the blocks); and the tile streamed past them,
-// 64 keys (forward, dq) or 64 queries (dk, dv).
+// Rows a block owns, 16 a warp: 128 queries in the forward (8 warps), 64 queries (dq) or 64 keys (dk, dv) in the
+// backward (4 warps: 128 rows were slower there, measured); and the tile streamed past them, 64 keys (forward, dq)
+// or 64 queries (dk, dv).
 constexpr int WARPS = 8, THREADS = 32 * WARPS, BQ = 16 * WARPS;
-constexpr int KV_WARPS = 4, KV_THREADS = 32 * KV_WARPS, BKV = 16 * KV_WARPS;
+constexpr int BWD_WARPS = 4, BWD_THREADS = 32 * BWD_WARPS, BKV = 16 * BWD_WARPS;
 constexpr int BS = 64;
 static_assert(BQ % attn::BC == 0 && BKV % attn::BC == 0 && BS == attn::BC,
               "key tiles stay aligned with the fp32 kernels' 64-key tiles");
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
 // Pᵀ = exp(Sᵀ/√d − lse) and dSᵀ = Pᵀ ⊙ (dPᵀ − D) there, then dv += Pᵀ dout and dk += dSᵀ Q into accumulators that
 // stay in registers over the whole loop. A warp whose keys all follow the half tile's queries skips it.
 template <int D>
-__global__ void __launch_bounds__(attn_tc::KV_THREADS)
+__global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     attention_backward_dkdv_tc_kernel(float* dk, float* dv, const float* dout, const float* lse, const float* Dr,
                                       const float* q, const float* k, const float* v, int T_, int H, int Hkv,
                                       int window, int sink, float scale, float scale_log2) {
@@ -343,12 +343,12 @@ __global__ void __launch_bounds__(attn_tc::KV_THREADS)
     mma::store_rows<D>(dk, dk_acc, sc, b, jw, T_, Hkv, g);
 }
 
-// dq (as attention_backward_dq_kernel, but 128 queries a block): a block owns 128 queries (16 a warp) and loops over
-// the visible key tiles, half a tile (32 keys) at a time: S = Q Kᵀ and dP = dout Vᵀ in registers,
+// dq (as attention_backward_dq_kernel): a block owns 64 queries (16 a warp) and loops over the visible key tiles,
+// half a tile (32 keys) at a time: S = Q Kᵀ and dP = dout Vᵀ in registers,
 // dS = P ⊙ (dP − D) there, then dq += dS K into accumulators that stay in registers. A warp whose rows all precede
 // the half tile skips it.
 template <int D>
-__global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head dim 64: two blocks an SM
+__global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     attention_backward_dq_tc_kernel(float* dq, const float* dout, const float* lse, const float* Dr, const float* q,
                                     const float* k, const float* v, int T_, int H, int Hkv, int window, int sink,
                                     float scale, float scale_log2) {
@@ -356,17 +356,17 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
     using namespace attn_tc;
     constexpr int LD = ldh<D>(), KH = BS / 2;
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BQ, LD) this block's queries
-    bf16* sO = sQ + BQ * LD;                      // (BQ, LD) and dout rows
-    bf16* sK = sO + BQ * LD;                      // (BS, LD) current key tile
+    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LD) this block's queries
+    bf16* sO = sQ + BKV * LD;                     // (BKV, LD) and dout rows
+    bf16* sK = sO + BKV * LD;                     // (BS, LD) current key tile
     bf16* sV = sK + BS * LD;                      // (BS, LD) and values
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BKV, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
     const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
 
-    mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BQ, T_, H, h);
-    mma::load_rows_bf16<D>(sO, LD, dout, b, q0, BQ, T_, H, h);
+    mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BKV, T_, H, h);
+    mma::load_rows_bf16<D>(sO, LD, dout, b, q0, BKV, T_, H, h);
     float L2[2], Di[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -378,7 +378,7 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
     float dq_acc[D / 8][4];
     mma::zero(dq_acc);
 
-    const int kv_end = min(T_, q0 + BQ);
+    const int kv_end = min(T_, q0 + BKV);
     for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
          kv0 = visible_kv_tile(kv0 + BS, q0, window, sink)) {
         __syncthreads();
@@ -425,11 +425,8 @@ inline bool attention_use_tc(int d_qk, int d_v) {
 inline size_t attention_tc_smem_forward(int D) {
     return sizeof(bf16) * (size_t)(attn_tc::BQ + 2 * attn_tc::BS) * (D + 8);
 }
-inline size_t attention_tc_smem_dkdv(int D) {
+inline size_t attention_tc_smem_backward(int D) {  // both kernels
     return sizeof(bf16) * (size_t)(2 * attn_tc::BKV + 2 * attn_tc::BS) * (D + 8) + sizeof(float) * 2 * attn_tc::BS;
-}
-inline size_t attention_tc_smem_dq(int D) {
-    return sizeof(bf16) * (size_t)(2 * attn_tc::BQ + 2 * attn_tc::BS) * (D + 8);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -989,15 +986,16 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 kernel<<<grid, threads, smem, stream>>>(args...);
                 cudaCheckLast();
             };
-            const dim3 grid_kv(ceil_div(T_, attn_tc::BKV), B * Hkv), grid_q(ceil_div(T_, attn_tc::BQ), B * H);
+            const dim3 grid_kv(ceil_div(T_, attn_tc::BKV), B * Hkv), grid_q(ceil_div(T_, attn_tc::BKV), B * H);
+            const size_t smem_tc = attention_tc_smem_backward(d_qk);
             const bool d64 = d_qk == 64;
             if (tc_dkdv)
                 launch_tc(d64 ? attention_backward_dkdv_tc_kernel<64> : attention_backward_dkdv_tc_kernel<128>,
-                          grid_kv, attn_tc::KV_THREADS, attention_tc_smem_dkdv(d_qk), dk, dv, dout, lse,
-                          (const float*)scratch_D, q, k, v, T_, H, Hkv, window, sink, scale, scale_log2);
+                          grid_kv, attn_tc::BWD_THREADS, smem_tc, dk, dv, dout, lse, (const float*)scratch_D, q, k, v,
+                          T_, H, Hkv, window, sink, scale, scale_log2);
             launch_tc(d64 ? attention_backward_dq_tc_kernel<64> : attention_backward_dq_tc_kernel<128>, grid_q,
-                      attn_tc::THREADS, attention_tc_smem_dq(d_qk), dq, dout, lse, (const float*)scratch_D, q, k, v,
-                      T_, H, Hkv, window, sink, scale, scale_log2);
+                      attn_tc::BWD_THREADS, smem_tc, dq, dout, lse, (const float*)scratch_D, q, k, v, T_, H, Hkv,
+                      window, sink, scale, scale_log2);
         }
     }
     const size_t ldq = padded(d_qk), ldv = padded(d_v);

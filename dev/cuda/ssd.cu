@@ -5,6 +5,8 @@
 //       Backward: one block per (b, h), one thread per p, walking t = T−1..0 with its row of dS in local
 //       memory; dB, dC and ddt are summed over p with shared-memory atomics, then over the heads of a group.
 //   v2  the chunked kernels of kernels/ssd.cuh (what we ship), with a per-kernel time breakdown.
+//   v3  v2 with its block GEMMs on the tensor cores (bf16 operands, fp32 accumulation: a Bf16Scope and
+//       ssd_tensor_cores(), which train_gpu leaves off); checked at a bf16 tolerance (5e-2), timed
 // Correctness: every version against the CPU chunked form (float) at a reduced shape (B=1, T≤512, H≤4, the
 // same P, N, G, Q), max-norm relative error max|g − c| / max|c| per tensor; at the full shape v1 and v2
 // are compared with each other.
@@ -13,7 +15,7 @@
 //
 // Compile (from the repo root):
 //   make dev/cuda/ssd      (nvcc with the Makefile's NVFLAGS → build/dev/ssd)
-// Run:   ./build/dev/ssd [version: 0 = all, 1, 2] [B T H P N G Q]
+// Run:   ./build/dev/ssd [version: 0 = all, 1, 2, 3] [B T H P N G Q]
 //        default shape: the paper's 350m Mamba layer, B=4 T=2048 H=24 P=128 N=128 G=1 Q=256
 #include <algorithm>           // std::sort, std::min, std::max
 #include <cmath>               // std::fabs
@@ -236,6 +238,9 @@ void forward(int version, Problem& p) {
                                                          s.H, s.P, s.G, s.N);
         cudaCheckLast();
     } else {
+        const hl::gpu::Bf16Operands ops;  // v3: (only whether bf16 operands are in effect matters here)
+        const hl::gpu::Bf16Scope scope(version == 3 ? &ops : nullptr);
+        hl::gpu::ssd_detail::ssd_tensor_cores() = version == 3;
         hl::gpu::ssd_chunked_forward(p.y.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr,
                                      p.init.ptr, p.fin.ptr, s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
     }
@@ -255,6 +260,9 @@ void backward(int version, Problem& p) {
             s.T, s.H, s.G, s.N);
         cudaCheckLast();
     } else {
+        const hl::gpu::Bf16Operands ops;
+        const hl::gpu::Bf16Scope scope(version == 3 ? &ops : nullptr);
+        hl::gpu::ssd_detail::ssd_tensor_cores() = version == 3;
         hl::gpu::ssd_chunked_backward(p.dx.ptr, p.ddt.ptr, p.dA.ptr, p.dBm.ptr, p.dCm.ptr, p.dD.ptr, p.dinit.ptr,
                                       p.scratch.ptr, p.dy.ptr, p.dfin.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr,
                                       p.Bm.ptr, p.Cm.ptr, p.D.ptr, s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
@@ -364,7 +372,7 @@ int main(int argc, char** argv) {
     Shape s{4, 2048, 24, 128, 128, 1, 256};
     if (argc > 8) s = {std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]),
                        std::atoi(argv[6]), std::atoi(argv[7]), std::atoi(argv[8])};
-    const bool v1 = version == 0 || version == 1, v2 = version == 0 || version == 2;
+    const bool v1 = version == 0 || version == 1, v2 = version == 0 || version == 2, v3 = version == 0 || version == 3;
     HL_CHECK(s.N <= V1_NMAX && s.P <= 128, "dev/ssd: P and N must be <= 128");
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
@@ -376,12 +384,14 @@ int main(int argc, char** argv) {
     std::printf("check vs CPU chunked (float) at B=%d T=%d H=%d P=%d N=%d G=%d Q=%d, max-norm rel err:\n", r.B, r.T,
                 r.H, r.P, r.N, r.G, r.Q);
     {
-        Problem pr(r, v1, v2);
+        Problem pr(r, v1, v2 || v3);
         const Outputs c = cpu_reference(pr);
-        for (int v = 1; v <= 2; v++) {
-            if ((v == 1 && !v1) || (v == 2 && !v2)) continue;
-            const double e = report(v == 1 ? "v1 naive" : "v2 chunked", run_once(v, pr), c);
-            std::printf("  -> %s (fwd tol 1e-4, grad tol 1e-3)\n", e <= 1e-3 ? "ok" : "MISMATCH");
+        for (int v = 1; v <= 3; v++) {
+            if ((v == 1 && !v1) || (v == 2 && !v2) || (v == 3 && !v3)) continue;
+            const double e = report(v == 1 ? "v1 naive" : v == 2 ? "v2 chunked" : "v3 chunked, tensor cores",
+                                    run_once(v, pr), c);
+            const double tol = v == 3 ? 5e-2 : 1e-3;  // v3: bf16 operands
+            std::printf("  -> %s (tol %.0e)\n", e <= tol ? "ok" : "MISMATCH", tol);
         }
     }
 
@@ -393,7 +403,7 @@ int main(int argc, char** argv) {
     if (v1 && !v1_fits) std::printf("v1 skipped at the full shape: its per-step states need %.1f GB\n", v1_bytes / 1e9);
     std::printf("full shape B=%d T=%d H=%d P=%d N=%d G=%d Q=%d (d_ssm=%d)\n", s.B, s.T, s.H, s.P, s.N, s.G, s.Q,
                 s.H * s.P);
-    Problem p(s, v1_fits, v2);
+    Problem p(s, v1_fits, v2 || v3);
     if (v1_fits && v2) report("v1 vs v2 (max-norm rel)", run_once(1, p), run_once(2, p));
 
     const double d_ssm = (double)s.H * s.P;
@@ -401,13 +411,16 @@ int main(int argc, char** argv) {
     const double flops_f = flops_fb / 3.0;
     std::printf("timings (median of repeats; TFLOP/s from the paper's count: fwd+bwd %.1f GFLOP, fwd a third):\n",
                 flops_fb / 1e9);
-    for (int v = 1; v <= 2; v++) {
-        if ((v == 1 && !v1_fits) || (v == 2 && !v2)) continue;
+    for (int v = 1; v <= 3; v++) {
+        if ((v == 1 && !v1_fits) || (v == 2 && !v2) || (v == 3 && !v3)) continue;
         const int reps = v == 1 ? 3 : 20;
         const float f = median_ms([&] { forward(v, p); }, 1, reps);
         const float fb = median_ms([&] { forward(v, p); backward(v, p); }, 1, reps);
         std::printf("  v%d %-8s fwd %9.3f ms (%6.2f TFLOP/s)   fwd+bwd %9.3f ms (%6.2f TFLOP/s)\n", v,
-                    v == 1 ? "naive" : "chunked", f, flops_f / f / 1e9, fb, flops_fb / fb / 1e9);
+                    v == 1 ? "naive" : v == 2 ? "chunked" : "tc", f, flops_f / f / 1e9, fb, flops_fb / fb / 1e9);
+        if (v == 3)
+            std::printf("csv,ssd,hybridlm bf16 tensor cores (opt-in),%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B,
+                        s.T, s.H, s.P, s.N, s.G, s.Q, f, fb, flops_f / f / 1e9, flops_fb / fb / 1e9);
         if (v == 2) {
             // the line bench/kernels.sh sets beside mamba_ssm's Triton kernel on the same shape (dev/bench_kernels.py)
             std::printf("csv,kernel,impl,B,T,H,P,N,G,Q,fwd_ms,fwd_bwd_ms,fwd_tflops,fwd_bwd_tflops\n");
