@@ -143,10 +143,14 @@ bench_models: $(BUILD)/train_gpu
 bench_kernels: dev
 	bash bench/kernels.sh bench/results/$$(date +%F)
 
-# dev/dump_grads (for dev/check_reference.sh, the PyTorch comparison): built by `make test` so it keeps compiling
+# dev/dump_grads (for dev/check_reference.sh, the PyTorch comparison): built by `make test` so it keeps compiling;
+# the nvcc build of the same file adds --gpu (GPU=1 bash dev/check_reference.sh: train.cu's model against PyTorch)
 $(BUILD)/dump_grads: dev/dump_grads.cpp $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CXX) $(CXXFLAGS) $(INCLUDES) $< -o $@
+$(BUILD)/dump_grads_gpu: dev/dump_grads.cpp $(HEADERS) $(KERNEL_HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) $(INCLUDES) -x cu $< -o $@ -lcublas
 
 # ---- the study (dev/study, issue 6): `make study` on the device machine runs every family into docs/study;
 # `make study_cpu` builds the CPU smoke version (build/study_cpu [out]: tiny models, under a minute).
@@ -168,7 +172,11 @@ $(BUILD)/cuda_check/%.o: %.cu $(HEADERS) $(CUDA_HEADERS)
 	@mkdir -p $(dir $@)
 	@echo "nvcc -c $<"
 	@$(NVCC) $(NVFLAGS) $(INCLUDES) -c $< -o $@
-cuda_check: $(CUDA_CHECK_OBJS)
+$(BUILD)/cuda_check/dev/dump_grads_gpu.o: dev/dump_grads.cpp $(HEADERS) $(KERNEL_HEADERS)
+	@mkdir -p $(dir $@)
+	@echo "nvcc -c -x cu $<"
+	@$(NVCC) $(NVFLAGS) $(INCLUDES) -x cu -c $< -o $@
+cuda_check: $(CUDA_CHECK_OBJS) $(BUILD)/cuda_check/dev/dump_grads_gpu.o
 	@[ -n "$(CUDA_SRCS)" ] || echo "cuda_check: no CUDA sources yet"
 
 clean:

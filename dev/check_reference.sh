@@ -5,14 +5,20 @@
 #
 #   bash dev/check_reference.sh              # all cases (about a minute on 2 cores)
 #   PYTHON=/tmp/venv-ref/bin/python bash dev/check_reference.sh
+#   GPU=1 bash dev/check_reference.sh        # the GPU model instead (train.cu's kernels, fp32): a GPU machine
+#
+# With GPU=1 every case runs build/dump_grads_gpu --gpu (the nvcc build of dev/dump_grads.cpp, make
+# build/dump_grads_gpu): logits, loss and every gradient of the GPU model, checked in float (fwd 1e-4, grads 1e-3)
+# against PyTorch autograd on the same checkpoint and batch; the --float cases are then the same as the others.
 #
 # Needs torch (see dev/README.md). Environment: PYTHON (default .venv-ref/bin/python if present, else
-# python3), BUILD (default build), OUT (default $BUILD/reference: one folder per case).
+# python3), BUILD (default build), OUT (default $BUILD/reference, or reference-gpu: one folder per case).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUILD=${BUILD:-build}
-OUT=${OUT:-$BUILD/reference}
+GPU=${GPU:-0}
+OUT=${OUT:-$BUILD/reference$([ "$GPU" = 1 ] && echo -gpu)}
 if [ -z "${PYTHON:-}" ]; then
     if [ -x .venv-ref/bin/python ]; then PYTHON=.venv-ref/bin/python; else PYTHON=python3; fi
 fi
@@ -23,8 +29,16 @@ fi
 
 # ---- build dump_grads when it is missing or older than its sources ----
 BIN=$BUILD/dump_grads
+DEVICE_FLAG=""
 mkdir -p "$BUILD"
-if [ ! -x "$BIN" ] || [ -n "$(find dev/dump_grads.cpp model data -newer "$BIN" -name '*.[ch]*' -print -quit)" ]; then
+if [ "$GPU" = 1 ]; then
+    BIN=$BUILD/dump_grads_gpu
+    DEVICE_FLAG="--gpu"
+    if [ ! -x "$BIN" ] || [ -n "$(find dev/dump_grads.cpp model data kernels -newer "$BIN" -name '*.[ch]*' -print -quit)" ]; then
+        echo "building $BIN"
+        make "$BIN"
+    fi
+elif [ ! -x "$BIN" ] || [ -n "$(find dev/dump_grads.cpp model data -newer "$BIN" -name '*.[ch]*' -print -quit)" ]; then
     echo "building $BIN"
     ${CXX:-g++} -std=c++17 -O2 -Wall -Wextra -fopenmp -I. -I.deps/include dev/dump_grads.cpp -o "$BIN"
 fi
@@ -79,7 +93,8 @@ for c in "${CASES[@]}"; do
     perturb="--perturb 0.2"
     [[ $flags == *--perturb* ]] && perturb=""
     # shellcheck disable=SC2086  # flags are words on purpose
-    if ! "$BIN" --preset tiny --batch 2 --seq-len 11 --seed 5 $perturb $flags --out "$OUT/$name" > "$OUT/$name.dump.log" 2>&1; then
+    if ! "$BIN" --preset tiny --batch 2 --seq-len 11 --seed 5 $perturb $flags $DEVICE_FLAG --out "$OUT/$name" \
+        > "$OUT/$name.dump.log" 2>&1; then
         echo "dump failed for $name ($flags):" >&2
         cat "$OUT/$name.dump.log" >&2
     fi
@@ -111,4 +126,4 @@ if [ "$fails" -gt 0 ] || [ "$status" -ne 0 ]; then
     grep -v "^RESULT" "$OUT/check.log" | head -50 || true
     exit 1
 fi
-echo "PASS: all ${#CASES[@]} cases agree (double: 1e-9, float: fwd 1e-4, grads 1e-3)"
+echo "PASS: all ${#CASES[@]} cases agree$([ "$GPU" = 1 ] && echo " (the GPU model)") (double: 1e-9, float: fwd 1e-4, grads 1e-3)"

@@ -12,9 +12,12 @@
 // --float runs Model<float> and writes F32. The batch is a random window of --data (tinyshakespeare by
 // default), or uniform random tokens with --data random. --perturb s moves every parameter off its init
 // (norm weights, scales and D start at 1, where mixing two of them up would not show).
+// --gpu (the nvcc build only) runs the same forward + backward on the GPU model instead (kernels/model.cuh, fp32):
+// train.cu's logits, loss and gradients, for the same check against PyTorch autograd; it writes F32.
 //
 // Build (from the repository root):
 //   g++ -std=c++17 -O2 -fopenmp -I. -I.deps/include dev/dump_grads.cpp -o build/dump_grads
+//   make build/dump_grads_gpu     (nvcc -x cu on this file, with the Makefile's NVFLAGS and -lcublas)
 #include <CLI/CLI.hpp>         // CLI11: the command line
 #include <sys/stat.h>          // mkdir, stat: the output folder
 #include <cerrno>              // errno
@@ -31,6 +34,9 @@
 #include "model/config.h"      // ModelConfig, config_check, cost_report
 #include "model/model.h"       // Model
 #include "model/trainer.h"     // ModelFlags, build_config, save_run, TrainState
+#ifdef __CUDACC__
+#include "kernels/model.cuh"   // gpu::GpuModel: --gpu
+#endif
 
 using namespace hl;
 
@@ -124,6 +130,35 @@ std::vector<OutTensor> run(Model<T>& model, const std::vector<int>& inputs, cons
     return out;
 }
 
+#ifdef __CUDACC__
+// The same on the GPU model, from the host model's parameters (and MoE biases): fp32 kernels, cuBLAS without TF32.
+std::vector<OutTensor> run_gpu(const Model<float>& host, const std::vector<int>& inputs,
+                               const std::vector<int>& targets, int B, int Tn, double* loss_out) {
+    const ModelConfig& c = host.cfg;
+    gpu::GpuModel model(c, /*train=*/true);
+    model.upload(host);
+    model.set_batch(inputs.data(), targets.data(), B, Tn);
+    model.forward(model.tokens_buf.ptr, model.targets_buf.ptr, B, Tn);
+    model.zero_grad();
+    model.backward();
+    const double loss = double(model.loss());  // (a sync: every launch above is done)
+    *loss_out = loss;
+    const size_t nl = (size_t)B * Tn * c.vocab_size;
+    std::vector<float> logits(nl);
+    cudaCheck(cudaMemcpy(logits.data(), model.logits, nl * sizeof(float), cudaMemcpyDeviceToHost));
+    const std::vector<float> grads = model.grads.download();
+    std::vector<OutTensor> out;
+    out.push_back({"tokens", {B, Tn}, std::vector<double>(inputs.begin(), inputs.end())});
+    out.push_back({"targets", {B, Tn}, std::vector<double>(targets.begin(), targets.end())});
+    out.push_back({"loss", {1}, {loss}});
+    out.push_back({"logits", {B, Tn, c.vocab_size}, std::vector<double>(logits.begin(), logits.end())});
+    for (const TensorInfo& info : model.tensors)
+        out.push_back({info.name, info.shape,
+                       std::vector<double>(grads.begin() + info.offset, grads.begin() + info.offset + info.numel)});
+    return out;
+}
+#endif
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -152,8 +187,12 @@ int main(int argc, char** argv) {
     app.add_option("--data", data, "text file or llm.c shard, or 'random' for uniform random tokens");
     app.add_option("--out", out, "folder for model.safetensors and grads.safetensors")->required();
     app.add_flag("--double,!--float", use_double, "run in double (the default) or in float");
+    bool use_gpu = false;
+#ifdef __CUDACC__
+    app.add_flag("--gpu", use_gpu, "run the GPU model (fp32) instead of the CPU one; writes F32");
+#endif
     CLI11_PARSE(app, argc, argv);
-    const bool use_float = !use_double;
+    const bool use_float = !use_double || use_gpu;
 
     try {
         HL_CHECK(batch > 0, "--batch must be positive, got ", batch);
@@ -196,7 +235,11 @@ int main(int argc, char** argv) {
         }
         double loss = 0;
         std::vector<OutTensor> tensors;
-        if (use_float) {
+        if (use_gpu) {
+#ifdef __CUDACC__
+            tensors = run_gpu(fmodel, inputs, targets, batch, Tn, &loss);
+#endif
+        } else if (use_float) {
             tensors = run(fmodel, inputs, targets, batch, Tn, &loss);
         } else {
             Model<double> dmodel(cfg);
@@ -210,12 +253,14 @@ int main(int argc, char** argv) {
         save_run(out + "/model.safetensors", fmodel, zeros, zeros, TrainState{},
                  {{"dump.seed", std::to_string(seed)}, {"dump.data", data}, {"dump.perturb", std::to_string(perturb)}});
         std::map<std::string, std::string> meta = {
-            {"dtype", use_float ? "float32" : "float64"}, {"batch", std::to_string(batch)},
+            {"dtype", use_float ? "float32" : "float64"}, {"device", use_gpu ? "gpu" : "cpu"},
+            {"batch", std::to_string(batch)},
             {"seq_len", std::to_string(Tn)},             {"seed", std::to_string(seed)},
             {"arch", cfg.arch},                          {"pattern", cfg.pattern},
             {"fusion", to_string(cfg.fusion)},           {"tied", cfg.tied ? "true" : "false"}};
         write_safetensors(out + "/grads.safetensors", tensors, meta, !use_float);
-        std::printf("%s %s pattern %s fusion %s %s: loss %.10f, %zu parameters → %s\n", use_float ? "float" : "double",
+        std::printf("%s%s %s pattern %s fusion %s %s: loss %.10f, %zu parameters → %s\n", use_gpu ? "gpu " : "",
+                    use_float ? "float" : "double",
                     cfg.arch.c_str(), cfg.pattern.c_str(), to_string(cfg.fusion).c_str(),
                     cfg.tied ? "tied" : "untied", loss, fmodel.params.size(), out.c_str());
     } catch (const Error& e) {
