@@ -35,7 +35,7 @@
 #include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below); bf16,
                                 //   current_bf16: whether the tensor-core kernels run (the tensor-core section above)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
-#include "model/attention.h"    // attn_visible, attention_window_check; AttnConfig, AttnParams (section 2)
+#include "model/attention.h"    // attn_visible, attn_block, attention_window_check; AttnConfig, AttnParams
 #include "model/common.h"       // HL_CHECK, Arena
 
 namespace hl::gpu {
@@ -142,6 +142,8 @@ __device__ inline float row_max16(float x) {
 // kernels/mma.cuh), and FlashAttention-2's register-resident form: a warp's scores come out of the product in
 // registers, the softmax (or P and dS in the backward) is computed there, row statistics by two shuffles among
 // the 4 lanes that share a row, and the result is turned straight into the next product's A operand (mma::to_a).
+// Each warp asks attn_block (model/attention.h) of its 16 rows against the streamed tile: skipped, unmasked or
+// masked.
 // Shared memory holds only the bf16 input tiles: q, k, v and dout are rounded to bf16 as they are loaded, and
 // so are P and dS before they multiply v, q or k. Scores, the online softmax, lse and every accumulation stay
 // fp32. (The first tensor-core version, on nvcuda::wmma with its opaque fragments, passed every score through
@@ -158,15 +160,6 @@ static_assert(BQ % attn::BC == 0 && BKV % attn::BC == 0 && BS == attn::BC,
 
 // bf16 tile rows: D + 8 elements (see kernels/mma.cuh: conflict-free ldmatrix, 16-byte aligned rows)
 template <int D> __host__ __device__ constexpr int ldh() { return D + 8; }
-
-// What a warp's product of queries [qa, qb) and keys [ka, kb) needs: NONE when no pair is visible because every
-// key comes after every query (skipped), ALL when every pair is visible and inside T (no mask), else MASK.
-enum Vis { NONE, MASK, ALL };
-__device__ inline Vis visibility(int qa, int qb, int ka, int kb, int T_, int window, int sink) {
-    if (ka > qb - 1) return NONE;
-    const bool all = kb - 1 <= qa && qb <= T_ && (window <= 0 || kb <= sink || qb - 1 - ka < window);
-    return all ? ALL : MASK;
-}
 
 // Row statistics of a lane's two rows: over the 4 lanes holding the same row (lanes differing in bits 0, 1).
 __device__ inline float quad_max(float x) {
@@ -212,8 +205,8 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
         mma::load_rows_bf16<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
         mma::load_rows_bf16<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
         __syncthreads();
-        const Vis vis = visibility(qw, qw + 16, kv0, kv0 + BS, T_, window, sink);
-        if (vis == NONE) continue;
+        const AttnBlock vis = attn_block(qw, qw + 16, kv0, kv0 + BS, T_, window, sink);
+        if (vis == AttnBlock::NONE) continue;
 
         float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv0 + 8n + 2·(lane % 4) + e % 2
         mma::zero(s);
@@ -224,7 +217,7 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = i0 + 8 * (e / 2), j = kv0 + 8 * n + 2 * (lane % 4) + e % 2;
-                const bool visible = vis == ALL || (j < T_ && attn_visible(i, j, window, sink));
+                const bool visible = vis == AttnBlock::ALL || (j < T_ && attn_visible(i, j, window, sink));
                 s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
                 mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
             }
@@ -313,8 +306,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
             __syncthreads();
 #pragma unroll
             for (int qh = 0; qh < BS; qh += QH) {
-                const Vis vis = visibility(q0 + qh, q0 + qh + QH, jw, jw + 16, T_, window, sink);
-                if (vis == NONE) continue;
+                const AttnBlock vis = attn_block(q0 + qh, q0 + qh + QH, jw, jw + 16, T_, window, sink);
+                if (vis == AttnBlock::NONE) continue;
                 // st[n][e], dpt[n][e]: key j0 + 8·(e / 2), query q0 + qh + 8n + 2·(lane % 4) + e % 2
                 float st[QH / 8][4], dpt[QH / 8][4];
                 mma::zero(st);
@@ -326,7 +319,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
 #pragma unroll
                     for (int e = 0; e < 4; e++) {
                         const int c = qh + 8 * n + 2 * (lane % 4) + e % 2, i = q0 + c, j = j0 + 8 * (e / 2);
-                        const bool visible = vis == ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
+                        const bool visible =
+                            vis == AttnBlock::ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
                         const float p = visible ? exp2f(st[n][e] * scale_log2 - sL2[c]) : 0.f;
                         st[n][e] = p;
                         dpt[n][e] = p * (dpt[n][e] - sD[c]);
@@ -387,8 +381,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
         __syncthreads();
 #pragma unroll
         for (int kh = 0; kh < BS; kh += KH) {
-            const Vis vis = visibility(qw, qw + 16, kv0 + kh, kv0 + kh + KH, T_, window, sink);
-            if (vis == NONE) continue;
+            const AttnBlock vis = attn_block(qw, qw + 16, kv0 + kh, kv0 + kh + KH, T_, window, sink);
+            if (vis == AttnBlock::NONE) continue;
             // s[n][e], dp[n][e]: row i0 + 8·(e / 2), key kv0 + kh + 8n + 2·(lane % 4) + e % 2
             float s[KH / 8][4], dp[KH / 8][4];
             mma::zero(s);
@@ -400,7 +394,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int i = i0 + 8 * (e / 2), j = kv0 + kh + 8 * n + 2 * (lane % 4) + e % 2;
-                    const bool visible = vis == ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
+                    const bool visible =
+                        vis == AttnBlock::ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
                     const float p = visible ? exp2f(s[n][e] * scale_log2 - L2[e / 2]) : 0.f;
                     dp[n][e] = p * (dp[n][e] - Di[e / 2]);
                 }

@@ -31,6 +31,18 @@ HL_ATTN_HOST_DEVICE inline bool attn_visible(int t, int s, int window, int sink)
     return s <= t && (window <= 0 || t - s < window || s < sink);
 }
 
+// How the rule meets a block of pairs, queries [qa, qb) × keys [ka, kb), in a sequence of T_ positions — what a
+// tiled kernel (kernels/attention.cuh's tensor-core ones) asks before a block: NONE when every key comes after
+// every query (no pair visible: the block is skipped), ALL when every pair is visible and every query, hence every
+// key, is below T_ (no mask needed), else SOME (masked pair by pair). Blocks left SOME may still hold no visible
+// pair (a window's far side): the mask then zeroes them all.
+enum class AttnBlock { NONE, SOME, ALL };
+HL_ATTN_HOST_DEVICE inline AttnBlock attn_block(int qa, int qb, int ka, int kb, int T_, int window, int sink) {
+    if (ka > qb - 1) return AttnBlock::NONE;
+    const bool all = kb - 1 <= qa && qb <= T_ && (window <= 0 || kb <= sink || qb - 1 - ka < window);
+    return all ? AttnBlock::ALL : AttnBlock::SOME;
+}
+
 inline void attention_window_check(int window, int sink) {
     HL_CHECK(window >= 0 && sink >= 0, "attention: window and sink must be >= 0, got window=", window,
              " sink=", sink);

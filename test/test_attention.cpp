@@ -225,6 +225,43 @@ TEST_CASE("attn_visible is the rule s <= t and (t - s < W or s < S); W = 0 is ca
     CHECK(!attn_visible(2, 3, 3, 5));   // a sink is still in the future of an earlier query
 }
 
+// attn_block classifies a block of (query, key) pairs for the GPU's tiled kernels; a wrong ALL would drop the mask
+// where it matters and a wrong NONE would skip visible pairs, so it is checked pair by pair on every small block.
+TEST_CASE("attn_block: NONE blocks hold no visible pair, ALL blocks only visible pairs inside T") {
+    const int windows[][2] = {{0, 0}, {1, 0}, {3, 0}, {3, 2}, {2, 5}, {6, 1}};
+    int n_none = 0, n_all = 0, n_some = 0, wrong = 0, missed = 0;
+    for (auto& ws : windows)
+        for (int T = 1; T <= 9; T++)
+            for (int qa = 0; qa < 10; qa++)
+                for (int qb = qa + 1; qb <= 11; qb++)
+                    for (int ka = 0; ka < 10; ka++)
+                        for (int kb = ka + 1; kb <= 11; kb++) {
+                            bool any = false, every = true;
+                            for (int i = qa; i < qb; i++)
+                                for (int j = ka; j < kb; j++) {
+                                    const bool v = attn_visible(i, j, ws[0], ws[1]);
+                                    any = any || v;
+                                    every = every && v && i < T && j < T;
+                                }
+                            const AttnBlock c = attn_block(qa, qb, ka, kb, T, ws[0], ws[1]);
+                            n_none += c == AttnBlock::NONE;
+                            n_all += c == AttnBlock::ALL;
+                            n_some += c == AttnBlock::SOME;
+                            // a wrong answer: a skipped block with a visible pair, or an unmasked one with a hidden
+                            if ((c == AttnBlock::NONE && any) || (c == AttnBlock::ALL && !every)) wrong++;
+                            // a missed fast path: wholly after the diagonal is NONE; wholly below it, inside T and
+                            // inside a window (or without one) is ALL
+                            if ((ka > qb - 1 && c != AttnBlock::NONE) ||
+                                (kb - 1 <= qa && qb <= T && (ws[0] == 0 || qb - 1 - ka < ws[0]) && c != AttnBlock::ALL))
+                                missed++;
+                        }
+    CHECK(wrong == 0);
+    CHECK(missed == 0);
+    CHECK(n_none > 0);
+    CHECK(n_all > 0);
+    CHECK(n_some > 0);
+}
+
 TEST_CASE("sliding-window attention with W >= T equals full attention, forward and backward, bitwise") {
     Rng rng(60);
     const int B = 2, T = 7, H = 4, Hkv = 2, dqk = 6, dv = 5;
