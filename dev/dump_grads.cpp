@@ -18,6 +18,11 @@
 // Build (from the repository root):
 //   g++ -std=c++17 -O2 -fopenmp -I. -I.deps/include dev/dump_grads.cpp -o build/dump_grads
 //   make build/dump_grads_gpu     (nvcc -x cu on this file, with the Makefile's NVFLAGS and -lcublas)
+#ifdef __CUDACC__
+// nvcc's front end (not g++) warns of a narrowing inside CLI11's SFINAE probes when it instantiates --set's
+// std::vector<std::string> option; the probe is meant to fail there
+#pragma nv_diag_suppress 2361
+#endif
 #include <CLI/CLI.hpp>         // CLI11: the command line
 #include <sys/stat.h>          // mkdir, stat: the output folder
 #include <cerrno>              // errno
