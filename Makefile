@@ -124,10 +124,13 @@ $(BUILD)/dev/%: dev/cuda/%.cu $(HEADERS) $(CUDA_HEADERS)
 $(DEV_TARGETS): dev/cuda/%: $(BUILD)/dev/%
 dev: $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%)
 
-# `make bench` (device machine): every playground in turn — each checks its versions against the CPU and
+# `make bench` (device machine, with .whl/ carried): issue 9's tables against PyTorch in one run, into
+# bench/results/<date>/ — the per-kernel table (bench_kernels), then training speed of every architecture
+# (bench_models). `make bench_dev`: every playground in turn — each checks its versions against the CPU and
 # prints their timings. Benchmarks never assert a time.
-.PHONY: bench
-bench: dev
+.PHONY: bench bench_dev
+bench: bench_kernels bench_models
+bench_dev: dev
 	@for b in $(DEV_SRCS:dev/cuda/%.cu=$(BUILD)/dev/%); do echo "==== $$b"; $$b || exit 1; done
 
 # ---- training speed against PyTorch (issue 9), on the device machine with .whl/ carried (dev/bench_torch.sh):
