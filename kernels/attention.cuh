@@ -31,9 +31,10 @@
 #include <type_traits>          // std::is_same_v: the tensor-core kernels take fp32 tensors only
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
-#include "kernels/mma.cuh"      // mma::tile_abt, tile_ab, to_a, load_rows_bf16: the tensor-core kernels
+#include "kernels/mma.cuh"      // mma::tile_abt, tile_ab, to_a, load_rows_async: the tensor-core kernels
 #include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below); bf16,
-                                //   current_bf16: whether the tensor-core kernels run (the tensor-core section above)
+                                //   current_bf16, round_bf16: whether the tensor-core kernels run, and their
+                                //   staging (the tensor-core section above)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
 #include "model/attention.h"    // attn_visible, attn_block, attention_window_check; AttnConfig, AttnParams
 #include "model/common.h"       // HL_CHECK, Arena
@@ -144,9 +145,12 @@ __device__ inline float row_max16(float x) {
 // the 4 lanes that share a row, and the result is turned straight into the next product's A operand (mma::to_a).
 // Each warp asks attn_block (model/attention.h) of its 16 rows against the streamed tile: skipped, unmasked or
 // masked.
-// Shared memory holds only the bf16 input tiles: q, k, v and dout are rounded to bf16 as they are loaded, and
-// so are P and dS before they multiply v, q or k. Scores, the online softmax, lse and every accumulation stay
-// fp32. (The first tensor-core version, on nvcuda::wmma with its opaque fragments, passed every score through
+// q, k, v and dout are rounded to bf16 once per call, into staging the caller provides (attention_tc_stage_size:
+// Bf16Operands::stage), and the kernels stream their tiles from there with cp.async into two shared-memory buffers:
+// the next tile's copies fly while the current one is multiplied (in session 5's version each block rounded the
+// fp32 tiles itself, synchronously: 0.93 ms forward, 4.38 ms forward + backward at B=8, T=2048, H=16, Hkv=4, d=64
+// on an H200). P and dS are rounded to bf16 before they multiply v, q or k. Scores, the online softmax, lse and
+// every accumulation stay fp32. (The first tensor-core version, on nvcuda::wmma with its opaque fragments, passed every score through
 // shared memory; it is v4 of dev/cuda/attention.cu.)
 namespace attn_tc {
 // Rows a block owns, 16 a warp: 128 queries in the forward (8 warps), 64 queries (dq) or 64 keys (dk, dv) in the
@@ -175,76 +179,87 @@ __device__ inline float quad_sum(float x) {
 // Forward (as attention_forward_kernel, but 128 query rows a block): per key tile, S = Q Kᵀ (16 × 64 per warp) in
 // registers, the online softmax on them (each lane keeps its two rows' running max and its share of their sums,
 // the 4 shares added at the end), then O += P V with P as the A operand and O (16 × D per warp) in registers
-// throughout. A warp whose rows all precede the tile skips it.
+// throughout. A warp whose rows all precede the tile skips it. The key/value tiles are double-buffered: the next
+// visible tile's copies are issued before the current one is multiplied.
 template <int D>
 __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head dim 64: two blocks an SM
-    attention_forward_tc_kernel(float* out, float* lse, const float* q, const float* k, const float* v, int T_,
-                                int H, int Hkv, int window, int sink, float scale_log2) {
+    attention_forward_tc_kernel(float* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
+                                int Hkv, int window, int sink, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
     constexpr int LD = ldh<D>();
     extern __shared__ __align__(128) unsigned char smem_tc[];
     bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BQ, LD)
-    bf16* sK = sQ + BQ * LD;                      // (BS, LD)
-    bf16* sV = sK + BS * LD;                      // (BS, LD)
+    bf16* sK = sQ + BQ * LD;                      // (2, BS, LD) two buffers
+    bf16* sV = sK + 2 * BS * LD;                  // (2, BS, LD)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, qw = q0 + warp * 16;  // the block's and the warp's rows
     const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
     const int i0 = qw + lane / 4;  // this lane's rows: i0 and i0 + 8
 
-    mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BQ, T_, H, h);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (log2 units); this lane's share of Σ
     float o[D / 8][4];                                          // unnormalised output, rows i0, i0 + 8
     mma::zero(o);
 
-    const int kv_end = min(T_, q0 + BQ);
-    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
-         kv0 = visible_kv_tile(kv0 + BS, q0, window, sink)) {
-        __syncthreads();  // the previous tile's sK, sV are no longer read (and sQ is ready, the first time)
-        mma::load_rows_bf16<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
-        mma::load_rows_bf16<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
+    const int kv_end = min(T_, q0 + BQ);  // the diagonal tile is always visible: at least one tile
+    int kv0 = visible_kv_tile(0, q0, window, sink);
+    mma::load_rows_async<D>(sQ, LD, q, b, q0, BQ, T_, H, h);
+    mma::load_rows_async<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
+    mma::load_rows_async<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
+    mma::cp_async_commit();
+    for (int buf = 0; kv0 < kv_end; buf ^= 1) {
+        const int next = visible_kv_tile(kv0 + BS, q0, window, sink);
+        if (next < kv_end) {  // into the other buffer, last read in the previous iteration (before its end sync)
+            mma::load_rows_async<D>(sK + (buf ^ 1) * BS * LD, LD, k, b, next, BS, T_, Hkv, g);
+            mma::load_rows_async<D>(sV + (buf ^ 1) * BS * LD, LD, v, b, next, BS, T_, Hkv, g);
+        }
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();  // everything but the copies just issued
         __syncthreads();
+        const bf16 *tK = sK + buf * BS * LD, *tV = sV + buf * BS * LD;
         const AttnBlock vis = attn_block(qw, qw + 16, kv0, kv0 + BS, T_, window, sink);
-        if (vis == AttnBlock::NONE) continue;
-
-        float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv0 + 8n + 2·(lane % 4) + e % 2
-        mma::zero(s);
-        mma::tile_abt<D, BS>(s, sQ + warp * 16 * LD, LD, sK, LD);
-        float mx[2] = {-INFINITY, -INFINITY};
+        if (vis != AttnBlock::NONE) {
+            float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv0 + 8n + 2·(lane % 4) + e % 2
+            mma::zero(s);
+            mma::tile_abt<D, BS>(s, sQ + warp * 16 * LD, LD, tK, LD);
+            float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int n = 0; n < BS / 8; n++)
+            for (int n = 0; n < BS / 8; n++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int i = i0 + 8 * (e / 2), j = kv0 + 8 * n + 2 * (lane % 4) + e % 2;
-                const bool visible = vis == AttnBlock::ALL || (j < T_ && attn_visible(i, j, window, sink));
-                s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
-                mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
-            }
-        float alpha[2], m_use[2];
+                for (int e = 0; e < 4; e++) {
+                    const int i = i0 + 8 * (e / 2), j = kv0 + 8 * n + 2 * (lane % 4) + e % 2;
+                    const bool visible = vis == AttnBlock::ALL || (j < T_ && attn_visible(i, j, window, sink));
+                    s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
+                    mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
+                }
+            float alpha[2], m_use[2];
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float m_new = fmaxf(m[r], quad_max(mx[r]));
-            m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
-            alpha[r] = exp2f(m[r] - m_use[r]);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int n = 0; n < BS / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[n][e] = mma::bf16_value(exp2f(s[n][e] - m_use[e / 2]));  // P as it multiplies V, and as summed
-                l[e / 2] += s[n][e];
+            for (int r = 0; r < 2; r++) {
+                const float m_new = fmaxf(m[r], quad_max(mx[r]));
+                m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
+                alpha[r] = exp2f(m[r] - m_use[r]);
+                m[r] = m_new;
+                l[r] *= alpha[r];
             }
 #pragma unroll
-        for (int n = 0; n < D / 8; n++) {
-            o[n][0] *= alpha[0], o[n][1] *= alpha[0];
-            o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+            for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    s[n][e] = mma::bf16_value(exp2f(s[n][e] - m_use[e / 2]));  // P as it multiplies V, and as summed
+                    l[e / 2] += s[n][e];
+                }
+#pragma unroll
+            for (int n = 0; n < D / 8; n++) {
+                o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+            }
+            uint32_t p[BS / 16][4];
+            mma::to_a<BS>(p, s);
+            mma::tile_ab<BS, D>(o, p, tV, LD);
         }
-        uint32_t p[BS / 16][4];
-        mma::to_a<BS>(p, s);
-        mma::tile_ab<BS, D>(o, p, sV, LD);
+        __syncthreads();  // this buffer is refilled next iteration
+        kv0 = next;
     }
     float inv[2];
 #pragma unroll
@@ -261,29 +276,24 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
 // over the query heads of its group and their 64-row query tiles from the diagonal on. Per
 // half query tile (32 queries, which bounds the live registers): Sᵀ = K Qᵀ and dPᵀ = V doutᵀ in registers,
 // Pᵀ = exp(Sᵀ/√d − lse) and dSᵀ = Pᵀ ⊙ (dPᵀ − D) there, then dv += Pᵀ dout and dk += dSᵀ Q into accumulators that
-// stay in registers over the whole loop. A warp whose keys all follow the half tile's queries skips it.
+// stay in registers over the whole loop. A warp whose keys all follow the half tile's queries skips it. The query
+// tiles (q, dout, lse, D) are double-buffered as in the forward.
 template <int D>
 __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
-    attention_backward_dkdv_tc_kernel(float* dk, float* dv, const float* dout, const float* lse, const float* Dr,
-                                      const float* q, const float* k, const float* v, int T_, int H, int Hkv,
+    attention_backward_dkdv_tc_kernel(float* dk, float* dv, const bf16* dout, const float* lse, const float* Dr,
+                                      const bf16* q, const bf16* k, const bf16* v, int T_, int H, int Hkv,
                                       int window, int sink, float scale, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
-    constexpr int LD = ldh<D>(), QH = BS / 2;
+    constexpr int LD = ldh<D>(), QH = BS / 2, TILE = 2 * BS * LD + BS * 2 * sizeof(float) / sizeof(bf16);
     extern __shared__ __align__(128) unsigned char smem_tc[];
     bf16* sK = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LD) this block's keys
     bf16* sV = sK + BKV * LD;                     // (BKV, LD) and values
-    bf16* sQ = sV + BKV * LD;                     // (BS, LD) current query tile
-    bf16* sO = sQ + BS * LD;                      // (BS, LD) its dout rows
-    float* sL2 = reinterpret_cast<float*>(sO + BS * LD);  // (BS) lse · log2 e of the current query rows
-    float* sD = sL2 + BS;                                 // (BS) D of the current query rows
+    bf16* sTiles = sV + BKV * LD;                 // two buffers of TILE: q (BS, LD), dout (BS, LD), lse (BS), D (BS)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kv0 = blockIdx.x * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
     const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
-
-    mma::load_rows_bf16<D>(sK, LD, k, b, kv0, BKV, T_, Hkv, g);
-    mma::load_rows_bf16<D>(sV, LD, v, b, kv0, BKV, T_, Hkv, g);
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     mma::zero(dk_acc);
     mma::zero(dv_acc);
@@ -292,46 +302,60 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     // here) up to the last query that sees key kv0 + BKV − 1 through the window
     const long long w_end = (long long)kv0 + BKV + window - 1;
     const int q_end = (window <= 0 || kv0 < sink || w_end >= T_) ? T_ : (int)w_end;
-    for (int h = g * group; h < (g + 1) * group; h++)
-        for (int q0 = kv0; q0 < q_end; q0 += BS) {
-            __syncthreads();  // the previous query tile is no longer read
-            mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BS, T_, H, h);
-            mma::load_rows_bf16<D>(sO, LD, dout, b, q0, BS, T_, H, h);
-            for (int r = threadIdx.x; r < BS; r += blockDim.x) {
-                const int i = q0 + r;
-                const size_t bhi = ((size_t)b * H + h) * T_ + i;
-                sL2[r] = i < T_ ? lse[bhi] * LOG2E : 0.f;
-                sD[r] = i < T_ ? Dr[bhi] : 0.f;
-            }
-            __syncthreads();
+    // the (head, query tile) pairs in order: h over the group, q0 from kv0 to q_end
+    auto load_tile = [&](bf16* t, int h, int q0) {
+        const size_t row0 = ((size_t)b * H + h) * T_ + q0;
+        mma::load_rows_async<D>(t, LD, q, b, q0, BS, T_, H, h);
+        mma::load_rows_async<D>(t + BS * LD, LD, dout, b, q0, BS, T_, H, h);
+        float* stats = reinterpret_cast<float*>(t + 2 * BS * LD);
+        mma::load_floats_async(stats, lse + row0, BS, T_ - q0);
+        mma::load_floats_async(stats + BS, Dr + row0, BS, T_ - q0);
+    };
+    mma::load_rows_async<D>(sK, LD, k, b, kv0, BKV, T_, Hkv, g);
+    mma::load_rows_async<D>(sV, LD, v, b, kv0, BKV, T_, Hkv, g);
+    int h = g * group, q0 = kv0;
+    load_tile(sTiles, h, q0);
+    mma::cp_async_commit();
+    for (int buf = 0; h < (g + 1) * group; buf ^= 1) {
+        int h_next = h, q_next = q0 + BS;
+        if (q_next >= q_end) h_next++, q_next = kv0;
+        if (h_next < (g + 1) * group) load_tile(sTiles + (buf ^ 1) * TILE, h_next, q_next);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+        __syncthreads();
+        const bf16 *sQ = sTiles + buf * TILE, *sO = sQ + BS * LD;
+        const float* sL = reinterpret_cast<const float*>(sO + BS * LD);  // lse of the tile's rows
+        const float* sD = sL + BS;                                         // D of the tile's rows
 #pragma unroll
-            for (int qh = 0; qh < BS; qh += QH) {
-                const AttnBlock vis = attn_block(q0 + qh, q0 + qh + QH, jw, jw + 16, T_, window, sink);
-                if (vis == AttnBlock::NONE) continue;
-                // st[n][e], dpt[n][e]: key j0 + 8·(e / 2), query q0 + qh + 8n + 2·(lane % 4) + e % 2
-                float st[QH / 8][4], dpt[QH / 8][4];
-                mma::zero(st);
-                mma::zero(dpt);
-                mma::tile_abt<D, QH>(st, sK + warp * 16 * LD, LD, sQ + qh * LD, LD);
-                mma::tile_abt<D, QH>(dpt, sV + warp * 16 * LD, LD, sO + qh * LD, LD);
+        for (int qh = 0; qh < BS; qh += QH) {
+            const AttnBlock vis = attn_block(q0 + qh, q0 + qh + QH, jw, jw + 16, T_, window, sink);
+            if (vis == AttnBlock::NONE) continue;
+            // st[n][e], dpt[n][e]: key j0 + 8·(e / 2), query q0 + qh + 8n + 2·(lane % 4) + e % 2
+            float st[QH / 8][4], dpt[QH / 8][4];
+            mma::zero(st);
+            mma::zero(dpt);
+            mma::tile_abt<D, QH>(st, sK + warp * 16 * LD, LD, sQ + qh * LD, LD);
+            mma::tile_abt<D, QH>(dpt, sV + warp * 16 * LD, LD, sO + qh * LD, LD);
 #pragma unroll
-                for (int n = 0; n < QH / 8; n++)
+            for (int n = 0; n < QH / 8; n++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int c = qh + 8 * n + 2 * (lane % 4) + e % 2, i = q0 + c, j = j0 + 8 * (e / 2);
-                        const bool visible =
-                            vis == AttnBlock::ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
-                        const float p = visible ? exp2f(st[n][e] * scale_log2 - sL2[c]) : 0.f;
-                        st[n][e] = p;
-                        dpt[n][e] = p * (dpt[n][e] - sD[c]);
-                    }
-                uint32_t pt[QH / 16][4], dst[QH / 16][4];
-                mma::to_a<QH>(pt, st);
-                mma::to_a<QH>(dst, dpt);
-                mma::tile_ab<QH, D>(dv_acc, pt, sO + qh * LD, LD);
-                mma::tile_ab<QH, D>(dk_acc, dst, sQ + qh * LD, LD);
-            }
+                for (int e = 0; e < 4; e++) {
+                    const int c = qh + 8 * n + 2 * (lane % 4) + e % 2, i = q0 + c, j = j0 + 8 * (e / 2);
+                    const bool visible =
+                        vis == AttnBlock::ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
+                    const float p = visible ? exp2f(st[n][e] * scale_log2 - sL[c] * LOG2E) : 0.f;
+                    st[n][e] = p;
+                    dpt[n][e] = p * (dpt[n][e] - sD[c]);
+                }
+            uint32_t pt[QH / 16][4], dst[QH / 16][4];
+            mma::to_a<QH>(pt, st);
+            mma::to_a<QH>(dst, dpt);
+            mma::tile_ab<QH, D>(dv_acc, pt, sO + qh * LD, LD);
+            mma::tile_ab<QH, D>(dk_acc, dst, sQ + qh * LD, LD);
         }
+        __syncthreads();  // this buffer is refilled next iteration
+        h = h_next, q0 = q_next;
+    }
     const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
     mma::store_rows<D>(dv, dv_acc, one, b, jw, T_, Hkv, g);
     mma::store_rows<D>(dk, dk_acc, sc, b, jw, T_, Hkv, g);
@@ -340,11 +364,11 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
 // dq (as attention_backward_dq_kernel): a block owns 64 queries (16 a warp) and loops over the visible key tiles,
 // half a tile (32 keys) at a time: S = Q Kᵀ and dP = dout Vᵀ in registers,
 // dS = P ⊙ (dP − D) there, then dq += dS K into accumulators that stay in registers. A warp whose rows all precede
-// the half tile skips it.
+// the half tile skips it. The key/value tiles are double-buffered as in the forward.
 template <int D>
 __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
-    attention_backward_dq_tc_kernel(float* dq, const float* dout, const float* lse, const float* Dr, const float* q,
-                                    const float* k, const float* v, int T_, int H, int Hkv, int window, int sink,
+    attention_backward_dq_tc_kernel(float* dq, const bf16* dout, const float* lse, const float* Dr, const bf16* q,
+                                    const bf16* k, const bf16* v, int T_, int H, int Hkv, int window, int sink,
                                     float scale, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
@@ -352,15 +376,13 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     extern __shared__ __align__(128) unsigned char smem_tc[];
     bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LD) this block's queries
     bf16* sO = sQ + BKV * LD;                     // (BKV, LD) and dout rows
-    bf16* sK = sO + BKV * LD;                     // (BS, LD) current key tile
-    bf16* sV = sK + BS * LD;                      // (BS, LD) and values
+    bf16* sK = sO + BKV * LD;                     // (2, BS, LD) two buffers of key tiles
+    bf16* sV = sK + 2 * BS * LD;                  // (2, BS, LD) and value tiles
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BKV, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
     const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
 
-    mma::load_rows_bf16<D>(sQ, LD, q, b, q0, BKV, T_, H, h);
-    mma::load_rows_bf16<D>(sO, LD, dout, b, q0, BKV, T_, H, h);
     float L2[2], Di[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -373,12 +395,22 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     mma::zero(dq_acc);
 
     const int kv_end = min(T_, q0 + BKV);
-    for (int kv0 = visible_kv_tile(0, q0, window, sink); kv0 < kv_end;
-         kv0 = visible_kv_tile(kv0 + BS, q0, window, sink)) {
+    int kv0 = visible_kv_tile(0, q0, window, sink);
+    mma::load_rows_async<D>(sQ, LD, q, b, q0, BKV, T_, H, h);
+    mma::load_rows_async<D>(sO, LD, dout, b, q0, BKV, T_, H, h);
+    mma::load_rows_async<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
+    mma::load_rows_async<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
+    mma::cp_async_commit();
+    for (int buf = 0; kv0 < kv_end; buf ^= 1) {
+        const int next = visible_kv_tile(kv0 + BS, q0, window, sink);
+        if (next < kv_end) {
+            mma::load_rows_async<D>(sK + (buf ^ 1) * BS * LD, LD, k, b, next, BS, T_, Hkv, g);
+            mma::load_rows_async<D>(sV + (buf ^ 1) * BS * LD, LD, v, b, next, BS, T_, Hkv, g);
+        }
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
         __syncthreads();
-        mma::load_rows_bf16<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
-        mma::load_rows_bf16<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
-        __syncthreads();
+        const bf16 *tK = sK + buf * BS * LD, *tV = sV + buf * BS * LD;
 #pragma unroll
         for (int kh = 0; kh < BS; kh += KH) {
             const AttnBlock vis = attn_block(qw, qw + 16, kv0 + kh, kv0 + kh + KH, T_, window, sink);
@@ -387,8 +419,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
             float s[KH / 8][4], dp[KH / 8][4];
             mma::zero(s);
             mma::zero(dp);
-            mma::tile_abt<D, KH>(s, sQ + warp * 16 * LD, LD, sK + kh * LD, LD);
-            mma::tile_abt<D, KH>(dp, sO + warp * 16 * LD, LD, sV + kh * LD, LD);
+            mma::tile_abt<D, KH>(s, sQ + warp * 16 * LD, LD, tK + kh * LD, LD);
+            mma::tile_abt<D, KH>(dp, sO + warp * 16 * LD, LD, tV + kh * LD, LD);
 #pragma unroll
             for (int n = 0; n < KH / 8; n++)
 #pragma unroll
@@ -401,8 +433,10 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
                 }
             uint32_t ds[KH / 16][4];
             mma::to_a<KH>(ds, dp);
-            mma::tile_ab<KH, D>(dq_acc, ds, sK + kh * LD, LD);
+            mma::tile_ab<KH, D>(dq_acc, ds, tK + kh * LD, LD);
         }
+        __syncthreads();  // this buffer is refilled next iteration
+        kv0 = next;
     }
     const float sc[2] = {scale, scale};
     mma::store_rows<D>(dq, dq_acc, sc, b, qw, T_, H, h);
@@ -415,13 +449,29 @@ inline bool attention_use_tc(int d_qk, int d_v) {
     return std::is_same_v<T, float> && current_bf16() != nullptr && d_qk == d_v && (d_qk == 64 || d_qk == 128);
 }
 
-// Shared memory of the tensor-core kernels for head dim D: bf16 tiles only (the owned rows and two streamed tiles in
-// the forward; two of each in the backward's kernels, plus the dkdv kernel's 2·BS floats of lse and D).
+// Shared memory of the tensor-core kernels for head dim D: bf16 tiles (the owned rows, and two buffers of the
+// streamed tiles: k and v in the forward and dq; q and dout in dk, dv, with their rows' lse and D, 2·BS floats).
 inline size_t attention_tc_smem_forward(int D) {
-    return sizeof(bf16) * (size_t)(attn_tc::BQ + 2 * attn_tc::BS) * (D + 8);
+    return sizeof(bf16) * (size_t)(attn_tc::BQ + 4 * attn_tc::BS) * (D + 8);
 }
 inline size_t attention_tc_smem_backward(int D) {  // both kernels
-    return sizeof(bf16) * (size_t)(2 * attn_tc::BKV + 2 * attn_tc::BS) * (D + 8) + sizeof(float) * 2 * attn_tc::BS;
+    return sizeof(bf16) * (size_t)(2 * attn_tc::BKV + 4 * attn_tc::BS) * (D + 8) + sizeof(float) * 4 * attn_tc::BS;
+}
+
+// bf16 values of staging the tensor-core kernels need (Bf16Operands::stage, owned by the caller; 0 where the
+// fp32 kernels run): q, k, v and dout are rounded into it once per call, so that every tile the kernels stream is
+// already bf16 and 16-byte rows, copied asynchronously (cp.async), and is not re-rounded by every block that
+// reads it. Rewritten by every call: one buffer serves all the layers of a model.
+inline size_t attention_tc_stage_size(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
+    if (!(d_qk == d_v && (d_qk == 64 || d_qk == 128))) return 0;
+    return (size_t)B * T_ * (H + Hkv) * (d_qk + d_v);  // q, k, v, dout
+}
+inline bf16* attention_tc_stage(size_t need) {
+    const Bf16Operands* ops = current_bf16();
+    HL_CHECK(ops->stage != nullptr && need <= ops->stage_n, "attention (bf16 operands): ", need,
+             " bf16 values of staging needed (attention_tc_stage_size), Bf16Operands::stage holds ", ops->stage_n);
+    HL_CHECK(reinterpret_cast<uintptr_t>(ops->stage) % 16 == 0, "attention (bf16 operands): staging not 16-byte aligned");
+    return ops->stage;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -571,12 +621,18 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
     const dim3 grid(ceil_div(T_, BR), B * H);
     if constexpr (std::is_same_v<T, float>) {
         if (attention_use_tc<T>(d_qk, d_v)) {  // bf16 operands: the tensor-core kernel (the tensor-core section)
+            const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk;
+            bf16* q16 = attention_tc_stage(nq + 2 * nk);  // q, k, v: d_v = d_qk here
+            bf16 *k16 = q16 + nq, *v16 = k16 + nk;
+            round_bf16(q16, q, nq, stream);
+            round_bf16(k16, k, nk, stream);
+            round_bf16(v16, v, nk, stream);
             const size_t smem_tc = attention_tc_smem_forward(d_qk);
             const dim3 grid_tc(ceil_div(T_, attn_tc::BQ), B * H);
             auto launch_tc = [&](auto kernel) {
                 allow_smem(kernel, smem_tc);
-                kernel<<<grid_tc, attn_tc::THREADS, smem_tc, stream>>>(out, lse, q, k, v, T_, H, Hkv, window, sink,
-                                                                        scale_log2);
+                kernel<<<grid_tc, attn_tc::THREADS, smem_tc, stream>>>(out, lse, q16, k16, v16, T_, H, Hkv, window,
+                                                                        sink, scale_log2);
                 cudaCheckLast();
             };
             if (d_qk == 64) launch_tc(attention_forward_tc_kernel<64>);
@@ -604,15 +660,20 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
 // D (B, H, T) = rowsum(dout ⊙ out) = Σ_s P[t, s] · dP[t, s], the softmax backward's per-row term.
 // One warp per (b, t, h) row of d_v contiguous values (lanes stride the row, then a shuffle sum); 8 rows per
 // 256-thread block. The rows are indexed in (B, T, H) order so that consecutive warps read consecutive memory.
+// dout16, when given, receives dout rounded to bf16 (the tensor-core kernels' copy, made in the same pass).
 template <typename T>
-__global__ void attention_backward_D_kernel(float* D, const T* dout, const T* out, int B, int T_, int H, int d_v) {
+__global__ void attention_backward_D_kernel(float* D, bf16* dout16, const T* dout, const T* out, int B, int T_, int H,
+                                            int d_v) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b·T + t)·H + h
     const int lane = threadIdx.x % 32;
     if (row >= B * T_ * H) return;  // whole warps leave together
     const T* o = out + (size_t)row * d_v;
     const T* go = dout + (size_t)row * d_v;
     float sum = 0.f;
-    for (int e = lane; e < d_v; e += 32) sum = fmaf(float(go[e]), float(o[e]), sum);
+    for (int e = lane; e < d_v; e += 32) {
+        sum = fmaf(float(go[e]), float(o[e]), sum);
+        if (dout16) dout16[(size_t)row * d_v + e] = __float2bfloat16_rn(float(go[e]));
+    }
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if (lane == 0) {
         const int h = row % H, bt = row / H, t = bt % T_, b = bt / T_;
@@ -964,8 +1025,16 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
 
     const int rows = B * T_ * H, rows_per_block = THREADS / 32;
     float* scratch_D = scratch;
-    attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout, out, B, T_,
-                                                                                         H, d_v);
+    // under the tensor-core kernels, q, k, v and dout in bf16 (the staging; dout by the D kernel's pass)
+    const bool tc = attention_use_tc<T>(d_qk, d_v);
+    const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk;
+    bf16 *q16 = nullptr, *k16 = nullptr, *v16 = nullptr, *dout16 = nullptr;
+    if (tc) {
+        q16 = attention_tc_stage(attention_tc_stage_size(B, T_, H, Hkv, d_qk, d_v));
+        k16 = q16 + nq, v16 = k16 + nk, dout16 = v16 + nk;
+    }
+    attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout, out,
+                                                                                         B, T_, H, d_v);
     cudaCheckLast();
 
     const SinkSplit split = sink_split(T_, window, sink);
@@ -973,7 +1042,10 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     // sink split's dk, dv, which stay with the fp32 kernel
     bool tc_dq = false, tc_dkdv = false;
     if constexpr (std::is_same_v<T, float>) {
-        if (attention_use_tc<T>(d_qk, d_v)) {
+        if (tc) {
+            round_bf16(q16, q, nq, stream);
+            round_bf16(k16, k, nk, stream);
+            round_bf16(v16, v, nk, stream);
             tc_dq = true;
             tc_dkdv = split.tiles == 0;
             auto launch_tc = [&](auto kernel, dim3 grid, int threads, size_t smem, auto... args) {
@@ -986,11 +1058,13 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
             const bool d64 = d_qk == 64;
             if (tc_dkdv)
                 launch_tc(d64 ? attention_backward_dkdv_tc_kernel<64> : attention_backward_dkdv_tc_kernel<128>,
-                          grid_kv, attn_tc::BWD_THREADS, smem_tc, dk, dv, dout, lse, (const float*)scratch_D, q, k, v,
-                          T_, H, Hkv, window, sink, scale, scale_log2);
+                          grid_kv, attn_tc::BWD_THREADS, smem_tc, dk, dv, (const bf16*)dout16, lse,
+                          (const float*)scratch_D, (const bf16*)q16, (const bf16*)k16, (const bf16*)v16, T_, H, Hkv,
+                          window, sink, scale, scale_log2);
             launch_tc(d64 ? attention_backward_dq_tc_kernel<64> : attention_backward_dq_tc_kernel<128>, grid_q,
-                      attn_tc::BWD_THREADS, smem_tc, dq, dout, lse, (const float*)scratch_D, q, k, v, T_, H, Hkv,
-                      window, sink, scale, scale_log2);
+                      attn_tc::BWD_THREADS, smem_tc, dq, (const bf16*)dout16, lse, (const float*)scratch_D,
+                      (const bf16*)q16, (const bf16*)k16, (const bf16*)v16, T_, H, Hkv, window, sink, scale,
+                      scale_log2);
         }
     }
     const size_t ldq = padded(d_qk), ldv = padded(d_v);

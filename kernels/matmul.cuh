@@ -93,13 +93,16 @@ inline void round_bf16(bf16* out, const float* in, size_t n, cudaStream_t stream
 
 // What the GEMMs need while a model runs with bf16 operands (kernels/model.cuh owns the buffers): params16 is
 // the bf16 copy of the fp32 parameters [params, params + n) (the model refreshes it at the start of each
-// forward), a16 and b16 are scratch for the two activation operands of a GEMM, scratch_n elements each.
+// forward), a16 and b16 are scratch for the two activation operands of a GEMM, scratch_n elements each; stage
+// (stage_n elements) is the tensor-core attention's bf16 copy of its inputs (attention_tc_stage_size).
 struct Bf16Operands {
     const float* params = nullptr;
     size_t n = 0;
     const bf16* params16 = nullptr;
     bf16 *a16 = nullptr, *b16 = nullptr;
     size_t scratch_n = 0;
+    bf16* stage = nullptr;
+    size_t stage_n = 0;
 
     // the bf16 copy of a weight (count elements) that lies within the parameters
     const bf16* weight(const float* w, size_t count) const {

@@ -110,28 +110,37 @@ __device__ inline void to_a(uint32_t (&p)[K / 16][4], const float (&acc)[K / 8][
     }
 }
 
-// Rows r0 .. r0+rows−1 of head `head` of a (B, T, heads, D) fp32 tensor into shared memory as bf16 (row stride
-// ld), rows ≥ T zero; all threads of the block take part. float4 loads when the tensor is 16-byte aligned (D is a
-// multiple of 4 here; an arena's tensors need not be aligned, hence the check).
+// Asynchronous copies (cp.async, sm_80+): global → shared without passing through registers, so a block can issue
+// the next tile's loads and compute on the current one while they fly. A thread's copies since its last commit
+// form a group; wait<n> blocks until at most n of its groups are still in flight (then __syncthreads makes every
+// thread's copies visible to the block). `bytes` < size fills the rest with zeros (0: a zero row past T).
+__device__ inline void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ inline void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ inline void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Starts copying rows r0 .. r0+rows−1 of head `head` of a (B, T, heads, D) bf16 tensor into shared memory (row
+// stride ld), 16 bytes a copy, rows ≥ T zero; all threads of the block take part. The tensor must be 16-byte
+// aligned (D is a multiple of 8, so every row then is). Complete after the commit, wait and __syncthreads.
 template <int D>
-__device__ inline void load_rows_bf16(bf16* dst, int ld, const float* src, int b, int r0, int rows, int T_,
-                                      int heads, int head) {
-    if (reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-        for (int idx = threadIdx.x; idx < rows * (D / 4); idx += blockDim.x) {
-            const int r = idx / (D / 4), c = (idx % (D / 4)) * 4, t = r0 + r;
-            float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t < T_) x = *reinterpret_cast<const float4*>(src + (((size_t)b * T_ + t) * heads + head) * D + c);
-            uint2 packed;
-            packed.x = pack_bf16(x.x, x.y);
-            packed.y = pack_bf16(x.z, x.w);
-            *reinterpret_cast<uint2*>(dst + r * ld + c) = packed;
-        }
-    } else {
-        for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) {
-            const int r = idx / D, c = idx % D, t = r0 + r;
-            dst[r * ld + c] = __float2bfloat16_rn(t < T_ ? src[(((size_t)b * T_ + t) * heads + head) * D + c] : 0.f);
-        }
+__device__ inline void load_rows_async(bf16* dst, int ld, const bf16* src, int b, int r0, int rows, int T_,
+                                       int heads, int head) {
+    for (int idx = threadIdx.x; idx < rows * (D / 8); idx += blockDim.x) {
+        const int r = idx / (D / 8), c = (idx % (D / 8)) * 8, t = r0 + r;
+        const bool valid = t < T_;
+        cp_async16(dst + r * ld + c, src + (valid ? (((size_t)b * T_ + t) * heads + head) * D + c : 0), valid);
     }
+}
+// The same for `n` consecutive floats src[0 .. n) (a row statistic of n query rows), entries ≥ valid_n zero.
+__device__ inline void load_floats_async(float* dst, const float* src, int n, int valid_n) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) cp_async4(dst + i, src + (i < valid_n ? i : 0), i < valid_n);
 }
 
 // The 16 rows of a warp's accumulator tiles (16 × N) to rows r0 .. r0+15 of head `head` of a (B, T, heads, N)

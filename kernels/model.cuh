@@ -159,16 +159,25 @@ struct GpuModel {
         ops.params = params.ptr, ops.n = n_params, ops.params16 = params16.ptr;
         alloc_operand_scratch();
     }
-    // the two activation operands of any matmul of a (B, T) batch: rows ≤ B·T, width ≤ the widest parameter dim
+    // the two activation operands of any matmul of a (B, T) batch: rows ≤ B·T, width ≤ the widest parameter dim;
+    // then the tensor-core attention's staging, sized for the largest attention of any layer (layers take turns)
     void alloc_operand_scratch() {
         if (precision != Precision::bf16 || B == 0) return;
         int width = 0;
         for (const TensorInfo& t : tensors)
             if (t.shape.size() >= 2)
                 for (int d : t.shape) width = std::max(width, d);
-        ops.scratch_n = size_t(B) * T_ * size_t(width);
-        operand_scratch.alloc(2 * ops.scratch_n);
+        ops.scratch_n = (size_t(B) * T_ * size_t(width) + 7) / 8 * 8;  // keeps b16 and stage 16-byte aligned
+        ops.stage_n = 0;
+        for (const BlockConfig& c : blocks)
+            if (c.kind == 'A' || c.kind == 'H') {
+                const AttnConfig& ac = c.kind == 'A' ? c.attn : c.intra.attn;
+                ops.stage_n = std::max(ops.stage_n, attention_tc_stage_size(B, T_, ac.n_heads, ac.n_kv_heads,
+                                                                            ac.d_qk, ac.d_v));
+            }
+        operand_scratch.alloc(2 * ops.scratch_n + ops.stage_n);
         ops.a16 = operand_scratch.ptr, ops.b16 = operand_scratch.ptr + ops.scratch_n;
+        ops.stage = ops.stage_n > 0 ? operand_scratch.ptr + 2 * ops.scratch_n : nullptr;
     }
     // the operands the matmuls should see now: null = fp32
     const Bf16Operands* matmul_operands() const { return precision == Precision::bf16 ? &ops : nullptr; }

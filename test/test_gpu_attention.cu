@@ -79,7 +79,10 @@ AttnErrors run_attention(int B, int T, int H, int Hkv, int dqk, int dv, uint64_t
     upload_at(d_dout, dout);
     poison(d_out);
     poison(d_lse);
-    const hl::gpu::Bf16Operands ops;  // (the attention kernels only ask whether bf16 operands are in effect)
+    // bf16 operands in effect; the tensor-core kernels need their staging (the attention asks for no other scratch)
+    DeviceBuffer<__nv_bfloat16> stage(tc ? hl::gpu::attention_tc_stage_size(B, T, H, Hkv, dqk, dv) : 0);
+    hl::gpu::Bf16Operands ops;
+    ops.stage = stage.ptr, ops.stage_n = stage.n;
     const hl::gpu::Bf16Scope scope(tc ? &ops : nullptr);
     const float *q_in = d_q.ptr + offset, *k_in = d_k.ptr + offset, *v_in = d_v.ptr + offset,
                 *dout_in = d_dout.ptr + offset;
@@ -340,12 +343,14 @@ TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core wi
     // q, k, v, dout and the probabilities are rounded to bf16 (8 mantissa bits, relative step 2^-8): the outputs
     // within 2e-2 of their scale, the gradients within 5e-2, against the fp32 CPU reference. Head dims 64 and 128,
     // GQA, T not a multiple of the 64-row tile, full causal and a window with sinks (with and without the sink
-    // split that the key kernel leaves to the fp32 kernel), and inputs that are not 16-byte aligned.
+    // split that the key kernel leaves to the fp32 kernel; a window without sinks, where the key kernel skips query
+    // tiles past the window in a group of 4 heads), and inputs that are not 16-byte aligned (the kernels read their
+    // bf16 staging, which is: the rounding pass takes the unaligned fp32 tensors).
     uint64_t seed = 900;
     struct C { int T, Hkv, d, W, S, offset; };
     for (C c : {C{1, 2, 64, 0, 0, 0}, C{65, 2, 64, 0, 0, 0}, C{200, 1, 64, 0, 0, 0}, C{130, 4, 128, 0, 0, 0},
                 C{300, 2, 64, 16, 4, 0}, C{700, 2, 64, 64, 16, 0}, C{1024, 2, 128, 0, 0, 0}, C{200, 2, 64, 0, 0, 1},
-                C{150, 2, 128, 100, 4, 3}, C{1100, 2, 64, 0, 0, 0}}) {
+                C{150, 2, 128, 100, 4, 3}, C{1100, 2, 64, 0, 0, 0}, C{1100, 1, 64, 100, 0, 0}}) {
         CAPTURE(c.T);
         CAPTURE(c.d);
         CAPTURE(c.W);
@@ -358,4 +363,13 @@ TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core wi
         CHECK(e.dv <= 5e-2);
         if (c.T > 1) CHECK(e.out > 1e-5);  // the bf16 kernels ran: fp32 ones are within 1e-6
     }
+    // without room for the bf16 copies of q, k, v (and dout), a one-line error, not a write past the buffer
+    const int B = 1, T = 70, H = 2, d = 64;
+    DeviceBuffer<float> q((size_t)B * T * H * d), lse((size_t)B * H * T), out(q.n);
+    DeviceBuffer<__nv_bfloat16> small(hl::gpu::attention_tc_stage_size(B, T, H, H, d, d) / 2 - 8);
+    hl::gpu::Bf16Operands ops;
+    const hl::gpu::Bf16Scope scope(&ops);
+    CHECK_THROWS_AS(hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, q.ptr, q.ptr, B, T, H, H, d, d), hl::Error);
+    ops.stage = small.ptr, ops.stage_n = small.n;
+    CHECK_THROWS_AS(hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, q.ptr, q.ptr, B, T, H, H, d, d), hl::Error);
 }

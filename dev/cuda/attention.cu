@@ -604,7 +604,7 @@ void forward(float* out, float* lse, const float* q, const float* k, const float
 void backward(float* dq, float* dk, float* dv, float* Dr, const float* dout, const float* out, const float* lse,
               const float* q, const float* k, const float* v, int B, int T, int H, int Hkv, int D) {
     const int rows = B * T * H, per_block = attn::THREADS / 32;
-    attention_backward_D_kernel<<<ceil_div(rows, per_block), attn::THREADS>>>(Dr, dout, out, B, T, H, D);
+    attention_backward_D_kernel<<<ceil_div(rows, per_block), attn::THREADS>>>(Dr, nullptr, dout, out, B, T, H, D);
     cudaCheckLast();
     const size_t smem = attention_tc_smem_backward(D);
     const float scale = 1.f / sqrtf((float)D), scale_log2 = attn::LOG2E * scale;
@@ -639,9 +639,14 @@ struct Problem {
 
 struct Buffers {
     DeviceBuffer<float> q, k, v, dout, out, lse, D, dq, dk, dv, att, ds;  // att, ds: v1 only
+    DeviceBuffer<__nv_bfloat16> stage;  // v5: the bf16 copies of q, k, v, dout (hl::gpu::attention_tc_stage_size)
+    hl::gpu::Bf16Operands ops;          // v5: bf16 operands in effect, with that staging
     explicit Buffers(const Problem& p, bool naive)
         : q(p.nq()), k(p.nk()), v(p.nv()), dout(p.no()), out(p.no()), lse(p.nl()), D(p.nl()), dq(p.nq()),
-          dk(p.nk()), dv(p.nv()), att(naive ? p.natt() : 0), ds(naive ? p.natt() : 0) {}
+          dk(p.nk()), dv(p.nv()), att(naive ? p.natt() : 0), ds(naive ? p.natt() : 0),
+          stage(hl::gpu::attention_tc_stage_size(p.B, p.T, p.H, p.Hkv, p.dqk, p.dv)) {
+        ops.stage = stage.ptr, ops.stage_n = stage.n;
+    }
 };
 
 void run_forward(int version, Buffers& m, const Problem& p) {
@@ -654,8 +659,7 @@ void run_forward(int version, Buffers& m, const Problem& p) {
     } else if (version == 4) {
         v4::forward(m.out.ptr, m.lse.ptr, m.q.ptr, m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk);
     } else if (version == 2 || version == 5) {
-        const hl::gpu::Bf16Operands ops;  // (only whether bf16 operands are in effect matters here)
-        const hl::gpu::Bf16Scope scope(version == 5 ? &ops : nullptr);
+        const hl::gpu::Bf16Scope scope(version == 5 ? &m.ops : nullptr);
         hl::gpu::attention_forward(m.out.ptr, m.lse.ptr, m.q.ptr, m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk,
                                    p.dv);
     } else {
@@ -678,8 +682,7 @@ void run_backward(int version, Buffers& m, const Problem& p) {
         v4::backward(m.dq.ptr, m.dk.ptr, m.dv.ptr, m.D.ptr, m.dout.ptr, m.out.ptr, m.lse.ptr, m.q.ptr, m.k.ptr,
                      m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk);
     } else {
-        const hl::gpu::Bf16Operands ops;
-        const hl::gpu::Bf16Scope scope(version == 5 ? &ops : nullptr);
+        const hl::gpu::Bf16Scope scope(version == 5 ? &m.ops : nullptr);
         hl::gpu::attention_backward(m.dq.ptr, m.dk.ptr, m.dv.ptr, m.D.ptr, m.dout.ptr, m.out.ptr, m.lse.ptr, m.q.ptr,
                                     m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk, p.dv);
     }
