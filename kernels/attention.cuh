@@ -174,6 +174,13 @@ __device__ inline float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
+// 2^x by the SFU's approximation alone (relative error ~2^-22, far below the bf16 rounding P gets next; −∞ gives 0):
+// exp2f without --use_fast_math adds range handling around it, a few instructions per score.
+__device__ inline float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 }  // namespace attn_tc
 
 // Forward (as attention_forward_kernel, but 128 query rows a block): per key tile, S = Q Kᵀ (16 × 64 per warp) in
@@ -203,7 +210,9 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
     mma::zero(o);
 
     const int kv_end = min(T_, q0 + BQ);  // the diagonal tile is always visible: at least one tile
-    int kv0 = visible_kv_tile(0, q0, window, sink);
+    const int kv_first = visible_kv_tile(0, q0, window, sink);
+    int kv0 = kv_first;
+    uint32_t qf[D / 16][4];  // the warp's 16 query rows as A fragments, from the first tile on
     mma::load_rows_async<D>(sQ, LD, q, b, q0, BQ, T_, H, h);
     mma::load_rows_async<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
     mma::load_rows_async<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
@@ -217,45 +226,51 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
         mma::cp_async_commit();
         mma::cp_async_wait<1>();  // everything but the copies just issued
         __syncthreads();
+        if (kv0 == kv_first) mma::load_a<D>(qf, sQ + warp * 16 * LD, LD);  // (q arrived with the first tile)
         const bf16 *tK = sK + buf * BS * LD, *tV = sV + buf * BS * LD;
         const AttnBlock vis = attn_block(qw, qw + 16, kv0, kv0 + BS, T_, window, sink);
         if (vis != AttnBlock::NONE) {
-            float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv0 + 8n + 2·(lane % 4) + e % 2
+            float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv0 + 8n + 2·(lane % 4) + e % 2 (unscaled)
             mma::zero(s);
-            mma::tile_abt<D, BS>(s, sQ + warp * 16 * LD, LD, tK, LD);
+            mma::tile_abt<D, BS>(s, qf, tK, LD);
+            if (vis == AttnBlock::SOME)  // masks only where the tile needs them
+#pragma unroll
+                for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = i0 + 8 * (e / 2), j = kv0 + 8 * n + 2 * (lane % 4) + e % 2;
+                        if (!(j < T_ && attn_visible(i, j, window, sink))) s[n][e] = -INFINITY;
+                    }
             float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
             for (int n = 0; n < BS / 8; n++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int i = i0 + 8 * (e / 2), j = kv0 + 8 * n + 2 * (lane % 4) + e % 2;
-                    const bool visible = vis == AttnBlock::ALL || (j < T_ && attn_visible(i, j, window, sink));
-                    s[n][e] = visible ? s[n][e] * scale_log2 : -INFINITY;
-                    mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
-                }
+                for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
             float alpha[2], m_use[2];
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                const float m_new = fmaxf(m[r], quad_max(mx[r]));
+                const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);  // the scale is positive
                 m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
-                alpha[r] = exp2f(m[r] - m_use[r]);
+                alpha[r] = exp2_approx(m[r] - m_use[r]);
                 m[r] = m_new;
                 l[r] *= alpha[r];
             }
 #pragma unroll
             for (int n = 0; n < BS / 8; n++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    s[n][e] = mma::bf16_value(exp2f(s[n][e] - m_use[e / 2]));  // P as it multiplies V, and as summed
-                    l[e / 2] += s[n][e];
-                }
+                for (int e = 0; e < 4; e++) s[n][e] = exp2_approx(fmaf(s[n][e], scale_log2, -m_use[e / 2]));
+            uint32_t p[BS / 16][4];
+            mma::to_a<BS>(p, s);  // P rounded to bf16 as it multiplies V; the row sums add the same rounded values
+#pragma unroll
+            for (int kk = 0; kk < BS / 16; kk++) {
+                l[0] += mma::bf16_pair_sum(p[kk][0]) + mma::bf16_pair_sum(p[kk][2]);  // row i0
+                l[1] += mma::bf16_pair_sum(p[kk][1]) + mma::bf16_pair_sum(p[kk][3]);  // row i0 + 8
+            }
 #pragma unroll
             for (int n = 0; n < D / 8; n++) {
                 o[n][0] *= alpha[0], o[n][1] *= alpha[0];
                 o[n][2] *= alpha[1], o[n][3] *= alpha[1];
             }
-            uint32_t p[BS / 16][4];
-            mma::to_a<BS>(p, s);
             mma::tile_ab<BS, D>(o, p, tV, LD);
         }
         __syncthreads();  // this buffer is refilled next iteration
@@ -272,17 +287,24 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
     mma::store_rows<D>(out, o, inv, b, qw, T_, H, h);
 }
 
-// dk, dv (as attention_backward_dkdv_kernel, without the sink split): a block owns 64 keys (16 a warp) and loops
-// over the query heads of its group and their 64-row query tiles from the diagonal on. Per
-// half query tile (32 queries, which bounds the live registers): Sᵀ = K Qᵀ and dPᵀ = V doutᵀ in registers,
-// Pᵀ = exp(Sᵀ/√d − lse) and dSᵀ = Pᵀ ⊙ (dPᵀ − D) there, then dv += Pᵀ dout and dk += dSᵀ Q into accumulators that
-// stay in registers over the whole loop. A warp whose keys all follow the half tile's queries skips it. The query
-// tiles (q, dout, lse, D) are double-buffered as in the forward.
+// dk, dv (as attention_backward_dkdv_kernel, without the sink split, and one block per query head): a block owns 64
+// keys (16 a warp) of kv head g and one query head h of its group, and loops over h's 64-row query tiles from the
+// diagonal on. Per half query tile (32 queries, which bounds the live registers): Sᵀ = K Qᵀ and dPᵀ = V doutᵀ in
+// registers, Pᵀ = exp(Sᵀ/√d − lse) and dSᵀ = Pᵀ ⊙ (dPᵀ − D) there, then dv += Pᵀ dout and dk += dSᵀ Q into
+// accumulators that stay in registers over the whole loop. A warp whose keys all follow the half tile's queries
+// skips it. The query tiles (q, dout, lse, D) are double-buffered as in the forward.
+// Why a block per query head, not per group as the fp32 kernel: a group's heads in one block made the first key
+// tiles' blocks group × longer than the average (a causal triangle of work), and the launch's tail was theirs
+// (dk, dv 1.22 ms of a 2.6 ms forward + backward at B=4, T=2048, H=16, Hkv=4 under ncu; 0.73 ms a block per
+// head, plus 0.03 ms for the sum). With group > 1 each block
+// writes its head's share, dk_part and dv_part (B, T, H, D), which attention_group_sum_kernel adds up per kv head
+// in a fixed order (deterministic); with group = 1 it writes dk, dv themselves (heads = H = Hkv).
+// D = 64: 4 blocks an SM (ptxas then spills 20 bytes; 5% faster than the 3 that 163 registers allowed, measured).
 template <int D>
-__global__ void __launch_bounds__(attn_tc::BWD_THREADS)
-    attention_backward_dkdv_tc_kernel(float* dk, float* dv, const bf16* dout, const float* lse, const float* Dr,
-                                      const bf16* q, const bf16* k, const bf16* v, int T_, int H, int Hkv,
-                                      int window, int sink, float scale, float scale_log2) {
+__global__ void __launch_bounds__(attn_tc::BWD_THREADS, D == 64 ? 4 : 1)
+    attention_backward_dkdv_tc_kernel(float* dk_part, float* dv_part, const bf16* dout, const float* lse,
+                                      const float* Dr, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
+                                      int Hkv, int window, int sink, float scale, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
     constexpr int LD = ldh<D>(), QH = BS / 2, TILE = 2 * BS * LD + BS * 2 * sizeof(float) / sizeof(bf16);
@@ -293,7 +315,7 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kv0 = blockIdx.x * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
-    const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
     float dk_acc[D / 8][4], dv_acc[D / 8][4];
     mma::zero(dk_acc);
     mma::zero(dv_acc);
@@ -302,8 +324,7 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     // here) up to the last query that sees key kv0 + BKV − 1 through the window
     const long long w_end = (long long)kv0 + BKV + window - 1;
     const int q_end = (window <= 0 || kv0 < sink || w_end >= T_) ? T_ : (int)w_end;
-    // the (head, query tile) pairs in order: h over the group, q0 from kv0 to q_end
-    auto load_tile = [&](bf16* t, int h, int q0) {
+    auto load_tile = [&](bf16* t, int q0) {  // query rows q0 .. q0 + BS − 1 of head h
         const size_t row0 = ((size_t)b * H + h) * T_ + q0;
         mma::load_rows_async<D>(t, LD, q, b, q0, BS, T_, H, h);
         mma::load_rows_async<D>(t + BS * LD, LD, dout, b, q0, BS, T_, H, h);
@@ -313,13 +334,10 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     };
     mma::load_rows_async<D>(sK, LD, k, b, kv0, BKV, T_, Hkv, g);
     mma::load_rows_async<D>(sV, LD, v, b, kv0, BKV, T_, Hkv, g);
-    int h = g * group, q0 = kv0;
-    load_tile(sTiles, h, q0);
+    load_tile(sTiles, kv0);
     mma::cp_async_commit();
-    for (int buf = 0; h < (g + 1) * group; buf ^= 1) {
-        int h_next = h, q_next = q0 + BS;
-        if (q_next >= q_end) h_next++, q_next = kv0;
-        if (h_next < (g + 1) * group) load_tile(sTiles + (buf ^ 1) * TILE, h_next, q_next);
+    for (int q0 = kv0, buf = 0; q0 < q_end; q0 += BS, buf ^= 1) {
+        if (q0 + BS < q_end) load_tile(sTiles + (buf ^ 1) * TILE, q0 + BS);
         mma::cp_async_commit();
         mma::cp_async_wait<1>();
         __syncthreads();
@@ -334,6 +352,9 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
             float st[QH / 8][4], dpt[QH / 8][4];
             mma::zero(st);
             mma::zero(dpt);
+            // the warp's keys and values read from shared memory for every product: kept in registers as A
+            // fragments (as q in the forward) they cost occupancy (179 registers instead of 137 at D = 64) and the
+            // kernel was slower (measured)
             mma::tile_abt<D, QH>(st, sK + warp * 16 * LD, LD, sQ + qh * LD, LD);
             mma::tile_abt<D, QH>(dpt, sV + warp * 16 * LD, LD, sO + qh * LD, LD);
 #pragma unroll
@@ -341,9 +362,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int c = qh + 8 * n + 2 * (lane % 4) + e % 2, i = q0 + c, j = j0 + 8 * (e / 2);
-                    const bool visible =
-                        vis == AttnBlock::ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
-                    const float p = visible ? exp2f(st[n][e] * scale_log2 - sL[c] * LOG2E) : 0.f;
+                    float p = exp2_approx(fmaf(st[n][e], scale_log2, -sL[c] * LOG2E));
+                    if (vis == AttnBlock::SOME && !(i < T_ && j < T_ && attn_visible(i, j, window, sink))) p = 0.f;
                     st[n][e] = p;
                     dpt[n][e] = p * (dpt[n][e] - sD[c]);
                 }
@@ -354,11 +374,27 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
             mma::tile_ab<QH, D>(dk_acc, dst, sQ + qh * LD, LD);
         }
         __syncthreads();  // this buffer is refilled next iteration
-        h = h_next, q0 = q_next;
     }
     const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
-    mma::store_rows<D>(dv, dv_acc, one, b, jw, T_, Hkv, g);
-    mma::store_rows<D>(dk, dk_acc, sc, b, jw, T_, Hkv, g);
+    mma::store_rows<D>(dv_part, dv_acc, one, b, jw, T_, H, h);
+    mma::store_rows<D>(dk_part, dk_acc, sc, b, jw, T_, H, h);
+}
+
+// dk, dv (B, T, Hkv, d) = the sums of their query heads' shares dk_part, dv_part (B, T, H, d), head by head in
+// order. One thread per output element.
+template <typename Unused = void>
+__global__ void attention_group_sum_kernel(float* dk, float* dv, const float* dk_part, const float* dv_part,
+                                           size_t n, int H, int Hkv, int d) {
+    const int group = H / Hkv;
+    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        const size_t bt = idx / ((size_t)Hkv * d);
+        const int g = (int)(idx / d % Hkv), e = (int)(idx % d);
+        const size_t first = (bt * H + (size_t)g * group) * d + e;  // head g·group, element e
+        float sk = 0.f, sv = 0.f;
+        for (int r = 0; r < group; r++) sk += dk_part[first + (size_t)r * d], sv += dv_part[first + (size_t)r * d];
+        dk[idx] = sk;
+        dv[idx] = sv;
+    }
 }
 
 // dq (as attention_backward_dq_kernel): a block owns 64 queries (16 a warp) and loops over the visible key tiles,
@@ -395,7 +431,9 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     mma::zero(dq_acc);
 
     const int kv_end = min(T_, q0 + BKV);
-    int kv0 = visible_kv_tile(0, q0, window, sink);
+    const int kv_first = visible_kv_tile(0, q0, window, sink);
+    int kv0 = kv_first;
+    uint32_t qf[D / 16][4], of[D / 16][4];  // the warp's 16 query and dout rows as A fragments, from the first tile on
     mma::load_rows_async<D>(sQ, LD, q, b, q0, BKV, T_, H, h);
     mma::load_rows_async<D>(sO, LD, dout, b, q0, BKV, T_, H, h);
     mma::load_rows_async<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
@@ -410,6 +448,10 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
         mma::cp_async_commit();
         mma::cp_async_wait<1>();
         __syncthreads();
+        if (kv0 == kv_first) {  // (q and dout arrived with the first tile)
+            mma::load_a<D>(qf, sQ + warp * 16 * LD, LD);
+            mma::load_a<D>(of, sO + warp * 16 * LD, LD);
+        }
         const bf16 *tK = sK + buf * BS * LD, *tV = sV + buf * BS * LD;
 #pragma unroll
         for (int kh = 0; kh < BS; kh += KH) {
@@ -419,16 +461,15 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
             float s[KH / 8][4], dp[KH / 8][4];
             mma::zero(s);
             mma::zero(dp);
-            mma::tile_abt<D, KH>(s, sQ + warp * 16 * LD, LD, tK + kh * LD, LD);
-            mma::tile_abt<D, KH>(dp, sO + warp * 16 * LD, LD, tV + kh * LD, LD);
+            mma::tile_abt<D, KH>(s, qf, tK + kh * LD, LD);
+            mma::tile_abt<D, KH>(dp, of, tV + kh * LD, LD);
 #pragma unroll
             for (int n = 0; n < KH / 8; n++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int i = i0 + 8 * (e / 2), j = kv0 + kh + 8 * n + 2 * (lane % 4) + e % 2;
-                    const bool visible =
-                        vis == AttnBlock::ALL || (i < T_ && j < T_ && attn_visible(i, j, window, sink));
-                    const float p = visible ? exp2f(s[n][e] * scale_log2 - L2[e / 2]) : 0.f;
+                    float p = exp2_approx(fmaf(s[n][e], scale_log2, -L2[e / 2]));
+                    if (vis == AttnBlock::SOME && !(i < T_ && j < T_ && attn_visible(i, j, window, sink))) p = 0.f;
                     dp[n][e] = p * (dp[n][e] - Di[e / 2]);
                 }
             uint32_t ds[KH / 16][4];
@@ -461,10 +502,13 @@ inline size_t attention_tc_smem_backward(int D) {  // both kernels
 // bf16 values of staging the tensor-core kernels need (Bf16Operands::stage, owned by the caller; 0 where the
 // fp32 kernels run): q, k, v and dout are rounded into it once per call, so that every tile the kernels stream is
 // already bf16 and 16-byte rows, copied asynchronously (cp.async), and is not re-rounded by every block that
-// reads it. Rewritten by every call: one buffer serves all the layers of a model.
+// reads it; with GQA (H > Hkv) it also holds the backward's per-query-head dk, dv shares (fp32, two bf16 slots
+// each). Rewritten by every call: one buffer serves all the layers of a model.
 inline size_t attention_tc_stage_size(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
     if (!(d_qk == d_v && (d_qk == 64 || d_qk == 128))) return 0;
-    return (size_t)B * T_ * (H + Hkv) * (d_qk + d_v);  // q, k, v, dout
+    const size_t n = (size_t)B * T_;
+    return n * (H + Hkv) * (d_qk + d_v)                        // q, k, v, dout
+           + (H > Hkv ? 2 * n * H * (d_qk + d_v) : 0);          // dk_part, dv_part (B, T, H, d) floats
 }
 inline bf16* attention_tc_stage(size_t need) {
     const Bf16Operands* ops = current_bf16();
@@ -1029,9 +1073,14 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     const bool tc = attention_use_tc<T>(d_qk, d_v);
     const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk;
     bf16 *q16 = nullptr, *k16 = nullptr, *v16 = nullptr, *dout16 = nullptr;
+    float *dk_part = dk, *dv_part = dv;  // the dk, dv kernel's per-query-head shares (itself when H = Hkv)
     if (tc) {
         q16 = attention_tc_stage(attention_tc_stage_size(B, T_, H, Hkv, d_qk, d_v));
         k16 = q16 + nq, v16 = k16 + nk, dout16 = v16 + nk;
+        if (H > Hkv) {  // after the bf16 tensors: 16-byte aligned, as every size here is a multiple of 64
+            dk_part = reinterpret_cast<float*>(dout16 + nq);
+            dv_part = dk_part + nq;
+        }
     }
     attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout, out,
                                                                                          B, T_, H, d_v);
@@ -1053,15 +1102,22 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 kernel<<<grid, threads, smem, stream>>>(args...);
                 cudaCheckLast();
             };
-            const dim3 grid_kv(ceil_div(T_, attn_tc::BKV), B * Hkv), grid_q(ceil_div(T_, attn_tc::BKV), B * H);
+            const dim3 grid_tc(ceil_div(T_, attn_tc::BKV), B * H);  // both kernels: a block per query head
             const size_t smem_tc = attention_tc_smem_backward(d_qk);
             const bool d64 = d_qk == 64;
-            if (tc_dkdv)
+            if (tc_dkdv) {
                 launch_tc(d64 ? attention_backward_dkdv_tc_kernel<64> : attention_backward_dkdv_tc_kernel<128>,
-                          grid_kv, attn_tc::BWD_THREADS, smem_tc, dk, dv, (const bf16*)dout16, lse,
+                          grid_tc, attn_tc::BWD_THREADS, smem_tc, dk_part, dv_part, (const bf16*)dout16, lse,
                           (const float*)scratch_D, (const bf16*)q16, (const bf16*)k16, (const bf16*)v16, T_, H, Hkv,
                           window, sink, scale, scale_log2);
-            launch_tc(d64 ? attention_backward_dq_tc_kernel<64> : attention_backward_dq_tc_kernel<128>, grid_q,
+                if (H > Hkv) {
+                    const size_t n = nk;  // elements of dk (= of dv: d_v = d_qk)
+                    attention_group_sum_kernel<><<<elementwise_grid(n, 256), 256, 0, stream>>>(
+                        dk, dv, dk_part, dv_part, n, H, Hkv, d_qk);
+                    cudaCheckLast();
+                }
+            }
+            launch_tc(d64 ? attention_backward_dq_tc_kernel<64> : attention_backward_dq_tc_kernel<128>, grid_tc,
                       attn_tc::BWD_THREADS, smem_tc, dq, (const bf16*)dout16, lse, (const float*)scratch_D,
                       (const bf16*)q16, (const bf16*)k16, (const bf16*)v16, T_, H, Hkv, window, sink, scale,
                       scale_log2);

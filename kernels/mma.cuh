@@ -53,8 +53,10 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
-// The rounded value of a float as bf16 would hold it (what a product sees), as a float.
-__device__ inline float bf16_value(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+// The sum of the two bf16 values packed in a register (pack_bf16's), in fp32: a bf16 is the top half of a float.
+__device__ inline float bf16_pair_sum(uint32_t x) {
+    return __uint_as_float(x << 16) + __uint_as_float(x & 0xffff0000u);
+}
 
 template <int N>
 __device__ inline void zero(float (&acc)[N][4]) {
@@ -62,22 +64,42 @@ __device__ inline void zero(float (&acc)[N][4]) {
     for (int n = 0; n < N; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
 }
 
-// acc (16 × N) += A (16 × K) · Bᵀ, with A's 16 rows and B's N rows (each K wide) row-major in shared memory
-// (row strides lda, ldb): acc[n] is the accumulator tile of columns 8n .. 8n+7. K, N multiples of 16.
-template <int K, int N>
-__device__ inline void tile_abt(float (&acc)[N / 8][4], const bf16* A, int lda, const bf16* B, int ldb) {
+// A warp's 16 rows (K wide, row-major in shared memory, row stride lda) as K/16 A fragments: loaded once, a row
+// block that multiplies many tiles (a block's own queries or keys) stays in registers.
+template <int K>
+__device__ inline void load_a(uint32_t (&a)[K / 16][4], const bf16* A, int lda) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
-    for (int kk = 0; kk < K; kk += 16) {
-        uint32_t a[4];  // matrices: rows 0-7 | 8-15 at k 0-7, then the same at k 8-15
-        ldsm_x4(a, A + (lane % 16) * lda + kk + (lane / 16) * 8);
+    for (int kk = 0; kk < K / 16; kk++)  // matrices: rows 0-7 | 8-15 at k 0-7, then the same at k 8-15
+        ldsm_x4(a[kk], A + (lane % 16) * lda + 16 * kk + (lane / 16) * 8);
+}
+
+// acc (16 × N) += A (16 × K) · Bᵀ, with A as fragments (load_a) and B's N rows (each K wide) row-major in shared
+// memory (row stride ldb): acc[n] is the accumulator tile of columns 8n .. 8n+7. K, N multiples of 16.
+template <int K, int N>
+__device__ inline void tile_abt(float (&acc)[N / 8][4], const uint32_t (&a)[K / 16][4], const bf16* B, int ldb) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int kk = 0; kk < K / 16; kk++) {
 #pragma unroll
         for (int n = 0; n < N; n += 16) {
             uint32_t b[4];  // matrices: B rows n..n+7 at k 0-7 | k 8-15, then rows n+8..n+15 at k 0-7 | 8-15
-            ldsm_x4(b, B + (n + lane % 8 + (lane / 16) * 8) * ldb + kk + ((lane / 8) % 2) * 8);
-            mma_bf16(acc[n / 8], a, b[0], b[1]);
-            mma_bf16(acc[n / 8 + 1], a, b[2], b[3]);
+            ldsm_x4(b, B + (n + lane % 8 + (lane / 16) * 8) * ldb + 16 * kk + ((lane / 8) % 2) * 8);
+            mma_bf16(acc[n / 8], a[kk], b[0], b[1]);
+            mma_bf16(acc[n / 8 + 1], a[kk], b[2], b[3]);
         }
+    }
+}
+
+// The same with A's 16 rows read from shared memory (row stride lda) one k step at a time: fewer live registers
+// than holding all of A's fragments.
+template <int K, int N>
+__device__ inline void tile_abt(float (&acc)[N / 8][4], const bf16* A, int lda, const bf16* B, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < K; kk += 16) {
+        uint32_t a[1][4];
+        load_a<16>(a, A + kk, lda);
+        tile_abt<16, N>(acc, a, B + kk, ldb);
     }
 }
 
