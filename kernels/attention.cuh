@@ -28,7 +28,7 @@
 #pragma once
 #include <algorithm>            // std::min
 #include <cmath>                // INFINITY
-#include <type_traits>          // std::is_same_v: the tensor-core kernels take fp32 tensors only
+#include <type_traits>          // std::is_same_v, std::integral_constant: the tensor-core kernels
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
 #include "kernels/mma.cuh"      // mma::tile_abt, tile_ab, to_a, load_rows_async: the tensor-core kernels
@@ -185,20 +185,20 @@ __device__ inline float exp2_approx(float x) {
 
 // Forward (as attention_forward_kernel, but 128 query rows a block): per key tile, S = Q Kᵀ (16 × 64 per warp) in
 // registers, the online softmax on them (each lane keeps its two rows' running max and its share of their sums,
-// the 4 shares added at the end), then O += P V with P as the A operand and O (16 × D per warp) in registers
+// the 4 shares added at the end), then O += P V with P as the A operand and O (16 × d_v per warp) in registers
 // throughout. A warp whose rows all precede the tile skips it. The key/value tiles are double-buffered: the next
 // visible tile's copies are issued before the current one is multiplied.
-template <int D>
-__global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head dim 64: two blocks an SM
+template <int DK, int DV>
+__global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64: two blocks an SM
     attention_forward_tc_kernel(float* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
                                 int Hkv, int window, int sink, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
-    constexpr int LD = ldh<D>();
+    constexpr int LDK = ldh<DK>(), LDV = ldh<DV>();
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BQ, LD)
-    bf16* sK = sQ + BQ * LD;                      // (2, BS, LD) two buffers
-    bf16* sV = sK + 2 * BS * LD;                  // (2, BS, LD)
+    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BQ, LDK)
+    bf16* sK = sQ + BQ * LDK;                     // (2, BS, LDK) two buffers
+    bf16* sV = sK + 2 * BS * LDK;                 // (2, BS, LDV)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, qw = q0 + warp * 16;  // the block's and the warp's rows
@@ -206,33 +206,33 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
     const int i0 = qw + lane / 4;  // this lane's rows: i0 and i0 + 8
 
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (log2 units); this lane's share of Σ
-    float o[D / 8][4];                                          // unnormalised output, rows i0, i0 + 8
+    float o[DV / 8][4];                                         // unnormalised output, rows i0, i0 + 8
     mma::zero(o);
 
     const int kv_end = min(T_, q0 + BQ);  // the diagonal tile is always visible: at least one tile
     const int kv_first = visible_kv_tile(0, q0, window, sink);
     int kv0 = kv_first;
-    uint32_t qf[D / 16][4];  // the warp's 16 query rows as A fragments, from the first tile on
-    mma::load_rows_async<D>(sQ, LD, q, b, q0, BQ, T_, H, h);
-    mma::load_rows_async<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
-    mma::load_rows_async<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
+    uint32_t qf[DK / 16][4];  // the warp's 16 query rows as A fragments, from the first tile on
+    mma::load_rows_async<DK>(sQ, LDK, q, b, q0, BQ, T_, H, h);
+    mma::load_rows_async<DK>(sK, LDK, k, b, kv0, BS, T_, Hkv, g);
+    mma::load_rows_async<DV>(sV, LDV, v, b, kv0, BS, T_, Hkv, g);
     mma::cp_async_commit();
     for (int buf = 0; kv0 < kv_end; buf ^= 1) {
         const int next = visible_kv_tile(kv0 + BS, q0, window, sink);
         if (next < kv_end) {  // into the other buffer, last read in the previous iteration (before its end sync)
-            mma::load_rows_async<D>(sK + (buf ^ 1) * BS * LD, LD, k, b, next, BS, T_, Hkv, g);
-            mma::load_rows_async<D>(sV + (buf ^ 1) * BS * LD, LD, v, b, next, BS, T_, Hkv, g);
+            mma::load_rows_async<DK>(sK + (buf ^ 1) * BS * LDK, LDK, k, b, next, BS, T_, Hkv, g);
+            mma::load_rows_async<DV>(sV + (buf ^ 1) * BS * LDV, LDV, v, b, next, BS, T_, Hkv, g);
         }
         mma::cp_async_commit();
         mma::cp_async_wait<1>();  // everything but the copies just issued
         __syncthreads();
-        if (kv0 == kv_first) mma::load_a<D>(qf, sQ + warp * 16 * LD, LD);  // (q arrived with the first tile)
-        const bf16 *tK = sK + buf * BS * LD, *tV = sV + buf * BS * LD;
+        if (kv0 == kv_first) mma::load_a<DK>(qf, sQ + warp * 16 * LDK, LDK);  // (q arrived with the first tile)
+        const bf16 *tK = sK + buf * BS * LDK, *tV = sV + buf * BS * LDV;
         const AttnBlock vis = attn_block(qw, qw + 16, kv0, kv0 + BS, T_, window, sink);
         if (vis != AttnBlock::NONE) {
             float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv0 + 8n + 2·(lane % 4) + e % 2 (unscaled)
             mma::zero(s);
-            mma::tile_abt<D, BS>(s, qf, tK, LD);
+            mma::tile_abt<DK, BS>(s, qf, tK, LDK);
             if (vis == AttnBlock::SOME)  // masks only where the tile needs them
 #pragma unroll
                 for (int n = 0; n < BS / 8; n++)
@@ -267,11 +267,11 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
                 l[1] += mma::bf16_pair_sum(p[kk][1]) + mma::bf16_pair_sum(p[kk][3]);  // row i0 + 8
             }
 #pragma unroll
-            for (int n = 0; n < D / 8; n++) {
+            for (int n = 0; n < DV / 8; n++) {
                 o[n][0] *= alpha[0], o[n][1] *= alpha[0];
                 o[n][2] *= alpha[1], o[n][3] *= alpha[1];
             }
-            mma::tile_ab<BS, D>(o, p, tV, LD);
+            mma::tile_ab<BS, DV>(o, p, tV, LDV);
         }
         __syncthreads();  // this buffer is refilled next iteration
         kv0 = next;
@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
         const int i = i0 + 8 * r;
         if (i < T_ && lane % 4 == 0) lse[((size_t)b * H + h) * T_ + i] = m[r] * LN2 + logf(l[r]);
     }
-    mma::store_rows<D>(out, o, inv, b, qw, T_, H, h);
+    mma::store_rows<DV>(out, o, inv, b, qw, T_, H, h);
 }
 
 // dk, dv (as attention_backward_dkdv_kernel, without the sink split, and one block per query head): a block owns 64
@@ -297,26 +297,28 @@ __global__ void __launch_bounds__(attn_tc::THREADS, D == 64 ? 2 : 1)  // head di
 // tiles' blocks group × longer than the average (a causal triangle of work), and the launch's tail was theirs
 // (dk, dv 1.22 ms of a 2.6 ms forward + backward at B=4, T=2048, H=16, Hkv=4 under ncu; 0.73 ms a block per
 // head, plus 0.03 ms for the sum). With group > 1 each block
-// writes its head's share, dk_part and dv_part (B, T, H, D), which attention_group_sum_kernel adds up per kv head
+// writes its head's share, dk_part (B, T, H, d_qk) and dv_part (B, T, H, d_v), which attention_group_sum_kernel adds up per kv head
 // in a fixed order (deterministic); with group = 1 it writes dk, dv themselves (heads = H = Hkv).
-// D = 64: 4 blocks an SM (ptxas then spills 20 bytes; 5% faster than the 3 that 163 registers allowed, measured).
-template <int D>
-__global__ void __launch_bounds__(attn_tc::BWD_THREADS, D == 64 ? 4 : 1)
+// Head dims 64: 4 blocks an SM (ptxas then spills 20 bytes; 5% faster than the 3 that 163 registers allowed,
+// measured).
+template <int DK, int DV>
+__global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 4 : 1)
     attention_backward_dkdv_tc_kernel(float* dk_part, float* dv_part, const bf16* dout, const float* lse,
                                       const float* Dr, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
                                       int Hkv, int window, int sink, float scale, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
-    constexpr int LD = ldh<D>(), QH = BS / 2, TILE = 2 * BS * LD + BS * 2 * sizeof(float) / sizeof(bf16);
+    constexpr int LDK = ldh<DK>(), LDV = ldh<DV>(), QH = BS / 2;
+    constexpr int TILE = BS * (LDK + LDV) + BS * 2 * sizeof(float) / sizeof(bf16);
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sK = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LD) this block's keys
-    bf16* sV = sK + BKV * LD;                     // (BKV, LD) and values
-    bf16* sTiles = sV + BKV * LD;                 // two buffers of TILE: q (BS, LD), dout (BS, LD), lse (BS), D (BS)
+    bf16* sK = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LDK) this block's keys
+    bf16* sV = sK + BKV * LDK;                    // (BKV, LDV) and values
+    bf16* sTiles = sV + BKV * LDV;  // two buffers of TILE: q (BS, LDK), dout (BS, LDV), lse (BS), D (BS)
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kv0 = blockIdx.x * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
     const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
-    float dk_acc[D / 8][4], dv_acc[D / 8][4];
+    float dk_acc[DK / 8][4], dv_acc[DV / 8][4];
     mma::zero(dk_acc);
     mma::zero(dv_acc);
 
@@ -326,14 +328,14 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, D == 64 ? 4 : 1)
     const int q_end = (window <= 0 || kv0 < sink || w_end >= T_) ? T_ : (int)w_end;
     auto load_tile = [&](bf16* t, int q0) {  // query rows q0 .. q0 + BS − 1 of head h
         const size_t row0 = ((size_t)b * H + h) * T_ + q0;
-        mma::load_rows_async<D>(t, LD, q, b, q0, BS, T_, H, h);
-        mma::load_rows_async<D>(t + BS * LD, LD, dout, b, q0, BS, T_, H, h);
-        float* stats = reinterpret_cast<float*>(t + 2 * BS * LD);
+        mma::load_rows_async<DK>(t, LDK, q, b, q0, BS, T_, H, h);
+        mma::load_rows_async<DV>(t + BS * LDK, LDV, dout, b, q0, BS, T_, H, h);
+        float* stats = reinterpret_cast<float*>(t + BS * (LDK + LDV));
         mma::load_floats_async(stats, lse + row0, BS, T_ - q0);
         mma::load_floats_async(stats + BS, Dr + row0, BS, T_ - q0);
     };
-    mma::load_rows_async<D>(sK, LD, k, b, kv0, BKV, T_, Hkv, g);
-    mma::load_rows_async<D>(sV, LD, v, b, kv0, BKV, T_, Hkv, g);
+    mma::load_rows_async<DK>(sK, LDK, k, b, kv0, BKV, T_, Hkv, g);
+    mma::load_rows_async<DV>(sV, LDV, v, b, kv0, BKV, T_, Hkv, g);
     load_tile(sTiles, kv0);
     mma::cp_async_commit();
     for (int q0 = kv0, buf = 0; q0 < q_end; q0 += BS, buf ^= 1) {
@@ -341,8 +343,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, D == 64 ? 4 : 1)
         mma::cp_async_commit();
         mma::cp_async_wait<1>();
         __syncthreads();
-        const bf16 *sQ = sTiles + buf * TILE, *sO = sQ + BS * LD;
-        const float* sL = reinterpret_cast<const float*>(sO + BS * LD);  // lse of the tile's rows
+        const bf16 *sQ = sTiles + buf * TILE, *sO = sQ + BS * LDK;
+        const float* sL = reinterpret_cast<const float*>(sO + BS * LDV);  // lse of the tile's rows
         const float* sD = sL + BS;                                         // D of the tile's rows
 #pragma unroll
         for (int qh = 0; qh < BS; qh += QH) {
@@ -355,8 +357,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, D == 64 ? 4 : 1)
             // the warp's keys and values read from shared memory for every product: kept in registers as A
             // fragments (as q in the forward) they cost occupancy (179 registers instead of 137 at D = 64) and the
             // kernel was slower (measured)
-            mma::tile_abt<D, QH>(st, sK + warp * 16 * LD, LD, sQ + qh * LD, LD);
-            mma::tile_abt<D, QH>(dpt, sV + warp * 16 * LD, LD, sO + qh * LD, LD);
+            mma::tile_abt<DK, QH>(st, sK + warp * 16 * LDK, LDK, sQ + qh * LDK, LDK);
+            mma::tile_abt<DV, QH>(dpt, sV + warp * 16 * LDV, LDV, sO + qh * LDV, LDV);
 #pragma unroll
             for (int n = 0; n < QH / 8; n++)
 #pragma unroll
@@ -370,30 +372,28 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, D == 64 ? 4 : 1)
             uint32_t pt[QH / 16][4], dst[QH / 16][4];
             mma::to_a<QH>(pt, st);
             mma::to_a<QH>(dst, dpt);
-            mma::tile_ab<QH, D>(dv_acc, pt, sO + qh * LD, LD);
-            mma::tile_ab<QH, D>(dk_acc, dst, sQ + qh * LD, LD);
+            mma::tile_ab<QH, DV>(dv_acc, pt, sO + qh * LDV, LDV);
+            mma::tile_ab<QH, DK>(dk_acc, dst, sQ + qh * LDK, LDK);
         }
         __syncthreads();  // this buffer is refilled next iteration
     }
     const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
-    mma::store_rows<D>(dv_part, dv_acc, one, b, jw, T_, H, h);
-    mma::store_rows<D>(dk_part, dk_acc, sc, b, jw, T_, H, h);
+    mma::store_rows<DV>(dv_part, dv_acc, one, b, jw, T_, H, h);
+    mma::store_rows<DK>(dk_part, dk_acc, sc, b, jw, T_, H, h);
 }
 
-// dk, dv (B, T, Hkv, d) = the sums of their query heads' shares dk_part, dv_part (B, T, H, d), head by head in
-// order. One thread per output element.
+// g (B, T, Hkv, d) = the sum of its query heads' shares part (B, T, H, d), head by head in order (dk or dv).
+// One thread per output element.
 template <typename Unused = void>
-__global__ void attention_group_sum_kernel(float* dk, float* dv, const float* dk_part, const float* dv_part,
-                                           size_t n, int H, int Hkv, int d) {
+__global__ void attention_group_sum_kernel(float* g, const float* part, size_t n, int H, int Hkv, int d) {
     const int group = H / Hkv;
     for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
         const size_t bt = idx / ((size_t)Hkv * d);
-        const int g = (int)(idx / d % Hkv), e = (int)(idx % d);
-        const size_t first = (bt * H + (size_t)g * group) * d + e;  // head g·group, element e
-        float sk = 0.f, sv = 0.f;
-        for (int r = 0; r < group; r++) sk += dk_part[first + (size_t)r * d], sv += dv_part[first + (size_t)r * d];
-        dk[idx] = sk;
-        dv[idx] = sv;
+        const int kv = (int)(idx / d % Hkv), e = (int)(idx % d);
+        const size_t first = (bt * H + (size_t)kv * group) * d + e;  // head kv·group, element e
+        float sum = 0.f;
+        for (int r = 0; r < group; r++) sum += part[first + (size_t)r * d];
+        g[idx] = sum;
     }
 }
 
@@ -401,19 +401,19 @@ __global__ void attention_group_sum_kernel(float* dk, float* dv, const float* dk
 // half a tile (32 keys) at a time: S = Q Kᵀ and dP = dout Vᵀ in registers,
 // dS = P ⊙ (dP − D) there, then dq += dS K into accumulators that stay in registers. A warp whose rows all precede
 // the half tile skips it. The key/value tiles are double-buffered as in the forward.
-template <int D>
+template <int DK, int DV>
 __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     attention_backward_dq_tc_kernel(float* dq, const bf16* dout, const float* lse, const float* Dr, const bf16* q,
                                     const bf16* k, const bf16* v, int T_, int H, int Hkv, int window, int sink,
                                     float scale, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
-    constexpr int LD = ldh<D>(), KH = BS / 2;
+    constexpr int LDK = ldh<DK>(), LDV = ldh<DV>(), KH = BS / 2;
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LD) this block's queries
-    bf16* sO = sQ + BKV * LD;                     // (BKV, LD) and dout rows
-    bf16* sK = sO + BKV * LD;                     // (2, BS, LD) two buffers of key tiles
-    bf16* sV = sK + 2 * BS * LD;                  // (2, BS, LD) and value tiles
+    bf16* sQ = reinterpret_cast<bf16*>(smem_tc);  // (BKV, LDK) this block's queries
+    bf16* sO = sQ + BKV * LDK;                    // (BKV, LDV) and dout rows
+    bf16* sK = sO + BKV * LDV;                    // (2, BS, LDK) two buffers of key tiles
+    bf16* sV = sK + 2 * BS * LDK;                 // (2, BS, LDV) and value tiles
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BKV, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
@@ -427,32 +427,32 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
         L2[r] = i < T_ ? lse[bhi] * LOG2E : 0.f;
         Di[r] = i < T_ ? Dr[bhi] : 0.f;
     }
-    float dq_acc[D / 8][4];
+    float dq_acc[DK / 8][4];
     mma::zero(dq_acc);
 
     const int kv_end = min(T_, q0 + BKV);
     const int kv_first = visible_kv_tile(0, q0, window, sink);
     int kv0 = kv_first;
-    uint32_t qf[D / 16][4], of[D / 16][4];  // the warp's 16 query and dout rows as A fragments, from the first tile on
-    mma::load_rows_async<D>(sQ, LD, q, b, q0, BKV, T_, H, h);
-    mma::load_rows_async<D>(sO, LD, dout, b, q0, BKV, T_, H, h);
-    mma::load_rows_async<D>(sK, LD, k, b, kv0, BS, T_, Hkv, g);
-    mma::load_rows_async<D>(sV, LD, v, b, kv0, BS, T_, Hkv, g);
+    uint32_t qf[DK / 16][4], of[DV / 16][4];  // the warp's 16 query and dout rows as A fragments, from the first tile on
+    mma::load_rows_async<DK>(sQ, LDK, q, b, q0, BKV, T_, H, h);
+    mma::load_rows_async<DV>(sO, LDV, dout, b, q0, BKV, T_, H, h);
+    mma::load_rows_async<DK>(sK, LDK, k, b, kv0, BS, T_, Hkv, g);
+    mma::load_rows_async<DV>(sV, LDV, v, b, kv0, BS, T_, Hkv, g);
     mma::cp_async_commit();
     for (int buf = 0; kv0 < kv_end; buf ^= 1) {
         const int next = visible_kv_tile(kv0 + BS, q0, window, sink);
         if (next < kv_end) {
-            mma::load_rows_async<D>(sK + (buf ^ 1) * BS * LD, LD, k, b, next, BS, T_, Hkv, g);
-            mma::load_rows_async<D>(sV + (buf ^ 1) * BS * LD, LD, v, b, next, BS, T_, Hkv, g);
+            mma::load_rows_async<DK>(sK + (buf ^ 1) * BS * LDK, LDK, k, b, next, BS, T_, Hkv, g);
+            mma::load_rows_async<DV>(sV + (buf ^ 1) * BS * LDV, LDV, v, b, next, BS, T_, Hkv, g);
         }
         mma::cp_async_commit();
         mma::cp_async_wait<1>();
         __syncthreads();
         if (kv0 == kv_first) {  // (q and dout arrived with the first tile)
-            mma::load_a<D>(qf, sQ + warp * 16 * LD, LD);
-            mma::load_a<D>(of, sO + warp * 16 * LD, LD);
+            mma::load_a<DK>(qf, sQ + warp * 16 * LDK, LDK);
+            mma::load_a<DV>(of, sO + warp * 16 * LDV, LDV);
         }
-        const bf16 *tK = sK + buf * BS * LD, *tV = sV + buf * BS * LD;
+        const bf16 *tK = sK + buf * BS * LDK, *tV = sV + buf * BS * LDV;
 #pragma unroll
         for (int kh = 0; kh < BS; kh += KH) {
             const AttnBlock vis = attn_block(qw, qw + 16, kv0 + kh, kv0 + kh + KH, T_, window, sink);
@@ -461,8 +461,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
             float s[KH / 8][4], dp[KH / 8][4];
             mma::zero(s);
             mma::zero(dp);
-            mma::tile_abt<D, KH>(s, qf, tK + kh * LD, LD);
-            mma::tile_abt<D, KH>(dp, of, tV + kh * LD, LD);
+            mma::tile_abt<DK, KH>(s, qf, tK + kh * LDK, LDK);
+            mma::tile_abt<DV, KH>(dp, of, tV + kh * LDV, LDV);
 #pragma unroll
             for (int n = 0; n < KH / 8; n++)
 #pragma unroll
@@ -474,29 +474,43 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
                 }
             uint32_t ds[KH / 16][4];
             mma::to_a<KH>(ds, dp);
-            mma::tile_ab<KH, D>(dq_acc, ds, tK + kh * LD, LD);
+            mma::tile_ab<KH, DK>(dq_acc, ds, tK + kh * LDK, LDK);
         }
         __syncthreads();  // this buffer is refilled next iteration
         kv0 = next;
     }
     const float sc[2] = {scale, scale};
-    mma::store_rows<D>(dq, dq_acc, sc, b, qw, T_, H, h);
+    mma::store_rows<DK>(dq, dq_acc, sc, b, qw, T_, H, h);
 }
 
-// Whether the tensor-core kernels take this call: bf16 operands in effect (a Bf16Scope), fp32 tensors, and equal
-// head dims of 64 or 128.
+// The head dims the tensor-core kernels are compiled for: (d_qk, d_v) = (64, 64) and (128, 128), the models'
+// attention heads, and (64, 128), the 100m and 350m intra-layer hybrids' heads.
+inline bool attention_tc_dims(int d_qk, int d_v) {
+    return (d_qk == 64 || d_qk == 128) && (d_v == 64 || d_v == 128) && d_qk <= d_v;
+}
+// f(DK, DV) with the compiled head dims as std::integral_constant (attention_tc_dims(d_qk, d_v) holds).
+template <typename F>
+inline void attention_tc_dispatch(int d_qk, int d_v, F f) {
+    if (d_qk == 64 && d_v == 64) f(std::integral_constant<int, 64>{}, std::integral_constant<int, 64>{});
+    else if (d_qk == 64) f(std::integral_constant<int, 64>{}, std::integral_constant<int, 128>{});
+    else f(std::integral_constant<int, 128>{}, std::integral_constant<int, 128>{});
+}
+// Whether the tensor-core kernels take this call: bf16 operands in effect (a Bf16Scope), fp32 tensors, and head dims
+// they are compiled for.
 template <typename T>
 inline bool attention_use_tc(int d_qk, int d_v) {
-    return std::is_same_v<T, float> && current_bf16() != nullptr && d_qk == d_v && (d_qk == 64 || d_qk == 128);
+    return std::is_same_v<T, float> && current_bf16() != nullptr && attention_tc_dims(d_qk, d_v);
 }
 
-// Shared memory of the tensor-core kernels for head dim D: bf16 tiles (the owned rows, and two buffers of the
-// streamed tiles: k and v in the forward and dq; q and dout in dk, dv, with their rows' lse and D, 2·BS floats).
-inline size_t attention_tc_smem_forward(int D) {
-    return sizeof(bf16) * (size_t)(attn_tc::BQ + 4 * attn_tc::BS) * (D + 8);
+// Shared memory of the tensor-core kernels: bf16 tiles (the owned rows, and two buffers of the streamed tiles: k and
+// v in the forward and dq; q and dout in dk, dv, with their rows' lse and D, 2·BS floats a buffer).
+inline size_t attention_tc_smem_forward(int d_qk, int d_v) {
+    using namespace attn_tc;
+    return sizeof(bf16) * ((size_t)(BQ + 2 * BS) * (d_qk + 8) + (size_t)2 * BS * (d_v + 8));
 }
-inline size_t attention_tc_smem_backward(int D) {  // both kernels
-    return sizeof(bf16) * (size_t)(2 * attn_tc::BKV + 4 * attn_tc::BS) * (D + 8) + sizeof(float) * 4 * attn_tc::BS;
+inline size_t attention_tc_smem_backward(int d_qk, int d_v) {  // both kernels
+    using namespace attn_tc;
+    return sizeof(bf16) * (size_t)(BKV + 2 * BS) * (d_qk + 8 + d_v + 8) + sizeof(float) * 4 * BS;
 }
 
 // bf16 values of staging the tensor-core kernels need (Bf16Operands::stage, owned by the caller; 0 where the
@@ -505,10 +519,10 @@ inline size_t attention_tc_smem_backward(int D) {  // both kernels
 // reads it; with GQA (H > Hkv) it also holds the backward's per-query-head dk, dv shares (fp32, two bf16 slots
 // each). Rewritten by every call: one buffer serves all the layers of a model.
 inline size_t attention_tc_stage_size(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
-    if (!(d_qk == d_v && (d_qk == 64 || d_qk == 128))) return 0;
+    if (!attention_tc_dims(d_qk, d_v)) return 0;
     const size_t n = (size_t)B * T_;
     return n * (H + Hkv) * (d_qk + d_v)                        // q, k, v, dout
-           + (H > Hkv ? 2 * n * H * (d_qk + d_v) : 0);          // dk_part, dv_part (B, T, H, d) floats
+           + (H > Hkv ? 2 * n * H * (d_qk + d_v) : 0);          // dk_part, dv_part (B, T, H, d_qk | d_v) floats
 }
 inline bf16* attention_tc_stage(size_t need) {
     const Bf16Operands* ops = current_bf16();
@@ -665,22 +679,22 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
     const dim3 grid(ceil_div(T_, BR), B * H);
     if constexpr (std::is_same_v<T, float>) {
         if (attention_use_tc<T>(d_qk, d_v)) {  // bf16 operands: the tensor-core kernel (the tensor-core section)
-            const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk;
-            bf16* q16 = attention_tc_stage(nq + 2 * nk);  // q, k, v: d_v = d_qk here
+            const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk,
+                         nv = (size_t)B * T_ * Hkv * d_v;
+            bf16* q16 = attention_tc_stage(nq + nk + nv);
             bf16 *k16 = q16 + nq, *v16 = k16 + nk;
             round_bf16(q16, q, nq, stream);
             round_bf16(k16, k, nk, stream);
-            round_bf16(v16, v, nk, stream);
-            const size_t smem_tc = attention_tc_smem_forward(d_qk);
+            round_bf16(v16, v, nv, stream);
+            const size_t smem_tc = attention_tc_smem_forward(d_qk, d_v);
             const dim3 grid_tc(ceil_div(T_, attn_tc::BQ), B * H);
-            auto launch_tc = [&](auto kernel) {
+            attention_tc_dispatch(d_qk, d_v, [&](auto dk_, auto dv_) {
+                auto kernel = attention_forward_tc_kernel<decltype(dk_)::value, decltype(dv_)::value>;
                 allow_smem(kernel, smem_tc);
                 kernel<<<grid_tc, attn_tc::THREADS, smem_tc, stream>>>(out, lse, q16, k16, v16, T_, H, Hkv, window,
                                                                         sink, scale_log2);
                 cudaCheckLast();
-            };
-            if (d_qk == 64) launch_tc(attention_forward_tc_kernel<64>);
-            else launch_tc(attention_forward_tc_kernel<128>);
+            });
             return;
         }
     }
@@ -1071,14 +1085,15 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     float* scratch_D = scratch;
     // under the tensor-core kernels, q, k, v and dout in bf16 (the staging; dout by the D kernel's pass)
     const bool tc = attention_use_tc<T>(d_qk, d_v);
-    const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk;
+    const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk, nv = (size_t)B * T_ * Hkv * d_v,
+                 no = (size_t)B * T_ * H * d_v;
     bf16 *q16 = nullptr, *k16 = nullptr, *v16 = nullptr, *dout16 = nullptr;
     float *dk_part = dk, *dv_part = dv;  // the dk, dv kernel's per-query-head shares (itself when H = Hkv)
     if (tc) {
         q16 = attention_tc_stage(attention_tc_stage_size(B, T_, H, Hkv, d_qk, d_v));
-        k16 = q16 + nq, v16 = k16 + nk, dout16 = v16 + nk;
+        k16 = q16 + nq, v16 = k16 + nk, dout16 = v16 + nv;
         if (H > Hkv) {  // after the bf16 tensors: 16-byte aligned, as every size here is a multiple of 64
-            dk_part = reinterpret_cast<float*>(dout16 + nq);
+            dk_part = reinterpret_cast<float*>(dout16 + no);
             dv_part = dk_part + nq;
         }
     }
@@ -1094,7 +1109,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
         if (tc) {
             round_bf16(q16, q, nq, stream);
             round_bf16(k16, k, nk, stream);
-            round_bf16(v16, v, nk, stream);
+            round_bf16(v16, v, nv, stream);
             tc_dq = true;
             tc_dkdv = split.tiles == 0;
             auto launch_tc = [&](auto kernel, dim3 grid, int threads, size_t smem, auto... args) {
@@ -1103,24 +1118,26 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 cudaCheckLast();
             };
             const dim3 grid_tc(ceil_div(T_, attn_tc::BKV), B * H);  // both kernels: a block per query head
-            const size_t smem_tc = attention_tc_smem_backward(d_qk);
-            const bool d64 = d_qk == 64;
-            if (tc_dkdv) {
-                launch_tc(d64 ? attention_backward_dkdv_tc_kernel<64> : attention_backward_dkdv_tc_kernel<128>,
-                          grid_tc, attn_tc::BWD_THREADS, smem_tc, dk_part, dv_part, (const bf16*)dout16, lse,
-                          (const float*)scratch_D, (const bf16*)q16, (const bf16*)k16, (const bf16*)v16, T_, H, Hkv,
-                          window, sink, scale, scale_log2);
-                if (H > Hkv) {
-                    const size_t n = nk;  // elements of dk (= of dv: d_v = d_qk)
-                    attention_group_sum_kernel<><<<elementwise_grid(n, 256), 256, 0, stream>>>(
-                        dk, dv, dk_part, dv_part, n, H, Hkv, d_qk);
-                    cudaCheckLast();
-                }
+            const size_t smem_tc = attention_tc_smem_backward(d_qk, d_v);
+            const bf16 *cq = q16, *ck = k16, *cv = v16, *cdout = dout16;
+            const float* cD = scratch_D;
+            attention_tc_dispatch(d_qk, d_v, [&](auto dk_, auto dv_) {
+                constexpr int DK = decltype(dk_)::value, DV = decltype(dv_)::value;
+                if (tc_dkdv)
+                    launch_tc(attention_backward_dkdv_tc_kernel<DK, DV>, grid_tc, attn_tc::BWD_THREADS, smem_tc,
+                              dk_part, dv_part, cdout, lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale,
+                              scale_log2);
+                launch_tc(attention_backward_dq_tc_kernel<DK, DV>, grid_tc, attn_tc::BWD_THREADS, smem_tc, dq, cdout,
+                          lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2);
+            });
+            if (tc_dkdv && H > Hkv) {  // each kv head's dk, dv: the sum of its query heads' shares
+                attention_group_sum_kernel<><<<elementwise_grid(nk, 256), 256, 0, stream>>>(dk, dk_part, nk, H, Hkv,
+                                                                                         d_qk);
+                cudaCheckLast();
+                attention_group_sum_kernel<><<<elementwise_grid(nv, 256), 256, 0, stream>>>(dv, dv_part, nv, H, Hkv,
+                                                                                         d_v);
+                cudaCheckLast();
             }
-            launch_tc(d64 ? attention_backward_dq_tc_kernel<64> : attention_backward_dq_tc_kernel<128>, grid_tc,
-                      attn_tc::BWD_THREADS, smem_tc, dq, (const bf16*)dout16, lse, (const float*)scratch_D,
-                      (const bf16*)q16, (const bf16*)k16, (const bf16*)v16, T_, H, Hkv, window, sink, scale,
-                      scale_log2);
         }
     }
     const size_t ldq = padded(d_qk), ldv = padded(d_v);

@@ -341,11 +341,11 @@ TEST_CASE("gpu rope forward/backward match the CPU (positions up to 8192, pos0 o
 
 TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core within bf16 rounding") {
     // q, k, v, dout and the probabilities are rounded to bf16 (8 mantissa bits, relative step 2^-8): the outputs
-    // within 2e-2 of their scale, the gradients within 5e-2, against the fp32 CPU reference. Head dims 64 and 128,
-    // GQA, T not a multiple of the 64-row tile, full causal and a window with sinks (with and without the sink
-    // split that the key kernel leaves to the fp32 kernel; a window without sinks, where the key kernel skips query
-    // tiles past the window in a group of 4 heads), and inputs that are not 16-byte aligned (the kernels read their
-    // bf16 staging, which is: the rounding pass takes the unaligned fp32 tensors).
+    // within 2e-2 of their scale, the gradients within 5e-2, against the fp32 CPU reference. Head dims 64 and 128
+    // (and d_qk 64 with d_v 128 below), GQA, T not a multiple of the 64-row tile, full causal and a window with sinks
+    // (with and without the sink split that the key kernel leaves to the fp32 kernel; a window without sinks, where
+    // the key kernel skips query tiles past the window in a group of 4 heads), and inputs that are not 16-byte
+    // aligned (the kernels read their bf16 staging, which is: the rounding pass takes the unaligned fp32 tensors).
     uint64_t seed = 900;
     struct C { int T, Hkv, d, W, S, offset; };
     for (C c : {C{1, 2, 64, 0, 0, 0}, C{65, 2, 64, 0, 0, 0}, C{200, 1, 64, 0, 0, 0}, C{130, 4, 128, 0, 0, 0},
@@ -362,6 +362,19 @@ TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core wi
         CHECK(e.dk <= 5e-2);
         CHECK(e.dv <= 5e-2);
         if (c.T > 1) CHECK(e.out > 1e-5);  // the bf16 kernels ran: fp32 ones are within 1e-6
+    }
+    // d_qk = 64, d_v = 128 (the 100m and 350m intra-layer hybrids' heads): full, a window with sinks, a long window
+    // without, GQA groups of 2 and 4
+    for (C c : {C{200, 2, 64, 0, 0, 0}, C{300, 2, 64, 16, 4, 0}, C{1100, 1, 64, 100, 0, 0}}) {
+        CAPTURE(c.T);
+        CAPTURE(c.W);
+        const AttnErrors e = run_attention(2, c.T, 4, c.Hkv, 64, 128, seed++, c.W, c.S, true);
+        CHECK(e.out <= 2e-2);
+        CHECK(e.lse <= 2e-2);
+        CHECK(e.dq <= 5e-2);
+        CHECK(e.dk <= 5e-2);
+        CHECK(e.dv <= 5e-2);
+        CHECK(e.out > 1e-5);
     }
     // without room for the bf16 copies of q, k, v (and dout), a one-line error, not a write past the buffer
     const int B = 1, T = 70, H = 2, d = 64;
