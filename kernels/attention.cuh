@@ -8,7 +8,7 @@
 // s < S (hl::attn_visible, the same function on the device). Two sets of kernels:
 //   fp32 : plain FMA tiles in shared memory, any head dims below (the element type T of q, k, v, out and their
 //          gradients is a template parameter, every value is converted to float on load);
-//   bf16 operands (train_gpu --precision bf16, d_qk = d_v ∈ {64, 128}): tensor-core kernels in
+//   bf16 operands (train_gpu --precision bf16, (d_qk, d_v) ∈ {(64, 64), (128, 128), (64, 128)}): tensor-core kernels in
 //          FlashAttention-2's register-resident form, fp32 softmax and accumulation (the tensor-core section).
 //
 // Supported head dims (HL_CHECKed): 1 ≤ d_qk ≤ 128, 1 ≤ d_v ≤ 256 — every paper config (largest: the 3b
@@ -137,7 +137,8 @@ __device__ inline float row_max16(float x) {
 // Tensor-core versions of the three tile kernels (bf16 operands, fp32 accumulation and softmax)
 // ---------------------------------------------------------------------------------------------------------
 // Used in place of the kernels above while a Bf16Scope is open (train_gpu --precision bf16: kernels/matmul.cuh)
-// and d_qk = d_v = D ∈ {64, 128}; the backward's key kernel only without a sink split. The same loops over the
+// and head dims they are compiled for (attention_tc_dims); the backward's key kernel only without a sink split, and
+// with one block per query head (see attention_backward_dkdv_tc_kernel). The same loops over the
 // same 64-key tiles (visible_kv_tile) and the same lse, but each warp owns 16 rows of the block's (128 queries in
 // the forward, 64 in dq, 64 keys in dk, dv), every tile product runs on the tensor cores (mma.sync m16n8k16 through
 // kernels/mma.cuh), and FlashAttention-2's register-resident form: a warp's scores come out of the product in
@@ -150,8 +151,8 @@ __device__ inline float row_max16(float x) {
 // the next tile's copies fly while the current one is multiplied (in session 5's version each block rounded the
 // fp32 tiles itself, synchronously: 0.93 ms forward, 4.38 ms forward + backward at B=8, T=2048, H=16, Hkv=4, d=64
 // on an H200). P and dS are rounded to bf16 before they multiply v, q or k. Scores, the online softmax, lse and
-// every accumulation stay fp32. (The first tensor-core version, on nvcuda::wmma with its opaque fragments, passed every score through
-// shared memory; it is v4 of dev/cuda/attention.cu.)
+// every accumulation stay fp32. (The first tensor-core version, on nvcuda::wmma with its opaque fragments, passed
+// every score through shared memory; it is v4 of dev/cuda/attention.cu.)
 namespace attn_tc {
 // Rows a block owns, 16 a warp: 128 queries in the forward (8 warps), 64 queries (dq) or 64 keys (dk, dv) in the
 // backward (4 warps: 128 rows were slower there, measured); and the tile streamed past them, 64 keys (forward, dq)
@@ -1203,7 +1204,6 @@ struct GpuAttnActs {
     T* dk = nullptr;         // (B, T, Hkv, d_qk)
     T* dv = nullptr;         // (B, T, Hkv, d_v)
     T* dy = nullptr;         // (B, T, H·d_v)     gradient of y (mixer backward only)
-    T* dinp_part = nullptr;  // (B, T, D)         one projection's share of dinp, before it is added in
     float* D = nullptr;      // attention_backward's scratch: rowsum(dy ⊙ y) (B, H, T), then the sink split's
                              // partial sums (attention_backward_scratch_size)
 };
@@ -1225,7 +1225,6 @@ inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, in
     s.dk = a.take("dk", {B, T_, Hkv, c.d_qk});
     s.dv = a.take("dv", {B, T_, Hkv, c.d_v});
     s.dy = a.take("dy", {B, T_, H * c.d_v});
-    s.dinp_part = a.take("dinp_part", {B, T_, D});
     s.D = a.take("D", {(int)attention_backward_scratch_size(B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink)});
     return s;
 }
@@ -1250,7 +1249,7 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
 // dy (B, T, H·d_v): gradient of acts.y. dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another
 // consumer (value sharing in the intra-layer hybrid), added before the Wv backward.
 // dinp (B, T, D) is written; dp.* accumulate (a null dp field skips that gradient).
-// Uses acts.dq, dk, dv, D and dinp_part as scratch.
+// Uses acts.dq, dk, dv and D as scratch.
 template <typename T>
 void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_extra, GpuAttnActs<T>& acts,
                           const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B, int T_,
@@ -1263,14 +1262,11 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     // undo the rotations: now dq, dk are gradients of the projections' outputs
     gpu::rope_backward(acts.dq, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
     gpu::rope_backward(acts.dk, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
-    // inp feeds three projections: the first input gradient goes straight into dinp, the other two pass
-    // through dinp_part and are added (the CPU's order, so the sums round alike)
-    const size_t nx = (size_t)N * D;
+    // inp feeds three projections: the first input gradient goes straight into dinp, the other two are added to
+    // it by their GEMMs (beta = 1: the CPU's order of the sum, without its dinp_part pass)
     gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, acts.dq, inp, p.wq, N, D, H * c.d_qk, stream);
-    gpu::matmul_backward(acts.dinp_part, dp.wk, (T*)nullptr, acts.dk, inp, p.wk, N, D, Hkv * c.d_qk, stream);
-    gpu::accumulate(dinp, acts.dinp_part, nx, stream);
-    gpu::matmul_backward(acts.dinp_part, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream);
-    gpu::accumulate(dinp, acts.dinp_part, nx, stream);
+    gpu::matmul_backward(dinp, dp.wk, (T*)nullptr, acts.dk, inp, p.wk, N, D, Hkv * c.d_qk, stream, true);
+    gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true);
 }
 
 // Full mixer: out (B, T, D) = Wo · branch(inp).

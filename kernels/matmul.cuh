@@ -187,10 +187,12 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N,
     }
 }
 
-// dinp (N, C) is written; dweight (OC, C) and dbias (OC) accumulate (+=). Any of the three may be null.
+// dinp (N, C) is written (added to with accumulate_dinp: the GEMM's beta = 1, so that a tensor feeding several
+// projections sums its input gradients without a scratch buffer and an add pass); dweight (OC, C) and dbias (OC)
+// accumulate (+=). Any of the three may be null.
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight, int N, int C,
-                     int OC, cudaStream_t stream = 0) {
+                     int OC, cudaStream_t stream = 0, bool accumulate_dinp = false) {
     HL_CHECK(N >= 0 && C > 0 && OC > 0, "matmul: bad sizes N=", N, " C=", C, " OC=", OC);
     if (N == 0) return;
     const cudaDataType_t ty = CublasType<T>::value;
@@ -204,7 +206,8 @@ void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
         if (dweight) X = ops->round(ops->a16, reinterpret_cast<const float*>(inp), size_t(N) * C, stream);
     }
     // dinp (N, C) = dout (N, OC) · W (OC, C);  column-major: dinpᵀ (C, N) = Wᵀ (C, OC) · doutᵀ (OC, N)
-    if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, W, C, dY, OC, ab, 0.0f, dinp, ty, C, stream);
+    if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, W, C, dY, OC, ab, accumulate_dinp ? 1.0f : 0.0f, dinp, ty, C,
+                   stream);
     // dW (OC, C) += doutᵀ (OC, N) · inp (N, C);  column-major: dWᵀ (C, OC) += inpᵀ (C, N) · dout (N, OC),
     // where dout (N, OC) is the transpose of the stored column-major doutᵀ (OC, N): op T. beta = 1: +=.
     if (dweight) gemm(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, X, C, dY, OC, ab, 1.0f, dweight, ty, C, stream);

@@ -29,13 +29,6 @@ __global__ void swiglu_gate_backward_kernel(T* dh1, T* dh3, const T* dh, const T
     }
 }
 
-// a (n) += b (n), grid-stride: the sum of the W1 and W3 paths of dinp.
-template <typename T>
-__global__ void swiglu_add_kernel(T* a, const T* b, size_t total) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
-        a[i] = T(float(a[i]) + float(b[i]));
-}
-
 // out (N, D) = W2 · (SiLU(W1·inp) ⊙ W3·inp); acts.h1, acts.h3, acts.h are written (saved for the backward).
 template <typename T>
 void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParams<T>& p, const SwiGLUConfig& cfg,
@@ -52,8 +45,8 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
     matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream);  // (N, D)
 }
 
-// dinp (N, D) is written; dp.w1, dp.w3, dp.w2 accumulate (+=). acts.dh, dh1, dh3, scratch_dinp are
-// workspace. With h = SiLU(h1) ⊙ h3:
+// dinp (N, D) is written; dp.w1, dp.w3, dp.w2 accumulate (+=). acts.dh, dh1, dh3 are workspace (not
+// scratch_dinp, which the CPU needs: here the W3 path's GEMM adds into dinp itself, beta = 1). With h = SiLU(h1) ⊙ h3:
 //   dh  = dout · W2                      dW2 += doutᵀ · h
 //   dh1 = dh ⊙ h3 ⊙ SiLU'(h1)            dh3 = dh ⊙ SiLU(h1)
 //   dinp = dh1 · W1 + dh3 · W3           dW1 += dh1ᵀ · inp,  dW3 += dh3ᵀ · inp
@@ -69,11 +62,8 @@ void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>&
     swiglu_gate_backward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3,
                                                                      NF);
     cudaCheckLast();
-    matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream);               // W1 path
-    matmul_backward(acts.scratch_dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream);  // W3 path
-    const size_t ND = (size_t)N * D;
-    swiglu_add_kernel<<<elementwise_grid(ND, 256), 256, 0, stream>>>(dinp, acts.scratch_dinp, ND);  // both read inp
-    cudaCheckLast();
+    matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream);        // W1 path
+    matmul_backward(dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream, true);  // W3 path, added
 }
 
 }  // namespace hl::gpu
