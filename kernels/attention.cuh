@@ -1214,7 +1214,7 @@ struct GpuAttnActs {
 inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, int B, int T_) {
     attn_config_check(c);
     HL_CHECK(B > 0 && T_ > 0, "attention activations (gpu): bad sizes B=", B, " T=", T_);
-    const int D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
+    const int H = c.n_heads, Hkv = c.n_kv_heads;
     GpuAttnActs<float> s;
     s.q = a.take("q", {B, T_, H, c.d_qk});
     s.k = a.take("k", {B, T_, Hkv, c.d_qk});
