@@ -1,6 +1,6 @@
 // mma.cuh — warp-level bf16 tensor-core products on register fragments: the PTX instructions mma.sync
-// (m16n8k16, bf16 in, fp32 accumulate) and ldmatrix, and the three tile products the tensor-core attention
-// (kernels/attention.cuh) is written with. Unlike nvcuda::wmma, whose fragment layout is opaque, the layouts
+// (m16n8k16, bf16 in, fp32 accumulate) and ldmatrix, the tile products the tensor-core attention
+// (kernels/attention.cuh) is written with, and the cp.async copies that stream its tiles into shared memory. Unlike nvcuda::wmma, whose fragment layout is opaque, the layouts
 // here are the documented ones, so a kernel can work on its accumulators in registers (a softmax row by row)
 // and turn them into the next product's operand without a round trip through shared memory.
 //
@@ -135,7 +135,7 @@ __device__ inline void to_a(uint32_t (&p)[K / 16][4], const float (&acc)[K / 8][
 // Asynchronous copies (cp.async, sm_80+): global → shared without passing through registers, so a block can issue
 // the next tile's loads and compute on the current one while they fly. A thread's copies since its last commit
 // form a group; wait<n> blocks until at most n of its groups are still in flight (then __syncthreads makes every
-// thread's copies visible to the block). `bytes` < size fills the rest with zeros (0: a zero row past T).
+// thread's copies visible to the block). valid = false reads nothing and writes zeros (a row past T).
 __device__ inline void cp_async16(void* dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
                  "r"(valid ? 16 : 0));
