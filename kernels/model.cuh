@@ -14,8 +14,9 @@
 // eval_loss, generate — with the same arguments and results, so train.cu and the tests share them.
 // Precision: fp32 throughout by default. set_precision(Precision::bf16) makes every matmul take bf16 operands on
 // the tensor cores (kernels/matmul.cuh's Bf16Operands: a bf16 copy of the parameters, rounded at the start of each
-// forward, and scratch for the activation operand), fp32 accumulation; activations, gradients, the fp32 master
-// weights, AdamW and every other kernel stay fp32.
+// forward, and scratch for the activation operand), fp32 accumulation, and attention with head dims the
+// tensor-core kernels are compiled for take them (their bf16 staging is Bf16Operands::stage, one buffer for all
+// layers); activations, gradients, the fp32 master weights, AdamW and every other kernel stay fp32.
 #pragma once
 #include <algorithm>              // std::min, std::copy
 #include <cstdint>                // uint64_t
