@@ -62,6 +62,11 @@ constexpr int TX = 16;        // threads along a tile's columns (NT / TX = 16 th
 constexpr int PAD = 4;        // shared-memory row padding (keeps rows 16-byte aligned, spreads banks)
 constexpr int MAX_FEAT = 128; // largest P and N: one block tile spans all of them
 constexpr int PASS_ELEMS = 4; // state elements per thread in the state-passing kernels
+// Blocks an SM must hold of each block-GEMM kernel: __launch_bounds__(NT, GEMM_MIN_BLOCKS) caps them at 128
+// registers. Left alone, ptxas gave them 135–249, one block (8 warps) an SM, and they stalled on memory latency
+// with nothing else to run; at 2 they spill 4–480 bytes and the scan is 25% faster (100m layer, Q = 64, H200:
+// fwd+bwd 8.89 → 6.63 ms). 3 (80 registers) spills up to 1.5 KB and is slower again.
+constexpr int GEMM_MIN_BLOCKS = 2;
 static_assert(NT >= SSD_MAX_CHUNK, "the chunk cumsum gives each step of a chunk its own thread");
 static_assert(NT == TX * (BM / TM), "thread layout of a block tile");
 
@@ -301,8 +306,8 @@ __device__ __forceinline__ void zero_acc(float (&acc)[TM][BN / TX]) {
 // columns (BN ≥ N), K = the chunk's steps. A GEMM with M = P, N = N, K = len — shaped so, because the
 // output is tiny (P·N) and the K dimension is the chunk.
 template <typename T, typename S, int BN, bool BWD>
-__global__ void __launch_bounds__(NT) ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A,
-                                                             const T* V, Dims d) {
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A, const T* V, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), p0 = blockIdx.x * BM;
     // where this chunk's result goes (a whole block leaves at once, before any barrier)
@@ -400,9 +405,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
 // weighted there by exp(cum_i − cum_j)·dt_j, and multiplies the j tile of x (K = 64). Blocks are per
 // head, so C·Bᵀ is recomputed by each head of a group (a later version can share it).
 template <typename T, int BF>
-__global__ void __launch_bounds__(NT) ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt,
-                                                              const T* A, const T* Bm, const T* Cm, const T* D,
-                                                              Dims d) {
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+                        const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
     if (i0 >= len) return;  // a short last chunk has fewer tiles
@@ -521,9 +526,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
 // Grid (ceil(min(Q, T)/64), nchunks, B·H); the mirror of chunk_output with the causal loop over the
 // i tiles at or after j (B·Cᵀ tile in ms, masked and weighted, times the i tile of dy).
 template <typename T, int BF>
-__global__ void __launch_bounds__(NT) ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const T* dy,
-                                                        const float* slots, const T* x, const T* dt, const T* A,
-                                                        const T* Bm, const T* Cm, const T* D, Dims d) {
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const T* dy, const float* slots, const T* x, const T* dt, const T* A,
+                  const T* Bm, const T* Cm, const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
     if (j0 >= len) return;
@@ -623,9 +628,9 @@ inline int ssd_heads_per_slice(int hpg) {
 // causal i tiles: the (x·dyᵀ) tile (K = P) in ms, masked and weighted, times the i tile of C (K = 64).
 // Writes dBm (one slice per group) or the slice's partial sum part[slice] (B, T, G, N).
 template <typename T, int BF>
-__global__ void __launch_bounds__(NT) ssd_bwd_dB_kernel(T* dBm, float* part, const T* dy, const float* slots,
-                                                        const T* x, const T* dt, const T* A, const T* Cm, Dims d,
-                                                        int heads_per_slice) {
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_bwd_dB_kernel(T* dBm, float* part, const T* dy, const float* slots, const T* x, const T* dt, const T* A,
+                  const T* Cm, Dims d, int heads_per_slice) {
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
     const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
@@ -696,9 +701,9 @@ __global__ void __launch_bounds__(NT) ssd_bwd_dB_kernel(T* dBm, float* part, con
 // nchunks, B·G·nslices). Per head the gradient is built in its own registers (for the dot), then
 // added to the slice total. Mirrors chunk_output with dy in place of C and the (dy·xᵀ) tile in ms.
 template <typename T, int BF>
-__global__ void __launch_bounds__(NT) ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const T* dy,
-                                                        const T* chunk_states, const T* x, const T* dt, const T* A,
-                                                        const T* Bm, const T* Cm, Dims d, int heads_per_slice) {
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const T* dy, const T* chunk_states, const T* x, const T* dt,
+                  const T* A, const T* Bm, const T* Cm, Dims d, int heads_per_slice) {
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
