@@ -52,15 +52,15 @@ namespace {
 gpu::DistFlags dist_flags;          // --nccl-init, --rank, --world (set by the parser, read by train_main)
 gpu::DataParallelFlags dp_flags;    // --bucket-mb, --zero1
 std::string precision = "fp32";     // --precision
-bool ssd_tc = false;                // --ssd-tensor-cores
+bool ssd_tc_off = false;            // --no-ssd-tensor-cores
 
 // the flags train_cpu does not have: precision and several GPUs
 void add_gpu_flags(CLI::App& app) {
     app.add_option("--precision", precision, "fp32, or bf16: every matmul on bf16 operands (tensor cores, fp32 "
                                              "accumulation); activations, master weights and AdamW stay fp32")
         ->check(CLI::IsMember({"fp32", "bf16"}));
-    app.add_flag("--ssd-tensor-cores", ssd_tc, "with --precision bf16: the SSD scan's block products on the tensor "
-                                               "cores too (off by default: kernels/ssd.cuh says why)");
+    app.add_flag("--no-ssd-tensor-cores", ssd_tc_off, "with --precision bf16: keep the SSD scan's block products in "
+                                                      "fp32 (by default they run on the tensor cores too)");
     app.add_option("--nccl-init", dist_flags.nccl_init, "several GPUs: fs:PATH, a file every rank sees, through "
                                                         "which the ranks meet (empty = one GPU)")
         ->group("Multi-GPU");
@@ -185,7 +185,8 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     model.upload(host);
     model.upload_moments(m, v);  // (ZeRO-1: this rank's shard of them)
     model.set_precision(precision == "bf16" ? gpu::Precision::bf16 : gpu::Precision::fp32);
-    HL_CHECK(!ssd_tc || precision == "bf16", "--ssd-tensor-cores needs --precision bf16");
+    HL_CHECK(!ssd_tc_off || precision == "bf16", "--no-ssd-tensor-cores needs --precision bf16");
+    const bool ssd_tc = precision == "bf16" && !ssd_tc_off;
     gpu::ssd_detail::ssd_tensor_cores() = ssd_tc;
     dist.broadcast(model.params.ptr, model.params.n, model.stream);  // every rank starts from the lead's state
     if (!model.sharded()) {
@@ -197,7 +198,7 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     GpuBackend be{r, t, dist, dp, loader, model, host, out + "/model.safetensors", prompt,
                   train_metadata(t, r.mf, data_path), std::vector<int>(size_t(r.B) * r.T),
                   std::vector<int>(size_t(r.B) * r.T)};
-    be.extra["precision"] = precision + (ssd_tc ? " (ssd tensor cores)" : "");
+    be.extra["precision"] = precision + (ssd_tc_off ? " (ssd fp32)" : "");
     const int rc = run_training(be, r, state, end, loader, t, data_path, out, resume, double(model.num_params()),
                                 dist.lead());
     if (dist.lead()) {  // what the run held on the device (our buffers are plain cudaMallocs: no caching allocator)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # kernels.sh OUT — the per-kernel table of issue 9, on the device machine (build/dev/* built, .whl/ carried):
-# our attention (fp32 and bf16-operand tensor-core kernels) and SSD (fp32, and the opt-in tensor cores) against
+# our attention (fp32 and bf16-operand tensor-core kernels) and SSD (fp32, and bf16 on the tensor cores) against
 # PyTorch's flash SDPA and mamba_ssm's Triton SSD on the same shapes over T, in one run. Each side prints `csv,`
 # lines (dev/cuda/attention.cu's last section, dev/cuda/ssd.cu's timing, dev/bench_kernels.py); this joins them
 # into OUT/attention.csv, OUT/ssd.csv and a table with PyTorch's fwd+bwd time over ours. Logs in OUT/.
-# Environment: PYTHON (python3), SSD_TS (2048 4096 8192).
+# Environment: PYTHON (python3), SSD_TS (2048 4096 8192: the T of the 350m rows).
 set -u
 [ $# -eq 1 ] || { echo "usage: bash bench/kernels.sh OUT" >&2; exit 1; }
 out=$1
@@ -18,10 +18,16 @@ done
 
 echo "== $(date -u '+%F %T') UTC, $(command -v nvidia-smi >/dev/null && nvidia-smi -L | head -n 1 || echo 'no nvidia-smi')"
 build/dev/attention >"$out/attention.log" 2>&1 || echo "(build/dev/attention failed: see $out/attention.log)"
-for T in $SSD_TS; do
-    for v in 2 3; do  # the shipped fp32 kernels, and the same with tensor cores (train_gpu --ssd-tensor-cores)
-        build/dev/ssd $v $((8192 / T)) "$T" 24 128 128 1 256 >"$out/ssd-$T-v$v.log" 2>&1 \
-            || echo "(build/dev/ssd $v at T=$T failed: see $out/ssd-$T-v$v.log)"
+# the 350m layer (Q = 256) over T, and the 100m one as the presets train it (Q = 64), B = 8, T = 2048
+ssd_shapes=()
+for T in $SSD_TS; do ssd_shapes+=("$((8192 / T)) $T 24 128 128 1 256"); done
+ssd_shapes+=("8 2048 16 128 128 1 64")
+for shape in "${ssd_shapes[@]}"; do
+    tag=$(echo "$shape" | tr ' ' '-')
+    for v in 2 3; do  # the shipped fp32 kernels, and the same with tensor cores (train_gpu under bf16)
+        # shellcheck disable=SC2086  # the shape is seven numbers, split on purpose
+        build/dev/ssd $v $shape >"$out/ssd-$tag-v$v.log" 2>&1 \
+            || echo "(build/dev/ssd $v at $shape failed: see $out/ssd-$tag-v$v.log)"
     done
 done
 PYTHONPATH=$PWD/.whl/py${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" dev/bench_kernels.py >"$out/torch.log" 2>&1 \

@@ -11,8 +11,8 @@
 # token (DESIGN.md's formula, as the trainer prints it) / PEAK_TFLOPS (default 989, the H100/H200 dense bf16 peak,
 # for both sides, whatever precision they run in).
 # Environment (defaults): ARCHS (transformer mamba2 inter intra), PRESETS (100m 350m), SEQ_LENS (2048 8192),
-# TOKENS (16384), STEPS (12), WARM (3), PRECISIONS (fp32 bf16: train_gpu --precision; bf16-ssdtc: bf16 with
-# --ssd-tensor-cores), TORCH (1: also the PyTorch
+# TOKENS (16384), STEPS (12), WARM (3), PRECISIONS (fp32 bf16: train_gpu --precision; bf16-ssdfp32: bf16 with
+# --no-ssd-tensor-cores), TORCH (1: also the PyTorch
 # baseline; MODES, DTYPE… as dev/bench_torch.sh),
 # TRAINER (build/train_gpu), PEAK_TFLOPS (989). A run that fails is a "failed" row; the script goes on.
 set -uo pipefail
@@ -41,7 +41,7 @@ for preset in $PRESETS; do
           for prec in $PRECISIONS; do
             run=$out/runs/$preset-$T-$arch-$prec log=$out/logs/hybridlm-$preset-$T-$arch-$prec.txt
             pflags=(--precision "$prec")
-            [ "$prec" = bf16-ssdtc ] && pflags=(--precision bf16 --ssd-tensor-cores)
+            [ "$prec" = bf16-ssdfp32 ] && pflags=(--precision bf16 --no-ssd-tensor-cores)
             "$TRAINER" --preset "$preset" --arch "$arch" --batch "$B" --seq-len "$T" --steps "$STEPS" --warmup 2 \
                 --log-every 1 --eval-every 0 --eval-batches 1 --ckpt-every 0 --sample-len 1 "${pflags[@]}" \
                 --out "$run" >"$log" 2>&1

@@ -7,7 +7,8 @@ Times, with CUDA events (3 warm-ups, median of 11), on the shapes the playground
              k, v heads expanded once outside the timed region (then SDPA does less work than a GQA kernel: no sum
              of dk, dv over the group). B·T = 16384, H = 16, Hkv = 4, hd = 64 (the 100m/350m head dim).
   ssd        mamba_ssm's Triton mamba_chunk_scan_combined (from the mamba-ssm sdist, .whl/py), bf16 x, dt, B, C and
-             fp32 A, on the 350m Mamba layer (H = 24, P = 128, N = 128, G = 1, Q = 256), B·T = 8192.
+             fp32 A, on the 350m Mamba layer (H = 24, P = 128, N = 128, G = 1, Q = 256), B·T = 8192, and on the
+             100m one as training runs it (H = 16, Q = 64: the presets' chunk), B = 8, T = 2048.
 fwd+bwd is one forward and one backward of a random output gradient. FLOPs as the playgrounds count them
 (attention: 4·B·H·T²·hd/2 forward, 2.5× that backward; SSD: the paper's 3·B·T·(9·d_ssm·N + 2·d_ssm), a third of it
 forward), so the TFLOP/s columns compare directly.
@@ -75,10 +76,10 @@ def bench_attention():
 def bench_ssd():
     import torch
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    H, P, N, G, Q = 24, 128, 128, 1, 256
+    P, N, G = 128, 128, 1
     print(SSD_COLS)
-    for T in (2048, 4096, 8192):
-        B = 8192 // T
+    shapes = [(8192 // T, T, 24, 256) for T in (2048, 4096, 8192)] + [(8, 2048, 16, 64)]  # (B, T, H, Q)
+    for B, T, H, Q in shapes:
         g = torch.Generator(device="cuda").manual_seed(T)
         x = torch.randn(B, T, H, P, device="cuda", generator=g).bfloat16().requires_grad_()
         dt = (torch.rand(B, T, H, device="cuda", generator=g) * 0.1 + 0.001).bfloat16().requires_grad_()
@@ -106,22 +107,29 @@ def join(files):
             if line.startswith("csv,") and not line.startswith("csv,kernel"):
                 f = line.strip().split(",")[1:]
                 rows.setdefault(f[0], []).append(f)
-    for kernel, rs in rows.items():
+    for kernel, all_rows in rows.items():
         cols = (ATTN_COLS if kernel == "attention" else SSD_COLS).split(",")[1:]
         ti, fi, fbi = cols.index("T"), cols.index("fwd_ms"), cols.index("fwd_bwd_ms")
-        shape = ", ".join(f"{c}={v}" for c, v in zip(cols[4:fi], rs[0][4:fi]))
-        print(f"\n{kernel} ({shape}; B·T fixed)")
-        print(f"  {'impl':44s} {'B':>2s} {'T':>5s} {'fwd ms':>9s} {'f+b ms':>9s} {'fwd TF/s':>9s} {'f+b TF/s':>9s}"
-              f" {'torch f+b / ours':>17s}")
-        for T in sorted({int(r[ti]) for r in rs}):
-            at_t = [r for r in rs if int(r[ti]) == T]
-            base = [r for r in at_t if not r[1].startswith("hybridlm")]
-            for r in at_t:
-                ratio = ""
-                if r[1].startswith("hybridlm") and base:
-                    ratio = f"{float(base[0][fbi]) / float(r[fbi]):.2f}x"
-                print(f"  {r[1]:44s} {r[2]:>2s} {r[ti]:>5s} {float(r[fi]):9.3f} {float(r[fbi]):9.3f} "
-                      f"{float(r[-2]):9.1f} {float(r[-1]):9.1f} {ratio:>17s}")
+        for shape_key in sorted({tuple(r[4:fi]) for r in all_rows}):  # one table per shape (all but B and T)
+            rs = [r for r in all_rows if tuple(r[4:fi]) == shape_key]
+            shape = ", ".join(f"{c}={v}" for c, v in zip(cols[4:fi], shape_key))
+            print(f"\n{kernel} ({shape})")
+            print(f"  {'impl':44s} {'B':>2s} {'T':>5s} {'fwd ms':>9s} {'f+b ms':>9s} {'fwd TF/s':>9s} {'f+b TF/s':>9s}"
+                  f" {'torch f+b / ours':>17s}")
+            join_rows(rs, ti, fi, fbi)
+
+
+def join_rows(rs, ti, fi, fbi):
+    """The rows of one shape, by T, each hybridlm row with PyTorch's fwd+bwd time over its own."""
+    for T in sorted({int(r[ti]) for r in rs}):
+        at_t = [r for r in rs if int(r[ti]) == T]
+        base = [r for r in at_t if not r[1].startswith("hybridlm")]
+        for r in at_t:
+            ratio = ""
+            if r[1].startswith("hybridlm") and base:
+                ratio = f"{float(base[0][fbi]) / float(r[fbi]):.2f}x"
+            print(f"  {r[1]:44s} {r[2]:>2s} {r[ti]:>5s} {float(r[fi]):9.3f} {float(r[fbi]):9.3f} "
+                  f"{float(r[-2]):9.1f} {float(r[-1]):9.1f} {ratio:>17s}")
 
 
 def main():

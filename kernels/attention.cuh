@@ -32,7 +32,7 @@
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
 #include "kernels/mma.cuh"      // mma::tile_abt, tile_ab, to_a, load_rows_async: the tensor-core kernels
-#include "kernels/matmul.cuh"   // matmul_forward/backward: the mixer's projections (section 2 below); bf16,
+#include "kernels/matmul.cuh"   // matmul_forward/backward, bf16_operand: the mixer's projections (section 2); bf16,
                                 //   current_bf16, round_bf16: whether the tensor-core kernels run, and their
                                 //   staging (the tensor-core section above)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
@@ -1236,9 +1236,10 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
                          int T_, cudaStream_t stream = 0) {
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
-    gpu::matmul_forward(acts.q, inp, p.wq, (const T*)nullptr, N, D, H * c.d_qk, stream);
-    gpu::matmul_forward(acts.k, inp, p.wk, (const T*)nullptr, N, D, Hkv * c.d_qk, stream);
-    gpu::matmul_forward(acts.v, inp, p.wv, (const T*)nullptr, N, D, Hkv * c.d_v, stream);
+    const bf16* inp16 = gpu::bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for all three)
+    gpu::matmul_forward(acts.q, inp, p.wq, (const T*)nullptr, N, D, H * c.d_qk, stream, inp16);
+    gpu::matmul_forward(acts.k, inp, p.wk, (const T*)nullptr, N, D, Hkv * c.d_qk, stream, inp16);
+    gpu::matmul_forward(acts.v, inp, p.wv, (const T*)nullptr, N, D, Hkv * c.d_v, stream, inp16);
     // positions enter only through q and k: rotated in place, the rotated versions are what is saved
     gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
     gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
@@ -1264,9 +1265,10 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     gpu::rope_backward(acts.dk, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
     // inp feeds three projections: the first input gradient goes straight into dinp, the other two are added to
     // it by their GEMMs (beta = 1: the CPU's order of the sum, without its dinp_part pass)
-    gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, acts.dq, inp, p.wq, N, D, H * c.d_qk, stream);
-    gpu::matmul_backward(dinp, dp.wk, (T*)nullptr, acts.dk, inp, p.wk, N, D, Hkv * c.d_qk, stream, true);
-    gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true);
+    const bf16* inp16 = gpu::bf16_operand(inp, size_t(N) * D, stream);
+    gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, acts.dq, inp, p.wq, N, D, H * c.d_qk, stream, false, inp16);
+    gpu::matmul_backward(dinp, dp.wk, (T*)nullptr, acts.dk, inp, p.wk, N, D, Hkv * c.d_qk, stream, true, inp16);
+    gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true, inp16);
 }
 
 // Full mixer: out (B, T, D) = Wo · branch(inp).

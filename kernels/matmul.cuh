@@ -133,6 +133,16 @@ struct Bf16Scope {
     Bf16Scope& operator=(const Bf16Scope&) = delete;
 };
 
+// The bf16 operand of an activation x (count elements), rounded into the scratch a16; null (nothing done) when no
+// Bf16Scope is open. For one input that feeds several projections (q, k, v; SwiGLU's W1 and W3), pass it to each of
+// their matmul calls as inp16: the input is then rounded once, not once a projection. Valid until the next call
+// that rounds into a16 (a matmul given no inp16).
+template <typename T>
+const bf16* bf16_operand(const T* x, size_t count, cudaStream_t stream) {
+    const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr;
+    return ops ? ops->round(ops->a16, reinterpret_cast<const float*>(x), count, stream) : nullptr;
+}
+
 // One column-major GEMM C (m, n) = alpha · op(A) · op(B) + beta · C through cublasGemmEx, fp32 accumulation; the
 // element types of A and B (fp32 or bf16, the same for both) and of C are given.
 inline void gemm(cublasOperation_t opA, cublasOperation_t opB, int m, int n, int k, const void* A, int lda,
@@ -163,10 +173,11 @@ struct MatmulDbiasTerm {
     __device__ float operator()(int n, int c) const { return float(x[(size_t)n * ld + c]); }
 };
 
-// out (N, OC) = inp (N, C) · weight (OC, C)ᵀ + bias (OC) [bias may be null]
+// out (N, OC) = inp (N, C) · weight (OC, C)ᵀ + bias (OC) [bias may be null]. inp16: inp's bf16_operand, when
+// the caller rounded it already (null: rounded here if bf16 operands are in effect).
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N, int C, int OC,
-                    cudaStream_t stream = 0) {
+                    cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
     HL_CHECK(N >= 0 && C > 0 && OC > 0, "matmul: bad sizes N=", N, " C=", C, " OC=", OC);
     if (N == 0) return;
     const cudaDataType_t ty = CublasType<T>::value;
@@ -176,8 +187,10 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N,
         const float* w = reinterpret_cast<const float*>(weight);
         const float* x = reinterpret_cast<const float*>(inp);
         gemm(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, ops->weight(w, size_t(OC) * C), C,
-             ops->round(ops->a16, x, size_t(N) * C, stream), C, CUDA_R_16BF, 0.0f, out, ty, OC, stream);
+             inp16 ? inp16 : ops->round(ops->a16, x, size_t(N) * C, stream), C, CUDA_R_16BF, 0.0f, out, ty, OC,
+             stream);
     } else {
+        HL_CHECK(inp16 == nullptr, "matmul: a bf16 inp16 given without bf16 operands in effect");
         gemm(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, weight, C, inp, C, ty, 0.0f, out, ty, OC, stream);
     }
     if (bias) {
@@ -189,10 +202,10 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N,
 
 // dinp (N, C) is written (added to with accumulate_dinp: the GEMM's beta = 1, so that a tensor feeding several
 // projections sums its input gradients without a scratch buffer and an add pass); dweight (OC, C) and dbias (OC)
-// accumulate (+=). Any of the three may be null.
+// accumulate (+=). Any of the three may be null. inp16: as in matmul_forward.
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight, int N, int C,
-                     int OC, cudaStream_t stream = 0, bool accumulate_dinp = false) {
+                     int OC, cudaStream_t stream = 0, bool accumulate_dinp = false, const bf16* inp16 = nullptr) {
     HL_CHECK(N >= 0 && C > 0 && OC > 0, "matmul: bad sizes N=", N, " C=", C, " OC=", OC);
     if (N == 0) return;
     const cudaDataType_t ty = CublasType<T>::value;
@@ -203,7 +216,10 @@ void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
         ab = CUDA_R_16BF;
         if (dinp) W = ops->weight(reinterpret_cast<const float*>(weight), size_t(OC) * C);
         dY = ops->round(ops->b16, reinterpret_cast<const float*>(dout), size_t(N) * OC, stream);
-        if (dweight) X = ops->round(ops->a16, reinterpret_cast<const float*>(inp), size_t(N) * C, stream);
+        if (dweight)
+            X = inp16 ? inp16 : ops->round(ops->a16, reinterpret_cast<const float*>(inp), size_t(N) * C, stream);
+    } else {
+        HL_CHECK(inp16 == nullptr, "matmul: a bf16 inp16 given without bf16 operands in effect");
     }
     // dinp (N, C) = dout (N, OC) · W (OC, C);  column-major: dinpᵀ (C, N) = Wᵀ (C, OC) · doutᵀ (OC, N)
     if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, W, C, dY, OC, ab, accumulate_dinp ? 1.0f : 0.0f, dinp, ty, C,

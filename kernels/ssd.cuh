@@ -12,8 +12,9 @@
 //
 // Kernels (all blocks NT = 256 threads; every product of two matrices is a block tile of 64 rows ×
 // 64 or 128 columns computed from shared-memory K slices, 4 × (BN/16) outputs per thread: block_gemm, on
-// fp32 FMAs, or on the tensor cores with bf16 operands — block_gemm_tc, Dims::tc, opt-in: ssd_tensor_cores();
-// both fetch the next K slice into registers while the current one is multiplied):
+// fp32 FMAs, or on the tensor cores with bf16 operands — block_gemm_tc, Dims::tc, when ssd_tensor_cores();
+// both fetch the next K slice into registers while the current one is multiplied; chunk_state has a tensor-core
+// kernel of its own, ssd_chunk_state_tc_kernel, staged 64 steps a slice from float4 loads):
 //   forward   1. chunk_state   per (b, c, h, 64 rows of P): (2) S_local = Xᵀ·diag(w)·B
 //             2. state_pass    per (b, h, slice of P·N): (3) sequential over chunks, in place
 //             3. chunk_output  per (b, c, h, 64 steps): (4) + (1) + D·x
@@ -38,14 +39,17 @@
 // nchunks ≤ 65535. A ≤ 0 and dt ≥ 0 are the caller's contract (the CPU version checks them; the GPU
 // cannot without a sync). fp32 storage; the kernels are templated on the storage type T with fp32
 // accumulation and fp32 scratch. Under bf16 operands (a Bf16Scope, kernels/matmul.cuh) and ssd_tensor_cores()
-// (off by default: see there) the block GEMMs round their operands to bf16 and run on the tensor cores; cumsums,
-// decays and every accumulation stay fp32.
+// (train_gpu turns it on under bf16: see there) the block GEMMs round their operands to bf16 and run on the tensor
+// cores; cumsums, decays and every accumulation stay fp32.
 // Parameter gradients dA, dD accumulate (+=); every other gradient is written.
 #pragma once
 #include <cstddef>             // size_t
 #include <cuda_runtime.h>      // cudaStream_t, kernel launches, expf / fminf on the device
+#include <cstdint>             // uintptr_t
+#include <type_traits>         // std::is_same_v: the tensor-core chunk_state reads fp32 storage
 #include <mma.h>               // nvcuda::wmma: block_gemm on the tensor cores (bf16 runs)
 #include "kernels/common.cuh"  // cudaCheckLast, ceil_div
+#include "kernels/mma.cuh"     // mma::ldsm_x4_trans, tile_ab: the tensor-core chunk_state
 #include "kernels/matmul.cuh"  // bf16, current_bf16: whether bf16 operands are in effect
 #include "model/common.h"      // HL_CHECK
 #include "model/ssd.h"         // ssd_shape, ssd_num_chunks, SSD_MAX_CHUNK: the CPU reference this mirrors
@@ -353,6 +357,113 @@ ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A, co
             else dst_end[(size_t)p * N + n] = T(acc[r][cc]);
         }
     }
+}
+
+// chunk_state on the tensor cores: the same product, grid and outputs as ssd_chunk_state_kernel, for fp32 storage
+// under Dims::tc when P and N are multiples of 4 and U, V are 16-byte aligned (launch_chunk_state checks). Instead
+// of block_gemm_tc's element-by-element fetch through lambdas, 16 steps a slice, each K slice here is CS_KT = 64
+// steps: the threads load float4s of U and V, scale U's rows by w_t, round to bf16 and store both as they lie in
+// memory, (t, p) and (t, n) rows; each warp then takes 16 rows p × BN/2 columns n with mma.sync, reading U
+// transposed through ldmatrix.trans (its rows are the K dimension), and stores its accumulators from registers.
+constexpr int CS_KT = 64;
+template <typename S, int BN, bool BWD>
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_chunk_state_tc_kernel(S* slots, float* end, const float* U, const float* dt, const float* A, const float* V,
+                          Dims d) {
+    constexpr int WN = BN / 2, LU = BM + 8, LV = BN + 8;  // a warp's columns; row strides (mma.cuh's padding)
+    const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
+    const int t0 = c * d.Q, len = d.chunk_len(c), p0 = blockIdx.x * BM;
+    S* dst_slot = nullptr;  // where this chunk's result goes, as in ssd_chunk_state_kernel
+    float* dst_end = nullptr;
+    if (!BWD) {
+        if (c + 1 < d.nchunks) dst_slot = slots + d.chunk(bh, c + 1);
+        else if (end) dst_end = end + (size_t)bh * d.PN();
+        else return;
+    } else {
+        if (c > 0) dst_slot = slots + d.chunk(bh, c - 1);
+        else if (end) dst_end = end + (size_t)bh * d.PN();
+        else return;
+    }
+    __shared__ float cum[NT], sdt[NT], w[NT];
+    __shared__ __align__(16) bf16 su[CS_KT][LU];  // (t, p): w_t·U[t, p0 + p]
+    __shared__ __align__(16) bf16 sv[CS_KT][LV];  // (t, n): V[t, n]
+    chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
+    {
+        const int i = threadIdx.x;
+        w[i] = i >= len ? 0.f : BWD ? decay_exp(cum[i]) : decay_exp(cum[len - 1] - cum[i]) * sdt[i];
+    }
+    __syncthreads();
+    const int P = d.P, N = d.N, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int wm = warp % 4, wn = warp / 4;  // this warp: rows p0 + 16·wm .., columns WN·wn ..
+    float acc[WN / 8][4];
+    mma::zero(acc);
+    auto store4 = [](bf16* dst, float4 v) {  // four floats → four bf16 in one 8-byte store
+        *reinterpret_cast<uint2*>(dst) = make_uint2(mma::pack_bf16(v.x, v.y), mma::pack_bf16(v.z, v.w));
+    };
+    for (int k0 = 0; k0 < len; k0 += CS_KT) {
+        for (int idx = tid; idx < CS_KT * (BM / 4); idx += NT) {
+            const int r = idx / (BM / 4), p = (idx % (BM / 4)) * 4, t = k0 + r;
+            float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < len && p0 + p < P) {
+                u = *reinterpret_cast<const float4*>(U + d.x(b, t0 + t, h) + p0 + p);
+                const float s = w[t];
+                u.x *= s, u.y *= s, u.z *= s, u.w *= s;
+            }
+            store4(&su[r][p], u);
+        }
+        for (int idx = tid; idx < CS_KT * (BN / 4); idx += NT) {
+            const int r = idx / (BN / 4), n = (idx % (BN / 4)) * 4, t = k0 + r;
+            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (t < len && n < N) v = *reinterpret_cast<const float4*>(V + d.bc(b, t0 + t, g) + n);
+            store4(&sv[r][n], v);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < CS_KT; kk += 16) {
+            // A (16 p × 16 t) from the (t, p) rows: matrices (t 0-7 | 8-15) × (p 0-7 | 8-15) as mma.cuh's header says
+            uint32_t a[1][4];
+            mma::ldsm_x4_trans(a[0], &su[kk + lane % 8 + (lane / 16) * 8][16 * wm + ((lane / 8) % 2) * 8]);
+            mma::tile_ab<16, WN>(acc, a, &sv[kk][WN * wn], LV);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int j = 0; j < WN / 8; j++)
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int p = p0 + 16 * wm + lane / 4 + 8 * half, n = WN * wn + 8 * j + 2 * (lane % 4);
+            if (p >= P) continue;
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                if (n + e >= N) continue;
+                if (dst_slot) dst_slot[(size_t)p * N + n + e] = S(acc[j][2 * half + e]);
+                else dst_end[(size_t)p * N + n + e] = acc[j][2 * half + e];
+            }
+        }
+}
+
+// Launches chunk_state (forward: U = x, V = Bm into chunk_states / final_state; backward: U = dy, V = Cm into the dS
+// slots / dinit_state) on the tensor-core kernel when it applies, else on ssd_chunk_state_kernel.
+template <bool BWD, typename T, typename S>
+void launch_chunk_state(S* slots, T* end, const T* U, const T* dt, const T* A, const T* V, const Dims& d,
+                        cudaStream_t stream) {
+    const dim3 grid(ceil_div(d.P, BM), d.nchunks, d.B * d.H);
+    if constexpr (std::is_same_v<T, float>) {
+        const bool aligned = reinterpret_cast<uintptr_t>(U) % 16 == 0 && reinterpret_cast<uintptr_t>(V) % 16 == 0;
+        if (d.tc && d.P % 4 == 0 && d.N % 4 == 0 && aligned) {
+            if (feat_tile(d.N) == 64)
+                ssd_chunk_state_tc_kernel<S, 64, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+            else
+                ssd_chunk_state_tc_kernel<S, 128, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+            cudaCheckLast();
+            return;
+        }
+    }
+    if (feat_tile(d.N) == 64)
+        ssd_chunk_state_kernel<T, S, 64, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+    else
+        ssd_chunk_state_kernel<T, S, 128, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+    cudaCheckLast();
 }
 
 // Sum of a_t = dt_t·A_h over chunk c of (b, h): its total log-decay. Called by all threads.
@@ -854,13 +965,13 @@ __global__ void __launch_bounds__(NT) ssd_head_grads_kernel(T* dA, T* dD, const 
     dD[h] = T(float(dD[h]) + sd);
 }
 
-// Whether a bf16 run's scan takes block_gemm_tc (train_gpu --ssd-tensor-cores). Off by default: with both GEMM
-// forms prefetching their next K slice (H200, 2026-11-30, dev/cuda/ssd.cu at the 350m layer) it makes the scan
-// 15% faster (fwd+bwd 6.87 against 8.09 ms) and mamba2/inter/intra steps 3–5% faster, but mamba2's 500-step
-// validation loss (preset small) moves 1.16% from fp32's, against 0.55% without it — past the 1% that bf16
-// training is held to. The tests switch it on, so it stays checked.
+// Whether a bf16 run's scan takes block_gemm_tc (on by default in train_gpu --precision bf16; off with
+// --no-ssd-tensor-cores). H200, dev/cuda/ssd.cu, fwd+bwd: 6.57 → 5.70 ms at the 100m layer (Q = 64), 6.60 → 5.05 ms
+// at the 350m one (Q = 256). Over ten seeds of mamba2 (preset small, 500 steps) its mean validation loss is
+// fp32's to 0.03% (README, "Mixed precision"); one seed alone moves that loss by up to 1.8%. The fp32 FMA path
+// stays for fp32 runs and the CPU comparisons.
 inline bool& ssd_tensor_cores() {
-    static bool on = false;
+    static bool on = false;  // train_gpu sets it; the playground and the tests choose per case
     return on;
 }
 
@@ -938,10 +1049,7 @@ void ssd_chunked_forward(T* y, T* chunk_states, const T* x, const T* dt, const T
     const int nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
     const int ntiles = ceil_div(T_ < Q ? T_ : Q, BM);
     // 1. each chunk's end state from zero → chunk_states[c + 1] / final_state
-    const dim3 g1(ceil_div(P, BM), d.nchunks, B * H);
-    if (feat_tile(N) == 64) ssd_chunk_state_kernel<T, T, 64, false><<<g1, NT, 0, stream>>>(chunk_states, final_state, x, dt, A, Bm, d);
-    else ssd_chunk_state_kernel<T, T, 128, false><<<g1, NT, 0, stream>>>(chunk_states, final_state, x, dt, A, Bm, d);
-    cudaCheckLast();
+    launch_chunk_state<false>(chunk_states, final_state, x, dt, A, Bm, d, stream);
     // 2. pass the states across chunks
     ssd_state_pass_kernel<T><<<dim3(nsplit, B * H), NT, 0, stream>>>(chunk_states, final_state, init_state, dt, A, d);
     cudaCheckLast();
@@ -968,10 +1076,7 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
     const int ntiles = ceil_div(T_ < Q ? T_ : Q, BM);
     const int hps = ssd_heads_per_slice(d.hpg());
     // 1. each chunk's own share of dS_in: Σ_i exp(cum_i)·dy_i ⊗ C_i → slot c − 1 / dinit_state
-    const dim3 g1(ceil_div(P, BM), d.nchunks, B * H);
-    if (feat_tile(N) == 64) ssd_chunk_state_kernel<T, float, 64, true><<<g1, NT, 0, stream>>>(s.slots, dinit_state, dy, dt, A, Cm, d);
-    else ssd_chunk_state_kernel<T, float, 128, true><<<g1, NT, 0, stream>>>(s.slots, dinit_state, dy, dt, A, Cm, d);
-    cudaCheckLast();
+    launch_chunk_state<true>(s.slots, dinit_state, dy, dt, A, Cm, d, stream);
     // 2. reverse state passing: dS_out of every chunk, dinit_state, and the ⟨dS_out, S_in⟩ partials
     ssd_state_pass_bwd_kernel<T><<<dim3(s.nsplit, B * H), NT, 0, stream>>>(s.slots, dinit_state, s.dot_part,
                                                                            dfinal_state, chunk_states, dt, A, d);

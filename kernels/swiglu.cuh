@@ -7,7 +7,7 @@
 #pragma once
 #include <cstddef>              // size_t
 #include "kernels/common.cuh"   // cudaCheckLast, dev_silu, dev_silu_grad, elementwise_grid
-#include "kernels/matmul.cuh"   // matmul_forward/backward
+#include "kernels/matmul.cuh"   // matmul_forward/backward, bf16_operand: W1 and W3 share one rounded input
 #include "model/swiglu.h"       // SwiGLUConfig, SwiGLUParams, SwiGLUActs, swiglu_check
 
 namespace hl::gpu {
@@ -37,8 +37,9 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
     HL_CHECK(N >= 0, "swiglu: bad row count N=", N);
     if (N == 0) return;
     const int D = cfg.d_model, F = cfg.d_ff;
-    matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, F, stream);  // (N, F)
-    matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream);  // (N, F)
+    const bf16* inp16 = bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for W1 and W3)
+    matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, F, stream, inp16);  // (N, F)
+    matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream, inp16);  // (N, F)
     const size_t NF = (size_t)N * F;
     swiglu_gate_forward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.h, acts.h1, acts.h3, NF);
     cudaCheckLast();
@@ -62,8 +63,9 @@ void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>&
     swiglu_gate_backward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3,
                                                                      NF);
     cudaCheckLast();
-    matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream);        // W1 path
-    matmul_backward(dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream, true);  // W3 path, added
+    const bf16* inp16 = bf16_operand(inp, size_t(N) * D, stream);
+    matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream, false, inp16);  // W1 path
+    matmul_backward(dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream, true, inp16);   // W3, added
 }
 
 }  // namespace hl::gpu

@@ -282,7 +282,7 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
         {1, 130, 2, 65, 1, 65, 128, true, false},   // sizes off the tiles
     };
     const hl::gpu::Bf16Operands ops;  // (the scan only asks whether bf16 operands are in effect)
-    hl::gpu::ssd_detail::ssd_tensor_cores() = true;  // (opt-in: off in training, see kernels/ssd.cuh)
+    hl::gpu::ssd_detail::ssd_tensor_cores() = true;  // (train_gpu: on under bf16, see kernels/ssd.cuh)
     for (size_t i = 0; i < cases.size(); i++) {
         const Case& k = cases[i];
         const Inputs in = make_inputs(k, 5000 + i);

@@ -6,7 +6,7 @@
 //       memory; dB, dC and ddt are summed over p with shared-memory atomics, then over the heads of a group.
 //   v2  the chunked kernels of kernels/ssd.cuh (what we ship), with a per-kernel time breakdown.
 //   v3  v2 with its block GEMMs on the tensor cores (bf16 operands, fp32 accumulation: a Bf16Scope and
-//       ssd_tensor_cores(), which train_gpu leaves off); checked at a bf16 tolerance (5e-2), timed
+//       ssd_tensor_cores(), which train_gpu sets under bf16); checked at a bf16 tolerance (5e-2), timed
 // Correctness: every version against the CPU chunked form (float) at a reduced shape (B=1, T≤512, H≤4, the
 // same P, N, G, Q), max-norm relative error max|g − c| / max|c| per tensor; at the full shape v1 and v2
 // are compared with each other.
@@ -325,14 +325,15 @@ Outputs cpu_reference(const Problem& p) {
     return o;
 }
 
-// v2's kernels one by one (the launch sequence of kernels/ssd.cuh, each timed alone).
-void v2_breakdown(Problem& p, int reps) {
+// v2's (or, with tc, v3's) kernels one by one (the launch sequence of kernels/ssd.cuh, each timed alone).
+void v2_breakdown(Problem& p, int reps, bool tc) {
     using namespace hl::gpu::ssd_detail;
     const Shape& s = p.s;
-    const Dims d = ssd_dims("dev", s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
+    Dims d = ssd_dims("dev", s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
+    d.tc = tc;  // (the kernels read only this; no Bf16Scope needed)
     const BwdScratch sc = bwd_scratch(p.scratch.ptr, d);
     const int ntiles = ceil_div(std::min(s.T, s.Q), BM), hps = ssd_heads_per_slice(d.hpg());
-    const dim3 g1(ceil_div(s.P, BM), d.nchunks, s.B * s.H), gh(ntiles, d.nchunks, s.B * s.H);
+    const dim3 gh(ntiles, d.nchunks, s.B * s.H);
     const dim3 gg(ntiles, d.nchunks, s.B * s.G * sc.nslices), gp(sc.nsplit, s.B * s.H);
     if (s.P != 128 || s.N != 128) {
         std::printf("  (breakdown only for P = N = 128)\n");
@@ -343,10 +344,10 @@ void v2_breakdown(Problem& p, int reps) {
         std::function<void()> f;
     };
     std::vector<Item> items = {
-        {"fwd 1 chunk_state", [&] { ssd_chunk_state_kernel<float, float, 128, false><<<g1, NT>>>(p.states.ptr, p.fin.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, d); }},
+        {"fwd 1 chunk_state", [&] { launch_chunk_state<false>(p.states.ptr, p.fin.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, d, 0); }},
         {"fwd 2 state_pass", [&] { ssd_state_pass_kernel<float><<<gp, NT>>>(p.states.ptr, p.fin.ptr, p.init.ptr, p.dt.ptr, p.A.ptr, d); }},
         {"fwd 3 chunk_output", [&] { ssd_chunk_output_kernel<float, 128><<<gh, NT>>>(p.y.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d); }},
-        {"bwd 1 chunk_state(dy,C)", [&] { ssd_chunk_state_kernel<float, float, 128, true><<<g1, NT>>>(sc.slots, p.dinit.ptr, p.dy.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d); }},
+        {"bwd 1 chunk_state(dy,C)", [&] { launch_chunk_state<true>(sc.slots, p.dinit.ptr, p.dy.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, 0); }},
         {"bwd 2 state_pass_bwd", [&] { ssd_state_pass_bwd_kernel<float><<<gp, NT>>>(sc.slots, p.dinit.ptr, sc.dot_part, p.dfin.ptr, p.states.ptr, p.dt.ptr, p.A.ptr, d); }},
         {"bwd 3 dx", [&] { ssd_bwd_dx_kernel<float, 128><<<gh, NT>>>(p.dx.ptr, p.ddt.ptr, sc.v_state, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d); }},
         {"bwd 4 dB", [&] { ssd_bwd_dB_kernel<float, 128><<<gg, NT>>>(p.dBm.ptr, sc.dB_part, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, hps); }},
@@ -419,15 +420,15 @@ int main(int argc, char** argv) {
         std::printf("  v%d %-8s fwd %9.3f ms (%6.2f TFLOP/s)   fwd+bwd %9.3f ms (%6.2f TFLOP/s)\n", v,
                     v == 1 ? "naive" : v == 2 ? "chunked" : "tc", f, flops_f / f / 1e9, fb, flops_fb / fb / 1e9);
         if (v == 3)
-            std::printf("csv,ssd,hybridlm bf16 tensor cores (opt-in),%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B,
+            std::printf("csv,ssd,hybridlm bf16 tensor cores,%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B,
                         s.T, s.H, s.P, s.N, s.G, s.Q, f, fb, flops_f / f / 1e9, flops_fb / fb / 1e9);
         if (v == 2) {
             // the line bench/kernels.sh sets beside mamba_ssm's Triton kernel on the same shape (dev/bench_kernels.py)
             std::printf("csv,kernel,impl,B,T,H,P,N,G,Q,fwd_ms,fwd_bwd_ms,fwd_tflops,fwd_bwd_tflops\n");
             std::printf("csv,ssd,hybridlm fp32,%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B, s.T, s.H, s.P, s.N,
                         s.G, s.Q, f, fb, flops_f / f / 1e9, flops_fb / fb / 1e9);
-            v2_breakdown(p, reps);
         }
+        if (v >= 2) v2_breakdown(p, reps, v == 3);
     }
     return 0;
 }
