@@ -359,6 +359,27 @@ ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A, co
     }
 }
 
+// Stages a tile for the tensor-core kernels below: `rows` rows of `width` columns (a multiple of 4) into shared
+// memory as bf16 (row stride ld), four columns a thread at a time from float4 loads. src(r) is the fp32 row r or
+// null (a zero row: past the chunk, or past P); columns ≥ valid (a multiple of 4) are zeros; row r is multiplied
+// by scale(r). All threads of the block take part; complete after a __syncthreads.
+template <class Src, class Scale>
+__device__ inline void stage_bf16(bf16* dst, int ld, int rows, int width, int valid, const Src& src,
+                                  const Scale& scale) {
+    for (int idx = threadIdx.x; idx < rows * (width / 4); idx += blockDim.x) {
+        const int r = idx / (width / 4), col = (idx % (width / 4)) * 4;
+        const float* row = src(r);
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (row && col < valid) {
+            v = *reinterpret_cast<const float4*>(row + col);
+            const float k = scale(r);
+            v.x *= k, v.y *= k, v.z *= k, v.w *= k;
+        }
+        *reinterpret_cast<uint2*>(dst + r * ld + col) = make_uint2(mma::pack_bf16(v.x, v.y), mma::pack_bf16(v.z, v.w));
+    }
+}
+__device__ inline float unscaled(int) { return 1.f; }
+
 // chunk_state on the tensor cores: the same product, grid and outputs as ssd_chunk_state_kernel, for fp32 storage
 // under Dims::tc when P and N are multiples of 4 and U, V are 16-byte aligned (launch_chunk_state checks). Instead
 // of block_gemm_tc's element-by-element fetch through lambdas, 16 steps a slice, each K slice here is CS_KT = 64
@@ -397,26 +418,14 @@ ssd_chunk_state_tc_kernel(S* slots, float* end, const float* U, const float* dt,
     const int wm = warp % 4, wn = warp / 4;  // this warp: rows p0 + 16·wm .., columns WN·wn ..
     float acc[WN / 8][4];
     mma::zero(acc);
-    auto store4 = [](bf16* dst, float4 v) {  // four floats → four bf16 in one 8-byte store
-        *reinterpret_cast<uint2*>(dst) = make_uint2(mma::pack_bf16(v.x, v.y), mma::pack_bf16(v.z, v.w));
-    };
     for (int k0 = 0; k0 < len; k0 += CS_KT) {
-        for (int idx = tid; idx < CS_KT * (BM / 4); idx += NT) {
-            const int r = idx / (BM / 4), p = (idx % (BM / 4)) * 4, t = k0 + r;
-            float4 u = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t < len && p0 + p < P) {
-                u = *reinterpret_cast<const float4*>(U + d.x(b, t0 + t, h) + p0 + p);
-                const float s = w[t];
-                u.x *= s, u.y *= s, u.z *= s, u.w *= s;
-            }
-            store4(&su[r][p], u);
-        }
-        for (int idx = tid; idx < CS_KT * (BN / 4); idx += NT) {
-            const int r = idx / (BN / 4), n = (idx % (BN / 4)) * 4, t = k0 + r;
-            float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (t < len && n < N) v = *reinterpret_cast<const float4*>(V + d.bc(b, t0 + t, g) + n);
-            store4(&sv[r][n], v);
-        }
+        stage_bf16(
+            &su[0][0], LU, CS_KT, BM, P - p0,
+            [&](int r) { return k0 + r < len ? U + d.x(b, t0 + k0 + r, h) + p0 : nullptr; },
+            [&](int r) { return w[k0 + r]; });
+        stage_bf16(
+            &sv[0][0], LV, CS_KT, BN, N, [&](int r) { return k0 + r < len ? V + d.bc(b, t0 + k0 + r, g) : nullptr; },
+            unscaled);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < CS_KT; kk += 16) {
@@ -574,6 +583,125 @@ ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, co
             if (p < P) y[row + p] = T(acc[r][cc] + Dh * float(x[row + p]));
         }
     }
+}
+
+// chunk_output on the tensor cores, for fp32 storage under Dims::tc (P, N multiples of 4; x, Bm, Cm, chunk_states
+// 16-byte aligned, y 8-byte: launch_chunk_output checks). The same outputs and grid as ssd_chunk_output_kernel, in
+// the attention forward's pattern: the block's 64 rows of C and the chunk's S_in are staged as bf16 (stage_bf16),
+// each warp takes 16 rows i × PF/2 columns p; (4) is one mma.sync product scaled by exp(cum_i) in registers; per
+// causal j tile, the warp's C·Bᵀ scores (16 × 64) are masked and weighted by exp(cum_i − cum_j)·dt_j in registers
+// and turned straight into the A operand of the product with the j tile of x. (Both warps of a row block compute
+// the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
+// B and x tiles reuse (dynamic, chunk_output_tc_smem).
+template <int NF, int PF>
+__host__ __device__ constexpr size_t chunk_output_tc_smem() {
+    constexpr size_t LN = NF + 8, LP = PF + 8, s_in = PF * LN, bx = BM * LN + BM * LP;
+    return sizeof(bf16) * (BM * LN + (s_in > bx ? s_in : bx));
+}
+template <int NF, int PF>
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, const float* dt, const float* A,
+                           const float* Bm, const float* Cm, const float* D, Dims d) {
+    constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
+    const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
+    const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
+    if (i0 >= len) return;
+    const int P = d.P, N = d.N, lane = threadIdx.x % 32, wm = threadIdx.x / 32 % 4, wn = threadIdx.x / 128;
+    __shared__ float cum[NT], sdt[NT];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sc = reinterpret_cast<bf16*>(smem_raw);  // (64, LN) C rows i0 ..
+    bf16* sS = sc + BM * LN;                        // (PF, LN) S_in, rows p; then:
+    bf16* sB = sS;                                  // (64, LN) B rows j0 ..
+    bf16* sx = sS + BM * LN;                        // (64, LP) x rows j0 ..
+    chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
+    const float* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
+    stage_bf16(
+        sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; }, unscaled);
+    stage_bf16(
+        sS, LN, PF, NF, N, [&](int p) { return p < P ? S_in + (size_t)p * N : nullptr; }, unscaled);
+    __syncthreads();
+    // (4) exp(cum_i)·C_i·S_inᵀ
+    float acc[WP / 8][4];
+    mma::zero(acc);
+    mma::tile_abt<NF, WP>(acc, sc + 16 * wm * LN, LN, sS + WP * wn * LN, LN);
+    const int ra = 16 * wm + lane / 4, rb = ra + 8;  // this lane's two rows of the tile
+    const float ea = decay_exp(cum[i0 + ra]), eb = decay_exp(cum[i0 + rb]);
+#pragma unroll
+    for (int n = 0; n < WP / 8; n++) acc[n][0] *= ea, acc[n][1] *= ea, acc[n][2] *= eb, acc[n][3] *= eb;
+    __syncthreads();  // S_in's space is the B and x tiles' from here
+    // (1) causal j tiles
+    for (int j0 = 0; j0 <= i0; j0 += BM) {
+        stage_bf16(
+            sB, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; },
+            unscaled);
+        stage_bf16(
+            sx, LP, BM, PF, P, [&](int r) { return j0 + r < len ? x + d.x(b, t0 + j0 + r, h) : nullptr; },
+            unscaled);
+        __syncthreads();
+        float s[BM / 8][4];  // scores C_i·B_j of this warp's 16 rows, columns j0 + 8n ..
+        mma::zero(s);
+        mma::tile_abt<NF, BM>(s, sc + 16 * wm * LN, LN, sB, LN);
+        const int ia = i0 + ra, ib = i0 + rb;
+#pragma unroll
+        for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {  // steps j ≥ len have sdt 0, so they add nothing
+                const int j = j0 + 8 * n + 2 * (lane % 4) + e;
+                const float cj = cum[j], wj = sdt[j];
+                s[n][e] = j <= ia ? decay_exp(cum[ia] - cj) * wj * s[n][e] : 0.f;
+                s[n][2 + e] = j <= ib ? decay_exp(cum[ib] - cj) * wj * s[n][2 + e] : 0.f;
+            }
+        uint32_t pa[BM / 16][4];
+        mma::to_a<BM>(pa, s);
+        mma::tile_ab<BM, WP>(acc, pa, sx + WP * wn, LP);
+        __syncthreads();  // the tiles are restaged next
+    }
+    // y = acc + D·x, two columns a store
+    const float Dh = D[h];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int i = i0 + (half ? rb : ra);
+        if (i >= len) continue;
+        const size_t row = d.x(b, t0 + i, h);
+#pragma unroll
+        for (int n = 0; n < WP / 8; n++) {
+            const int p = WP * wn + 8 * n + 2 * (lane % 4);
+            if (p >= P) continue;  // (P is a multiple of 4, so p + 1 < P too)
+            const float2 xv = *reinterpret_cast<const float2*>(x + row + p);
+            *reinterpret_cast<float2*>(y + row + p) =
+                make_float2(acc[n][2 * half] + Dh * xv.x, acc[n][2 * half + 1] + Dh * xv.y);
+        }
+    }
+}
+
+// Launches chunk_output on the tensor-core kernel when it applies, else on ssd_chunk_output_kernel.
+template <typename T>
+void launch_chunk_output(T* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+                         const T* D, const Dims& d, cudaStream_t stream) {
+    const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
+    if constexpr (std::is_same_v<T, float>) {
+        auto al = [](const void* p, int n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+        if (d.tc && d.P % 4 == 0 && d.N % 4 == 0 && al(x, 16) && al(Bm, 16) && al(Cm, 16) && al(chunk_states, 16) &&
+            al(y, 8)) {
+            auto go = [&](auto kernel, size_t smem) {
+                if (smem > 48 * 1024)
+                    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+                kernel<<<grid, NT, smem, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+            };
+            const bool n64 = feat_tile(d.N) == 64, p64 = feat_tile(d.P) == 64;
+            if (n64 && p64) go(ssd_chunk_output_tc_kernel<64, 64>, chunk_output_tc_smem<64, 64>());
+            else if (n64) go(ssd_chunk_output_tc_kernel<64, 128>, chunk_output_tc_smem<64, 128>());
+            else if (p64) go(ssd_chunk_output_tc_kernel<128, 64>, chunk_output_tc_smem<128, 64>());
+            else go(ssd_chunk_output_tc_kernel<128, 128>, chunk_output_tc_smem<128, 128>());
+            cudaCheckLast();
+            return;
+        }
+    }
+    if (feat_tile(d.P) == 64)
+        ssd_chunk_output_kernel<T, 64><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+    else
+        ssd_chunk_output_kernel<T, 128><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+    cudaCheckLast();
 }
 
 // Backward state passing, in place, the mirror of ssd_state_pass_kernel run from the last chunk to
@@ -1047,17 +1175,13 @@ void ssd_chunked_forward(T* y, T* chunk_states, const T* x, const T* dt, const T
     using namespace ssd_detail;
     const Dims d = ssd_dims("ssd_chunked_forward", B, T_, H, P, G, N, Q);
     const int nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
-    const int ntiles = ceil_div(T_ < Q ? T_ : Q, BM);
     // 1. each chunk's end state from zero → chunk_states[c + 1] / final_state
     launch_chunk_state<false>(chunk_states, final_state, x, dt, A, Bm, d, stream);
     // 2. pass the states across chunks
     ssd_state_pass_kernel<T><<<dim3(nsplit, B * H), NT, 0, stream>>>(chunk_states, final_state, init_state, dt, A, d);
     cudaCheckLast();
     // 3. the outputs
-    const dim3 g3(ntiles, d.nchunks, B * H);
-    if (feat_tile(P) == 64) ssd_chunk_output_kernel<T, 64><<<g3, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
-    else ssd_chunk_output_kernel<T, 128><<<g3, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
-    cudaCheckLast();
+    launch_chunk_output(y, chunk_states, x, dt, A, Bm, Cm, D, d, stream);
 }
 
 // Backward of ssd_chunked_forward, from the saved chunk_states. dx, ddt, dBm, dCm and dinit_state

@@ -511,6 +511,10 @@ TEST_CASE("gpu model with bf16 matmuls: a step's loss and gradients track the CP
     f.batch = B, f.steps = 50, f.warmup = 10, f.lr = 3e-3f;
     std::vector<int> text = hl::load_tokens("data/tinyshakespeare.txt");
     text.resize(100000);
+    struct SsdTensorCores {  // as train_gpu --precision bf16 runs: the SSD's products on the tensor cores too
+        SsdTensorCores() { hl::gpu::ssd_detail::ssd_tensor_cores() = true; }
+        ~SsdTensorCores() { hl::gpu::ssd_detail::ssd_tensor_cores() = false; }
+    } ssd_tc;
     for (const Arch& a : ARCHS) {
         const hl::ModelConfig cfg = tiny_config(a, T);
         const std::string tag = arch_tag(a, cfg) + " bf16";

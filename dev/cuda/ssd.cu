@@ -346,7 +346,7 @@ void v2_breakdown(Problem& p, int reps, bool tc) {
     std::vector<Item> items = {
         {"fwd 1 chunk_state", [&] { launch_chunk_state<false>(p.states.ptr, p.fin.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, d, 0); }},
         {"fwd 2 state_pass", [&] { ssd_state_pass_kernel<float><<<gp, NT>>>(p.states.ptr, p.fin.ptr, p.init.ptr, p.dt.ptr, p.A.ptr, d); }},
-        {"fwd 3 chunk_output", [&] { ssd_chunk_output_kernel<float, 128><<<gh, NT>>>(p.y.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d); }},
+        {"fwd 3 chunk_output", [&] { launch_chunk_output(p.y.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d, 0); }},
         {"bwd 1 chunk_state(dy,C)", [&] { launch_chunk_state<true>(sc.slots, p.dinit.ptr, p.dy.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, 0); }},
         {"bwd 2 state_pass_bwd", [&] { ssd_state_pass_bwd_kernel<float><<<gp, NT>>>(sc.slots, p.dinit.ptr, sc.dot_part, p.dfin.ptr, p.states.ptr, p.dt.ptr, p.A.ptr, d); }},
         {"bwd 3 dx", [&] { ssd_bwd_dx_kernel<float, 128><<<gh, NT>>>(p.dx.ptr, p.ddt.ptr, sc.v_state, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d); }},
