@@ -592,9 +592,11 @@ ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, co
 // causal j tile, the warp's C·Bᵀ scores (16 × 64) are masked and weighted by exp(cum_i − cum_j)·dt_j in registers
 // and turned straight into the A operand of the product with the j tile of x. (Both warps of a row block compute
 // the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
-// B and x tiles reuse (dynamic, chunk_output_tc_smem).
+// B and x tiles reuse (dynamic, tc_tile_smem).
+// Dynamic shared memory of chunk_output_tc and bwd_dx_tc: a (64, NF) bf16 tile that stays, and a region that holds
+// first a (PF, NF) state, then a (64, NF) and a (64, PF) tile (row strides padded by 8).
 template <int NF, int PF>
-__host__ __device__ constexpr size_t chunk_output_tc_smem() {
+__host__ __device__ constexpr size_t tc_tile_smem() {
     constexpr size_t LN = NF + 8, LP = PF + 8, s_in = PF * LN, bx = BM * LN + BM * LP;
     return sizeof(bf16) * (BM * LN + (s_in > bx ? s_in : bx));
 }
@@ -689,10 +691,10 @@ void launch_chunk_output(T* y, const T* chunk_states, const T* x, const T* dt, c
                 kernel<<<grid, NT, smem, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
             };
             const bool n64 = feat_tile(d.N) == 64, p64 = feat_tile(d.P) == 64;
-            if (n64 && p64) go(ssd_chunk_output_tc_kernel<64, 64>, chunk_output_tc_smem<64, 64>());
-            else if (n64) go(ssd_chunk_output_tc_kernel<64, 128>, chunk_output_tc_smem<64, 128>());
-            else if (p64) go(ssd_chunk_output_tc_kernel<128, 64>, chunk_output_tc_smem<128, 64>());
-            else go(ssd_chunk_output_tc_kernel<128, 128>, chunk_output_tc_smem<128, 128>());
+            if (n64 && p64) go(ssd_chunk_output_tc_kernel<64, 64>, tc_tile_smem<64, 64>());
+            else if (n64) go(ssd_chunk_output_tc_kernel<64, 128>, tc_tile_smem<64, 128>());
+            else if (p64) go(ssd_chunk_output_tc_kernel<128, 64>, tc_tile_smem<128, 64>());
+            else go(ssd_chunk_output_tc_kernel<128, 128>, tc_tile_smem<128, 128>());
             cudaCheckLast();
             return;
         }
@@ -848,6 +850,149 @@ ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const T* dy, const float* slots
         ddt[d.dt(b, t, h)] = T(ddt_direct);
         v_state[(size_t)bh * d.T_ + t] = sdt[j0 + tid] * vrow;
     }
+}
+
+// dx on the tensor cores, for fp32 storage under Dims::tc (P, N multiples of 4; dy, x, Bm, Cm 16-byte aligned, dx
+// 8-byte: launch_bwd_dx checks). The same outputs and grid as ssd_bwd_dx_kernel, in chunk_output_tc's pattern
+// mirrored: the block's 64 rows j of B stay staged; the state part B_j·dS_outᵀ is one product on the staged dS_out,
+// scaled by exp(cum_last − cum_j) in registers; per causal i tile (i ≥ j) the scores B_j·C_iᵀ are masked and weighted
+// by exp(cum_i − cum_j) in registers and multiply the i tile of dy. The row sums ⟨x_j, ·⟩ are taken in registers,
+// across a quad of lanes and then across the two warps of a row block, in a fixed order.
+template <int NF, int PF>
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const float* dy, const float* slots, const float* x,
+                     const float* dt, const float* A, const float* Bm, const float* Cm, const float* D, Dims d) {
+    constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
+    const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
+    const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
+    if (j0 >= len) return;
+    const int P = d.P, N = d.N, lane = threadIdx.x % 32, wm = threadIdx.x / 32 % 4, wn = threadIdx.x / 128;
+    __shared__ float cum[NT], sdt[NT];
+    __shared__ float red[2][2][BM];  // (ddt part, v part) × (warp column wn) × row: the cross-warp row sums
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sb = reinterpret_cast<bf16*>(smem_raw);  // (64, LN) B rows j0 ..
+    bf16* sS = sb + BM * LN;                        // (PF, LN) dS_out, rows p; then:
+    bf16* sc = sS;                                  // (64, LN) C rows i0 ..
+    bf16* sdy = sS + BM * LN;                       // (64, LP) dy rows i0 ..
+    chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
+    const float cum_last = cum[len - 1];
+    const float* dS = slots + d.chunk(bh, c);  // dS_out of this chunk (P, N)
+    stage_bf16(
+        sb, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; }, unscaled);
+    stage_bf16(
+        sS, LN, PF, NF, N, [&](int p) { return p < P ? dS + (size_t)p * N : nullptr; }, unscaled);
+    __syncthreads();
+    // state part: exp(cum_last − cum_j)·B_j·dS_outᵀ
+    float acc[WP / 8][4];
+    mma::zero(acc);
+    mma::tile_abt<NF, WP>(acc, sb + 16 * wm * LN, LN, sS + WP * wn * LN, LN);
+    const int ra = 16 * wm + lane / 4, rb = ra + 8;  // this lane's two rows of the tile
+    const int ja = j0 + ra, jb = j0 + rb;
+    const float ea = decay_exp(cum_last - cum[ja]), eb = decay_exp(cum_last - cum[jb]);
+    // x at this lane's accumulator positions (zero past the chunk or P: P is a multiple of 4, so p < P covers p + 1)
+    auto x_at = [&](int j, int p) {
+        return j < len && p < P ? *reinterpret_cast<const float2*>(x + d.x(b, t0 + j, h) + p) : make_float2(0.f, 0.f);
+    };
+    float va = 0.f, vb = 0.f;  // ⟨x_j, state part⟩ over this lane's columns
+#pragma unroll
+    for (int n = 0; n < WP / 8; n++) {
+        const int p = WP * wn + 8 * n + 2 * (lane % 4);
+        acc[n][0] *= ea, acc[n][1] *= ea, acc[n][2] *= eb, acc[n][3] *= eb;
+        const float2 xa = x_at(ja, p), xb = x_at(jb, p);
+        va += xa.x * acc[n][0] + xa.y * acc[n][1];
+        vb += xb.x * acc[n][2] + xb.y * acc[n][3];
+    }
+    __syncthreads();  // dS_out's space is the C and dy tiles' from here
+    // intra-chunk part: causal i tiles from j0 on
+    for (int i0 = j0; i0 < len; i0 += BM) {
+        stage_bf16(
+            sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; },
+            unscaled);
+        stage_bf16(
+            sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
+            unscaled);
+        __syncthreads();
+        float s[BM / 8][4];  // scores B_j·C_i of this warp's 16 rows j, columns i0 + 8n ..
+        mma::zero(s);
+        mma::tile_abt<NF, BM>(s, sb + 16 * wm * LN, LN, sc, LN);
+#pragma unroll
+        for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {  // steps i ≥ len have zero C and dy rows, so they add nothing
+                const int i = i0 + 8 * n + 2 * (lane % 4) + e;
+                const float ci = cum[i];
+                s[n][e] = i >= ja ? decay_exp(ci - cum[ja]) * s[n][e] : 0.f;
+                s[n][2 + e] = i >= jb ? decay_exp(ci - cum[jb]) * s[n][2 + e] : 0.f;
+            }
+        uint32_t pa[BM / 16][4];
+        mma::to_a<BM>(pa, s);
+        mma::tile_ab<BM, WP>(acc, pa, sdy + WP * wn, LP);
+        __syncthreads();  // the tiles are restaged next
+    }
+    // dx = D·dy_j + dt_j·acc_j, two columns a store, and ⟨x_j, acc_j⟩
+    const float Dh = D[h];
+    float da = 0.f, db = 0.f;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int j = half ? jb : ja;
+        if (j >= len) continue;
+        const size_t row = d.x(b, t0 + j, h);
+        const float dtj = sdt[j];
+#pragma unroll
+        for (int n = 0; n < WP / 8; n++) {
+            const int p = WP * wn + 8 * n + 2 * (lane % 4);
+            if (p >= P) continue;  // (P is a multiple of 4, so p + 1 < P too)
+            const float a0 = acc[n][2 * half], a1 = acc[n][2 * half + 1];
+            const float2 xv = x_at(j, p);
+            (half ? db : da) += xv.x * a0 + xv.y * a1;
+            const float2 dyv = *reinterpret_cast<const float2*>(dy + row + p);
+            *reinterpret_cast<float2*>(dx + row + p) = make_float2(Dh * dyv.x + dtj * a0, Dh * dyv.y + dtj * a1);
+        }
+    }
+    // row sums: the quad's four lanes, then the two warps of the row block (fixed order: deterministic)
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+        da += __shfl_xor_sync(0xffffffffu, da, off), db += __shfl_xor_sync(0xffffffffu, db, off);
+        va += __shfl_xor_sync(0xffffffffu, va, off), vb += __shfl_xor_sync(0xffffffffu, vb, off);
+    }
+    if (lane % 4 == 0) red[0][wn][ra] = da, red[0][wn][rb] = db, red[1][wn][ra] = va, red[1][wn][rb] = vb;
+    __syncthreads();
+    const int r = threadIdx.x;
+    if (r < BM && j0 + r < len) {
+        const int t = t0 + j0 + r;
+        ddt[d.dt(b, t, h)] = red[0][0][r] + red[0][1][r];
+        v_state[(size_t)bh * d.T_ + t] = sdt[j0 + r] * (red[1][0][r] + red[1][1][r]);
+    }
+}
+
+// Launches the dx kernel on the tensor cores when it applies, else ssd_bwd_dx_kernel.
+template <typename T>
+void launch_bwd_dx(T* dx, T* ddt, float* v_state, const T* dy, const float* slots, const T* x, const T* dt,
+                   const T* A, const T* Bm, const T* Cm, const T* D, const Dims& d, cudaStream_t stream) {
+    const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
+    if constexpr (std::is_same_v<T, float>) {
+        auto al = [](const void* p, int n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
+        if (d.tc && d.P % 4 == 0 && d.N % 4 == 0 && al(dy, 16) && al(x, 16) && al(Bm, 16) && al(Cm, 16) &&
+            al(slots, 16) && al(dx, 8)) {
+            auto go = [&](auto kernel, size_t smem) {
+                if (smem > 48 * 1024)
+                    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+                kernel<<<grid, NT, smem, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
+            };
+            const bool n64 = feat_tile(d.N) == 64, p64 = feat_tile(d.P) == 64;
+            if (n64 && p64) go(ssd_bwd_dx_tc_kernel<64, 64>, tc_tile_smem<64, 64>());
+            else if (n64) go(ssd_bwd_dx_tc_kernel<64, 128>, tc_tile_smem<64, 128>());
+            else if (p64) go(ssd_bwd_dx_tc_kernel<128, 64>, tc_tile_smem<128, 64>());
+            else go(ssd_bwd_dx_tc_kernel<128, 128>, tc_tile_smem<128, 128>());
+            cudaCheckLast();
+            return;
+        }
+    }
+    if (feat_tile(d.P) == 64)
+        ssd_bwd_dx_kernel<T, 64><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
+    else
+        ssd_bwd_dx_kernel<T, 128><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
+    cudaCheckLast();
 }
 
 // How the heads of a group are split for the dB / dC kernels: each block sums the gradient of
@@ -1206,10 +1351,7 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
                                                                            dfinal_state, chunk_states, dt, A, d);
     cudaCheckLast();
     // 3. dx and the direct part of ddt
-    const dim3 gh(ntiles, d.nchunks, B * H);
-    if (feat_tile(P) == 64) ssd_bwd_dx_kernel<T, 64><<<gh, NT, 0, stream>>>(dx, ddt, s.v_state, dy, s.slots, x, dt, A, Bm, Cm, D, d);
-    else ssd_bwd_dx_kernel<T, 128><<<gh, NT, 0, stream>>>(dx, ddt, s.v_state, dy, s.slots, x, dt, A, Bm, Cm, D, d);
-    cudaCheckLast();
+    launch_bwd_dx(dx, ddt, s.v_state, dy, s.slots, x, dt, A, Bm, Cm, D, d, stream);
     // 4., 5. dB and dC, summed over the heads of each slice of a group
     const dim3 gg(ntiles, d.nchunks, B * G * s.nslices);
     if (feat_tile(N) == 64) {

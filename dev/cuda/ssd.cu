@@ -349,7 +349,7 @@ void v2_breakdown(Problem& p, int reps, bool tc) {
         {"fwd 3 chunk_output", [&] { launch_chunk_output(p.y.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d, 0); }},
         {"bwd 1 chunk_state(dy,C)", [&] { launch_chunk_state<true>(sc.slots, p.dinit.ptr, p.dy.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, 0); }},
         {"bwd 2 state_pass_bwd", [&] { ssd_state_pass_bwd_kernel<float><<<gp, NT>>>(sc.slots, p.dinit.ptr, sc.dot_part, p.dfin.ptr, p.states.ptr, p.dt.ptr, p.A.ptr, d); }},
-        {"bwd 3 dx", [&] { ssd_bwd_dx_kernel<float, 128><<<gh, NT>>>(p.dx.ptr, p.ddt.ptr, sc.v_state, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d); }},
+        {"bwd 3 dx", [&] { launch_bwd_dx(p.dx.ptr, p.ddt.ptr, sc.v_state, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d, 0); }},
         {"bwd 4 dB", [&] { ssd_bwd_dB_kernel<float, 128><<<gg, NT>>>(p.dBm.ptr, sc.dB_part, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, hps); }},
         {"bwd 5 dC", [&] { ssd_bwd_dC_kernel<float, 128><<<gg, NT>>>(p.dCm.ptr, sc.dC_part, sc.cdot, p.dy.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, d, hps); }},
         {"bwd 6 sum_slices x2", [&] {
