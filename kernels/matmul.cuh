@@ -18,7 +18,8 @@
 // GEMM here takes its two operands in bf16 and runs on the tensor cores with fp32 accumulation, writing (or
 // accumulating into) the same fp32 outputs. The weight comes from a bf16 copy of the model's parameters, the
 // activation operand (inp, or dout in the backward) is rounded into a scratch buffer just before its GEMM.
-// Everything else — activations, gradients, master weights, AdamW, attention, the SSD — stays fp32.
+// Activations, gradients, master weights and AdamW stay fp32. The tensor-core attention and SSD kernels round their
+// own operands (kernels/attention.cuh, kernels/ssd.cuh); bf16_operand lets one rounded input serve several GEMMs.
 #pragma once
 #include <cstdio>           // std::fprintf
 #include <cstdlib>          // std::exit

@@ -1,8 +1,10 @@
 // mma.cuh — warp-level bf16 tensor-core products on register fragments: the PTX instructions mma.sync
 // (m16n8k16, bf16 in, fp32 accumulate) and ldmatrix, the tile products the tensor-core attention
-// (kernels/attention.cuh) is written with, and the cp.async copies that stream its tiles into shared memory. Unlike nvcuda::wmma, whose fragment layout is opaque, the layouts
-// here are the documented ones, so a kernel can work on its accumulators in registers (a softmax row by row)
-// and turn them into the next product's operand without a round trip through shared memory.
+// (kernels/attention.cuh) and the SSD's tensor-core kernels (kernels/ssd.cuh) are written with, and the cp.async
+// copies that stream the attention's tiles into shared memory. Unlike nvcuda::wmma, whose fragment layout is
+// opaque, the layouts here are the documented ones, so a kernel can work on its accumulators in registers (a
+// softmax, or the SSD's decay mask, row by row) and turn them into the next product's operand without a round trip
+// through shared memory.
 //
 // Fragment layouts of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 0..31, g = lane / 4,
 // c = 2·(lane % 4):

@@ -13,8 +13,9 @@
 // Kernels (all blocks NT = 256 threads; every product of two matrices is a block tile of 64 rows ×
 // 64 or 128 columns computed from shared-memory K slices, 4 × (BN/16) outputs per thread: block_gemm, on
 // fp32 FMAs, or on the tensor cores with bf16 operands — block_gemm_tc, Dims::tc, when ssd_tensor_cores();
-// both fetch the next K slice into registers while the current one is multiplied; chunk_state has a tensor-core
-// kernel of its own, ssd_chunk_state_tc_kernel, staged 64 steps a slice from float4 loads):
+// both fetch the next K slice into registers while the current one is multiplied. On the tensor cores, chunk_state,
+// chunk_output and bwd_dx have kernels of their own instead (..._tc_kernel: bf16 tiles staged from float4 loads,
+// mma.sync fragments from kernels/mma.cuh, the decay mask applied to the scores in registers):
 //   forward   1. chunk_state   per (b, c, h, 64 rows of P): (2) S_local = Xᵀ·diag(w)·B
 //             2. state_pass    per (b, h, slice of P·N): (3) sequential over chunks, in place
 //             3. chunk_output  per (b, c, h, 64 steps): (4) + (1) + D·x
@@ -1238,11 +1239,11 @@ __global__ void __launch_bounds__(NT) ssd_head_grads_kernel(T* dA, T* dD, const 
     dD[h] = T(float(dD[h]) + sd);
 }
 
-// Whether a bf16 run's scan takes block_gemm_tc (on by default in train_gpu --precision bf16; off with
-// --no-ssd-tensor-cores). H200, dev/cuda/ssd.cu, fwd+bwd: 6.57 → 5.70 ms at the 100m layer (Q = 64), 6.60 → 5.05 ms
-// at the 350m one (Q = 256). Over ten seeds of mamba2 (preset small, 500 steps) its mean validation loss is
-// fp32's to 0.03% (README, "Mixed precision"); one seed alone moves that loss by up to 1.8%. The fp32 FMA path
-// stays for fp32 runs and the CPU comparisons.
+// Whether a bf16 run's scan takes the tensor cores (block_gemm_tc and the ..._tc_kernels; on by default in
+// train_gpu --precision bf16, off with --no-ssd-tensor-cores). H200, dev/cuda/ssd.cu, fwd+bwd: 6.6 → 4.4 ms at the
+// 100m layer (Q = 64), 6.6 → 4.1 ms at the 350m one (Q = 256). Over ten seeds of mamba2 (preset small, 500 steps)
+// its mean validation loss is fp32's to 0.03% (README, "Mixed precision"; measured before the ..._tc_kernels); one
+// seed alone moves that loss by up to 1.8%. The fp32 FMA path stays for fp32 runs and the CPU comparisons.
 inline bool& ssd_tensor_cores() {
     static bool on = false;  // train_gpu sets it; the playground and the tests choose per case
     return on;

@@ -42,7 +42,7 @@ struct ModelConfig {
     int d_state = 128;  // N, also used by the H blocks' Mamba branch
     int ngroups = 1;    // G groups of B/C, also used by the H blocks
     int d_conv = 4;
-    int chunk = 64;  // chunk length Q of the chunked SSD (64 on the CPU, 256 on the GPU)
+    int chunk = 64;  // chunk length Q of the chunked SSD (64 in every preset, CPU and GPU; the GPU takes up to 256)
 
     // H blocks (Table 15): an attention branch with fewer heads, reduced q/k dim d_qk and value dim d_v
     // (heads · d_v = d_model), beside a Mamba-2 branch of reduced width intra_d_ssm
