@@ -66,14 +66,6 @@ __host__ __device__ inline int padded(int d) { return d | 1; }
 // Head-dim capacity of the per-thread accumulators, a compile-time bucket ≥ d (16 threads × d / 16 columns).
 inline int bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
-// Opt in to more than 48 KiB of dynamic shared memory (a host-side setting of the kernel, not an allocation;
-// cheap enough to repeat at every launch, which keeps it right for every template instantiation).
-template <typename Kernel>
-inline void allow_smem(Kernel kernel, size_t bytes) {
-    if (bytes > 48 * 1024)
-        cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-}
-
 // Copies `rows` rows of width d from a (B, T, heads, d) tensor — rows r0 .. r0+rows−1 of head `head` in batch
 // b — into shared memory with row stride ld, as float; rows ≥ T are zero (so they add nothing to any product).
 // Consecutive threads take consecutive elements of a row: coalesced global reads.

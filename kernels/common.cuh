@@ -1,4 +1,4 @@
-// common.cuh — what every CUDA file shares: error checks, ceil_div, a device buffer that owns one
+// common.cuh — what every CUDA file shares: error checks, ceil_div, allow_smem, a device buffer that owns one
 // allocation, and the small device helpers of every kernel file (scalar activations, warp_sum,
 // elementwise_grid, the deterministic column sum colsum, elementwise add / accumulate). The kernels mirror model/ (same names, same argument order) in namespace hl::gpu and work
 // on device pointers; host-side layouts (Arena, the *_params / *_acts functions of model/) are reused
@@ -25,6 +25,15 @@ inline void cuda_check(cudaError_t e, const char* file, int line) {
 #define cudaCheckLast() ::hl::gpu::cuda_check(cudaGetLastError(), __FILE__, __LINE__)
 
 __host__ __device__ constexpr inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Opt in to more than 48 KiB of dynamic shared memory (a host-side setting of the kernel on the current device,
+// not an allocation; cheap enough to repeat at every launch, which keeps it right for every template instantiation
+// and every device).
+template <typename Kernel>
+inline void allow_smem(Kernel kernel, size_t bytes) {
+    if (bytes > 48 * 1024)
+        cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
 
 // One device allocation of n elements of T, freed when it goes out of scope.
 template <typename T>

@@ -13,9 +13,9 @@
 // Kernels (all blocks NT = 256 threads; every product of two matrices is a block tile of 64 rows ×
 // 64 or 128 columns computed from shared-memory K slices, 4 × (BN/16) outputs per thread: block_gemm, on
 // fp32 FMAs, or on the tensor cores with bf16 operands — block_gemm_tc, Dims::tc, when ssd_tensor_cores();
-// both fetch the next K slice into registers while the current one is multiplied. On the tensor cores, chunk_state,
-// chunk_output and bwd_dx have kernels of their own instead (..._tc_kernel: bf16 tiles staged from float4 loads,
-// mma.sync fragments from kernels/mma.cuh, the decay mask applied to the scores in registers):
+// both fetch the next K slice into registers while the current one is multiplied. On the tensor cores, every kernel
+// with a product has one of its own instead (..._tc_kernel: bf16 tiles staged from float4 loads, mma.sync fragments
+// from kernels/mma.cuh, the decay mask applied to the scores in registers):
 //   forward   1. chunk_state   per (b, c, h, 64 rows of P): (2) S_local = Xᵀ·diag(w)·B
 //             2. state_pass    per (b, h, slice of P·N): (3) sequential over chunks, in place
 //             3. chunk_output  per (b, c, h, 64 steps): (4) + (1) + D·x
@@ -46,8 +46,11 @@
 #pragma once
 #include <cstddef>             // size_t
 #include <cuda_runtime.h>      // cudaStream_t, kernel launches, expf / fminf on the device
+#include <atomic>              // tc_fits' once-only note
 #include <cstdint>             // uintptr_t
-#include <type_traits>         // std::is_same_v: the tensor-core chunk_state reads fp32 storage
+#include <cstdio>              // std::fprintf: the note when the tensor-core kernels do not fit
+#include <initializer_list>    // tc_fits' lists of pointers
+#include <type_traits>         // std::is_same_v (the tensor-core kernels read fp32 storage), integral_constant
 #include <mma.h>               // nvcuda::wmma: block_gemm on the tensor cores (bf16 runs)
 #include "kernels/common.cuh"  // cudaCheckLast, ceil_div
 #include "kernels/mma.cuh"     // mma::ldsm_x4_trans, tile_ab: the tensor-core chunk_state
@@ -381,6 +384,37 @@ __device__ inline void stage_bf16(bf16* dst, int ld, int rows, int width, int va
 }
 __device__ inline float unscaled(int) { return 1.f; }
 
+// Whether the tensor-core kernels apply: Dims::tc, P and N multiples of 4 (float4 staging), and every pointer in
+// `vec` 16-byte aligned (float4 loads), every one in `pair` 8-byte aligned (float2 loads and stores). When Dims::tc
+// is set but a shape or a pointer does not fit, the launchers fall back to the block GEMMs, slower; the first
+// such fallback in a process says so on stderr.
+inline bool tc_fits(const Dims& d, const char* who, std::initializer_list<const void*> vec,
+                    std::initializer_list<const void*> pair) {
+    if (!d.tc) return false;
+    bool ok = d.P % 4 == 0 && d.N % 4 == 0;
+    for (const void* p : vec) ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+    for (const void* p : pair) ok = ok && reinterpret_cast<uintptr_t>(p) % 8 == 0;
+    static std::atomic<bool> told{false};
+    if (!ok && !told.exchange(true))
+        std::fprintf(stderr, "note: ssd %s: P=%d, N=%d or a tensor's alignment does not fit the tensor-core kernels "
+                             "(P, N multiples of 4, 16-byte aligned tensors); using the block GEMMs\n", who, d.P, d.N);
+    return ok;
+}
+
+// Calls launch(NF, PF) with the feature tiles of N and P as std::integral_constant: one instantiation of a
+// tensor-core kernel per (64 | 128, 64 | 128).
+template <class Launch>
+void tc_dispatch(const Dims& d, Launch&& launch) {
+    using F64 = std::integral_constant<int, 64>;
+    using F128 = std::integral_constant<int, 128>;
+    const bool n64 = feat_tile(d.N) == 64, p64 = feat_tile(d.P) == 64;
+    if (n64 && p64) launch(F64{}, F64{});
+    else if (n64) launch(F64{}, F128{});
+    else if (p64) launch(F128{}, F64{});
+    else launch(F128{}, F128{});
+    cudaCheckLast();
+}
+
 // chunk_state on the tensor cores: the same product, grid and outputs as ssd_chunk_state_kernel, for fp32 storage
 // under Dims::tc when P and N are multiples of 4 and U, V are 16-byte aligned (launch_chunk_state checks). Instead
 // of block_gemm_tc's element-by-element fetch through lambdas, 16 steps a slice, each K slice here is CS_KT = 64
@@ -459,8 +493,7 @@ void launch_chunk_state(S* slots, T* end, const T* U, const T* dt, const T* A, c
                         cudaStream_t stream) {
     const dim3 grid(ceil_div(d.P, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
-        const bool aligned = reinterpret_cast<uintptr_t>(U) % 16 == 0 && reinterpret_cast<uintptr_t>(V) % 16 == 0;
-        if (d.tc && d.P % 4 == 0 && d.N % 4 == 0 && aligned) {
+        if (tc_fits(d, BWD ? "chunk_state (backward)" : "chunk_state", {U, V}, {})) {
             if (feat_tile(d.N) == 64)
                 ssd_chunk_state_tc_kernel<S, 64, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
             else
@@ -586,6 +619,15 @@ ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, co
     }
 }
 
+// Dynamic shared memory of the tensor-core kernels but chunk_state: a (64, stay_width) bf16 tile that stays (C or B
+// rows: NF wide; x or dy rows: PF wide), and a region that holds first a (PF, NF) state, then a (64, NF) and a
+// (64, PF) tile (row strides padded by 8).
+template <int NF, int PF>
+__host__ __device__ constexpr size_t tc_tile_smem(int stay_width) {
+    constexpr size_t LN = NF + 8, LP = PF + 8, state = PF * LN, tiles = BM * (LN + LP);
+    return sizeof(bf16) * (BM * (size_t)(stay_width + 8) + (state > tiles ? state : tiles));
+}
+
 // chunk_output on the tensor cores, for fp32 storage under Dims::tc (P, N multiples of 4; x, Bm, Cm, chunk_states
 // 16-byte aligned, y 8-byte: launch_chunk_output checks). The same outputs and grid as ssd_chunk_output_kernel, in
 // the attention forward's pattern: the block's 64 rows of C and the chunk's S_in are staged as bf16 (stage_bf16),
@@ -594,13 +636,6 @@ ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, co
 // and turned straight into the A operand of the product with the j tile of x. (Both warps of a row block compute
 // the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
 // B and x tiles reuse (dynamic, tc_tile_smem).
-// Dynamic shared memory of chunk_output_tc and bwd_dx_tc: a (64, NF) bf16 tile that stays, and a region that holds
-// first a (PF, NF) state, then a (64, NF) and a (64, PF) tile (row strides padded by 8).
-template <int NF, int PF>
-__host__ __device__ constexpr size_t tc_tile_smem() {
-    constexpr size_t LN = NF + 8, LP = PF + 8, s_in = PF * LN, bx = BM * LN + BM * LP;
-    return sizeof(bf16) * (BM * LN + (s_in > bx ? s_in : bx));
-}
 template <int NF, int PF>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
 ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, const float* dt, const float* A,
@@ -683,20 +718,14 @@ void launch_chunk_output(T* y, const T* chunk_states, const T* x, const T* dt, c
                          const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
-        auto al = [](const void* p, int n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
-        if (d.tc && d.P % 4 == 0 && d.N % 4 == 0 && al(x, 16) && al(Bm, 16) && al(Cm, 16) && al(chunk_states, 16) &&
-            al(y, 8)) {
-            auto go = [&](auto kernel, size_t smem) {
-                if (smem > 48 * 1024)
-                    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (tc_fits(d, "chunk_output", {x, Bm, Cm, chunk_states}, {y})) {
+            tc_dispatch(d, [&](auto nf, auto pf) {
+                constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
+                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF>;
+                const size_t smem = tc_tile_smem<NF, PF>(NF);
+                allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
-            };
-            const bool n64 = feat_tile(d.N) == 64, p64 = feat_tile(d.P) == 64;
-            if (n64 && p64) go(ssd_chunk_output_tc_kernel<64, 64>, tc_tile_smem<64, 64>());
-            else if (n64) go(ssd_chunk_output_tc_kernel<64, 128>, tc_tile_smem<64, 128>());
-            else if (p64) go(ssd_chunk_output_tc_kernel<128, 64>, tc_tile_smem<128, 64>());
-            else go(ssd_chunk_output_tc_kernel<128, 128>, tc_tile_smem<128, 128>());
-            cudaCheckLast();
+            });
             return;
         }
     }
@@ -972,20 +1001,14 @@ void launch_bwd_dx(T* dx, T* ddt, float* v_state, const T* dy, const float* slot
                    const T* A, const T* Bm, const T* Cm, const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
-        auto al = [](const void* p, int n) { return reinterpret_cast<uintptr_t>(p) % n == 0; };
-        if (d.tc && d.P % 4 == 0 && d.N % 4 == 0 && al(dy, 16) && al(x, 16) && al(Bm, 16) && al(Cm, 16) &&
-            al(slots, 16) && al(dx, 8)) {
-            auto go = [&](auto kernel, size_t smem) {
-                if (smem > 48 * 1024)
-                    cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        if (tc_fits(d, "bwd_dx", {dy, x, Bm, Cm, slots}, {dx})) {
+            tc_dispatch(d, [&](auto nf, auto pf) {
+                constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
+                const auto kernel = ssd_bwd_dx_tc_kernel<NF, PF>;
+                const size_t smem = tc_tile_smem<NF, PF>(NF);
+                allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
-            };
-            const bool n64 = feat_tile(d.N) == 64, p64 = feat_tile(d.P) == 64;
-            if (n64 && p64) go(ssd_bwd_dx_tc_kernel<64, 64>, tc_tile_smem<64, 64>());
-            else if (n64) go(ssd_bwd_dx_tc_kernel<64, 128>, tc_tile_smem<64, 128>());
-            else if (p64) go(ssd_bwd_dx_tc_kernel<128, 64>, tc_tile_smem<128, 64>());
-            else go(ssd_bwd_dx_tc_kernel<128, 128>, tc_tile_smem<128, 128>());
-            cudaCheckLast();
+            });
             return;
         }
     }
@@ -1170,6 +1193,277 @@ ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const T* dy, const T* chunk_
     }
 }
 
+// Stores a warp's 16 × WN accumulator tile of a block's 64 × N output (rows ra = 16·wm + lane / 4 and ra + 8;
+// columns WN·wn + 8n + 2·(lane % 4), two at a time) into a (B, T, G, N) tensor at rows t0 + r0 + row < t0 + len.
+template <int WN>
+__device__ inline void store_bc_tile(float* dst, const float (&acc)[WN / 8][4], const Dims& d, int b, int g, int t0,
+                                     int r0, int len) {
+    const int lane = threadIdx.x % 32, wm = threadIdx.x / 32 % 4, wn = threadIdx.x / 128;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int r = r0 + 16 * wm + lane / 4 + 8 * half;
+        if (r >= len) continue;
+        float* row = dst + d.bc(b, t0 + r, g);
+#pragma unroll
+        for (int n = 0; n < WN / 8; n++) {
+            const int col = WN * wn + 8 * n + 2 * (lane % 4);
+            if (col < d.N)  // (N is a multiple of 4, so col + 1 < N too)
+                *reinterpret_cast<float2*>(row + col) = make_float2(acc[n][2 * half], acc[n][2 * half + 1]);
+        }
+    }
+}
+
+// dB on the tensor cores, for fp32 storage under Dims::tc (launch_bwd_dB checks the fit). The same sums, grid and
+// outputs as ssd_bwd_dB_kernel, in bwd_dx_tc's pattern with x in place of B: per head, the block's 64 rows j of
+// dt_j·x_j are staged as bf16 and stay; the state part (dt_j·x_j)·dS_out is one product (K = P) on the staged
+// dS_out, scaled by exp(cum_last − cum_j) in registers and added to the slice total; per causal i tile the scores
+// (dt_j·x_j)·dy_iᵀ (K = P) are masked and weighted by exp(cum_i − cum_j) in registers and multiply the i tile of C,
+// straight into the total. Each warp: 16 rows j × NF/2 columns n (both warps of a row block compute the scores).
+template <int NF, int PF>
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_bwd_dB_tc_kernel(float* dBm, float* part, const float* dy, const float* slots, const float* x, const float* dt,
+                     const float* A, const float* Cm, Dims d, int heads_per_slice) {
+    constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2;  // row strides; a warp's columns n
+    const int nslices = d.hpg() / heads_per_slice;
+    const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
+    const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
+    if (j0 >= len) return;
+    const int P = d.P, N = d.N, lane = threadIdx.x % 32, wm = threadIdx.x / 32 % 4, wn = threadIdx.x / 128;
+    __shared__ float cum[NT], sdt[NT];
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sx = reinterpret_cast<bf16*>(smem_raw);  // (64, LP) dt_j·x_j, rows j0 ..
+    bf16* sS = sx + BM * LP;                        // (PF, LN) dS_out, rows p; then:
+    bf16* sdy = sS;                                 // (64, LP) dy rows i0 ..
+    bf16* sc = sS + BM * LP;                        // (64, LN) C rows i0 ..
+    const int ja = j0 + 16 * wm + lane / 4, jb = ja + 8;  // this lane's two rows (< NT: j0 + 63 < Q)
+    float acc[WN / 8][4];  // the slice total
+    mma::zero(acc);
+    for (int hh = 0; hh < heads_per_slice; hh++) {
+        const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
+        chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
+        const float* dS = slots + d.chunk(bh, c);  // dS_out of this chunk (P, N)
+        stage_bf16(
+            sx, LP, BM, PF, P, [&](int r) { return j0 + r < len ? x + d.x(b, t0 + j0 + r, h) : nullptr; },
+            [&](int r) { return sdt[j0 + r]; });
+        stage_bf16(
+            sS, LN, PF, NF, N, [&](int p) { return p < P ? dS + (size_t)p * N : nullptr; }, unscaled);
+        __syncthreads();
+        {  // state part: exp(cum_last − cum_j)·(dt_j·x_j)·dS_out
+            float st[WN / 8][4];
+            mma::zero(st);
+#pragma unroll
+            for (int kk = 0; kk < PF; kk += 16) {
+                uint32_t a[1][4];
+                mma::load_a<16>(a, sx + 16 * wm * LP + kk, LP);
+                mma::tile_ab<16, WN>(st, a, sS + kk * LN + WN * wn, LN);
+            }
+            const float cum_last = cum[len - 1];
+            const float ea = decay_exp(cum_last - cum[ja]), eb = decay_exp(cum_last - cum[jb]);
+#pragma unroll
+            for (int n = 0; n < WN / 8; n++)
+                acc[n][0] += ea * st[n][0], acc[n][1] += ea * st[n][1], acc[n][2] += eb * st[n][2],
+                    acc[n][3] += eb * st[n][3];
+        }
+        __syncthreads();  // dS_out's space is the dy and C tiles' from here
+        for (int i0 = j0; i0 < len; i0 += BM) {
+            stage_bf16(
+                sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
+                unscaled);
+            stage_bf16(
+                sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; },
+                unscaled);
+            __syncthreads();
+            float sc_ij[BM / 8][4];  // scores (dt_j·x_j)·dy_i of this warp's 16 rows j, columns i0 + 8n ..
+            mma::zero(sc_ij);
+            mma::tile_abt<PF, BM>(sc_ij, sx + 16 * wm * LP, LP, sdy, LP);
+#pragma unroll
+            for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {  // steps i ≥ len have zero dy and C rows, so they add nothing
+                    const int i = i0 + 8 * n + 2 * (lane % 4) + e;
+                    const float ci = cum[i];
+                    sc_ij[n][e] = i >= ja ? decay_exp(ci - cum[ja]) * sc_ij[n][e] : 0.f;
+                    sc_ij[n][2 + e] = i >= jb ? decay_exp(ci - cum[jb]) * sc_ij[n][2 + e] : 0.f;
+                }
+            uint32_t pa[BM / 16][4];
+            mma::to_a<BM>(pa, sc_ij);
+            mma::tile_ab<BM, WN>(acc, pa, sc + WN * wn, LN);
+            __syncthreads();  // the tiles are restaged next (and x, cum with the next head)
+        }
+    }
+    store_bc_tile<WN>(nslices == 1 ? dBm : part + (size_t)s * d.B * d.T_ * d.G * N, acc, d, b, g, t0, j0, len);
+}
+
+// dC on the tensor cores, for fp32 storage under Dims::tc (launch_bwd_dC checks the fit). The same sums, grid and
+// outputs as ssd_bwd_dC_kernel, in chunk_output_tc's pattern with dy in place of C: per head, the block's 64 rows i
+// of dy are staged as bf16 and stay; the head's dC^h starts as dy_i·S_in (K = P) on the staged S_in, scaled by
+// exp(cum_i) in registers; per causal j tile the scores dy_i·x_jᵀ (K = P) are masked and weighted by
+// exp(cum_i − cum_j)·dt_j in registers and multiply the j tile of B. ⟨C_i, dC^h_i⟩ is taken from the registers
+// (quad, then the row block's two warps, fixed order); then dC^h is added to the slice total, which stays in shared
+// memory (fp32, each thread its own elements) so that only one head's accumulators live in registers.
+template <int NF, int PF>
+__host__ __device__ constexpr size_t dC_tc_smem() {
+    return tc_tile_smem<NF, PF>(PF) + sizeof(float) * BM * (NF + 8);
+}
+template <int NF, int PF>
+__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const float* dy, const float* chunk_states, const float* x,
+                     const float* dt, const float* A, const float* Bm, const float* Cm, Dims d, int heads_per_slice) {
+    constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2, LT = NF + 8;  // row strides; a warp's columns n
+    const int nslices = d.hpg() / heads_per_slice;
+    const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
+    const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
+    if (i0 >= len) return;
+    const int P = d.P, N = d.N, lane = threadIdx.x % 32, wm = threadIdx.x / 32 % 4, wn = threadIdx.x / 128;
+    __shared__ float cum[NT], sdt[NT];
+    __shared__ float red[2][BM];  // (warp column wn) × row: the cross-warp sums of ⟨C_i, dC^h_i⟩
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    bf16* sdy = reinterpret_cast<bf16*>(smem_raw);  // (64, LP) dy rows i0 ..
+    bf16* sS = sdy + BM * LP;                        // (PF, LN) S_in, rows p; then:
+    bf16* sx = sS;                                   // (64, LP) x rows j0 ..
+    bf16* sB = sS + BM * LP;                         // (64, LN) B rows j0 ..
+    float* tot = reinterpret_cast<float*>(smem_raw + tc_tile_smem<NF, PF>(PF));  // (64, LT) the slice total
+    const int ra = 16 * wm + lane / 4, rb = ra + 8;  // this lane's two rows of the tile
+    const int ia = i0 + ra, ib = i0 + rb;
+    for (int hh = 0; hh < heads_per_slice; hh++) {
+        const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
+        chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
+        const float* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
+        stage_bf16(
+            sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
+            unscaled);
+        stage_bf16(
+            sS, LN, PF, NF, N, [&](int p) { return p < P ? S_in + (size_t)p * N : nullptr; }, unscaled);
+        __syncthreads();
+        // (4): exp(cum_i)·dy_i·S_in
+        float acc[WN / 8][4];
+        mma::zero(acc);
+#pragma unroll
+        for (int kk = 0; kk < PF; kk += 16) {
+            uint32_t a[1][4];
+            mma::load_a<16>(a, sdy + 16 * wm * LP + kk, LP);
+            mma::tile_ab<16, WN>(acc, a, sS + kk * LN + WN * wn, LN);
+        }
+        const float ea = decay_exp(cum[ia]), eb = decay_exp(cum[ib]);
+#pragma unroll
+        for (int n = 0; n < WN / 8; n++) acc[n][0] *= ea, acc[n][1] *= ea, acc[n][2] *= eb, acc[n][3] *= eb;
+        __syncthreads();  // S_in's space is the x and B tiles' from here
+        // (1): causal j tiles
+        for (int j0 = 0; j0 <= i0; j0 += BM) {
+            stage_bf16(
+                sx, LP, BM, PF, P, [&](int r) { return j0 + r < len ? x + d.x(b, t0 + j0 + r, h) : nullptr; },
+                unscaled);
+            stage_bf16(
+                sB, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; },
+                unscaled);
+            __syncthreads();
+            float sc_ij[BM / 8][4];  // scores dy_i·x_j of this warp's 16 rows i, columns j0 + 8n ..
+            mma::zero(sc_ij);
+            mma::tile_abt<PF, BM>(sc_ij, sdy + 16 * wm * LP, LP, sx, LP);
+#pragma unroll
+            for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {  // steps j ≥ len have sdt 0, so they add nothing
+                    const int j = j0 + 8 * n + 2 * (lane % 4) + e;
+                    const float cj = cum[j], wj = sdt[j];
+                    sc_ij[n][e] = j <= ia ? decay_exp(cum[ia] - cj) * wj * sc_ij[n][e] : 0.f;
+                    sc_ij[n][2 + e] = j <= ib ? decay_exp(cum[ib] - cj) * wj * sc_ij[n][2 + e] : 0.f;
+                }
+            uint32_t pa[BM / 16][4];
+            mma::to_a<BM>(pa, sc_ij);
+            mma::tile_ab<BM, WN>(acc, pa, sB + WN * wn, LN);
+            __syncthreads();  // the tiles are restaged next (and dy, cum with the next head)
+        }
+        // ⟨C_i, dC^h_i⟩ over this lane's columns, then the quad, then the two warps of the row block; the head's
+        // share added to the slice total
+        float ca = 0.f, cb = 0.f;
+#pragma unroll
+        for (int n = 0; n < WN / 8; n++) {
+            const int col = WN * wn + 8 * n + 2 * (lane % 4);
+            if (col < N) {  // (N is a multiple of 4, so col + 1 < N too)
+                if (ia < len) {
+                    const float2 cv = *reinterpret_cast<const float2*>(Cm + d.bc(b, t0 + ia, g) + col);
+                    ca += cv.x * acc[n][0] + cv.y * acc[n][1];
+                }
+                if (ib < len) {
+                    const float2 cv = *reinterpret_cast<const float2*>(Cm + d.bc(b, t0 + ib, g) + col);
+                    cb += cv.x * acc[n][2] + cv.y * acc[n][3];
+                }
+            }
+            float2* ta = reinterpret_cast<float2*>(tot + ra * LT + col);
+            float2* tb = reinterpret_cast<float2*>(tot + rb * LT + col);
+            const float2 pa2 = hh ? *ta : make_float2(0.f, 0.f), pb2 = hh ? *tb : make_float2(0.f, 0.f);
+            *ta = make_float2(pa2.x + acc[n][0], pa2.y + acc[n][1]);
+            *tb = make_float2(pb2.x + acc[n][2], pb2.y + acc[n][3]);
+        }
+#pragma unroll
+        for (int off = 1; off < 4; off <<= 1)
+            ca += __shfl_xor_sync(0xffffffffu, ca, off), cb += __shfl_xor_sync(0xffffffffu, cb, off);
+        if (lane % 4 == 0) red[wn][ra] = ca, red[wn][rb] = cb;
+        __syncthreads();
+        const int r = threadIdx.x;
+        if (r < BM && i0 + r < len) cdot[(size_t)bh * d.T_ + t0 + i0 + r] = red[0][r] + red[1][r];
+        // (red is next written after the next head's barriers)
+    }
+    // the slice total, from this thread's own elements of tot
+    float acc[WN / 8][4];
+#pragma unroll
+    for (int n = 0; n < WN / 8; n++) {
+        const int col = WN * wn + 8 * n + 2 * (lane % 4);
+        const float2 va = *reinterpret_cast<const float2*>(tot + ra * LT + col);
+        const float2 vb = *reinterpret_cast<const float2*>(tot + rb * LT + col);
+        acc[n][0] = va.x, acc[n][1] = va.y, acc[n][2] = vb.x, acc[n][3] = vb.y;
+    }
+    store_bc_tile<WN>(nslices == 1 ? dCm : part + (size_t)s * d.B * d.T_ * d.G * N, acc, d, b, g, t0, i0, len);
+}
+
+// Launch dB and dC (summed over the heads of each slice of a group; grid (tiles, chunks, B·G·slices)) on the
+// tensor-core kernels when they apply, else on the block-GEMM ones.
+template <typename T>
+void launch_bwd_dB(T* dBm, float* part, const T* dy, const float* slots, const T* x, const T* dt, const T* A,
+                   const T* Cm, const Dims& d, int hps, cudaStream_t stream) {
+    const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.G * (d.hpg() / hps));
+    if constexpr (std::is_same_v<T, float>) {
+        if (tc_fits(d, "bwd_dB", {dy, slots, x, Cm}, {dBm, part})) {
+            tc_dispatch(d, [&](auto nf, auto pf) {
+                constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
+                const auto kernel = ssd_bwd_dB_tc_kernel<NF, PF>;
+                const size_t smem = tc_tile_smem<NF, PF>(PF);
+                allow_smem(kernel, smem);
+                kernel<<<grid, NT, smem, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
+            });
+            return;
+        }
+    }
+    if (feat_tile(d.N) == 64)
+        ssd_bwd_dB_kernel<T, 64><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
+    else
+        ssd_bwd_dB_kernel<T, 128><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
+    cudaCheckLast();
+}
+template <typename T>
+void launch_bwd_dC(T* dCm, float* part, float* cdot, const T* dy, const T* chunk_states, const T* x, const T* dt,
+                   const T* A, const T* Bm, const T* Cm, const Dims& d, int hps, cudaStream_t stream) {
+    const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.G * (d.hpg() / hps));
+    if constexpr (std::is_same_v<T, float>) {
+        if (tc_fits(d, "bwd_dC", {dy, chunk_states, x, Bm}, {Cm, dCm, part})) {
+            tc_dispatch(d, [&](auto nf, auto pf) {
+                constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
+                const auto kernel = ssd_bwd_dC_tc_kernel<NF, PF>;
+                const size_t smem = dC_tc_smem<NF, PF>();
+                allow_smem(kernel, smem);
+                kernel<<<grid, NT, smem, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
+            });
+            return;
+        }
+    }
+    if (feat_tile(d.N) == 64)
+        ssd_bwd_dC_kernel<T, 64><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
+    else
+        ssd_bwd_dC_kernel<T, 128><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
+    cudaCheckLast();
+}
+
 // out[i] = Σ_{s<nslices} part[s·n + i], in slice order (deterministic). Grid-stride over the n
 // elements of a (B, T, G, N) tensor; one thread per element, coalesced.
 template <typename T>
@@ -1284,9 +1578,9 @@ inline BwdScratch bwd_scratch(float* base, const Dims& d) {
     const size_t BH = (size_t)d.B * d.H;
     const size_t part = s.nslices > 1 ? (size_t)s.nslices * d.B * d.T_ * d.G * d.N : 0;
     size_t off = 0;
-    auto take = [&](size_t n) {
+    auto take = [&](size_t n) {  // each part a multiple of 4 floats: 16-byte aligned when base is (tc_fits)
         float* p = base ? base + off : nullptr;
-        off += n;
+        off += (n + 3) / 4 * 4;
         return p;
     };
     s.slots = take(BH * d.nchunks * d.PN());
@@ -1343,7 +1637,6 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
     const Dims d = ssd_dims("ssd_chunked_backward", B, T_, H, P, G, N, Q);
     HL_CHECK(scratch, "ssd_chunked_backward: scratch must hold ssd_chunked_backward_scratch_size(...) floats");
     const BwdScratch s = bwd_scratch(scratch, d);
-    const int ntiles = ceil_div(T_ < Q ? T_ : Q, BM);
     const int hps = ssd_heads_per_slice(d.hpg());
     // 1. each chunk's own share of dS_in: Σ_i exp(cum_i)·dy_i ⊗ C_i → slot c − 1 / dinit_state
     launch_chunk_state<true>(s.slots, dinit_state, dy, dt, A, Cm, d, stream);
@@ -1354,18 +1647,8 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
     // 3. dx and the direct part of ddt
     launch_bwd_dx(dx, ddt, s.v_state, dy, s.slots, x, dt, A, Bm, Cm, D, d, stream);
     // 4., 5. dB and dC, summed over the heads of each slice of a group
-    const dim3 gg(ntiles, d.nchunks, B * G * s.nslices);
-    if (feat_tile(N) == 64) {
-        ssd_bwd_dB_kernel<T, 64><<<gg, NT, 0, stream>>>(dBm, s.dB_part, dy, s.slots, x, dt, A, Cm, d, hps);
-        cudaCheckLast();
-        ssd_bwd_dC_kernel<T, 64><<<gg, NT, 0, stream>>>(dCm, s.dC_part, s.cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
-        cudaCheckLast();
-    } else {
-        ssd_bwd_dB_kernel<T, 128><<<gg, NT, 0, stream>>>(dBm, s.dB_part, dy, s.slots, x, dt, A, Cm, d, hps);
-        cudaCheckLast();
-        ssd_bwd_dC_kernel<T, 128><<<gg, NT, 0, stream>>>(dCm, s.dC_part, s.cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
-        cudaCheckLast();
-    }
+    launch_bwd_dB(dBm, s.dB_part, dy, s.slots, x, dt, A, Cm, d, hps, stream);
+    launch_bwd_dC(dCm, s.dC_part, s.cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps, stream);
     // 6. several slices per group: add them up
     if (s.nslices > 1) {
         const size_t n = (size_t)B * T_ * G * N;

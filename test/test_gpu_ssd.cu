@@ -279,7 +279,11 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
     const std::vector<Case> cases = {
         {2, 300, 4, 64, 1, 128, 256, true, true},   // the paper's P = 64, N = 128, Q = 256
         {2, 200, 4, 128, 2, 64, 64, false, true},   // wide heads, two groups
-        {1, 130, 2, 65, 1, 65, 128, true, false},   // sizes off the tiles
+        {1, 130, 2, 65, 1, 65, 128, true, false},   // sizes off the tiles (the block GEMMs: P, N not multiples of 4)
+        {2, 300, 4, 128, 1, 128, 256, true, true},  // P = N = 128 at Q = 256: four causal tiles a chunk
+        {2, 100, 8, 16, 1, 16, 64, true, true},     // two head slices a group: dB, dC through the slice sums
+        {1, 64, 24, 16, 1, 32, 32, true, false},    // six slices; N = 32 inside a 64-wide tile
+        {2, 50, 6, 8, 2, 8, 16, false, true},       // 3 heads per group, two groups, 16-step chunks
     };
     const hl::gpu::Bf16Operands ops;  // (the scan only asks whether bf16 operands are in effect)
     hl::gpu::ssd_detail::ssd_tensor_cores() = true;  // (train_gpu: on under bf16, see kernels/ssd.cuh)

@@ -595,7 +595,7 @@ void forward(float* out, float* lse, const float* q, const float* k, const float
     const dim3 grid(ceil_div(T, attn::BR), B * H);
     const float scale_log2 = attn::LOG2E / sqrtf((float)D);
     auto launch = [&](auto kernel) {
-        attn::allow_smem(kernel, smem);
+        hl::gpu::allow_smem(kernel, smem);
         kernel<<<grid, wmma_tc::THREADS, smem>>>(out, lse, q, k, v, T, H, Hkv, 0, 0, scale_log2);
         cudaCheckLast();
     };
@@ -612,7 +612,7 @@ void backward(float* dq, float* dk, float* dv, float* Dr, const float* dout, con
     const size_t smem = attention_tc_smem_backward(D);
     const float scale = 1.f / sqrtf((float)D), scale_log2 = attn::LOG2E * scale;
     auto launch = [&](auto kernel, dim3 grid, auto... args) {
-        attn::allow_smem(kernel, smem);
+        hl::gpu::allow_smem(kernel, smem);
         kernel<<<grid, wmma_tc::THREADS, smem>>>(args...);
         cudaCheckLast();
     };

@@ -326,19 +326,15 @@ Outputs cpu_reference(const Problem& p) {
 }
 
 // v2's (or, with tc, v3's) kernels one by one (the launch sequence of kernels/ssd.cuh, each timed alone).
+// (Named for v2, it times v3 as well: the same launchers, with Dims::tc set.)
 void v2_breakdown(Problem& p, int reps, bool tc) {
     using namespace hl::gpu::ssd_detail;
     const Shape& s = p.s;
     Dims d = ssd_dims("dev", s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
     d.tc = tc;  // (the kernels read only this; no Bf16Scope needed)
     const BwdScratch sc = bwd_scratch(p.scratch.ptr, d);
-    const int ntiles = ceil_div(std::min(s.T, s.Q), BM), hps = ssd_heads_per_slice(d.hpg());
-    const dim3 gh(ntiles, d.nchunks, s.B * s.H);
-    const dim3 gg(ntiles, d.nchunks, s.B * s.G * sc.nslices), gp(sc.nsplit, s.B * s.H);
-    if (s.P != 128 || s.N != 128) {
-        std::printf("  (breakdown only for P = N = 128)\n");
-        return;
-    }
+    const int hps = ssd_heads_per_slice(d.hpg());
+    const dim3 gp(sc.nsplit, s.B * s.H);
     struct Item {
         const char* name;
         std::function<void()> f;
@@ -350,8 +346,8 @@ void v2_breakdown(Problem& p, int reps, bool tc) {
         {"bwd 1 chunk_state(dy,C)", [&] { launch_chunk_state<true>(sc.slots, p.dinit.ptr, p.dy.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, 0); }},
         {"bwd 2 state_pass_bwd", [&] { ssd_state_pass_bwd_kernel<float><<<gp, NT>>>(sc.slots, p.dinit.ptr, sc.dot_part, p.dfin.ptr, p.states.ptr, p.dt.ptr, p.A.ptr, d); }},
         {"bwd 3 dx", [&] { launch_bwd_dx(p.dx.ptr, p.ddt.ptr, sc.v_state, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d, 0); }},
-        {"bwd 4 dB", [&] { ssd_bwd_dB_kernel<float, 128><<<gg, NT>>>(p.dBm.ptr, sc.dB_part, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, hps); }},
-        {"bwd 5 dC", [&] { ssd_bwd_dC_kernel<float, 128><<<gg, NT>>>(p.dCm.ptr, sc.dC_part, sc.cdot, p.dy.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, d, hps); }},
+        {"bwd 4 dB", [&] { launch_bwd_dB(p.dBm.ptr, sc.dB_part, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, hps, 0); }},
+        {"bwd 5 dC", [&] { launch_bwd_dC(p.dCm.ptr, sc.dC_part, sc.cdot, p.dy.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, d, hps, 0); }},
         {"bwd 6 sum_slices x2", [&] {
              const size_t n = (size_t)s.B * s.T * s.G * s.N;
              if (sc.nslices > 1) {
