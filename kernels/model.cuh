@@ -264,14 +264,18 @@ struct GpuModel {
             dres = a.take("dres", {N, D});
             dlosses = a.take("dlosses", {N});
         };
+        // Every activation 256-byte aligned (64 floats), as cudaMalloc aligns a buffer: the vectorised loads of the
+        // SSD's tensor-core kernels need 16 bytes, and a small model's odd sizes would otherwise break that.
         Arena<float> count;
         Arena<int> icount;
+        count.align = 64;
         layout(count, icount);
         act.alloc(count.size);
         act.zero();
         if (icount.size > 0) iact.alloc(icount.size);
         Arena<float> a(act.ptr);
         Arena<int> ia(iact.ptr);
+        a.align = 64;
         layout(a, ia);
         tokens_buf.alloc(size_t(N));
         targets_buf.alloc(size_t(N));

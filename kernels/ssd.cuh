@@ -46,7 +46,7 @@
 #pragma once
 #include <cstddef>             // size_t
 #include <cuda_runtime.h>      // cudaStream_t, kernel launches, expf / fminf on the device
-#include <atomic>              // tc_fits' once-only note
+#include <atomic>              // tc_fallbacks, the count of launches that could not take the tensor cores
 #include <cstdint>             // uintptr_t
 #include <cstdio>              // std::fprintf: the note when the tensor-core kernels do not fit
 #include <initializer_list>    // tc_fits' lists of pointers
@@ -386,16 +386,19 @@ __device__ inline float unscaled(int) { return 1.f; }
 
 // Whether the tensor-core kernels apply: Dims::tc, P and N multiples of 4 (float4 staging), and every pointer in
 // `vec` 16-byte aligned (float4 loads), every one in `pair` 8-byte aligned (float2 loads and stores). When Dims::tc
-// is set but a shape or a pointer does not fit, the launchers fall back to the block GEMMs, slower; the first
-// such fallback in a process says so on stderr.
+// is set but a shape or a pointer does not fit, the launchers fall back to the block GEMMs, slower: tc_fallbacks()
+// counts those launches, and the first in a process says so on stderr.
+inline std::atomic<long>& tc_fallbacks() {
+    static std::atomic<long> n{0};
+    return n;
+}
 inline bool tc_fits(const Dims& d, const char* who, std::initializer_list<const void*> vec,
                     std::initializer_list<const void*> pair) {
     if (!d.tc) return false;
     bool ok = d.P % 4 == 0 && d.N % 4 == 0;
     for (const void* p : vec) ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
     for (const void* p : pair) ok = ok && reinterpret_cast<uintptr_t>(p) % 8 == 0;
-    static std::atomic<bool> told{false};
-    if (!ok && !told.exchange(true))
+    if (!ok && tc_fallbacks()++ == 0)
         std::fprintf(stderr, "note: ssd %s: P=%d, N=%d or a tensor's alignment does not fit the tensor-core kernels "
                              "(P, N multiples of 4, 16-byte aligned tensors); using the block GEMMs\n", who, d.P, d.N);
     return ok;

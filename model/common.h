@@ -84,6 +84,7 @@ struct Arena {
     size_t size = 0;                          // elements taken so far
     std::string prefix;                       // e.g. "layers.3.mixer."
     std::vector<TensorInfo>* infos = nullptr;  // where to record names and shapes (optional)
+    size_t align = 1;  // each tensor starts at a multiple of this many elements (1: packed, as parameters must be)
 
     Arena() = default;
     explicit Arena(T* b, std::vector<TensorInfo>* inf = nullptr) : base(b), infos(inf) {}
@@ -94,6 +95,7 @@ struct Arena {
             HL_CHECK(d > 0, "tensor ", prefix, name, " has a non-positive dimension ", d);
             n *= size_t(d);
         }
+        size = (size + align - 1) / align * align;
         if (infos) infos->push_back({prefix + name, shape, size, n});
         T* p = base ? base + size : nullptr;
         size += n;

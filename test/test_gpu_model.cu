@@ -515,6 +515,7 @@ TEST_CASE("gpu model with bf16 matmuls: a step's loss and gradients track the CP
         SsdTensorCores() { hl::gpu::ssd_detail::ssd_tensor_cores() = true; }
         ~SsdTensorCores() { hl::gpu::ssd_detail::ssd_tensor_cores() = false; }
     } ssd_tc;
+    const long fallbacks = hl::gpu::ssd_detail::tc_fallbacks();  // (earlier tests' odd shapes counted there)
     for (const Arch& a : ARCHS) {
         const hl::ModelConfig cfg = tiny_config(a, T);
         const std::string tag = arch_tag(a, cfg) + " bf16";
@@ -570,5 +571,7 @@ TEST_CASE("gpu model with bf16 matmuls: a step's loss and gradients track the CP
                     tag.c_str(), le, worst_cos, worst_name.c_str(), worst_err, last_c, last_g, ce);
         INFO(tag, " after 50 steps: cpu ", last_c, " gpu ", last_g);
         CHECK(ce <= 3e-2);
+        // the SSD took its tensor-core kernels (aligned activations, P and N multiples of 4), as train_gpu's does
+        CHECK(hl::gpu::ssd_detail::tc_fallbacks() == fallbacks);
     }
 }
