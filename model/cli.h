@@ -52,6 +52,9 @@ inline void add_trainer_flags(CLI::App& app, ModelFlags& mf, TrainFlags& t, RunF
     app.add_option("--window", mf.window, "S blocks: each query sees the last W tokens (0 = the preset's, 512)")
         ->group("Model");
     app.add_option("--sink", mf.sink, "S blocks: ... and the first S tokens (-1 = the preset's, 64)")->group("Model");
+    app.add_option("--chunk", mf.chunk, "M and H blocks: the SSD's chunk length Q (0 = the preset's, 64); the same "
+                                        "model and math at any Q, only the speed changes (1..256)")
+        ->group("Model");
     app.add_flag("--moe", mf.moe, "mixture-of-experts FFN: 1 shared + top-1 of --experts routed, each half as wide")
         ->group("Model");
     app.add_option("--experts", mf.experts, "routed experts per MoE layer")->group("Model");

@@ -33,6 +33,7 @@
 #include "model/fusion.h"       // parse_fusion
 #include "model/generate.h"     // generate_cached, sample_token: cached decoding
 #include "model/model.h"        // Model
+#include "model/ssd.h"          // SSD_MAX_CHUNK: the --chunk limit
 
 namespace hl {
 
@@ -77,6 +78,7 @@ struct ModelFlags {
     bool untied = false;           // separate LM head instead of the tied embedding
     int window = 0;                // S blocks' window (0 = the preset's)
     int sink = -1;                 // S blocks' sink (-1 = the preset's)
+    int chunk = 0;                 // the SSD's chunk length Q in M and H blocks (0 = the preset's)
     bool moe = false;              // mixture-of-experts FFN in every block
     int experts = 8;               // routed experts per MoE layer
     double moe_bias_rate = 1e-3;   // the balancing bias's step
@@ -99,7 +101,7 @@ inline std::string arch_of_pattern(const std::string& pattern) {
 //   2. --pattern replaces the pattern (and layer count); or --ratio/--placement/--layers rebuild it
 //      with make_pattern, the letter being H for --arch intra and A otherwise (a transformer or
 //      mamba2 with a ratio becomes an inter-layer hybrid)
-//   3. --fusion, --untied, --window/--sink, --moe/--experts, the vocabulary of the data
+//   3. --fusion, --untied, --window/--sink, --chunk, --moe/--experts, the vocabulary of the data
 //   4. --seq-len checked against the model's max_seq_len, then config_check
 // Every bad value is one hl::Error line naming the flag.
 inline ModelConfig build_config(const ModelFlags& f) {
@@ -144,6 +146,11 @@ inline ModelConfig build_config(const ModelFlags& f) {
              "pattern ", c.pattern, " has none (use --arch swa or S letters in --pattern)");
     if (f.window > 0) c.window = f.window;
     if (f.sink >= 0) c.sink = f.sink;
+    HL_CHECK(f.chunk >= 0 && f.chunk <= SSD_MAX_CHUNK, "--chunk must be in 1..", SSD_MAX_CHUNK,
+             " (or 0 for the preset's), got ", f.chunk);
+    HL_CHECK(f.chunk == 0 || c.count('M') + c.count('H') > 0, "--chunk applies to M and H blocks, and pattern ",
+             c.pattern, " has none");
+    if (f.chunk > 0) c.chunk = f.chunk;
     HL_CHECK(f.experts >= 1 && f.experts <= MAX_EXPERTS, "--experts must be in 1..", MAX_EXPERTS, ", got ",
              f.experts);
     HL_CHECK(f.moe_bias_rate >= 0 && std::isfinite(f.moe_bias_rate), "--moe-bias-rate must be non-negative, got ",

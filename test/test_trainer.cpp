@@ -172,6 +172,11 @@ TEST_CASE("build_config: preset + arch, then --pattern or --ratio/--placement/--
     CHECK(build_config(f).arch == "inter");
     f.pattern = "SSA";
     CHECK(build_config(f).arch == "swa");
+    f = tiny_flags(), f.arch = "mamba2", f.chunk = 16;  // --chunk: the SSD's chunk length, the preset's unless given
+    CHECK(build_config(f).chunk == 16);
+    CHECK(block_config(build_config(f), 0).ssm.chunk == 16);
+    f.chunk = 0;
+    CHECK(build_config(f).chunk == preset("tiny", "mamba2").chunk);
     f = tiny_flags(), f.moe = true, f.experts = 4;
     c = build_config(f);
     CHECK((c.moe && c.n_experts == 4 && c.moe_bias_rate == 1e-3));
@@ -197,6 +202,12 @@ TEST_CASE("build_config and train_flags_check refuse bad flags with one clear li
     CHECK(has(err(f), "unknown --fusion 'blend'"));
     f = tiny_flags(), f.fusion = "op=mul";
     CHECK(has(err(f), "unknown value 'mul'"));
+    f = tiny_flags(), f.arch = "mamba2", f.chunk = -1;
+    CHECK(has(err(f), "--chunk must be in 1..256 (or 0 for the preset's), got -1"));
+    f.chunk = 300;
+    CHECK(has(err(f), "--chunk must be in 1..256 (or 0 for the preset's), got 300"));
+    f = tiny_flags(), f.arch = "transformer", f.chunk = 32;
+    CHECK(has(err(f), "--chunk applies to M and H blocks"));
     f = tiny_flags(), f.pattern = "MXM";
     CHECK_THROWS_AS(build_config(f), Error);
     CHECK(has(err(f), "--pattern"));
