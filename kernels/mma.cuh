@@ -122,6 +122,17 @@ __device__ inline void tile_ab(float (&acc)[N / 8][4], const uint32_t (&p)[K / 1
     }
 }
 
+// The same with A's 16 rows (K wide) read from shared memory (row stride lda) one k step at a time.
+template <int K, int N>
+__device__ inline void tile_ab(float (&acc)[N / 8][4], const bf16* A, int lda, const bf16* B, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < K; kk += 16) {
+        uint32_t a[1][4];
+        load_a<16>(a, A + kk, lda);
+        tile_ab<16, N>(acc, a, B + kk * ldb, ldb);
+    }
+}
+
 // The accumulator tiles (16 × K, fp32) as A fragments (bf16): tiles 2kk and 2kk+1 make fragment kk.
 template <int K>
 __device__ inline void to_a(uint32_t (&p)[K / 16][4], const float (&acc)[K / 8][4]) {

@@ -313,32 +313,42 @@ __device__ __forceinline__ void zero_acc(float (&acc)[TM][BN / TX]) {
 // Grid (ceil(P/64), nchunks, B·H): one block per 64 rows p of one chunk's (P, N) state, all N
 // columns (BN ≥ N), K = the chunk's steps. A GEMM with M = P, N = N, K = len — shaped so, because the
 // output is tiny (P·N) and the K dimension is the chunk.
+// Where chunk_state's result for chunk c of bh goes: a dS or state slot, or (the first chunk backward, the last
+// forward) the end tensor; false when that end tensor is null (nothing to compute).
+template <bool BWD, typename S, typename E>
+__device__ inline bool chunk_state_dst(S*& slot, E*& end_out, S* slots, E* end, const Dims& d, int bh, int c) {
+    slot = nullptr;
+    end_out = nullptr;
+    const int c_slot = BWD ? c - 1 : c + 1;  // the neighbouring chunk whose slot holds the result
+    if (c_slot >= 0 && c_slot < d.nchunks) slot = slots + d.chunk(bh, c_slot);
+    else if (end) end_out = end + (size_t)bh * d.PN();
+    else return false;
+    return true;
+}
+
+// w[t] of chunk_state: forward exp(cum_last − cum_t)·dt_t, backward exp(cum_t); 0 past the chunk. All threads;
+// ends with a barrier.
+template <bool BWD>
+__device__ inline void chunk_state_weights(float* w, const float* cum, const float* sdt, int len) {
+    const int i = threadIdx.x;
+    w[i] = i >= len ? 0.f : BWD ? decay_exp(cum[i]) : decay_exp(cum[len - 1] - cum[i]) * sdt[i];
+    __syncthreads();
+}
+
 template <typename T, typename S, int BN, bool BWD>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
 ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A, const T* V, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), p0 = blockIdx.x * BM;
     // where this chunk's result goes (a whole block leaves at once, before any barrier)
-    S* dst_slot = nullptr;
-    T* dst_end = nullptr;
-    if (!BWD) {
-        if (c + 1 < d.nchunks) dst_slot = slots + d.chunk(bh, c + 1);
-        else if (end) dst_end = end + (size_t)bh * d.PN();
-        else return;
-    } else {
-        if (c > 0) dst_slot = slots + d.chunk(bh, c - 1);
-        else if (end) dst_end = end + (size_t)bh * d.PN();
-        else return;
-    }
+    S* dst_slot;
+    T* dst_end;
+    if (!chunk_state_dst<BWD>(dst_slot, dst_end, slots, end, d, bh, c)) return;
     __shared__ float cum[NT], sdt[NT], w[NT];
     __shared__ __align__(32) float sa[KT][BM + PAD];  // (aligned for block_gemm_tc)
     __shared__ __align__(32) float sb[KT][BN + PAD];
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
-    {
-        const int i = threadIdx.x;
-        w[i] = i >= len ? 0.f : BWD ? decay_exp(cum[i]) : decay_exp(cum[len - 1] - cum[i]) * sdt[i];
-    }
-    __syncthreads();
+    chunk_state_weights<BWD>(w, cum, sdt, len);
 
     float acc[TM][BN / TX];
     zero_acc<BN>(acc);
@@ -432,26 +442,14 @@ ssd_chunk_state_tc_kernel(S* slots, float* end, const float* U, const float* dt,
     constexpr int WN = BN / 2, LU = BM + 8, LV = BN + 8;  // a warp's columns; row strides (mma.cuh's padding)
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), p0 = blockIdx.x * BM;
-    S* dst_slot = nullptr;  // where this chunk's result goes, as in ssd_chunk_state_kernel
-    float* dst_end = nullptr;
-    if (!BWD) {
-        if (c + 1 < d.nchunks) dst_slot = slots + d.chunk(bh, c + 1);
-        else if (end) dst_end = end + (size_t)bh * d.PN();
-        else return;
-    } else {
-        if (c > 0) dst_slot = slots + d.chunk(bh, c - 1);
-        else if (end) dst_end = end + (size_t)bh * d.PN();
-        else return;
-    }
+    S* dst_slot;  // where this chunk's result goes
+    float* dst_end;
+    if (!chunk_state_dst<BWD>(dst_slot, dst_end, slots, end, d, bh, c)) return;
     __shared__ float cum[NT], sdt[NT], w[NT];
     __shared__ __align__(16) bf16 su[CS_KT][LU];  // (t, p): w_t·U[t, p0 + p]
     __shared__ __align__(16) bf16 sv[CS_KT][LV];  // (t, n): V[t, n]
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
-    {
-        const int i = threadIdx.x;
-        w[i] = i >= len ? 0.f : BWD ? decay_exp(cum[i]) : decay_exp(cum[len - 1] - cum[i]) * sdt[i];
-    }
-    __syncthreads();
+    chunk_state_weights<BWD>(w, cum, sdt, len);
     const int P = d.P, N = d.N, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int wm = warp % 4, wn = warp / 4;  // this warp: rows p0 + 16·wm .., columns WN·wn ..
     float acc[WN / 8][4];
@@ -622,6 +620,31 @@ ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, co
     }
 }
 
+// One causal step of the tensor-core kernels but chunk_state, for a warp's 16 rows r0 .. r0+15 of the block's tile:
+//   acc (16 × W) += (S ⊙ weight)·V,   S = A·Rᵀ (16 × 64): the scores of those rows against the 64 rows c0 .. c0+63
+// of the other side, A (16 × K) and R (64 × K) staged bf16 rows, V (64 × W) the staged tile they weight. weight(r,
+// c) is the decay mask and weight of score (r, c) (0 where masked); it is applied in registers, and the weighted
+// scores go straight into the A operand of the product with V.
+template <int K, int W, class Weight>
+__device__ inline void causal_tile(float (&acc)[W / 8][4], const bf16* A, int lda, const bf16* R, int ldr,
+                                   const bf16* V, int ldv, int r0, int c0, const Weight& weight) {
+    const int lane = threadIdx.x % 32, ra = r0 + lane / 4, rb = ra + 8;  // this lane's two rows
+    float sc[BM / 8][4];
+    mma::zero(sc);
+    mma::tile_abt<K, BM>(sc, A, lda, R, ldr);
+#pragma unroll
+    for (int n = 0; n < BM / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            const int col = c0 + 8 * n + 2 * (lane % 4) + e;
+            sc[n][e] *= weight(ra, col);
+            sc[n][2 + e] *= weight(rb, col);
+        }
+    uint32_t pa[BM / 16][4];
+    mma::to_a<BM>(pa, sc);
+    mma::tile_ab<BM, W>(acc, pa, V, ldv);
+}
+
 // Dynamic shared memory of the tensor-core kernels but chunk_state: a (64, stay_width) bf16 tile that stays (C or B
 // rows: NF wide; x or dy rows: PF wide), and a region that holds first a (PF, NF) state, then a (64, NF) and a
 // (64, PF) tile (row strides padded by 8).
@@ -679,22 +702,9 @@ ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, 
             sx, LP, BM, PF, P, [&](int r) { return j0 + r < len ? x + d.x(b, t0 + j0 + r, h) : nullptr; },
             unscaled);
         __syncthreads();
-        float s[BM / 8][4];  // scores C_i·B_j of this warp's 16 rows, columns j0 + 8n ..
-        mma::zero(s);
-        mma::tile_abt<NF, BM>(s, sc + 16 * wm * LN, LN, sB, LN);
-        const int ia = i0 + ra, ib = i0 + rb;
-#pragma unroll
-        for (int n = 0; n < BM / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {  // steps j ≥ len have sdt 0, so they add nothing
-                const int j = j0 + 8 * n + 2 * (lane % 4) + e;
-                const float cj = cum[j], wj = sdt[j];
-                s[n][e] = j <= ia ? decay_exp(cum[ia] - cj) * wj * s[n][e] : 0.f;
-                s[n][2 + e] = j <= ib ? decay_exp(cum[ib] - cj) * wj * s[n][2 + e] : 0.f;
-            }
-        uint32_t pa[BM / 16][4];
-        mma::to_a<BM>(pa, s);
-        mma::tile_ab<BM, WP>(acc, pa, sx + WP * wn, LP);
+        // scores C_i·B_j, weighted exp(cum_i − cum_j)·dt_j for j ≤ i, times x_j (steps j ≥ len have sdt 0)
+        causal_tile<NF, WP>(acc, sc + 16 * wm * LN, LN, sB, LN, sx + WP * wn, LP, i0 + 16 * wm, j0,
+                            [&](int i, int j) { return j <= i ? decay_exp(cum[i] - cum[j]) * sdt[j] : 0.f; });
         __syncthreads();  // the tiles are restaged next
     }
     // y = acc + D·x, two columns a store
@@ -945,21 +955,9 @@ ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const float* dy, con
             sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
             unscaled);
         __syncthreads();
-        float s[BM / 8][4];  // scores B_j·C_i of this warp's 16 rows j, columns i0 + 8n ..
-        mma::zero(s);
-        mma::tile_abt<NF, BM>(s, sb + 16 * wm * LN, LN, sc, LN);
-#pragma unroll
-        for (int n = 0; n < BM / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {  // steps i ≥ len have zero C and dy rows, so they add nothing
-                const int i = i0 + 8 * n + 2 * (lane % 4) + e;
-                const float ci = cum[i];
-                s[n][e] = i >= ja ? decay_exp(ci - cum[ja]) * s[n][e] : 0.f;
-                s[n][2 + e] = i >= jb ? decay_exp(ci - cum[jb]) * s[n][2 + e] : 0.f;
-            }
-        uint32_t pa[BM / 16][4];
-        mma::to_a<BM>(pa, s);
-        mma::tile_ab<BM, WP>(acc, pa, sdy + WP * wn, LP);
+        // scores B_j·C_i, weighted exp(cum_i − cum_j) for i ≥ j, times dy_i (steps i ≥ len: zero C and dy rows)
+        causal_tile<NF, WP>(acc, sb + 16 * wm * LN, LN, sc, LN, sdy + WP * wn, LP, j0 + 16 * wm, i0,
+                            [&](int j, int i) { return i >= j ? decay_exp(cum[i] - cum[j]) : 0.f; });
         __syncthreads();  // the tiles are restaged next
     }
     // dx = D·dy_j + dt_j·acc_j, two columns a store, and ⟨x_j, acc_j⟩
@@ -1254,12 +1252,7 @@ ssd_bwd_dB_tc_kernel(float* dBm, float* part, const float* dy, const float* slot
         {  // state part: exp(cum_last − cum_j)·(dt_j·x_j)·dS_out
             float st[WN / 8][4];
             mma::zero(st);
-#pragma unroll
-            for (int kk = 0; kk < PF; kk += 16) {
-                uint32_t a[1][4];
-                mma::load_a<16>(a, sx + 16 * wm * LP + kk, LP);
-                mma::tile_ab<16, WN>(st, a, sS + kk * LN + WN * wn, LN);
-            }
+            mma::tile_ab<PF, WN>(st, sx + 16 * wm * LP, LP, sS + WN * wn, LN);
             const float cum_last = cum[len - 1];
             const float ea = decay_exp(cum_last - cum[ja]), eb = decay_exp(cum_last - cum[jb]);
 #pragma unroll
@@ -1276,21 +1269,9 @@ ssd_bwd_dB_tc_kernel(float* dBm, float* part, const float* dy, const float* slot
                 sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; },
                 unscaled);
             __syncthreads();
-            float sc_ij[BM / 8][4];  // scores (dt_j·x_j)·dy_i of this warp's 16 rows j, columns i0 + 8n ..
-            mma::zero(sc_ij);
-            mma::tile_abt<PF, BM>(sc_ij, sx + 16 * wm * LP, LP, sdy, LP);
-#pragma unroll
-            for (int n = 0; n < BM / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {  // steps i ≥ len have zero dy and C rows, so they add nothing
-                    const int i = i0 + 8 * n + 2 * (lane % 4) + e;
-                    const float ci = cum[i];
-                    sc_ij[n][e] = i >= ja ? decay_exp(ci - cum[ja]) * sc_ij[n][e] : 0.f;
-                    sc_ij[n][2 + e] = i >= jb ? decay_exp(ci - cum[jb]) * sc_ij[n][2 + e] : 0.f;
-                }
-            uint32_t pa[BM / 16][4];
-            mma::to_a<BM>(pa, sc_ij);
-            mma::tile_ab<BM, WN>(acc, pa, sc + WN * wn, LN);
+            // scores (dt_j·x_j)·dy_i, weighted exp(cum_i − cum_j) for i ≥ j, times C_i (steps i ≥ len: zero rows)
+            causal_tile<PF, WN>(acc, sx + 16 * wm * LP, LP, sdy, LP, sc + WN * wn, LN, j0 + 16 * wm, i0,
+                                [&](int j, int i) { return i >= j ? decay_exp(cum[i] - cum[j]) : 0.f; });
             __syncthreads();  // the tiles are restaged next (and x, cum with the next head)
         }
     }
@@ -1341,12 +1322,7 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const float* dy, cons
         // (4): exp(cum_i)·dy_i·S_in
         float acc[WN / 8][4];
         mma::zero(acc);
-#pragma unroll
-        for (int kk = 0; kk < PF; kk += 16) {
-            uint32_t a[1][4];
-            mma::load_a<16>(a, sdy + 16 * wm * LP + kk, LP);
-            mma::tile_ab<16, WN>(acc, a, sS + kk * LN + WN * wn, LN);
-        }
+        mma::tile_ab<PF, WN>(acc, sdy + 16 * wm * LP, LP, sS + WN * wn, LN);
         const float ea = decay_exp(cum[ia]), eb = decay_exp(cum[ib]);
 #pragma unroll
         for (int n = 0; n < WN / 8; n++) acc[n][0] *= ea, acc[n][1] *= ea, acc[n][2] *= eb, acc[n][3] *= eb;
@@ -1360,21 +1336,9 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const float* dy, cons
                 sB, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; },
                 unscaled);
             __syncthreads();
-            float sc_ij[BM / 8][4];  // scores dy_i·x_j of this warp's 16 rows i, columns j0 + 8n ..
-            mma::zero(sc_ij);
-            mma::tile_abt<PF, BM>(sc_ij, sdy + 16 * wm * LP, LP, sx, LP);
-#pragma unroll
-            for (int n = 0; n < BM / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {  // steps j ≥ len have sdt 0, so they add nothing
-                    const int j = j0 + 8 * n + 2 * (lane % 4) + e;
-                    const float cj = cum[j], wj = sdt[j];
-                    sc_ij[n][e] = j <= ia ? decay_exp(cum[ia] - cj) * wj * sc_ij[n][e] : 0.f;
-                    sc_ij[n][2 + e] = j <= ib ? decay_exp(cum[ib] - cj) * wj * sc_ij[n][2 + e] : 0.f;
-                }
-            uint32_t pa[BM / 16][4];
-            mma::to_a<BM>(pa, sc_ij);
-            mma::tile_ab<BM, WN>(acc, pa, sB + WN * wn, LN);
+            // scores dy_i·x_j, weighted exp(cum_i − cum_j)·dt_j for j ≤ i, times B_j (steps j ≥ len have sdt 0)
+            causal_tile<PF, WN>(acc, sdy + 16 * wm * LP, LP, sx, LP, sB + WN * wn, LN, i0 + 16 * wm, j0,
+                                [&](int i, int j) { return j <= i ? decay_exp(cum[i] - cum[j]) * sdt[j] : 0.f; });
             __syncthreads();  // the tiles are restaged next (and dy, cum with the next head)
         }
         // ⟨C_i, dC^h_i⟩ over this lane's columns, then the quad, then the two warps of the row block; the head's
