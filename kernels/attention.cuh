@@ -66,6 +66,24 @@ __host__ __device__ inline int padded(int d) { return d | 1; }
 // Head-dim capacity of the per-thread accumulators, a compile-time bucket ≥ d (16 threads × d / 16 columns).
 inline int bucket(int d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
+// acc[a][c] += Σ_{e<n} X[ty + 16a, e] · Y[tx + 16c, e]: this thread's TM × TN entries of X·Yᵀ (a row of X against
+// a row of Y), both row-major in shared memory (row strides ldx, ldy). The fp32 kernels' every score-like product.
+__device__ inline void rows_dot(float (&acc)[TM][TN], const float* X, int ldx, const float* Y, int ldy, int n, int ty,
+                                int tx) {
+#pragma unroll 4
+    for (int e = 0; e < n; e++) {
+        float xa[TM], yc[TN];
+#pragma unroll
+        for (int a = 0; a < TM; a++) xa[a] = X[(ty + 16 * a) * ldx + e];
+#pragma unroll
+        for (int c = 0; c < TN; c++) yc[c] = Y[(tx + 16 * c) * ldy + e];
+#pragma unroll
+        for (int a = 0; a < TM; a++)
+#pragma unroll
+            for (int c = 0; c < TN; c++) acc[a][c] = fmaf(xa[a], yc[c], acc[a][c]);
+    }
+}
+
 // Copies `rows` rows of width d from a (B, T, heads, d) tensor — rows r0 .. r0+rows−1 of head `head` in batch
 // b — into shared memory with row stride ld, as float; rows ≥ T are zero (so they add nothing to any product).
 // Consecutive threads take consecutive elements of a row: coalesced global reads.
@@ -576,18 +594,7 @@ __global__ void __launch_bounds__(attn::THREADS)
 
         // s = Q Kᵀ on this thread's 4 × 4 entries
         float s[TM][TN] = {};
-#pragma unroll 4
-        for (int d = 0; d < d_qk; d++) {
-            float qa[TM], kc[TN];
-#pragma unroll
-            for (int a = 0; a < TM; a++) qa[a] = sQ[(ty + 16 * a) * ldq + d];
-#pragma unroll
-            for (int c = 0; c < TN; c++) kc[c] = sK[(tx + 16 * c) * ldq + d];
-#pragma unroll
-            for (int a = 0; a < TM; a++)
-#pragma unroll
-                for (int c = 0; c < TN; c++) s[a][c] = fmaf(qa[a], kc[c], s[a][c]);
-        }
+        rows_dot(s, sQ, ldq, sK, ldq, d_qk, ty, tx);
 
         // causal (and window) mask, online softmax update, P to shared memory
 #pragma unroll
@@ -805,30 +812,8 @@ __global__ void __launch_bounds__(attn::THREADS)
 
             // Sᵀ = K Qᵀ and dPᵀ = V doutᵀ on this thread's 4 × 4 entries (rows: keys, columns: queries)
             float st[TM][TN] = {}, dpt[TM][TN] = {};
-#pragma unroll 4
-            for (int d = 0; d < d_qk; d++) {
-                float ka[TM], qc[TN];
-#pragma unroll
-                for (int a = 0; a < TM; a++) ka[a] = sK[(ty + 16 * a) * ldq + d];
-#pragma unroll
-                for (int c = 0; c < TN; c++) qc[c] = sQ[(tx + 16 * c) * ldq + d];
-#pragma unroll
-                for (int a = 0; a < TM; a++)
-#pragma unroll
-                    for (int c = 0; c < TN; c++) st[a][c] = fmaf(ka[a], qc[c], st[a][c]);
-            }
-#pragma unroll 4
-            for (int e = 0; e < d_v; e++) {
-                float va[TM], oc[TN];
-#pragma unroll
-                for (int a = 0; a < TM; a++) va[a] = sV[(ty + 16 * a) * ldv + e];
-#pragma unroll
-                for (int c = 0; c < TN; c++) oc[c] = sO[(tx + 16 * c) * ldv + e];
-#pragma unroll
-                for (int a = 0; a < TM; a++)
-#pragma unroll
-                    for (int c = 0; c < TN; c++) dpt[a][c] = fmaf(va[a], oc[c], dpt[a][c]);
-            }
+            rows_dot(st, sK, ldq, sQ, ldq, d_qk, ty, tx);
+            rows_dot(dpt, sV, ldv, sO, ldv, d_v, ty, tx);
 
             // Pᵀ (recomputed from lse) to shared memory; dSᵀ·scale kept in st
 #pragma unroll
@@ -988,30 +973,8 @@ __global__ void __launch_bounds__(attn::THREADS)
         __syncthreads();
 
         float s[TM][TN] = {}, dp[TM][TN] = {};
-#pragma unroll 4
-        for (int d = 0; d < d_qk; d++) {
-            float qa[TM], kc[TN];
-#pragma unroll
-            for (int a = 0; a < TM; a++) qa[a] = sQ[(ty + 16 * a) * ldq + d];
-#pragma unroll
-            for (int c = 0; c < TN; c++) kc[c] = sK[(tx + 16 * c) * ldq + d];
-#pragma unroll
-            for (int a = 0; a < TM; a++)
-#pragma unroll
-                for (int c = 0; c < TN; c++) s[a][c] = fmaf(qa[a], kc[c], s[a][c]);
-        }
-#pragma unroll 4
-        for (int e = 0; e < d_v; e++) {
-            float oa[TM], vc[TN];
-#pragma unroll
-            for (int a = 0; a < TM; a++) oa[a] = sO[(ty + 16 * a) * ldv + e];
-#pragma unroll
-            for (int c = 0; c < TN; c++) vc[c] = sV[(tx + 16 * c) * ldv + e];
-#pragma unroll
-            for (int a = 0; a < TM; a++)
-#pragma unroll
-                for (int c = 0; c < TN; c++) dp[a][c] = fmaf(oa[a], vc[c], dp[a][c]);
-        }
+        rows_dot(s, sQ, ldq, sK, ldq, d_qk, ty, tx);
+        rows_dot(dp, sO, ldv, sV, ldv, d_v, ty, tx);
 #pragma unroll
         for (int a = 0; a < TM; a++) {
             const int i = q0 + ty + 16 * a;
