@@ -8,8 +8,8 @@
 // steps of one channel keeping the last K values in registers (a sliding window), so each input is loaded
 // once per thread instead of K times. K is a template parameter (dispatched at run time, 1…8) so the
 // window is a register array.
-// The weight/bias gradient is a reduction over all B·T rows: done without atomics, deterministic (see
-// conv1d_silu_dw_kernel).
+// The weight/bias gradient is a reduction over all B·T rows: done without atomics, deterministic, in two
+// passes through caller-owned scratch (see conv1d_silu_dw_part_kernel).
 #pragma once
 #include <algorithm>            // std::min
 #include <type_traits>          // std::integral_constant
@@ -21,8 +21,9 @@ namespace hl::gpu {
 constexpr int CONV_MAX_K = 8;
 constexpr int CONV_TILE_T = 32;   // time steps per thread (forward, dinp): halo overhead (K−1)/32
 constexpr int CONV_BLOCK = 128;   // threads along channels (forward, dinp)
-constexpr int CONV_DW_TW = 8;     // channels per block of the weight-gradient kernel
-constexpr int CONV_DW_LANES = 64; // row lanes per block of the weight-gradient kernel
+constexpr int CONV_DW_CH = 32;    // channels per block of the weight-gradient pass (a warp's 128-byte segment)
+constexpr int CONV_DW_LANES = 8;  // row lanes per block of it
+constexpr int CONV_DW_ROWS = 64;  // consecutive rows a lane walks
 
 // Calls f(std::integral_constant<int, K>{}) for the run-time K: instantiates each kernel for K = 1…8.
 template <typename F>
@@ -129,34 +130,34 @@ __global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, co
 }
 
 // dw (C, K) += Σ_{b,t} dpre[t, c] · inp[t − (K−1) + k, c],   dbias (C) += Σ_{b,t} dpre[t, c]
-// grid: ceil(C / 8) blocks; block: 8 channels × 64 row lanes (512 threads). The B·T rows are cut into 64
-// contiguous ranges, one per lane; a lane walks its range with a K-window of inputs (reset to zeros where
-// a sequence starts, since the conv is causal per sequence) and keeps K + 1 partial sums in registers.
-// A warp spans 8 channels × 4 lanes: four 32-byte segments per load, each fully used. The lanes' partials
-// are then added in a fixed tree order in shared memory: deterministic, no atomics.
+// A reduction over all B·T rows, in two passes, deterministic (no atomics):
+//   1. conv1d_silu_dw_part_kernel: grid (ceil(C / 32), ceil(B·T / 512)), blocks of 32 channels × 8 row lanes. A
+//      warp reads one 128-byte segment of a row per load; each lane walks 64 consecutive rows with a K-window of
+//      inputs (zeros where a sequence starts: the conv is causal per sequence) and K + 1 sums in registers; the
+//      block adds its 8 lanes in a fixed tree order into part (row split, K + 1, C).
+//   2. conv1d_silu_dw_sum_kernel: one thread per (k, c) adds the row splits in order into dw, dbias.
+// The first version had one block per 8 channels walking all rows (64 lanes of 256 rows each): too few threads at
+// the 100m width, and a warp's loads were four 32-byte pieces; 0.45 ms a layer under ncu.
 template <int K, typename T>
-__global__ void conv1d_silu_dw_kernel(T* dw, T* dbias, const T* dout, const T* pre, const T* inp, int B, int T_,
-                                      int C) {
-    __shared__ float part[K + 1][CONV_DW_LANES][CONV_DW_TW];
-    const int tx = threadIdx.x, ty = threadIdx.y;
-    const int c = blockIdx.x * CONV_DW_TW + tx;
+__global__ void __launch_bounds__(CONV_DW_CH * CONV_DW_LANES)
+conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* inp, int B, int T_, int C) {
+    __shared__ float red[K + 1][CONV_DW_LANES][CONV_DW_CH];
+    const int tx = threadIdx.x, ty = threadIdx.y, c = blockIdx.x * CONV_DW_CH + tx;
+    const long long N = (long long)B * T_;
+    const long long n0 = ((long long)blockIdx.y * CONV_DW_LANES + ty) * CONV_DW_ROWS;
+    const long long n1 = n0 + CONV_DW_ROWS < N ? n0 + CONV_DW_ROWS : N;
     float acc[K + 1];
 #pragma unroll
     for (int k = 0; k <= K; k++) acc[k] = 0.0f;
-    if (c < C) {
-        const long long N = (long long)B * T_;
-        const long long per = (N + CONV_DW_LANES - 1) / CONV_DW_LANES;
-        const long long n0 = ty * per, n1 = n0 + per < N ? n0 + per : N;
+    if (c < C && n0 < n1) {
         float win[K];  // win[k] = inp at time t − (K−1) + k of the current row's sequence
-        if (n0 < n1) {
-            const int t = (int)(n0 % T_);
+        int t = (int)(n0 % T_);
 #pragma unroll
-            for (int k = 0; k < K - 1; k++) {
-                const int s = t - (K - 1) + k;  // win[k + 1] moves to win[k] at the first step
-                win[k + 1] = s >= 0 ? float(inp[(size_t)(n0 - t + s) * C + c]) : 0.0f;
-            }
+        for (int k = 0; k < K - 1; k++) {
+            const int s = t - (K - 1) + k;  // win[k + 1] moves to win[k] at the first step
+            win[k + 1] = s >= 0 ? float(inp[(size_t)(n0 - t + s) * C + c]) : 0.0f;
         }
-        int t = (int)(n0 % T_) - 1;  // time of row n, advanced incrementally (no 64-bit modulo per row)
+        t -= 1;  // time of row n, advanced incrementally (no 64-bit modulo per row)
         for (long long n = n0; n < n1; n++) {
             if (++t == T_) t = 0;
             if (t == 0) {
@@ -174,35 +175,58 @@ __global__ void conv1d_silu_dw_kernel(T* dw, T* dbias, const T* dout, const T* p
         }
     }
 #pragma unroll
-    for (int k = 0; k <= K; k++) part[k][ty][tx] = acc[k];
+    for (int k = 0; k <= K; k++) red[k][ty][tx] = acc[k];
     __syncthreads();
     for (int half = CONV_DW_LANES / 2; half > 0; half /= 2) {  // fixed tree order
         if (ty < half)
 #pragma unroll
-            for (int k = 0; k <= K; k++) part[k][ty][tx] += part[k][ty + half][tx];
+            for (int k = 0; k <= K; k++) red[k][ty][tx] += red[k][ty + half][tx];
         __syncthreads();
     }
-    if (ty == 0 && c < C) {
+    if (ty == 0 && c < C)
 #pragma unroll
-        for (int k = 0; k < K; k++) dw[(size_t)c * K + k] = T(float(dw[(size_t)c * K + k]) + part[k][0][tx]);
-        dbias[c] = T(float(dbias[c]) + part[K][0][tx]);
-    }
+        for (int k = 0; k <= K; k++) part[((size_t)blockIdx.y * (K + 1) + k) * C + c] = red[k][0][tx];
 }
 
-// dinp is written; dw and dbias accumulate (+=).
+template <int K, typename T>
+__global__ void conv1d_silu_dw_sum_kernel(T* dw, T* dbias, const float* part, int splits, int C) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;  // k · C + c
+    if (idx >= (K + 1) * C) return;
+    const int k = idx / C, c = idx % C;
+    float s = 0.0f;
+    for (int r = 0; r < splits; r++) s += part[(size_t)r * (K + 1) * C + idx];
+    T* dst = k < K ? dw + (size_t)c * K + k : dbias + c;
+    *dst = T(float(*dst) + s);
+}
+
+// Row splits of the weight-gradient reduction, and the floats of scratch conv1d_silu_backward needs for them.
+inline int conv1d_dw_splits(int B, int T_) {
+    return (int)(((long long)B * T_ + CONV_DW_LANES * CONV_DW_ROWS - 1) / (CONV_DW_LANES * CONV_DW_ROWS));
+}
+inline size_t conv1d_backward_scratch_size(int B, int T_, int C, int K) {
+    return (size_t)conv1d_dw_splits(B, T_) * (K + 1) * C;
+}
+
+// dinp is written; dw and dbias accumulate (+=). scratch: conv1d_backward_scratch_size(B, T, C, K) floats,
+// caller-owned.
 template <typename T>
 void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* pre, const T* inp, const T* w, int B,
-                          int T_, int C, int K, cudaStream_t stream = 0) {
+                          int T_, int C, int K, float* scratch, cudaStream_t stream = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
+    HL_CHECK(scratch, "conv1d_silu_backward: scratch must hold conv1d_backward_scratch_size(...) floats");
+    const int splits = conv1d_dw_splits(B, T_);
+    HL_CHECK(splits <= 65535, "conv1d: B·T = ", (long long)B * T_, " rows is above the GPU's limit");
     const int tiles = ceil_div(T_, CONV_TILE_T);
     dim3 grid(ceil_div(C, CONV_BLOCK), (unsigned)std::min(B * tiles, 65535));
-    dim3 dw_block(CONV_DW_TW, CONV_DW_LANES);
     conv1d_dispatch_k(K, [&](auto kc) {
         constexpr int KK = decltype(kc)::value;
         conv1d_silu_dinp_kernel<KK><<<grid, CONV_BLOCK, 0, stream>>>(dinp, dout, pre, w, B, T_, C);
         cudaCheckLast();
-        conv1d_silu_dw_kernel<KK><<<ceil_div(C, CONV_DW_TW), dw_block, 0, stream>>>(dw, dbias, dout, pre, inp, B, T_, C);
+        conv1d_silu_dw_part_kernel<KK><<<dim3(ceil_div(C, CONV_DW_CH), splits), dim3(CONV_DW_CH, CONV_DW_LANES), 0,
+                                         stream>>>(scratch, dout, pre, inp, B, T_, C);
+        cudaCheckLast();
+        conv1d_silu_dw_sum_kernel<KK><<<ceil_div((KK + 1) * C, 256), 256, 0, stream>>>(dw, dbias, scratch, splits, C);
         cudaCheckLast();
     });
 }

@@ -64,6 +64,7 @@ struct GpuMamba2Acts {
     T* dconv_in = nullptr;       // (B, T, conv_dim)
     T* dzxbcdt = nullptr;        // (B, T, d_in_proj)
     float* ssd_scratch = nullptr;  // ssd_chunked_backward_scratch_size(B, T, H, P, G, N, chunk)
+    float* conv_scratch = nullptr;  // conv1d_backward_scratch_size(B, T, conv_dim, d_conv): the conv's dw partials
 };
 
 // Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU.
@@ -102,6 +103,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.dconv_in = a.take("dconv_in", {B, T_, CD});
     x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.d_in_proj()});
     x.ssd_scratch = a.take("ssd_scratch", {(int)scratch});
+    x.conv_scratch = a.take("conv_scratch", {(int)gpu::conv1d_backward_scratch_size(B, T_, CD, c.d_conv)});
     return x;
 }
 
@@ -301,7 +303,7 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
     cudaCheckLast();
     // xBC = SiLU(conv1d(conv_in))
     gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, acts.dxBC, acts.conv_pre, acts.conv_in, p.conv_w, B,
-                              T_, CD, c.d_conv, stream);
+                              T_, CD, c.d_conv, acts.conv_scratch, stream);
     // the conv's input came from in_proj (and x_shared)
     mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
         acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, DIP);

@@ -425,8 +425,9 @@ TEST_CASE("gpu conv1d + SiLU forward/backward equals the CPU (odd T, T < K, K = 
         to_dev(x_, x); to_dev(w_, w); to_dev(b_, b); to_dev(dout_, dout); to_dev(dw_, dw0); to_dev(db_, db0);
         alloc_poisoned(out_, NC); alloc_poisoned(pre_, NC); alloc_poisoned(dinp_, NC);
         hl::gpu::conv1d_silu_forward(out_.ptr, pre_.ptr, x_.ptr, w_.ptr, b_.ptr, s.B, s.T, s.C, s.K);
+        DeviceBuffer<float> scratch(hl::gpu::conv1d_backward_scratch_size(s.B, s.T, s.C, s.K));
         hl::gpu::conv1d_silu_backward(dinp_.ptr, dw_.ptr, db_.ptr, dout_.ptr, pre_.ptr, x_.ptr, w_.ptr, s.B, s.T,
-                                      s.C, s.K);
+                                      s.C, s.K, scratch.ptr);
         expect_close(tag + " out", from_dev(out_), out, FWD_TOL);
         expect_close(tag + " pre", from_dev(pre_), pre, FWD_TOL);
         expect_close(tag + " dinp", from_dev(dinp_), dinp, GRAD_TOL);
