@@ -15,7 +15,8 @@
 //   v2  kernels/conv1d.cuh: sliding-window dinp (walking time backwards); dw/dbias in two passes: blocks of 32
 //       channels × 8 row lanes of 64 rows each, a fixed-order tree over the lanes into per-split partials, then
 //       the splits added in order (deterministic, no atomics). Its first version (one block per 8 channels × 64
-//       lanes walking all rows, no second pass) took 0.61 ms for dw at the 1B size on an H200.
+//       lanes walking all rows, no second pass) took 0.61 ms for dw at the 1B size on an H200; this one 0.32 ms
+//       there and 0.19 ms at the 100m width.
 // Bandwidth = minimal bytes moved (forward: read inp, write pre and out; backward: dinp pass reads dout, pre and
 // writes dinp, dw pass reads dout, pre, inp) over the time.
 //
