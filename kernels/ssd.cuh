@@ -75,6 +75,14 @@ constexpr int PASS_ELEMS = 4; // state elements per thread in the state-passing 
 // with nothing else to run; at 2 they spill 4–480 bytes and the scan is 25% faster (100m layer, Q = 64, H200:
 // fwd+bwd 8.89 → 6.63 ms). 3 (80 registers) spills up to 1.5 KB and is slower again.
 constexpr int GEMM_MIN_BLOCKS = 2;
+// The same for the tensor-core kernels, which are bound by the latency of staging their tiles (load, round, store,
+// barrier, multiply: nothing overlaps inside a block), so more blocks an SM pay even at a few spilled registers.
+// H200, dev/cuda/ssd.cu, 100m layer (Q = 64) / 350m layer (Q = 256), ms at 2 → 3 blocks (chunk_state 2 → 4):
+// chunk_state 0.370 → 0.232 / 0.187 → 0.128, chunk_output 0.469 → 0.391 / 0.526 → 0.406, dx 0.570 → 0.542 /
+// 0.566 → 0.504, dB 0.427 → 0.381 / 0.539 → 0.466. dC stays at 2: its 87 KB of shared memory allow no third
+// block, and the tighter register cap alone made it slower (0.517 → 0.534).
+constexpr int TC_MIN_BLOCKS = 3;        // chunk_output, dx, dB on the tensor cores (≤ 85 registers)
+constexpr int TC_STATE_MIN_BLOCKS = 4;  // chunk_state on the tensor cores (≤ 64 registers, no spills)
 static_assert(NT >= SSD_MAX_CHUNK, "the chunk cumsum gives each step of a chunk its own thread");
 static_assert(NT == TX * (BM / TM), "thread layout of a block tile");
 
@@ -436,7 +444,7 @@ void tc_dispatch(const Dims& d, Launch&& launch) {
 // transposed through ldmatrix.trans (its rows are the K dimension), and stores its accumulators from registers.
 constexpr int CS_KT = 64;
 template <typename S, int BN, bool BWD>
-__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+__global__ void __launch_bounds__(NT, TC_STATE_MIN_BLOCKS)
 ssd_chunk_state_tc_kernel(S* slots, float* end, const float* U, const float* dt, const float* A, const float* V,
                           Dims d) {
     constexpr int WN = BN / 2, LU = BM + 8, LV = BN + 8;  // a warp's columns; row strides (mma.cuh's padding)
@@ -663,7 +671,7 @@ __host__ __device__ constexpr size_t tc_tile_smem(int stay_width) {
 // the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
 // B and x tiles reuse (dynamic, tc_tile_smem).
 template <int NF, int PF>
-__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+__global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
 ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, const float* dt, const float* A,
                            const float* Bm, const float* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
@@ -902,7 +910,7 @@ ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const T* dy, const float* slots
 // by exp(cum_i − cum_j) in registers and multiply the i tile of dy. The row sums ⟨x_j, ·⟩ are taken in registers,
 // across a quad of lanes and then across the two warps of a row block, in a fixed order.
 template <int NF, int PF>
-__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+__global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
 ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const float* dy, const float* slots, const float* x,
                      const float* dt, const float* A, const float* Bm, const float* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
@@ -1221,7 +1229,7 @@ __device__ inline void store_bc_tile(float* dst, const float (&acc)[WN / 8][4], 
 // (dt_j·x_j)·dy_iᵀ (K = P) are masked and weighted by exp(cum_i − cum_j) in registers and multiply the i tile of C,
 // straight into the total. Each warp: 16 rows j × NF/2 columns n (both warps of a row block compute the scores).
 template <int NF, int PF>
-__global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
+__global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
 ssd_bwd_dB_tc_kernel(float* dBm, float* part, const float* dy, const float* slots, const float* x, const float* dt,
                      const float* A, const float* Cm, Dims d, int heads_per_slice) {
     constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2;  // row strides; a warp's columns n
