@@ -518,12 +518,22 @@ void launch_chunk_state(S* slots, T* end, const T* U, const T* dt, const T* A, c
     cudaCheckLast();
 }
 
-// Sum of a_t = dt_t·A_h over chunk c of (b, h): its total log-decay. Called by all threads.
+// dec[c − c_lo] = exp(A_h·Σ_t dt_t over chunk c of (b, h)), each chunk's total decay, for the chunks c_lo .. c_hi − 1
+// (at most NT): one warp a chunk, its lanes striding over the steps, a shuffle sum (fixed order). The state passes
+// take them a batch at a time, so that their walk over the chunks needs no barrier for them. Called by all threads;
+// starts and ends with a barrier.
 template <typename T>
-__device__ float chunk_log_decay(const T* dt, float A_h, const Dims& d, int b, int h, int c, float* red) {
-    const int i = threadIdx.x, len = d.chunk_len(c);
-    const float a = i < len ? float(dt[d.dt(b, c * d.Q + i, h)]) * A_h : 0.f;
-    return block_sum(a, red);
+__device__ void chunk_decays(float* dec, const T* dt, float A_h, const Dims& d, int b, int h, int c_lo, int c_hi) {
+    __syncthreads();  // earlier readers of dec are done
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int c = c_lo + warp; c < c_hi; c += NT / 32) {
+        const int len = d.chunk_len(c);
+        float a = 0.f;
+        for (int i = lane; i < len; i += 32) a += float(dt[d.dt(b, c * d.Q + i, h)]);
+        a = warp_sum(a);
+        if (lane == 0) dec[c - c_lo] = decay_exp(A_h * a);
+    }
+    __syncthreads();
 }
 
 // (3) Forward state passing, in place. On entry chunk_states[c + 1] holds chunk c's end state from
@@ -532,13 +542,13 @@ __device__ float chunk_log_decay(const T* dt, float A_h, const Dims& d, int b, i
 //   S_in[0] = init;   S_in[c + 1] = S_local[c] + exp(Σ_chunk a)·S_in[c]
 // Grid (ceil(P·N / (PASS_ELEMS·NT)), B·H): the state elements are independent, so each block walks
 // all chunks in order for PASS_ELEMS·NT of them (coalesced: element k·NT + tid), holding them in
-// registers; the chunk's decay is a block sum of its dt. Sequential in chunks, parallel in elements.
+// registers; the chunks' decays come NT chunks at a time (chunk_decays). Sequential in chunks, parallel in elements.
 template <typename T>
 __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* final_state, const T* init_state,
                                                             const T* dt, const T* A, Dims d) {
     const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
     const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
-    __shared__ float red[NT];
+    __shared__ float dec[NT];
     float run[PASS_ELEMS];
     T* st0 = chunk_states + d.chunk(bh, 0);
 #pragma unroll
@@ -550,7 +560,8 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
     for (int c = 0; c < d.nchunks; c++) {
         T* dst = c + 1 < d.nchunks ? chunk_states + d.chunk(bh, c + 1) : final_state ? final_state + (size_t)bh * PN : nullptr;
         if (!dst) break;  // the last chunk, and no final state wanted (uniform over the block)
-        const float decay = decay_exp(chunk_log_decay(dt, float(A[h]), d, b, h, c, red));
+        if (c % NT == 0) chunk_decays(dec, dt, float(A[h]), d, b, h, c, min(c + NT, d.nchunks));
+        const float decay = dec[c % NT];
 #pragma unroll
         for (int k = 0; k < PASS_ELEMS; k++) {
             const size_t e = e0 + (size_t)k * NT;
@@ -769,9 +780,10 @@ template <typename T>
 __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T* dinit_state, float* dot_part,
                                                                 const T* dfinal_state, const T* chunk_states,
                                                                 const T* dt, const T* A, Dims d) {
-    const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H, nsplit = gridDim.x;
+    const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H, nsplit = gridDim.x, warp = threadIdx.x / 32;
     const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
-    __shared__ float red[NT];
+    __shared__ float dec[NT];
+    __shared__ float red[2][NT / 32];  // the warps' shares of the dot, by chunk parity (thread 0 adds them up)
     float run[PASS_ELEMS];
     float* last = slots + d.chunk(bh, d.nchunks - 1);
 #pragma unroll
@@ -780,8 +792,13 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
         run[k] = (dfinal_state && e < PN) ? float(dfinal_state[(size_t)bh * PN + e]) : 0.f;
         if (e < PN) last[e] = run[k];
     }
+    int c_lo = 0;  // the first chunk of the batch of decays in dec
     for (int c = d.nchunks - 1; c >= 0; c--) {  // here run = dS_out(c)
-        const float decay = decay_exp(chunk_log_decay(dt, float(A[h]), d, b, h, c, red));
+        if ((d.nchunks - 1 - c) % NT == 0) {
+            c_lo = c + 1 - NT > 0 ? c + 1 - NT : 0;
+            chunk_decays(dec, dt, float(A[h]), d, b, h, c_lo, c + 1);
+        }
+        const float decay = dec[c - c_lo];
         const T* S_in = chunk_states + d.chunk(bh, c);
         float dot = 0.f;
 #pragma unroll
@@ -789,8 +806,16 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
             const size_t e = e0 + (size_t)k * NT;
             if (e < PN) dot += run[k] * float(S_in[e]);
         }
-        dot = block_sum(dot, red);
-        if (threadIdx.x == 0) dot_part[((size_t)bh * d.nchunks + c) * nsplit + blockIdx.x] = decay * dot;
+        // the block's dot: warp sums, then thread 0 adds the warps' in order (red alternates with the chunk's parity,
+        // so the next chunk's writes cannot meet this chunk's reads: one barrier a chunk)
+        dot = warp_sum(dot);
+        if (threadIdx.x % 32 == 0) red[c & 1][warp] = dot;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float sum = 0.f;
+            for (int w = 0; w < NT / 32; w++) sum += red[c & 1][w];
+            dot_part[((size_t)bh * d.nchunks + c) * nsplit + blockIdx.x] = decay * sum;
+        }
         // dS_out(c − 1) = dS_in(c), kept in slot c − 1 (chunk 0: dinit_state, if wanted)
         float* dst_slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
         T* dst_init = c == 0 && dinit_state ? dinit_state + (size_t)bh * PN : nullptr;
