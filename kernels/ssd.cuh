@@ -52,8 +52,8 @@
 #include <initializer_list>    // tc_fits' lists of pointers
 #include <type_traits>         // std::is_same_v (the tensor-core kernels read fp32 storage), integral_constant
 #include <mma.h>               // nvcuda::wmma: block_gemm on the tensor cores (bf16 runs)
-#include "kernels/common.cuh"  // cudaCheckLast, ceil_div
-#include "kernels/mma.cuh"     // mma::ldsm_x4_trans, tile_ab: the tensor-core chunk_state
+#include "kernels/common.cuh"  // cudaCheckLast, ceil_div, allow_smem, warp_sum
+#include "kernels/mma.cuh"     // mma:: fragments and tile products of the tensor-core kernels
 #include "kernels/matmul.cuh"  // bf16, current_bf16: whether bf16 operands are in effect
 #include "model/common.h"      // HL_CHECK
 #include "model/ssd.h"         // ssd_shape, ssd_num_chunks, SSD_MAX_CHUNK: the CPU reference this mirrors
@@ -310,17 +310,6 @@ __device__ __forceinline__ void zero_acc(float (&acc)[TM][BN / TX]) {
 // Kernels
 // ---------------------------------------------------------------------------------------------
 
-// Chunk-local outer-product sum, the (2) of the forward and its mirror in the backward:
-//   out (P, N) = Σ_{t<len} w_t · U[t, :]ᵀ ⊗ V[t, :]
-//   forward  (BWD = false): U = x, V = Bm, w_t = exp(cum_last − cum_t)·dt_t: the chunk's end state from
-//            zero. Written to chunk_states[c + 1] (= S_in of the next chunk, completed by state_pass),
-//            or to final_state for the last chunk (skipped when final_state is null).
-//   backward (BWD = true):  U = dy, V = Cm, w_t = exp(cum_t): the chunk's own share of ∂L/∂S_in.
-//            Written to dS slot c − 1 (= ∂L/∂S_out of the previous chunk, completed by
-//            state_pass_bwd), or to dinit_state for chunk 0 (skipped when null).
-// Grid (ceil(P/64), nchunks, B·H): one block per 64 rows p of one chunk's (P, N) state, all N
-// columns (BN ≥ N), K = the chunk's steps. A GEMM with M = P, N = N, K = len — shaped so, because the
-// output is tiny (P·N) and the K dimension is the chunk.
 // Where chunk_state's result for chunk c of bh goes: a dS or state slot, or (the first chunk backward, the last
 // forward) the end tensor; false when that end tensor is null (nothing to compute).
 template <bool BWD, typename S, typename E>
@@ -343,6 +332,17 @@ __device__ inline void chunk_state_weights(float* w, const float* cum, const flo
     __syncthreads();
 }
 
+// Chunk-local outer-product sum, the (2) of the forward and its mirror in the backward:
+//   out (P, N) = Σ_{t<len} w_t · U[t, :]ᵀ ⊗ V[t, :]
+//   forward  (BWD = false): U = x, V = Bm, w_t = exp(cum_last − cum_t)·dt_t: the chunk's end state from
+//            zero. Written to chunk_states[c + 1] (= S_in of the next chunk, completed by state_pass),
+//            or to final_state for the last chunk (skipped when final_state is null).
+//   backward (BWD = true):  U = dy, V = Cm, w_t = exp(cum_t): the chunk's own share of ∂L/∂S_in.
+//            Written to dS slot c − 1 (= ∂L/∂S_out of the previous chunk, completed by
+//            state_pass_bwd), or to dinit_state for chunk 0 (skipped when null).
+// Grid (ceil(P/64), nchunks, B·H): one block per 64 rows p of one chunk's (P, N) state, all N
+// columns (BN ≥ N), K = the chunk's steps. A GEMM with M = P, N = N, K = len — shaped so, because the
+// output is tiny (P·N) and the K dimension is the chunk.
 template <typename T, typename S, int BN, bool BWD>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
 ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A, const T* V, Dims d) {
