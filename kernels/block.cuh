@@ -70,14 +70,20 @@ void block_forward(T* y, GpuBlockActs<T>& acts, const T* x, const BlockParams<T>
                    int T_, cudaStream_t stream = 0) {
     const int N = B * T_, D = c.d_model;
     const size_t ND = (size_t)N * D;
-    gpu::rmsnorm_forward(acts.n1, acts.rstd1, x, p.norm1, N, 1, D, c.norm_eps, stream);
-    if (c.kind == 'A') gpu::attn_mixer_forward(acts.mix, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream);
-    if (c.kind == 'M') gpu::mamba2_mixer_forward(acts.mix, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream);
-    if (c.kind == 'H') gpu::intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream);
+    // bf16 runs: the two norms' outputs are only matmul inputs (the mixer's input projections, the SwiGLU's W1 and
+    // W3), so the norms write them in bf16 (kernels/matmul.cuh's bf16_view), rounded once for the forward and the
+    // backward both; the MoE reads n2 in fp32
+    bf16* n1_16 = gpu::bf16_view(acts.n1);
+    gpu::rmsnorm_forward(acts.n1, acts.rstd1, x, p.norm1, N, 1, D, c.norm_eps, stream, n1_16);
+    if (c.kind == 'A') gpu::attn_mixer_forward(acts.mix, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16);
+    if (c.kind == 'M') gpu::mamba2_mixer_forward(acts.mix, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16);
+    if (c.kind == 'H')
+        gpu::intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream, n1_16);
     gpu::add(acts.h, x, acts.mix, ND, stream);
-    gpu::rmsnorm_forward(acts.n2, acts.rstd2, acts.h, p.norm2, N, 1, D, c.norm_eps, stream);
+    bf16* n2_16 = c.use_moe ? nullptr : gpu::bf16_view(acts.n2);
+    gpu::rmsnorm_forward(acts.n2, acts.rstd2, acts.h, p.norm2, N, 1, D, c.norm_eps, stream, n2_16);
     if (c.use_moe) gpu::moe_forward(acts.ffo, acts.moe, acts.n2, p.moe, acts.moe_bias, c.moe, N, stream);
-    else gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
+    else gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, n2_16);
     gpu::add(y, acts.h, acts.ffo, ND, stream);
 }
 
@@ -90,14 +96,18 @@ void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& act
     const size_t ND = (size_t)N * D;
     // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
     if (c.use_moe) gpu::moe_backward(acts.dn, dp.moe, dy, acts.moe, acts.n2, p.moe, c.moe, N, stream);
-    else gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream);
+    else gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, gpu::bf16_view(acts.n2));
     gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream);
     gpu::accumulate(acts.dh, dy, ND, stream);
     // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh
-    if (c.kind == 'A') gpu::attn_mixer_backward(acts.dn, dp.attn, acts.dh, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream);
-    if (c.kind == 'M') gpu::mamba2_mixer_backward(acts.dn, dp.ssm, acts.dh, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream);
+    const bf16* n1_16 = gpu::bf16_view(acts.n1);
+    if (c.kind == 'A')
+        gpu::attn_mixer_backward(acts.dn, dp.attn, acts.dh, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16);
+    if (c.kind == 'M')
+        gpu::mamba2_mixer_backward(acts.dn, dp.ssm, acts.dh, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16);
     if (c.kind == 'H')
-        gpu::intra_mixer_backward(acts.dn, dp.intra, acts.dh, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream);
+        gpu::intra_mixer_backward(acts.dn, dp.intra, acts.dh, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream,
+                                  n1_16);
     gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream);
     gpu::accumulate(dx, acts.dh, ND, stream);
 }

@@ -408,10 +408,12 @@ void intra_fuse_forward(T* out, GpuIntraActs<T>& acts, const T* a, const T* s, c
 // out (B,T,D) = Fuse(attention branch, Mamba branch) of inp (B,T,D)
 template <typename T>
 void intra_mixer_forward(T* out, GpuIntraActs<T>& acts, const T* inp, const IntraParams<T>& p, const IntraConfig& c,
-                         int B, int T_, cudaStream_t stream = 0) {
+                         int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
     const int N = B * T_;
+    // (bf16 runs: both branches' projections take inp in bf16, rounded once here unless the caller has it)
+    if (!inp16) inp16 = gpu::bf16_operand(inp, size_t(N) * c.d_model, stream);
     // the two branches; with shared values the Mamba branch reads V, so attention runs first
-    gpu::attn_branch_forward(acts.attn, inp, p.attn, c.attn, B, T_, stream);
+    gpu::attn_branch_forward(acts.attn, inp, p.attn, c.attn, B, T_, stream, inp16);
     const T* x_shared = nullptr;
     if (c.fusion.value == FusionValue::shared) {
         const size_t n = (size_t)N * c.ssm_width();
@@ -421,14 +423,15 @@ void intra_mixer_forward(T* out, GpuIntraActs<T>& acts, const T* inp, const Intr
         cudaCheckLast();
         x_shared = acts.x_shared;
     }
-    gpu::mamba2_branch_forward(acts.ssm, inp, x_shared, p.ssm, c.ssm, B, T_, stream);
+    gpu::mamba2_branch_forward(acts.ssm, inp, x_shared, p.ssm, c.ssm, B, T_, stream, inp16);
     gpu::intra_fuse_forward(out, acts, acts.attn.y, acts.ssm.g, p, c, N, stream);
 }
 
 // dinp (B,T,D) written; dp.* accumulate.
 template <typename T>
 void intra_mixer_backward(T* dinp, IntraParams<T>& dp, const T* dout, GpuIntraActs<T>& acts, const T* inp,
-                          const IntraParams<T>& p, const IntraConfig& c, int B, int T_, cudaStream_t stream = 0) {
+                          const IntraParams<T>& p, const IntraConfig& c, int B, int T_, cudaStream_t stream = 0,
+                          const bf16* inp16 = nullptr) {
     const FusionConfig& f = c.fusion;
     const AttnConfig& ac = c.attn;
     const int N = B * T_, D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width();
@@ -483,8 +486,9 @@ void intra_mixer_backward(T* dinp, IntraParams<T>& dp, const T* dout, GpuIntraAc
 
     // branches: Mamba first, since with shared values it hands a gradient to the attention's V
     const bool shared = f.value == FusionValue::shared;
+    if (!inp16) inp16 = gpu::bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: once for both branches)
     gpu::mamba2_branch_backward(acts.dinp_ssm, shared ? acts.dx_shared : (T*)nullptr, dp.ssm, ds, acts.ssm, inp,
-                                shared ? acts.x_shared : (const T*)nullptr, p.ssm, c.ssm, B, T_, stream);
+                                shared ? acts.x_shared : (const T*)nullptr, p.ssm, c.ssm, B, T_, stream, inp16);
     const T* dv_extra = nullptr;
     if (shared) {
         const size_t n = (size_t)N * Hkv * dv;
@@ -493,7 +497,7 @@ void intra_mixer_backward(T* dinp, IntraParams<T>& dp, const T* dout, GpuIntraAc
         cudaCheckLast();
         dv_extra = acts.dv_extra;
     }
-    gpu::attn_branch_backward(dinp, dp.attn, da, dv_extra, acts.attn, inp, p.attn, ac, B, T_, stream);
+    gpu::attn_branch_backward(dinp, dp.attn, da, dv_extra, acts.attn, inp, p.attn, ac, B, T_, stream, inp16);
     gpu::accumulate(dinp, acts.dinp_ssm, (size_t)N * D, stream);
 }
 

@@ -239,7 +239,7 @@ __global__ void mamba2_conv_in_backward_kernel(T* dzxbcdt, T* dx_shared, const T
 // x_shared (B, T, d_inner) when c.shared_x, else null.
 template <typename T>
 void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shared, const Mamba2Params<T>& p,
-                           const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0) {
+                           const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(B > 0 && T_ > 0, "mamba2 (gpu): bad sizes B=", B, " T=", T_);
     HL_CHECK(c.shared_x == (x_shared != nullptr), "mamba2 (gpu): x_shared must be given exactly when shared_x is set");
@@ -247,7 +247,7 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
     const int CD = c.conv_dim(), DIP = c.d_in_proj();
 
     // [z, xBC, dt_raw] = in_proj · u
-    gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, DIP, stream);
+    gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, DIP, stream, inp16);
     // the conv's input [x, B, C]
     mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.conv_in, acts.zxbcdt,
                                                                                          x_shared, rows, DI, CD, DIP);
@@ -273,7 +273,7 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
 template <typename T>
 void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T* dg, GpuMamba2Acts<T>& acts,
                             const T* inp, const T* x_shared, const Mamba2Params<T>& p, const Mamba2Config& c, int B,
-                            int T_, cudaStream_t stream = 0) {
+                            int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(B > 0 && T_ > 0, "mamba2 (gpu): bad sizes B=", B, " T=", T_);
     HL_CHECK(c.shared_x == (x_shared != nullptr) && c.shared_x == (dx_shared != nullptr),
@@ -309,35 +309,40 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
         acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, DIP);
     cudaCheckLast();
     // [z, xBC, dt_raw] = in_proj · u
-    gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, DIP, stream);
+    gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, DIP, stream, false,
+                         inp16);
 }
 
 // The M block's mixer: out (B, T, d_model) = out_proj(RMSNorm_grouped(g) · norm_w), g from the branch. The gated
 // norm normalises each group of d_inner/G channels on its own (as mamba_ssm does).
 template <typename T>
 void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Mamba2Params<T>& p,
-                          const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0) {
+                          const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
-    gpu::mamba2_branch_forward(acts, inp, (const T*)nullptr, p, c, B, T_, stream);
+    gpu::mamba2_branch_forward(acts, inp, (const T*)nullptr, p, c, B, T_, stream, inp16);
     const int rows = B * T_, G = c.ngroups;
-    gpu::rmsnorm_forward(acts.gn, acts.rstd, acts.g, p.norm_w, rows, G, c.d_inner / G, float(MAMBA2_NORM_EPS), stream);
-    gpu::matmul_forward(out, acts.gn, p.out_proj, (const T*)nullptr, rows, c.d_inner, c.d_model, stream);
+    bf16* gn16 = gpu::bf16_view(acts.gn);  // (bf16 runs: gn is out_proj's input only, written in bf16 once)
+    gpu::rmsnorm_forward(acts.gn, acts.rstd, acts.g, p.norm_w, rows, G, c.d_inner / G, float(MAMBA2_NORM_EPS), stream,
+                         gn16);
+    gpu::matmul_forward(out, acts.gn, p.out_proj, (const T*)nullptr, rows, c.d_inner, c.d_model, stream, gn16);
 }
 
 // dinp (B, T, d_model) is written; dp.* accumulate.
 template <typename T>
 void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba2Acts<T>& acts, const T* inp,
-                           const Mamba2Params<T>& p, const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0) {
+                           const Mamba2Params<T>& p, const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0,
+                           const bf16* inp16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
     const int rows = B * T_, G = c.ngroups;
     gpu::matmul_backward(acts.dgn, dp.out_proj, (T*)nullptr, dout, acts.gn, p.out_proj, rows, c.d_inner, c.d_model,
-                         stream);
+                         stream, false, gpu::bf16_view(acts.gn));
     gpu::rmsnorm_backward(acts.dg, dp.norm_w, acts.dgn, acts.g, p.norm_w, acts.rstd, rows, G, c.d_inner / G, stream);
-    gpu::mamba2_branch_backward(dinp, (T*)nullptr, dp, acts.dg, acts, inp, (const T*)nullptr, p, c, B, T_, stream);
+    gpu::mamba2_branch_backward(dinp, (T*)nullptr, dp, acts.dg, acts, inp, (const T*)nullptr, p, c, B, T_, stream,
+                                inp16);
 }
 
 }  // namespace hl::gpu

@@ -55,11 +55,6 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
 }
-// The sum of the two bf16 values packed in a register (pack_bf16's), in fp32: a bf16 is the top half of a float.
-__device__ inline float bf16_pair_sum(uint32_t x) {
-    return __uint_as_float(x << 16) + __uint_as_float(x & 0xffff0000u);
-}
-
 template <int N>
 __device__ inline void zero(float (&acc)[N][4]) {
 #pragma unroll

@@ -16,7 +16,8 @@
 // the tensor cores (kernels/matmul.cuh's Bf16Operands: a bf16 copy of the parameters, rounded at the start of each
 // forward, and scratch for the activation operand), fp32 accumulation, and attention with head dims the
 // tensor-core kernels are compiled for take them (their bf16 staging is Bf16Operands::stage, one buffer for all
-// layers); activations, gradients, the fp32 master weights, AdamW and every other kernel stay fp32.
+// layers); activations, gradients, the fp32 master weights, AdamW and every other kernel stay fp32, but for the
+// activations that only feed matmuls, which their producers write in bf16 (kernels/matmul.cuh's bf16_view).
 #pragma once
 #include <algorithm>              // std::min, std::copy
 #include <cstdint>                // uint64_t

@@ -14,6 +14,7 @@
 #include <climits>               // INT_MAX
 #include <cstdint>               // uintptr_t
 #include <type_traits>           // std::is_same_v
+#include <cuda_bf16.h>           // __nv_bfloat16, __floats2bfloat162_rn: out16
 #include "kernels/common.cuh"    // cudaCheckLast, ceil_div, warp_sum, colsum
 #include "model/common.h"        // HL_CHECK
 
@@ -24,8 +25,8 @@ constexpr int RMSNORM_BLOCK = 256;  // 8 warps = 8 (row, group) pairs per block
 // out (N, G·Cg) = inp / rms(inp over each group) · weight (G·Cg) [weight may be null]; rstd (N, G) saved.
 // grid: ceil(N·G / 8) blocks of 256 threads; warp w of the grid handles (n, g) = (w / G, w % G), which is
 // also its index into rstd (N, G).
-template <typename T>
-__global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg,
+template <typename T, typename O>
+__global__ void rmsnorm_forward_kernel(O* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg,
                                        float eps) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -41,9 +42,9 @@ __global__ void rmsnorm_forward_kernel(T* out, float* rstd, const T* inp, const 
     ss = warp_sum(ss);
     const float r = 1.0f / sqrtf(ss / Cg + eps);  // as the CPU: 1/sqrt, not the approximate rsqrtf
     if (lane == 0) rstd[w] = r;
-    T* y = out + base;                                       // (Cg)
+    O* y = out + base;                                       // (Cg)
     const T* wt = weight ? weight + (size_t)g * Cg : nullptr;  // (Cg)
-    for (int c = lane; c < Cg; c += 32) y[c] = T(float(x[c]) * r * (wt ? float(wt[c]) : 1.0f));
+    for (int c = lane; c < Cg; c += 32) y[c] = O(float(x[c]) * r * (wt ? float(wt[c]) : 1.0f));
 }
 
 // The wide-row forward (fp32): one block of 256 threads per (row, group) = blockIdx.x; thread i holds the
@@ -54,8 +55,16 @@ constexpr int RMSNORM_ROW_V4 = 4;
 
 __device__ __forceinline__ float4 rmsnorm_ld4(const float* p, int i) { return reinterpret_cast<const float4*>(p)[i]; }
 
-template <typename Unused = void>
-__global__ void rmsnorm_forward_row_kernel(float* out, float* rstd, const float* inp, const float* weight, int G,
+// four outputs at once: 16 bytes of fp32, or 8 of bf16
+__device__ __forceinline__ void rmsnorm_st4(float* p, int i, float4 v) { reinterpret_cast<float4*>(p)[i] = v; }
+__device__ __forceinline__ void rmsnorm_st4(__nv_bfloat16* p, int i, float4 v) {
+    __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(p) + 2 * i;
+    q[0] = __floats2bfloat162_rn(v.x, v.y);
+    q[1] = __floats2bfloat162_rn(v.z, v.w);
+}
+
+template <typename O>
+__global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp, const float* weight, int G,
                                            int Cg, float eps) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4;
@@ -81,31 +90,37 @@ __global__ void rmsnorm_forward_row_kernel(float* out, float* rstd, const float*
         const int c = tid + q * RMSNORM_BLOCK;
         if (c < C4) {
             const float4 w4 = wt ? rmsnorm_ld4(wt, c) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-            reinterpret_cast<float4*>(out + (size_t)r * Cg)[c] =
-                make_float4(v[q].x * s * w4.x, v[q].y * s * w4.y, v[q].z * s * w4.z, v[q].w * s * w4.w);
+            rmsnorm_st4(out + (size_t)r * Cg, c,
+                        make_float4(v[q].x * s * w4.x, v[q].y * s * w4.y, v[q].z * s * w4.z, v[q].w * s * w4.w));
         }
     }
 }
 
+// out16: under bf16 operands, for a norm whose output is only a matmul operand (the block's FFN input): the output
+// is written there in bf16 instead of to out (kernels/matmul.cuh's bf16_view), rounded once here, not by each GEMM.
 template <typename T>
 void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg, float eps,
-                     cudaStream_t stream = 0) {
+                     cudaStream_t stream = 0, __nv_bfloat16* out16 = nullptr) {
     HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
     HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
     if (N == 0) return;
-    if constexpr (std::is_same_v<T, float>) {
-        auto aligned = [](const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; };
-        if (Cg % 4 == 0 && Cg >= 1024 && Cg <= 4 * RMSNORM_BLOCK * RMSNORM_ROW_V4 && aligned(out) && aligned(inp) &&
-            aligned(weight)) {
-            rmsnorm_forward_row_kernel<><<<N * G, RMSNORM_BLOCK, 0, stream>>>(out, rstd, inp, weight, G, Cg, eps);
-            cudaCheckLast();
-            return;
+    auto launch = [&](auto* o) {
+        if constexpr (std::is_same_v<T, float>) {
+            auto aligned = [](const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; };
+            if (Cg % 4 == 0 && Cg >= 1024 && Cg <= 4 * RMSNORM_BLOCK * RMSNORM_ROW_V4 && aligned(o) &&
+                aligned(inp) && aligned(weight)) {
+                rmsnorm_forward_row_kernel<<<N * G, RMSNORM_BLOCK, 0, stream>>>(o, rstd, inp, weight, G, Cg, eps);
+                cudaCheckLast();
+                return;
+            }
         }
-    }
-    const int warps_per_block = RMSNORM_BLOCK / 32;
-    rmsnorm_forward_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(out, rstd, inp, weight, N, G, Cg,
-                                                                                eps);
-    cudaCheckLast();
+        const int warps_per_block = RMSNORM_BLOCK / 32;
+        rmsnorm_forward_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(o, rstd, inp, weight,
+                                                                                             N, G, Cg, eps);
+        cudaCheckLast();
+    };
+    if (out16) launch(out16);
+    else launch(out);
 }
 
 // dinp (N, G·Cg), written. Same mapping as the forward: one warp per (n, g). With x̂ = x·rstd, d = dout ⊙ w:

@@ -7,43 +7,59 @@
 #pragma once
 #include <cstddef>              // size_t
 #include "kernels/common.cuh"   // cudaCheckLast, dev_silu, dev_silu_grad, elementwise_grid
-#include "kernels/matmul.cuh"   // matmul_forward/backward, bf16_operand: W1 and W3 share one rounded input
+#include "kernels/matmul.cuh"   // matmul_forward/backward, bf16_operand (W1 and W3 share one rounded input), bf16_view
 #include "model/swiglu.h"       // SwiGLUConfig, SwiGLUParams, SwiGLUActs, swiglu_check
 
 namespace hl::gpu {
 
-// h (N·F) = SiLU(h1) ⊙ h3. Grid-stride, one thread per element (memory-bound: 3 streams, coalesced).
-template <typename T>
-__global__ void swiglu_gate_forward_kernel(T* h, const T* h1, const T* h3, size_t total) {
+// h (N·F) = SiLU(h1) ⊙ h3. Grid-stride, one thread per element (memory-bound: 3 streams, coalesced). O: T, or bf16
+// when h is only a bf16 matmul operand (swiglu_forward under bf16 operands).
+template <typename T, typename O>
+__global__ void swiglu_gate_forward_kernel(O* h, const T* h1, const T* h3, size_t total) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x)
-        h[i] = T(dev_silu(float(h1[i])) * float(h3[i]));
+        h[i] = O(dev_silu(float(h1[i])) * float(h3[i]));
 }
 
-// dh1 = dh ⊙ h3 ⊙ SiLU'(h1),  dh3 = dh ⊙ SiLU(h1): (N·F) each, written. Same mapping as the forward.
-template <typename T>
-__global__ void swiglu_gate_backward_kernel(T* dh1, T* dh3, const T* dh, const T* h1, const T* h3, size_t total) {
+// dh1 = dh ⊙ h3 ⊙ SiLU'(h1),  dh3 = dh ⊙ SiLU(h1): (N·F) each, written, as O (T, or bf16 as above). Same mapping as
+// the forward.
+template <typename T, typename O>
+__global__ void swiglu_gate_backward_kernel(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3, size_t total) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const float g = float(dh[i]), x = float(h1[i]);
-        dh1[i] = T(g * float(h3[i]) * dev_silu_grad(x));
-        dh3[i] = T(g * dev_silu(x));
+        dh1[i] = O(g * float(h3[i]) * dev_silu_grad(x));
+        dh3[i] = O(g * dev_silu(x));
     }
 }
 
-// out (N, D) = W2 · (SiLU(W1·inp) ⊙ W3·inp); acts.h1, acts.h3, acts.h are written (saved for the backward).
+// Under bf16 operands, h, dh1 and dh3 are used only as matmul operands, which are rounded to bf16 anyway: the gate
+// kernels write them in bf16 straight away (bf16_view: into the first half of their fp32 buffers acts.h, acts.dh1,
+// acts.dh3), instead of writing fp32 and rounding each into scratch before its GEMM: h is rounded once, for W2's
+// forward and dW2 both, and neither gradient is written in fp32. These are the largest operands of a block
+// ((N, d_ff) each).
+// out (N, D) = W2 · (SiLU(W1·inp) ⊙ W3·inp); acts.h1, acts.h3, acts.h are written (saved for the backward). inp16:
+// inp in bf16 when the caller has it (the block's norm writes it so), else it is rounded here; the same in the
+// backward.
 template <typename T>
 void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParams<T>& p, const SwiGLUConfig& cfg,
-                    int N, cudaStream_t stream = 0) {
+                    int N, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
     swiglu_check(cfg);
     HL_CHECK(N >= 0, "swiglu: bad row count N=", N);
     if (N == 0) return;
     const int D = cfg.d_model, F = cfg.d_ff;
-    const bf16* inp16 = bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for W1 and W3)
+    if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for W1 and W3)
     matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, F, stream, inp16);  // (N, F)
     matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream, inp16);  // (N, F)
     const size_t NF = (size_t)N * F;
-    swiglu_gate_forward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.h, acts.h1, acts.h3, NF);
-    cudaCheckLast();
-    matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream);  // (N, D)
+    const int grid = elementwise_grid(NF, 256);
+    if (bf16* h16 = bf16_view(acts.h)) {
+        swiglu_gate_forward_kernel<<<grid, 256, 0, stream>>>(h16, acts.h1, acts.h3, NF);
+        cudaCheckLast();
+        matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream, h16);  // (N, D)
+    } else {
+        swiglu_gate_forward_kernel<<<grid, 256, 0, stream>>>(acts.h, acts.h1, acts.h3, NF);
+        cudaCheckLast();
+        matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream);  // (N, D)
+    }
 }
 
 // dinp (N, D) is written; dp.w1, dp.w3, dp.w2 accumulate (+=). acts.dh, dh1, dh3 are workspace (not
@@ -53,19 +69,22 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
 //   dinp = dh1 · W1 + dh3 · W3           dW1 += dh1ᵀ · inp,  dW3 += dh3ᵀ · inp
 template <typename T>
 void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>& acts, const T* inp,
-                     const SwiGLUParams<T>& p, const SwiGLUConfig& cfg, int N, cudaStream_t stream = 0) {
+                     const SwiGLUParams<T>& p, const SwiGLUConfig& cfg, int N, cudaStream_t stream = 0,
+                     const bf16* inp16 = nullptr) {
     swiglu_check(cfg);
     HL_CHECK(N >= 0, "swiglu: bad row count N=", N);
     if (N == 0) return;
     const int D = cfg.d_model, F = cfg.d_ff;
-    matmul_backward(acts.dh, dp.w2, (T*)nullptr, dout, acts.h, p.w2, N, F, D, stream);  // dh (N, F)
+    bf16 *h16 = bf16_view(acts.h), *dh1_16 = bf16_view(acts.dh1), *dh3_16 = bf16_view(acts.dh3);
+    matmul_backward(acts.dh, dp.w2, (T*)nullptr, dout, acts.h, p.w2, N, F, D, stream, false, h16);  // dh (N, F)
     const size_t NF = (size_t)N * F;
-    swiglu_gate_backward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3,
-                                                                     NF);
+    const int grid = elementwise_grid(NF, 256);
+    if (h16) swiglu_gate_backward_kernel<<<grid, 256, 0, stream>>>(dh1_16, dh3_16, acts.dh, acts.h1, acts.h3, NF);
+    else swiglu_gate_backward_kernel<<<grid, 256, 0, stream>>>(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3, NF);
     cudaCheckLast();
-    const bf16* inp16 = bf16_operand(inp, size_t(N) * D, stream);
-    matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream, false, inp16);  // W1 path
-    matmul_backward(dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream, true, inp16);   // W3, added
+    if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);
+    matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream, false, inp16, dh1_16);  // W1 path
+    matmul_backward(dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream, true, inp16, dh3_16);   // W3, added
 }
 
 }  // namespace hl::gpu

@@ -248,6 +248,101 @@ TEST_CASE("gpu swiglu forward/backward equals the CPU (host layouts reused on de
     }
 }
 
+// bf16 values of a device buffer, widened to floats on the host
+static std::vector<float> from_dev_bf16(const hl::gpu::bf16* p, size_t n) {
+    std::vector<hl::gpu::bf16> h(n);
+    cudaCheck(cudaMemcpy(h.data(), p, n * sizeof(hl::gpu::bf16), cudaMemcpyDeviceToHost));
+    std::vector<float> f(n);
+    for (size_t i = 0; i < n; i++) f[i] = __bfloat162float(h[i]);
+    return f;
+}
+
+TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed matmuls are written in bf16") {
+    hl::Rng rng(107);
+    // rmsnorm's out16 holds exactly its fp32 output rounded (the warp kernel, and the wide-row one from Cg = 1024)
+    struct R { int N, G, Cg; };
+    for (R r : {R{65, 3, 17}, R{40, 1, 1024}, R{17, 1, 2048}}) {
+        const std::string tag = "rmsnorm out16 " + shape({r.N, r.G, r.Cg});
+        const size_t n = (size_t)r.N * r.G * r.Cg;
+        auto x = randn(rng, n, 2.0, 0.3), w = randn(rng, (size_t)r.G * r.Cg, 0.3, 1.0);
+        DeviceBuffer<float> x_, w_, out_, rstd_, rstd16_;
+        DeviceBuffer<hl::gpu::bf16> out16_(n);
+        to_dev(x_, x); to_dev(w_, w);
+        alloc_poisoned(out_, n); alloc_poisoned(rstd_, (size_t)r.N * r.G); alloc_poisoned(rstd16_, (size_t)r.N * r.G);
+        hl::gpu::rmsnorm_forward(out_.ptr, rstd_.ptr, x_.ptr, w_.ptr, r.N, r.G, r.Cg, 1e-5f);
+        hl::gpu::rmsnorm_forward(out_.ptr, rstd16_.ptr, x_.ptr, w_.ptr, r.N, r.G, r.Cg, 1e-5f, 0, out16_.ptr);
+        const std::vector<float> out16 = from_dev_bf16(out16_.ptr, n), want = round_bf16_host(from_dev(out_));
+        INFO(tag);
+        CHECK(out16 == want);
+        CHECK(from_dev(rstd16_) == from_dev(rstd_));
+        std::printf("  %-64s bitwise equal to the fp32 output rounded: %s\n", tag.c_str(), out16 == want ? "yes" : "NO");
+    }
+    // SwiGLU under a Bf16Scope (h, dh1, dh3 written in bf16 by the gate kernels; x given in bf16 as the block's norm
+    // gives it) against the CPU's matmuls and gate on the same roundings: x, the weights, h, dout, dh1 and dh3 in
+    // bf16, products accumulated in fp32. A cuBLAS sum that differs from the CPU's in the last bits can round an h
+    // (or dh1, dh3) entry to the neighbouring bf16, hence the gradients' tolerance.
+    struct S { int N, D, F; };
+    for (S s : {S{37, 32, 64}, S{300, 256, 688}}) {
+        const std::string tag = "swiglu bf16 " + shape({s.N, s.D, s.F});
+        const int N = s.N, D = s.D, F = s.F;
+        hl::SwiGLUConfig cfg{D, F};
+        hl::Arena<float> pc, ac;
+        hl::swiglu_params(pc, cfg);
+        hl::swiglu_acts(ac, cfg, N);
+        auto params = randn(rng, pc.size, 0.2), dparams0 = randn(rng, pc.size);
+        auto x = randn(rng, (size_t)N * D), dout = randn(rng, (size_t)N * D);
+        // host, step by step
+        std::vector<float> p16 = round_bf16_host(params);
+        const std::vector<float> x16 = round_bf16_host(x), dout16 = round_bf16_host(dout);
+        hl::Arena<float> hp(p16.data());
+        auto p = hl::swiglu_params(hp, cfg);
+        std::vector<float> dparams = dparams0;
+        hl::Arena<float> hdp(dparams.data());
+        auto dp = hl::swiglu_params(hdp, cfg);
+        std::vector<float> h1((size_t)N * F), h3(h1.size()), h(h1.size()), out(x.size()), dh(h1.size()),
+            dh1(h1.size()), dh3(h1.size()), dinp(x.size()), dinp3(x.size());
+        hl::matmul_forward(h1.data(), x16.data(), p.w1, (const float*)nullptr, N, D, F);
+        hl::matmul_forward(h3.data(), x16.data(), p.w3, (const float*)nullptr, N, D, F);
+        for (size_t i = 0; i < h.size(); i++) h[i] = round_bf16_host(hl::silu(h1[i]) * h3[i]);
+        hl::matmul_forward(out.data(), h.data(), p.w2, (const float*)nullptr, N, F, D);
+        hl::matmul_backward(dh.data(), dp.w2, (float*)nullptr, dout16.data(), h.data(), p.w2, N, F, D);
+        for (size_t i = 0; i < h.size(); i++) {
+            dh1[i] = round_bf16_host(dh[i] * h3[i] * hl::silu_grad(h1[i]));
+            dh3[i] = round_bf16_host(dh[i] * hl::silu(h1[i]));
+        }
+        hl::matmul_backward(dinp.data(), dp.w1, (float*)nullptr, dh1.data(), x16.data(), p.w1, N, D, F);
+        hl::matmul_backward(dinp3.data(), dp.w3, (float*)nullptr, dh3.data(), x16.data(), p.w3, N, D, F);
+        for (size_t i = 0; i < dinp.size(); i++) dinp[i] += dinp3[i];
+        // device
+        DeviceBuffer<float> params_, dparams_, acts_, x_, dout_, out_, dinp_;
+        DeviceBuffer<hl::gpu::bf16> params16_, scratch_, x16_(x.size());
+        to_dev(params_, params); to_dev(dparams_, dparams0); to_dev(x_, x); to_dev(dout_, dout);
+        alloc_poisoned(acts_, ac.size); alloc_poisoned(out_, out.size()); alloc_poisoned(dinp_, dinp.size());
+        params16_.alloc(params.size());
+        hl::gpu::round_bf16(params16_.ptr, params_.ptr, params.size());
+        hl::gpu::round_bf16(x16_.ptr, x_.ptr, x.size());
+        hl::gpu::Bf16Operands ops;
+        ops.params = params_.ptr, ops.n = params.size(), ops.params16 = params16_.ptr;
+        ops.scratch_n = (size_t)N * F;
+        scratch_.alloc(2 * ops.scratch_n);
+        ops.a16 = scratch_.ptr, ops.b16 = scratch_.ptr + ops.scratch_n;
+        hl::Arena<float> dpa(params_.ptr), ddpa(dparams_.ptr), daa(acts_.ptr);
+        auto gp = hl::swiglu_params(dpa, cfg);
+        auto gdp = hl::swiglu_params(ddpa, cfg);
+        auto ga = hl::swiglu_acts(daa, cfg, N);
+        {
+            const hl::gpu::Bf16Scope scope(&ops);
+            hl::gpu::swiglu_forward(out_.ptr, ga, x_.ptr, gp, cfg, N, 0, x16_.ptr);
+            hl::gpu::swiglu_backward(dinp_.ptr, gdp, dout_.ptr, ga, x_.ptr, gp, cfg, N, 0, x16_.ptr);
+        }
+        expect_close(tag + " out", from_dev(out_), out, GRAD_TOL);
+        expect_close(tag + " h (bf16, in acts.h)", from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.h), h.size()), h,
+                     GRAD_TOL);
+        expect_close(tag + " dinp", from_dev(dinp_), dinp, 1e-2);
+        expect_close(tag + " dparams w1,w3,w2 (+=)", from_dev(dparams_), dparams, 1e-2);
+    }
+}
+
 TEST_CASE("gpu crossentropy forward/backward equals the CPU (V = 1, 7, 256, 50257)") {
     hl::Rng rng(105);
     struct S { int N, V; double std, mean; };
