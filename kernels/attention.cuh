@@ -214,9 +214,9 @@ __device__ inline float row_reduce(const float (&acc)[N / 8][4], int r, F f) {
 // the 4 shares added at the end), then O += P V with P as the A operand and O (16 × d_v per warp) in registers
 // throughout. A warp whose rows all precede the tile skips it. The key/value tiles are double-buffered: the next
 // visible tile's copies are issued before the current one is multiplied.
-template <int DK, int DV>
+template <int DK, int DV, typename O>
 __global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64: two blocks an SM
-    attention_forward_tc_kernel(float* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
+    attention_forward_tc_kernel(O* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
                                 int Hkv, int window, int sink, float scale_log2) {
     using namespace attn;
     using namespace attn_tc;
@@ -684,9 +684,11 @@ inline void attention_check_gpu(int B, int T_, int H, int Hkv, int d_qk, int d_v
 // the backward needs to recompute the probabilities. window = 0: full causal; else window W, sink S.
 template <typename T>
 void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv,
-                       int d_qk, int d_v, int window = 0, int sink = 0, cudaStream_t stream = 0) {
+                       int d_qk, int d_v, int window = 0, int sink = 0, cudaStream_t stream = 0, bf16* out16 = nullptr) {
     using namespace attn;
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
+    HL_CHECK(out16 == nullptr || attention_use_tc<T>(d_qk, d_v),
+             "attention: a bf16 output (out16) needs the tensor-core kernels (bf16 operands, compiled head dims)");
     const float scale_log2 = LOG2E / sqrtf((float)d_qk);
     const dim3 grid(ceil_div(T_, BR), B * H);
     if constexpr (std::is_same_v<T, float>) {
@@ -701,11 +703,15 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
             const size_t smem_tc = attention_tc_smem_forward(d_qk, d_v);
             const dim3 grid_tc(ceil_div(T_, attn_tc::BQ), B * H);
             attention_tc_dispatch(d_qk, d_v, [&](auto dk_, auto dv_) {
-                auto kernel = attention_forward_tc_kernel<decltype(dk_)::value, decltype(dv_)::value>;
-                allow_smem(kernel, smem_tc);
-                kernel<<<grid_tc, attn_tc::THREADS, smem_tc, stream>>>(out, lse, q16, k16, v16, T_, H, Hkv, window,
-                                                                        sink, scale_log2);
-                cudaCheckLast();
+                auto launch_tc = [&](auto kernel, auto* o) {
+                    allow_smem(kernel, smem_tc);
+                    kernel<<<grid_tc, attn_tc::THREADS, smem_tc, stream>>>(o, lse, q16, k16, v16, T_, H, Hkv, window,
+                                                                            sink, scale_log2);
+                    cudaCheckLast();
+                };
+                constexpr int DK = decltype(dk_)::value, DV = decltype(dv_)::value;
+                if (out16) launch_tc(attention_forward_tc_kernel<DK, DV, bf16>, out16);
+                else launch_tc(attention_forward_tc_kernel<DK, DV, float>, out);
             });
             return;
         }
@@ -731,13 +737,13 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
 // One warp per (b, t, h) row of d_v contiguous values (lanes stride the row, then a shuffle sum); 8 rows per
 // 256-thread block. The rows are indexed in (B, T, H) order so that consecutive warps read consecutive memory.
 // dout16, when given, receives dout rounded to bf16 (the tensor-core kernels' copy, made in the same pass).
-template <typename T>
-__global__ void attention_backward_D_kernel(float* D, bf16* dout16, const T* dout, const T* out, int B, int T_, int H,
+template <typename T, typename O>
+__global__ void attention_backward_D_kernel(float* D, bf16* dout16, const T* dout, const O* out, int B, int T_, int H,
                                             int d_v) {
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;  // (b·T + t)·H + h
     const int lane = threadIdx.x % 32;
     if (row >= B * T_ * H) return;  // whole warps leave together
-    const T* o = out + (size_t)row * d_v;
+    const O* o = out + (size_t)row * d_v;
     const T* go = dout + (size_t)row * d_v;
     float sum = 0.f;
     for (int e = lane; e < d_v; e += 32) {
@@ -1044,7 +1050,7 @@ inline size_t attention_backward_scratch_size(int B, int T_, int H, int Hkv, int
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, const T* out, const float* lse,
                         const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv, int d_qk, int d_v,
-                        int window = 0, int sink = 0, cudaStream_t stream = 0) {
+                        int window = 0, int sink = 0, cudaStream_t stream = 0, const bf16* out16 = nullptr) {
     using namespace attn;
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     const float scale = 1.f / sqrtf((float)d_qk), scale_log2 = LOG2E * scale;
@@ -1065,8 +1071,13 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
             dv_part = dk_part + nq;
         }
     }
-    attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout, out,
-                                                                                         B, T_, H, d_v);
+    HL_CHECK(out16 == nullptr || tc, "attention: a bf16 output (out16) needs the tensor-core kernels");
+    if (out16)  // D from the bf16 output the forward wrote (as FlashAttention's, whose output is bf16)
+        attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout,
+                                                                                             out16, B, T_, H, d_v);
+    else
+        attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout,
+                                                                                             out, B, T_, H, d_v);
     cudaCheckLast();
 
     const SinkSplit split = sink_split(T_, window, sink);
@@ -1200,7 +1211,7 @@ inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, in
 // inp (B, T, D) is the normed residual stream. acts.q, k, v, lse, y are written (saved for the backward).
 template <typename T>
 void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B,
-                         int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+                         int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr, bf16* y16 = nullptr) {
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     if (!inp16) inp16 = gpu::bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for all three)
@@ -1211,7 +1222,7 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
     gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
     gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
     gpu::attention_forward(acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink,
-                           stream);
+                           stream, y16);
 }
 
 // dy (B, T, H·d_v): gradient of acts.y. dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another
@@ -1221,11 +1232,11 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
 template <typename T>
 void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_extra, GpuAttnActs<T>& acts,
                           const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B, int T_,
-                          cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+                          cudaStream_t stream = 0, const bf16* inp16 = nullptr, const bf16* y16 = nullptr) {
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     gpu::attention_backward(acts.dq, acts.dk, acts.dv, acts.D, dy, acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_,
-                            H, Hkv, c.d_qk, c.d_v, c.window, c.sink, stream);
+                            H, Hkv, c.d_qk, c.d_v, c.window, c.sink, stream, y16);
     if (dv_extra) gpu::accumulate(acts.dv, dv_extra, (size_t)N * Hkv * c.d_v, stream);
     // undo the rotations: now dq, dk are gradients of the projections' outputs
     gpu::rope_backward(acts.dq, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
@@ -1238,13 +1249,22 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true, inp16);
 }
 
+// Under bf16 operands with the tensor-core kernels, the branch output y feeds only Wo (and the backward's D, which
+// reads it in bf16 too): the forward kernel writes it in bf16 into acts.y's first half (bf16_view), rounded once.
+// Null otherwise (fp32 y: the fp32 kernels, or no Bf16Scope).
+template <typename T>
+bf16* attn_y16(GpuAttnActs<T>& acts, const AttnConfig& c) {
+    return attention_use_tc<T>(c.d_qk, c.d_v) ? bf16_view(acts.y) : nullptr;
+}
+
 // Full mixer: out (B, T, D) = Wo · branch(inp).
 template <typename T>
 void attn_mixer_forward(T* out, GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>& p, const AttnConfig& c,
                         int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
     HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
-    gpu::attn_branch_forward(acts, inp, p, c, B, T_, stream, inp16);
-    gpu::matmul_forward(out, acts.y, p.wo, (const T*)nullptr, B * T_, c.n_heads * c.d_v, c.d_model, stream);
+    bf16* y16 = attn_y16(acts, c);
+    gpu::attn_branch_forward(acts, inp, p, c, B, T_, stream, inp16, y16);
+    gpu::matmul_forward(out, acts.y, p.wo, (const T*)nullptr, B * T_, c.n_heads * c.d_v, c.d_model, stream, y16);
 }
 
 // dinp (B, T, D) written; dp.* accumulate. Uses acts.dy as the gradient of the branch output.
@@ -1253,9 +1273,10 @@ void attn_mixer_backward(T* dinp, AttnParams<T>& dp, const T* dout, GpuAttnActs<
                          const AttnParams<T>& p, const AttnConfig& c, int B, int T_, cudaStream_t stream = 0,
                          const bf16* inp16 = nullptr) {
     HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
+    const bf16* y16 = attn_y16(acts, c);
     gpu::matmul_backward(acts.dy, dp.wo, (T*)nullptr, dout, acts.y, p.wo, B * T_, c.n_heads * c.d_v, c.d_model,
-                         stream);
-    gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream, inp16);
+                         stream, false, y16);
+    gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream, inp16, y16);
 }
 
 }  // namespace hl::gpu

@@ -93,12 +93,10 @@ template <typename T>
 void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& acts, const T* x,
                     const BlockParams<T>& p, const BlockConfig& c, int B, int T_, cudaStream_t stream = 0) {
     const int N = B * T_, D = c.d_model;
-    const size_t ND = (size_t)N * D;
     // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
     if (c.use_moe) gpu::moe_backward(acts.dn, dp.moe, dy, acts.moe, acts.n2, p.moe, c.moe, N, stream);
     else gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, gpu::bf16_view(acts.n2));
-    gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream);
-    gpu::accumulate(acts.dh, dy, ND, stream);
+    gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream, dy);  // + dy
     // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh
     const bf16* n1_16 = gpu::bf16_view(acts.n1);
     if (c.kind == 'A')
@@ -108,8 +106,7 @@ void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& act
     if (c.kind == 'H')
         gpu::intra_mixer_backward(acts.dn, dp.intra, acts.dh, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream,
                                   n1_16);
-    gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream);
-    gpu::accumulate(dx, acts.dh, ND, stream);
+    gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream, acts.dh);  // + dh
 }
 
 }  // namespace hl::gpu

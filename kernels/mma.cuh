@@ -173,22 +173,23 @@ __device__ inline void load_floats_async(float* dst, const float* src, int n, in
     for (int i = threadIdx.x; i < n; i += blockDim.x) cp_async4(dst + i, src + (i < valid_n ? i : 0), i < valid_n);
 }
 
+// Two neighbouring outputs, fp32 or rounded to bf16 (one 4-byte store).
+__device__ inline void store_pair(float* p, float x, float y) { p[0] = x, p[1] = y; }
+__device__ inline void store_pair(bf16* p, float x, float y) { *reinterpret_cast<uint32_t*>(p) = pack_bf16(x, y); }
+
 // The 16 rows of a warp's accumulator tiles (16 × N) to rows r0 .. r0+15 of head `head` of a (B, T, heads, N)
-// fp32 tensor, row g scaled by mul[0] and row g+8 by mul[1]; rows ≥ T skipped.
-template <int N>
-__device__ inline void store_rows(float* dst, const float (&acc)[N / 8][4], const float (&mul)[2], int b, int r0,
+// fp32 (or bf16) tensor, row g scaled by mul[0] and row g+8 by mul[1]; rows ≥ T skipped.
+template <int N, typename O>
+__device__ inline void store_rows(O* dst, const float (&acc)[N / 8][4], const float (&mul)[2], int b, int r0,
                                   int T_, int heads, int head) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         const int t = r0 + lane / 4 + 8 * half;
         if (t >= T_) continue;
-        float* row = dst + (((size_t)b * T_ + t) * heads + head) * N + 2 * (lane % 4);
+        O* row = dst + (((size_t)b * T_ + t) * heads + head) * N + 2 * (lane % 4);
 #pragma unroll
-        for (int n = 0; n < N / 8; n++) {
-            row[8 * n] = acc[n][2 * half] * mul[half];
-            row[8 * n + 1] = acc[n][2 * half + 1] * mul[half];
-        }
+        for (int n = 0; n < N / 8; n++) store_pair(row + 8 * n, acc[n][2 * half] * mul[half], acc[n][2 * half + 1] * mul[half]);
     }
 }
 

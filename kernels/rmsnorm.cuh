@@ -124,10 +124,12 @@ void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, 
 }
 
 // dinp (N, G·Cg), written. Same mapping as the forward: one warp per (n, g). With x̂ = x·rstd, d = dout ⊙ w:
-//   dinp = rstd · (d − x̂ · mean(d ⊙ x̂))
+//   dinp = rstd · (d − x̂ · mean(d ⊙ x̂))  [+ residual, when given]
+// residual: a gradient to add in the same pass (the block's residual stream: dh = norm2ᵀ(dn) + dy without a separate
+// accumulate pass over (N, D), which read and wrote dh once more); it may be dinp itself.
 template <typename T>
 __global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
-                                             const float* rstd, int N, int G, int Cg) {
+                                             const float* rstd, const T* residual, int N, int G, int Cg) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (w >= N * G) return;
@@ -140,9 +142,12 @@ __global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* in
     float dot = 0.0f;  // Σ d ⊙ x̂
     for (int c = lane; c < Cg; c += 32) dot += float(dy[c]) * (wt ? float(wt[c]) : 1.0f) * float(x[c]) * r;
     dot = warp_sum(dot) / Cg;
-    T* dx = dinp + base;  // (Cg)
-    for (int c = lane; c < Cg; c += 32)
-        dx[c] = T(r * (float(dy[c]) * (wt ? float(wt[c]) : 1.0f) - float(x[c]) * r * dot));
+    T* dx = dinp + base;                                     // (Cg)
+    const T* res = residual ? residual + base : nullptr;     // (Cg)
+    for (int c = lane; c < Cg; c += 32) {
+        const float d = r * (float(dy[c]) * (wt ? float(wt[c]) : 1.0f) - float(x[c]) * r * dot);
+        dx[c] = T(res ? d + float(res[c]) : d);
+    }
 }
 
 // f(n, c) = dout[n, c] · x̂[n, c], the summand of dweight[c]
@@ -161,13 +166,13 @@ struct RmsnormDweightTerm {
 // dinp is written, dweight (G·Cg) accumulates (may be null).
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
-                      int G, int Cg, cudaStream_t stream = 0) {
+                      int G, int Cg, cudaStream_t stream = 0, const T* residual = nullptr) {
     HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
     HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
     if (N == 0) return;
     const int warps_per_block = RMSNORM_BLOCK / 32;
     rmsnorm_backward_dinp_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(dinp, dout, inp, weight,
-                                                                                      rstd, N, G, Cg);
+                                                                                      rstd, residual, N, G, Cg);
     cudaCheckLast();
     if (dweight) colsum(dweight, RmsnormDweightTerm<T>{dout, inp, rstd, G, Cg}, N, G * Cg, stream);
 }

@@ -235,6 +235,51 @@ TEST_CASE("gpu attention mixer with a window and sink matches the CPU mixer") {
     CHECK(rel_err(out_full, out) > 1e-2);
 }
 
+TEST_CASE("gpu attention with a bf16 output (the mixer's y under bf16): the fp32 output rounded; the backward's D from it") {
+    const int B = 2, T = 200, H = 4, Hkv = 2;
+    for (int dv : {64, 128}) {
+        const int d = 64;
+        CAPTURE(dv);
+        const size_t nq = (size_t)B * T * H * d, nk = (size_t)B * T * Hkv * d, nv = (size_t)B * T * Hkv * dv,
+                     no = (size_t)B * T * H * dv;
+        hl::Rng rng(77);
+        auto host = [&](size_t n) { std::vector<float> v(n); rng.fill_normal(v.data(), n, 1.0); return v; };
+        DeviceBuffer<float> q(nq), k(nk), v(nv), dout(no), out(no), lse((size_t)B * H * T),
+            D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, d, dv)), dq(nq), dk(nk), dvv(nv), dq2(nq),
+            dk2(nk), dv2(nv);
+        q.upload(host(nq)), k.upload(host(nk)), v.upload(host(nv)), dout.upload(host(no));
+        DeviceBuffer<__nv_bfloat16> stage(hl::gpu::attention_tc_stage_size(B, T, H, Hkv, d, dv)), out16(no);
+        hl::gpu::Bf16Operands ops;
+        ops.stage = stage.ptr, ops.stage_n = stage.n;
+        // without bf16 operands (the fp32 kernels) a bf16 output is refused
+        CHECK_THROWS_AS(hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, T, H, Hkv, d, dv, 0, 0, 0,
+                                                   out16.ptr),
+                        hl::Error);
+        const hl::gpu::Bf16Scope scope(&ops);
+        hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, T, H, Hkv, d, dv);
+        hl::gpu::attention_backward(dq.ptr, dk.ptr, dvv.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B,
+                                    T, H, Hkv, d, dv);
+        const std::vector<float> out32 = out.download();
+        poison(out);
+        hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, T, H, Hkv, d, dv, 0, 0, 0, out16.ptr);
+        hl::gpu::attention_backward(dq2.ptr, dk2.ptr, dv2.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr,
+                                    B, T, H, Hkv, d, dv, 0, 0, 0, out16.ptr);
+        const std::vector<__nv_bfloat16> o16 = out16.download();
+        std::vector<float> got(no);
+        for (size_t i = 0; i < no; i++) got[i] = __bfloat162float(o16[i]);
+        CHECK(got == hl::test::round_bf16_host(out32));  // the same fp32 values, rounded once
+        // the backward read out16, not out (poisoned): D = rowsum(dout ⊙ out) with out in bf16 moves the
+        // gradients by about bf16's rounding
+        const double eq = rel_err(dq2.download(), dq.download()), ek = rel_err(dk2.download(), dk.download()),
+                     ev = rel_err(dv2.download(), dvv.download());
+        std::printf("attention bf16 out, d_v=%3d: out16 = out rounded; gradients from it vs from fp32 out: dq %.2e "
+                    "dk %.2e dv %.2e\n", dv, eq, ek, ev);
+        CHECK(eq <= 1e-2);
+        CHECK(ek <= 1e-2);
+        CHECK(ev == 0);  // dv = Pᵀ dout does not involve D
+    }
+}
+
 TEST_CASE("gpu attention backward scratch: D alone, plus the sink chunks' partial sums for long windowed T") {
     using hl::gpu::attention_backward_scratch_size;
     CHECK(attention_backward_scratch_size(2, 1100, 6, 2, 64, 128) == size_t(2 * 6 * 1100));

@@ -167,6 +167,19 @@ TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight) equals the C
             expect_close(tag + " dinp", from_dev(dinp_), dinp, GRAD_TOL);
             if (with_weight) expect_close(tag + " dweight (+=)", from_dev(ddw), dw, GRAD_TOL);
             else CHECK(from_dev(ddw) == dw0);
+            // with a residual gradient added in the same pass (the block's dh = norm2ᵀ(dn) + dy): dinp + residual,
+            // also in place (the residual is dinp itself)
+            const auto res = randn(rng, x.size());
+            std::vector<float> want = dinp;
+            for (size_t i = 0; i < want.size(); i++) want[i] += res[i];
+            DeviceBuffer<float> res_;
+            to_dev(res_, res);
+            hl::gpu::rmsnorm_backward(dinp_.ptr, (float*)nullptr, ddout.ptr, dx_.ptr, wpd, rstd_.ptr, s.N, s.G, s.Cg,
+                                      0, res_.ptr);
+            expect_close(tag + " dinp + residual", from_dev(dinp_), want, GRAD_TOL);
+            hl::gpu::rmsnorm_backward(res_.ptr, (float*)nullptr, ddout.ptr, dx_.ptr, wpd, rstd_.ptr, s.N, s.G, s.Cg,
+                                      0, res_.ptr);
+            expect_close(tag + " dinp + residual, in place", from_dev(res_), want, GRAD_TOL);
         }
     }
 }
