@@ -1238,14 +1238,25 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     gpu::attention_backward(acts.dq, acts.dk, acts.dv, acts.D, dy, acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_,
                             H, Hkv, c.d_qk, c.d_v, c.window, c.sink, stream, y16);
     if (dv_extra) gpu::accumulate(acts.dv, dv_extra, (size_t)N * Hkv * c.d_v, stream);
-    // undo the rotations: now dq, dk are gradients of the projections' outputs
-    gpu::rope_backward(acts.dq, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
-    gpu::rope_backward(acts.dk, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
     // inp feeds three projections: the first input gradient goes straight into dinp, the other two are added to
     // it by their GEMMs (beta = 1: the CPU's order of the sum, without its dinp_part pass)
     if (!inp16) inp16 = gpu::bf16_operand(inp, size_t(N) * D, stream);
-    gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, acts.dq, inp, p.wq, N, D, H * c.d_qk, stream, false, inp16);
-    gpu::matmul_backward(dinp, dp.wk, (T*)nullptr, acts.dk, inp, p.wk, N, D, Hkv * c.d_qk, stream, true, inp16);
+    // undo the rotations: then dq, dk are gradients of the projections' outputs. Under bf16 operands each is
+    // rotated straight into its GEMM's bf16 dout (bf16_dout_scratch), just before that GEMM
+    auto q_k_backward = [&](T* d, int heads, T* dw, const T* w, bool accumulate_dinp) {
+        const size_t n = (size_t)N * heads * c.d_qk;
+        if (bf16* d16 = gpu::bf16_dout_scratch<T>(n)) {
+            gpu::rope_backward(d16, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
+            gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp,
+                                 inp16, d16);
+        } else {
+            gpu::rope_backward(d, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
+            gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp,
+                                 inp16);
+        }
+    };
+    q_k_backward(acts.dq, H, dp.wq, p.wq, false);
+    q_k_backward(acts.dk, Hkv, dp.wk, p.wk, true);
     gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true, inp16);
 }
 

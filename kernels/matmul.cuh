@@ -156,6 +156,17 @@ bf16* bf16_view(T* buf) {
     return std::is_same_v<T, float> && current_bf16() ? reinterpret_cast<bf16*>(buf) : nullptr;
 }
 
+// Scratch for a gradient (count elements) that its producer writes in bf16 straight for the next matmul_backward,
+// given there as dout16 (the rounding pass that GEMM would make is then not needed): the GEMMs' own dout scratch
+// b16, valid until the next matmul_backward that rounds a dout itself. Null when no Bf16Scope is open.
+template <typename T>
+bf16* bf16_dout_scratch(size_t count) {
+    const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr;
+    if (!ops) return nullptr;
+    HL_CHECK(count <= ops->scratch_n, "matmul (bf16 operands): ", count, " elements, scratch holds ", ops->scratch_n);
+    return ops->b16;
+}
+
 // One column-major GEMM C (m, n) = alpha · op(A) · op(B) + beta · C through cublasGemmEx, fp32 accumulation; the
 // element types of A and B (fp32 or bf16, the same for both) and of C are given.
 inline void gemm(cublasOperation_t opA, cublasOperation_t opB, int m, int n, int k, const void* A, int lda,

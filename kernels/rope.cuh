@@ -2,7 +2,8 @@
 // i + hd/2 and the pair turns by (pos0 + t) · θ^(−2i/hd); the backward turns by the negative angle).
 // The angle, its cosine and sine are computed in double as on the CPU: at position 8192 the angle is ~8e3
 // radians, and a float angle would already be off by ~5e-4 rad. The element type T is a template parameter
-// (values are rotated in float), so a bf16 instantiation needs no change here.
+// (values are rotated in float), so a bf16 instantiation needs no change here; the output may be bf16 while the input
+// is fp32 (the backward's dq, dk, rounded as they are written for their GEMMs).
 #pragma once
 #include <cuda_runtime.h>       // cudaStream_t, dim3
 #include "kernels/common.cuh"   // cudaCheckLast, ceil_div
@@ -20,8 +21,8 @@ constexpr int ROWS_PER_THREAD = 8;  // (b, h) rows one thread rotates with the a
 // threads touch consecutive channels of a row (coalesced); thread y-block ↔ a run of 8 (b, h) rows that reuse
 // the one double-precision cos/sin the thread computed (the expensive part), while keeping enough blocks for
 // small T.
-template <typename T>
-__global__ void rope_rotate_kernel(T* out, const T* inp, int B, int T_, int H, int hd, double theta, int pos0,
+template <typename T, typename O>
+__global__ void rope_rotate_kernel(O* out, const T* inp, int B, int T_, int H, int hd, double theta, int pos0,
                                    int sign) {
     using namespace rope_detail;
     const int half = hd / 2;
@@ -38,13 +39,13 @@ __global__ void rope_rotate_kernel(T* out, const T* inp, int B, int T_, int H, i
         const int b = r / H, h = r - b * H;
         const size_t row = (((size_t)b * T_ + t) * H + h) * hd;  // (B, T, H, hd)
         const float x1 = float(inp[row + i]), x2 = float(inp[row + i + half]);
-        out[row + i] = T(x1 * c - x2 * s);
-        out[row + i + half] = T(x2 * c + x1 * s);
+        out[row + i] = O(x1 * c - x2 * s);
+        out[row + i + half] = O(x2 * c + x1 * s);
     }
 }
 
-template <typename T>
-void rope_rotate(T* out, const T* inp, int B, int T_, int H, int hd, double theta, int pos0, int sign,
+template <typename T, typename O>
+void rope_rotate(O* out, const T* inp, int B, int T_, int H, int hd, double theta, int pos0, int sign,
                  cudaStream_t stream = 0) {
     using namespace rope_detail;
     HL_CHECK(B > 0 && T_ > 0 && H > 0 && hd > 0, "rope (gpu): bad sizes B=", B, " T=", T_, " H=", H, " hd=", hd);
@@ -64,9 +65,10 @@ void rope_forward(T* out, const T* inp, int B, int T_, int H, int hd, double the
     rope_rotate(out, inp, B, T_, H, hd, theta, pos0, +1, stream);
 }
 
-// dinp (B, T, H, hd) is written: the transpose of a rotation is the rotation by −angle. In place allowed.
-template <typename T>
-void rope_backward(T* dinp, const T* dout, int B, int T_, int H, int hd, double theta, int pos0 = 0,
+// dinp (B, T, H, hd) is written: the transpose of a rotation is the rotation by −angle. In place allowed. O: T, or
+// bf16 for a dinp that is only a matmul's dout (not in place then).
+template <typename T, typename O>
+void rope_backward(O* dinp, const T* dout, int B, int T_, int H, int hd, double theta, int pos0 = 0,
                    cudaStream_t stream = 0) {
     rope_rotate(dinp, dout, B, T_, H, hd, theta, pos0, -1, stream);
 }

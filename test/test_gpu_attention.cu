@@ -379,6 +379,13 @@ TEST_CASE("gpu rope forward/backward match the CPU (positions up to 8192, pos0 o
         CHECK(e_fwd <= FWD_TOL);
         CHECK(e_bwd <= FWD_TOL);  // a rotation: as exact as the forward
         CHECK(e_inplace <= FWD_TOL);
+        // the backward into bf16 (dq, dk for their GEMMs under bf16 operands): the fp32 result rounded, bit for bit
+        DeviceBuffer<__nv_bfloat16> d_dx16(n);
+        hl::gpu::rope_backward(d_dx16.ptr, d_dy.ptr, s.B, s.T, s.H, s.hd, s.theta, s.pos0);
+        const std::vector<__nv_bfloat16> dx16 = d_dx16.download();
+        std::vector<float> got(n);
+        for (size_t i = 0; i < n; i++) got[i] = __bfloat162float(dx16[i]);
+        CHECK(got == round_bf16_host(d_dx.download()));
     }
     DeviceBuffer<float> d(16);
     CHECK_THROWS_AS(hl::gpu::rope_forward(d.ptr, d.ptr, 1, 2, 1, 7, 10000.0), hl::Error);  // odd head dim
