@@ -9,11 +9,11 @@
 #include <cstddef>                // size_t
 #include <cuda_runtime.h>         // cudaStream_t
 #include "kernels/attention.cuh"  // GpuAttnActs, gpu_attn_acts, attn_mixer_forward/backward
-#include "kernels/common.cuh"     // add, accumulate
+#include "kernels/common.cuh"     // add
 #include "kernels/intra.cuh"      // GpuIntraActs, gpu_intra_acts, intra_mixer_forward/backward
 #include "kernels/mamba2.cuh"     // GpuMamba2Acts, gpu_mamba2_acts, mamba2_mixer_forward/backward
 #include "kernels/moe.cuh"        // GpuMoEActs, gpu_moe_acts, moe_forward/backward
-#include "kernels/rmsnorm.cuh"    // rmsnorm_forward/backward
+#include "kernels/rmsnorm.cuh"    // rmsnorm_forward/backward, add_rmsnorm_forward
 #include "kernels/swiglu.cuh"     // swiglu_forward/backward
 #include "model/block.h"          // BlockConfig, BlockParams, block_config_check
 #include "model/common.h"         // Arena
@@ -79,9 +79,8 @@ void block_forward(T* y, GpuBlockActs<T>& acts, const T* x, const BlockParams<T>
     if (c.kind == 'M') gpu::mamba2_mixer_forward(acts.mix, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16);
     if (c.kind == 'H')
         gpu::intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream, n1_16);
-    gpu::add(acts.h, x, acts.mix, ND, stream);
     bf16* n2_16 = c.use_moe ? nullptr : gpu::bf16_view(acts.n2);
-    gpu::rmsnorm_forward(acts.n2, acts.rstd2, acts.h, p.norm2, N, 1, D, c.norm_eps, stream, n2_16);
+    gpu::add_rmsnorm_forward(acts.h, acts.n2, acts.rstd2, x, acts.mix, p.norm2, N, D, c.norm_eps, stream, n2_16);
     if (c.use_moe) gpu::moe_forward(acts.ffo, acts.moe, acts.n2, p.moe, acts.moe_bias, c.moe, N, stream);
     else gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, n2_16);
     gpu::add(y, acts.h, acts.ffo, ND, stream);

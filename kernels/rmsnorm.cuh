@@ -24,19 +24,22 @@ constexpr int RMSNORM_BLOCK = 256;  // 8 warps = 8 (row, group) pairs per block
 
 // out (N, G·Cg) = inp / rms(inp over each group) · weight (G·Cg) [weight may be null]; rstd (N, G) saved.
 // grid: ceil(N·G / 8) blocks of 256 threads; warp w of the grid handles (n, g) = (w / G, w % G), which is
-// also its index into rstd (N, G).
+// also its index into rstd (N, G). res, sum (add_rmsnorm_forward; else null): the input is inp + res, written to sum.
 template <typename T, typename O>
-__global__ void rmsnorm_forward_kernel(O* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg,
-                                       float eps) {
+__global__ void rmsnorm_forward_kernel(O* out, float* rstd, const T* inp, const T* res, T* sum, const T* weight, int N,
+                                       int G, int Cg, float eps) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (w >= N * G) return;  // whole warps leave together: the shuffles below see all 32 lanes
     const int g = w % G;
     const size_t base = (size_t)w * Cg;  // = n·G·Cg + g·Cg: rows of G groups are contiguous
     const T* x = inp + base;             // (Cg)
+    const T* xr = res ? res + base : nullptr;
+    auto in = [&](int c) { return xr ? float(T(float(x[c]) + float(xr[c]))) : float(x[c]); };  // as gpu::add's sum
     float ss = 0.0f;
     for (int c = lane; c < Cg; c += 32) {
-        float v = float(x[c]);
+        const float v = in(c);
+        if (sum) sum[base + c] = T(v);
         ss += v * v;
     }
     ss = warp_sum(ss);
@@ -44,7 +47,7 @@ __global__ void rmsnorm_forward_kernel(O* out, float* rstd, const T* inp, const 
     if (lane == 0) rstd[w] = r;
     O* y = out + base;                                       // (Cg)
     const T* wt = weight ? weight + (size_t)g * Cg : nullptr;  // (Cg)
-    for (int c = lane; c < Cg; c += 32) y[c] = O(float(x[c]) * r * (wt ? float(wt[c]) : 1.0f));
+    for (int c = lane; c < Cg; c += 32) y[c] = O(in(c) * r * (wt ? float(wt[c]) : 1.0f));
 }
 
 // The wide-row forward (fp32): one block of 256 threads per (row, group) = blockIdx.x; thread i holds the
@@ -64,8 +67,8 @@ __device__ __forceinline__ void rmsnorm_st4(__nv_bfloat16* p, int i, float4 v) {
 }
 
 template <typename O>
-__global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp, const float* weight, int G,
-                                           int Cg, float eps) {
+__global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp, const float* res, float* sum,
+                                           const float* weight, int G, int Cg, float eps) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4;
     const float* x = inp + (size_t)r * Cg;                              // (Cg)
@@ -76,6 +79,11 @@ __global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp
     for (int q = 0; q < RMSNORM_ROW_V4; q++) {
         const int c = tid + q * RMSNORM_BLOCK;
         v[q] = c < C4 ? rmsnorm_ld4(x, c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (res && c < C4) {  // add_rmsnorm_forward: the input is x + res, kept in sum
+            const float4 b = rmsnorm_ld4(res + (size_t)r * Cg, c);
+            v[q] = make_float4(v[q].x + b.x, v[q].y + b.y, v[q].z + b.z, v[q].w + b.w);
+            rmsnorm_st4(sum + (size_t)r * Cg, c, v[q]);
+        }
         ss += v[q].x * v[q].x + v[q].y * v[q].y + v[q].z * v[q].z + v[q].w * v[q].w;
     }
     ss = warp_sum(ss);
@@ -96,11 +104,11 @@ __global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp
     }
 }
 
-// out16: under bf16 operands, for a norm whose output is only a matmul operand (the block's FFN input): the output
-// is written there in bf16 instead of to out (kernels/matmul.cuh's bf16_view), rounded once here, not by each GEMM.
+// The launch of both forwards: the wide-row kernel where it fits, else the warp kernel. res, sum: see
+// add_rmsnorm_forward (null for rmsnorm_forward).
 template <typename T>
-void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg, float eps,
-                     cudaStream_t stream = 0, __nv_bfloat16* out16 = nullptr) {
+void rmsnorm_forward_launch(T* out, float* rstd, const T* inp, const T* res, T* sum, const T* weight, int N, int G,
+                            int Cg, float eps, cudaStream_t stream, __nv_bfloat16* out16) {
     HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
     HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
     if (N == 0) return;
@@ -108,19 +116,38 @@ void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, 
         if constexpr (std::is_same_v<T, float>) {
             auto aligned = [](const void* p) { return p == nullptr || (uintptr_t)p % 16 == 0; };
             if (Cg % 4 == 0 && Cg >= 1024 && Cg <= 4 * RMSNORM_BLOCK * RMSNORM_ROW_V4 && aligned(o) &&
-                aligned(inp) && aligned(weight)) {
-                rmsnorm_forward_row_kernel<<<N * G, RMSNORM_BLOCK, 0, stream>>>(o, rstd, inp, weight, G, Cg, eps);
+                aligned(inp) && aligned(res) && aligned(sum) && aligned(weight)) {
+                rmsnorm_forward_row_kernel<<<N * G, RMSNORM_BLOCK, 0, stream>>>(o, rstd, inp, res, sum, weight, G, Cg,
+                                                                                eps);
                 cudaCheckLast();
                 return;
             }
         }
         const int warps_per_block = RMSNORM_BLOCK / 32;
-        rmsnorm_forward_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(o, rstd, inp, weight,
-                                                                                             N, G, Cg, eps);
+        rmsnorm_forward_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(o, rstd, inp, res, sum,
+                                                                                             weight, N, G, Cg, eps);
         cudaCheckLast();
     };
     if (out16) launch(out16);
     else launch(out);
+}
+
+// out16: under bf16 operands, for a norm whose output is only a matmul operand (the block's FFN input): the output
+// is written there in bf16 instead of to out (kernels/matmul.cuh's bf16_view), rounded once here, not by each GEMM.
+template <typename T>
+void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, int G, int Cg, float eps,
+                     cudaStream_t stream = 0, __nv_bfloat16* out16 = nullptr) {
+    rmsnorm_forward_launch(out, rstd, inp, (const T*)nullptr, (T*)nullptr, weight, N, G, Cg, eps, stream, out16);
+}
+
+// The block's residual add and second norm in one pass: sum (N, D) = x + res, written (saved: the norm's input for
+// its backward), and out = RMSNorm(sum) · weight, rstd as rmsnorm_forward (out16 too). The same values, bit for bit,
+// as gpu::add then rmsnorm_forward, without reading sum back (one (N, D) read less).
+template <typename T>
+void add_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, const T* res, const T* weight, int N, int D,
+                         float eps, cudaStream_t stream = 0, __nv_bfloat16* out16 = nullptr) {
+    HL_CHECK(sum && res, "add_rmsnorm_forward: sum and res must be given");
+    rmsnorm_forward_launch(out, rstd, x, res, sum, weight, N, 1, D, eps, stream, out16);
 }
 
 // dinp (N, G·Cg), written. Same mapping as the forward: one warp per (n, g). With x̂ = x·rstd, d = dout ⊙ w:

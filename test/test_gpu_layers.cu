@@ -184,6 +184,28 @@ TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight) equals the C
     }
 }
 
+TEST_CASE("gpu add_rmsnorm_forward (the block's residual add and norm in one pass) equals add then rmsnorm, bitwise") {
+    hl::Rng rng(108);
+    for (int D : {33, 1024, 2048}) {  // the warp kernel, then the wide-row one
+        const int N = 37;
+        const size_t n = (size_t)N * D;
+        auto x = randn(rng, n), r = randn(rng, n), w = randn(rng, D, 0.3, 1.0);
+        DeviceBuffer<float> x_, r_, w_, h1, o1, s1, h2, o2, s2;
+        to_dev(x_, x); to_dev(r_, r); to_dev(w_, w);
+        alloc_poisoned(h1, n); alloc_poisoned(o1, n); alloc_poisoned(s1, N);
+        alloc_poisoned(h2, n); alloc_poisoned(o2, n); alloc_poisoned(s2, N);
+        hl::gpu::add(h1.ptr, x_.ptr, r_.ptr, n);
+        hl::gpu::rmsnorm_forward(o1.ptr, s1.ptr, h1.ptr, w_.ptr, N, 1, D, 1e-5f);
+        hl::gpu::add_rmsnorm_forward(h2.ptr, o2.ptr, s2.ptr, x_.ptr, r_.ptr, w_.ptr, N, D, 1e-5f);
+        INFO("D = ", D);
+        CHECK(from_dev(h2) == from_dev(h1));
+        CHECK(from_dev(o2) == from_dev(o1));
+        CHECK(from_dev(s2) == from_dev(s1));
+        std::printf("  add_rmsnorm (%d,%d): sum, out, rstd bitwise equal to add then rmsnorm: %s\n", N, D,
+                    from_dev(o2) == from_dev(o1) && from_dev(h2) == from_dev(h1) ? "yes" : "NO");
+    }
+}
+
 TEST_CASE("gpu embedding forward/backward equals the CPU (backward bit-exact: same summation order)") {
     hl::Rng rng(103);
     struct S { int B, T, V, D; };
