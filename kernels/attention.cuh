@@ -1072,13 +1072,13 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
         }
     }
     HL_CHECK(out16 == nullptr || tc, "attention: a bf16 output (out16) needs the tensor-core kernels");
-    if (out16)  // D from the bf16 output the forward wrote (as FlashAttention's, whose output is bf16)
-        attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout,
-                                                                                             out16, B, T_, H, d_v);
-    else
-        attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout,
-                                                                                             out, B, T_, H, d_v);
-    cudaCheckLast();
+    auto launch_D = [&](auto* o) {
+        attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout, o,
+                                                                                             B, T_, H, d_v);
+        cudaCheckLast();
+    };
+    if (out16) launch_D(out16);  // D from the bf16 output the forward wrote (as FlashAttention's, whose output is bf16)
+    else launch_D(out);
 
     const SinkSplit split = sink_split(T_, window, sink);
     // which products the tensor-core kernels take (the tensor-core section): both under bf16 operands, except the
@@ -1244,16 +1244,11 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     // undo the rotations: then dq, dk are gradients of the projections' outputs. Under bf16 operands each is
     // rotated straight into its GEMM's bf16 dout (bf16_dout_scratch), just before that GEMM
     auto q_k_backward = [&](T* d, int heads, T* dw, const T* w, bool accumulate_dinp) {
-        const size_t n = (size_t)N * heads * c.d_qk;
-        if (bf16* d16 = gpu::bf16_dout_scratch<T>(n)) {
-            gpu::rope_backward(d16, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
-            gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp,
-                                 inp16, d16);
-        } else {
-            gpu::rope_backward(d, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
-            gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp,
-                                 inp16);
-        }
+        bf16* d16 = gpu::bf16_dout_scratch<T>((size_t)N * heads * c.d_qk);
+        if (d16) gpu::rope_backward(d16, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
+        else gpu::rope_backward(d, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
+        gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp, inp16,
+                             d16);
     };
     q_k_backward(acts.dq, H, dp.wq, p.wq, false);
     q_k_backward(acts.dk, Hkv, dp.wk, p.wk, true);

@@ -51,15 +51,11 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
     matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream, inp16);  // (N, F)
     const size_t NF = (size_t)N * F;
     const int grid = elementwise_grid(NF, 256);
-    if (bf16* h16 = bf16_view(acts.h)) {
-        swiglu_gate_forward_kernel<<<grid, 256, 0, stream>>>(h16, acts.h1, acts.h3, NF);
-        cudaCheckLast();
-        matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream, h16);  // (N, D)
-    } else {
-        swiglu_gate_forward_kernel<<<grid, 256, 0, stream>>>(acts.h, acts.h1, acts.h3, NF);
-        cudaCheckLast();
-        matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream);  // (N, D)
-    }
+    bf16* h16 = bf16_view(acts.h);
+    if (h16) swiglu_gate_forward_kernel<<<grid, 256, 0, stream>>>(h16, acts.h1, acts.h3, NF);
+    else swiglu_gate_forward_kernel<<<grid, 256, 0, stream>>>(acts.h, acts.h1, acts.h3, NF);
+    cudaCheckLast();
+    matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream, h16);  // (N, D)
 }
 
 // dinp (N, D) is written; dp.w1, dp.w3, dp.w2 accumulate (+=). acts.dh, dh1, dh3 are workspace (not
