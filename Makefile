@@ -6,7 +6,9 @@ NVCC     ?= nvcc
 CXXFLAGS ?= -std=c++17 -O3 -Wall -Wextra -fopenmp
 # .deps/include holds copies of the header-only deps on machines without the Debian packages
 INCLUDES := -I. -I.deps/include
-NVFLAGS  ?= -std=c++17 -O3 -arch=sm_90 -Xcompiler -Wall,-Wextra,-fopenmp
+# sm_90a (H100/H200): the attention's wgmma kernels need the arch-specific target (kernels/wgmma.cuh). For another
+# GPU set NVFLAGS with its -arch: the wgmma products then compile to traps and the mma.sync kernels run instead.
+NVFLAGS  ?= -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-fopenmp
 BUILD    := build
 
 HEADERS   := $(wildcard model/*.h data/*.h test/*.h dev/study/*.h)

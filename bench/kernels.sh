@@ -15,8 +15,9 @@ PYTHON=${PYTHON:-python3}
 SSD_TS=${SSD_TS:-2048 4096 8192}
 ONLY=${ONLY:-}
 case "$ONLY" in "" | attention | ssd) ;; *) echo "error: ONLY must be attention or ssd, got '$ONLY'" >&2; exit 1 ;; esac
-for b in build/dev/attention build/dev/ssd; do
-    [ -x "$b" ] || { echo "error: $b not built (make dev)" >&2; exit 1; }
+for k in attention ssd; do  # the playgrounds this run needs
+    [ -n "$ONLY" ] && [ "$ONLY" != "$k" ] && continue
+    [ -x "build/dev/$k" ] || { echo "error: build/dev/$k not built (make dev)" >&2; exit 1; }
 done
 
 echo "== $(date -u '+%F %T') UTC, $(command -v nvidia-smi >/dev/null && nvidia-smi -L | head -n 1 || echo 'no nvidia-smi')"

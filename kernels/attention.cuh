@@ -9,7 +9,8 @@
 //   fp32 : plain FMA tiles in shared memory, any head dims below (the element type T of q, k, v, out and their
 //          gradients is a template parameter, every value is converted to float on load);
 //   bf16 operands (train_gpu --precision bf16, (d_qk, d_v) ∈ {(64, 64), (128, 128), (64, 128)}): tensor-core kernels in
-//          FlashAttention-2's register-resident form, fp32 softmax and accumulation (the tensor-core section).
+//          FlashAttention-2's register-resident form, fp32 softmax and accumulation (the tensor-core section): on
+//          an H100/H200 (sm_90a) with warpgroup products (wgmma, kernels/wgmma.cuh), elsewhere with mma.sync.
 //
 // Supported head dims (HL_CHECKed): 1 ≤ d_qk ≤ 128, 1 ≤ d_v ≤ 256 — every paper config (largest: the 3b
 // intra-layer hybrid, d_qk 96, d_v 192) fits. Any B, T ≥ 1, any H a multiple of Hkv.
@@ -36,6 +37,7 @@
                                 //   current_bf16, round_bf16: whether the tensor-core kernels run, and their
                                 //   staging (the tensor-core section above)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
+#include "kernels/wgmma.cuh"    // wgmma::mma_ss, mma_rs, load_rows_async, available: the sm_90a kernels
 #include "model/attention.h"    // attn_visible, attn_block, attention_window_check; AttnConfig, AttnParams
 #include "model/common.h"       // HL_CHECK, Arena
 
@@ -310,6 +312,141 @@ __global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64
     mma::store_rows<DV>(out, o, inv, b, qw, T_, H, h);
 }
 
+// The first 1024-byte-aligned address at or after p in shared memory (the swizzled tiles need it: wgmma.cuh).
+__device__ inline bf16* align1024(unsigned char* p) {
+    return reinterpret_cast<bf16*>(p + ((1024 - (mma::smem_addr(p) & 1023)) & 1023));
+}
+
+// Forward on sm_90a (wgmma): the blocks, tiles and online softmax of attention_forward_tc_kernel, with its two
+// products per key tile as warpgroup products (kernels/wgmma.cuh). Warps 0-3 and 4-7 are two warpgroups of 64 query
+// rows; each computes S = Q Kᵀ (64 × 64) with Q and K both read by the tensor cores from swizzled shared memory, and
+// O += P V with P from registers and V from shared memory. A warpgroup's accumulators are its 4 warps' mma.sync
+// tiles, so the masking and softmax code is the same.
+// The products run asynchronously, so the softmax of tile j overlaps the product P_{j-1} V_{j-1} of the tile before
+// (FlashAttention-3's intra-warpgroup pipelining): per tile, issue S_j = Q K_jᵀ, then O += P_{j-1} V_{j-1}; wait for
+// S_j, exponentiate it; wait for the product, rescale O, and only then pack P_j (the registers of P_{j-1} are the
+// product's operand until it is done). So a tile's V is read one iteration after its K, and the key/value tiles
+// have three buffers: tile j + 2 is loaded into tile j − 1's once every warpgroup is done with it.
+// Every iteration issues both products, unconditionally: ptxas serialises asynchronous products whose accumulators
+// merge from two paths. So the first iteration multiplies P = 0 by its own V tile, and a warpgroup whose rows all
+// precede a tile (the block's last tile, for the first warpgroup) computes it fully masked: P = 0 and its running
+// max and sum unchanged (adding 0 changes no value).
+template <int DK, int DV, typename O>
+__global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64: two blocks an SM
+    attention_forward_wgmma_kernel(O* out, float* lse, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
+                                   int Hkv, int window, int sink, float scale_log2) {
+    using namespace attn;
+    using namespace attn_tc;
+    constexpr int STAGES = 3;
+    extern __shared__ __align__(128) unsigned char smem_tc[];
+    bf16* sQ = align1024(smem_tc);     // (BQ, DK) swizzled
+    bf16* sK = sQ + BQ * DK;           // (STAGES, BS, DK)
+    bf16* sV = sK + STAGES * BS * DK;  // (STAGES, BS, DV)
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg = warp / 4;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ, qg = q0 + 64 * wg, qw = q0 + warp * 16;  // block, group, warp
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+    const int i0 = qw + lane / 4;  // this lane's rows: i0 and i0 + 8
+
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (log2 units); this lane's share of Σ
+    float o[DV / 8][4];                                         // unnormalised output, rows i0, i0 + 8
+    mma::zero(o);
+    float s[BS / 8][4];  // s[n][e]: row i0 + 8·(e / 2), key kv + 8n + 2·(lane % 4) + e % 2 (unscaled)
+    uint32_t p[BS / 16][4] = {};  // P of the previous tile (stage pend), multiplied by its V this iteration
+    int pend = 0;
+
+    // descriptors of this warpgroup's Q rows and of the first key and value buffers (a stage further on: + its size)
+    const uint64_t dQ = wgmma::desc_k(sQ + 64 * wg * 64), dK = wgmma::desc_k(sK), dV = wgmma::desc_mn<BS>(sV);
+    constexpr uint64_t K_STAGE = BS * DK * sizeof(bf16) / 16, V_STAGE = BS * DV * sizeof(bf16) / 16;
+    const wgmma::TileLoader<DK, BS, attn_tc::THREADS> load_k(Hkv);
+    const wgmma::TileLoader<DV, BS, attn_tc::THREADS> load_v(Hkv);
+    auto load_kv = [&](int kv, int stage) {
+        const size_t row = ((size_t)b * T_ + kv) * Hkv + g;
+        load_k.load(sK + stage * BS * DK, k + row * DK, T_ - kv);
+        load_v.load(sV + stage * BS * DV, v + row * DV, T_ - kv);
+    };
+    auto multiply_pending = [&] {  // O += P V_pend
+#pragma unroll
+        for (int kk = 0; kk < BS / 16; kk++) wgmma::mma_rs<DV, 1>(o, p[kk], dV + pend * V_STAGE + wgmma::mn_step(kk), 1);
+        wgmma::commit();
+    };
+    const int kv_end = min(T_, q0 + BQ);
+    int kv = visible_kv_tile(0, q0, window, sink);              // tile j (the diagonal one at least exists)
+    int kv_ahead = visible_kv_tile(kv + BS, q0, window, sink);  // tile j + 1
+    wgmma::TileLoader<DK, BQ, attn_tc::THREADS>(H).load(sQ, q + (((size_t)b * T_ + q0) * H + h) * DK, T_ - q0);
+    load_kv(kv, 0);
+    mma::cp_async_commit();
+    if (kv_ahead < kv_end) load_kv(kv_ahead, 1);
+    mma::cp_async_commit();
+    for (int stage = 0; kv < kv_end; stage = stage == STAGES - 1 ? 0 : stage + 1) {
+        mma::cp_async_wait<1>();  // tile j is in (j + 1 may still be in flight)
+        wgmma::fence_smem();      // written by cp.async; the products read through the async proxy
+        __syncthreads();
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < DK / 16; kk++)
+            wgmma::mma_ss<BS, 0>(s, dQ + wgmma::k_step<BQ>(kk), dK + stage * K_STAGE + wgmma::k_step<BS>(kk), kk > 0);
+        wgmma::commit();
+        multiply_pending();
+        wgmma::wait<1>();  // S_j, not the product behind it
+        wgmma::fence_operand(s);
+        const AttnBlock vis = attn_block(qg, qg + 64, kv, kv + BS, T_, window, sink);
+        if (vis != AttnBlock::ALL)  // masks only where the tile needs them (NONE: all of it)
+#pragma unroll
+            for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = i0 + 8 * (e / 2), j = kv + 8 * n + 2 * (lane % 4) + e % 2;
+                    if (vis == AttnBlock::NONE || !(j < T_ && attn_visible(i, j, window, sink))) s[n][e] = -INFINITY;
+                }
+        float mx[2], m_use[2], alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) mx[r] = row_reduce<BS>(s, r, [](float a, float b) { return fmaxf(a, b); });
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);  // the scale is positive
+            m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
+            alpha[r] = exp2_approx(m[r] - m_use[r]);
+            m[r] = m_new;
+            l[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[n][e] = exp2_approx(fmaf(s[n][e], scale_log2, -m_use[e / 2]));
+#pragma unroll
+        for (int r = 0; r < 2; r++) l[r] += row_reduce<BS>(s, r, [](float a, float b) { return a + b; });
+        wgmma::fence_operand(s);  // the softmax stays here, overlapping the product, not sunk behind its wait
+        wgmma::wait<0>();  // O += P_{j-1} V_{j-1} is done: O and p are free
+        wgmma::fence_operand(o);
+#pragma unroll
+        for (int n = 0; n < DV / 8; n++) {
+            o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+            o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+        }
+        mma::to_a<BS>(p, s);  // P rounded to bf16 as it multiplies V
+        pend = stage;
+        __syncthreads();  // every warpgroup is done with tile j − 1's buffers: tile j + 2 goes there
+        const int kv_next = kv_ahead < kv_end ? visible_kv_tile(kv_ahead + BS, q0, window, sink) : kv_end;
+        if (kv_next < kv_end) load_kv(kv_next, stage == 0 ? STAGES - 1 : stage - 1);
+        mma::cp_async_commit();
+        kv = kv_ahead;
+        kv_ahead = kv_next;
+    }
+    wgmma::fence();
+    multiply_pending();
+    wgmma::wait<0>();
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] = quad_sum(l[r]);
+        inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        const int i = i0 + 8 * r;
+        if (i < T_ && lane % 4 == 0) lse[((size_t)b * H + h) * T_ + i] = m[r] * LN2 + logf(l[r]);
+    }
+    mma::store_rows<DV>(out, o, inv, b, qw, T_, H, h);
+}
+
 // dk, dv (as attention_backward_dkdv_kernel, without the sink split, and one block per query head): a block owns 64
 // keys (16 a warp) of kv head g and one query head h of its group, and loops over h's 64-row query tiles from the
 // diagonal on. Per half query tile (32 queries, which bounds the live registers): Sᵀ = K Qᵀ and dPᵀ = V doutᵀ in
@@ -506,6 +643,221 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     mma::store_rows<DK>(dq, dq_acc, sc, b, qw, T_, H, h);
 }
 
+// dk, dv on sm_90a (wgmma): attention_backward_dkdv_tc_kernel's blocks and loops (a block is one warpgroup: 64 keys
+// of kv head g against the query tiles of head h), its four products per half query tile as warpgroup products:
+// Sᵀ = K Qᵀ and dPᵀ = V doutᵀ with both operands in swizzled shared memory, then dv += Pᵀ dout and dk += dSᵀ Q with
+// Pᵀ and dSᵀ from registers and the query tile's rows read MN-major. As in the forward, every product is issued for
+// every half tile, a fully masked one too (P = 0: ptxas serialises asynchronous products behind branches), and P is
+// exponentiated while dPᵀ is still being multiplied.
+template <int DK, int DV>
+__global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3 : 1)  // 4 spilled 256 bytes
+    attention_backward_dkdv_wgmma_kernel(float* dk_part, float* dv_part, const bf16* dout, const float* lse,
+                                         const float* Dr, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
+                                         int Hkv, int window, int sink, float scale, float scale_log2) {
+    using namespace attn;
+    using namespace attn_tc;
+    constexpr int QH = BS / 2;
+    extern __shared__ __align__(128) unsigned char smem_tc[];
+    bf16* sK = align1024(smem_tc);  // (BKV, DK) swizzled: this block's keys
+    bf16* sV = sK + BKV * DK;       // (BKV, DV) and values
+    bf16* sQ = sV + BKV * DV;       // (2, BS, DK) two buffers of query tiles
+    bf16* sO = sQ + 2 * BS * DK;    // (2, BS, DV) and of dout tiles
+    float* sStats = reinterpret_cast<float*>(sO + 2 * BS * DV);  // (2, 2, BS): each buffer's rows' lse, then D
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int kv0 = blockIdx.x * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+    float dk_acc[DK / 8][4], dv_acc[DV / 8][4];
+    mma::zero(dk_acc);
+    mma::zero(dv_acc);
+    float st[QH / 8][4], dpt[QH / 8][4];  // key j0 + 8·(e / 2), query q0 + qh + 8n + 2·(lane % 4) + e % 2
+
+    const long long w_end = (long long)kv0 + BKV + window - 1;  // as the mma.sync kernel
+    const int q_end = (window <= 0 || kv0 < sink || w_end >= T_) ? T_ : (int)w_end;
+    const uint64_t dKa = wgmma::desc_k(sK), dVa = wgmma::desc_k(sV), dQk = wgmma::desc_k(sQ),
+                   dOk = wgmma::desc_k(sO), dQm = wgmma::desc_mn<BS>(sQ), dOm = wgmma::desc_mn<BS>(sO);
+    constexpr uint64_t Q_BUF = BS * DK * sizeof(bf16) / 16, O_BUF = BS * DV * sizeof(bf16) / 16;
+    const wgmma::TileLoader<DK, BS, BWD_THREADS> load_q(H);
+    const wgmma::TileLoader<DV, BS, BWD_THREADS> load_o(H);
+    auto load_tile = [&](int buf, int q0) {  // query rows q0 .. q0 + BS − 1 of head h
+        const size_t row = ((size_t)b * T_ + q0) * H + h, row0 = ((size_t)b * H + h) * T_ + q0;
+        load_q.load(sQ + buf * BS * DK, q + row * DK, T_ - q0);
+        load_o.load(sO + buf * BS * DV, dout + row * DV, T_ - q0);
+        mma::load_floats_async(sStats + buf * 2 * BS, lse + row0, BS, T_ - q0);
+        mma::load_floats_async(sStats + buf * 2 * BS + BS, Dr + row0, BS, T_ - q0);
+    };
+    const size_t row_kv = ((size_t)b * T_ + kv0) * Hkv + g;
+    wgmma::TileLoader<DK, BKV, BWD_THREADS>(Hkv).load(sK, k + row_kv * DK, T_ - kv0);
+    wgmma::TileLoader<DV, BKV, BWD_THREADS>(Hkv).load(sV, v + row_kv * DV, T_ - kv0);
+    load_tile(0, kv0);
+    mma::cp_async_commit();
+    for (int q0 = kv0, buf = 0; q0 < q_end; q0 += BS, buf ^= 1) {
+        if (q0 + BS < q_end) load_tile(buf ^ 1, q0 + BS);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+        wgmma::fence_smem();
+        __syncthreads();
+        const float* sL = sStats + buf * 2 * BS;  // lse of the tile's rows
+        const float* sD = sL + BS;                // D of the tile's rows
+#pragma unroll
+        for (int qh = 0; qh < BS; qh += QH) {
+            const uint64_t qo = buf * Q_BUF + qh * 8, oo = buf * O_BUF + qh * 8;  // row qh: 128 bytes a row
+            wgmma::fence();
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; kk++)
+                wgmma::mma_ss<QH, 0>(st, dKa + wgmma::k_step<BKV>(kk), dQk + qo + wgmma::k_step<BS>(kk), kk > 0);
+            wgmma::commit();
+#pragma unroll
+            for (int kk = 0; kk < DV / 16; kk++)
+                wgmma::mma_ss<QH, 0>(dpt, dVa + wgmma::k_step<BKV>(kk), dOk + oo + wgmma::k_step<BS>(kk), kk > 0);
+            wgmma::commit();
+            const AttnBlock vis = attn_block(q0 + qh, q0 + qh + QH, kv0, kv0 + BKV, T_, window, sink);
+            wgmma::wait<1>();  // Sᵀ
+            wgmma::fence_operand(st);
+#pragma unroll
+            for (int n = 0; n < QH / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int c = qh + 8 * n + 2 * (lane % 4) + e % 2, i = q0 + c, j = j0 + 8 * (e / 2);
+                    float p = exp2_approx(fmaf(st[n][e], scale_log2, -sL[c] * LOG2E));
+                    if (vis != AttnBlock::ALL &&
+                        (vis == AttnBlock::NONE || !(i < T_ && j < T_ && attn_visible(i, j, window, sink))))
+                        p = 0.f;
+                    st[n][e] = p;
+                }
+            wgmma::fence_operand(st);
+            wgmma::wait<0>();  // dPᵀ
+            wgmma::fence_operand(dpt);
+#pragma unroll
+            for (int n = 0; n < QH / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dpt[n][e] = st[n][e] * (dpt[n][e] - sD[qh + 8 * n + 2 * (lane % 4) + e % 2]);
+            uint32_t pt[QH / 16][4], dst[QH / 16][4];
+            mma::to_a<QH>(pt, st);
+            mma::to_a<QH>(dst, dpt);
+            wgmma::fence();
+#pragma unroll
+            for (int kk = 0; kk < QH / 16; kk++) wgmma::mma_rs<DV, 1>(dv_acc, pt[kk], dOm + oo + wgmma::mn_step(kk), 1);
+#pragma unroll
+            for (int kk = 0; kk < QH / 16; kk++) wgmma::mma_rs<DK, 1>(dk_acc, dst[kk], dQm + qo + wgmma::mn_step(kk), 1);
+            wgmma::commit();
+            wgmma::wait<0>();  // pt, dst are free again
+            wgmma::fence_operand(dv_acc);
+            wgmma::fence_operand(dk_acc);
+        }
+        __syncthreads();  // this buffer is refilled next iteration
+    }
+    const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
+    mma::store_rows<DV>(dv_part, dv_acc, one, b, jw, T_, H, h);
+    mma::store_rows<DK>(dk_part, dk_acc, sc, b, jw, T_, H, h);
+}
+
+// dq on sm_90a (wgmma): attention_backward_dq_tc_kernel's blocks and loops (a block is one warpgroup: 64 queries),
+// its three products per half key tile as warpgroup products: S = Q Kᵀ and dP = dout Vᵀ with the block's own q and
+// dout rows and the streamed tiles all in swizzled shared memory, then dq += dS K with dS from registers and the key
+// tile read MN-major. Every product issued for every half tile, as above.
+template <int DK, int DV>
+__global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 4 : 1)
+    attention_backward_dq_wgmma_kernel(float* dq, const bf16* dout, const float* lse, const float* Dr, const bf16* q,
+                                       const bf16* k, const bf16* v, int T_, int H, int Hkv, int window, int sink,
+                                       float scale, float scale_log2) {
+    using namespace attn;
+    using namespace attn_tc;
+    constexpr int KH = BS / 2;
+    extern __shared__ __align__(128) unsigned char smem_tc[];
+    bf16* sQ = align1024(smem_tc);  // (BKV, DK) swizzled: this block's queries
+    bf16* sO = sQ + BKV * DK;       // (BKV, DV) and dout rows
+    bf16* sK = sO + BKV * DV;       // (2, BS, DK) two buffers of key tiles
+    bf16* sV = sK + 2 * BS * DK;    // (2, BS, DV) and value tiles
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BKV, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
+    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+    float L2[2], Di[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int i = i0 + 8 * r;
+        const size_t bhi = ((size_t)b * H + h) * T_ + i;
+        L2[r] = i < T_ ? lse[bhi] * LOG2E : 0.f;
+        Di[r] = i < T_ ? Dr[bhi] : 0.f;
+    }
+    float dq_acc[DK / 8][4];
+    mma::zero(dq_acc);
+    float s[KH / 8][4], dp[KH / 8][4];  // row i0 + 8·(e / 2), key kv0 + kh + 8n + 2·(lane % 4) + e % 2
+
+    const uint64_t dQa = wgmma::desc_k(sQ), dOa = wgmma::desc_k(sO), dKk = wgmma::desc_k(sK),
+                   dVk = wgmma::desc_k(sV), dKm = wgmma::desc_mn<BS>(sK);
+    constexpr uint64_t K_BUF = BS * DK * sizeof(bf16) / 16, V_BUF = BS * DV * sizeof(bf16) / 16;
+    const wgmma::TileLoader<DK, BS, BWD_THREADS> load_k(Hkv);
+    const wgmma::TileLoader<DV, BS, BWD_THREADS> load_v(Hkv);
+    auto load_kv = [&](int buf, int kv) {
+        const size_t row = ((size_t)b * T_ + kv) * Hkv + g;
+        load_k.load(sK + buf * BS * DK, k + row * DK, T_ - kv);
+        load_v.load(sV + buf * BS * DV, v + row * DV, T_ - kv);
+    };
+    const int kv_end = min(T_, q0 + BKV);
+    int kv0 = visible_kv_tile(0, q0, window, sink);
+    const size_t row_q = ((size_t)b * T_ + q0) * H + h;
+    wgmma::TileLoader<DK, BKV, BWD_THREADS>(H).load(sQ, q + row_q * DK, T_ - q0);
+    wgmma::TileLoader<DV, BKV, BWD_THREADS>(H).load(sO, dout + row_q * DV, T_ - q0);
+    load_kv(0, kv0);
+    mma::cp_async_commit();
+    for (int buf = 0; kv0 < kv_end; buf ^= 1) {
+        const int next = visible_kv_tile(kv0 + BS, q0, window, sink);
+        if (next < kv_end) load_kv(buf ^ 1, next);
+        mma::cp_async_commit();
+        mma::cp_async_wait<1>();
+        wgmma::fence_smem();
+        __syncthreads();
+#pragma unroll
+        for (int kh = 0; kh < BS; kh += KH) {
+            const uint64_t ko = buf * K_BUF + kh * 8, vo = buf * V_BUF + kh * 8;  // key row kh: 128 bytes a row
+            wgmma::fence();
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; kk++)
+                wgmma::mma_ss<KH, 0>(s, dQa + wgmma::k_step<BKV>(kk), dKk + ko + wgmma::k_step<BS>(kk), kk > 0);
+            wgmma::commit();
+#pragma unroll
+            for (int kk = 0; kk < DV / 16; kk++)
+                wgmma::mma_ss<KH, 0>(dp, dOa + wgmma::k_step<BKV>(kk), dVk + vo + wgmma::k_step<BS>(kk), kk > 0);
+            wgmma::commit();
+            const AttnBlock vis = attn_block(q0, q0 + BKV, kv0 + kh, kv0 + kh + KH, T_, window, sink);
+            wgmma::wait<1>();  // S
+            wgmma::fence_operand(s);
+#pragma unroll
+            for (int n = 0; n < KH / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int i = i0 + 8 * (e / 2), j = kv0 + kh + 8 * n + 2 * (lane % 4) + e % 2;
+                    float p = exp2_approx(fmaf(s[n][e], scale_log2, -L2[e / 2]));
+                    if (vis != AttnBlock::ALL &&
+                        (vis == AttnBlock::NONE || !(i < T_ && j < T_ && attn_visible(i, j, window, sink))))
+                        p = 0.f;
+                    s[n][e] = p;
+                }
+            wgmma::fence_operand(s);
+            wgmma::wait<0>();  // dP
+            wgmma::fence_operand(dp);
+#pragma unroll
+            for (int n = 0; n < KH / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dp[n][e] = s[n][e] * (dp[n][e] - Di[e / 2]);
+            uint32_t ds[KH / 16][4];
+            mma::to_a<KH>(ds, dp);
+            wgmma::fence();
+#pragma unroll
+            for (int kk = 0; kk < KH / 16; kk++) wgmma::mma_rs<DK, 1>(dq_acc, ds[kk], dKm + ko + wgmma::mn_step(kk), 1);
+            wgmma::commit();
+            wgmma::wait<0>();  // ds is free again
+            wgmma::fence_operand(dq_acc);
+        }
+        __syncthreads();  // this buffer is refilled next iteration
+        kv0 = next;
+    }
+    const float sc[2] = {scale, scale};
+    mma::store_rows<DK>(dq, dq_acc, sc, b, qw, T_, H, h);
+}
+
 // The head dims the tensor-core kernels are compiled for: (d_qk, d_v) = (64, 64) and (128, 128), the models'
 // attention heads, and (64, 128), the 100m and 350m intra-layer hybrids' heads.
 inline bool attention_tc_dims(int d_qk, int d_v) {
@@ -531,9 +883,24 @@ inline size_t attention_tc_smem_forward(int d_qk, int d_v) {
     using namespace attn_tc;
     return sizeof(bf16) * ((size_t)(BQ + 2 * BS) * (d_qk + 8) + (size_t)2 * BS * (d_v + 8));
 }
+// The sm_90a kernels' swizzled tiles (no padding; three buffers of the streamed tiles), plus 1 KB to align them to
+// 1024 bytes.
+inline size_t attention_wgmma_smem_forward(int d_qk, int d_v) {
+    using namespace attn_tc;
+    return sizeof(bf16) * ((size_t)(BQ + 3 * BS) * d_qk + (size_t)3 * BS * d_v) + 1024;
+}
+// Whether the tensor-core paths take the sm_90a (wgmma) kernels: where the device code has them
+// (wgmma::available). On by default; the tests and dev/cuda/attention.cu switch it off to run the mma.sync kernels
+// on the same device.
+inline bool attention_wgmma_on = true;
+inline bool attention_use_wgmma() { return attention_wgmma_on && wgmma::available(); }
 inline size_t attention_tc_smem_backward(int d_qk, int d_v) {  // both kernels
     using namespace attn_tc;
     return sizeof(bf16) * (size_t)(BKV + 2 * BS) * (d_qk + 8 + d_v + 8) + sizeof(float) * 4 * BS;
+}
+inline size_t attention_wgmma_smem_backward(int d_qk, int d_v) {  // both sm_90a kernels
+    using namespace attn_tc;
+    return sizeof(bf16) * (size_t)(BKV + 2 * BS) * (d_qk + d_v) + sizeof(float) * 4 * BS + 1024;
 }
 
 // bf16 values of staging the tensor-core kernels need (Bf16Operands::stage, owned by the caller; 0 where the
@@ -700,7 +1067,7 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
             round_bf16(q16, q, nq, stream);
             round_bf16(k16, k, nk, stream);
             round_bf16(v16, v, nv, stream);
-            const size_t smem_tc = attention_tc_smem_forward(d_qk, d_v);
+            size_t smem_tc = attention_tc_smem_forward(d_qk, d_v);
             const dim3 grid_tc(ceil_div(T_, attn_tc::BQ), B * H);
             attention_tc_dispatch(d_qk, d_v, [&](auto dk_, auto dv_) {
                 auto launch_tc = [&](auto kernel, auto* o) {
@@ -710,7 +1077,11 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
                     cudaCheckLast();
                 };
                 constexpr int DK = decltype(dk_)::value, DV = decltype(dv_)::value;
-                if (out16) launch_tc(attention_forward_tc_kernel<DK, DV, bf16>, out16);
+                if (attention_use_wgmma()) {
+                    smem_tc = attention_wgmma_smem_forward(d_qk, d_v);
+                    if (out16) launch_tc(attention_forward_wgmma_kernel<DK, DV, bf16>, out16);
+                    else launch_tc(attention_forward_wgmma_kernel<DK, DV, float>, out);
+                } else if (out16) launch_tc(attention_forward_tc_kernel<DK, DV, bf16>, out16);
                 else launch_tc(attention_forward_tc_kernel<DK, DV, float>, out);
             });
             return;
@@ -1097,17 +1468,24 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 cudaCheckLast();
             };
             const dim3 grid_tc(ceil_div(T_, attn_tc::BKV), B * H);  // both kernels: a block per query head
-            const size_t smem_tc = attention_tc_smem_backward(d_qk, d_v);
+            const bool wg = attention_use_wgmma();
+            const size_t smem_tc = wg ? attention_wgmma_smem_backward(d_qk, d_v) : attention_tc_smem_backward(d_qk, d_v);
             const bf16 *cq = q16, *ck = k16, *cv = v16, *cdout = dout16;
             const float* cD = scratch_D;
             attention_tc_dispatch(d_qk, d_v, [&](auto dk_, auto dv_) {
                 constexpr int DK = decltype(dk_)::value, DV = decltype(dv_)::value;
-                if (tc_dkdv)
-                    launch_tc(attention_backward_dkdv_tc_kernel<DK, DV>, grid_tc, attn_tc::BWD_THREADS, smem_tc,
-                              dk_part, dv_part, cdout, lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale,
-                              scale_log2);
-                launch_tc(attention_backward_dq_tc_kernel<DK, DV>, grid_tc, attn_tc::BWD_THREADS, smem_tc, dq, cdout,
-                          lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2);
+                auto launch_kernels = [&](auto dkdv_kernel, auto dq_kernel) {
+                    if (tc_dkdv)
+                        launch_tc(dkdv_kernel, grid_tc, attn_tc::BWD_THREADS, smem_tc, dk_part, dv_part, cdout, lse,
+                                  cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2);
+                    launch_tc(dq_kernel, grid_tc, attn_tc::BWD_THREADS, smem_tc, dq, cdout, lse, cD, cq, ck, cv, T_, H,
+                              Hkv, window, sink, scale, scale_log2);
+                };
+                if (wg)
+                    launch_kernels(attention_backward_dkdv_wgmma_kernel<DK, DV>,
+                                   attention_backward_dq_wgmma_kernel<DK, DV>);
+                else
+                    launch_kernels(attention_backward_dkdv_tc_kernel<DK, DV>, attention_backward_dq_tc_kernel<DK, DV>);
             });
             if (tc_dkdv && H > Hkv) {  // each kv head's dk, dv: the sum of its query heads' shares
                 attention_group_sum_kernel<><<<elementwise_grid(nk, 256), 256, 0, stream>>>(dk, dk_part, nk, H, Hkv,

@@ -235,6 +235,55 @@ TEST_CASE("gpu attention mixer with a window and sink matches the CPU mixer") {
     CHECK(rel_err(out_full, out) > 1e-2);
 }
 
+TEST_CASE("gpu attention: the wgmma (sm_90a) kernels give the mma.sync kernels' results") {
+    // The same products on the same bf16 operands, summed by different tensor-core instructions: fp32 sums in
+    // another order, so a score, a dP (and the bf16 roundings of P and dS made from them) can differ in their last
+    // bits. Bound: 5e-3 of the scale, a tenth of the bf16 kernels' tolerance against the CPU (measured on an H200:
+    // out identical, lse 8e-8, gradients up to 1.9e-3 at head dim 128 and 6e-5 at 64).
+    if (!hl::gpu::wgmma::available()) {
+        MESSAGE("no sm_90a device code for this GPU: nothing to compare");
+        return;
+    }
+    struct C { int T, Hkv, dqk, dv, W, S; };
+    for (C c : {C{300, 2, 64, 64, 0, 0}, C{300, 2, 64, 64, 100, 4}, C{200, 4, 128, 128, 0, 0}, C{200, 1, 64, 128, 0, 0}}) {
+        CAPTURE(c.T);
+        CAPTURE(c.dqk);
+        CAPTURE(c.dv);
+        CAPTURE(c.W);
+        const int B = 2, H = 4;
+        const size_t nq = (size_t)B * c.T * H * c.dqk, nk = (size_t)B * c.T * c.Hkv * c.dqk,
+                     nv = (size_t)B * c.T * c.Hkv * c.dv, no = (size_t)B * c.T * H * c.dv;
+        hl::Rng rng(31);
+        DeviceBuffer<float> q(nq), k(nk), v(nv), dout(no), out(no), lse((size_t)B * H * c.T),
+            D(hl::gpu::attention_backward_scratch_size(B, c.T, H, c.Hkv, c.dqk, c.dv, c.W, c.S)), dq(nq), dk(nk), dv(nv);
+        q.upload(randn(rng, nq)), k.upload(randn(rng, nk)), v.upload(randn(rng, nv)), dout.upload(randn(rng, no));
+        DeviceBuffer<__nv_bfloat16> stage(hl::gpu::attention_tc_stage_size(B, c.T, H, c.Hkv, c.dqk, c.dv));
+        hl::gpu::Bf16Operands ops;
+        ops.stage = stage.ptr, ops.stage_n = stage.n;
+        const hl::gpu::Bf16Scope scope(&ops);
+        std::vector<float> got[2][5];  // [mma.sync, wgmma][out, lse, dq, dk, dv]
+        for (int wg = 0; wg < 2; wg++) {
+            hl::gpu::attention_wgmma_on = wg == 1;
+            for (auto* t : {&out, &lse, &dq, &dk, &dv}) poison(*t);
+            hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, c.T, H, c.Hkv, c.dqk, c.dv, c.W, c.S);
+            hl::gpu::attention_backward(dq.ptr, dk.ptr, dv.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B,
+                                        c.T, H, c.Hkv, c.dqk, c.dv, c.W, c.S);
+            int i = 0;
+            for (auto* t : {&out, &lse, &dq, &dk, &dv}) got[wg][i++] = t->download();
+        }
+        hl::gpu::attention_wgmma_on = true;
+        const char* names[5] = {"out", "lse", "dq", "dk", "dv"};
+        std::printf("attention wgmma vs mma.sync, T=%d Hkv=%d d_qk=%d d_v=%d W=%d:", c.T, c.Hkv, c.dqk, c.dv, c.W);
+        for (int i = 0; i < 5; i++) {
+            const double e = rel_err(got[1][i], got[0][i]);
+            std::printf(" %s %.2e", names[i], e);
+            CAPTURE(names[i]);
+            CHECK(e <= 5e-3);
+        }
+        std::printf("\n");
+    }
+}
+
 TEST_CASE("gpu attention with a bf16 output (the mixer's y under bf16): the fp32 output rounded; the backward's D from it") {
     const int B = 2, T = 200, H = 4, Hkv = 2;
     for (int dv : {64, 128}) {
@@ -398,36 +447,48 @@ TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core wi
     // (with and without the sink split that the key kernel leaves to the fp32 kernel; a window without sinks, where
     // the key kernel skips query tiles past the window in a group of 4 heads), and inputs that are not 16-byte
     // aligned (the kernels read their bf16 staging, which is: the rounding pass takes the unaligned fp32 tensors).
-    uint64_t seed = 900;
+    // Both kernel families: the mma.sync ones, and on an sm_90a build on an H100/H200 the wgmma ones (what runs
+    // there by default).
     struct C { int T, Hkv, d, W, S, offset; };
-    for (C c : {C{1, 2, 64, 0, 0, 0}, C{65, 2, 64, 0, 0, 0}, C{200, 1, 64, 0, 0, 0}, C{130, 4, 128, 0, 0, 0},
-                C{300, 2, 64, 16, 4, 0}, C{700, 2, 64, 64, 16, 0}, C{1024, 2, 128, 0, 0, 0}, C{200, 2, 64, 0, 0, 1},
-                C{150, 2, 128, 100, 4, 3}, C{1100, 2, 64, 0, 0, 0}, C{1100, 1, 64, 100, 0, 0}}) {
-        CAPTURE(c.T);
-        CAPTURE(c.d);
-        CAPTURE(c.W);
-        CAPTURE(c.offset);
-        const AttnErrors e = run_attention(2, c.T, 4, c.Hkv, c.d, c.d, seed++, c.W, c.S, true, c.offset);
-        CHECK(e.out <= 2e-2);
-        CHECK(e.lse <= 2e-2);
-        CHECK(e.dq <= 5e-2);
-        CHECK(e.dk <= 5e-2);
-        CHECK(e.dv <= 5e-2);
-        if (c.T > 1) CHECK(e.out > 1e-5);  // the bf16 kernels ran: fp32 ones are within 1e-6
+    for (const bool wg : {false, true}) {
+        if (wg && !hl::gpu::wgmma::available()) {
+            MESSAGE("no sm_90a device code for this GPU: the wgmma attention kernels are not tested here");
+            continue;
+        }
+        CAPTURE(wg);
+        hl::gpu::attention_wgmma_on = wg;
+        std::printf("attention kernels: %s\n", wg ? "wgmma (sm_90a)" : "mma.sync");
+        uint64_t seed = 900;
+        for (C c : {C{1, 2, 64, 0, 0, 0}, C{65, 2, 64, 0, 0, 0}, C{200, 1, 64, 0, 0, 0}, C{130, 4, 128, 0, 0, 0},
+                    C{300, 2, 64, 16, 4, 0}, C{700, 2, 64, 64, 16, 0}, C{1024, 2, 128, 0, 0, 0}, C{200, 2, 64, 0, 0, 1},
+                    C{150, 2, 128, 100, 4, 3}, C{1100, 2, 64, 0, 0, 0}, C{1100, 1, 64, 100, 0, 0}}) {
+            CAPTURE(c.T);
+            CAPTURE(c.d);
+            CAPTURE(c.W);
+            CAPTURE(c.offset);
+            const AttnErrors e = run_attention(2, c.T, 4, c.Hkv, c.d, c.d, seed++, c.W, c.S, true, c.offset);
+            CHECK(e.out <= 2e-2);
+            CHECK(e.lse <= 2e-2);
+            CHECK(e.dq <= 5e-2);
+            CHECK(e.dk <= 5e-2);
+            CHECK(e.dv <= 5e-2);
+            if (c.T > 1) CHECK(e.out > 1e-5);  // the bf16 kernels ran: fp32 ones are within 1e-6
+        }
+        // d_qk = 64, d_v = 128 (the 100m and 350m intra-layer hybrids' heads): full, a window with sinks, a long
+        // window without, GQA groups of 2 and 4
+        for (C c : {C{200, 2, 64, 0, 0, 0}, C{300, 2, 64, 16, 4, 0}, C{1100, 1, 64, 100, 0, 0}}) {
+            CAPTURE(c.T);
+            CAPTURE(c.W);
+            const AttnErrors e = run_attention(2, c.T, 4, c.Hkv, 64, 128, seed++, c.W, c.S, true);
+            CHECK(e.out <= 2e-2);
+            CHECK(e.lse <= 2e-2);
+            CHECK(e.dq <= 5e-2);
+            CHECK(e.dk <= 5e-2);
+            CHECK(e.dv <= 5e-2);
+            CHECK(e.out > 1e-5);
+        }
     }
-    // d_qk = 64, d_v = 128 (the 100m and 350m intra-layer hybrids' heads): full, a window with sinks, a long window
-    // without, GQA groups of 2 and 4
-    for (C c : {C{200, 2, 64, 0, 0, 0}, C{300, 2, 64, 16, 4, 0}, C{1100, 1, 64, 100, 0, 0}}) {
-        CAPTURE(c.T);
-        CAPTURE(c.W);
-        const AttnErrors e = run_attention(2, c.T, 4, c.Hkv, 64, 128, seed++, c.W, c.S, true);
-        CHECK(e.out <= 2e-2);
-        CHECK(e.lse <= 2e-2);
-        CHECK(e.dq <= 5e-2);
-        CHECK(e.dk <= 5e-2);
-        CHECK(e.dv <= 5e-2);
-        CHECK(e.out > 1e-5);
-    }
+    hl::gpu::attention_wgmma_on = true;
     // without room for the bf16 copies of q, k, v (and dout), a one-line error, not a write past the buffer
     const int B = 1, T = 70, H = 2, d = 64;
     DeviceBuffer<float> q((size_t)B * T * H * d), lse((size_t)B * H * T), out(q.n);
