@@ -45,7 +45,7 @@ void conv1d_dispatch_k(int K, F&& f) {
 // block: 128 threads along channels. Thread (c, b, tile) slides a K-window over times t0 … t0+31.
 template <int K, typename T>
 __global__ void conv1d_silu_forward_kernel(T* out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_,
-                                           int C) {
+                                           int C, int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float wk[K];
@@ -56,17 +56,18 @@ __global__ void conv1d_silu_forward_kernel(T* out, T* pre, const T* inp, const T
     for (int bt = blockIdx.y; bt < B * tiles; bt += gridDim.y) {
         const int b = bt / tiles, t0 = (bt % tiles) * CONV_TILE_T;
         const int t1 = min(t0 + CONV_TILE_T, T_);
-        const size_t base = (size_t)b * T_ * C + c;  // (b, 0, c); time t at base + t·C
+        const size_t base = (size_t)b * T_ * C + c;   // (b, 0, c); time t at base + t·C
+        const size_t in = (size_t)b * T_ * ld + c;    // the same in inp, whose rows are ld apart
         float win[K];  // win[k] = inp at time t − (K−1) + k; the K−1 older taps preloaded (0 before t = 0)
 #pragma unroll
         for (int k = 0; k < K - 1; k++) {
             const int s = t0 - (K - 1) + k;  // win[k + 1] moves to win[k] at the first step
-            win[k + 1] = s >= 0 ? float(inp[base + (size_t)s * C]) : 0.0f;
+            win[k + 1] = s >= 0 ? float(inp[in + (size_t)s * ld]) : 0.0f;
         }
         for (int t = t0; t < t1; t++) {
 #pragma unroll
             for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
-            win[K - 1] = float(inp[base + (size_t)t * C]);
+            win[K - 1] = float(inp[in + (size_t)t * ld]);
             float acc = bc;
 #pragma unroll
             for (int k = 0; k < K; k++) acc += wk[k] * win[k];
@@ -76,16 +77,20 @@ __global__ void conv1d_silu_forward_kernel(T* out, T* pre, const T* inp, const T
     }
 }
 
-// out and pre (saved for the backward) are written.
+// out and pre (saved for the backward) are written. ld: the row stride of inp (0: C, dense rows); a larger one
+// reads the C channels out of wider rows in place (Mamba-2's x, B, C columns of its in_proj output).
 template <typename T>
 void conv1d_silu_forward(T* out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_, int C, int K,
-                         cudaStream_t stream = 0) {
+                         cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
+    if (ld == 0) ld = C;
+    HL_CHECK(ld >= C, "conv1d: row stride ", ld, " below C = ", C);
     const int tiles = ceil_div(T_, CONV_TILE_T);
     dim3 grid(ceil_div(C, CONV_BLOCK), (unsigned)std::min(B * tiles, 65535));
     conv1d_dispatch_k(K, [&](auto kc) {
-        conv1d_silu_forward_kernel<decltype(kc)::value><<<grid, CONV_BLOCK, 0, stream>>>(out, pre, inp, w, bias, B, T_, C);
+        conv1d_silu_forward_kernel<decltype(kc)::value><<<grid, CONV_BLOCK, 0, stream>>>(out, pre, inp, w, bias, B, T_, C,
+                                                                                       ld);
         cudaCheckLast();
     });
 }
@@ -100,7 +105,8 @@ __device__ __forceinline__ float conv1d_dpre(const T* dout, const T* pre, size_t
 // walks its tile backwards (s = t1−1 … t0) with a window of the next K dpre values (preloaded past the
 // tile's end, 0 past T). Same grid/block as the forward.
 template <int K, typename T>
-__global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, const T* w, int B, int T_, int C) {
+__global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, const T* w, int B, int T_, int C,
+                                        int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     float wk[K];
@@ -124,7 +130,7 @@ __global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, co
             float acc = 0.0f;
 #pragma unroll
             for (int k = 0; k < K; k++) acc += fut[K - 1 - k] * wk[k];
-            dinp[base + (size_t)s * C] = T(acc);
+            dinp[(size_t)b * T_ * ld + c + (size_t)s * ld] = T(acc);
         }
     }
 }
@@ -141,7 +147,7 @@ __global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, co
 // it took 0.60 ms, this one 0.32 ms (0.19 ms at the 100m width).
 template <int K, typename T>
 __global__ void __launch_bounds__(CONV_DW_CH * CONV_DW_LANES)
-conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* inp, int B, int T_, int C) {
+conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* inp, int B, int T_, int C, int ld) {
     __shared__ float red[K + 1][CONV_DW_LANES][CONV_DW_CH];
     const int tx = threadIdx.x, ty = threadIdx.y, c = blockIdx.x * CONV_DW_CH + tx;
     const long long N = (long long)B * T_;
@@ -156,7 +162,7 @@ conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* in
 #pragma unroll
         for (int k = 0; k < K - 1; k++) {
             const int s = t - (K - 1) + k;  // win[k + 1] moves to win[k] at the first step
-            win[k + 1] = s >= 0 ? float(inp[(size_t)(n0 - t + s) * C + c]) : 0.0f;
+            win[k + 1] = s >= 0 ? float(inp[(size_t)(n0 - t + s) * ld + c]) : 0.0f;
         }
         t -= 1;  // time of row n, advanced incrementally (no 64-bit modulo per row)
         for (long long n = n0; n < n1; n++) {
@@ -168,7 +174,7 @@ conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* in
 #pragma unroll
             for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
             const size_t i = (size_t)n * C + c;
-            win[K - 1] = float(inp[i]);
+            win[K - 1] = float(inp[(size_t)n * ld + c]);
             const float d = conv1d_dpre(dout, pre, i);
 #pragma unroll
             for (int k = 0; k < K; k++) acc[k] += d * win[k];
@@ -209,12 +215,14 @@ inline size_t conv1d_backward_scratch_size(int B, int T_, int C, int K) {
 }
 
 // dinp is written; dw and dbias accumulate (+=). scratch: conv1d_backward_scratch_size(B, T, C, K) floats,
-// caller-owned.
+// caller-owned. ld: the row stride of inp and dinp (0: C), as in the forward.
 template <typename T>
 void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* pre, const T* inp, const T* w, int B,
-                          int T_, int C, int K, float* scratch, cudaStream_t stream = 0) {
+                          int T_, int C, int K, float* scratch, cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
+    if (ld == 0) ld = C;
+    HL_CHECK(ld >= C, "conv1d: row stride ", ld, " below C = ", C);
     HL_CHECK(scratch, "conv1d_silu_backward: scratch must hold conv1d_backward_scratch_size(...) floats");
     const int splits = conv1d_dw_splits(B, T_);
     HL_CHECK(splits <= 65535, "conv1d: B·T = ", (long long)B * T_, " rows is above the GPU's limit");
@@ -222,10 +230,10 @@ void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* pre,
     dim3 grid(ceil_div(C, CONV_BLOCK), (unsigned)std::min(B * tiles, 65535));
     conv1d_dispatch_k(K, [&](auto kc) {
         constexpr int KK = decltype(kc)::value;
-        conv1d_silu_dinp_kernel<KK><<<grid, CONV_BLOCK, 0, stream>>>(dinp, dout, pre, w, B, T_, C);
+        conv1d_silu_dinp_kernel<KK><<<grid, CONV_BLOCK, 0, stream>>>(dinp, dout, pre, w, B, T_, C, ld);
         cudaCheckLast();
         conv1d_silu_dw_part_kernel<KK><<<dim3(ceil_div(C, CONV_DW_CH), splits), dim3(CONV_DW_CH, CONV_DW_LANES), 0,
-                                         stream>>>(scratch, dout, pre, inp, B, T_, C);
+                                         stream>>>(scratch, dout, pre, inp, B, T_, C, ld);
         cudaCheckLast();
         conv1d_silu_dw_sum_kernel<KK><<<ceil_div((KK + 1) * C, 256), 256, 0, stream>>>(dw, dbias, scratch, splits, C);
         cudaCheckLast();

@@ -3,7 +3,8 @@
 // grouped gated RMSNorm and out_proj), forward and backward, same names and arguments on device pointers.
 //
 //   [z, xBC, dt_raw] = in_proj · u           cuBLAS (kernels/matmul.cuh)
-//   conv_in = [x, B, C]                       mamba2_conv_in_kernel (a gather: from in_proj, or x from x_shared)
+//   conv_in = [x, B, C]                       in_proj's columns, read in place by the conv (rows d_in_proj apart);
+//                                             with x_shared a gather first (mamba2_conv_in_kernel)
 //   xBC = SiLU(causal_depthwise_conv1d)       kernels/conv1d.cuh
 //   [x, B, C] = split(xBC), dt = softplus(dt_raw + dt_bias), A = −exp(A_log)    mamba2_split_kernel (one launch)
 //   y = SSD(x, dt, A, B, C) + D·x             kernels/ssd.cuh (chunked)
@@ -38,7 +39,7 @@ template <typename T>
 struct GpuMamba2Acts {
     // forward, saved for the backward
     T* zxbcdt = nullptr;         // (B, T, d_in_proj)  in_proj output [z, xBC, dt_raw] ([z, BC, dt_raw] if shared_x)
-    T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C]
+    T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C], gathered with a shared x only
     T* conv_pre = nullptr;       // (B, T, conv_dim)   conv output before SiLU
     T* xBC = nullptr;            // (B, T, conv_dim)   after SiLU
     T* x = nullptr;              // (B, T, H, P)       the scan's inputs, split out of xBC
@@ -78,7 +79,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     HL_CHECK(scratch < (size_t)INT_MAX, "mamba2 activations (gpu): SSD scratch of ", scratch, " floats is too large");
     GpuMamba2Acts<float> x;
     x.zxbcdt = a.take("zxbcdt", {B, T_, c.d_in_proj()});
-    x.conv_in = a.take("conv_in", {B, T_, CD});
+    if (c.shared_x) x.conv_in = a.take("conv_in", {B, T_, CD});  // else the conv reads zxbcdt in place
     x.conv_pre = a.take("conv_pre", {B, T_, CD});
     x.xBC = a.take("xBC", {B, T_, CD});
     x.x = a.take("x", {B, T_, H, P});
@@ -100,7 +101,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.ddt = a.take("ddt", {B, T_, H});
     x.dA = a.take("dA", {H});
     x.dxBC = a.take("dxBC", {B, T_, CD});
-    x.dconv_in = a.take("dconv_in", {B, T_, CD});
+    if (c.shared_x) x.dconv_in = a.take("dconv_in", {B, T_, CD});
     x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.d_in_proj()});
     x.ssd_scratch = a.take("ssd_scratch", {(int)scratch});
     x.conv_scratch = a.take("conv_scratch", {(int)gpu::conv1d_backward_scratch_size(B, T_, CD, c.d_conv)});
@@ -248,12 +249,17 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
 
     // [z, xBC, dt_raw] = in_proj · u
     gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, DIP, stream, inp16);
-    // the conv's input [x, B, C]
-    mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.conv_in, acts.zxbcdt,
-                                                                                         x_shared, rows, DI, CD, DIP);
-    cudaCheckLast();
-    // xBC = SiLU(conv1d(xBC))
-    gpu::conv1d_silu_forward(acts.xBC, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
+    // xBC = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's output
+    // (rows DIP apart); with a shared x its input is gathered first (x from x_shared, B and C from in_proj)
+    if (x_shared) {
+        mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.conv_in, acts.zxbcdt,
+                                                                                             x_shared, rows, DI, CD, DIP);
+        cudaCheckLast();
+        gpu::conv1d_silu_forward(acts.xBC, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
+    } else {
+        gpu::conv1d_silu_forward(acts.xBC, acts.conv_pre, acts.zxbcdt + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv,
+                                 stream, DIP);
+    }
     // split [x, B, C]; dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
     mamba2_split_kernel<<<elementwise_grid((size_t)rows * (CD + H), 256), 256, 0, stream>>>(
         acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, acts.xBC, acts.zxbcdt, p.dt_bias, p.A_log, rows, DI, GN, H, DIP);
@@ -301,13 +307,18 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
                                                                                             acts.dBm, acts.dCm, rows,
                                                                                             DI, GN);
     cudaCheckLast();
-    // xBC = SiLU(conv1d(conv_in))
-    gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, acts.dxBC, acts.conv_pre, acts.conv_in, p.conv_w, B,
-                              T_, CD, c.d_conv, acts.conv_scratch, stream);
-    // the conv's input came from in_proj (and x_shared)
-    mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
-        acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, DIP);
-    cudaCheckLast();
+    // xBC = SiLU(conv1d(conv_in)): without a shared x, conv_in is in_proj's x, B, C columns, and its gradient goes
+    // straight into those columns of dzxbcdt
+    if (x_shared) {
+        gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, acts.dxBC, acts.conv_pre, acts.conv_in, p.conv_w,
+                                  B, T_, CD, c.d_conv, acts.conv_scratch, stream);
+        mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
+            acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, DIP);
+        cudaCheckLast();
+    } else {
+        gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, acts.dxBC, acts.conv_pre, acts.zxbcdt + DI,
+                                  p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, DIP);
+    }
     // [z, xBC, dt_raw] = in_proj · u
     gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, DIP, stream, false,
                          inp16);

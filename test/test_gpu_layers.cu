@@ -563,5 +563,34 @@ TEST_CASE("gpu conv1d + SiLU forward/backward equals the CPU (odd T, T < K, K = 
         expect_close(tag + " dinp", from_dev(dinp_), dinp, GRAD_TOL);
         expect_close(tag + " dw (+=)", from_dev(dw_), dw, GRAD_TOL);
         expect_close(tag + " dbias (+=)", from_dev(db_), db, GRAD_TOL);
+        // the input (and dinp) as C columns of wider rows (ld = C + 7, at column 3: as Mamba-2 reads x, B, C out of
+        // in_proj's rows): the same values, bit for bit; the columns around them untouched
+        const int ld = s.C + 7;
+        const size_t NL = (size_t)s.B * s.T * ld;
+        std::vector<float> xw(NL, 0.f);
+        for (size_t r = 0; r < (size_t)s.B * s.T; r++)
+            for (int c = 0; c < s.C; c++) xw[r * ld + 3 + c] = x[r * s.C + c];
+        DeviceBuffer<float> xw_, dinpw_, dw2_, db2_;
+        to_dev(xw_, xw); to_dev(dw2_, dw0); to_dev(db2_, db0);
+        alloc_poisoned(dinpw_, NL);
+        const std::vector<float> out1 = from_dev(out_), pre1 = from_dev(pre_), dinp1 = from_dev(dinp_), dw1 = from_dev(dw_);
+        hl::gpu::conv1d_silu_forward(out_.ptr, pre_.ptr, xw_.ptr + 3, w_.ptr, b_.ptr, s.B, s.T, s.C, s.K, 0, ld);
+        hl::gpu::conv1d_silu_backward(dinpw_.ptr + 3, dw2_.ptr, db2_.ptr, dout_.ptr, pre_.ptr, xw_.ptr + 3, w_.ptr, s.B,
+                                      s.T, s.C, s.K, scratch.ptr, 0, ld);
+        CHECK(from_dev(out_) == out1);
+        CHECK(from_dev(pre_) == pre1);
+        CHECK(from_dev(dw2_) == dw1);
+        const std::vector<float> dinpw = from_dev(dinpw_);
+        bool same = true, others_untouched = true;
+        for (size_t r = 0; r < (size_t)s.B * s.T; r++)
+            for (int c = 0; c < ld; c++) {
+                const float v = dinpw[r * ld + c];
+                if (c >= 3 && c < 3 + s.C) same = same && v == dinp1[r * s.C + c - 3];
+                else others_untouched = others_untouched && std::isnan(v);  // still the poison
+            }
+        CHECK(same);
+        CHECK(others_untouched);
     }
+    DeviceBuffer<float> d(64);
+    CHECK_THROWS_AS(hl::gpu::conv1d_silu_forward(d.ptr, d.ptr, d.ptr, d.ptr, d.ptr, 1, 2, 8, 4, 0, 7), hl::Error);
 }
