@@ -1,7 +1,8 @@
 // conv1d.cuh — GPU mirror of model/conv1d.h: the causal depthwise conv1d of the Mamba-2 mixer, with bias
 // and a fused SiLU, forward and backward.
 //   pre[t, c] = bias[c] + Σ_{k<K} w[c, k] · inp[t − (K−1) + k, c]      out = SiLU(pre)
-// Shapes: inp, pre, out, dout, dinp (B, T, C)   w (C, K)   bias (C).
+// Shapes: inp, pre, out, dout, dinp (B, T, C)   w (C, K)   bias (C). inp and dinp may be C columns of wider rows,
+// out and dout split by column into up to three tensors (ConvColumns): what Mamba-2 reads and writes in place.
 //
 // Mapping shared by the kernels: threads run along channels (consecutive threads, consecutive c: every
 // warp access is one contiguous 128-byte row segment), and each thread walks a run of consecutive time
@@ -25,6 +26,28 @@ constexpr int CONV_DW_CH = 32;    // channels per block of the weight-gradient p
 constexpr int CONV_DW_LANES = 8;  // row lanes per block of it
 constexpr int CONV_DW_ROWS = 64;  // consecutive rows a lane walks
 
+// Where the conv's output (or the gradient arriving at it) lives: up to three column ranges of the C channels,
+// range s holding channels [end[s−1], end[s]) (end[−1] = 0) in its own tensor of rows ld[s] apart. One range
+// {p, C, C} is a dense (B, T, C) tensor; Mamba-2 writes its conv's output straight into its scan's x, B and C
+// tensors this way (and reads their gradients back), with no split or concatenation pass. Each thread of the kernels
+// owns one channel, so it resolves its range once.
+template <typename P>
+struct ConvColumns {
+    P* p[3] = {nullptr, nullptr, nullptr};
+    int end[3] = {0, 0, 0};
+    int ld[3] = {0, 0, 0};
+    ConvColumns() = default;
+    ConvColumns(P* dense, int C) : p{dense, nullptr, nullptr}, end{C, C, C}, ld{C, C, C} {}
+    ConvColumns(P* p0, int e0, int ld0, P* p1, int e1, int ld1, P* p2, int e2, int ld2)
+        : p{p0, p1, p2}, end{e0, e1, e2}, ld{ld0, ld1, ld2} {}
+    // channel c's column (its row 0) and row stride
+    __device__ P* column(int c, int& stride) const {
+        const int s = c < end[0] ? 0 : c < end[1] ? 1 : 2, c0 = s == 0 ? 0 : end[s - 1];
+        stride = ld[s];
+        return p[s] + (c - c0);
+    }
+};
+
 // Calls f(std::integral_constant<int, K>{}) for the run-time K: instantiates each kernel for K = 1…8.
 template <typename F>
 void conv1d_dispatch_k(int K, F&& f) {
@@ -44,10 +67,12 @@ void conv1d_dispatch_k(int K, F&& f) {
 // grid: x over ceil(C / 128) channel blocks, y over (b, time tile of 32) pairs (grid-stride in y);
 // block: 128 threads along channels. Thread (c, b, tile) slides a K-window over times t0 … t0+31.
 template <int K, typename T>
-__global__ void conv1d_silu_forward_kernel(T* out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_,
-                                           int C, int ld) {
+__global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, T* pre, const T* inp, const T* w, const T* bias, int B,
+                                           int T_, int C, int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
+    int ldo;
+    T* oc = out.column(c, ldo);
     float wk[K];
 #pragma unroll
     for (int k = 0; k < K; k++) wk[k] = float(w[(size_t)c * K + k]);
@@ -72,16 +97,17 @@ __global__ void conv1d_silu_forward_kernel(T* out, T* pre, const T* inp, const T
 #pragma unroll
             for (int k = 0; k < K; k++) acc += wk[k] * win[k];
             pre[base + (size_t)t * C] = T(acc);
-            out[base + (size_t)t * C] = T(dev_silu(acc));
+            oc[((size_t)b * T_ + t) * ldo] = T(dev_silu(acc));
         }
     }
 }
 
 // out and pre (saved for the backward) are written. ld: the row stride of inp (0: C, dense rows); a larger one
-// reads the C channels out of wider rows in place (Mamba-2's x, B, C columns of its in_proj output).
+// reads the C channels out of wider rows in place (Mamba-2's x, B, C columns of its in_proj output). out: a dense
+// (B, T, C) tensor, or its columns split over up to three tensors (ConvColumns).
 template <typename T>
-void conv1d_silu_forward(T* out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_, int C, int K,
-                         cudaStream_t stream = 0, int ld = 0) {
+void conv1d_silu_forward(const ConvColumns<T>& out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_,
+                         int C, int K, cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
     if (ld == 0) ld = C;
@@ -94,21 +120,29 @@ void conv1d_silu_forward(T* out, T* pre, const T* inp, const T* w, const T* bias
         cudaCheckLast();
     });
 }
-
-// dpre = dout ⊙ SiLU'(pre), recomputed where read (no scratch), as the CPU.
 template <typename T>
-__device__ __forceinline__ float conv1d_dpre(const T* dout, const T* pre, size_t i) {
-    return float(dout[i]) * dev_silu_grad(float(pre[i]));
+void conv1d_silu_forward(T* out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_, int C, int K,
+                         cudaStream_t stream = 0, int ld = 0) {
+    conv1d_silu_forward(ConvColumns<T>(out, C), pre, inp, w, bias, B, T_, C, K, stream, ld);
+}
+
+// dpre = dout ⊙ SiLU'(pre), recomputed where read (no scratch), as the CPU: dout from the thread's column (row n,
+// stride ldd), pre dense (its index i).
+template <typename T>
+__device__ __forceinline__ float conv1d_dpre(const T* dcol, int ldd, size_t n, const T* pre, size_t i) {
+    return float(dcol[n * ldd]) * dev_silu_grad(float(pre[i]));
 }
 
 // dinp[s, c] = Σ_k dpre[s + (K−1) − k, c] · w[c, k]: the gradient looks forward in time, so each thread
 // walks its tile backwards (s = t1−1 … t0) with a window of the next K dpre values (preloaded past the
 // tile's end, 0 past T). Same grid/block as the forward.
 template <int K, typename T>
-__global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, const T* w, int B, int T_, int C,
-                                        int ld) {
+__global__ void conv1d_silu_dinp_kernel(T* dinp, ConvColumns<const T> dout, const T* pre, const T* w, int B, int T_,
+                                        int C, int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
+    int ldd;
+    const T* dc = dout.column(c, ldd);
     float wk[K];
 #pragma unroll
     for (int k = 0; k < K; k++) wk[k] = float(w[(size_t)c * K + k]);
@@ -121,12 +155,12 @@ __global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, co
 #pragma unroll
         for (int j = 1; j < K; j++) {
             const int t = t1 - 1 + j;  // fut[j − 1] moves to fut[j] at the first step (s = t1 − 1)
-            fut[j - 1] = t < T_ ? conv1d_dpre(dout, pre, base + (size_t)t * C) : 0.0f;
+            fut[j - 1] = t < T_ ? conv1d_dpre(dc, ldd, (size_t)b * T_ + t, pre, base + (size_t)t * C) : 0.0f;
         }
         for (int s = t1 - 1; s >= t0; s--) {
 #pragma unroll
             for (int j = K - 1; j > 0; j--) fut[j] = fut[j - 1];
-            fut[0] = conv1d_dpre(dout, pre, base + (size_t)s * C);
+            fut[0] = conv1d_dpre(dc, ldd, (size_t)b * T_ + s, pre, base + (size_t)s * C);
             float acc = 0.0f;
 #pragma unroll
             for (int k = 0; k < K; k++) acc += fut[K - 1 - k] * wk[k];
@@ -147,7 +181,8 @@ __global__ void conv1d_silu_dinp_kernel(T* dinp, const T* dout, const T* pre, co
 // it took 0.60 ms, this one 0.32 ms (0.19 ms at the 100m width).
 template <int K, typename T>
 __global__ void __launch_bounds__(CONV_DW_CH * CONV_DW_LANES)
-conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* inp, int B, int T_, int C, int ld) {
+conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const T* pre, const T* inp, int B, int T_, int C,
+                           int ld) {
     __shared__ float red[K + 1][CONV_DW_LANES][CONV_DW_CH];
     const int tx = threadIdx.x, ty = threadIdx.y, c = blockIdx.x * CONV_DW_CH + tx;
     const long long N = (long long)B * T_;
@@ -157,6 +192,8 @@ conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* in
 #pragma unroll
     for (int k = 0; k <= K; k++) acc[k] = 0.0f;
     if (c < C && n0 < n1) {
+        int ldd;
+        const T* dc = dout.column(c, ldd);
         float win[K];  // win[k] = inp at time t − (K−1) + k of the current row's sequence
         int t = (int)(n0 % T_);
 #pragma unroll
@@ -175,7 +212,7 @@ conv1d_silu_dw_part_kernel(float* part, const T* dout, const T* pre, const T* in
             for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
             const size_t i = (size_t)n * C + c;
             win[K - 1] = float(inp[(size_t)n * ld + c]);
-            const float d = conv1d_dpre(dout, pre, i);
+            const float d = conv1d_dpre(dc, ldd, (size_t)n, pre, i);
 #pragma unroll
             for (int k = 0; k < K; k++) acc[k] += d * win[k];
             acc[K] += d;
@@ -215,10 +252,10 @@ inline size_t conv1d_backward_scratch_size(int B, int T_, int C, int K) {
 }
 
 // dinp is written; dw and dbias accumulate (+=). scratch: conv1d_backward_scratch_size(B, T, C, K) floats,
-// caller-owned. ld: the row stride of inp and dinp (0: C), as in the forward.
+// caller-owned. ld: the row stride of inp and dinp (0: C), as in the forward; dout dense or split (ConvColumns).
 template <typename T>
-void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* pre, const T* inp, const T* w, int B,
-                          int T_, int C, int K, float* scratch, cudaStream_t stream = 0, int ld = 0) {
+void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const ConvColumns<const T>& dout, const T* pre, const T* inp,
+                          const T* w, int B, int T_, int C, int K, float* scratch, cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
     if (ld == 0) ld = C;
@@ -238,6 +275,11 @@ void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* pre,
         conv1d_silu_dw_sum_kernel<KK><<<ceil_div((KK + 1) * C, 256), 256, 0, stream>>>(dw, dbias, scratch, splits, C);
         cudaCheckLast();
     });
+}
+template <typename T>
+void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* pre, const T* inp, const T* w, int B,
+                          int T_, int C, int K, float* scratch, cudaStream_t stream = 0, int ld = 0) {
+    conv1d_silu_backward(dinp, dw, dbias, ConvColumns<const T>(dout, C), pre, inp, w, B, T_, C, K, scratch, stream, ld);
 }
 
 }  // namespace hl::gpu

@@ -5,13 +5,14 @@
 //   [z, xBC, dt_raw] = in_proj · u           cuBLAS (kernels/matmul.cuh)
 //   conv_in = [x, B, C]                       in_proj's columns, read in place by the conv (rows d_in_proj apart);
 //                                             with x_shared a gather first (mamba2_conv_in_kernel)
-//   xBC = SiLU(causal_depthwise_conv1d)       kernels/conv1d.cuh
-//   [x, B, C] = split(xBC), dt = softplus(dt_raw + dt_bias), A = −exp(A_log)    mamba2_split_kernel (one launch)
+//   [x, B, C] = SiLU(causal_depthwise_conv1d) kernels/conv1d.cuh, its output columns written into x, B, C
+//   dt = softplus(dt_raw + dt_bias), A = −exp(A_log)    mamba2_split_kernel
 //   y = SSD(x, dt, A, B, C) + D·x             kernels/ssd.cuh (chunked)
 //   g = y ⊙ SiLU(z)                           mamba2_gate_forward_kernel
 //   mixer: gn = RMSNorm_grouped(g) · norm_w, out = out_proj · gn    kernels/rmsnorm.cuh, cuBLAS
-// The split copies x, B, C out of xBC because the SSD kernels read dense (B, T, H, P) / (B, T, G, N) rows;
-// the copies are tiny next to the scan. The parameter-gradient reductions over rows (dt_bias) use colsum
+// The SSD kernels read dense (B, T, H, P) / (B, T, G, N) rows, so the conv writes its output's three column ranges
+// into x, B and C (and its backward reads the gradient there): no xBC tensor, no split or concatenation pass (they
+// took 3–4% of a 100m mamba2 step). The parameter-gradient reductions over rows (dt_bias) use colsum
 // (deterministic, no atomics); dA comes from the SSD backward's fixed-order per-head sums.
 //
 // Parameters are model/mamba2.h's Mamba2Params (mamba2_params on an Arena over a device buffer: the CPU's
@@ -41,7 +42,7 @@ struct GpuMamba2Acts {
     T* zxbcdt = nullptr;         // (B, T, d_in_proj)  in_proj output [z, xBC, dt_raw] ([z, BC, dt_raw] if shared_x)
     T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C], gathered with a shared x only
     T* conv_pre = nullptr;       // (B, T, conv_dim)   conv output before SiLU
-    T* xBC = nullptr;            // (B, T, conv_dim)   after SiLU
+    T* xBC = nullptr;            // (B, T, conv_dim)   after SiLU: not stored on the GPU (the conv writes x, B, C)
     T* x = nullptr;              // (B, T, H, P)       the scan's inputs, split out of xBC
     T* Bm = nullptr;             // (B, T, G, N)
     T* Cm = nullptr;             // (B, T, G, N)
@@ -61,7 +62,7 @@ struct GpuMamba2Acts {
     T* dCm = nullptr;            // (B, T, G, N)
     T* ddt = nullptr;            // (B, T, H)
     T* dA = nullptr;             // (H)
-    T* dxBC = nullptr;           // (B, T, conv_dim)   gradient of the conv output (after SiLU)
+    T* dxBC = nullptr;           // (B, T, conv_dim)   gradient of the conv output: not stored (read from dx, dB, dC)
     T* dconv_in = nullptr;       // (B, T, conv_dim)
     T* dzxbcdt = nullptr;        // (B, T, d_in_proj)
     float* ssd_scratch = nullptr;  // ssd_chunked_backward_scratch_size(B, T, H, P, G, N, chunk)
@@ -81,7 +82,6 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.zxbcdt = a.take("zxbcdt", {B, T_, c.d_in_proj()});
     if (c.shared_x) x.conv_in = a.take("conv_in", {B, T_, CD});  // else the conv reads zxbcdt in place
     x.conv_pre = a.take("conv_pre", {B, T_, CD});
-    x.xBC = a.take("xBC", {B, T_, CD});
     x.x = a.take("x", {B, T_, H, P});
     x.Bm = a.take("Bm", {B, T_, G, N});
     x.Cm = a.take("Cm", {B, T_, G, N});
@@ -100,7 +100,6 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.dCm = a.take("dCm", {B, T_, G, N});
     x.ddt = a.take("ddt", {B, T_, H});
     x.dA = a.take("dA", {H});
-    x.dxBC = a.take("dxBC", {B, T_, CD});
     if (c.shared_x) x.dconv_in = a.take("dconv_in", {B, T_, CD});
     x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.d_in_proj()});
     x.ssd_scratch = a.take("ssd_scratch", {(int)scratch});
@@ -132,17 +131,18 @@ __global__ void mamba2_conv_in_kernel(T* conv_in, const T* zxbcdt, const T* x_sh
 // Per row r: x (rows, DI), Bm, Cm (rows, GN) = the three column ranges of xBC (rows, CD); dt (rows, H) =
 // softplus(zxbcdt[r, dt_off + h] + dt_bias[h]) with dt_off = DIP − H; and A (H) = −exp(A_log).
 // One launch over rows·(CD + H) elements: columns col < CD are the split, col ≥ CD the dt of head col − CD
-// (the first H threads of the grid-stride loop also do A).
+// (the first H threads of the grid-stride loop also do A). With xBC null only dt and A (rows·H elements): the
+// training path's conv wrote x, B and C itself (ConvColumns); cached decoding splits here.
 template <typename T>
 __global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xBC, const T* zxbcdt,
                                     const T* dt_bias, const T* A_log, int rows, int DI, int GN, int H, int DIP) {
-    const int CD = DI + 2 * GN, W = CD + H;
+    const int CD = DI + 2 * GN, C0 = xBC ? 0 : CD, W = CD - C0 + H;
     const size_t total = (size_t)rows * W;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     for (size_t h = i0; h < (size_t)H; h += stride) A[h] = T(-expf(float(A_log[h])));
     for (size_t i = i0; i < total; i += stride) {
         const size_t r = i / W;
-        const int col = (int)(i % W);
+        const int col = C0 + (int)(i % W);
         if (col < DI) x[r * DI + col] = xBC[r * CD + col];
         else if (col < DI + GN) Bm[r * GN + col - DI] = xBC[r * CD + col];
         else if (col < CD) Cm[r * GN + col - DI - GN] = xBC[r * CD + col];
@@ -204,18 +204,6 @@ struct Mamba2ColumnTerm {
     __device__ float operator()(int r, int h) const { return float(m[(size_t)r * ld + off + h]); }
 };
 
-// dxBC (rows, CD) = [dx, dB, dC], the concatenation that undoes the split.
-template <typename T>
-__global__ void mamba2_concat_grad_kernel(T* dxBC, const T* dx, const T* dBm, const T* dCm, int rows, int DI, int GN) {
-    const int CD = DI + 2 * GN;
-    const size_t total = (size_t)rows * CD;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
-        const size_t r = i / CD;
-        const int col = (int)(i % CD);
-        dxBC[i] = col < DI ? dx[r * DI + col] : col < DI + GN ? dBm[r * GN + col - DI] : dCm[r * GN + col - DI - GN];
-    }
-}
-
 // Backward of mamba2_conv_in_kernel: dconv_in (rows, CD) back into the x/B/C columns of dzxbcdt (rows, DIP),
 // or with dx_shared (rows, DI) non-null, its x part into dx_shared and B, C into dzxbcdt's columns [DI, DI+2GN).
 template <typename T>
@@ -249,20 +237,23 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
 
     // [z, xBC, dt_raw] = in_proj · u
     gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, DIP, stream, inp16);
-    // xBC = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's output
-    // (rows DIP apart); with a shared x its input is gathered first (x from x_shared, B and C from in_proj)
+    // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's
+    // output (rows DIP apart), gathered first only with a shared x (x from x_shared, B and C from in_proj); it writes
+    // its output's column ranges straight into the scan's x, B and C
+    const ConvColumns<T> xbc(acts.x, DI, DI, acts.Bm, DI + GN, GN, acts.Cm, CD, GN);
     if (x_shared) {
         mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.conv_in, acts.zxbcdt,
                                                                                              x_shared, rows, DI, CD, DIP);
         cudaCheckLast();
-        gpu::conv1d_silu_forward(acts.xBC, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
+        gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
     } else {
-        gpu::conv1d_silu_forward(acts.xBC, acts.conv_pre, acts.zxbcdt + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv,
-                                 stream, DIP);
+        gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.zxbcdt + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream,
+                                 DIP);
     }
-    // split [x, B, C]; dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
-    mamba2_split_kernel<<<elementwise_grid((size_t)rows * (CD + H), 256), 256, 0, stream>>>(
-        acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, acts.xBC, acts.zxbcdt, p.dt_bias, p.A_log, rows, DI, GN, H, DIP);
+    // dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
+    mamba2_split_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
+        acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, (const T*)nullptr, acts.zxbcdt, p.dt_bias, p.A_log, rows, DI, GN, H,
+        DIP);
     cudaCheckLast();
     // y = SSD(x, dt, A, B, C) + D·x from a zero state
     gpu::ssd_chunked_forward(acts.y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
@@ -302,21 +293,17 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
     cudaCheckLast();
     // dt_bias[h] += Σ_rows of that column (deterministic column sum)
     gpu::colsum(dp.dt_bias, Mamba2ColumnTerm<T>{acts.dzxbcdt, DIP, DIP - H}, rows, H, stream);
-    // split [x, B, C] → concatenate their gradients
-    mamba2_concat_grad_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.dxBC, acts.dx,
-                                                                                            acts.dBm, acts.dCm, rows,
-                                                                                            DI, GN);
-    cudaCheckLast();
-    // xBC = SiLU(conv1d(conv_in)): without a shared x, conv_in is in_proj's x, B, C columns, and its gradient goes
-    // straight into those columns of dzxbcdt
+    // [x, B, C] = SiLU(conv1d(conv_in)): the conv reads the gradient at its output from dx, dB and dC; without a
+    // shared x, conv_in is in_proj's x, B, C columns, and its gradient goes straight into those columns of dzxbcdt
+    const ConvColumns<const T> dxbc(acts.dx, DI, DI, acts.dBm, DI + GN, GN, acts.dCm, CD, GN);
     if (x_shared) {
-        gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, acts.dxBC, acts.conv_pre, acts.conv_in, p.conv_w,
-                                  B, T_, CD, c.d_conv, acts.conv_scratch, stream);
+        gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.conv_in, p.conv_w, B,
+                                  T_, CD, c.d_conv, acts.conv_scratch, stream);
         mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
             acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, DIP);
         cudaCheckLast();
     } else {
-        gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, acts.dxBC, acts.conv_pre, acts.zxbcdt + DI,
+        gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.zxbcdt + DI,
                                   p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, DIP);
     }
     // [z, xBC, dt_raw] = in_proj · u

@@ -590,6 +590,37 @@ TEST_CASE("gpu conv1d + SiLU forward/backward equals the CPU (odd T, T < K, K = 
             }
         CHECK(same);
         CHECK(others_untouched);
+        // the output (and dout) split by column over three tensors, as Mamba-2's x, B and C: the same values
+        if (s.C >= 3) {
+            const int e0 = s.C / 3, e1 = 2 * s.C / 3, rows = s.B * s.T;
+            const int w[3] = {e0, e1 - e0, s.C - e1};
+            DeviceBuffer<float> o3[3], d3[3];
+            std::vector<float> dparts[3];
+            for (int k = 0; k < 3; k++) {
+                alloc_poisoned(o3[k], (size_t)rows * w[k]);
+                dparts[k].resize((size_t)rows * w[k]);
+                for (int r = 0; r < rows; r++)
+                    for (int c = 0; c < w[k]; c++) dparts[k][(size_t)r * w[k] + c] = dout[(size_t)r * s.C + (k ? (k == 1 ? e0 : e1) : 0) + c];
+                to_dev(d3[k], dparts[k]);
+            }
+            const hl::gpu::ConvColumns<float> oc(o3[0].ptr, e0, w[0], o3[1].ptr, e1, w[1], o3[2].ptr, s.C, w[2]);
+            const hl::gpu::ConvColumns<const float> dc(d3[0].ptr, e0, w[0], d3[1].ptr, e1, w[1], d3[2].ptr, s.C, w[2]);
+            DeviceBuffer<float> dinp3, dw3, db3;
+            to_dev(dw3, dw0); to_dev(db3, db0);
+            alloc_poisoned(dinp3, NC);
+            hl::gpu::conv1d_silu_forward(oc, pre_.ptr, x_.ptr, w_.ptr, b_.ptr, s.B, s.T, s.C, s.K);
+            hl::gpu::conv1d_silu_backward(dinp3.ptr, dw3.ptr, db3.ptr, dc, pre_.ptr, x_.ptr, w_.ptr, s.B, s.T, s.C, s.K,
+                                          scratch.ptr);
+            std::vector<float> joined(NC);
+            for (int k = 0; k < 3; k++) {
+                const std::vector<float> part = from_dev(o3[k]);
+                for (int r = 0; r < rows; r++)
+                    for (int c = 0; c < w[k]; c++) joined[(size_t)r * s.C + (k ? (k == 1 ? e0 : e1) : 0) + c] = part[(size_t)r * w[k] + c];
+            }
+            CHECK(joined == out1);
+            CHECK(from_dev(dinp3) == dinp1);
+            CHECK(from_dev(dw3) == dw1);
+        }
     }
     DeviceBuffer<float> d(64);
     CHECK_THROWS_AS(hl::gpu::conv1d_silu_forward(d.ptr, d.ptr, d.ptr, d.ptr, d.ptr, 1, 2, 8, 4, 0, 7), hl::Error);

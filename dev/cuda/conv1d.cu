@@ -272,15 +272,16 @@ int main(int argc, char** argv) {
             dim3 grid(ceil_div(p.C, hl::gpu::CONV_BLOCK), (unsigned)std::min(p.B * tiles, 65535));
             const int splits = hl::gpu::conv1d_dw_splits(p.B, p.T);
             DeviceBuffer<float> scratch(hl::gpu::conv1d_backward_scratch_size(p.B, p.T, p.C, K));
+            const hl::gpu::ConvColumns<const float> dout(p.dout_.ptr, p.C);  // dense
             const float ms1 = median_ms([&] {
-                hl::gpu::conv1d_silu_dinp_kernel<K><<<grid, hl::gpu::CONV_BLOCK>>>(p.dinp_.ptr, p.dout_.ptr, p.pre_.ptr,
-                                                                                   p.w_.ptr, p.B, p.T, p.C);
+                hl::gpu::conv1d_silu_dinp_kernel<K><<<grid, hl::gpu::CONV_BLOCK>>>(p.dinp_.ptr, dout, p.pre_.ptr,
+                                                                                   p.w_.ptr, p.B, p.T, p.C, p.C);
                 cudaCheckLast();
             });
             const float ms2 = median_ms([&] {
                 hl::gpu::conv1d_silu_dw_part_kernel<K>
                     <<<dim3(ceil_div(p.C, hl::gpu::CONV_DW_CH), splits), dim3(hl::gpu::CONV_DW_CH, hl::gpu::CONV_DW_LANES)>>>(
-                        scratch.ptr, p.dout_.ptr, p.pre_.ptr, p.x_.ptr, p.B, p.T, p.C);
+                        scratch.ptr, dout, p.pre_.ptr, p.x_.ptr, p.B, p.T, p.C, p.C);
                 hl::gpu::conv1d_silu_dw_sum_kernel<K><<<ceil_div((K + 1) * p.C, 256), 256>>>(p.dw_.ptr, p.db_.ptr,
                                                                                           scratch.ptr, splits, p.C);
                 cudaCheckLast();
