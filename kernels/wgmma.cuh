@@ -131,7 +131,11 @@ __device__ inline void fence_operand(float (&x)[N][4]) {
 }
 // Shared memory written by ordinary stores or cp.async, before the products read it (they read through the async
 // proxy): each writing thread fences, then the block synchronises.
+#ifdef HL_WGMMA
 __device__ inline void fence_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#else
+__device__ inline void fence_smem() {}  // (sm_90 and later only; nothing reads through the async proxy here)
+#endif
 
 // Operand lists of the accumulators: d[0..N/8)[0..4) in order.
 #define HL_WG_ACC4(n) "+f"(d[n][0]), "+f"(d[n][1]), "+f"(d[n][2]), "+f"(d[n][3])
