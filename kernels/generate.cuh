@@ -35,7 +35,7 @@
 #include "kernels/common.cuh"     // DeviceBuffer, cudaCheck, cudaCheckLast, ceil_div, elementwise_grid, add, warp_sum
 #include "kernels/embedding.cuh"  // embedding_forward for the new tokens
 #include "kernels/intra.cuh"      // GpuIntraActs, intra_fuse_forward, intra_expand_v_kernel
-#include "kernels/mamba2.cuh"     // mamba2_conv_in_kernel, mamba2_split_kernel, mamba2_gate_forward_kernel
+#include "kernels/mamba2.cuh"     // mamba2_conv_in_kernel, mamba2_split_kernel, mamba2_gate_forward
 #include "kernels/matmul.cuh"     // matmul_forward: every projection and the LM head
 #include "kernels/model.cuh"      // GpuModel
 #include "kernels/moe.cuh"        // GpuMoEActs, gpu_moe_acts, moe_forward, MoEGemm
@@ -483,9 +483,7 @@ inline void mamba2_branch_step(Mamba2Step<float>& s, Mamba2State<float>& st, con
     // S = exp(dt·A)·S + dt·x⊗B,  y = S·C + D·x
     gpu::ssd_step(s.y, st.ssm, s.x, s.dt, s.A, s.Bm, s.Cm, p.D, B, H, c.headdim, c.ngroups, c.d_state, stream);
     // g = y ⊙ SiLU(z)
-    mamba2_gate_forward_kernel<<<elementwise_grid((size_t)B * DI, 256), 256, 0, stream>>>(s.g, s.y, s.zxbcdt, B, DI,
-                                                                                           DIP);
-    cudaCheckLast();
+    mamba2_gate_forward(s.g, s.y, s.zxbcdt, B, DI, DIP, stream);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 //   dt = softplus(dt_raw + dt_bias), A = −exp(A_log)    mamba2_split_kernel
 //   y = SSD(x, dt, A, B, C) + D·x             kernels/ssd.cuh (chunked)
 //   g = y ⊙ SiLU(z)                           mamba2_gate_forward_kernel
-//   mixer: gn = RMSNorm_grouped(g) · norm_w, out = out_proj · gn    kernels/rmsnorm.cuh, cuBLAS
+//   mixer: gn = RMSNorm_grouped(g) · norm_w, out = out_proj · gn    kernels/rmsnorm.cuh, cuBLAS; on wide groups
+//          the gate and the norm are one kernel (mamba2_gate_norm_forward_kernel), g not stored
 // The SSD kernels read dense (B, T, H, P) / (B, T, G, N) rows, so the conv writes its output's three column ranges
 // into x, B and C (and its backward reads the gradient there): no xBC tensor, no split or concatenation pass (they
 // took 3–4% of a 100m mamba2 step). The parameter-gradient reductions over rows (dt_bias) use colsum
@@ -22,11 +23,12 @@
 #pragma once
 #include <climits>               // INT_MAX
 #include <cstddef>               // size_t
+#include <type_traits>           // std::is_same_v
 #include <cuda_runtime.h>        // cudaStream_t, cudaMemsetAsync
 #include "kernels/common.cuh"    // cudaCheck, cudaCheckLast, elementwise_grid, colsum, dev_silu, dev_softplus, ...
 #include "kernels/conv1d.cuh"    // conv1d_silu_forward/backward
 #include "kernels/matmul.cuh"    // matmul_forward/backward for in_proj and out_proj
-#include "kernels/rmsnorm.cuh"   // rmsnorm_forward/backward for the gated norm
+#include "kernels/rmsnorm.cuh"   // rmsnorm_forward/backward, rmsnorm_block_sum, rmsnorm_wide_row, rmsnorm_row_dispatch
 #include "kernels/ssd.cuh"       // ssd_chunked_forward/backward, ssd_chunked_backward_scratch_size
 #include "model/common.h"        // Arena, HL_CHECK
 #include "model/mamba2.h"        // Mamba2Config, Mamba2Params, mamba2_config_check, MAMBA2_NORM_EPS
@@ -153,30 +155,66 @@ __global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xB
     }
 }
 
-// g (rows, DI) = y ⊙ SiLU(z), z = columns [0, DI) of zxbcdt (rows, DIP).
+// g (rows, DI) = y ⊙ SiLU(z), z = columns [0, DI) of zxbcdt (rows, DIP). Four elements a thread on [0, 4·n4)
+// (mamba2_gate_vec4: then DI and DIP are multiples of 4, so a group of four lies in one row), one on the rest.
 template <typename T>
-__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const T* zxbcdt, int rows, int DI, int DIP) {
+__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const T* zxbcdt, int rows, int DI, int DIP, size_t n4) {
     const size_t total = (size_t)rows * DI;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    auto gate = [](float yv, float z) { return yv * dev_silu(z); };
+    for (size_t q = i0; q < n4; q += stride) {
+        const size_t r = 4 * q / DI, col = 4 * q % DI;
+        st4(g, q, map4(ld4(y, q), ld4(zxbcdt, (r * DIP + col) / 4), gate));
+    }
+    for (size_t i = 4 * n4 + i0; i < total; i += stride) {
         const size_t r = i / DI;
         const int col = (int)(i % DI);
-        g[i] = T(float(y[i]) * dev_silu(float(zxbcdt[r * DIP + col])));
+        g[i] = T(gate(float(y[i]), float(zxbcdt[r * DIP + col])));
     }
 }
 
 // Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI), and dz = dg ⊙ y ⊙ SiLU'(z) straight into the z columns
-// of dzxbcdt (rows, DIP).
+// of dzxbcdt (rows, DIP). Same mapping as the forward.
 template <typename T>
 __global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows,
-                                            int DI, int DIP) {
+                                            int DI, int DIP, size_t n4) {
     const size_t total = (size_t)rows * DI;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t q = i0; q < n4; q += stride) {
+        const size_t r = 4 * q / DI, col = 4 * q % DI, qz = (r * DIP + col) / 4;
+        const float4 d = ld4(dg, q), z = ld4(zxbcdt, qz);
+        st4(dy, q, map4(d, z, [](float a, float zv) { return a * dev_silu(zv); }));
+        st4(dzxbcdt, qz, map4(map4(d, ld4(y, q), [](float a, float b) { return a * b; }), z,
+                              [](float dyv, float zv) { return dyv * dev_silu_grad(zv); }));
+    }
+    for (size_t i = 4 * n4 + i0; i < total; i += stride) {
         const size_t r = i / DI;
         const int col = (int)(i % DI);
         const float z = float(zxbcdt[r * DIP + col]), d = float(dg[i]);
         dy[i] = T(d * dev_silu(z));
         dzxbcdt[r * DIP + col] = T(d * float(y[i]) * dev_silu_grad(z));
     }
+}
+
+// The gate kernels' groups of four (vec4_count), 0 where a group could straddle two rows of zxbcdt.
+template <typename... P>
+size_t mamba2_gate_vec4(int rows, int DI, int DIP, const P*... p) {
+    return DI % 4 == 0 && DIP % 4 == 0 ? vec4_count((size_t)rows * DI, p...) : 0;
+}
+template <typename T>
+void mamba2_gate_forward(T* g, const T* y, const T* zxbcdt, int rows, int DI, int DIP, cudaStream_t stream) {
+    const size_t n4 = mamba2_gate_vec4(rows, DI, DIP, g, y, zxbcdt);
+    mamba2_gate_forward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
+        g, y, zxbcdt, rows, DI, DIP, n4);
+    cudaCheckLast();
+}
+template <typename T>
+void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows, int DI, int DIP,
+                          cudaStream_t stream) {
+    const size_t n4 = mamba2_gate_vec4(rows, DI, DIP, dy, dzxbcdt, dg, y, zxbcdt);
+    mamba2_gate_backward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
+        dy, dzxbcdt, dg, y, zxbcdt, rows, DI, DIP, n4);
+    cudaCheckLast();
 }
 
 // Backward of dt = softplus(dt_raw + dt_bias): the dt_raw columns of dzxbcdt (rows, DIP) get
@@ -225,10 +263,12 @@ __global__ void mamba2_conv_in_backward_kernel(T* dzxbcdt, T* dx_shared, const T
 // ---------------------------------------------------------------------------------------------------------
 
 // Everything up to g = y ⊙ SiLU(z), written to acts.g (B, T, d_inner). inp (B, T, d_model);
-// x_shared (B, T, d_inner) when c.shared_x, else null.
+// x_shared (B, T, d_inner) when c.shared_x, else null. gate = false: stop at y (the mixer's fused gate and norm
+// read y and z from acts; acts.g is not written).
 template <typename T>
 void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shared, const Mamba2Params<T>& p,
-                           const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+                           const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr,
+                           bool gate = true) {
     mamba2_config_check(c);
     HL_CHECK(B > 0 && T_ > 0, "mamba2 (gpu): bad sizes B=", B, " T=", T_);
     HL_CHECK(c.shared_x == (x_shared != nullptr), "mamba2 (gpu): x_shared must be given exactly when shared_x is set");
@@ -260,13 +300,12 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
                              (const T*)nullptr, (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
                              stream);
     // g = y ⊙ SiLU(z)
-    mamba2_gate_forward_kernel<<<elementwise_grid((size_t)rows * DI, 256), 256, 0, stream>>>(acts.g, acts.y,
-                                                                                             acts.zxbcdt, rows, DI, DIP);
-    cudaCheckLast();
+    if (gate) mamba2_gate_forward(acts.g, acts.y, acts.zxbcdt, rows, DI, DIP, stream);
 }
 
 // Backward of the branch, given dg (B, T, d_inner), the gradient of acts.g. dinp (B, T, d_model) is written;
-// dx_shared (B, T, d_inner) is written when c.shared_x (else pass null); dp.* accumulate.
+// dx_shared (B, T, d_inner) is written when c.shared_x (else pass null); dp.* accumulate. dg null: the gate's
+// backward is done already (acts.dy and the z columns of acts.dzxbcdt written: the mixer's fused gate and norm).
 template <typename T>
 void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T* dg, GpuMamba2Acts<T>& acts,
                             const T* inp, const T* x_shared, const Mamba2Params<T>& p, const Mamba2Config& c, int B,
@@ -279,9 +318,7 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
     const int CD = c.conv_dim(), DIP = c.d_in_proj();
 
     // g = y ⊙ SiLU(z)  →  dy, and dz into dzxbcdt
-    mamba2_gate_backward_kernel<<<elementwise_grid((size_t)rows * DI, 256), 256, 0, stream>>>(
-        acts.dy, acts.dzxbcdt, dg, acts.y, acts.zxbcdt, rows, DI, DIP);
-    cudaCheckLast();
+    if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, acts.y, acts.zxbcdt, rows, DI, DIP, stream);
     // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
     cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
     gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr, acts.ssd_scratch,
@@ -311,6 +348,121 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
                          inp16);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The M mixer's gate and grouped norm fused: gn = RMSNorm_grouped(y ⊙ SiLU(z)) · norm_w in one pass, on the wide fp32
+// groups of the block norms (rmsnorm_wide_row: every model size from 100m on). Block r = (row, group) reads its y and
+// z once and holds g = y ⊙ SiLU(z) in registers from the sum of squares to the output. g is not stored: the backward
+// recomputes it from y and z, the same two reads its gate backward makes anyway. Unfused, the gate wrote g and the
+// norm read it back, and the backward wrote dg for the gate's backward to read: at 100m (16384 rows of 2048) that
+// was two (rows, d_inner) passes more each way. Other shapes (the tests' tiny ones, G groups narrower than 1024) go
+// through mamba2_gate_forward and rmsnorm_forward as before.
+
+// Whether the mixer of config c takes the fused kernels, forward and backward alike (one test over every tensor
+// either reads or writes: the forward's choice decides whether acts.g exists for the backward).
+template <typename T>
+bool mamba2_gate_norm_fused(const Mamba2Config& c, const GpuMamba2Acts<T>& acts, const Mamba2Params<T>& p) {
+    return std::is_same_v<T, float> && rmsnorm_wide_row(c.d_inner / c.ngroups) && c.d_in_proj() % 4 == 0 &&
+           vec4_aligned(acts.gn, acts.dgn, acts.dg, acts.y, acts.dy, acts.zxbcdt, acts.dzxbcdt, p.norm_w);
+}
+
+// gn (rows, G·Cg) = y ⊙ SiLU(z) / rms(group) · norm_w, rstd (rows, G) saved. O: float, or bf16 under bf16 operands
+// (gn is out_proj's input only). grid: rows·G blocks of RMSNORM_BLOCK threads.
+template <int V, typename O>
+__global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float* y, const float* zxbcdt,
+                                                const float* norm_w, int G, int Cg, int DIP, float eps) {
+    __shared__ float part[RMSNORM_BLOCK / 32];
+    const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4, grp = r % G;
+    const float* yr = y + (size_t)r * Cg;                                 // (Cg)
+    const float* zr = zxbcdt + (size_t)(r / G) * DIP + (size_t)grp * Cg;  // (Cg): z is columns [0, d_inner)
+    const float* wr = norm_w + (size_t)grp * Cg;                          // (Cg)
+    float4 g[V];
+    float ss = 0.0f;
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+        const int c = tid + q * RMSNORM_BLOCK;
+        g[q] = c < C4 ? map4(ld4(yr, c), ld4(zr, c), [](float yv, float z) { return yv * dev_silu(z); })
+                      : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        ss += g[q].x * g[q].x + g[q].y * g[q].y + g[q].z * g[q].z + g[q].w * g[q].w;
+    }
+    const float s = 1.0f / sqrtf(rmsnorm_block_sum(ss, part) / Cg + eps);
+    if (tid == 0) rstd[r] = s;
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+        const int c = tid + q * RMSNORM_BLOCK;
+        if (c < C4) st4(gn + (size_t)r * Cg, c, map4(g[q], ld4(wr, c), [s](float a, float w) { return a * s * w; }));
+    }
+}
+
+// With g = y ⊙ SiLU(z), ĝ = g · rstd, d = dgn ⊙ norm_w:  dg = rstd · (d − ĝ · mean(d ⊙ ĝ)) over the group, then
+// dy = dg ⊙ SiLU(z) (rows, DI) and dz = dg ⊙ y ⊙ SiLU'(z) into the z columns of dzxbcdt (rows, DIP): both written.
+// grid (ceil(rows / MAMBA2_GN_ROWS), G): block (b, g) takes group g of rows b·R … b·R + R − 1 in turn and keeps its
+// threads' share of Σ_rows dgn ⊙ ĝ (norm_w's gradient) in registers, written to wpart row b (ceil(rows / R), DI):
+// a column sum over those few rows finishes it, instead of one over all rows that would read dgn, y and z again.
+constexpr int MAMBA2_GN_ROWS = 16;
+
+template <int V>
+__global__ void mamba2_gate_norm_backward_kernel(float* dy, float* dzxbcdt, float* wpart, const float* dgn,
+                                                 const float* y, const float* zxbcdt, const float* norm_w,
+                                                 const float* rstd, int rows, int G, int Cg, int DIP) {
+    __shared__ float part[RMSNORM_BLOCK / 32];
+    const int tid = threadIdx.x, C4 = Cg / 4, grp = blockIdx.y;
+    const float* wr = norm_w + (size_t)grp * Cg;  // (Cg)
+    float4 w[V], dw[V];                            // norm_w, and the block's Σ dgn ⊙ ĝ
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+        const int c = tid + q * RMSNORM_BLOCK;
+        w[q] = c < C4 ? ld4(wr, c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        dw[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+    const int n1 = min(rows, (blockIdx.x + 1) * MAMBA2_GN_ROWS);
+    for (int n = blockIdx.x * MAMBA2_GN_ROWS; n < n1; n++) {
+        const size_t r = (size_t)n * G + grp, zoff = (size_t)n * DIP + (size_t)grp * Cg;
+        const float s = rstd[r];
+        float4 yv[V], z[V], gh[V], d[V];  // y, z, ĝ, d
+        float dot = 0.0f;
+#pragma unroll
+        for (int q = 0; q < V; q++) {
+            const int c = tid + q * RMSNORM_BLOCK;
+            yv[q] = z[q] = gh[q] = d[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (c < C4) {
+                yv[q] = ld4(y + r * Cg, c);
+                z[q] = ld4(zxbcdt + zoff, c);
+                gh[q] = map4(yv[q], z[q], [s](float a, float zz) { return a * dev_silu(zz) * s; });
+                const float4 go = ld4(dgn + r * Cg, c);
+                dw[q] = map4(dw[q], map4(go, gh[q], [](float a, float b) { return a * b; }),
+                             [](float a, float b) { return a + b; });
+                d[q] = map4(go, w[q], [](float a, float b) { return a * b; });
+            }
+            dot += d[q].x * gh[q].x + d[q].y * gh[q].y + d[q].z * gh[q].z + d[q].w * gh[q].w;
+        }
+        const float mean = rmsnorm_block_sum(dot, part) / Cg;
+        __syncthreads();  // every thread has read part before the next row writes it
+#pragma unroll
+        for (int q = 0; q < V; q++) {
+            const int c = tid + q * RMSNORM_BLOCK;
+            if (c < C4) {
+                const float4 dg = map4(d[q], gh[q], [s, mean](float dv, float g) { return s * (dv - g * mean); });
+                st4(dy + r * Cg, c, map4(dg, z[q], [](float a, float zz) { return a * dev_silu(zz); }));
+                st4(dzxbcdt + zoff, c, map4(map4(dg, yv[q], [](float a, float b) { return a * b; }), z[q],
+                                            [](float a, float zz) { return a * dev_silu_grad(zz); }));
+            }
+        }
+    }
+    float* pr = wpart + (size_t)blockIdx.x * G * Cg + (size_t)grp * Cg;  // (Cg)
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+        const int c = tid + q * RMSNORM_BLOCK;
+        if (c < C4) st4(pr, c, dw[q]);
+    }
+}
+
+// f(n, c) = wpart[n, c]: the column sum of the blocks' partials into dnorm_w
+struct Mamba2RowsTerm {
+    const float* part;
+    int ld;
+    __device__ float operator()(int n, int c) const { return part[(size_t)n * ld + c]; }
+};
+
 // The M block's mixer: out (B, T, d_model) = out_proj(RMSNorm_grouped(g) · norm_w), g from the branch. The gated
 // norm normalises each group of d_inner/G channels on its own (as mamba_ssm does).
 template <typename T>
@@ -319,11 +471,25 @@ void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Ma
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
-    gpu::mamba2_branch_forward(acts, inp, (const T*)nullptr, p, c, B, T_, stream, inp16);
-    const int rows = B * T_, G = c.ngroups;
+    const int rows = B * T_, G = c.ngroups, Cg = c.d_inner / G;
     bf16* gn16 = gpu::bf16_view(acts.gn);  // (bf16 runs: gn is out_proj's input only, written in bf16 once)
-    gpu::rmsnorm_forward(acts.gn, acts.rstd, acts.g, p.norm_w, rows, G, c.d_inner / G, float(MAMBA2_NORM_EPS), stream,
-                         gn16);
+    const bool fused = mamba2_gate_norm_fused(c, acts, p);
+    gpu::mamba2_branch_forward(acts, inp, (const T*)nullptr, p, c, B, T_, stream, inp16, !fused);
+    if constexpr (std::is_same_v<T, float>) {
+        if (fused) {
+            auto launch = [&](auto* o) {
+                rmsnorm_row_dispatch(Cg, [&](auto v) {
+                    mamba2_gate_norm_forward_kernel<decltype(v)::value><<<rows * G, RMSNORM_BLOCK, 0, stream>>>(
+                        o, acts.rstd, acts.y, acts.zxbcdt, p.norm_w, G, Cg, c.d_in_proj(), float(MAMBA2_NORM_EPS));
+                });
+                cudaCheckLast();
+            };
+            if (gn16) launch(gn16);
+            else launch(acts.gn);
+        }
+    }
+    if (!fused)
+        gpu::rmsnorm_forward(acts.gn, acts.rstd, acts.g, p.norm_w, rows, G, Cg, float(MAMBA2_NORM_EPS), stream, gn16);
     gpu::matmul_forward(out, acts.gn, p.out_proj, (const T*)nullptr, rows, c.d_inner, c.d_model, stream, gn16);
 }
 
@@ -335,12 +501,25 @@ void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
-    const int rows = B * T_, G = c.ngroups;
+    const int rows = B * T_, G = c.ngroups, Cg = c.d_inner / G, DIP = c.d_in_proj();
     gpu::matmul_backward(acts.dgn, dp.out_proj, (T*)nullptr, dout, acts.gn, p.out_proj, rows, c.d_inner, c.d_model,
                          stream, false, gpu::bf16_view(acts.gn));
-    gpu::rmsnorm_backward(acts.dg, dp.norm_w, acts.dgn, acts.g, p.norm_w, acts.rstd, rows, G, c.d_inner / G, stream);
-    gpu::mamba2_branch_backward(dinp, (T*)nullptr, dp, acts.dg, acts, inp, (const T*)nullptr, p, c, B, T_, stream,
-                                inp16);
+    const bool fused = mamba2_gate_norm_fused(c, acts, p);  // as the forward chose
+    if constexpr (std::is_same_v<T, float>) {
+        if (fused) {  // dy and the z columns of dzxbcdt, dnorm_w from the blocks' partials
+            const int nb = ceil_div(rows, MAMBA2_GN_ROWS);  // the partials go to acts.dg, unused on this path
+            rmsnorm_row_dispatch(Cg, [&](auto v) {
+                mamba2_gate_norm_backward_kernel<decltype(v)::value><<<dim3(nb, G), RMSNORM_BLOCK, 0, stream>>>(
+                    acts.dy, acts.dzxbcdt, acts.dg, acts.dgn, acts.y, acts.zxbcdt, p.norm_w, acts.rstd, rows, G, Cg,
+                    DIP);
+            });
+            cudaCheckLast();
+            gpu::colsum(dp.norm_w, Mamba2RowsTerm{acts.dg, c.d_inner}, nb, c.d_inner, stream);
+        }
+    }
+    if (!fused) gpu::rmsnorm_backward(acts.dg, dp.norm_w, acts.dgn, acts.g, p.norm_w, acts.rstd, rows, G, Cg, stream);
+    gpu::mamba2_branch_backward(dinp, (T*)nullptr, dp, fused ? (const T*)nullptr : acts.dg, acts, inp,
+                                (const T*)nullptr, p, c, B, T_, stream, inp16);
 }
 
 }  // namespace hl::gpu

@@ -27,7 +27,7 @@
 #include <cuda_runtime.h>       // cudaStream_t, cudaMemcpyAsync, cudaStreamSynchronize
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, dev_sigmoid, warp_sum, elementwise_grid
 #include "kernels/matmul.cuh"   // matmul_forward/backward (cuBLAS)
-#include "kernels/swiglu.cuh"   // swiglu_forward/backward, swiglu_gate_forward/backward_kernel
+#include "kernels/swiglu.cuh"   // swiglu_forward/backward, swiglu_gate_forward/backward
 #include "model/common.h"       // Arena, HL_CHECK
 #include "model/moe.h"          // MoEConfig, MoEParams, moe_check, moe_expert_config, moe_expert
 #include "model/swiglu.h"       // SwiGLUConfig, SwiGLUActs, swiglu_acts
@@ -437,8 +437,7 @@ void moe_forward(T* out, GpuMoEActs<T>& acts, const T* inp, const MoEParams<T>& 
     if (gemm == MoEGemm::grouped) {  // the experts' row ranges stay on the device
         moe_grouped_matmul<true>(acts.h1, acts.xp, p.w1, acts.offsets, N, D, F, E, false, stream);  // xp · W1_eᵀ
         moe_grouped_matmul<true>(acts.h3, acts.xp, p.w3, acts.offsets, N, D, F, E, false, stream);  // xp · W3_eᵀ
-        swiglu_gate_forward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.h, acts.h1, acts.h3, NF);
-        cudaCheckLast();
+        swiglu_gate_forward(acts.h, acts.h1, acts.h3, NF, stream);
         moe_grouped_matmul<true>(acts.yp, acts.h, p.w2, acts.offsets, N, F, D, E, false, stream);  // h · W2_eᵀ
         moe_combine_kernel<<<elementwise_grid(ND, 256), 256, 0, stream>>>(out, acts.shared_out, acts.gate, acts.yp,
                                                                           acts.perm, D, ND);
@@ -460,8 +459,7 @@ void moe_forward(T* out, GpuMoEActs<T>& acts, const T* inp, const MoEParams<T>& 
         matmul_forward(acts.h3 + r0 * F, acts.xp + r0 * D, w.w3, (const T*)nullptr, rows, D, F, stream);
     }
     // the SwiGLU gate once over all N rows (every row belongs to one expert, so all of h1, h3 are written)
-    swiglu_gate_forward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.h, acts.h1, acts.h3, NF);
-    cudaCheckLast();
+    swiglu_gate_forward(acts.h, acts.h1, acts.h3, NF, stream);
     for (int e = 0; e < E; e++) {
         const size_t r0 = off[e];
         const int rows = off[e + 1] - off[e];
@@ -506,9 +504,7 @@ void moe_backward(T* dinp, MoEParams<T>& dp, const T* dout, GpuMoEActs<T>& acts,
     if (gemm == MoEGemm::grouped) {  // the same steps, one launch each, rows grouped by the device offsets
         moe_grouped_matmul<false>(acts.dh, acts.dyp, p.w2, acts.offsets, N, D, F, E, false, stream);  // dyp · W2_e
         moe_grouped_dweight(dp.w2, acts.dyp, acts.h, acts.offsets, N, F, D, E, stream);  // dW2_e += dyp_eᵀ · h_e
-        swiglu_gate_backward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.dh1, acts.dh3, acts.dh,
-                                                                                   acts.h1, acts.h3, NF);
-        cudaCheckLast();
+        swiglu_gate_backward(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3, NF, stream);
         moe_grouped_matmul<false>(acts.dxp, acts.dh1, p.w1, acts.offsets, N, F, D, E, false, stream);  // dh1 · W1_e
         moe_grouped_matmul<false>(acts.dxp, acts.dh3, p.w3, acts.offsets, N, F, D, E, true, stream);   // + dh3 · W3_e
         moe_grouped_dweight(dp.w1, acts.dh1, acts.xp, acts.offsets, N, D, F, E, stream);  // dW1_e += dh1_eᵀ · xp_e
@@ -528,9 +524,7 @@ void moe_backward(T* dinp, MoEParams<T>& dp, const T* dout, GpuMoEActs<T>& acts,
         matmul_backward(acts.dh + r0 * F, moe_expert(dp, c, e).w2, (T*)nullptr, acts.dyp + r0 * D, acts.h + r0 * F,
                         moe_expert(p, c, e).w2, rows, F, D, stream);  // dh = dyp · W2, dW2 += dypᵀ · h
     }
-    swiglu_gate_backward_kernel<<<elementwise_grid(NF, 256), 256, 0, stream>>>(acts.dh1, acts.dh3, acts.dh, acts.h1,
-                                                                               acts.h3, NF);
-    cudaCheckLast();
+    swiglu_gate_backward(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3, NF, stream);
     for (int e = 0; e < E; e++) {
         const size_t r0 = off[e];
         const int rows = off[e + 1] - off[e];

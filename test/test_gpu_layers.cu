@@ -142,7 +142,7 @@ TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight) equals the C
     hl::Rng rng(102);
     // (no Cg = 1: there x̂ = ±1 up to eps and dinp is pure cancellation, ill-conditioned on the CPU as well)
     struct S { int N, G, Cg; };
-    // (the last four take the wide-row forward: Cg % 4 == 0 and 1024 ≤ Cg ≤ 4096; 1030 does not)
+    // (the last four take the wide-row forward and backward: Cg % 4 == 0 and 1024 ≤ Cg ≤ 4096; 1030 does not)
     for (S s : {S{1, 1, 3}, S{7, 1, 33}, S{65, 3, 17}, S{33, 5, 129}, S{129, 8, 64}, S{9, 1, 1030}, S{300, 1, 2048},
                 S{40, 1, 1028}, S{17, 2, 4096}, S{5, 3, 1024}}) {
         for (bool with_weight : {true, false}) {

@@ -101,14 +101,17 @@ struct ParamPair {
     }
 };
 
-// A poisoned device activation buffer laid out by `layout` (an Arena<float> → Acts function).
+// A poisoned device activation buffer laid out by `layout` (an Arena<float> → Acts function), every tensor 256-byte
+// aligned as in kernels/model.cuh (so the vectorised paths are the ones tested).
 template <typename Acts, typename Layout>
 Acts device_acts(DeviceBuffer<float>& buf, Layout layout) {
     Arena<float> count;
+    count.align = 64;
     layout(count);
     buf.alloc(count.size);
     poison(buf);
     Arena<float> a(buf.ptr);
+    a.align = 64;
     return layout(a);
 }
 template <typename Acts, typename Layout>
@@ -214,6 +217,9 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
 
     DeviceBuffer<float> abuf, d_inp, d_dout, d_out, d_dinp, d_xs, d_dxs;
     auto dacts = device_acts<hl::gpu::GpuMamba2Acts<float>>(abuf, [&](Arena<float>& a) { return hl::gpu::gpu_mamba2_acts(a, c, B, T); });
+    // wide norm groups (d_inner / G ≥ 1024) take the mixer's fused gate and norm, the others the two kernels
+    if (!branch_only)
+        CHECK(hl::gpu::mamba2_gate_norm_fused(c, dacts, dp_) == hl::gpu::rmsnorm_wide_row(c.d_inner / c.ngroups));
     d_inp.alloc(inp.size()); d_inp.upload(inp);
     d_dout.alloc(dout.size()); d_dout.upload(dout);
     d_xs.alloc(xs.size()); d_xs.upload(xs);
@@ -333,7 +339,7 @@ TEST_CASE("gpu attention mixer forward/backward equals the CPU (T = 7, 65; GQA; 
     }
 }
 
-TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x) forward/backward equal the CPU (T = 7, 65; chunk not dividing T)") {
+TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_inner 1024, 2048) forward/backward equal the CPU (T = 7, 65; chunk not dividing T)") {
     uint64_t seed = 100;
     for (int T : {7, 65}) {
         // (D, d_inner, P, N, G, chunk): chunk 4 and 16 do not divide 7 or 65; 64 > 7; G = 2 groups
@@ -342,6 +348,9 @@ TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x) forward/backward equal t
         run_mamba2(mamba_config(16, 32, 8, 8, 1, 64), 2, T, false, seed++);
         run_mamba2(mamba_config(16, 32, 8, 8, 2, 4), 2, T, true, seed++);
         run_mamba2(mamba_config(16, 32, 8, 8, 1, 16, true), 2, T, true, seed++);
+        // norm groups of 1024 (G = 1, 2): the fused gate and norm
+        run_mamba2(mamba_config(16, 1024, 64, 16, 1, 16), 1, T, false, seed++);
+        run_mamba2(mamba_config(16, 2048, 64, 16, 2, 16), 1, T, false, seed++);
     }
 }
 
