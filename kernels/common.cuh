@@ -111,6 +111,11 @@ __device__ __forceinline__ void st4(__nv_bfloat16* p, size_t i4, float4 v) {
     u.y = *reinterpret_cast<const unsigned*>(&b);
     reinterpret_cast<uint2*>(p)[i4] = u;
 }
+// Two consecutive elements as fp32 (8 bytes of fp32, 4 of bf16); p aligned to that.
+__device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 ld2(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
 // f applied to the four lanes of a and b
 template <typename F>
 __device__ __forceinline__ float4 map4(float4 a, float4 b, F f) {
@@ -121,6 +126,11 @@ __device__ __forceinline__ float4 map4(float4 a, float4 b, F f) {
 template <typename... P>
 bool vec4_aligned(const P*... p) {
     return ((p == nullptr || reinterpret_cast<uintptr_t>(p) % (4 * sizeof(P)) == 0) && ...);
+}
+// Whether every pointer given (null ones are ignored) is aligned for ld2 of its type.
+template <typename... P>
+bool vec2_aligned(const P*... p) {
+    return ((p == nullptr || reinterpret_cast<uintptr_t>(p) % (2 * sizeof(P)) == 0) && ...);
 }
 // The groups of four an elementwise kernel over n elements takes on its vector path: n / 4 when every pointer is
 // aligned (ld4/st4), else 0 (all scalar). The kernels do elements [4·n4, n) one at a time.

@@ -35,12 +35,22 @@ __global__ void rope_rotate_kernel(O* out, const T* inp, int B, int T_, int H, i
     sincos(angle, &sd, &cd);
     const float c = float(cd), s = float(sd);
     const int r_begin = blockIdx.y * ROWS_PER_THREAD, r_end = min(B * H, r_begin + ROWS_PER_THREAD);
-    for (int r = r_begin; r < r_end; r++) {  // r = b·H + h
-        const int b = r / H, h = r - b * H;
-        const size_t row = (((size_t)b * T_ + t) * H + h) * hd;  // (B, T, H, hd)
-        const float x1 = float(inp[row + i]), x2 = float(inp[row + i + half]);
-        out[row + i] = O(x1 * c - x2 * s);
-        out[row + i + half] = O(x2 * c + x1 * s);
+    // All the rows' pairs are loaded before any is written: out may alias inp, so the compiler could not move a
+    // row's loads above the previous row's stores, and the thread would wait out the memory latency once a row.
+    float x1[ROWS_PER_THREAD], x2[ROWS_PER_THREAD];
+    size_t at[ROWS_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; k++) {
+        const int r = r_begin + k, b = r / H, h = r - b * H;  // r = b·H + h
+        at[k] = (((size_t)b * T_ + t) * H + h) * hd + i;      // (B, T, H, hd)
+        x1[k] = r < r_end ? float(inp[at[k]]) : 0.0f;
+        x2[k] = r < r_end ? float(inp[at[k] + half]) : 0.0f;
+    }
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_THREAD; k++) {
+        if (r_begin + k >= r_end) break;
+        out[at[k]] = O(x1[k] * c - x2[k] * s);
+        out[at[k] + half] = O(x2[k] * c + x1[k] * s);
     }
 }
 

@@ -610,7 +610,8 @@ void forward(float* out, float* lse, const float* q, const float* k, const float
 void backward(float* dq, float* dk, float* dv, float* Dr, const float* dout, const float* out, const float* lse,
               const float* q, const float* k, const float* v, int B, int T, int H, int Hkv, int D) {
     const int rows = B * T * H, per_block = attn::THREADS / 32;
-    attention_backward_D_kernel<<<ceil_div(rows, per_block), attn::THREADS>>>(Dr, nullptr, dout, out, B, T, H, D);
+    attention_backward_D_kernel<<<ceil_div(rows, per_block), attn::THREADS>>>(Dr, nullptr, dout, out, B, T, H, D,
+                                                                               D % 2 == 0);
     cudaCheckLast();
     const size_t smem = attention_tc_smem_backward(D);
     const float scale = 1.f / sqrtf((float)D), scale_log2 = attn::LOG2E * scale;
