@@ -52,12 +52,13 @@ struct GpuMamba2Acts {
     T* A = nullptr;              // (H)                −exp(A_log)
     T* chunk_states = nullptr;   // (B, H, nchunks, P, N)  the state entering each chunk
     T* y = nullptr;              // (B, T, H, P)       SSD output, D·x included
-    T* g = nullptr;              // (B, T, d_inner)    y ⊙ SiLU(z): the branch output
+    T* g = nullptr;              // (B, T, d_inner)    y ⊙ SiLU(z): the branch output (not written by a mixer whose
+                                 //                    gate and norm are fused: mamba2_gate_norm_fused)
     T* gn = nullptr;             // (B, T, d_inner)    mixer: RMSNorm(g) · norm_w
     float* rstd = nullptr;       // (B, T, G)          mixer: the norm's 1/rms per group
     // backward scratch
     T* dgn = nullptr;            // (B, T, d_inner)    mixer: gradient of gn
-    T* dg = nullptr;             // (B, T, d_inner)    mixer: gradient of g
+    T* dg = nullptr;             // (B, T, d_inner)    mixer: gradient of g (fused: the blocks' dnorm_w partials)
     T* dy = nullptr;             // (B, T, H, P)
     T* dx = nullptr;             // (B, T, H, P)
     T* dBm = nullptr;            // (B, T, G, N)
