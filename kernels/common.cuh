@@ -174,9 +174,8 @@ void colsum(TD* dst, F f, int N, int C, cudaStream_t stream = 0) {
 }
 
 // Elementwise sums, the residual adds of the blocks and the "this input feeds several consumers" sums of
-// the backward. Grid-stride, one thread per element (memory-bound; consecutive threads touch consecutive
-// elements). out may alias a or b.
-// Elements [0, 4·n4) four at a time (vec4_count), the rest one at a time.
+// the backward. Grid-stride (memory-bound; consecutive threads touch consecutive elements), elements [0, 4·n4) four
+// a thread (vec4_count), the rest one a thread. out may alias a or b.
 template <typename T>
 __global__ void add_kernel(T* out, const T* a, const T* b, size_t n, size_t n4) {
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;

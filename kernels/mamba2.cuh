@@ -37,15 +37,15 @@
 namespace hl::gpu {
 
 // Saved activations and backward scratch of one Mamba-2 mixer (or branch) for a (B, T) batch: the fields of
-// model/mamba2.h's Mamba2Acts, with rstd and the SSD scratch in fp32.
+// model/mamba2.h's Mamba2Acts but xBC and dxBC (the conv writes x, B, C and reads their gradients in place), with
+// rstd and the SSD scratch in fp32.
 template <typename T>
 struct GpuMamba2Acts {
     // forward, saved for the backward
     T* zxbcdt = nullptr;         // (B, T, d_in_proj)  in_proj output [z, xBC, dt_raw] ([z, BC, dt_raw] if shared_x)
     T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C], gathered with a shared x only
     T* conv_pre = nullptr;       // (B, T, conv_dim)   conv output before SiLU
-    T* xBC = nullptr;            // (B, T, conv_dim)   after SiLU: not stored on the GPU (the conv writes x, B, C)
-    T* x = nullptr;              // (B, T, H, P)       the scan's inputs, split out of xBC
+    T* x = nullptr;              // (B, T, H, P)       the scan's inputs: the conv's output columns (no xBC tensor)
     T* Bm = nullptr;             // (B, T, G, N)
     T* Cm = nullptr;             // (B, T, G, N)
     T* dt = nullptr;             // (B, T, H)          softplus(dt_raw + dt_bias)
@@ -65,7 +65,6 @@ struct GpuMamba2Acts {
     T* dCm = nullptr;            // (B, T, G, N)
     T* ddt = nullptr;            // (B, T, H)
     T* dA = nullptr;             // (H)
-    T* dxBC = nullptr;           // (B, T, conv_dim)   gradient of the conv output: not stored (read from dx, dB, dC)
     T* dconv_in = nullptr;       // (B, T, conv_dim)
     T* dzxbcdt = nullptr;        // (B, T, d_in_proj)
     float* ssd_scratch = nullptr;  // ssd_chunked_backward_scratch_size(B, T, H, P, G, N, chunk)
