@@ -11,7 +11,8 @@
 //
 // Norm and clipping keep the result on the device (no host sync inside): grad_norm writes a device
 // scalar through a fixed two-stage reduction (deterministic: a fixed grid, fixed tree orders, sums in
-// double as the CPU), clip_grad_norm then scales the gradients by a factor read from that scalar.
+// double as the CPU), clip_grad_norm then scales the gradients by a factor read from that scalar. The trainers
+// instead pass that scalar to adamw_update, which applies the same factor as it reads each gradient (one pass fewer).
 // Parameters, moments and the norm are fp32 on every path (master weights); gradients take the element type.
 #pragma once
 #include <algorithm>            // std::sort, std::max, std::min
@@ -73,10 +74,16 @@ struct AdamWTable {
 // first element when they hold one rank's shard (ZeRO-1). Per element, the same float operations in the same
 // order as the CPU:
 //   m ← β1·m + (1−β1)·g     v ← β2·v + (1−β2)·g²     p ← p − lr·(m̂/(√v̂ + eps) + wd·p)
+// clip_norm (device scalar, or null): the gradient clipping fused in, g ← g · max_norm / *clip_norm when the norm is
+// above max_norm, the very product clip_scale_kernel stores (so, for fp32 gradients, the same update bit for bit as
+// clipping first, without that pass over the gradients; they are left unscaled in memory).
 template <typename TG>
 __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v, const AdamWRange* ranges,
                              int n_ranges, size_t total, size_t mv_base, float b1, float b2, float eps, float lr,
-                             float wd, float bc1, float bc2) {
+                             float wd, float bc1, float bc2, const float* clip_norm, float max_norm) {
+    const float nrm = clip_norm ? *clip_norm : 0.0f;
+    const bool clip = nrm > max_norm;  // (false without clip_norm: max_norm > 0 then is not required)
+    const float scale = clip ? max_norm / nrm : 1.0f;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         int lo = 0, hi = n_ranges - 1;  // find the last range with prefix ≤ i
         while (lo < hi) {
@@ -86,7 +93,7 @@ __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v,
         }
         const AdamWRange r = ranges[lo];
         const size_t j = r.offset + (i - r.prefix);
-        const float g = float(grads[j]);
+        const float g = clip ? float(grads[j]) * scale : float(grads[j]);
         const size_t k = j - mv_base;
         const float mt = b1 * m[k] + (1.0f - b1) * g;
         const float vt = b2 * v[k] + (1.0f - b2) * g * g;
@@ -99,17 +106,22 @@ __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v,
 }
 
 // One AdamW step over every tensor of the table. lr is this step's learning rate (cfg.lr is not read);
-// step is 1-based. Bias corrections are computed in double on the host, as the CPU does.
+// step is 1-based. Bias corrections are computed in double on the host, as the CPU does. clip_norm: the global
+// gradient norm (device scalar, from grad_norm) when the gradients are to be clipped to max_norm in the same pass
+// (what clip_by_norm would do first); null: no clipping.
 template <typename TG>
 void adamw_update(float* params, const TG* grads, float* m, float* v, const AdamWTable& table,
-                  const AdamWConfig& cfg, float lr, int step, cudaStream_t stream = 0, size_t mv_base = 0) {
+                  const AdamWConfig& cfg, float lr, int step, cudaStream_t stream = 0, size_t mv_base = 0,
+                  const float* clip_norm = nullptr, float max_norm = 0.0f) {
     HL_CHECK(step >= 1, "adamw: step is 1-based (for bias correction), got ", step);
+    HL_CHECK(clip_norm == nullptr || max_norm > 0.0f, "clip_grad_norm: max_norm must be positive, got ", max_norm);
     if (table.total == 0) return;
     const float bc1 = 1.0f - float(std::pow((double)cfg.beta1, step));
     const float bc2 = 1.0f - float(std::pow((double)cfg.beta2, step));
     adamw_kernel<<<elementwise_grid(table.total, 256), 256, 0, stream>>>(params, grads, m, v, table.ranges.ptr,
                                                               table.n_ranges, table.total, mv_base, cfg.beta1, cfg.beta2,
-                                                              cfg.eps, lr, cfg.weight_decay, bc1, bc2);
+                                                              cfg.eps, lr, cfg.weight_decay, bc1, bc2, clip_norm,
+                                                              max_norm);
     cudaCheckLast();
 }
 

@@ -29,6 +29,7 @@
 #pragma once
 #include <algorithm>            // std::min
 #include <cmath>                // INFINITY
+#include <cstdint>              // uintptr_t: alignment tests
 #include <type_traits>          // std::is_same_v, std::integral_constant: the tensor-core kernels
 #include <cuda_runtime.h>       // cudaStream_t, cudaFuncSetAttribute, dim3
 #include "kernels/common.cuh"   // cudaCheck, cudaCheckLast, ceil_div, accumulate
@@ -159,7 +160,9 @@ __device__ inline float row_max16(float x) {
 // Each warp asks attn_block (model/attention.h) of its 16 rows against the streamed tile: skipped, unmasked or
 // masked.
 // q, k, v and dout are rounded to bf16 once per call, into staging the caller provides (attention_tc_stage_size:
-// Bf16Operands::stage), and the kernels stream their tiles from there with cp.async into two shared-memory buffers:
+// Bf16Operands::stage), unless the caller gives them in bf16 already (AttnBf16In: the mixer's q and k as their GEMMs
+// and RoPE wrote them, dout as Wo's backward wrote it), and the kernels stream their tiles from there (or from
+// those) with cp.async into two shared-memory buffers:
 // the next tile's copies fly while the current one is multiplied (in session 5's version each block rounded the
 // fp32 tiles itself, synchronously: 0.93 ms forward, 4.38 ms forward + backward at B=8, T=2048, H=16, Hkv=4, d=64
 // on an H200). P and dS are rounded to bf16 before they multiply v, q or k. Scores, the online softmax, lse and
@@ -543,17 +546,19 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 4
 }
 
 // g (B, T, Hkv, d) = the sum of its query heads' shares part (B, T, H, d), head by head in order (dk or dv).
-// One thread per output element.
+// One thread per four consecutive output elements (d is a multiple of 4 for the tensor-core head dims, and the
+// tensors are 16-byte aligned: float4 accesses; one element a thread read them at 1.8 TB/s).
 template <typename Unused = void>
 __global__ void attention_group_sum_kernel(float* g, const float* part, size_t n, int H, int Hkv, int d) {
     const int group = H / Hkv;
-    for (size_t idx = blockIdx.x * (size_t)blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
-        const size_t bt = idx / ((size_t)Hkv * d);
+    for (size_t i4 = blockIdx.x * (size_t)blockDim.x + threadIdx.x; 4 * i4 < n; i4 += (size_t)gridDim.x * blockDim.x) {
+        const size_t idx = 4 * i4, bt = idx / ((size_t)Hkv * d);
         const int kv = (int)(idx / d % Hkv), e = (int)(idx % d);
-        const size_t first = (bt * H + (size_t)kv * group) * d + e;  // head kv·group, element e
-        float sum = 0.f;
-        for (int r = 0; r < group; r++) sum += part[first + (size_t)r * d];
-        g[idx] = sum;
+        const size_t first = (bt * H + (size_t)kv * group) * d + e;  // head kv·group, elements e .. e + 3
+        float4 sum = ld4(part + first, 0);
+        for (int r = 1; r < group; r++)
+            sum = map4(sum, ld4(part + first + (size_t)r * d, 0), [](float a, float b) { return a + b; });
+        st4(g, i4, sum);
     }
 }
 
@@ -1047,15 +1052,34 @@ inline void attention_check_gpu(int B, int T_, int H, int Hkv, int d_qk, int d_v
     attention_window_check(window, sink);
 }
 
+// Inputs of the tensor-core kernels that the caller already holds in bf16 (their producers wrote them so): they are
+// read as given, and not rounded into the staging. Null fields are taken from the fp32 arguments as before. Only
+// where every kernel of the call is a tensor-core one (attention_bf16_inputs: the sink split's dk, dv kernel reads
+// fp32 q, k and dout).
+struct AttnBf16In {
+    const bf16* q = nullptr;     // (B, T, H, d_qk)
+    const bf16* k = nullptr;     // (B, T, Hkv, d_qk)
+    const bf16* dout = nullptr;  // (B, T, H, d_v)  backward only
+};
+
+// Whether attention_forward/backward at these sizes take AttnBf16In: the tensor-core kernels do every product.
+template <typename T>
+bool attention_bf16_inputs(int T_, int d_qk, int d_v, int window, int sink) {
+    return attention_use_tc<T>(d_qk, d_v) && attn::sink_split(T_, window, sink).tiles == 0;
+}
+
 // out (B, T, H, d_v) and lse (B, H, T) are written; lse[b, h, t] = log Σ_{visible s} exp(q_t·k_s / √d_qk), what
 // the backward needs to recompute the probabilities. window = 0: full causal; else window W, sink S.
 template <typename T>
 void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv,
-                       int d_qk, int d_v, int window = 0, int sink = 0, cudaStream_t stream = 0, bf16* out16 = nullptr) {
+                       int d_qk, int d_v, int window = 0, int sink = 0, cudaStream_t stream = 0, bf16* out16 = nullptr,
+                       AttnBf16In in16 = {}) {
     using namespace attn;
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     HL_CHECK(out16 == nullptr || attention_use_tc<T>(d_qk, d_v),
              "attention: a bf16 output (out16) needs the tensor-core kernels (bf16 operands, compiled head dims)");
+    HL_CHECK((in16.q == nullptr && in16.k == nullptr) || attention_bf16_inputs<T>(T_, d_qk, d_v, window, sink),
+             "attention: bf16 inputs (in16) need the tensor-core kernels for every product");
     const float scale_log2 = LOG2E / sqrtf((float)d_qk);
     const dim3 grid(ceil_div(T_, BR), B * H);
     if constexpr (std::is_same_v<T, float>) {
@@ -1064,8 +1088,10 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
                          nv = (size_t)B * T_ * Hkv * d_v;
             bf16* q16 = attention_tc_stage(nq + nk + nv);
             bf16 *k16 = q16 + nq, *v16 = k16 + nk;
-            round_bf16(q16, q, nq, stream);
-            round_bf16(k16, k, nk, stream);
+            if (in16.q) q16 = const_cast<bf16*>(in16.q);  // (only read from here on)
+            else round_bf16(q16, q, nq, stream);
+            if (in16.k) k16 = const_cast<bf16*>(in16.k);
+            else round_bf16(k16, k, nk, stream);
             round_bf16(v16, v, nv, stream);
             size_t smem_tc = attention_tc_smem_forward(d_qk, d_v);
             const dim3 grid_tc(ceil_div(T_, attn_tc::BQ), B * H);
@@ -1133,6 +1159,35 @@ __global__ void attention_backward_D_kernel(float* D, bf16* dout16, const T* dou
     }
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
     if (lane == 0) {
+        const int h = row % H, bt = row / H, t = bt % T_, b = bt / T_;
+        D[((size_t)b * H + h) * T_ + t] = sum;
+    }
+}
+
+// D as above, from dout and out both in bf16 (the tensor-core path given its dout in bf16, AttnBf16In), d_v = 8·LANES:
+// each lane reads 8 elements (16 bytes) of each, a row takes LANES lanes and a warp 32 / LANES rows, so that every
+// lane has a full 16-byte load of each tensor in flight (a warp a row, with a 4-byte load a lane, waited out the
+// memory latency once a row: 65 µs at 100M, B 8, T 2048, H200). The lanes of a row sum by shuffles.
+template <int LANES>
+__global__ void attention_backward_D16_kernel(float* D, const bf16* dout, const bf16* out, int B, int T_, int H) {
+    static_assert(32 % LANES == 0, "a row's lanes within one warp");
+    const int row = (int)((blockIdx.x * (size_t)blockDim.x + threadIdx.x) / LANES), sub = threadIdx.x % LANES;
+    const bool valid = row < B * T_ * H;  // every lane joins the shuffles below
+    float sum = 0.f;
+    if (valid) {
+        const uint4 g = reinterpret_cast<const uint4*>(dout + (size_t)row * 8 * LANES)[sub];
+        const uint4 o = reinterpret_cast<const uint4*>(out + (size_t)row * 8 * LANES)[sub];
+        const __nv_bfloat162 *g2 = reinterpret_cast<const __nv_bfloat162*>(&g),
+                             *o2 = reinterpret_cast<const __nv_bfloat162*>(&o);
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float2 a = __bfloat1622float2(g2[e]), b = __bfloat1622float2(o2[e]);
+            sum = fmaf(a.y, b.y, fmaf(a.x, b.x, sum));
+        }
+    }
+#pragma unroll
+    for (int off = LANES / 2; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (valid && sub == 0) {
         const int h = row % H, bt = row / H, t = bt % T_, b = bt / T_;
         D[((size_t)b * H + h) * T_ + t] = sum;
     }
@@ -1431,9 +1486,13 @@ inline size_t attention_backward_scratch_size(int B, int T_, int H, int Hkv, int
 template <typename T>
 void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, const T* out, const float* lse,
                         const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv, int d_qk, int d_v,
-                        int window = 0, int sink = 0, cudaStream_t stream = 0, const bf16* out16 = nullptr) {
+                        int window = 0, int sink = 0, cudaStream_t stream = 0, const bf16* out16 = nullptr,
+                        AttnBf16In in16 = {}) {
     using namespace attn;
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
+    HL_CHECK((in16.q == nullptr && in16.k == nullptr && in16.dout == nullptr) ||
+                 attention_bf16_inputs<T>(T_, d_qk, d_v, window, sink),
+             "attention: bf16 inputs (in16) need the tensor-core kernels for every product");
     const float scale = 1.f / sqrtf((float)d_qk), scale_log2 = LOG2E * scale;
 
     const int rows = B * T_ * H, rows_per_block = THREADS / 32;
@@ -1453,15 +1512,28 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
         }
     }
     HL_CHECK(out16 == nullptr || tc, "attention: a bf16 output (out16) needs the tensor-core kernels");
-    auto launch_D = [&](auto* o) {
+    auto launch_D = [&](auto* go, bf16* go16, auto* o) {
         // pairs: float2 / bf16x2 accesses, where d_v is even and every tensor 8-byte aligned (4 for bf16)
-        const bool pairs = std::is_same_v<T, float> && d_v % 2 == 0 && vec2_aligned(dout, o, dout16);
-        attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, dout16, dout, o,
+        const bool pairs = std::is_same_v<T, float> && d_v % 2 == 0 && vec2_aligned(go, o, go16);
+        attention_backward_D_kernel<<<ceil_div(rows, rows_per_block), THREADS, 0, stream>>>(scratch_D, go16, go, o,
                                                                                              B, T_, H, d_v, pairs);
         cudaCheckLast();
     };
-    if (out16) launch_D(out16);  // D from the bf16 output the forward wrote (as FlashAttention's, whose output is bf16)
-    else launch_D(out);
+    // D from the bf16 output the forward wrote (as FlashAttention's, whose output is bf16), and from dout in bf16
+    // when the caller gives it so (then nothing is staged)
+    const bool d16 = in16.dout && out16 && (d_v == 64 || d_v == 128) &&
+                     reinterpret_cast<uintptr_t>(in16.dout) % 16 == 0 && reinterpret_cast<uintptr_t>(out16) % 16 == 0;
+    if (d16) {
+        auto launch_D16 = [&](auto kernel, int lanes) {
+            kernel<<<ceil_div(rows, THREADS / lanes), THREADS, 0, stream>>>(scratch_D, in16.dout, out16, B, T_, H);
+            cudaCheckLast();
+        };
+        if (d_v == 64) launch_D16(attention_backward_D16_kernel<8>, 8);
+        else launch_D16(attention_backward_D16_kernel<16>, 16);
+    } else if (in16.dout && out16) launch_D(in16.dout, (bf16*)nullptr, out16);
+    else if (in16.dout) launch_D(in16.dout, (bf16*)nullptr, out);
+    else if (out16) launch_D(dout, dout16, out16);
+    else launch_D(dout, dout16, out);
 
     const SinkSplit split = sink_split(T_, window, sink);
     // which products the tensor-core kernels take (the tensor-core section): both under bf16 operands, except the
@@ -1469,9 +1541,12 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     bool tc_dq = false, tc_dkdv = false;
     if constexpr (std::is_same_v<T, float>) {
         if (tc) {
-            round_bf16(q16, q, nq, stream);
-            round_bf16(k16, k, nk, stream);
+            if (in16.q) q16 = const_cast<bf16*>(in16.q);  // (only read from here on)
+            else round_bf16(q16, q, nq, stream);
+            if (in16.k) k16 = const_cast<bf16*>(in16.k);
+            else round_bf16(k16, k, nk, stream);
             round_bf16(v16, v, nv, stream);
+            if (in16.dout) dout16 = const_cast<bf16*>(in16.dout);
             tc_dq = true;
             tc_dkdv = split.tiles == 0;
             auto launch_tc = [&](auto kernel, dim3 grid, int threads, size_t smem, auto... args) {
@@ -1500,11 +1575,13 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                     launch_kernels(attention_backward_dkdv_tc_kernel<DK, DV>, attention_backward_dq_tc_kernel<DK, DV>);
             });
             if (tc_dkdv && H > Hkv) {  // each kv head's dk, dv: the sum of its query heads' shares
-                attention_group_sum_kernel<><<<elementwise_grid(nk, 256), 256, 0, stream>>>(dk, dk_part, nk, H, Hkv,
-                                                                                         d_qk);
+                HL_CHECK(vec4_aligned(dk, dv, (const float*)dk_part, (const float*)dv_part),
+                         "attention (gpu): dk, dv must be 16-byte aligned");
+                attention_group_sum_kernel<><<<elementwise_grid(nk / 4, 256), 256, 0, stream>>>(dk, dk_part, nk, H,
+                                                                                             Hkv, d_qk);
                 cudaCheckLast();
-                attention_group_sum_kernel<><<<elementwise_grid(nv, 256), 256, 0, stream>>>(dv, dv_part, nv, H, Hkv,
-                                                                                         d_v);
+                attention_group_sum_kernel<><<<elementwise_grid(nv / 4, 256), 256, 0, stream>>>(dv, dv_part, nv, H,
+                                                                                             Hkv, d_v);
                 cudaCheckLast();
             }
         }
@@ -1597,6 +1674,23 @@ inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, in
     return s;
 }
 
+// Under bf16 operands with the tensor-core kernels, the branch output y feeds only Wo (and the backward's D, which
+// reads it in bf16 too): the forward kernel writes it in bf16 into acts.y's first half (bf16_view), rounded once.
+// Null otherwise (fp32 y: the fp32 kernels, or no Bf16Scope).
+template <typename T>
+bf16* attn_y16(GpuAttnActs<T>& acts, const AttnConfig& c) {
+    return attention_use_tc<T>(c.d_qk, c.d_v) ? bf16_view(acts.y) : nullptr;
+}
+
+// Likewise q and k, where the tensor-core kernels do every product (attention_bf16_inputs): only those kernels read
+// them, so their GEMMs write them in bf16 (acts.q's and acts.k's first halves), RoPE rotates them there in place,
+// and the kernels read them as they are (no staging copy, in the forward or the backward). Null fields otherwise.
+template <typename T>
+AttnBf16In attn_qk16(GpuAttnActs<T>& acts, const AttnConfig& c, int T_) {
+    if (!attention_bf16_inputs<T>(T_, c.d_qk, c.d_v, c.window, c.sink)) return {};
+    return {bf16_view(acts.q), bf16_view(acts.k), nullptr};
+}
+
 // Branch: acts.y (B, T, H·d_v) = Attn(RoPE(Wq·inp), RoPE(Wk·inp), Wv·inp); no output projection.
 // inp (B, T, D) is the normed residual stream. acts.q, k, v, lse, y are written (saved for the backward).
 template <typename T>
@@ -1605,28 +1699,39 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     if (!inp16) inp16 = gpu::bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for all three)
-    gpu::matmul_forward(acts.q, inp, p.wq, (const T*)nullptr, N, D, H * c.d_qk, stream, inp16);
-    gpu::matmul_forward(acts.k, inp, p.wk, (const T*)nullptr, N, D, Hkv * c.d_qk, stream, inp16);
+    const AttnBf16In qk16 = attn_qk16(acts, c, T_);
+    bf16 *q16 = const_cast<bf16*>(qk16.q), *k16 = const_cast<bf16*>(qk16.k);
+    gpu::matmul_forward(acts.q, inp, p.wq, (const T*)nullptr, N, D, H * c.d_qk, stream, inp16, q16);
+    gpu::matmul_forward(acts.k, inp, p.wk, (const T*)nullptr, N, D, Hkv * c.d_qk, stream, inp16, k16);
     gpu::matmul_forward(acts.v, inp, p.wv, (const T*)nullptr, N, D, Hkv * c.d_v, stream, inp16);
     // positions enter only through q and k: rotated in place, the rotated versions are what is saved
-    gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
-    gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
+    if (q16) {
+        gpu::rope_forward(q16, q16, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
+        gpu::rope_forward(k16, k16, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
+    } else {
+        gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
+        gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
+    }
     gpu::attention_forward(acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink,
-                           stream, y16);
+                           stream, y16, qk16);
 }
 
-// dy (B, T, H·d_v): gradient of acts.y. dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another
-// consumer (value sharing in the intra-layer hybrid), added before the Wv backward.
+// dy (B, T, H·d_v): gradient of acts.y (dy16: the same in bf16, when its producer wrote it so; then dy is not read).
+// dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another consumer (value sharing in the intra-layer
+// hybrid), added before the Wv backward.
 // dinp (B, T, D) is written; dp.* accumulate (a null dp field skips that gradient).
 // Uses acts.dq, dk, dv and D as scratch.
 template <typename T>
 void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_extra, GpuAttnActs<T>& acts,
                           const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B, int T_,
-                          cudaStream_t stream = 0, const bf16* inp16 = nullptr, const bf16* y16 = nullptr) {
+                          cudaStream_t stream = 0, const bf16* inp16 = nullptr, const bf16* y16 = nullptr,
+                          const bf16* dy16 = nullptr) {
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
+    AttnBf16In in16 = attn_qk16(acts, c, T_);
+    in16.dout = dy16;
     gpu::attention_backward(acts.dq, acts.dk, acts.dv, acts.D, dy, acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_,
-                            H, Hkv, c.d_qk, c.d_v, c.window, c.sink, stream, y16);
+                            H, Hkv, c.d_qk, c.d_v, c.window, c.sink, stream, y16, in16);
     if (dv_extra) gpu::accumulate(acts.dv, dv_extra, (size_t)N * Hkv * c.d_v, stream);
     // inp feeds three projections: the first input gradient goes straight into dinp, the other two are added to
     // it by their GEMMs (beta = 1: the CPU's order of the sum, without its dinp_part pass)
@@ -1643,14 +1748,6 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     q_k_backward(acts.dq, H, dp.wq, p.wq, false);
     q_k_backward(acts.dk, Hkv, dp.wk, p.wk, true);
     gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true, inp16);
-}
-
-// Under bf16 operands with the tensor-core kernels, the branch output y feeds only Wo (and the backward's D, which
-// reads it in bf16 too): the forward kernel writes it in bf16 into acts.y's first half (bf16_view), rounded once.
-// Null otherwise (fp32 y: the fp32 kernels, or no Bf16Scope).
-template <typename T>
-bf16* attn_y16(GpuAttnActs<T>& acts, const AttnConfig& c) {
-    return attention_use_tc<T>(c.d_qk, c.d_v) ? bf16_view(acts.y) : nullptr;
 }
 
 // Full mixer: out (B, T, D) = Wo · branch(inp).
@@ -1670,9 +1767,11 @@ void attn_mixer_backward(T* dinp, AttnParams<T>& dp, const T* dout, GpuAttnActs<
                          const bf16* inp16 = nullptr) {
     HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
     const bf16* y16 = attn_y16(acts, c);
+    // dy feeds only the attention backward: written in bf16 where that takes it so (attn_qk16's condition)
+    bf16* dy16 = attn_qk16(acts, c, T_).q ? bf16_view(acts.dy) : nullptr;
     gpu::matmul_backward(acts.dy, dp.wo, (T*)nullptr, dout, acts.y, p.wo, B * T_, c.n_heads * c.d_v, c.d_model,
-                         stream, false, y16);
-    gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream, inp16, y16);
+                         stream, false, y16, nullptr, dy16);
+    gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream, inp16, y16, dy16);
 }
 
 }  // namespace hl::gpu

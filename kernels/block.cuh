@@ -95,7 +95,8 @@ void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& act
     // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
     if (c.use_moe) gpu::moe_backward(acts.dn, dp.moe, dy, acts.moe, acts.n2, p.moe, c.moe, N, stream);
     else gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, gpu::bf16_view(acts.n2));
-    gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream, dy);  // + dy
+    // + dy; the norms' weight gradients are summed through acts.ffo, which the backward does not read (dw_part)
+    gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream, dy, acts.ffo);
     // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh
     const bf16* n1_16 = gpu::bf16_view(acts.n1);
     if (c.kind == 'A')
@@ -105,7 +106,7 @@ void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& act
     if (c.kind == 'H')
         gpu::intra_mixer_backward(acts.dn, dp.intra, acts.dh, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream,
                                   n1_16);
-    gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream, acts.dh);  // + dh
+    gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream, acts.dh, acts.ffo);  // + dh
 }
 
 }  // namespace hl::gpu

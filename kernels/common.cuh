@@ -165,6 +165,14 @@ __global__ void colsum_kernel(TD* dst, F f, int N, int C) {
     if (ty == 0 && c < C) dst[c] = TD(float(dst[c]) + part[0][tx]);
 }
 
+// f(n, c) = x[n·ld + c]: the column sums of a row-major matrix (a bias gradient; per-block partial sums).
+template <typename T>
+struct RowsTerm {
+    const T* x;
+    int ld;
+    __device__ float operator()(int n, int c) const { return float(x[(size_t)n * ld + c]); }
+};
+
 template <typename TD, typename F>
 void colsum(TD* dst, F f, int N, int C, cudaStream_t stream = 0) {
     if (C <= 0) return;

@@ -35,7 +35,7 @@
 #include <cuda_runtime.h>         // cudaSetDevice, cudaGetDeviceCount, cudaStream_t
 #include <nccl.h>                 // ncclComm_t, ncclGetUniqueId, ncclCommInitRank, ncclAllReduce
 #include "kernels/common.cuh"     // cudaCheck
-#include "kernels/adamw.cuh"      // grad_norm, sqrt_kernel, clip_by_norm, adamw_update
+#include "kernels/adamw.cuh"      // grad_norm, sqrt_kernel, adamw_update (with the clip)
 #include "kernels/model.cuh"      // GpuModel, train_step_on, StepHooks
 #include "model/adamw.h"          // AdamWConfig
 #include "model/common.h"         // HL_CHECK, hl::fail
@@ -301,11 +301,10 @@ struct DataParallel {
         ncclCheck(ncclAllReduce(sumsq.ptr, sumsq.ptr, 1, ncclFloat64, ncclSum, d.comm, model.stream));
         sqrt_kernel<><<<1, 1, 0, model.stream>>>(norm, sumsq.ptr);
         cudaCheckLast();
-        clip_by_norm(g, model.shard_n, norm, train.grad_clip, model.stream);
         AdamWConfig opt;
         opt.weight_decay = train.weight_decay;
         adamw_update(model.params.ptr, model.grads.ptr, model.m.ptr, model.v.ptr, *model.adamw, opt, lr, step,
-                     model.stream, model.shard_lo);
+                     model.stream, model.shard_lo, norm, train.grad_clip);  // (clipped as it reads them)
         float* p = model.params.ptr;
         ncclCheck(ncclAllGather(p + model.shard_lo, p, model.shard_n, ncclFloat32, d.comm, model.stream));
     }

@@ -456,13 +456,6 @@ __global__ void mamba2_gate_norm_backward_kernel(float* dy, float* dzxbcdt, floa
     }
 }
 
-// f(n, c) = wpart[n, c]: the column sum of the blocks' partials into dnorm_w
-struct Mamba2RowsTerm {
-    const float* part;
-    int ld;
-    __device__ float operator()(int n, int c) const { return part[(size_t)n * ld + c]; }
-};
-
 // The M block's mixer: out (B, T, d_model) = out_proj(RMSNorm_grouped(g) · norm_w), g from the branch. The gated
 // norm normalises each group of d_inner/G channels on its own (as mamba_ssm does).
 template <typename T>
@@ -514,7 +507,7 @@ void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba
                     DIP);
             });
             cudaCheckLast();
-            gpu::colsum(dp.norm_w, Mamba2RowsTerm{acts.dg, c.d_inner}, nb, c.d_inner, stream);
+            gpu::colsum(dp.norm_w, RowsTerm<float>{acts.dg, c.d_inner}, nb, c.d_inner, stream);  // the partials
         }
     }
     if (!fused) gpu::rmsnorm_backward(acts.dg, dp.norm_w, acts.dgn, acts.g, p.norm_w, acts.rstd, rows, G, Cg, stream);

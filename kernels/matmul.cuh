@@ -21,7 +21,9 @@
 // caller passes it in bf16 (inp16, dout16). Activations, gradients, master weights and AdamW stay fp32, except the
 // tensors that are only ever matmul operands: their producers write them in bf16 once (bf16_view; the blocks' two
 // norm outputs, the SwiGLU's h and its gate's gradients, Mamba-2's gated norm output), which spares a rounding pass
-// before the forward's GEMM and another before the backward's (100m, H200: 6.6-8.7% more tokens/s). The
+// before the forward's GEMM and another before the backward's (100m, H200: 6.6-8.7% more tokens/s). Likewise a GEMM
+// output that only an elementwise kernel reads is written by the GEMM in bf16 (out16, dinp16: the SwiGLU's h1, h3 and
+// dh, as autocast keeps them), so the kernel reads half the bytes and the GEMM writes half. The
 // tensor-core attention and SSD kernels round their own operands (kernels/attention.cuh, kernels/ssd.cuh);
 // bf16_operand lets one rounded input serve several GEMMs.
 #pragma once
@@ -31,7 +33,7 @@
 #include <type_traits>      // std::is_same_v: bf16 operands in the fp32 instantiation only
 #include <cublas_v2.h>      // cublasHandle_t, cublasGemmEx, cublasGetStatusString
 #include <cuda_bf16.h>      // __nv_bfloat16, __float2bfloat16_rn: the bf16 operands
-#include "kernels/common.cuh"  // cudaCheck, cudaCheckLast, elementwise_grid, colsum
+#include "kernels/common.cuh"  // cudaCheck, cudaCheckLast, elementwise_grid, colsum, RowsTerm
 #include "model/common.h"      // HL_CHECK
 
 namespace hl::gpu {
@@ -189,32 +191,28 @@ __global__ void matmul_add_bias_kernel(T* out, const T* bias, size_t total, int 
         out[i] = T(float(out[i]) + float(bias[i % OC]));
 }
 
-// column n-sum of dout for the bias gradient: f(n, o) = dout[n, o]
-template <typename T>
-struct MatmulDbiasTerm {
-    const T* x;
-    int ld;
-    __device__ float operator()(int n, int c) const { return float(x[(size_t)n * ld + c]); }
-};
-
 // out (N, OC) = inp (N, C) · weight (OC, C)ᵀ + bias (OC) [bias may be null]. inp16: inp's bf16_operand, when
-// the caller rounded it already (null: rounded here if bf16 operands are in effect).
+// the caller rounded it already (null: rounded here if bf16 operands are in effect). out16: under bf16 operands, the
+// GEMM writes its result there in bf16 instead of into out (its epilogue rounds: for an output that only an
+// elementwise kernel reads, which then reads half the bytes; no bias).
 template <typename T>
 void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N, int C, int OC,
-                    cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+                    cudaStream_t stream = 0, const bf16* inp16 = nullptr, bf16* out16 = nullptr) {
     HL_CHECK(N >= 0 && C > 0 && OC > 0, "matmul: bad sizes N=", N, " C=", C, " OC=", OC);
     if (N == 0) return;
     const cudaDataType_t ty = CublasType<T>::value;
     // column-major: outᵀ (OC, N) = W (OC, C) [stored as Wᵀ (C, OC), so op T] · inpᵀ (C, N) [op N]
     const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr;
     if (ops) {
+        HL_CHECK(out16 == nullptr || bias == nullptr, "matmul: a bf16 out16 with a bias");
         const float* w = reinterpret_cast<const float*>(weight);
         const float* x = reinterpret_cast<const float*>(inp);
         gemm(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, ops->weight(w, size_t(OC) * C), C,
-             inp16 ? inp16 : ops->round(ops->a16, x, size_t(N) * C, stream), C, CUDA_R_16BF, 0.0f, out, ty, OC,
-             stream);
+             inp16 ? inp16 : ops->round(ops->a16, x, size_t(N) * C, stream), C, CUDA_R_16BF, 0.0f,
+             out16 ? static_cast<void*>(out16) : static_cast<void*>(out), out16 ? CUDA_R_16BF : ty, OC, stream);
     } else {
-        HL_CHECK(inp16 == nullptr, "matmul: a bf16 inp16 given without bf16 operands in effect");
+        HL_CHECK(inp16 == nullptr && out16 == nullptr,
+                 "matmul: a bf16 inp16 or out16 given without bf16 operands in effect");
         gemm(CUBLAS_OP_T, CUBLAS_OP_N, OC, N, C, weight, C, inp, C, ty, 0.0f, out, ty, OC, stream);
     }
     if (bias) {
@@ -228,11 +226,13 @@ void matmul_forward(T* out, const T* inp, const T* weight, const T* bias, int N,
 // projections sums its input gradients without a scratch buffer and an add pass); dweight (OC, C) and dbias (OC)
 // accumulate (+=). Any of the three may be null. inp16: as in matmul_forward. dout16: dout already in bf16, from a
 // kernel that wrote its gradient straight in bf16 (then dout itself is not read, and may be null without dbias).
+// dinp16: as out16 in matmul_forward, dinp written there in bf16 instead (not with accumulate_dinp).
 template <typename T>
 void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp, const T* weight, int N, int C,
                      int OC, cudaStream_t stream = 0, bool accumulate_dinp = false, const bf16* inp16 = nullptr,
-                     const bf16* dout16 = nullptr) {
+                     const bf16* dout16 = nullptr, bf16* dinp16 = nullptr) {
     HL_CHECK(N >= 0 && C > 0 && OC > 0, "matmul: bad sizes N=", N, " C=", C, " OC=", OC);
+    HL_CHECK(dinp16 == nullptr || !accumulate_dinp, "matmul: a bf16 dinp16 cannot accumulate");
     if (N == 0) return;
     const cudaDataType_t ty = CublasType<T>::value;
     // the operands: as given, or in bf16 (dout rounded once for both products)
@@ -240,20 +240,22 @@ void matmul_backward(T* dinp, T* dweight, T* dbias, const T* dout, const T* inp,
     cudaDataType_t ab = ty;
     if (const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr) {
         ab = CUDA_R_16BF;
-        if (dinp) W = ops->weight(reinterpret_cast<const float*>(weight), size_t(OC) * C);
+        if (dinp || dinp16) W = ops->weight(reinterpret_cast<const float*>(weight), size_t(OC) * C);
         dY = dout16 ? dout16 : ops->round(ops->b16, reinterpret_cast<const float*>(dout), size_t(N) * OC, stream);
         if (dweight)
             X = inp16 ? inp16 : ops->round(ops->a16, reinterpret_cast<const float*>(inp), size_t(N) * C, stream);
     } else {
-        HL_CHECK(inp16 == nullptr && dout16 == nullptr, "matmul: a bf16 operand given without bf16 operands in effect");
+        HL_CHECK(inp16 == nullptr && dout16 == nullptr && dinp16 == nullptr,
+                 "matmul: a bf16 operand given without bf16 operands in effect");
     }
     // dinp (N, C) = dout (N, OC) · W (OC, C);  column-major: dinpᵀ (C, N) = Wᵀ (C, OC) · doutᵀ (OC, N)
-    if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, W, C, dY, OC, ab, accumulate_dinp ? 1.0f : 0.0f, dinp, ty, C,
-                   stream);
+    if (dinp16) gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, W, C, dY, OC, ab, 0.0f, dinp16, CUDA_R_16BF, C, stream);
+    else if (dinp) gemm(CUBLAS_OP_N, CUBLAS_OP_N, C, N, OC, W, C, dY, OC, ab, accumulate_dinp ? 1.0f : 0.0f, dinp, ty,
+                        C, stream);
     // dW (OC, C) += doutᵀ (OC, N) · inp (N, C);  column-major: dWᵀ (C, OC) += inpᵀ (C, N) · dout (N, OC),
     // where dout (N, OC) is the transpose of the stored column-major doutᵀ (OC, N): op T. beta = 1: +=.
     if (dweight) gemm(CUBLAS_OP_N, CUBLAS_OP_T, C, OC, N, X, C, dY, OC, ab, 1.0f, dweight, ty, C, stream);
-    if (dbias) colsum(dbias, MatmulDbiasTerm<T>{dout, OC}, N, OC, stream);  // dbias[o] += Σ_n dout[n, o]
+    if (dbias) colsum(dbias, RowsTerm<T>{dout, OC}, N, OC, stream);  // dbias[o] += Σ_n dout[n, o]
 }
 
 }  // namespace hl::gpu

@@ -27,7 +27,7 @@
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaMemcpy(Async), cudaMemsetAsync, cudaStream_t
 #include "data/loader.h"          // WindowLoader, eval_windows, num_eval_windows
-#include "kernels/adamw.cuh"      // AdamWTable, adamw_update, clip_grad_norm, GRAD_NORM_BLOCKS
+#include "kernels/adamw.cuh"      // AdamWTable, adamw_update, grad_norm, GRAD_NORM_BLOCKS
 #include "kernels/block.cuh"      // GpuBlockActs, gpu_block_acts, block_forward/backward
 #include "kernels/common.cuh"     // DeviceBuffer, cudaCheck, cudaCheckLast, elementwise_grid
 #include "kernels/crossentropy.cuh"  // crossentropy_forward/backward
@@ -372,13 +372,16 @@ struct GpuModel {
         gpu::embedding_backward(dp.embed, dres, last_tokens, B, T_, V, D, stream);
     }
 
-    // Clips the gradients to global norm grad_clip (the norm before clipping goes to scalars[1]), then one
-    // AdamW step at learning rate lr; step is 1-based (bias correction).
+    // One AdamW step at learning rate lr on the gradients clipped to global norm grad_clip (the norm before
+    // clipping goes to scalars[1]; the clipping is applied inside the update, the gradients stay as they are);
+    // step is 1-based (bias correction).
     void update(const AdamWConfig& opt, float lr, int step, float grad_clip) {
         HL_CHECK(training, "GpuModel::update: this model was built without an optimizer");
         HL_CHECK(!sharded(), "GpuModel::update: a sharded model steps through kernels/dist.cuh");
-        gpu::clip_grad_norm(scalars.ptr + 1, grads.ptr, grads.n, grad_clip, norm_scratch.ptr, stream);
-        gpu::adamw_update(params.ptr, grads.ptr, m.ptr, v.ptr, *adamw, opt, lr, step, stream);
+        HL_CHECK(grad_clip > 0.0f, "clip_grad_norm: max_norm must be positive, got ", grad_clip);
+        gpu::grad_norm(scalars.ptr + 1, grads.ptr, grads.n, norm_scratch.ptr, stream);
+        gpu::adamw_update(params.ptr, grads.ptr, m.ptr, v.ptr, *adamw, opt, lr, step, stream, 0, scalars.ptr + 1,
+                          grad_clip);
     }
 
     // After an update: each MoE layer's bias moves towards balance, from the last forward's loads (on the device).

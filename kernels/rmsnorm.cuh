@@ -197,41 +197,72 @@ __global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* in
     }
 }
 
-// The wide-row backward (fp32, the same rows as rmsnorm_forward_row_kernel): one block of 256 threads per
-// (row, group), x, dout and weight held in registers as float4 between the dot product and dinp, so each is read from
-// memory once (the warp kernel reads them twice, the second time from cache at best). At the 100m width (Cg = 1024,
-// N = 16384) on an H200 the warp kernel ran at about 2 TB/s (0.10 ms).
-template <int V>
-__global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, const float* dout, const float* inp, const float* weight,
-                                                 const float* rstd, const float* residual, int G, int Cg) {
+// The wide-row backward (fp32, the same rows as rmsnorm_forward_row_kernel): blocks of 256 threads, x, dout and
+// weight held in registers as float4 between the dot product and dinp, so each is read from memory once (the warp
+// kernel reads them twice, the second time from cache at best). At the 100m width (Cg = 1024, N = 16384) on an H200
+// the warp kernel ran at about 2 TB/s (0.10 ms).
+// grid (ceil(N / R), G): block (b, g) takes group g of rows b·R … b·R + R − 1 in turn. DW (R = RMSNORM_DW_ROWS):
+// it also keeps its threads' share of Σ_rows dout ⊙ x̂ (weight's gradient) in registers and writes it to dw_part row
+// b (ceil(N / R), G·Cg), which a column sum over those few rows finishes: the column sum over all N rows read dout
+// and x once more (51 µs of the 61 µs this kernel takes at 100m, H200). Without DW, R = 1.
+constexpr int RMSNORM_DW_ROWS = 16;
+
+template <int V, bool DW>
+__global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, float* dw_part, const float* dout, const float* inp,
+                                                 const float* weight, const float* rstd, const float* residual, int N,
+                                                 int G, int Cg) {
     __shared__ float part[RMSNORM_BLOCK / 32];
-    const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4;
-    const size_t base = (size_t)r * Cg;
-    const float* wt = weight ? weight + (size_t)(r % G) * Cg : nullptr;  // (Cg)
-    const float s = rstd[r];
-    float4 x[V], d[V];  // x̂ and d = dout ⊙ w
-    float dot = 0.0f;
+    constexpr int R = DW ? RMSNORM_DW_ROWS : 1;
+    const int tid = threadIdx.x, C4 = Cg / 4, grp = blockIdx.y;
+    const float* wt = weight ? weight + (size_t)grp * Cg : nullptr;  // (Cg)
+    float4 dw[V];  // DW: this block's Σ dout ⊙ x̂
 #pragma unroll
-    for (int q = 0; q < V; q++) {
-        const int c = tid + q * RMSNORM_BLOCK;
-        x[q] = d[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (c < C4) {
-            const float4 w4 = wt ? ld4(wt, c) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-            x[q] = map4(ld4(inp + base, c), w4, [s](float a, float) { return a * s; });
-            d[q] = map4(ld4(dout + base, c), w4, [](float a, float b) { return a * b; });
-        }
-        dot += d[q].x * x[q].x + d[q].y * x[q].y + d[q].z * x[q].z + d[q].w * x[q].w;
-    }
-    const float mean = rmsnorm_block_sum(dot, part) / Cg;
+    for (int q = 0; q < V; q++) dw[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int n1 = min(N, (blockIdx.x + 1) * R);
+    for (int n = blockIdx.x * R; n < n1; n++) {
+        const size_t r = (size_t)n * G + grp, base = r * Cg;
+        const float s = rstd[r];
+        float4 x[V], d[V];  // x̂ and d = dout ⊙ w
+        float dot = 0.0f;
 #pragma unroll
-    for (int q = 0; q < V; q++) {
-        const int c = tid + q * RMSNORM_BLOCK;
-        if (c < C4) {
-            float4 g = map4(d[q], x[q], [s, mean](float dv, float xv) { return s * (dv - xv * mean); });
-            if (residual) g = map4(g, ld4(residual + base, c), [](float a, float b) { return a + b; });
-            rmsnorm_st4(dinp + base, c, g);
+        for (int q = 0; q < V; q++) {
+            const int c = tid + q * RMSNORM_BLOCK;
+            x[q] = d[q] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (c < C4) {
+                const float4 w4 = wt ? ld4(wt, c) : make_float4(1.0f, 1.0f, 1.0f, 1.0f), go = ld4(dout + base, c);
+                x[q] = map4(ld4(inp + base, c), w4, [s](float a, float) { return a * s; });
+                d[q] = map4(go, w4, [](float a, float b) { return a * b; });
+                if constexpr (DW)
+                    dw[q] = map4(dw[q], map4(go, x[q], [](float a, float b) { return a * b; }),
+                                 [](float a, float b) { return a + b; });
+            }
+            dot += d[q].x * x[q].x + d[q].y * x[q].y + d[q].z * x[q].z + d[q].w * x[q].w;
+        }
+        const float mean = rmsnorm_block_sum(dot, part) / Cg;
+        if constexpr (DW) __syncthreads();  // every thread has read part before the next row writes it
+#pragma unroll
+        for (int q = 0; q < V; q++) {
+            const int c = tid + q * RMSNORM_BLOCK;
+            if (c < C4) {
+                float4 g = map4(d[q], x[q], [s, mean](float dv, float xv) { return s * (dv - xv * mean); });
+                if (residual) g = map4(g, ld4(residual + base, c), [](float a, float b) { return a + b; });
+                rmsnorm_st4(dinp + base, c, g);
+            }
         }
     }
+    if constexpr (DW) {
+        float* pr = dw_part + (size_t)blockIdx.x * G * Cg + (size_t)grp * Cg;  // (Cg)
+#pragma unroll
+        for (int q = 0; q < V; q++) {
+            const int c = tid + q * RMSNORM_BLOCK;
+            if (c < C4) st4(pr, c, dw[q]);
+        }
+    }
+}
+
+// The scratch rmsnorm_backward's fused weight gradient needs (dw_part): floats.
+inline size_t rmsnorm_dweight_part_size(int N, int G, int Cg) {
+    return (size_t)ceil_div(N, RMSNORM_DW_ROWS) * G * Cg;
 }
 
 // f(n, c) = dout[n, c] · x̂[n, c], the summand of dweight[c]
@@ -247,21 +278,29 @@ struct RmsnormDweightTerm {
     }
 };
 
-// dinp is written, dweight (G·Cg) accumulates (may be null).
+// dinp is written, dweight (G·Cg) accumulates (may be null). dw_part: scratch of rmsnorm_dweight_part_size floats
+// (16-byte aligned), or null; with it, where the wide-row kernel runs, dweight comes from that kernel's per-block
+// partial sums (a different order of the same sum: deterministic, and within rounding of the CPU's).
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
-                      int G, int Cg, cudaStream_t stream = 0, const T* residual = nullptr) {
+                      int G, int Cg, cudaStream_t stream = 0, const T* residual = nullptr, float* dw_part = nullptr) {
     HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
     HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
     if (N == 0) return;
-    bool row = false;  // the wide-row kernel, on the rows the wide-row forward takes
-    if constexpr (std::is_same_v<T, float>)
-        row = rmsnorm_wide_row(Cg) && vec4_aligned(dinp, dout, inp, weight, residual);
+    bool row = false, fused = false;  // the wide-row kernel, on the rows the wide-row forward takes
     if constexpr (std::is_same_v<T, float>) {
+        row = rmsnorm_wide_row(Cg) && vec4_aligned(dinp, dout, inp, weight, residual);
+        fused = row && dweight && dw_part && vec4_aligned(dw_part);
         if (row)
             rmsnorm_row_dispatch(Cg, [&](auto v) {
-                rmsnorm_backward_dinp_row_kernel<decltype(v)::value>
-                    <<<N * G, RMSNORM_BLOCK, 0, stream>>>(dinp, dout, inp, weight, rstd, residual, G, Cg);
+                constexpr int V = decltype(v)::value;
+                if (fused)
+                    rmsnorm_backward_dinp_row_kernel<V, true><<<dim3(ceil_div(N, RMSNORM_DW_ROWS), G), RMSNORM_BLOCK,
+                                                                0, stream>>>(dinp, dw_part, dout, inp, weight, rstd,
+                                                                             residual, N, G, Cg);
+                else
+                    rmsnorm_backward_dinp_row_kernel<V, false><<<dim3(N, G), RMSNORM_BLOCK, 0, stream>>>(
+                        dinp, nullptr, dout, inp, weight, rstd, residual, N, G, Cg);
             });
     }
     if (!row) {
@@ -270,7 +309,8 @@ void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T*
             dinp, dout, inp, weight, rstd, residual, N, G, Cg);
     }
     cudaCheckLast();
-    if (dweight) colsum(dweight, RmsnormDweightTerm<T>{dout, inp, rstd, G, Cg}, N, G * Cg, stream);
+    if (fused) colsum(dweight, RowsTerm<float>{dw_part, G * Cg}, ceil_div(N, RMSNORM_DW_ROWS), G * Cg, stream);
+    else if (dweight) colsum(dweight, RmsnormDweightTerm<T>{dout, inp, rstd, G, Cg}, N, G * Cg, stream);
 }
 
 }  // namespace hl::gpu

@@ -60,8 +60,10 @@ void swiglu_gate_backward(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3,
 // Under bf16 operands, h, dh1 and dh3 are used only as matmul operands, which are rounded to bf16 anyway: the gate
 // kernels write them in bf16 straight away (bf16_view: into the first half of their fp32 buffers acts.h, acts.dh1,
 // acts.dh3), instead of writing fp32 and rounding each into scratch before its GEMM: h is rounded once, for W2's
-// forward and dW2 both, and neither gradient is written in fp32. These are the largest operands of a block
-// ((N, d_ff) each).
+// forward and dW2 both, and neither gradient is written in fp32. And h1, h3 and dh, which only the gate kernels read,
+// come out of their GEMMs in bf16 (out16, dinp16; into acts.h1, acts.h3, acts.dh the same way), as under PyTorch's
+// autocast: the gate kernels then move 6 bytes an element forward and 10 backward, not 10 and 16. These are the
+// largest tensors of a block ((N, d_ff) each).
 // out (N, D) = W2 · (SiLU(W1·inp) ⊙ W3·inp); acts.h1, acts.h3, acts.h are written (saved for the backward). inp16:
 // inp in bf16 when the caller has it (the block's norm writes it so), else it is rounded here; the same in the
 // backward.
@@ -73,11 +75,11 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
     if (N == 0) return;
     const int D = cfg.d_model, F = cfg.d_ff;
     if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for W1 and W3)
-    matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, F, stream, inp16);  // (N, F)
-    matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream, inp16);  // (N, F)
     const size_t NF = (size_t)N * F;
-    bf16* h16 = bf16_view(acts.h);
-    if (h16) swiglu_gate_forward(h16, acts.h1, acts.h3, NF, stream);
+    bf16 *h16 = bf16_view(acts.h), *h1_16 = bf16_view(acts.h1), *h3_16 = bf16_view(acts.h3);
+    matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, F, stream, inp16, h1_16);  // (N, F)
+    matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream, inp16, h3_16);  // (N, F)
+    if (h16) swiglu_gate_forward(h16, h1_16, h3_16, NF, stream);
     else swiglu_gate_forward(acts.h, acts.h1, acts.h3, NF, stream);
     matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream, h16);  // (N, D)
 }
@@ -96,9 +98,11 @@ void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>&
     if (N == 0) return;
     const int D = cfg.d_model, F = cfg.d_ff;
     bf16 *h16 = bf16_view(acts.h), *dh1_16 = bf16_view(acts.dh1), *dh3_16 = bf16_view(acts.dh3);
-    matmul_backward(acts.dh, dp.w2, (T*)nullptr, dout, acts.h, p.w2, N, F, D, stream, false, h16);  // dh (N, F)
+    bf16 *h1_16 = bf16_view(acts.h1), *h3_16 = bf16_view(acts.h3), *dh16 = bf16_view(acts.dh);
+    matmul_backward(acts.dh, dp.w2, (T*)nullptr, dout, acts.h, p.w2, N, F, D, stream, false, h16, nullptr,
+                    dh16);  // dh (N, F)
     const size_t NF = (size_t)N * F;
-    if (h16) swiglu_gate_backward(dh1_16, dh3_16, acts.dh, acts.h1, acts.h3, NF, stream);
+    if (h16) swiglu_gate_backward(dh1_16, dh3_16, dh16, h1_16, h3_16, NF, stream);
     else swiglu_gate_backward(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3, NF, stream);
     if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);
     matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream, false, inp16, dh1_16);  // W1 path

@@ -138,7 +138,7 @@ TEST_CASE("gpu matmul with bf16 operands (tensor cores) equals the CPU on the bf
     }
 }
 
-TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight) equals the CPU") {
+TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight; dweight by partial sums) equals the CPU") {
     hl::Rng rng(102);
     // (no Cg = 1: there x̂ = ±1 up to eps and dinp is pure cancellation, ill-conditioned on the CPU as well)
     struct S { int N, G, Cg; };
@@ -167,6 +167,16 @@ TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight) equals the C
             expect_close(tag + " dinp", from_dev(dinp_), dinp, GRAD_TOL);
             if (with_weight) expect_close(tag + " dweight (+=)", from_dev(ddw), dw, GRAD_TOL);
             else CHECK(from_dev(ddw) == dw0);
+            if (with_weight) {  // the weight gradient from the wide-row kernel's partial sums (the blocks' norms)
+                DeviceBuffer<float> part, ddw2, dinp2;
+                to_dev(ddw2, dw0);
+                alloc_poisoned(part, hl::gpu::rmsnorm_dweight_part_size(s.N, s.G, s.Cg));
+                alloc_poisoned(dinp2, dinp.size());
+                hl::gpu::rmsnorm_backward(dinp2.ptr, ddw2.ptr, ddout.ptr, dx_.ptr, wpd, rstd_.ptr, s.N, s.G, s.Cg, 0,
+                                          (const float*)nullptr, part.ptr);
+                CHECK(from_dev(dinp2) == from_dev(dinp_));
+                expect_close(tag + " dweight (+=) through dw_part", from_dev(ddw2), dw, GRAD_TOL);
+            }
             // with a residual gradient added in the same pass (the block's dh = norm2ᵀ(dn) + dy): dinp + residual,
             // also in place (the residual is dinp itself)
             const auto res = randn(rng, x.size());
@@ -312,10 +322,10 @@ TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed ma
         CHECK(from_dev(rstd16_) == from_dev(rstd_));
         std::printf("  %-64s bitwise equal to the fp32 output rounded: %s\n", tag.c_str(), out16 == want ? "yes" : "NO");
     }
-    // SwiGLU under a Bf16Scope (h, dh1, dh3 written in bf16 by the gate kernels; x given in bf16 as the block's norm
-    // gives it) against the CPU's matmuls and gate on the same roundings: x, the weights, h, dout, dh1 and dh3 in
-    // bf16, products accumulated in fp32. A cuBLAS sum that differs from the CPU's in the last bits can round an h
-    // (or dh1, dh3) entry to the neighbouring bf16, hence the gradients' tolerance.
+    // SwiGLU under a Bf16Scope (h1, h3 and dh written in bf16 by their GEMMs, h, dh1, dh3 by the gate kernels; x given
+    // in bf16 as the block's norm gives it) against the CPU's matmuls and gate on the same roundings: x, the weights,
+    // h1, h3, h, dout, dh, dh1 and dh3 in bf16, products accumulated in fp32. A cuBLAS sum that differs from the CPU's
+    // in the last bits can round an entry to the neighbouring bf16, hence the gradients' tolerance.
     struct S { int N, D, F; };
     for (S s : {S{37, 32, 64}, S{300, 256, 688}}) {
         const std::string tag = "swiglu bf16 " + shape({s.N, s.D, s.F});
@@ -338,9 +348,11 @@ TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed ma
             dh1(h1.size()), dh3(h1.size()), dinp(x.size()), dinp3(x.size());
         hl::matmul_forward(h1.data(), x16.data(), p.w1, (const float*)nullptr, N, D, F);
         hl::matmul_forward(h3.data(), x16.data(), p.w3, (const float*)nullptr, N, D, F);
+        h1 = round_bf16_host(h1), h3 = round_bf16_host(h3);
         for (size_t i = 0; i < h.size(); i++) h[i] = round_bf16_host(hl::silu(h1[i]) * h3[i]);
         hl::matmul_forward(out.data(), h.data(), p.w2, (const float*)nullptr, N, F, D);
         hl::matmul_backward(dh.data(), dp.w2, (float*)nullptr, dout16.data(), h.data(), p.w2, N, F, D);
+        dh = round_bf16_host(dh);
         for (size_t i = 0; i < h.size(); i++) {
             dh1[i] = round_bf16_host(dh[i] * h3[i] * hl::silu_grad(h1[i]));
             dh3[i] = round_bf16_host(dh[i] * hl::silu(h1[i]));
@@ -371,8 +383,14 @@ TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed ma
             hl::gpu::swiglu_backward(dinp_.ptr, gdp, dout_.ptr, ga, x_.ptr, gp, cfg, N, 0, x16_.ptr);
         }
         expect_close(tag + " out", from_dev(out_), out, GRAD_TOL);
+        // h1 and dh are GEMM outputs rounded by cuBLAS's epilogue: a sum differing from the CPU's in its last fp32
+        // bits can round to the neighbouring bf16, one step of 2^-8 relative (so tolerance 4e-3 of the largest)
+        expect_close(tag + " h1 (bf16, in acts.h1)", from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.h1), h.size()),
+                     h1, 4e-3);
         expect_close(tag + " h (bf16, in acts.h)", from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.h), h.size()), h,
                      GRAD_TOL);
+        expect_close(tag + " dh (bf16, in acts.dh)", from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.dh), h.size()),
+                     dh, 4e-3);
         expect_close(tag + " dinp", from_dev(dinp_), dinp, 1e-2);
         expect_close(tag + " dparams w1,w3,w2 (+=)", from_dev(dparams_), dparams, 1e-2);
     }
@@ -413,7 +431,7 @@ TEST_CASE("gpu crossentropy forward/backward equals the CPU (V = 1, 7, 256, 5025
     }
 }
 
-TEST_CASE("gpu adamw: five steps with per-tensor decay equal the CPU; gaps between tensors untouched") {
+TEST_CASE("gpu adamw: five steps with per-tensor decay equal the CPU; gaps untouched; the clip fused in is bitwise clip-then-step") {
     hl::Rng rng(106);
     // tensors laid out with an arena; "skipped" is taken but left out of the list: a gap the update must not touch
     std::vector<hl::TensorInfo> infos;
@@ -455,6 +473,30 @@ TEST_CASE("gpu adamw: five steps with per-tensor decay equal the CPU; gaps betwe
     const hl::TensorInfo& gap = infos[3];
     for (size_t i = gap.offset; i < gap.offset + gap.numel; i++) CHECK(gp[i] == params0[i]);
     CHECK(table.n_ranges == 5);  // embed · norm1+conv_w · (gap) conv_b · w1+w2 · norm_f
+    // The trainers' step: the clipping fused into the update (the norm read on the device) gives the same
+    // parameters and moments, bit for bit, as clip_by_norm first and then the update; the norm above the limit
+    // (every gradient scaled) and below it (none). The fused step leaves the gradients unscaled.
+    DeviceBuffer<double> scratch(hl::gpu::GRAD_NORM_BLOCKS);
+    DeviceBuffer<float> norm_(1);
+    for (const float limit_of_norm : {0.25f, 2.0f}) {
+        const auto g = randn(rng, n), zero = std::vector<float>(n, 0.0f);
+        DeviceBuffer<float> pa, pb, ma, mb, va, vb, ga, gb;
+        to_dev(pa, params0); to_dev(pb, params0); to_dev(ma, zero); to_dev(mb, zero); to_dev(va, zero);
+        to_dev(vb, zero); to_dev(ga, g); to_dev(gb, g);
+        hl::gpu::grad_norm(norm_.ptr, ga.ptr, n, scratch.ptr);
+        const float limit = from_dev(norm_)[0] * limit_of_norm;
+        hl::gpu::clip_by_norm(ga.ptr, n, norm_.ptr, limit);
+        hl::gpu::adamw_update(pa.ptr, ga.ptr, ma.ptr, va.ptr, table, cfg, 1e-2f, 2);
+        hl::gpu::adamw_update(pb.ptr, gb.ptr, mb.ptr, vb.ptr, table, cfg, 1e-2f, 2, 0, 0, norm_.ptr, limit);
+        INFO("clip fused into adamw, limit = norm × ", limit_of_norm);
+        CHECK(from_dev(pa) == from_dev(pb));
+        CHECK(from_dev(ma) == from_dev(mb));
+        CHECK(from_dev(va) == from_dev(vb));
+        CHECK(from_dev(gb) == g);
+        CHECK((from_dev(ga) == g) == (limit_of_norm > 1));  // (clip_by_norm did scale them, or not)
+        std::printf("  %-64s bitwise equal: %s\n", ("adamw with the clip fused, limit = norm x " +
+                    std::to_string(limit_of_norm)).c_str(), from_dev(pa) == from_dev(pb) ? "yes" : "NO");
+    }
 }
 
 TEST_CASE("gpu adamw on shards (ZeRO-1's update): every shard's update with its own moments is the whole update") {

@@ -90,13 +90,13 @@ struct ParamPair {
         dev_grad.upload(host_grad);
     }
     // every parameter gradient, tensor by tensor
-    void compare_grads(const std::string& tag) {
+    void compare_grads(const std::string& tag, double tol = GRAD_TOL) {
         const std::vector<float> g = from_dev(dev_grad);
         for (const TensorInfo& t : infos) {
             const double e = rel_err(g.data() + t.offset, host_grad.data() + t.offset, t.numel);
-            std::printf("  %-64s rel err %.2e (tol %.0e)\n", (tag + " d" + t.name + " (+=)").c_str(), e, GRAD_TOL);
+            std::printf("  %-64s rel err %.2e (tol %.0e)\n", (tag + " d" + t.name + " (+=)").c_str(), e, tol);
             INFO(tag, " d", t.name, ": rel err ", e);
-            CHECK(e <= GRAD_TOL);
+            CHECK(e <= tol);
         }
     }
 };
@@ -131,10 +131,14 @@ std::string shape_tag(const char* what, int B, int T) {
 // 1. Mixers
 // ---------------------------------------------------------------------------------------------------------
 
-void run_attn_mixer(const hl::AttnConfig& c, int B, int T, uint64_t seed) {
-    const std::string tag = shape_tag("attn", B, T) + " H=" + std::to_string(c.n_heads) + " Hkv=" +
-                            std::to_string(c.n_kv_heads) + " dqk=" + std::to_string(c.d_qk) + " dv=" +
-                            std::to_string(c.d_v);
+// bf16: under bf16 operands (a Bf16Scope with the parameters' bf16 copy, GEMM scratch and the attention's staging),
+// against the fp32 CPU mixer to bf16 rounding's tolerances (those of the tensor-core attention core's test); then
+// `qk16` says whether q, k and dy should come out of their GEMMs in bf16 (attn_qk16), and that is checked.
+void run_attn_mixer(const hl::AttnConfig& c, int B, int T, uint64_t seed, bool bf16 = false, bool qk16 = false) {
+    const std::string tag = shape_tag(bf16 ? "attn bf16" : "attn", B, T) + " H=" + std::to_string(c.n_heads) +
+                            " Hkv=" + std::to_string(c.n_kv_heads) + " dqk=" + std::to_string(c.d_qk) + " dv=" +
+                            std::to_string(c.d_v) + (c.window ? " W=" + std::to_string(c.window) : "") +
+                            (c.sink ? " S=" + std::to_string(c.sink) : "");
     Rng rng(seed);
     ParamPair pp([&](Arena<float>& a) { return hl::attn_params(a, c); });
     pp.randomize(rng);
@@ -156,11 +160,28 @@ void run_attn_mixer(const hl::AttnConfig& c, int B, int T, uint64_t seed) {
     d_dout.alloc(dout.size()); d_dout.upload(dout);
     d_out.alloc(out.size()); poison(d_out);
     d_dinp.alloc(dinp.size()); poison(d_dinp);
+    DeviceBuffer<hl::gpu::bf16> params16, scratch;
+    hl::gpu::Bf16Operands ops;
+    if (bf16) {
+        params16.alloc(pp.host.size());
+        hl::gpu::round_bf16(params16.ptr, pp.dev.ptr, pp.host.size());
+        ops.params = pp.dev.ptr, ops.n = pp.host.size(), ops.params16 = params16.ptr;
+        ops.scratch_n = (size_t)N * std::max(D, c.n_heads * std::max(c.d_qk, c.d_v));
+        ops.stage_n = hl::gpu::attention_tc_stage_size(B, T, c.n_heads, c.n_kv_heads, c.d_qk, c.d_v);
+        scratch.alloc(2 * ops.scratch_n + ops.stage_n);
+        ops.a16 = scratch.ptr, ops.b16 = scratch.ptr + ops.scratch_n, ops.stage = scratch.ptr + 2 * ops.scratch_n;
+    }
+    const hl::gpu::Bf16Scope scope(bf16 ? &ops : nullptr);
+    if (bf16) {
+        INFO(tag, ": q, k, dy in bf16 from their GEMMs");
+        CHECK((hl::gpu::attn_qk16(dacts, c, T).q != nullptr) == qk16);
+    }
+    const double out_tol = bf16 ? 2e-2 : FWD_TOL, grad_tol = bf16 ? 5e-2 : GRAD_TOL;
     hl::gpu::attn_mixer_forward(d_out.ptr, dacts, d_inp.ptr, dp_, c, B, T);
-    expect_close(tag + " out", from_dev(d_out), out, FWD_TOL);
+    expect_close(tag + " out", from_dev(d_out), out, out_tol);
     hl::gpu::attn_mixer_backward(d_dinp.ptr, ddp, d_dout.ptr, dacts, d_inp.ptr, dp_, c, B, T);
-    expect_close(tag + " dinp", from_dev(d_dinp), dinp, GRAD_TOL);
-    pp.compare_grads(tag);
+    expect_close(tag + " dinp", from_dev(d_dinp), dinp, grad_tol);
+    pp.compare_grads(tag, grad_tol);
 }
 
 hl::Mamba2Config mamba_config(int D, int d_inner, int P, int N, int G, int chunk, bool shared_x = false) {
@@ -337,6 +358,18 @@ TEST_CASE("gpu attention mixer forward/backward equals the CPU (T = 7, 65; GQA; 
         run_attn_mixer(hl::AttnConfig{32, 6, 1, 6, 4, 10000.0}, 1, T, seed++);   // 6 query heads on one kv head
         run_attn_mixer(hl::AttnConfig{16, 2, 2, 8, 8, 500000.0}, 3, T, seed++); // no grouping
     }
+}
+
+TEST_CASE("gpu attention mixer under bf16 operands (q, k and dy written in bf16 by their GEMMs) tracks the CPU") {
+    // head dims the tensor-core kernels take: q and k come out of their GEMMs in bf16 and RoPE turns them there, dy
+    // out of Wo's backward in bf16, and the kernels read them without staging; except with the sink split, whose
+    // key kernel is the fp32 one (then all stays as it was: fp32 q, k, dy)
+    uint64_t seed = 50;
+    run_attn_mixer(hl::AttnConfig{128, 4, 2, 64, 64, 10000.0}, 2, 200, seed++, true, true);      // GQA 2
+    run_attn_mixer(hl::AttnConfig{128, 2, 2, 128, 128, 500000.0}, 1, 130, seed++, true, true);   // d 128, no GQA
+    run_attn_mixer(hl::AttnConfig{96, 4, 1, 64, 128, 10000.0}, 1, 65, seed++, true, true);       // d_qk != d_v
+    run_attn_mixer(hl::AttnConfig{128, 4, 2, 64, 64, 10000.0, 64, 0}, 1, 300, seed++, true, true);   // window
+    run_attn_mixer(hl::AttnConfig{128, 4, 2, 64, 64, 10000.0, 64, 16}, 1, 700, seed++, true, false); // sink split
 }
 
 TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_inner 1024, 2048) forward/backward equal the CPU (T = 7, 65; chunk not dividing T)") {
