@@ -5,56 +5,97 @@
 // so the same functions carve views out of a device allocation. The three projections go through
 // kernels/matmul.cuh (cuBLAS); the elementwise gate is ours, one thread per element.
 #pragma once
+#include <algorithm>            // std::min
 #include <cstddef>              // size_t
+#include <type_traits>          // std::is_same_v
 #include "kernels/common.cuh"   // cudaCheckLast, dev_silu, dev_silu_grad, elementwise_grid
 #include "kernels/matmul.cuh"   // matmul_forward/backward, bf16_operand (W1 and W3 share one rounded input), bf16_view
 #include "model/swiglu.h"       // SwiGLUConfig, SwiGLUParams, SwiGLUActs, swiglu_check
 
 namespace hl::gpu {
 
-// h (N·F) = SiLU(h1) ⊙ h3. Grid-stride (memory-bound: 3 streams, coalesced), four elements a thread on
-// [0, 4·n4) (vec4_count), one on the rest. O: T, or bf16 when h is only a bf16 matmul operand (swiglu_forward under
-// bf16 operands).
+// h (rows, F) = SiLU(h1) ⊙ h3, h packed, h1 and h3 with their rows ld elements apart (ld = F: packed; ld = 2F: the two
+// halves of one GEMM output, see swiglu_w13_fused). Block row y takes rows y, y + gridDim.y, …; in a row, threads
+// stride the columns, four a thread (float4 / 8-byte bf16 accesses) when vec, then one a thread for the rest.
+// Memory-bound: 3 coalesced streams. (A flat index split into row and column by a 64-bit division a group cost
+// 20% more time than the GEMM halves saved.) O: T, or bf16 when h is only a bf16 matmul operand.
 template <typename T, typename O>
-__global__ void swiglu_gate_forward_kernel(O* h, const T* h1, const T* h3, size_t total, size_t n4) {
-    const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+__global__ void swiglu_gate_forward_kernel(O* h, const T* h1, const T* h3, size_t rows, size_t F, size_t ld,
+                                           bool vec) {
+    const size_t c0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    const size_t F4 = vec ? F / 4 : 0;
     auto gate = [](float x1, float x3) { return dev_silu(x1) * x3; };
-    for (size_t q = i0; q < n4; q += stride) st4(h, q, map4(ld4(h1, q), ld4(h3, q), gate));
-    for (size_t i = 4 * n4 + i0; i < total; i += stride) h[i] = O(gate(float(h1[i]), float(h3[i])));
-}
-
-// dh1 = dh ⊙ h3 ⊙ SiLU'(h1),  dh3 = dh ⊙ SiLU(h1): (N·F) each, written, as O (T, or bf16 as above). Same mapping as
-// the forward.
-template <typename T, typename O>
-__global__ void swiglu_gate_backward_kernel(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3, size_t total,
-                                            size_t n4) {
-    const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
-    for (size_t q = i0; q < n4; q += stride) {
-        const float4 g = ld4(dh, q), x = ld4(h1, q), x3 = ld4(h3, q);
-        st4(dh1, q, map4(map4(g, x3, [](float a, float b) { return a * b; }), x,
-                         [](float gx3, float x1) { return gx3 * dev_silu_grad(x1); }));
-        st4(dh3, q, map4(g, x, [](float a, float x1) { return a * dev_silu(x1); }));
-    }
-    for (size_t i = 4 * n4 + i0; i < total; i += stride) {
-        const float g = float(dh[i]), x = float(h1[i]);
-        dh1[i] = O(g * float(h3[i]) * dev_silu_grad(x));
-        dh3[i] = O(g * dev_silu(x));
+    for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T *a = h1 + r * ld, *b = h3 + r * ld;  // (F)
+        O* o = h + r * F;                             // (F)
+        for (size_t q = c0; q < F4; q += stride) st4(o, q, map4(ld4(a, q), ld4(b, q), gate));
+        for (size_t i = 4 * F4 + c0; i < F; i += stride) o[i] = O(gate(float(a[i]), float(b[i])));
     }
 }
 
-// The launches: the grid covers the groups of four where the vector path is taken.
+// dh1 = dh ⊙ h3 ⊙ SiLU'(h1),  dh3 = dh ⊙ SiLU(h1): (rows, F) each, written, as O (T, or bf16 as above); dh packed,
+// the others with row stride ld. Same mapping as the forward.
 template <typename T, typename O>
-void swiglu_gate_forward(O* h, const T* h1, const T* h3, size_t total, cudaStream_t stream) {
-    const size_t n4 = vec4_count(total, h, h1, h3);
-    swiglu_gate_forward_kernel<<<elementwise_grid(n4 ? n4 : total, 256), 256, 0, stream>>>(h, h1, h3, total, n4);
+__global__ void swiglu_gate_backward_kernel(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3, size_t rows,
+                                            size_t F, size_t ld, bool vec) {
+    const size_t c0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    const size_t F4 = vec ? F / 4 : 0;
+    for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
+        const T *g_ = dh + r * F, *a = h1 + r * ld, *b = h3 + r * ld;  // (F)
+        O *d1 = dh1 + r * ld, *d3 = dh3 + r * ld;                       // (F)
+        for (size_t q = c0; q < F4; q += stride) {
+            const float4 g = ld4(g_, q), x = ld4(a, q), x3 = ld4(b, q);
+            st4(d1, q, map4(map4(g, x3, [](float u, float w) { return u * w; }), x,
+                            [](float gx3, float x1) { return gx3 * dev_silu_grad(x1); }));
+            st4(d3, q, map4(g, x, [](float u, float x1) { return u * dev_silu(x1); }));
+        }
+        for (size_t i = 4 * F4 + c0; i < F; i += stride) {
+            const float g = float(g_[i]), x = float(a[i]);
+            d1[i] = O(g * float(b[i]) * dev_silu_grad(x));
+            d3[i] = O(g * dev_silu(x));
+        }
+    }
+}
+
+// The launch grid of the gate kernels over total = rows · F elements: a packed tensor (F = 0 given) is one long row,
+// strided by the whole grid; rows of F are spread over the grid's y (each row's groups of four over x).
+inline dim3 swiglu_gate_grid(size_t rows, size_t F, bool vec) {
+    const size_t per_row = vec ? F / 4 : F;  // threads a row wants
+    if (rows == 1) return dim3(elementwise_grid(per_row, 256));
+    return dim3((unsigned)((per_row + 255) / 256), (unsigned)std::min(rows, (size_t)65535));
+}
+
+// F, ld: rows of F elements ld apart in h1, h3 (dh1, dh3); 0 = packed (the whole tensor one row). The four-a-thread
+// path where every row start is 16-byte aligned (8-byte for bf16).
+template <typename T, typename O>
+void swiglu_gate_forward(O* h, const T* h1, const T* h3, size_t total, cudaStream_t stream, size_t F = 0,
+                         size_t ld = 0) {
+    if (total == 0) return;
+    if (F == 0) F = ld = total;
+    const bool vec = vec4_count(total, h, h1, h3) > 0 && (F == total || (F % 4 == 0 && ld % 4 == 0));
+    swiglu_gate_forward_kernel<<<swiglu_gate_grid(total / F, F, vec), 256, 0, stream>>>(h, h1, h3, total / F, F, ld,
+                                                                                      vec);
     cudaCheckLast();
 }
 template <typename T, typename O>
-void swiglu_gate_backward(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3, size_t total, cudaStream_t stream) {
-    const size_t n4 = vec4_count(total, dh1, dh3, dh, h1, h3);
-    swiglu_gate_backward_kernel<<<elementwise_grid(n4 ? n4 : total, 256), 256, 0, stream>>>(dh1, dh3, dh, h1, h3,
-                                                                                            total, n4);
+void swiglu_gate_backward(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3, size_t total, cudaStream_t stream,
+                          size_t F = 0, size_t ld = 0) {
+    if (total == 0) return;
+    if (F == 0) F = ld = total;
+    const bool vec = vec4_count(total, dh1, dh3, dh, h1, h3) > 0 && (F == total || (F % 4 == 0 && ld % 4 == 0));
+    swiglu_gate_backward_kernel<<<swiglu_gate_grid(total / F, F, vec), 256, 0, stream>>>(dh1, dh3, dh, h1, h3,
+                                                                                         total / F, F, ld, vec);
     cudaCheckLast();
+}
+
+// Whether W1 and W3 run as one GEMM of a (2F, D) weight: under bf16 operands, with W3 stored right after W1 (as
+// swiglu_params lays them out). Then h1 and h3 come out as the halves of each row of one (N, 2F) bf16 tensor in
+// acts.h1's buffer (bf16_view: exactly its size), and in the backward dh1, dh3 likewise in acts.dh1's, so that
+// dinp = [dh1 dh3] · [W1; W3] and [dW1; dW3] += [dh1 dh3]ᵀ · inp are one GEMM each too (K = 2F; no beta = 1 pass).
+// Three GEMMs instead of six at the sizes of a block's largest.
+template <typename T>
+bool swiglu_w13_fused(const SwiGLUParams<T>& p, const SwiGLUConfig& cfg) {
+    return std::is_same_v<T, float> && current_bf16() != nullptr && p.w3 == p.w1 + (size_t)cfg.d_ff * cfg.d_model;
 }
 
 // Under bf16 operands, h, dh1 and dh3 are used only as matmul operands, which are rounded to bf16 anyway: the gate
@@ -77,10 +118,15 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
     if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for W1 and W3)
     const size_t NF = (size_t)N * F;
     bf16 *h16 = bf16_view(acts.h), *h1_16 = bf16_view(acts.h1), *h3_16 = bf16_view(acts.h3);
-    matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, F, stream, inp16, h1_16);  // (N, F)
-    matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream, inp16, h3_16);  // (N, F)
-    if (h16) swiglu_gate_forward(h16, h1_16, h3_16, NF, stream);
-    else swiglu_gate_forward(acts.h, acts.h1, acts.h3, NF, stream);
+    if (swiglu_w13_fused(p, cfg)) {  // h13 (N, 2F) = inp · [W1; W3]ᵀ, row n = [h1[n] h3[n]]
+        matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, 2 * F, stream, inp16, h1_16);
+        swiglu_gate_forward(h16, h1_16, h1_16 + F, NF, stream, F, 2 * F);
+    } else {
+        matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, F, stream, inp16, h1_16);  // (N, F)
+        matmul_forward(acts.h3, inp, p.w3, (const T*)nullptr, N, D, F, stream, inp16, h3_16);  // (N, F)
+        if (h16) swiglu_gate_forward(h16, h1_16, h3_16, NF, stream);
+        else swiglu_gate_forward(acts.h, acts.h1, acts.h3, NF, stream);
+    }
     matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream, h16);  // (N, D)
 }
 
@@ -102,9 +148,15 @@ void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>&
     matmul_backward(acts.dh, dp.w2, (T*)nullptr, dout, acts.h, p.w2, N, F, D, stream, false, h16, nullptr,
                     dh16);  // dh (N, F)
     const size_t NF = (size_t)N * F;
+    if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);
+    if (swiglu_w13_fused(p, cfg)) {  // dh13 (N, 2F) = [dh1 dh3]; both products over K = 2F at once
+        HL_CHECK(dp.w3 == dp.w1 + (size_t)F * D, "swiglu: the gradients' W3 does not follow W1 as the weights' does");
+        swiglu_gate_backward(dh1_16, dh1_16 + F, dh16, h1_16, h1_16 + F, NF, stream, F, 2 * F);
+        matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, 2 * F, stream, false, inp16, dh1_16);
+        return;
+    }
     if (h16) swiglu_gate_backward(dh1_16, dh3_16, dh16, h1_16, h3_16, NF, stream);
     else swiglu_gate_backward(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3, NF, stream);
-    if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);
     matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream, false, inp16, dh1_16);  // W1 path
     matmul_backward(dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream, true, inp16, dh3_16);   // W3, added
 }

@@ -219,11 +219,13 @@ TEST_CASE("gpu add_rmsnorm_forward (the block's residual add and norm in one pas
 TEST_CASE("gpu embedding forward/backward equals the CPU (backward bit-exact: same summation order)") {
     hl::Rng rng(103);
     struct S { int B, T, V, D; };
-    for (S s : {S{1, 1, 1, 1}, S{3, 17, 256, 33}, S{1, 7, 5, 1500}, S{4, 129, 256, 768}, S{2, 50, 50257, 64}}) {
+    // (the last: text-like ids, a third of them one byte, so a row sums hundreds of positions, D over several tiles)
+    for (S s : {S{1, 1, 1, 1}, S{3, 17, 256, 33}, S{1, 7, 5, 1500}, S{4, 129, 256, 768}, S{2, 50, 50257, 64},
+                S{4, 700, 256, 1030}}) {
         const std::string tag = "embedding " + shape({s.B, s.T, s.V, s.D});
         const int N = s.B * s.T;
         std::vector<int> tok(N);
-        for (int& t : tok) t = int(rng.next() % (uint64_t)s.V);
+        for (int& t : tok) t = s.D == 1030 && rng.next() % 3 == 0 ? 32 : int(rng.next() % (uint64_t)s.V);
         auto wte = randn(rng, (size_t)s.V * s.D), dout = randn(rng, (size_t)N * s.D), dwte0 = randn(rng, wte.size());
         std::vector<float> out((size_t)N * s.D), dwte = dwte0;
         hl::embedding_forward(out.data(), tok.data(), wte.data(), s.B, s.T, s.V, s.D);
@@ -322,12 +324,13 @@ TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed ma
         CHECK(from_dev(rstd16_) == from_dev(rstd_));
         std::printf("  %-64s bitwise equal to the fp32 output rounded: %s\n", tag.c_str(), out16 == want ? "yes" : "NO");
     }
-    // SwiGLU under a Bf16Scope (h1, h3 and dh written in bf16 by their GEMMs, h, dh1, dh3 by the gate kernels; x given
-    // in bf16 as the block's norm gives it) against the CPU's matmuls and gate on the same roundings: x, the weights,
-    // h1, h3, h, dout, dh, dh1 and dh3 in bf16, products accumulated in fp32. A cuBLAS sum that differs from the CPU's
-    // in the last bits can round an entry to the neighbouring bf16, hence the gradients' tolerance.
+    // SwiGLU under a Bf16Scope (W1 and W3 as one GEMM; h1, h3 and dh written in bf16 by their GEMMs, h, dh1, dh3 by
+    // the gate kernels; x given in bf16 as the block's norm gives it) against the CPU's matmuls and gate on the same
+    // roundings: x, the weights, h1, h3, h, dout, dh, dh1 and dh3 in bf16, products accumulated in fp32. A cuBLAS sum
+    // that differs from the CPU's in the last bits can round an entry to the neighbouring bf16, hence the gradients'
+    // tolerance.
     struct S { int N, D, F; };
-    for (S s : {S{37, 32, 64}, S{300, 256, 688}}) {
+    for (S s : {S{37, 32, 64}, S{300, 256, 688}, S{50, 40, 66}}) {  // (F = 66: not in groups of 4)
         const std::string tag = "swiglu bf16 " + shape({s.N, s.D, s.F});
         const int N = s.N, D = s.D, F = s.F;
         hl::SwiGLUConfig cfg{D, F};
@@ -379,14 +382,23 @@ TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed ma
         auto ga = hl::swiglu_acts(daa, cfg, N);
         {
             const hl::gpu::Bf16Scope scope(&ops);
+            CHECK(hl::gpu::swiglu_w13_fused(gp, cfg));  // W1 and W3 as one GEMM (below: the layout that gives)
             hl::gpu::swiglu_forward(out_.ptr, ga, x_.ptr, gp, cfg, N, 0, x16_.ptr);
             hl::gpu::swiglu_backward(dinp_.ptr, gdp, dout_.ptr, ga, x_.ptr, gp, cfg, N, 0, x16_.ptr);
         }
         expect_close(tag + " out", from_dev(out_), out, GRAD_TOL);
         // h1 and dh are GEMM outputs rounded by cuBLAS's epilogue: a sum differing from the CPU's in its last fp32
         // bits can round to the neighbouring bf16, one step of 2^-8 relative (so tolerance 4e-3 of the largest)
-        expect_close(tag + " h1 (bf16, in acts.h1)", from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.h1), h.size()),
-                     h1, 4e-3);
+        // W1 and W3 ran as one GEMM (swiglu_w13_fused): acts.h1's buffer holds (N, 2F) bf16, rows [h1 h3]
+        const std::vector<float> h13 = from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.h1), 2 * h.size());
+        std::vector<float> h1_gpu(h.size()), h3_gpu(h.size());
+        for (int n = 0; n < N; n++)
+            for (int f = 0; f < F; f++) {
+                h1_gpu[(size_t)n * F + f] = h13[(size_t)n * 2 * F + f];
+                h3_gpu[(size_t)n * F + f] = h13[(size_t)n * 2 * F + F + f];
+            }
+        expect_close(tag + " h1 (bf16, in acts.h1 with h3)", h1_gpu, h1, 4e-3);
+        expect_close(tag + " h3 (bf16, in acts.h1 with h1)", h3_gpu, h3, 4e-3);
         expect_close(tag + " h (bf16, in acts.h)", from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.h), h.size()), h,
                      GRAD_TOL);
         expect_close(tag + " dh (bf16, in acts.dh)", from_dev_bf16(reinterpret_cast<hl::gpu::bf16*>(ga.dh), h.size()),
