@@ -2,8 +2,8 @@
 """dev/bench_kernels.py — the PyTorch side of the per-kernel table (issue 9; bench/kernels.sh runs both sides).
 
 Times, with CUDA events (3 warm-ups, median of 11), on the shapes the playgrounds time ours on:
-  attention  F.scaled_dot_product_attention, flash backend, bf16, causal, (B, T, H, hd) tensors seen as
-             (B, H, T, hd) as a model holds them; GQA through enable_gqa where the flash backend takes it, else the
+  attention  F.scaled_dot_product_attention, flash and cuDNN backends, bf16, causal, (B, T, H, hd) tensors seen as
+             (B, H, T, hd) as a model holds them; GQA through enable_gqa where the backend takes it, else the
              k, v heads expanded once outside the timed region (then SDPA does less work than a GQA kernel: no sum
              of dk, dv over the group). B·T = 16384, H = 16, Hkv = 4, hd = 64 (the 100m/350m head dim).
   ssd        mamba_ssm's Triton mamba_chunk_scan_combined (from the mamba-ssm sdist, .whl/py), bf16 x, dt, B, C and
@@ -44,6 +44,9 @@ def bench_attention():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     H, Hkv, hd = 16, 4, 64
+    # flash: FlashAttention-2 inside PyTorch; cudnn: cuDNN's fused attention, which SDPA picks by itself on an H100/H200
+    # for the models' bf16 calls (dev/bench_torch.py: kv expanded, no backend forced), compiled or not
+    backends = (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION))
     print(ATTN_COLS)
     for T in (1024, 2048, 4096, 8192):
         B = 16384 // T
@@ -55,22 +58,28 @@ def bench_attention():
         k = randn(B, T, Hkv, hd).transpose(1, 2).requires_grad_()
         v = randn(B, T, Hkv, hd).transpose(1, 2).requires_grad_()
         dout = randn(B, H, T, hd)
-        how = "gqa"
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            try:
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(dout)
-                fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
-            except (RuntimeError, TypeError):
-                how = "kv expanded"
-                ke = k.detach().repeat_interleave(H // Hkv, dim=1).requires_grad_()
-                ve = v.detach().repeat_interleave(H // Hkv, dim=1).requires_grad_()
-                fwd = lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)  # noqa: E731
-            t_f = median_ms(fwd)
-            t_fb = median_ms(lambda: fwd().backward(dout))
-        f = 4.0 * B * H * T * T * hd / 2
-        fb = 3.5 * f
-        print(f"csv,attention,torch sdpa flash bf16 ({how}),{B},{T},{H},{Hkv},{hd},{t_f:.4f},{t_fb:.4f},"
-              f"{f / t_f * 1e-9:.2f},{fb / t_fb * 1e-9:.2f}", flush=True)
+        ke = k.detach().repeat_interleave(H // Hkv, dim=1).requires_grad_()
+        ve = v.detach().repeat_interleave(H // Hkv, dim=1).requires_grad_()
+        for name, backend in backends:
+            how = "gqa"
+            with sdpa_kernel(backend):
+                try:
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(dout)
+                    fwd = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+                except (RuntimeError, TypeError):
+                    how = "kv expanded"  # outside the timed region; SDPA then does no sum of dk, dv over the group
+                    try:
+                        F.scaled_dot_product_attention(q, ke, ve, is_causal=True).backward(dout)
+                    except RuntimeError as e:
+                        print(f"attention: SDPA's {name} backend does not run here ({e})", file=sys.stderr)
+                        continue
+                    fwd = lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)  # noqa: E731
+                t_f = median_ms(fwd)
+                t_fb = median_ms(lambda: fwd().backward(dout))
+            f = 4.0 * B * H * T * T * hd / 2
+            fb = 3.5 * f
+            print(f"csv,attention,torch sdpa {name} bf16 ({how}),{B},{T},{H},{Hkv},{hd},{t_f:.4f},{t_fb:.4f},"
+                  f"{f / t_f * 1e-9:.2f},{fb / t_fb * 1e-9:.2f}", flush=True)
 
 
 def bench_ssd():
@@ -115,7 +124,7 @@ def join(files):
             shape = ", ".join(f"{c}={v}" for c, v in zip(cols[4:fi], shape_key))
             print(f"\n{kernel} ({shape})")
             print(f"  {'impl':44s} {'B':>2s} {'T':>5s} {'fwd ms':>9s} {'f+b ms':>9s} {'fwd TF/s':>9s} {'f+b TF/s':>9s}"
-                  f" {'torch f+b / ours':>17s}")
+                  f"  {'torch f+b / ours'}")
             join_rows(rs, ti, fi, fbi)
 
 
@@ -126,10 +135,11 @@ def join_rows(rs, ti, fi, fbi):
         base = [r for r in at_t if not r[1].startswith("hybridlm")]
         for r in at_t:
             ratio = ""
-            if r[1].startswith("hybridlm") and base:
-                ratio = f"{float(base[0][fbi]) / float(r[fbi]):.2f}x"
+            if r[1].startswith("hybridlm") and base:  # one ratio per baseline: torch sdpa <name> ... -> <name>
+                label = (lambda b: f" {b[1].split()[2]}") if len(base) > 1 else (lambda b: "")
+                ratio = "  ".join(f"{float(b[fbi]) / float(r[fbi]):.2f}x{label(b)}" for b in base)
             print(f"  {r[1]:44s} {r[2]:>2s} {r[ti]:>5s} {float(r[fi]):9.3f} {float(r[fbi]):9.3f} "
-                  f"{float(r[-2]):9.1f} {float(r[-1]):9.1f} {ratio:>17s}")
+                  f"{float(r[-2]):9.1f} {float(r[-1]):9.1f}  {ratio}")
 
 
 def main():

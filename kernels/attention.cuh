@@ -201,15 +201,20 @@ __device__ inline float exp2_approx(float x) {
 // lane's 2·N/8 entries, as a tree: dependency chains of log2 length, not N/4 (f associative and commutative). The
 // online softmax's row max and sum: 3% of the forward at B=8, T=2048 (H200), from shorter waits on fixed-latency
 // results.
+// t[0 .. W) = f(t[n], t[n + W]), then the same at W/2, …, 1. One level a template instance: every loop has a constant
+// count, so t stays in registers (at N = 128 a single loop over the levels was left rolled, t in local memory).
+template <int W, int M, typename F>
+__device__ inline void reduce_levels(float (&t)[M], F f) {
+#pragma unroll
+    for (int n = 0; n < W; n++) t[n] = f(t[n], t[n + W]);
+    if constexpr (W > 1) reduce_levels<W / 2>(t, f);
+}
 template <int N, typename F>
 __device__ inline float row_reduce(const float (&acc)[N / 8][4], int r, F f) {
     float t[N / 8];
 #pragma unroll
     for (int n = 0; n < N / 8; n++) t[n] = f(acc[n][2 * r], acc[n][2 * r + 1]);
-#pragma unroll
-    for (int w = N / 16; w >= 1; w /= 2)
-#pragma unroll
-        for (int n = 0; n < w; n++) t[n] = f(t[n], t[n + w]);
+    reduce_levels<N / 16>(t, f);
     return t[0];
 }
 }  // namespace attn_tc
@@ -448,6 +453,190 @@ __global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64
         if (i < T_ && lane % 4 == 0) lse[((size_t)b * H + h) * T_ + i] = m[r] * LN2 + logf(l[r]);
     }
     mma::store_rows<DV>(out, o, inv, b, qw, T_, H, h);
+}
+
+// Forward on sm_90a, warp-specialised (FlashAttention-3's form; causal without a window). Persistent: one block an
+// SM, each taking the (query tile, b, h) work items blockIdx.x, + gridDim.x, ... in order, longest first. Three
+// warpgroups: the first loads, the other two multiply. One thread of the first issues every tile's copy by TMA
+// (wgmma::load_box) as soon as its buffer is free, running ahead across work items (the next item's Q and first
+// key tiles arrive while the current one ends); the rest of that warpgroup exits. Each of the other two owns 64 of
+// an item's 128 query rows and runs attention_forward_wgmma_kernel's loop over 128-key tiles (twice as wide: half
+// the waits per score, products of N = 128). The sides meet only at mbarriers: a buffer is full when its bytes
+// have landed, empty when the 8 multiplying warps have arrived (K as soon as Sⱼ is computed, V once P V has read
+// it, an iteration later). No __syncthreads and no cp.async address arithmetic in the loop, and no proxy fence (the
+// TMA writes through the proxy the products read by). The two multiplying warpgroups take turns issuing their
+// products (two named barriers, "ping-pong"), so that one's softmax runs while the other's products keep the
+// tensor cores busy.
+namespace attn_ws {
+constexpr int BQ = 128, BS = 128, STAGES = 2, THREADS = 3 * 128;
+// the block's mbarriers after the tiles: q full, q empty, then k full, k empty, v full, v empty (STAGES each)
+constexpr int BARRIERS = 2 + 4 * STAGES;
+}  // namespace attn_ws
+
+#ifdef HL_WGMMA
+// Named barrier `id` (1, 2: 0 is __syncthreads') between 256 threads: 128 wait on it, 128 arrive without waiting.
+__device__ inline void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ inline void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
+#else
+__device__ inline void named_sync(int) {}
+__device__ inline void named_arrive(int) {}
+#endif
+
+template <int DK, int DV, typename O>
+__global__ void __launch_bounds__(attn_ws::THREADS, 1)
+    attention_forward_ws_kernel(O* out, float* lse, const __grid_constant__ CUtensorMap tm_q,
+                                const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
+                                int B, int T_, int H, int Hkv, float scale_log2) {
+    using namespace attn;
+    using namespace attn_tc;
+    constexpr int BQ = attn_ws::BQ, BS = attn_ws::BS, ST = attn_ws::STAGES;
+    extern __shared__ __align__(128) unsigned char smem_tc[];
+    bf16* sQ = align1024(smem_tc);  // (BQ, DK) swizzled
+    bf16* sK = sQ + BQ * DK;        // (ST, BS, DK)
+    bf16* sV = sK + ST * BS * DK;   // (ST, BS, DV)
+    uint64_t* q_full = reinterpret_cast<uint64_t*>(sV + ST * BS * DV);
+    uint64_t *q_empty = q_full + 1, *k_full = q_full + 2, *k_empty = k_full + ST, *v_full = k_empty + ST,
+             *v_empty = v_full + ST;
+
+    const int n_qt = ceil_div(T_, BQ), n_items = n_qt * B * H;
+    auto item = [&](int w, int& q0, int& b, int& h) {  // work item w: the longest query tiles first
+        q0 = (n_qt - 1 - w / (B * H)) * BQ;
+        b = w % (B * H) / H, h = w % H;
+    };
+    const int wg = threadIdx.x / 128;
+    if (threadIdx.x == 0) {
+        wgmma::bar_init(q_full, 1), wgmma::bar_init(q_empty, 8);  // empties: one arrival a multiplying warp
+        for (int s = 0; s < ST; s++) {
+            wgmma::bar_init(k_full + s, 1), wgmma::bar_init(v_full + s, 1);
+            wgmma::bar_init(k_empty + s, 8), wgmma::bar_init(v_empty + s, 8);
+        }
+        wgmma::bar_init_fence();
+    }
+    __syncthreads();
+    if (wg == 0) {  // the loading warpgroup
+        wgmma::regs_dec<24>();
+        if (threadIdx.x == 0) {
+            int tg = 0;  // key tiles loaded so far (over all items): buffer tg % ST, its use (tg / ST)
+            for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, it++) {
+                int q0, b, h;
+                item(w, q0, b, h);
+                const int g = h / (H / Hkv), n_tiles = ceil_div(min(T_, q0 + BQ), BS);
+                wgmma::bar_wait(q_empty, (it & 1) ^ 1);
+                wgmma::bar_expect(q_full, BQ * DK * sizeof(bf16));
+                for (int c = 0; c < DK; c += 64) wgmma::load_box(sQ + BQ * c, &tm_q, q_full, h * DK + c, q0, b);
+                for (int t = 0; t < n_tiles; t++, tg++) {
+                    const int s = tg % ST;
+                    const uint32_t free_parity = ((tg / ST) & 1) ^ 1;
+                    wgmma::bar_wait(k_empty + s, free_parity);
+                    wgmma::bar_expect(k_full + s, BS * DK * sizeof(bf16));
+                    for (int c = 0; c < DK; c += 64)
+                        wgmma::load_box(sK + s * BS * DK + BS * c, &tm_k, k_full + s, g * DK + c, t * BS, b);
+                    wgmma::bar_wait(v_empty + s, free_parity);
+                    wgmma::bar_expect(v_full + s, BS * DV * sizeof(bf16));
+                    for (int c = 0; c < DV; c += 64)
+                        wgmma::load_box(sV + s * BS * DV + BS * c, &tm_v, v_full + s, g * DV + c, t * BS, b);
+                }
+            }
+        }
+        return;
+    }
+    wgmma::regs_inc<240>();
+    const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const uint64_t dQ = wgmma::desc_k(sQ + 64 * cw * 64), dK = wgmma::desc_k(sK), dV = wgmma::desc_mn<BS>(sV);
+    constexpr uint64_t K_STAGE = BS * DK * sizeof(bf16) / 16, V_STAGE = BS * DV * sizeof(bf16) / 16;
+    float o[DV / 8][4];   // unnormalised output, rows i0, i0 + 8
+    float s[BS / 8][4];   // s[n][e]: row i0 + 8·(e / 2), key kv + 8n + 2·(lane % 4) + e % 2 (unscaled)
+    uint32_t p[BS / 16][4];  // P of the previous tile, multiplied by its V this iteration (0 at an item's first)
+    if (cw == 1) named_arrive(1);  // the first warpgroup issues first
+    int tg = 0;
+    for (int w = blockIdx.x, it = 0; w < n_items; w += gridDim.x, it++) {
+        int q0, b, h;
+        item(w, q0, b, h);
+        const int n_tiles = ceil_div(min(T_, q0 + BQ), BS);
+        const bool last_item = w + (int)gridDim.x >= n_items;
+        const int qg = q0 + 64 * cw, qw = qg + 16 * warp, i0 = qw + lane / 4;  // group's, warp's rows; i0, i0 + 8
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // running max (log2 units); this lane's share of Σ
+        mma::zero(o);
+#pragma unroll
+        for (int kk = 0; kk < BS / 16; kk++) p[kk][0] = p[kk][1] = p[kk][2] = p[kk][3] = 0u;
+        int pend = tg % ST;  // the buffer of the V that p multiplies (the item's first: P = 0 by V₀)
+        wgmma::bar_wait(q_full, it & 1);
+        for (int t = 0; t < n_tiles; t++, tg++) {
+            const int st = tg % ST, kv = t * BS;
+            const uint32_t parity = (tg / ST) & 1;
+            wgmma::bar_wait(k_full + st, parity);
+            wgmma::bar_wait(v_full + pend, ((t == 0 ? tg : tg - 1) / ST) & 1);
+            named_sync(1 + cw);  // this warpgroup's turn to issue
+            wgmma::fence();
+#pragma unroll
+            for (int kk = 0; kk < DK / 16; kk++)
+                wgmma::mma_ss<BS, 0>(s, dQ + wgmma::k_step<BQ>(kk), dK + st * K_STAGE + wgmma::k_step<BS>(kk), kk > 0);
+            wgmma::commit();
+#pragma unroll
+            for (int kk = 0; kk < BS / 16; kk++)
+                wgmma::mma_rs<DV, 1>(o, p[kk], dV + pend * V_STAGE + wgmma::mn_step(kk), 1);
+            wgmma::commit();
+            if (!(cw == 1 && last_item && t == n_tiles - 1)) named_arrive(2 - cw);  // the other's turn
+            wgmma::wait<1>();  // Sⱼ, not the product behind it: Kⱼ's buffer is free
+            wgmma::fence_operand(s);
+            if (lane == 0) wgmma::bar_arrive(k_empty + st);
+            const AttnBlock vis = attn_block(qg, qg + 64, kv, kv + BS, T_, 0, 0);
+            if (vis != AttnBlock::ALL)
+#pragma unroll
+                for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int i = i0 + 8 * (e / 2), j = kv + 8 * n + 2 * (lane % 4) + e % 2;
+                        if (vis == AttnBlock::NONE || !(j < T_ && j <= i)) s[n][e] = -INFINITY;
+                    }
+            float mx[2], m_use[2], alpha[2];
+#pragma unroll
+            for (int r = 0; r < 2; r++) mx[r] = row_reduce<BS>(s, r, [](float a, float b) { return fmaxf(a, b); });
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);
+                m_use[r] = m_new == -INFINITY ? 0.f : m_new;
+                alpha[r] = exp2_approx(m[r] - m_use[r]);
+                m[r] = m_new;
+                l[r] *= alpha[r];
+            }
+#pragma unroll
+            for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[n][e] = exp2_approx(fmaf(s[n][e], scale_log2, -m_use[e / 2]));
+#pragma unroll
+            for (int r = 0; r < 2; r++) l[r] += row_reduce<BS>(s, r, [](float a, float b) { return a + b; });
+            wgmma::fence_operand(s);
+            wgmma::wait<0>();  // O += P_{j-1} V_{j-1} is done: O, p and V_{j-1}'s buffer are free
+            wgmma::fence_operand(o);
+            if (t > 0 && lane == 0) wgmma::bar_arrive(v_empty + pend);
+#pragma unroll
+            for (int n = 0; n < DV / 8; n++) {
+                o[n][0] *= alpha[0], o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1], o[n][3] *= alpha[1];
+            }
+            mma::to_a<BS>(p, s);
+            pend = st;
+        }
+        if (lane == 0) wgmma::bar_arrive(q_empty);  // every S of the item is computed: Q's buffer is free
+        wgmma::bar_wait(v_full + pend, ((tg - 1) / ST) & 1);
+        wgmma::fence();
+#pragma unroll
+        for (int kk = 0; kk < BS / 16; kk++) wgmma::mma_rs<DV, 1>(o, p[kk], dV + pend * V_STAGE + wgmma::mn_step(kk), 1);
+        wgmma::commit();
+        wgmma::wait<0>();
+        wgmma::fence_operand(o);
+        if (lane == 0) wgmma::bar_arrive(v_empty + pend);
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            l[r] = quad_sum(l[r]);
+            inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            const int i = i0 + 8 * r;
+            if (i < T_ && lane % 4 == 0) lse[((size_t)b * H + h) * T_ + i] = m[r] * LN2 + logf(l[r]);
+        }
+        mma::store_rows<DV>(out, o, inv, b, qw, T_, H, h);
+    }
 }
 
 // dk, dv (as attention_backward_dkdv_kernel, without the sink split, and one block per query head): a block owns 64
@@ -894,6 +1083,14 @@ inline size_t attention_wgmma_smem_forward(int d_qk, int d_v) {
     using namespace attn_tc;
     return sizeof(bf16) * ((size_t)(BQ + 3 * BS) * d_qk + (size_t)3 * BS * d_v) + 1024;
 }
+// The warp-specialised forward's: the query tile, STAGES buffers of key and value tiles, its mbarriers, 1 KB to align.
+inline size_t attention_ws_smem_forward(int d_qk, int d_v) {
+    using namespace attn_ws;
+    return sizeof(bf16) * ((size_t)BQ * d_qk + (size_t)STAGES * BS * (d_qk + d_v)) + 8 * BARRIERS + 1024;
+}
+// Whether the causal forward without a window takes the warp-specialised kernel (on where the wgmma kernels run;
+// dev/cuda/attention.cu's v6 switches it off to time the kernel before it).
+inline bool attention_ws_on = true;
 // Whether the tensor-core paths take the sm_90a (wgmma) kernels: where the device code has them
 // (wgmma::available). On by default; the tests and dev/cuda/attention.cu switch it off to run the mma.sync kernels
 // on the same device.
@@ -1103,7 +1300,21 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
                     cudaCheckLast();
                 };
                 constexpr int DK = decltype(dk_)::value, DV = decltype(dv_)::value;
-                if (attention_use_wgmma()) {
+                if (attention_use_wgmma() && attention_ws_on && window == 0) {
+                    const CUtensorMap tq = wgmma::tensor_map_rows(q16, B, T_, H, DK, attn_ws::BQ),
+                                      tk = wgmma::tensor_map_rows(k16, B, T_, Hkv, DK, attn_ws::BS),
+                                      tv = wgmma::tensor_map_rows(v16, B, T_, Hkv, DV, attn_ws::BS);
+                    const size_t smem_ws = attention_ws_smem_forward(d_qk, d_v);
+                    const int items = ceil_div(T_, attn_ws::BQ) * B * H;  // persistent: one block an SM
+                    auto launch_ws = [&](auto kernel, auto* o) {
+                        allow_smem(kernel, smem_ws);
+                        kernel<<<std::min(items, sm_count()), attn_ws::THREADS, smem_ws, stream>>>(
+                            o, lse, tq, tk, tv, B, T_, H, Hkv, scale_log2);
+                        cudaCheckLast();
+                    };
+                    if (out16) launch_ws(attention_forward_ws_kernel<DK, DV, bf16>, out16);
+                    else launch_ws(attention_forward_ws_kernel<DK, DV, float>, out);
+                } else if (attention_use_wgmma()) {
                     smem_tc = attention_wgmma_smem_forward(d_qk, d_v);
                     if (out16) launch_tc(attention_forward_wgmma_kernel<DK, DV, bf16>, out16);
                     else launch_tc(attention_forward_wgmma_kernel<DK, DV, float>, out);

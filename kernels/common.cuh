@@ -37,6 +37,14 @@ inline void allow_smem(Kernel kernel, size_t bytes) {
         cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
 }
 
+// Streaming multiprocessors of the current device: the grid of a persistent kernel (one block an SM).
+inline int sm_count() {
+    int dev = 0, n = 0;
+    cudaCheck(cudaGetDevice(&dev));
+    cudaCheck(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+    return n;
+}
+
 // One device allocation of n elements of T, freed when it goes out of scope.
 template <typename T>
 struct DeviceBuffer {

@@ -31,6 +31,8 @@
 // newer GPU, runs the mma.sync kernels.
 #pragma once
 #include <cstdint>          // uint32_t, uint64_t
+#include <cuda.h>           // CUtensorMap and its enums (the tensor maps of the TMA loads)
+#include <cudaTypedefs.h>   // PFN_cuTensorMapEncodeTiled: the driver's encoder, fetched through the runtime
 #include <cuda_bf16.h>      // __nv_bfloat16
 #include "kernels/common.cuh"  // cudaCheck
 #include "kernels/mma.cuh"  // smem_addr, cp_async16
@@ -212,6 +214,92 @@ __device__ inline void mma_ss(float (&d)[N / 8][4], uint64_t a, uint64_t b, int 
     __trap();
 #endif
 }
+// ---------------------------------------------------------------------------------------------------------
+// Tile loads by the tensor memory accelerator (TMA) and the shared-memory barriers that count their bytes
+// ---------------------------------------------------------------------------------------------------------
+// A warp-specialised kernel has one thread issue each tile's copy as a single instruction
+// (cp.async.bulk.tensor): the TMA unit walks a tensor map (the global tensor's sizes and strides, and the box it
+// copies), writes the box into shared memory already 128-byte-swizzled, and reports the bytes it wrote to an
+// mbarrier. The threads that multiply wait on that barrier's phase; when done with a buffer they arrive on a
+// second barrier, which the loading thread waits on before it refills it. Nothing here is a __syncthreads, and
+// the tiles need no proxy fence: the TMA writes them through the same async proxy the products read them by.
+//
+// An mbarrier completes a phase when `count` arrivals have been made and every byte announced (expect) has landed;
+// wait(parity) returns once the phase of that parity is complete. A freshly made barrier counts as having completed
+// a phase of parity 1, so a producer's first wait on an empty buffer (parity 1) passes at once.
+
+// Tensor map of a (B, T, heads, D) bf16 tensor for boxes of `rows` rows of one head's 64 columns (one 128-byte
+// swizzled slab; a D = 128 head is two boxes): dims (heads·D, T, B), so rows past a sequence's end read zeros, not
+// the next sequence. Encoded on the host per call (a few µs; the pointer differs per layer).
+inline CUtensorMap tensor_map_rows(const bf16* base, int B, int T_, int heads, int D, int rows) {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void* fn = nullptr;
+        cudaDriverEntryPointQueryResult found{};
+        cudaCheck(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found));
+        HL_CHECK(fn != nullptr && found == cudaDriverEntryPointSuccess, "TMA: the driver has no cuTensorMapEncodeTiled");
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+    }();
+    HL_CHECK(reinterpret_cast<uintptr_t>(base) % 16 == 0 && D % 64 == 0 && rows <= 256,
+             "TMA: tensors 16-byte aligned, heads of 64·k columns, boxes of at most 256 rows");
+    CUtensorMap map;
+    const cuuint64_t dims[3] = {(cuuint64_t)heads * D, (cuuint64_t)T_, (cuuint64_t)B};
+    const cuuint64_t strides[2] = {(cuuint64_t)heads * D * sizeof(bf16), (cuuint64_t)T_ * heads * D * sizeof(bf16)};
+    const cuuint32_t box[3] = {64, (cuuint32_t)rows, 1}, unit[3] = {1, 1, 1};
+    const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<bf16*>(base), dims, strides, box,
+                              unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    HL_CHECK(r == CUDA_SUCCESS, "TMA: cuTensorMapEncodeTiled failed (", (int)r, ")");
+    return map;
+}
+
+#ifdef HL_WGMMA
+__device__ inline void bar_init(uint64_t* bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(mma::smem_addr(bar)), "r"(count));
+}
+// After the barriers are made, before other threads (and the TMA unit) use them.
+__device__ inline void bar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+// One arrival that also announces `bytes` still to land (the loading thread, before it issues the copies).
+__device__ inline void bar_expect(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(mma::smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ inline void bar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(mma::smem_addr(bar)) : "memory");
+}
+__device__ inline void bar_wait(uint64_t* bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_%=:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT_%=;\n}\n" ::"r"(mma::smem_addr(bar)),
+        "r"(parity)
+        : "memory");
+}
+// The box of `map` at (column, row, batch) into the swizzled tile at dst (1024-byte aligned), counted on bar.
+__device__ inline void load_box(bf16* dst, const CUtensorMap* map, uint64_t* bar, int col, int row, int batch) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5}], [%2];\n" ::
+            "r"(mma::smem_addr(dst)),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(mma::smem_addr(bar)), "r"(col), "r"(row), "r"(batch)
+        : "memory");
+}
+// Registers a warpgroup gives up (the loading one) or takes (the multiplying ones); every warp of the group executes it.
+template <int N>
+__device__ inline void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N)); }
+template <int N>
+__device__ inline void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N)); }
+#else
+__device__ inline void bar_init(uint64_t*, uint32_t) { __trap(); }
+__device__ inline void bar_init_fence() {}
+__device__ inline void bar_expect(uint64_t*, uint32_t) { __trap(); }
+__device__ inline void bar_arrive(uint64_t*) { __trap(); }
+__device__ inline void bar_wait(uint64_t*, uint32_t) { __trap(); }
+__device__ inline void load_box(bf16*, const CUtensorMap*, uint64_t*, int, int, int) { __trap(); }
+template <int N>
+__device__ inline void regs_dec() {}
+template <int N>
+__device__ inline void regs_inc() {}
+#endif
+
 #undef HL_WG_ACC4
 #undef HL_WG_ACC16
 #undef HL_WG_ACC32

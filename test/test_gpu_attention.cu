@@ -261,9 +261,10 @@ TEST_CASE("gpu attention: the wgmma (sm_90a) kernels give the mma.sync kernels' 
         hl::gpu::Bf16Operands ops;
         ops.stage = stage.ptr, ops.stage_n = stage.n;
         const hl::gpu::Bf16Scope scope(&ops);
-        std::vector<float> got[2][5];  // [mma.sync, wgmma][out, lse, dq, dk, dv]
-        for (int wg = 0; wg < 2; wg++) {
-            hl::gpu::attention_wgmma_on = wg == 1;
+        std::vector<float> got[3][5];  // [mma.sync, wgmma, wgmma with the warp-specialised forward][out, lse, dq, dk, dv]
+        for (int wg = 0; wg < 3; wg++) {
+            hl::gpu::attention_wgmma_on = wg >= 1;
+            hl::gpu::attention_ws_on = wg == 2;
             for (auto* t : {&out, &lse, &dq, &dk, &dv}) poison(*t);
             hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, c.T, H, c.Hkv, c.dqk, c.dv, c.W, c.S);
             hl::gpu::attention_backward(dq.ptr, dk.ptr, dv.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B,
@@ -271,16 +272,19 @@ TEST_CASE("gpu attention: the wgmma (sm_90a) kernels give the mma.sync kernels' 
             int i = 0;
             for (auto* t : {&out, &lse, &dq, &dk, &dv}) got[wg][i++] = t->download();
         }
-        hl::gpu::attention_wgmma_on = true;
+        hl::gpu::attention_wgmma_on = hl::gpu::attention_ws_on = true;
         const char* names[5] = {"out", "lse", "dq", "dk", "dv"};
-        std::printf("attention wgmma vs mma.sync, T=%d Hkv=%d d_qk=%d d_v=%d W=%d:", c.T, c.Hkv, c.dqk, c.dv, c.W);
-        for (int i = 0; i < 5; i++) {
-            const double e = rel_err(got[1][i], got[0][i]);
-            std::printf(" %s %.2e", names[i], e);
-            CAPTURE(names[i]);
-            CHECK(e <= 5e-3);
+        for (int wg = 1; wg < 3; wg++) {
+            std::printf("attention %s vs mma.sync, T=%d Hkv=%d d_qk=%d d_v=%d W=%d:", wg == 1 ? "wgmma" : "wgmma+ws", c.T,
+                        c.Hkv, c.dqk, c.dv, c.W);
+            for (int i = 0; i < 5; i++) {
+                const double e = rel_err(got[wg][i], got[0][i]);
+                std::printf(" %s %.2e", names[i], e);
+                CAPTURE(names[i]);
+                CHECK(e <= 5e-3);
+            }
+            std::printf("\n");
         }
-        std::printf("\n");
     }
 }
 
@@ -449,15 +453,19 @@ TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core wi
     // aligned (the kernels read their bf16 staging, which is: the rounding pass takes the unaligned fp32 tensors).
     // Both kernel families: the mma.sync ones, and on an sm_90a build on an H100/H200 the wgmma ones (what runs
     // there by default).
+    // On sm_90a, with and without the warp-specialised forward (TMA loads, 128-key tiles; full causal only).
     struct C { int T, Hkv, d, W, S, offset; };
-    for (const bool wg : {false, true}) {
+    for (const int fam : {0, 1, 2}) {
+        const bool wg = fam >= 1;
         if (wg && !hl::gpu::wgmma::available()) {
             MESSAGE("no sm_90a device code for this GPU: the wgmma attention kernels are not tested here");
-            continue;
+            break;
         }
-        CAPTURE(wg);
+        CAPTURE(fam);
         hl::gpu::attention_wgmma_on = wg;
-        std::printf("attention kernels: %s\n", wg ? "wgmma (sm_90a)" : "mma.sync");
+        hl::gpu::attention_ws_on = fam == 2;
+        std::printf("attention kernels: %s\n", fam == 2 ? "wgmma (sm_90a), warp-specialised forward"
+                                                   : wg ? "wgmma (sm_90a)" : "mma.sync");
         uint64_t seed = 900;
         for (C c : {C{1, 2, 64, 0, 0, 0}, C{65, 2, 64, 0, 0, 0}, C{200, 1, 64, 0, 0, 0}, C{130, 4, 128, 0, 0, 0},
                     C{300, 2, 64, 16, 4, 0}, C{700, 2, 64, 64, 16, 0}, C{1024, 2, 128, 0, 0, 0}, C{200, 2, 64, 0, 0, 1},
@@ -488,7 +496,7 @@ TEST_CASE("gpu attention on tensor cores (bf16 operands) matches the CPU core wi
             CHECK(e.out > 1e-5);
         }
     }
-    hl::gpu::attention_wgmma_on = true;
+    hl::gpu::attention_wgmma_on = hl::gpu::attention_ws_on = true;
     // without room for the bf16 copies of q, k, v (and dout), a one-line error, not a write past the buffer
     const int B = 1, T = 70, H = 2, d = 64;
     DeviceBuffer<float> q((size_t)B * T * H * d), lse((size_t)B * H * T), out(q.n);

@@ -18,13 +18,16 @@
 //   v6  v5 with the sm_90a kernels where the device code has them (kernels/wgmma.cuh: warpgroup products, tiles
 //       read by the tensor cores from 128-byte-swizzled shared memory): what train_gpu runs on an H100/H200. v5
 //       switches them off (hl::gpu::attention_wgmma_on = false) to time the mma.sync kernels in the same run
-//       v4, v5 and v6 are checked at bf16 tolerances (out 2e-2, gradients 5e-2)
+//   v7  v6 with the warp-specialised forward (causal, no window): three warpgroups a block, one loading every tile by
+//       TMA, two multiplying 64 query rows each against 128-key tiles, mbarriers between them (FlashAttention-3's
+//       form). What train_gpu runs; v6 switches it off (hl::gpu::attention_ws_on = false)
+//       v4 to v7 are checked at bf16 tolerances (out 2e-2, gradients 5e-2)
 // FLOPs counted as the usual convention: forward 4·B·H·T²·hd / 2 (causal QKᵀ and PV), backward 2.5× forward.
 // Then v2 with a sliding window (W = 512, S = 64, the DESIGN.md baseline; and S = 0) against full attention at
 // T = 1024 … 8192 with B·T = 16384 tokens: time per token grows linearly in T without the window, and stays flat
 // with it (its kernels skip the masked tiles; the backward splits the sink key tiles, which every query sees,
 // into chunks of query tiles, so that no block walks all T/64 of them).
-// Last, v2 and v6 over T = 1024 … 8192 at B·T = 16384 as `csv,` lines (bench/kernels.sh sets them beside SDPA).
+// Last, v2 and v7 over T = 1024 … 8192 at B·T = 16384 as `csv,` lines (bench/kernels.sh sets them beside SDPA).
 //
 // Build: make dev/cuda/attention      (nvcc with the Makefile's NVFLAGS → build/dev/attention)
 // Run:   ./build/dev/attention [version]     (no argument: every version)
@@ -646,8 +649,8 @@ struct Problem {
 
 struct Buffers {
     DeviceBuffer<float> q, k, v, dout, out, lse, D, dq, dk, dv, att, ds;  // att, ds: v1 only
-    DeviceBuffer<__nv_bfloat16> stage;  // v5, v6: the bf16 copies of q, k, v, dout (hl::gpu::attention_tc_stage_size)
-    hl::gpu::Bf16Operands ops;          // v5, v6: bf16 operands in effect, with that staging
+    DeviceBuffer<__nv_bfloat16> stage;  // v5 to v7: the bf16 copies of q, k, v, dout (hl::gpu::attention_tc_stage_size)
+    hl::gpu::Bf16Operands ops;          // v5 to v7: bf16 operands in effect, with that staging
     explicit Buffers(const Problem& p, bool naive)
         : q(p.nq()), k(p.nk()), v(p.nv()), dout(p.no()), out(p.no()), lse(p.nl()), D(p.nl()), dq(p.nq()),
           dk(p.nk()), dv(p.nv()), att(naive ? p.natt() : 0), ds(naive ? p.natt() : 0),
@@ -667,7 +670,8 @@ void run_forward(int version, Buffers& m, const Problem& p) {
         v4::forward(m.out.ptr, m.lse.ptr, m.q.ptr, m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk);
     } else if (version == 2 || version >= 5) {
         const hl::gpu::Bf16Scope scope(version >= 5 ? &m.ops : nullptr);
-        hl::gpu::attention_wgmma_on = version == 6;
+        hl::gpu::attention_wgmma_on = version >= 6;
+        hl::gpu::attention_ws_on = version == 7;
         hl::gpu::attention_forward(m.out.ptr, m.lse.ptr, m.q.ptr, m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk,
                                    p.dv);
     } else {
@@ -691,7 +695,7 @@ void run_backward(int version, Buffers& m, const Problem& p) {
                      m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk);
     } else {
         const hl::gpu::Bf16Scope scope(version >= 5 ? &m.ops : nullptr);
-        hl::gpu::attention_wgmma_on = version == 6;
+        hl::gpu::attention_wgmma_on = version >= 6;
         hl::gpu::attention_backward(m.dq.ptr, m.dk.ptr, m.dv.ptr, m.D.ptr, m.dout.ptr, m.out.ptr, m.lse.ptr, m.q.ptr,
                                     m.k.ptr, m.v.ptr, p.B, p.T, p.H, p.Hkv, p.dqk, p.dv);
     }
@@ -716,9 +720,9 @@ int main(int argc, char** argv) {
                            sp.B, sp.T, sp.H, sp.Hkv, sp.dqk, sp.dv);
     std::printf("check vs CPU (B=%d T=%d H=%d Hkv=%d d_qk=%d d_v=%d), rel err = max|g-c| / max|c|:\n", sp.B, sp.T,
                 sp.H, sp.Hkv, sp.dqk, sp.dv);
-    if (wanted(6)) std::printf("  (v6: the sm_90a kernels %s on this device)\n", hl::gpu::wgmma::available() ? "run" : "do not run");
+    if (wanted(6) || wanted(7)) std::printf("  (v6, v7: the sm_90a kernels %s on this device)\n", hl::gpu::wgmma::available() ? "run" : "do not run");
     bool ok = true;
-    for (int ver = 1; ver <= 6; ver++) {
+    for (int ver = 1; ver <= 7; ver++) {
         if (!wanted(ver)) continue;
         Buffers m(sp, ver == 1);
         m.q.upload(q);
@@ -731,7 +735,7 @@ int main(int argc, char** argv) {
         cudaCheck(cudaDeviceSynchronize());
         const double eo = rel_err(m.out.download(), out), eq = rel_err(m.dq.download(), dq),
                      ek = rel_err(m.dk.download(), dk), ev = rel_err(m.dv.download(), dvv);
-        const double tf = ver >= 4 ? 2e-2 : 1e-4, tb = ver >= 4 ? 5e-2 : 1e-3;  // v4 to v6: bf16 operands
+        const double tf = ver >= 4 ? 2e-2 : 1e-4, tb = ver >= 4 ? 5e-2 : 1e-3;  // v4 to v7: bf16 operands
         const bool pass = eo <= tf && eq <= tb && ek <= tb && ev <= tb;
         ok = ok && pass;
         std::printf("  v%d: out %.2e  dq %.2e  dk %.2e  dv %.2e  %s\n", ver, eo, eq, ek, ev, pass ? "ok" : "MISMATCH");
@@ -742,7 +746,7 @@ int main(int argc, char** argv) {
     const double fwd_flops = 4.0 * bp.B * bp.H * (double)bp.T * bp.T * bp.dqk / 2, bwd_flops = 2.5 * fwd_flops;
     std::printf("timing B=%d T=%d H=%d Hkv=%d hd=%d (median of repeats; fwd %.1f GFLOP, fwd+bwd %.1f GFLOP):\n",
                 bp.B, bp.T, bp.H, bp.Hkv, bp.dqk, fwd_flops * 1e-9, (fwd_flops + bwd_flops) * 1e-9);
-    for (int ver = 1; ver <= 6; ver++) {
+    for (int ver = 1; ver <= 7; ver++) {
         if (!wanted(ver)) continue;
         Buffers m(bp, ver == 1);
         hl::Rng r2(2);
@@ -793,9 +797,9 @@ int main(int argc, char** argv) {
             }
         }
     }
-    // 4. the shipped kernels over T at B·T = 16384 (the models' 100m/350m head dim), fp32 (v2) and bf16 operands (v6),
+    // 4. the shipped kernels over T at B·T = 16384 (the models' 100m/350m head dim), fp32 (v2) and bf16 operands (v7),
     // as `csv,` lines that bench/kernels.sh puts beside PyTorch's SDPA on the same shapes (dev/bench_kernels.py)
-    if (wanted(2) || wanted(6)) {
+    if (wanted(2) || wanted(7)) {
         std::printf("csv,kernel,impl,B,T,H,Hkv,hd,fwd_ms,fwd_bwd_ms,fwd_tflops,fwd_bwd_tflops\n");
         for (int T : {1024, 2048, 4096, 8192}) {
             const Problem p{16384 / T, T, 16, 4, 64, 64};
@@ -807,7 +811,7 @@ int main(int argc, char** argv) {
                 buf->upload(h);
             }
             const double f = 4.0 * p.B * p.H * (double)p.T * p.T * p.dqk / 2, fb = 3.5 * f;
-            for (int ver : {2, 6}) {
+            for (int ver : {2, 7}) {
                 if (!wanted(ver)) continue;
                 const float t_f = median_ms([&] { run_forward(ver, m, p); }, 3, 11);
                 const float t_fb = median_ms([&] { run_forward(ver, m, p); run_backward(ver, m, p); }, 3, 11);
