@@ -469,8 +469,8 @@ __global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64
 // tensor cores busy.
 namespace attn_ws {
 constexpr int BQ = 128, BS = 128, STAGES = 2, THREADS = 3 * 128;
-// the block's mbarriers after the tiles: q full, q empty, then k full, k empty, v full, v empty (STAGES each)
-constexpr int BARRIERS = 2 + 4 * STAGES;
+// the block's mbarriers after the tiles: q full, q empty (two each), then k full, k empty, v full, v empty (STAGES each)
+constexpr int BARRIERS = 4 + 4 * STAGES;
 }  // namespace attn_ws
 
 #ifdef HL_WGMMA
@@ -491,11 +491,11 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
     using namespace attn_tc;
     constexpr int BQ = attn_ws::BQ, BS = attn_ws::BS, ST = attn_ws::STAGES;
     extern __shared__ __align__(128) unsigned char smem_tc[];
-    bf16* sQ = align1024(smem_tc);  // (BQ, DK) swizzled
-    bf16* sK = sQ + BQ * DK;        // (ST, BS, DK)
+    bf16* sQ = align1024(smem_tc);  // (2, BQ, DK) swizzled: two buffers, the next item's arriving during this one
+    bf16* sK = sQ + 2 * BQ * DK;    // (ST, BS, DK)
     bf16* sV = sK + ST * BS * DK;   // (ST, BS, DV)
     uint64_t* q_full = reinterpret_cast<uint64_t*>(sV + ST * BS * DV);
-    uint64_t *q_empty = q_full + 1, *k_full = q_full + 2, *k_empty = k_full + ST, *v_full = k_empty + ST,
+    uint64_t *q_empty = q_full + 2, *k_full = q_full + 4, *k_empty = k_full + ST, *v_full = k_empty + ST,
              *v_empty = v_full + ST;
 
     const int n_qt = ceil_div(T_, BQ), n_items = n_qt * B * H;
@@ -505,7 +505,8 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
     };
     const int wg = threadIdx.x / 128;
     if (threadIdx.x == 0) {
-        wgmma::bar_init(q_full, 1), wgmma::bar_init(q_empty, 8);  // empties: one arrival a multiplying warp
+        for (int s = 0; s < 2; s++)  // empties: one arrival a multiplying warp
+            wgmma::bar_init(q_full + s, 1), wgmma::bar_init(q_empty + s, 8);
         for (int s = 0; s < ST; s++) {
             wgmma::bar_init(k_full + s, 1), wgmma::bar_init(v_full + s, 1);
             wgmma::bar_init(k_empty + s, 8), wgmma::bar_init(v_empty + s, 8);
@@ -521,9 +522,11 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
                 int q0, b, h;
                 item(w, q0, b, h);
                 const int g = h / (H / Hkv), n_tiles = ceil_div(min(T_, q0 + BQ), BS);
-                wgmma::bar_wait(q_empty, (it & 1) ^ 1);
-                wgmma::bar_expect(q_full, BQ * DK * sizeof(bf16));
-                for (int c = 0; c < DK; c += 64) wgmma::load_box(sQ + BQ * c, &tm_q, q_full, h * DK + c, q0, b);
+                const int qb = it % 2;
+                wgmma::bar_wait(q_empty + qb, ((it / 2) & 1) ^ 1);
+                wgmma::bar_expect(q_full + qb, BQ * DK * sizeof(bf16));
+                for (int c = 0; c < DK; c += 64)
+                    wgmma::load_box(sQ + qb * BQ * DK + BQ * c, &tm_q, q_full + qb, h * DK + c, q0, b);
                 for (int t = 0; t < n_tiles; t++, tg++) {
                     const int s = tg % ST;
                     const uint32_t free_parity = ((tg / ST) & 1) ^ 1;
@@ -543,7 +546,8 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
     wgmma::regs_inc<240>();
     const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const uint64_t dQ = wgmma::desc_k(sQ + 64 * cw * 64), dK = wgmma::desc_k(sK), dV = wgmma::desc_mn<BS>(sV);
-    constexpr uint64_t K_STAGE = BS * DK * sizeof(bf16) / 16, V_STAGE = BS * DV * sizeof(bf16) / 16;
+    constexpr uint64_t Q_BUF = BQ * DK * sizeof(bf16) / 16, K_STAGE = BS * DK * sizeof(bf16) / 16,
+                       V_STAGE = BS * DV * sizeof(bf16) / 16;
     float o[DV / 8][4];   // unnormalised output, rows i0, i0 + 8
     float s[BS / 8][4];   // s[n][e]: row i0 + 8·(e / 2), key kv + 8n + 2·(lane % 4) + e % 2 (unscaled)
     uint32_t p[BS / 16][4];  // P of the previous tile, multiplied by its V this iteration (0 at an item's first)
@@ -560,7 +564,8 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
 #pragma unroll
         for (int kk = 0; kk < BS / 16; kk++) p[kk][0] = p[kk][1] = p[kk][2] = p[kk][3] = 0u;
         int pend = tg % ST;  // the buffer of the V that p multiplies (the item's first: P = 0 by V₀)
-        wgmma::bar_wait(q_full, it & 1);
+        const int qb = it % 2;
+        wgmma::bar_wait(q_full + qb, (it / 2) & 1);
         for (int t = 0; t < n_tiles; t++, tg++) {
             const int st = tg % ST, kv = t * BS;
             const uint32_t parity = (tg / ST) & 1;
@@ -570,7 +575,8 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
             wgmma::fence();
 #pragma unroll
             for (int kk = 0; kk < DK / 16; kk++)
-                wgmma::mma_ss<BS, 0>(s, dQ + wgmma::k_step<BQ>(kk), dK + st * K_STAGE + wgmma::k_step<BS>(kk), kk > 0);
+                wgmma::mma_ss<BS, 0>(s, dQ + qb * Q_BUF + wgmma::k_step<BQ>(kk), dK + st * K_STAGE + wgmma::k_step<BS>(kk),
+                                     kk > 0);
             wgmma::commit();
 #pragma unroll
             for (int kk = 0; kk < BS / 16; kk++)
@@ -618,7 +624,7 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
             mma::to_a<BS>(p, s);
             pend = st;
         }
-        if (lane == 0) wgmma::bar_arrive(q_empty);  // every S of the item is computed: Q's buffer is free
+        if (lane == 0) wgmma::bar_arrive(q_empty + qb);  // every S of the item is computed: Q's buffer is free
         wgmma::bar_wait(v_full + pend, ((tg - 1) / ST) & 1);
         wgmma::fence();
 #pragma unroll
@@ -1083,10 +1089,10 @@ inline size_t attention_wgmma_smem_forward(int d_qk, int d_v) {
     using namespace attn_tc;
     return sizeof(bf16) * ((size_t)(BQ + 3 * BS) * d_qk + (size_t)3 * BS * d_v) + 1024;
 }
-// The warp-specialised forward's: the query tile, STAGES buffers of key and value tiles, its mbarriers, 1 KB to align.
+// The warp-specialised forward's: two query tiles, STAGES buffers of key and value tiles, its mbarriers, 1 KB to align.
 inline size_t attention_ws_smem_forward(int d_qk, int d_v) {
     using namespace attn_ws;
-    return sizeof(bf16) * ((size_t)BQ * d_qk + (size_t)STAGES * BS * (d_qk + d_v)) + 8 * BARRIERS + 1024;
+    return sizeof(bf16) * ((size_t)2 * BQ * d_qk + (size_t)STAGES * BS * (d_qk + d_v)) + 8 * BARRIERS + 1024;
 }
 // Whether the causal forward without a window takes the warp-specialised kernel (on where the wgmma kernels run;
 // dev/cuda/attention.cu's v6 switches it off to time the kernel before it).
