@@ -142,8 +142,8 @@ bench_dev: dev
 bench_models: $(BUILD)/train_gpu
 	bash bench/models.sh bench/results/$$(date +%F)
 
-# ---- the per-kernel table (issue 9): our attention and SSD beside PyTorch's flash SDPA and mamba_ssm's Triton SSD
-# over T, one run (bench/kernels.sh) into bench/results/<date>/{attention,ssd}.csv
+# ---- the per-kernel table (issue 9): our attention and SSD beside PyTorch's SDPA (flash, cuDNN) and mamba_ssm's
+# Triton SSD over T, one run (bench/kernels.sh) into bench/results/<date>/{attention,ssd}.csv
 .PHONY: bench_kernels
 bench_kernels: dev
 	bash bench/kernels.sh bench/results/$$(date +%F)

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # kernels.sh OUT — the per-kernel table of issue 9, on the device machine (build/dev/* built, .whl/ carried):
 # our attention (fp32 and bf16-operand tensor-core kernels) and SSD (fp32, and bf16 on the tensor cores) against
-# PyTorch's flash SDPA and mamba_ssm's Triton SSD on the same shapes over T, in one run. Each side prints `csv,`
-# lines (dev/cuda/attention.cu's last section, dev/cuda/ssd.cu's timing, dev/bench_kernels.py); this joins them
-# into OUT/attention.csv, OUT/ssd.csv and a table with PyTorch's fwd+bwd time over ours. Logs in OUT/.
+# PyTorch's SDPA (flash and cuDNN backends) and mamba_ssm's Triton SSD on the same shapes over T, in one run. Each
+# side prints `csv,` lines (dev/cuda/attention.cu's last section, dev/cuda/ssd.cu's timing, dev/bench_kernels.py);
+# this joins them into OUT/attention.csv, OUT/ssd.csv and a table with PyTorch's fwd+bwd time over each of ours.
+# Logs in OUT/.
 # Environment: PYTHON (python3), SSD_TS (2048 4096 8192: the T of the 350m rows), ONLY (attention or ssd: that
 # kernel alone, both sides).
 set -u
