@@ -244,13 +244,17 @@ TEST_CASE("gpu attention: the wgmma (sm_90a) kernels give the mma.sync kernels' 
         MESSAGE("no sm_90a device code for this GPU: nothing to compare");
         return;
     }
-    struct C { int T, Hkv, dqk, dv, W, S; };
-    for (C c : {C{300, 2, 64, 64, 0, 0}, C{300, 2, 64, 64, 100, 4}, C{200, 4, 128, 128, 0, 0}, C{200, 1, 64, 128, 0, 0}}) {
+    // The last two shapes give the persistent warp-specialised forward several work items a block (512 and 320
+    // items of 128 query rows on an H100/H200's 132 SMs): its buffers and barrier phases carried across items.
+    struct C { int T, Hkv, dqk, dv, W, S, B = 2, H = 4; };
+    for (C c : {C{300, 2, 64, 64, 0, 0}, C{300, 2, 64, 64, 100, 4}, C{200, 4, 128, 128, 0, 0}, C{200, 1, 64, 128, 0, 0},
+                C{1024, 4, 64, 64, 0, 0, 4, 16}, C{600, 4, 64, 128, 0, 0, 4, 16}}) {
         CAPTURE(c.T);
         CAPTURE(c.dqk);
         CAPTURE(c.dv);
         CAPTURE(c.W);
-        const int B = 2, H = 4;
+        CAPTURE(c.B);
+        const int B = c.B, H = c.H;
         const size_t nq = (size_t)B * c.T * H * c.dqk, nk = (size_t)B * c.T * c.Hkv * c.dqk,
                      nv = (size_t)B * c.T * c.Hkv * c.dv, no = (size_t)B * c.T * H * c.dv;
         hl::Rng rng(31);
@@ -275,8 +279,8 @@ TEST_CASE("gpu attention: the wgmma (sm_90a) kernels give the mma.sync kernels' 
         hl::gpu::attention_wgmma_on = hl::gpu::attention_ws_on = true;
         const char* names[5] = {"out", "lse", "dq", "dk", "dv"};
         for (int wg = 1; wg < 3; wg++) {
-            std::printf("attention %s vs mma.sync, T=%d Hkv=%d d_qk=%d d_v=%d W=%d:", wg == 1 ? "wgmma" : "wgmma+ws", c.T,
-                        c.Hkv, c.dqk, c.dv, c.W);
+            std::printf("attention %s vs mma.sync, B=%d H=%d T=%d Hkv=%d d_qk=%d d_v=%d W=%d:",
+                        wg == 1 ? "wgmma" : "wgmma+ws", B, H, c.T, c.Hkv, c.dqk, c.dv, c.W);
             for (int i = 0; i < 5; i++) {
                 const double e = rel_err(got[wg][i], got[0][i]);
                 std::printf(" %s %.2e", names[i], e);
