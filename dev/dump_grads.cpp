@@ -267,7 +267,7 @@ int main(int argc, char** argv) {
         std::printf("%s%s %s pattern %s fusion %s %s: loss %.10f, %zu parameters → %s\n", use_gpu ? "gpu " : "",
                     use_float ? "float" : "double",
                     cfg.arch.c_str(), cfg.pattern.c_str(), to_string(cfg.fusion).c_str(),
-                    cfg.tied ? "tied" : "untied", loss, fmodel.params.size(), out.c_str());
+                    cfg.tied ? "tied" : "untied", loss, fmodel.num_params(), out.c_str());
     } catch (const Error& e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;

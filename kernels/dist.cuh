@@ -316,7 +316,7 @@ struct DataParallel {
             if (d.lead()) model.download_moments(m_host, v_host);
             return;
         }
-        const size_t S = model.shard_n, N = model.num_params();
+        const size_t S = model.shard_n, N = model.n_params;
         for (int which = 0; which < 2; which++) {
             const float* mine = which == 0 ? model.m.ptr : model.v.ptr;
             ncclCheck(ncclGroupStart());

@@ -76,7 +76,8 @@ struct GpuModel {
     std::vector<BlockConfig> blocks;
     std::vector<TensorInfo> tensors;     // every parameter: name, shape, offset (== Model<float>'s)
     bool training = true;                // false: no gradients, moments or optimizer (a sampler)
-    size_t n_params = 0;                 // parameters; params and grads hold n_params rounded up to whole shards
+    size_t n_params = 0;                 // the parameter buffer's length (model_params' layout, its alignment gaps
+                                         // included); params and grads hold it rounded up to whole shards
     DeviceBuffer<float> params, grads;   // (shards · shard_n) each; grads empty when !training
     DeviceBuffer<float> m, v;            // AdamW moments of parameters [shard_lo, shard_lo + shard_n) when training
     size_t shard_lo = 0, shard_n = 0;    // all of them on one GPU; one rank's shard under ZeRO-1 (kernels/dist.cuh)
@@ -184,7 +185,7 @@ struct GpuModel {
     // the operands the matmuls should see now: null = fp32
     const Bf16Operands* matmul_operands() const { return precision == Precision::bf16 ? &ops : nullptr; }
 
-    size_t num_params() const { return n_params; }
+    size_t num_params() const { return count_params(tensors); }  // n_params less model_params' alignment gaps
     bool sharded() const { return shard_n != n_params; }
 
     // ---- host ↔ device (synchronous; setup, checkpoints and tests only) ----

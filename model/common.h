@@ -84,7 +84,7 @@ struct Arena {
     size_t size = 0;                          // elements taken so far
     std::string prefix;                       // e.g. "layers.3.mixer."
     std::vector<TensorInfo>* infos = nullptr;  // where to record names and shapes (optional)
-    size_t align = 1;  // each tensor starts at a multiple of this many elements (1: packed, as parameters must be)
+    size_t align = 1;  // each tensor starts at a multiple of this many elements (1: packed)
 
     Arena() = default;
     explicit Arena(T* b, std::vector<TensorInfo>* inf = nullptr) : base(b), infos(inf) {}
@@ -109,6 +109,13 @@ struct Arena {
         ~Scope() { a.prefix.resize(len); }
     };
 };
+
+// The number of values in the tensors listed (an Arena's size, less its alignment gaps).
+inline size_t count_params(const std::vector<TensorInfo>& tensors) {
+    size_t n = 0;
+    for (const TensorInfo& t : tensors) n += t.numel;
+    return n;
+}
 
 template <typename T>
 inline void zero(T* p, size_t n) {

@@ -75,9 +75,16 @@ struct ModelParams {
     T* lm_head = nullptr;  // (V, D): == embed when tied
 };
 
+// Each tensor starts at a multiple of 8 elements (the gaps are never read, stay 0 and get no gradient): the bf16
+// copy of a weight then lies 16-byte aligned in kernels/matmul.cuh's params16, as cuBLAS's sm90 kernels need. Packed,
+// a 12-head Mamba side's dt_bias, A_log and D (36 values) shifted every later weight by 8 bytes, and those GEMMs
+// fell back to sm80 kernels (intra at 350m: 28% of the step).
+constexpr size_t kParamAlign = 8;
+
 template <typename T>
 ModelParams<T> model_params(Arena<T>& a, const ModelConfig& c) {
     ModelParams<T> p;
+    a.align = kParamAlign;
     p.embed = a.take("embed", {c.vocab_size, c.d_model});
     for (int l = 0; l < c.n_layers; l++) {
         typename Arena<T>::Scope s(a, "layers." + std::to_string(l) + ".");
@@ -155,7 +162,8 @@ struct Model {
         for (int e = 0; e < E && layers > 0; e++) share[e] /= float(layers);
     }
 
-    size_t num_params() const { return params.size(); }
+    // the parameters themselves (params holds them with model_params' alignment gaps)
+    size_t num_params() const { return count_params(tensors); }
 
     void init(uint64_t seed) {
         Rng rng(seed);

@@ -168,7 +168,15 @@ TEST_CASE("parameter counts: the allocated tensors equal DESIGN.md's formulas, f
         Arena<float> count(nullptr, &tensors);  // counts only: no allocation, so 3b is cheap
         model_params(count, c);
         CHECK(formula_part(c, tensors) == formula_nonembedding_params(c));
-        CHECK(double(count.size) == formula_part(c, tensors) + formula_embedding_params(c) +
+        // each tensor 8-aligned (bf16 weights 16-byte aligned for cuBLAS), after the one before it, gaps < 8
+        size_t end = 0;
+        for (const TensorInfo& t : tensors) {
+            CHECK(t.offset % kParamAlign == 0);
+            CHECK((t.offset >= end && t.offset - end < kParamAlign));
+            end = t.offset + t.numel;
+        }
+        CHECK(count.size == end);
+        CHECK(double(count_params(tensors)) == formula_part(c, tensors) + formula_embedding_params(c) +
                                         [&] {  // the rest: every tensor the formulas leave out
                                             double rest = 0;
                                             for (const TensorInfo& t : tensors) {
