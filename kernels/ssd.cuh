@@ -70,6 +70,7 @@ constexpr int TX = 16;        // threads along a tile's columns (NT / TX = 16 th
 constexpr int PAD = 4;        // shared-memory row padding (keeps rows 16-byte aligned, spreads banks)
 constexpr int MAX_FEAT = 128; // largest P and N: one block tile spans all of them
 constexpr int PASS_ELEMS = 4; // state elements per thread in the state-passing kernels
+constexpr int PASS_AHEAD = 4; // ... and how many chunks ahead they load
 // Blocks an SM must hold of each block-GEMM kernel: __launch_bounds__(NT, GEMM_MIN_BLOCKS) caps them at 128
 // registers. Left alone, ptxas gave them 135–249, one block (8 warps) an SM, and they stalled on memory latency
 // with nothing else to run; at 2 they spill 4–480 bytes and the scan is 25% faster (100m layer, Q = 64, H200:
@@ -543,31 +544,54 @@ __device__ void chunk_decays(float* dec, const T* dt, float A_h, const Dims& d, 
 // Grid (ceil(P·N / (PASS_ELEMS·NT)), B·H): the state elements are independent, so each block walks
 // all chunks in order for PASS_ELEMS·NT of them (coalesced: element k·NT + tid), holding them in
 // registers; the chunks' decays come NT chunks at a time (chunk_decays). Sequential in chunks, parallel in elements.
+// Each chunk's slot is loaded PASS_AHEAD chunks before its turn, into a ring of registers (the walk is unrolled by
+// PASS_AHEAD so that the ring's index is a constant): the loads are of slots no store in between touches, so the
+// walk costs one memory latency every PASS_AHEAD chunks, not every chunk.
 template <typename T>
 __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* final_state, const T* init_state,
                                                             const T* dt, const T* A, Dims d) {
     const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
     const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
     __shared__ float dec[NT];
-    float run[PASS_ELEMS];
+    float run[PASS_ELEMS], ahead[PASS_AHEAD][PASS_ELEMS];
     T* st0 = chunk_states + d.chunk(bh, 0);
+    // where the state after chunk c goes: chunk_states[c + 1], or final_state after the last chunk (null: not wanted)
+    auto dst_of = [&](int c) -> T* {
+        return c + 1 < d.nchunks ? chunk_states + d.chunk(bh, c + 1)
+               : c + 1 == d.nchunks && final_state ? final_state + (size_t)bh * PN : nullptr;
+    };
+    auto load = [&](float* v, int c) {  // chunk c's local end state, this thread's elements
+        const T* src = dst_of(c);
+#pragma unroll
+        for (int k = 0; k < PASS_ELEMS; k++) {
+            const size_t e = e0 + (size_t)k * NT;
+            v[k] = src && e < PN ? float(src[e]) : 0.f;
+        }
+    };
 #pragma unroll
     for (int k = 0; k < PASS_ELEMS; k++) {
         const size_t e = e0 + (size_t)k * NT;
         run[k] = (init_state && e < PN) ? float(init_state[(size_t)bh * PN + e]) : 0.f;
         if (e < PN) st0[e] = T(run[k]);
     }
-    for (int c = 0; c < d.nchunks; c++) {
-        T* dst = c + 1 < d.nchunks ? chunk_states + d.chunk(bh, c + 1) : final_state ? final_state + (size_t)bh * PN : nullptr;
-        if (!dst) break;  // the last chunk, and no final state wanted (uniform over the block)
-        if (c % NT == 0) chunk_decays(dec, dt, float(A[h]), d, b, h, c, min(c + NT, d.nchunks));
-        const float decay = dec[c % NT];
 #pragma unroll
-        for (int k = 0; k < PASS_ELEMS; k++) {
-            const size_t e = e0 + (size_t)k * NT;
-            if (e >= PN) continue;
-            run[k] = float(dst[e]) + decay * run[k];
-            dst[e] = T(run[k]);
+    for (int j = 0; j < PASS_AHEAD; j++) load(ahead[j], j);
+    for (int c0 = 0; c0 < d.nchunks; c0 += PASS_AHEAD) {
+#pragma unroll
+        for (int j = 0; j < PASS_AHEAD; j++) {
+            const int c = c0 + j;
+            T* dst = dst_of(c);
+            if (!dst) return;  // past the last chunk, or the last with no final state wanted (uniform over the block)
+            if (c % NT == 0) chunk_decays(dec, dt, float(A[h]), d, b, h, c, min(c + NT, d.nchunks));
+            const float decay = dec[c % NT];
+#pragma unroll
+            for (int k = 0; k < PASS_ELEMS; k++) run[k] = ahead[j][k] + decay * run[k];
+            load(ahead[j], c + PASS_AHEAD);
+#pragma unroll
+            for (int k = 0; k < PASS_ELEMS; k++) {
+                const size_t e = e0 + (size_t)k * NT;
+                if (e < PN) dst[e] = T(run[k]);
+            }
         }
     }
 }
@@ -785,6 +809,21 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
     __shared__ float dec[NT];
     __shared__ float red[2][NT / 32];  // the warps' shares of the dot, by chunk parity (thread 0 adds them up)
     float run[PASS_ELEMS];
+    // the ring of the forward's kernel: chunk c's S_in and local share (slot c − 1, or dinit_state for chunk 0),
+    // loaded PASS_AHEAD chunks ahead (nothing stores to them in between)
+    float ahead_s[PASS_AHEAD][PASS_ELEMS], ahead_l[PASS_AHEAD][PASS_ELEMS];
+    auto load = [&](int j, int c) {
+        const T* S_in = c >= 0 ? chunk_states + d.chunk(bh, c) : nullptr;
+        const float* slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
+        const T* init = c == 0 && dinit_state ? dinit_state + (size_t)bh * PN : nullptr;
+#pragma unroll
+        for (int k = 0; k < PASS_ELEMS; k++) {
+            const size_t e = e0 + (size_t)k * NT;
+            const bool in = e < PN;
+            ahead_s[j][k] = S_in && in ? float(S_in[e]) : 0.f;
+            ahead_l[j][k] = slot && in ? slot[e] : init && in ? float(init[e]) : 0.f;
+        }
+    };
     float* last = slots + d.chunk(bh, d.nchunks - 1);
 #pragma unroll
     for (int k = 0; k < PASS_ELEMS; k++) {
@@ -792,44 +831,44 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
         run[k] = (dfinal_state && e < PN) ? float(dfinal_state[(size_t)bh * PN + e]) : 0.f;
         if (e < PN) last[e] = run[k];
     }
+#pragma unroll
+    for (int j = 0; j < PASS_AHEAD; j++) load(j, d.nchunks - 1 - j);
     int c_lo = 0;  // the first chunk of the batch of decays in dec
-    for (int c = d.nchunks - 1; c >= 0; c--) {  // here run = dS_out(c)
-        if ((d.nchunks - 1 - c) % NT == 0) {
-            c_lo = c + 1 - NT > 0 ? c + 1 - NT : 0;
-            chunk_decays(dec, dt, float(A[h]), d, b, h, c_lo, c + 1);
-        }
-        const float decay = dec[c - c_lo];
-        const T* S_in = chunk_states + d.chunk(bh, c);
-        float dot = 0.f;
+    for (int c0 = d.nchunks - 1; c0 >= 0; c0 -= PASS_AHEAD) {
 #pragma unroll
-        for (int k = 0; k < PASS_ELEMS; k++) {
-            const size_t e = e0 + (size_t)k * NT;
-            if (e < PN) dot += run[k] * float(S_in[e]);
-        }
-        // the block's dot: warp sums, then thread 0 adds the warps' in order (red alternates with the chunk's parity,
-        // so the next chunk's writes cannot meet this chunk's reads: one barrier a chunk)
-        dot = warp_sum(dot);
-        if (threadIdx.x % 32 == 0) red[c & 1][warp] = dot;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float sum = 0.f;
-            for (int w = 0; w < NT / 32; w++) sum += red[c & 1][w];
-            dot_part[((size_t)bh * d.nchunks + c) * nsplit + blockIdx.x] = decay * sum;
-        }
-        // dS_out(c − 1) = dS_in(c), kept in slot c − 1 (chunk 0: dinit_state, if wanted)
-        float* dst_slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
-        T* dst_init = c == 0 && dinit_state ? dinit_state + (size_t)bh * PN : nullptr;
-        if (!dst_slot && !dst_init) break;
+        for (int j = 0; j < PASS_AHEAD; j++) {  // here run = dS_out(c)
+            const int c = c0 - j;
+            if (c < 0) return;
+            if ((d.nchunks - 1 - c) % NT == 0) {
+                c_lo = c + 1 - NT > 0 ? c + 1 - NT : 0;
+                chunk_decays(dec, dt, float(A[h]), d, b, h, c_lo, c + 1);
+            }
+            const float decay = dec[c - c_lo];
+            float dot = 0.f, local[PASS_ELEMS];
 #pragma unroll
-        for (int k = 0; k < PASS_ELEMS; k++) {
-            const size_t e = e0 + (size_t)k * NT;
-            if (e >= PN) continue;
-            if (dst_slot) {
-                run[k] = dst_slot[e] + decay * run[k];
-                dst_slot[e] = run[k];
-            } else {
-                run[k] = float(dst_init[e]) + decay * run[k];
-                dst_init[e] = T(run[k]);
+            for (int k = 0; k < PASS_ELEMS; k++) dot += run[k] * ahead_s[j][k], local[k] = ahead_l[j][k];
+            load(j, c - PASS_AHEAD);
+            // the block's dot: warp sums, then thread 0 adds the warps' in order (red alternates with the chunk's
+            // parity, so the next chunk's writes cannot meet this chunk's reads: one barrier a chunk)
+            dot = warp_sum(dot);
+            if (threadIdx.x % 32 == 0) red[c & 1][warp] = dot;
+            __syncthreads();
+            if (threadIdx.x == 0) {
+                float sum = 0.f;
+                for (int w = 0; w < NT / 32; w++) sum += red[c & 1][w];
+                dot_part[((size_t)bh * d.nchunks + c) * nsplit + blockIdx.x] = decay * sum;
+            }
+            // dS_out(c − 1) = dS_in(c), kept in slot c − 1 (chunk 0: dinit_state, if wanted)
+            float* dst_slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
+            T* dst_init = c == 0 && dinit_state ? dinit_state + (size_t)bh * PN : nullptr;
+            if (!dst_slot && !dst_init) return;
+#pragma unroll
+            for (int k = 0; k < PASS_ELEMS; k++) {
+                const size_t e = e0 + (size_t)k * NT;
+                run[k] = local[k] + decay * run[k];
+                if (e >= PN) continue;
+                if (dst_slot) dst_slot[e] = run[k];
+                else dst_init[e] = T(run[k]);
             }
         }
     }

@@ -228,6 +228,8 @@ TEST_CASE("gpu ssd: wide heads, many heads per group, chunk edge cases") {
         {1, 256, 2, 32, 1, 32, 256, true, true},    // T = Q = 256 exactly
         {1, 257, 2, 32, 1, 32, 256, true, true},    // one step into a second chunk
         {1, 65, 2, 16, 1, 16, 64, true, true},      // a last chunk of one step
+        {1, 1101, 2, 8, 1, 8, 4, true, true},       // 276 chunks: two batches of decays (256 a batch), and the
+        {1, 1097, 2, 8, 1, 8, 4, false, false},     // state passes' 4-chunk rings ending part-way (275 chunks)
     };
     for (size_t i = 0; i < cases.size(); i++) check_case(cases[i], 2000 + i);
     print_worst("edge shapes");
