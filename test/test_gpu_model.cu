@@ -203,9 +203,11 @@ std::string mamba_tag(const char* what, const hl::Mamba2Config& c, int B, int T)
 }
 
 // The M block's mixer (branch + gated norm + out_proj), or with branch_only the branch alone (with shared_x
-// when c.shared_x): forward output and every gradient.
-void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint64_t seed) {
-    const std::string tag = mamba_tag(branch_only ? (c.shared_x ? "mamba2 branch shared_x" : "mamba2 branch") : "mamba2 mixer", c, B, T);
+// when c.shared_x): forward output and every gradient. bf16: under bf16 operands, as run_attn_mixer (with the fused
+// gate and norm, in_proj's output gradient is then written in bf16 by its producers, for its GEMM).
+void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint64_t seed, bool bf16 = false) {
+    const std::string tag = mamba_tag(branch_only ? (c.shared_x ? "mamba2 branch shared_x" : "mamba2 branch")
+                                      : bf16 ? "mamba2 mixer bf16" : "mamba2 mixer", c, B, T);
     Rng rng(seed);
     const bool with_out = !branch_only;
     ParamPair pp([&](Arena<float>& a) { return hl::mamba2_params(a, c, with_out); });
@@ -247,6 +249,18 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     d_out.alloc(out.size()); poison(d_out);
     d_dinp.alloc(dinp.size()); poison(d_dinp);
     d_dxs.alloc(dxs.size()); poison(d_dxs);
+    DeviceBuffer<hl::gpu::bf16> params16, scratch;
+    hl::gpu::Bf16Operands ops;
+    if (bf16) {
+        params16.alloc(pp.host.size());
+        hl::gpu::round_bf16(params16.ptr, pp.dev.ptr, pp.host.size());
+        ops.params = pp.dev.ptr, ops.n = pp.host.size(), ops.params16 = params16.ptr;
+        ops.scratch_n = (size_t)N * std::max({D, DI, c.d_in_proj()});
+        scratch.alloc(2 * ops.scratch_n);
+        ops.a16 = scratch.ptr, ops.b16 = scratch.ptr + ops.scratch_n;
+    }
+    const hl::gpu::Bf16Scope scope(bf16 ? &ops : nullptr);
+    const double out_tol = bf16 ? 2e-2 : FWD_TOL, grad_tol = bf16 ? 5e-2 : GRAD_TOL;
     const float* dx_ = c.shared_x ? d_xs.ptr : nullptr;
     if (branch_only) {
         hl::gpu::mamba2_branch_forward(dacts, d_inp.ptr, dx_, dp_, c, B, T);
@@ -256,11 +270,11 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
         if (c.shared_x) expect_close(tag + " dx_shared", from_dev(d_dxs), dxs, GRAD_TOL);
     } else {
         hl::gpu::mamba2_mixer_forward(d_out.ptr, dacts, d_inp.ptr, dp_, c, B, T);
-        expect_close(tag + " out", from_dev(d_out), out, FWD_TOL);
+        expect_close(tag + " out", from_dev(d_out), out, out_tol);
         hl::gpu::mamba2_mixer_backward(d_dinp.ptr, ddp, d_dout.ptr, dacts, d_inp.ptr, dp_, c, B, T);
     }
-    expect_close(tag + " dinp", from_dev(d_dinp), dinp, GRAD_TOL);
-    pp.compare_grads(tag);
+    expect_close(tag + " dinp", from_dev(d_dinp), dinp, grad_tol);
+    pp.compare_grads(tag, grad_tol);
 }
 
 // d_model 16: attention 2 heads × (d_qk 8, d_v 8) over 1 kv head (width 16), Mamba d_ssm 16 (2 heads × 8),
@@ -372,7 +386,7 @@ TEST_CASE("gpu attention mixer under bf16 operands (q, k and dy written in bf16 
     run_attn_mixer(hl::AttnConfig{128, 4, 2, 64, 64, 10000.0, 64, 16}, 1, 700, seed++, true, false); // sink split
 }
 
-TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_inner 1024, 2048) forward/backward equal the CPU (T = 7, 65; chunk not dividing T)") {
+TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_inner 1024, 2048; bf16 operands) forward/backward equal the CPU (T = 7, 65; chunk not dividing T)") {
     uint64_t seed = 100;
     for (int T : {7, 65}) {
         // (D, d_inner, P, N, G, chunk): chunk 4 and 16 do not divide 7 or 65; 64 > 7; G = 2 groups
@@ -385,6 +399,10 @@ TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_in
         run_mamba2(mamba_config(16, 1024, 64, 16, 1, 16), 1, T, false, seed++);
         run_mamba2(mamba_config(16, 2048, 64, 16, 2, 16), 1, T, false, seed++);
     }
+    // under bf16 operands: the fused path writes in_proj's output gradient in bf16 (a poisoned column would show)
+    run_mamba2(mamba_config(16, 1024, 64, 16, 1, 16), 2, 65, false, seed++, true);
+    run_mamba2(mamba_config(32, 2048, 64, 16, 2, 64), 1, 100, false, seed++, true);
+    run_mamba2(mamba_config(16, 32, 8, 8, 2, 4), 2, 65, false, seed++, true);  // unfused: rounded by the GEMM
 }
 
 TEST_CASE("gpu intra mixer forward/backward equals the CPU for several fusions (incl. value=shared, concat/joint)") {
