@@ -545,8 +545,10 @@ __device__ void chunk_decays(float* dec, const T* dt, float A_h, const Dims& d, 
 // all chunks in order for PASS_ELEMS·NT of them (coalesced: element k·NT + tid), holding them in
 // registers; the chunks' decays come NT chunks at a time (chunk_decays). Sequential in chunks, parallel in elements.
 // Each chunk's slot is loaded PASS_AHEAD chunks before its turn, into a ring of registers (the walk is unrolled by
-// PASS_AHEAD so that the ring's index is a constant): the loads are of slots no store in between touches, so the
-// walk costs one memory latency every PASS_AHEAD chunks, not every chunk.
+// PASS_AHEAD so that the ring's index is a constant): the loads are of slots no store in between touches, so a
+// thread need not wait a memory latency each chunk. Intra at 350m (H200, ncu, mean over a step's launches): the
+// forward, near the bandwidth already (a 24-head layer moves 0.8 GB), 214 → 206 µs; the backward, which reads two
+// tensors a chunk, 429 → 351 µs.
 template <typename T>
 __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* final_state, const T* init_state,
                                                             const T* dt, const T* A, Dims d) {
