@@ -1977,17 +1977,18 @@ void attn_mixer_forward(T* out, GpuAttnActs<T>& acts, const T* inp, const AttnPa
     gpu::matmul_forward(out, acts.y, p.wo, (const T*)nullptr, B * T_, c.n_heads * c.d_v, c.d_model, stream, y16);
 }
 
-// dinp (B, T, D) written; dp.* accumulate. Uses acts.dy as the gradient of the branch output.
+// dinp (B, T, D) written; dp.* accumulate. Uses acts.dy as the gradient of the branch output. dout16: dout in bf16
+// from its producer (the block's norm backward), for Wo's GEMM (matmul_backward's dout16), or null.
 template <typename T>
 void attn_mixer_backward(T* dinp, AttnParams<T>& dp, const T* dout, GpuAttnActs<T>& acts, const T* inp,
                          const AttnParams<T>& p, const AttnConfig& c, int B, int T_, cudaStream_t stream = 0,
-                         const bf16* inp16 = nullptr) {
+                         const bf16* inp16 = nullptr, const bf16* dout16 = nullptr) {
     HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
     const bf16* y16 = attn_y16(acts, c);
     // dy feeds only the attention backward: written in bf16 where that takes it so (attn_qk16's condition)
     bf16* dy16 = attn_qk16(acts, c, T_).q ? bf16_view(acts.dy) : nullptr;
     gpu::matmul_backward(acts.dy, dp.wo, (T*)nullptr, dout, acts.y, p.wo, B * T_, c.n_heads * c.d_v, c.d_model,
-                         stream, false, y16, nullptr, dy16);
+                         stream, false, y16, dout16, dy16);
     gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream, inp16, y16, dy16);
 }
 

@@ -88,25 +88,36 @@ void block_forward(T* y, GpuBlockActs<T>& acts, const T* x, const BlockParams<T>
 
 // dx (B,T,D) written; dp.* accumulate. dx may alias dy (the model passes one residual-stream gradient): dy is
 // last read (added into dh) before dx is first written.
+// res16 (bf16 runs; null otherwise): N·D bf16 for the residual stream's gradient rounded, which the GEMMs that take it
+// as their dout (W2's, the mixer's output projection's) read instead of rounding it in a pass of their own; the norm
+// backwards that make those gradients write the copies beside the fp32 ones. On entry it holds dy's copy, then dh's,
+// and on exit dx's (when dx16_out: the model's first block has no GEMM after it).
 template <typename T>
 void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& acts, const T* x,
-                    const BlockParams<T>& p, const BlockConfig& c, int B, int T_, cudaStream_t stream = 0) {
+                    const BlockParams<T>& p, const BlockConfig& c, int B, int T_, cudaStream_t stream = 0,
+                    bf16* res16 = nullptr, bool dx16_out = true) {
     const int N = B * T_, D = c.d_model;
     // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
     if (c.use_moe) gpu::moe_backward(acts.dn, dp.moe, dy, acts.moe, acts.n2, p.moe, c.moe, N, stream);
-    else gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, gpu::bf16_view(acts.n2));
+    else
+        gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream,
+                             gpu::bf16_view(acts.n2), res16);
     // + dy; the norms' weight gradients are summed through acts.ffo, which the backward does not read (dw_part)
-    gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream, dy, acts.ffo);
+    gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream, dy, acts.ffo,
+                          res16);
     // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh
     const bf16* n1_16 = gpu::bf16_view(acts.n1);
     if (c.kind == 'A')
-        gpu::attn_mixer_backward(acts.dn, dp.attn, acts.dh, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16);
+        gpu::attn_mixer_backward(acts.dn, dp.attn, acts.dh, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16,
+                                 res16);
     if (c.kind == 'M')
-        gpu::mamba2_mixer_backward(acts.dn, dp.ssm, acts.dh, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16);
+        gpu::mamba2_mixer_backward(acts.dn, dp.ssm, acts.dh, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16,
+                                   res16);
     if (c.kind == 'H')
         gpu::intra_mixer_backward(acts.dn, dp.intra, acts.dh, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream,
-                                  n1_16);
-    gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream, acts.dh, acts.ffo);  // + dh
+                                  n1_16, res16);
+    gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream, acts.dh, acts.ffo,
+                          dx16_out ? res16 : nullptr);  // + dh
 }
 
 }  // namespace hl::gpu

@@ -427,11 +427,12 @@ void intra_mixer_forward(T* out, GpuIntraActs<T>& acts, const T* inp, const Intr
     gpu::intra_fuse_forward(out, acts, acts.attn.y, acts.ssm.g, p, c, N, stream);
 }
 
-// dinp (B,T,D) written; dp.* accumulate.
+// dinp (B,T,D) written; dp.* accumulate. dout16: dout in bf16 for the output projections' GEMMs
+// (matmul_backward's), or null.
 template <typename T>
 void intra_mixer_backward(T* dinp, IntraParams<T>& dp, const T* dout, GpuIntraActs<T>& acts, const T* inp,
                           const IntraParams<T>& p, const IntraConfig& c, int B, int T_, cudaStream_t stream = 0,
-                          const bf16* inp16 = nullptr) {
+                          const bf16* inp16 = nullptr, const bf16* dout16 = nullptr) {
     const FusionConfig& f = c.fusion;
     const AttnConfig& ac = c.attn;
     const int N = B * T_, D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width();
@@ -443,12 +444,14 @@ void intra_mixer_backward(T* dinp, IntraParams<T>& dp, const T* dout, GpuIntraAc
 
     // output projection(s): gradients of s2 and a3 into ds and da
     if (f.out == FusionOut::sep) {
-        gpu::matmul_backward(acts.ds, dp.out_s, (T*)nullptr, dout, acts.s2, p.out_s, N, Ws, D, stream);
-        gpu::matmul_backward(acts.da, dp.out_a, (T*)nullptr, dout, acts.a3, p.out_a, N, Wa, D, stream);
+        gpu::matmul_backward(acts.ds, dp.out_s, (T*)nullptr, dout, acts.s2, p.out_s, N, Ws, D, stream, false, nullptr,
+                             dout16);
+        gpu::matmul_backward(acts.da, dp.out_a, (T*)nullptr, dout, acts.a3, p.out_a, N, Wa, D, stream, false, nullptr,
+                             dout16);
     } else {
         const bool concat = f.op == FusionOp::concat;
         gpu::matmul_backward(acts.df, dp.out_proj, (T*)nullptr, dout, acts.f, p.out_proj, N, c.fused_width(), D,
-                             stream);
+                             stream, false, nullptr, dout16);
         intra_split_grad_kernel<<<elementwise_grid(na + ns, 256), 256, 0, stream>>>(acts.ds, acts.da, acts.df, N, Ws,
                                                                                     Wa, concat);
         cudaCheckLast();

@@ -507,17 +507,18 @@ void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Ma
     gpu::matmul_forward(out, acts.gn, p.out_proj, (const T*)nullptr, rows, c.d_inner, c.d_model, stream, gn16);
 }
 
-// dinp (B, T, d_model) is written; dp.* accumulate.
+// dinp (B, T, d_model) is written; dp.* accumulate. dout16: dout in bf16 for out_proj's GEMM (matmul_backward's), or
+// null.
 template <typename T>
 void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba2Acts<T>& acts, const T* inp,
                            const Mamba2Params<T>& p, const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0,
-                           const bf16* inp16 = nullptr) {
+                           const bf16* inp16 = nullptr, const bf16* dout16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
     const int rows = B * T_, G = c.ngroups, Cg = c.d_inner / G, DIP = c.d_in_proj();
     gpu::matmul_backward(acts.dgn, dp.out_proj, (T*)nullptr, dout, acts.gn, p.out_proj, rows, c.d_inner, c.d_model,
-                         stream, false, gpu::bf16_view(acts.gn));
+                         stream, false, gpu::bf16_view(acts.gn), dout16);
     bf16* dzxbcdt16 = nullptr;  // in_proj's output gradient in bf16 (on the fused path)
     const bool fused = mamba2_gate_norm_fused(c, acts, p);  // as the forward chose
     if constexpr (std::is_same_v<T, float>) {

@@ -91,6 +91,7 @@ struct GpuModel {
     cudaStream_t stream = 0;             // every launch of this model goes here
     Precision precision = Precision::fp32;  // of the matmuls (set_precision)
     DeviceBuffer<bf16> params16, operand_scratch;  // bf16 only: the parameters' copy; a16 and b16 of `ops`
+    DeviceBuffer<bf16> dres16;           // bf16 only: the residual stream's gradient rounded (block_backward's res16)
     Bf16Operands ops;                    // what the matmuls read in bf16 (kernels/matmul.cuh)
 
     // activations for one (B, T), allocated by alloc(); nothing is allocated in forward/backward
@@ -181,6 +182,7 @@ struct GpuModel {
         operand_scratch.alloc(2 * ops.scratch_n + ops.stage_n);
         ops.a16 = operand_scratch.ptr, ops.b16 = operand_scratch.ptr + ops.scratch_n;
         ops.stage = ops.stage_n > 0 ? operand_scratch.ptr + 2 * ops.scratch_n : nullptr;
+        if (training) dres16.alloc(size_t(B) * T_ * size_t(cfg.d_model));
     }
     // the operands the matmuls should see now: null = fp32
     const Bf16Operands* matmul_operands() const { return precision == Precision::bf16 ? &ops : nullptr; }
@@ -364,10 +366,13 @@ struct GpuModel {
         weighted = false;
         gpu::crossentropy_backward(dlogits, dlosses, probs, targets_buf.ptr, N, V, stream);
         gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream);
-        gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream);
+        // bf16: each norm backward also writes the residual stream's gradient in bf16, for the GEMMs after it
+        bf16* res16 = precision == Precision::bf16 ? dres16.ptr : nullptr;
+        gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream, (const float*)nullptr,
+                              nullptr, res16);
         for (int l = L - 1; l >= 0; l--) {
             gpu::block_backward(dres, dp.layers[size_t(l)], dres, bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
-                                blocks[size_t(l)], B, T_, stream);
+                                blocks[size_t(l)], B, T_, stream, res16, l > 0);
             if (layer_done) layer_done(l);
         }
         gpu::embedding_backward(dp.embed, dres, last_tokens, B, T_, V, D, stream);

@@ -15,6 +15,7 @@
 #include <type_traits>           // std::is_same_v, std::integral_constant
 #include <cuda_bf16.h>           // __nv_bfloat16, __floats2bfloat162_rn: out16
 #include "kernels/common.cuh"    // cudaCheckLast, ceil_div, warp_sum, colsum, ld4, map4, vec4_aligned
+#include "kernels/matmul.cuh"    // round_bf16: dinp16 off the wide-row path
 #include "model/common.h"        // HL_CHECK
 
 namespace hl::gpu {
@@ -208,9 +209,9 @@ __global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* in
 constexpr int RMSNORM_DW_ROWS = 16;
 
 template <int V, bool DW>
-__global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, float* dw_part, const float* dout, const float* inp,
-                                                 const float* weight, const float* rstd, const float* residual, int N,
-                                                 int G, int Cg) {
+__global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, __nv_bfloat16* dinp16, float* dw_part, const float* dout,
+                                                 const float* inp, const float* weight, const float* rstd,
+                                                 const float* residual, int N, int G, int Cg) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     constexpr int R = DW ? RMSNORM_DW_ROWS : 1;
     const int tid = threadIdx.x, C4 = Cg / 4, grp = blockIdx.y;
@@ -247,6 +248,7 @@ __global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, float* dw_part, co
                 float4 g = map4(d[q], x[q], [s, mean](float dv, float xv) { return s * (dv - xv * mean); });
                 if (residual) g = map4(g, ld4(residual + base, c), [](float a, float b) { return a + b; });
                 rmsnorm_st4(dinp + base, c, g);
+                if (dinp16) rmsnorm_st4(dinp16 + base, c, g);
             }
         }
     }
@@ -281,32 +283,39 @@ struct RmsnormDweightTerm {
 // dinp is written, dweight (G·Cg) accumulates (may be null). dw_part: scratch of rmsnorm_dweight_part_size floats
 // (16-byte aligned), or null; with it, where the wide-row kernel runs, dweight comes from that kernel's per-block
 // partial sums (a different order of the same sum: deterministic, and within rounding of the CPU's).
+// dinp16: under bf16 operands, dinp rounded to bf16 is written there too (N·G·Cg elements, its own buffer), for a
+// GEMM that takes dinp as its dout (the residual stream's gradient into W2's and the mixer's output projection's
+// backward), so that GEMM does not round it in a pass of its own (wide rows: in the same kernel).
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
-                      int G, int Cg, cudaStream_t stream = 0, const T* residual = nullptr, float* dw_part = nullptr) {
+                      int G, int Cg, cudaStream_t stream = 0, const T* residual = nullptr, float* dw_part = nullptr,
+                      __nv_bfloat16* dinp16 = nullptr) {
     HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
     HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
+    HL_CHECK(!dinp16 || (std::is_same_v<T, float>), "rmsnorm: a bf16 dinp16 beside non-fp32 storage");
     if (N == 0) return;
     bool row = false, fused = false;  // the wide-row kernel, on the rows the wide-row forward takes
     if constexpr (std::is_same_v<T, float>) {
-        row = rmsnorm_wide_row(Cg) && vec4_aligned(dinp, dout, inp, weight, residual);
+        row = rmsnorm_wide_row(Cg) && vec4_aligned(dinp, dout, inp, weight, residual, dinp16);
         fused = row && dweight && dw_part && vec4_aligned(dw_part);
         if (row)
             rmsnorm_row_dispatch(Cg, [&](auto v) {
                 constexpr int V = decltype(v)::value;
                 if (fused)
                     rmsnorm_backward_dinp_row_kernel<V, true><<<dim3(ceil_div(N, RMSNORM_DW_ROWS), G), RMSNORM_BLOCK,
-                                                                0, stream>>>(dinp, dw_part, dout, inp, weight, rstd,
-                                                                             residual, N, G, Cg);
+                                                                0, stream>>>(dinp, dinp16, dw_part, dout, inp, weight,
+                                                                             rstd, residual, N, G, Cg);
                 else
                     rmsnorm_backward_dinp_row_kernel<V, false><<<dim3(N, G), RMSNORM_BLOCK, 0, stream>>>(
-                        dinp, nullptr, dout, inp, weight, rstd, residual, N, G, Cg);
+                        dinp, dinp16, nullptr, dout, inp, weight, rstd, residual, N, G, Cg);
             });
     }
     if (!row) {
         const int warps_per_block = RMSNORM_BLOCK / 32;
         rmsnorm_backward_dinp_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(
             dinp, dout, inp, weight, rstd, residual, N, G, Cg);
+        if constexpr (std::is_same_v<T, float>)
+            if (dinp16) round_bf16(dinp16, dinp, (size_t)N * G * Cg, stream);
     }
     cudaCheckLast();
     if (fused) colsum(dweight, RowsTerm<float>{dw_part, G * Cg}, ceil_div(N, RMSNORM_DW_ROWS), G * Cg, stream);

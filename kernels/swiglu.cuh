@@ -135,17 +135,18 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
 //   dh  = dout · W2                      dW2 += doutᵀ · h
 //   dh1 = dh ⊙ h3 ⊙ SiLU'(h1)            dh3 = dh ⊙ SiLU(h1)
 //   dinp = dh1 · W1 + dh3 · W3           dW1 += dh1ᵀ · inp,  dW3 += dh3ᵀ · inp
+// dout16: dout in bf16 for W2's GEMM (matmul_backward's), from its producer, or null.
 template <typename T>
 void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>& acts, const T* inp,
                      const SwiGLUParams<T>& p, const SwiGLUConfig& cfg, int N, cudaStream_t stream = 0,
-                     const bf16* inp16 = nullptr) {
+                     const bf16* inp16 = nullptr, const bf16* dout16 = nullptr) {
     swiglu_check(cfg);
     HL_CHECK(N >= 0, "swiglu: bad row count N=", N);
     if (N == 0) return;
     const int D = cfg.d_model, F = cfg.d_ff;
     bf16 *h16 = bf16_view(acts.h), *dh1_16 = bf16_view(acts.dh1), *dh3_16 = bf16_view(acts.dh3);
     bf16 *h1_16 = bf16_view(acts.h1), *h3_16 = bf16_view(acts.h3), *dh16 = bf16_view(acts.dh);
-    matmul_backward(acts.dh, dp.w2, (T*)nullptr, dout, acts.h, p.w2, N, F, D, stream, false, h16, nullptr,
+    matmul_backward(acts.dh, dp.w2, (T*)nullptr, dout, acts.h, p.w2, N, F, D, stream, false, h16, dout16,
                     dh16);  // dh (N, F)
     const size_t NF = (size_t)N * F;
     if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);

@@ -11,6 +11,7 @@
 #include <vector>                // std::vector
 #include <doctest/doctest.h>     // CHECK, INFO
 #include "kernels/common.cuh"    // DeviceBuffer, cudaCheck
+#include "kernels/matmul.cuh"    // Bf16Operands, round_bf16: the bf16-operand runs' setup
 #include "model/common.h"        // Rng
 
 namespace hl::test {
@@ -63,7 +64,6 @@ inline double rel_err(const std::vector<float>& g, const std::vector<float>& c) 
     return g.size() == c.size() ? rel_err(g.data(), c.data(), c.size()) : INFINITY;
 }
 
-// compares, prints the measured error, and checks it against tol
 // x rounded to the nearest bf16 (ties to even), kept as a float: what __float2bfloat16_rn gives on the device
 inline float round_bf16_host(float x) {
     uint32_t u;
@@ -78,6 +78,7 @@ inline std::vector<float> round_bf16_host(std::vector<float> v) {
     return v;
 }
 
+// compares, prints the measured error, and checks it against tol
 inline void expect_close(const std::string& what, const std::vector<float>& gpu, const std::vector<float>& cpu,
                          double tol) {
     const double e = rel_err(gpu, cpu);
@@ -85,5 +86,28 @@ inline void expect_close(const std::string& what, const std::vector<float>& gpu,
     INFO(what, ": rel err ", e, " > tol ", tol);
     CHECK(e <= tol);
 }
+
+// What a model would hand its GEMMs under bf16 operands, for a test's own parameters: their bf16 copy (rounded
+// from the device parameters [params, params + n) now) and scratch_n elements for each activation operand, plus
+// stage_n for the tensor-core attention's staging. Open a Bf16Scope on `ops` to run under it.
+struct TestBf16 {
+    DeviceBuffer<hl::gpu::bf16> params16, scratch;
+    hl::gpu::Bf16Operands ops;
+    TestBf16(const float* params, size_t n, size_t scratch_n, size_t stage_n = 0) {
+        params16.alloc(n);
+        hl::gpu::round_bf16(params16.ptr, params, n);
+        scratch.alloc(2 * scratch_n + stage_n);
+        ops.params = params, ops.n = n, ops.params16 = params16.ptr, ops.scratch_n = scratch_n;
+        ops.a16 = scratch.ptr, ops.b16 = scratch.ptr + scratch_n;
+        if (stage_n) ops.stage = scratch.ptr + 2 * scratch_n, ops.stage_n = stage_n;
+    }
+    // d16 = d's values in bf16, as a producer that writes a GEMM's operand in bf16 would give them; d itself is then
+    // poisoned, so that a GEMM reading the fp32 values instead shows
+    static void take_bf16(DeviceBuffer<hl::gpu::bf16>& d16, DeviceBuffer<float>& d) {
+        d16.alloc(d.n);
+        hl::gpu::round_bf16(d16.ptr, d.ptr, d.n);
+        poison(d);
+    }
+};
 
 }  // namespace hl::test

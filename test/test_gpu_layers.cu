@@ -97,15 +97,9 @@ TEST_CASE("gpu matmul with bf16 operands (tensor cores) equals the CPU on the bf
         const std::vector<float> w(params.begin() + offset, params.begin() + offset + (size_t)s.OC * s.C);
         const auto x16 = round_bf16_host(x), w16 = round_bf16_host(w), dout16 = round_bf16_host(dout);
         DeviceBuffer<float> dparams, dx_, ddout, db_, out_, ddinp, ddw;
-        DeviceBuffer<hl::gpu::bf16> params16, scratch;
         to_dev(dparams, params); to_dev(dx_, x); to_dev(ddout, dout); to_dev(db_, b);
-        params16.alloc(params.size());
-        hl::gpu::round_bf16(params16.ptr, dparams.ptr, params.size());
-        hl::gpu::Bf16Operands ops;
-        ops.params = dparams.ptr, ops.n = params.size(), ops.params16 = params16.ptr;
-        ops.scratch_n = (size_t)s.N * std::max(s.C, s.OC);
-        scratch.alloc(2 * ops.scratch_n);
-        ops.a16 = scratch.ptr, ops.b16 = scratch.ptr + ops.scratch_n;
+        const TestBf16 b16(dparams.ptr, params.size(), (size_t)s.N * std::max(s.C, s.OC));
+        const hl::gpu::Bf16Operands& ops = b16.ops;
         const float* dw_ptr = dparams.ptr + offset;
 
         std::vector<float> out((size_t)s.N * s.OC), out32(out.size());
@@ -190,6 +184,23 @@ TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight; dweight by p
             hl::gpu::rmsnorm_backward(res_.ptr, (float*)nullptr, ddout.ptr, dx_.ptr, wpd, rstd_.ptr, s.N, s.G, s.Cg,
                                       0, res_.ptr);
             expect_close(tag + " dinp + residual, in place", from_dev(res_), want, GRAD_TOL);
+            // dinp16 (the bf16 copy for a GEMM's dout), as the block writes it: in place, with dw_part; bitwise the
+            // fp32 dinp rounded, and the fp32 dinp unchanged by it
+            DeviceBuffer<float> res2, part2, ddw3;
+            DeviceBuffer<hl::gpu::bf16> dinp16(x.size());
+            to_dev(res2, res); to_dev(ddw3, dw0);
+            alloc_poisoned(part2, hl::gpu::rmsnorm_dweight_part_size(s.N, s.G, s.Cg));
+            cudaCheck(cudaMemset(dinp16.ptr, 0xFF, dinp16.n * sizeof(hl::gpu::bf16)));
+            hl::gpu::rmsnorm_backward(res2.ptr, with_weight ? ddw3.ptr : nullptr, ddout.ptr, dx_.ptr, wpd, rstd_.ptr,
+                                      s.N, s.G, s.Cg, 0, res2.ptr, part2.ptr, dinp16.ptr);
+            const auto got = from_dev(res2);
+            CHECK(got == from_dev(res_));
+            std::vector<hl::gpu::bf16> got16 = dinp16.download();
+            size_t mismatch = 0;
+            for (size_t i = 0; i < got.size(); i++)
+                mismatch += __bfloat162float(got16[i]) != round_bf16_host(got[i]);
+            INFO(tag, ": dinp16 differs from dinp rounded at ", mismatch, " elements");
+            CHECK(mismatch == 0);
         }
     }
 }
@@ -365,17 +376,12 @@ TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed ma
         for (size_t i = 0; i < dinp.size(); i++) dinp[i] += dinp3[i];
         // device
         DeviceBuffer<float> params_, dparams_, acts_, x_, dout_, out_, dinp_;
-        DeviceBuffer<hl::gpu::bf16> params16_, scratch_, x16_(x.size());
+        DeviceBuffer<hl::gpu::bf16> x16_(x.size());
         to_dev(params_, params); to_dev(dparams_, dparams0); to_dev(x_, x); to_dev(dout_, dout);
         alloc_poisoned(acts_, ac.size); alloc_poisoned(out_, out.size()); alloc_poisoned(dinp_, dinp.size());
-        params16_.alloc(params.size());
-        hl::gpu::round_bf16(params16_.ptr, params_.ptr, params.size());
         hl::gpu::round_bf16(x16_.ptr, x_.ptr, x.size());
-        hl::gpu::Bf16Operands ops;
-        ops.params = params_.ptr, ops.n = params.size(), ops.params16 = params16_.ptr;
-        ops.scratch_n = (size_t)N * F;
-        scratch_.alloc(2 * ops.scratch_n);
-        ops.a16 = scratch_.ptr, ops.b16 = scratch_.ptr + ops.scratch_n;
+        const TestBf16 b16(params_.ptr, params.size(), (size_t)N * F);
+        const hl::gpu::Bf16Operands& ops = b16.ops;
         hl::Arena<float> dpa(params_.ptr), ddpa(dparams_.ptr), daa(acts_.ptr);
         auto gp = hl::swiglu_params(dpa, cfg);
         auto gdp = hl::swiglu_params(ddpa, cfg);

@@ -18,6 +18,7 @@
 #include <algorithm>               // std::max
 #include <cmath>                   // std::fabs, std::isfinite, std::sqrt
 #include <cstdio>                  // std::printf: the measured errors
+#include <optional>                // std::optional: a bf16 run's TestBf16
 #include <string>                  // std::string
 #include <vector>                  // std::vector host buffers
 #include "data/loader.h"           // load_tokens, WindowLoader
@@ -160,18 +161,11 @@ void run_attn_mixer(const hl::AttnConfig& c, int B, int T, uint64_t seed, bool b
     d_dout.alloc(dout.size()); d_dout.upload(dout);
     d_out.alloc(out.size()); poison(d_out);
     d_dinp.alloc(dinp.size()); poison(d_dinp);
-    DeviceBuffer<hl::gpu::bf16> params16, scratch;
-    hl::gpu::Bf16Operands ops;
-    if (bf16) {
-        params16.alloc(pp.host.size());
-        hl::gpu::round_bf16(params16.ptr, pp.dev.ptr, pp.host.size());
-        ops.params = pp.dev.ptr, ops.n = pp.host.size(), ops.params16 = params16.ptr;
-        ops.scratch_n = (size_t)N * std::max(D, c.n_heads * std::max(c.d_qk, c.d_v));
-        ops.stage_n = hl::gpu::attention_tc_stage_size(B, T, c.n_heads, c.n_kv_heads, c.d_qk, c.d_v);
-        scratch.alloc(2 * ops.scratch_n + ops.stage_n);
-        ops.a16 = scratch.ptr, ops.b16 = scratch.ptr + ops.scratch_n, ops.stage = scratch.ptr + 2 * ops.scratch_n;
-    }
-    const hl::gpu::Bf16Scope scope(bf16 ? &ops : nullptr);
+    std::optional<TestBf16> b16;
+    if (bf16)
+        b16.emplace(pp.dev.ptr, pp.host.size(), (size_t)N * std::max(D, c.n_heads * std::max(c.d_qk, c.d_v)),
+                    hl::gpu::attention_tc_stage_size(B, T, c.n_heads, c.n_kv_heads, c.d_qk, c.d_v));
+    const hl::gpu::Bf16Scope scope(b16 ? &b16->ops : nullptr);
     if (bf16) {
         INFO(tag, ": q, k, dy in bf16 from their GEMMs");
         CHECK((hl::gpu::attn_qk16(dacts, c, T).q != nullptr) == qk16);
@@ -179,7 +173,10 @@ void run_attn_mixer(const hl::AttnConfig& c, int B, int T, uint64_t seed, bool b
     const double out_tol = bf16 ? 2e-2 : FWD_TOL, grad_tol = bf16 ? 5e-2 : GRAD_TOL;
     hl::gpu::attn_mixer_forward(d_out.ptr, dacts, d_inp.ptr, dp_, c, B, T);
     expect_close(tag + " out", from_dev(d_out), out, out_tol);
-    hl::gpu::attn_mixer_backward(d_dinp.ptr, ddp, d_dout.ptr, dacts, d_inp.ptr, dp_, c, B, T);
+    // bf16: dout comes in bf16 too (as the block's norm backward writes it), for Wo's GEMM
+    DeviceBuffer<hl::gpu::bf16> dout16;
+    if (bf16) TestBf16::take_bf16(dout16, d_dout);
+    hl::gpu::attn_mixer_backward(d_dinp.ptr, ddp, d_dout.ptr, dacts, d_inp.ptr, dp_, c, B, T, 0, nullptr, dout16.ptr);
     expect_close(tag + " dinp", from_dev(d_dinp), dinp, grad_tol);
     pp.compare_grads(tag, grad_tol);
 }
@@ -249,17 +246,9 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     d_out.alloc(out.size()); poison(d_out);
     d_dinp.alloc(dinp.size()); poison(d_dinp);
     d_dxs.alloc(dxs.size()); poison(d_dxs);
-    DeviceBuffer<hl::gpu::bf16> params16, scratch;
-    hl::gpu::Bf16Operands ops;
-    if (bf16) {
-        params16.alloc(pp.host.size());
-        hl::gpu::round_bf16(params16.ptr, pp.dev.ptr, pp.host.size());
-        ops.params = pp.dev.ptr, ops.n = pp.host.size(), ops.params16 = params16.ptr;
-        ops.scratch_n = (size_t)N * std::max({D, DI, c.d_in_proj()});
-        scratch.alloc(2 * ops.scratch_n);
-        ops.a16 = scratch.ptr, ops.b16 = scratch.ptr + ops.scratch_n;
-    }
-    const hl::gpu::Bf16Scope scope(bf16 ? &ops : nullptr);
+    std::optional<TestBf16> b16;
+    if (bf16) b16.emplace(pp.dev.ptr, pp.host.size(), (size_t)N * std::max({D, DI, c.d_in_proj()}));
+    const hl::gpu::Bf16Scope scope(b16 ? &b16->ops : nullptr);
     const double out_tol = bf16 ? 2e-2 : FWD_TOL, grad_tol = bf16 ? 5e-2 : GRAD_TOL;
     const float* dx_ = c.shared_x ? d_xs.ptr : nullptr;
     if (branch_only) {
@@ -271,7 +260,10 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     } else {
         hl::gpu::mamba2_mixer_forward(d_out.ptr, dacts, d_inp.ptr, dp_, c, B, T);
         expect_close(tag + " out", from_dev(d_out), out, out_tol);
-        hl::gpu::mamba2_mixer_backward(d_dinp.ptr, ddp, d_dout.ptr, dacts, d_inp.ptr, dp_, c, B, T);
+        DeviceBuffer<hl::gpu::bf16> dout16;  // bf16: dout in bf16 for out_proj's GEMM, as in run_attn_mixer
+        if (bf16) TestBf16::take_bf16(dout16, d_dout);
+        hl::gpu::mamba2_mixer_backward(d_dinp.ptr, ddp, d_dout.ptr, dacts, d_inp.ptr, dp_, c, B, T, 0, nullptr,
+                                       dout16.ptr);
     }
     expect_close(tag + " dinp", from_dev(d_dinp), dinp, grad_tol);
     pp.compare_grads(tag, grad_tol);
@@ -386,7 +378,7 @@ TEST_CASE("gpu attention mixer under bf16 operands (q, k and dy written in bf16 
     run_attn_mixer(hl::AttnConfig{128, 4, 2, 64, 64, 10000.0, 64, 16}, 1, 700, seed++, true, false); // sink split
 }
 
-TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_inner 1024, 2048; bf16 operands) forward/backward equal the CPU (T = 7, 65; chunk not dividing T)") {
+TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_inner 1024, 2048) forward/backward equal the CPU (T = 7, 65; chunk not dividing T)") {
     uint64_t seed = 100;
     for (int T : {7, 65}) {
         // (D, d_inner, P, N, G, chunk): chunk 4 and 16 do not divide 7 or 65; 64 > 7; G = 2 groups
@@ -399,7 +391,11 @@ TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_in
         run_mamba2(mamba_config(16, 1024, 64, 16, 1, 16), 1, T, false, seed++);
         run_mamba2(mamba_config(16, 2048, 64, 16, 2, 16), 1, T, false, seed++);
     }
-    // under bf16 operands: the fused path writes in_proj's output gradient in bf16 (a poisoned column would show)
+}
+
+TEST_CASE("gpu mamba2 mixer with bf16 matmuls (in_proj's gradient written in bf16 by the fused path) tracks the CPU") {
+    uint64_t seed = 200;
+    // the fused path writes in_proj's output gradient in bf16 (a poisoned column would show)
     run_mamba2(mamba_config(16, 1024, 64, 16, 1, 16), 2, 65, false, seed++, true);
     run_mamba2(mamba_config(32, 2048, 64, 16, 2, 64), 1, 100, false, seed++, true);
     run_mamba2(mamba_config(16, 32, 8, 8, 2, 4), 2, 65, false, seed++, true);  // unfused: rounded by the GEMM
