@@ -478,7 +478,7 @@ inline void mamba2_branch_step(Mamba2Step<float>& s, Mamba2State<float>& st, con
     gpu::conv1d_silu_step(s.xBC, st.conv, s.conv_in, p.conv_w, p.conv_b, B, CD, c.d_conv, stream);
     // split [x, B, C]; dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
     mamba2_split_kernel<<<elementwise_grid((size_t)B * (CD + H), 256), 256, 0, stream>>>(
-        s.x, s.Bm, s.Cm, s.dt, s.A, s.xBC, s.zxbcdt, p.dt_bias, p.A_log, B, DI, GN, H, DIP);
+        s.x, s.Bm, s.Cm, s.dt, s.A, s.xBC, s.zxbcdt, p.dt_bias, p.A_log, B, DI, GN, H, DIP, DIP - H);
     cudaCheckLast();
     // S = exp(dt·A)·S + dt·x⊗B,  y = S·C + D·x
     gpu::ssd_step(s.y, st.ssm, s.x, s.dt, s.A, s.Bm, s.Cm, p.D, B, H, c.headdim, c.ngroups, c.d_state, stream);

@@ -3,7 +3,7 @@
 // grouped gated RMSNorm and out_proj), forward and backward, same names and arguments on device pointers.
 //
 //   [z, xBC, dt_raw] = in_proj · u           cuBLAS (kernels/matmul.cuh)
-//   conv_in = [x, B, C]                       in_proj's columns, read in place by the conv (rows d_in_proj apart);
+//   conv_in = [x, B, C]                       in_proj's columns, read in place by the conv (rows LD apart);
 //                                             with x_shared a gather first (mamba2_conv_in_kernel)
 //   [x, B, C] = SiLU(causal_depthwise_conv1d) kernels/conv1d.cuh, its output columns written into x, B, C
 //   dt = softplus(dt_raw + dt_bias), A = −exp(A_log)    mamba2_split_kernel
@@ -11,6 +11,10 @@
 //   g = y ⊙ SiLU(z)                           mamba2_gate_forward_kernel
 //   mixer: gn = RMSNorm_grouped(g) · norm_w, out = out_proj · gn    kernels/rmsnorm.cuh, cuBLAS; on wide groups
 //          the gate and the norm are one kernel (mamba2_gate_norm_forward_kernel), g not stored
+// in_proj's output and its gradient are (B, T, LD) with LD = in_proj_rows(), d_in_proj rounded up to a multiple of
+// 8: its GEMMs run over the parameter layout's extra rows after in_proj (model/mamba2.h), whose output columns
+// nothing reads, and whose gradient columns the dt backward writes as zeros (so they add nothing to the input's
+// gradient and leave the gap's gradient at zero).
 // The SSD kernels read dense (B, T, H, P) / (B, T, G, N) rows, so the conv writes its output's three column ranges
 // into x, B and C (and its backward reads the gradient there): no xBC tensor, no split or concatenation pass (they
 // took 3–4% of a 100m mamba2 step). The parameter-gradient reductions over rows (dt_bias) use colsum
@@ -42,7 +46,8 @@ namespace hl::gpu {
 template <typename T>
 struct GpuMamba2Acts {
     // forward, saved for the backward
-    T* zxbcdt = nullptr;         // (B, T, d_in_proj)  in_proj output [z, xBC, dt_raw] ([z, BC, dt_raw] if shared_x)
+    T* zxbcdt = nullptr;         // (B, T, LD)         in_proj output [z, xBC, dt_raw, pad] ([z, BC, dt_raw, pad] if
+                                 //                    shared_x); LD = in_proj_rows()
     T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C], gathered with a shared x only
     T* conv_pre = nullptr;       // (B, T, conv_dim)   conv output before SiLU
     T* x = nullptr;              // (B, T, H, P)       the scan's inputs: the conv's output columns (no xBC tensor)
@@ -66,7 +71,7 @@ struct GpuMamba2Acts {
     T* ddt = nullptr;            // (B, T, H)
     T* dA = nullptr;             // (H)
     T* dconv_in = nullptr;       // (B, T, conv_dim)
-    T* dzxbcdt = nullptr;        // (B, T, d_in_proj)
+    T* dzxbcdt = nullptr;        // (B, T, LD)
     float* ssd_scratch = nullptr;  // ssd_chunked_backward_scratch_size(B, T, H, P, G, N, chunk)
     float* conv_scratch = nullptr;  // conv1d_backward_scratch_size(B, T, conv_dim, d_conv): the conv's dw partials
 };
@@ -81,7 +86,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     const size_t scratch = ssd_chunked_backward_scratch_size(B, T_, H, P, G, N, c.chunk);
     HL_CHECK(scratch < (size_t)INT_MAX, "mamba2 activations (gpu): SSD scratch of ", scratch, " floats is too large");
     GpuMamba2Acts<float> x;
-    x.zxbcdt = a.take("zxbcdt", {B, T_, c.d_in_proj()});
+    x.zxbcdt = a.take("zxbcdt", {B, T_, c.in_proj_rows()});
     if (c.shared_x) x.conv_in = a.take("conv_in", {B, T_, CD});  // else the conv reads zxbcdt in place
     x.conv_pre = a.take("conv_pre", {B, T_, CD});
     x.x = a.take("x", {B, T_, H, P});
@@ -103,7 +108,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.ddt = a.take("ddt", {B, T_, H});
     x.dA = a.take("dA", {H});
     if (c.shared_x) x.dconv_in = a.take("dconv_in", {B, T_, CD});
-    x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.d_in_proj()});
+    x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.in_proj_rows()});
     x.ssd_scratch = a.take("ssd_scratch", {(int)scratch});
     x.conv_scratch = a.take("conv_scratch", {(int)gpu::conv1d_backward_scratch_size(B, T_, CD, c.d_conv)});
     return x;
@@ -116,28 +121,29 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
 // tiny next to the projections and the scan, so they are kept simple.
 // ---------------------------------------------------------------------------------------------------------
 
-// conv_in (rows, CD) = [x, B, C]: columns [DI, DI+CD) of zxbcdt (rows, DIP), or with x_shared (rows, DI)
+// conv_in (rows, CD) = [x, B, C]: columns [DI, DI+CD) of zxbcdt (rows, LD), or with x_shared (rows, DI)
 // non-null, x from x_shared and B, C from columns [DI, DI+2GN) of zxbcdt (which then has no x columns).
 template <typename T>
 __global__ void mamba2_conv_in_kernel(T* conv_in, const T* zxbcdt, const T* x_shared, int rows, int DI, int CD,
-                                      int DIP) {
+                                      int LD) {
     const size_t total = (size_t)rows * CD;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / CD;
         const int col = (int)(i % CD);
-        const T* zr = zxbcdt + r * DIP;
+        const T* zr = zxbcdt + r * LD;
         conv_in[i] = x_shared ? (col < DI ? x_shared[r * DI + col] : zr[col]) : zr[DI + col];
     }
 }
 
 // Per row r: x (rows, DI), Bm, Cm (rows, GN) = the three column ranges of xBC (rows, CD); dt (rows, H) =
-// softplus(zxbcdt[r, dt_off + h] + dt_bias[h]) with dt_off = DIP − H; and A (H) = −exp(A_log).
+// softplus(zxbcdt[r, dt_off + h] + dt_bias[h]) (zxbcdt (rows, LD), dt_off = d_in_proj − H); and A (H) = −exp(A_log).
 // One launch over rows·(CD + H) elements: columns col < CD are the split, col ≥ CD the dt of head col − CD
 // (the first H threads of the grid-stride loop also do A). With xBC null only dt and A (rows·H elements): the
 // training path's conv wrote x, B and C itself (ConvColumns); cached decoding splits here.
 template <typename T>
 __global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xBC, const T* zxbcdt,
-                                    const T* dt_bias, const T* A_log, int rows, int DI, int GN, int H, int DIP) {
+                                    const T* dt_bias, const T* A_log, int rows, int DI, int GN, int H, int LD,
+                                    int dt_off) {
     const int CD = DI + 2 * GN, C0 = xBC ? 0 : CD, W = CD - C0 + H;
     const size_t total = (size_t)rows * W;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
@@ -150,38 +156,38 @@ __global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xB
         else if (col < CD) Cm[r * GN + col - DI - GN] = xBC[r * CD + col];
         else {
             const int h = col - CD;
-            dt[r * H + h] = T(dev_softplus(float(zxbcdt[r * DIP + (DIP - H) + h]) + float(dt_bias[h])));
+            dt[r * H + h] = T(dev_softplus(float(zxbcdt[r * LD + dt_off + h]) + float(dt_bias[h])));
         }
     }
 }
 
-// g (rows, DI) = y ⊙ SiLU(z), z = columns [0, DI) of zxbcdt (rows, DIP). Four elements a thread on [0, 4·n4)
-// (mamba2_gate_vec4: then DI and DIP are multiples of 4, so a group of four lies in one row), one on the rest.
+// g (rows, DI) = y ⊙ SiLU(z), z = columns [0, DI) of zxbcdt (rows, LD). Four elements a thread on [0, 4·n4)
+// (mamba2_gate_vec4: then DI and LD are multiples of 4, so a group of four lies in one row), one on the rest.
 template <typename T>
-__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const T* zxbcdt, int rows, int DI, int DIP, size_t n4) {
+__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const T* zxbcdt, int rows, int DI, int LD, size_t n4) {
     const size_t total = (size_t)rows * DI;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     auto gate = [](float yv, float z) { return yv * dev_silu(z); };
     for (size_t q = i0; q < n4; q += stride) {
         const size_t r = 4 * q / DI, col = 4 * q % DI;
-        st4(g, q, map4(ld4(y, q), ld4(zxbcdt, (r * DIP + col) / 4), gate));
+        st4(g, q, map4(ld4(y, q), ld4(zxbcdt, (r * LD + col) / 4), gate));
     }
     for (size_t i = 4 * n4 + i0; i < total; i += stride) {
         const size_t r = i / DI;
         const int col = (int)(i % DI);
-        g[i] = T(gate(float(y[i]), float(zxbcdt[r * DIP + col])));
+        g[i] = T(gate(float(y[i]), float(zxbcdt[r * LD + col])));
     }
 }
 
 // Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI), and dz = dg ⊙ y ⊙ SiLU'(z) straight into the z columns
-// of dzxbcdt (rows, DIP). Same mapping as the forward.
+// of dzxbcdt (rows, LD). Same mapping as the forward.
 template <typename T>
 __global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows,
-                                            int DI, int DIP, size_t n4) {
+                                            int DI, int LD, size_t n4) {
     const size_t total = (size_t)rows * DI;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     for (size_t q = i0; q < n4; q += stride) {
-        const size_t r = 4 * q / DI, col = 4 * q % DI, qz = (r * DIP + col) / 4;
+        const size_t r = 4 * q / DI, col = 4 * q % DI, qz = (r * LD + col) / 4;
         const float4 d = ld4(dg, q), z = ld4(zxbcdt, qz);
         st4(dy, q, map4(d, z, [](float a, float zv) { return a * dev_silu(zv); }));
         st4(dzxbcdt, qz, map4(map4(d, ld4(y, q), [](float a, float b) { return a * b; }), z,
@@ -190,30 +196,30 @@ __global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, cons
     for (size_t i = 4 * n4 + i0; i < total; i += stride) {
         const size_t r = i / DI;
         const int col = (int)(i % DI);
-        const float z = float(zxbcdt[r * DIP + col]), d = float(dg[i]);
+        const float z = float(zxbcdt[r * LD + col]), d = float(dg[i]);
         dy[i] = T(d * dev_silu(z));
-        dzxbcdt[r * DIP + col] = T(d * float(y[i]) * dev_silu_grad(z));
+        dzxbcdt[r * LD + col] = T(d * float(y[i]) * dev_silu_grad(z));
     }
 }
 
 // The gate kernels' groups of four (vec4_count), 0 where a group could straddle two rows of zxbcdt.
 template <typename... P>
-size_t mamba2_gate_vec4(int rows, int DI, int DIP, const P*... p) {
-    return DI % 4 == 0 && DIP % 4 == 0 ? vec4_count((size_t)rows * DI, p...) : 0;
+size_t mamba2_gate_vec4(int rows, int DI, int LD, const P*... p) {
+    return DI % 4 == 0 && LD % 4 == 0 ? vec4_count((size_t)rows * DI, p...) : 0;
 }
 template <typename T>
-void mamba2_gate_forward(T* g, const T* y, const T* zxbcdt, int rows, int DI, int DIP, cudaStream_t stream) {
-    const size_t n4 = mamba2_gate_vec4(rows, DI, DIP, g, y, zxbcdt);
+void mamba2_gate_forward(T* g, const T* y, const T* zxbcdt, int rows, int DI, int LD, cudaStream_t stream) {
+    const size_t n4 = mamba2_gate_vec4(rows, DI, LD, g, y, zxbcdt);
     mamba2_gate_forward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
-        g, y, zxbcdt, rows, DI, DIP, n4);
+        g, y, zxbcdt, rows, DI, LD, n4);
     cudaCheckLast();
 }
 template <typename T>
-void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows, int DI, int DIP,
+void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows, int DI, int LD,
                           cudaStream_t stream) {
-    const size_t n4 = mamba2_gate_vec4(rows, DI, DIP, dy, dzxbcdt, dg, y, zxbcdt);
+    const size_t n4 = mamba2_gate_vec4(rows, DI, LD, dy, dzxbcdt, dg, y, zxbcdt);
     mamba2_gate_backward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
-        dy, dzxbcdt, dg, y, zxbcdt, rows, DI, DIP, n4);
+        dy, dzxbcdt, dg, y, zxbcdt, rows, DI, LD, n4);
     cudaCheckLast();
 }
 
@@ -221,24 +227,25 @@ void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* z
 // (recomputed, not read back: under bf16 the kernel writes it rounded, for the GEMM only).
 template <typename T>
 __device__ __forceinline__ float mamba2_dt_grad(const T* ddt, const T* zxbcdt, const T* dt_bias, size_t r, int h, int H,
-                                                int DIP) {
-    return float(ddt[r * H + h]) * dev_sigmoid(float(zxbcdt[r * DIP + (DIP - H) + h]) + float(dt_bias[h]));
+                                                int LD, int dt_off) {
+    return float(ddt[r * H + h]) * dev_sigmoid(float(zxbcdt[r * LD + dt_off + h]) + float(dt_bias[h]));
 }
 
-// Backward of dt = softplus(dt_raw + dt_bias): the dt_raw columns of dzxbcdt (rows, DIP; O = T, or bf16 for the
-// in_proj GEMM) get ddt · σ(dt_raw + dt_bias) (rows, H). The first H threads also finish A = −exp(A_log):
-// dA_log += dA · A. (dt_bias's gradient is the column sum of the same values: colsum with Mamba2DtGradTerm.)
+// Backward of dt = softplus(dt_raw + dt_bias): the dt_raw columns of dzxbcdt (rows, LD; O = T, or bf16 for the
+// in_proj GEMM) get ddt · σ(dt_raw + dt_bias) (rows, H), and the pad columns after them (up to LD) zeros, which the
+// GEMM reads. The first H threads also finish A = −exp(A_log): dA_log += dA · A. (dt_bias's gradient is the column
+// sum of the same values: colsum with Mamba2DtGradTerm.)
 template <typename T, typename O>
 __global__ void mamba2_dt_backward_kernel(O* dzxbcdt, T* dA_log, const T* ddt, const T* zxbcdt, const T* dt_bias,
-                                          const T* dA, const T* A, int rows, int H, int DIP) {
-    const size_t total = (size_t)rows * H;
+                                          const T* dA, const T* A, int rows, int H, int LD, int dt_off) {
+    const int W = LD - dt_off;  // dt columns and pads
+    const size_t total = (size_t)rows * W;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     for (size_t h = i0; h < (size_t)H; h += stride) dA_log[h] = T(float(dA_log[h]) + float(dA[h]) * float(A[h]));
     for (size_t i = i0; i < total; i += stride) {
-        const size_t r = i / H;
-        const int h = (int)(i % H);
-        const size_t j = r * DIP + (DIP - H) + h;
-        dzxbcdt[j] = O(mamba2_dt_grad(ddt, zxbcdt, dt_bias, r, h, H, DIP));
+        const size_t r = i / W;
+        const int h = (int)(i % W);
+        dzxbcdt[r * LD + dt_off + h] = O(h < H ? mamba2_dt_grad(ddt, zxbcdt, dt_bias, r, h, H, LD, dt_off) : 0.f);
     }
 }
 
@@ -246,20 +253,22 @@ __global__ void mamba2_dt_backward_kernel(O* dzxbcdt, T* dA_log, const T* ddt, c
 template <typename T>
 struct Mamba2DtGradTerm {
     const T *ddt, *zxbcdt, *dt_bias;
-    int H, DIP;
-    __device__ float operator()(int r, int h) const { return mamba2_dt_grad(ddt, zxbcdt, dt_bias, r, h, H, DIP); }
+    int H, LD, dt_off;
+    __device__ float operator()(int r, int h) const {
+        return mamba2_dt_grad(ddt, zxbcdt, dt_bias, r, h, H, LD, dt_off);
+    }
 };
 
-// Backward of mamba2_conv_in_kernel: dconv_in (rows, CD) back into the x/B/C columns of dzxbcdt (rows, DIP),
+// Backward of mamba2_conv_in_kernel: dconv_in (rows, CD) back into the x/B/C columns of dzxbcdt (rows, LD),
 // or with dx_shared (rows, DI) non-null, its x part into dx_shared and B, C into dzxbcdt's columns [DI, DI+2GN).
 template <typename T>
 __global__ void mamba2_conv_in_backward_kernel(T* dzxbcdt, T* dx_shared, const T* dconv_in, int rows, int DI, int CD,
-                                               int DIP) {
+                                               int LD) {
     const size_t total = (size_t)rows * CD;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / CD;
         const int col = (int)(i % CD);
-        T* zr = dzxbcdt + r * DIP;
+        T* zr = dzxbcdt + r * LD;
         if (!dx_shared) zr[DI + col] = dconv_in[i];
         else if (col < DI) dx_shared[r * DI + col] = dconv_in[i];
         else zr[col] = dconv_in[i];
@@ -281,34 +290,34 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
     HL_CHECK(B > 0 && T_ > 0, "mamba2 (gpu): bad sizes B=", B, " T=", T_);
     HL_CHECK(c.shared_x == (x_shared != nullptr), "mamba2 (gpu): x_shared must be given exactly when shared_x is set");
     const int rows = B * T_, D = c.d_model, DI = c.d_inner, H = c.nheads(), GN = c.ngroups * c.d_state;
-    const int CD = c.conv_dim(), DIP = c.d_in_proj();
+    const int CD = c.conv_dim(), LD = c.in_proj_rows(), dt_off = c.d_in_proj() - H;
 
-    // [z, xBC, dt_raw] = in_proj · u
-    gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, DIP, stream, inp16);
+    // [z, xBC, dt_raw, pad] = in_proj · u (the pad columns from the parameter layout's gap rows: not read)
+    gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, LD, stream, inp16);
     // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's
-    // output (rows DIP apart), gathered first only with a shared x (x from x_shared, B and C from in_proj); it writes
+    // output (rows LD apart), gathered first only with a shared x (x from x_shared, B and C from in_proj); it writes
     // its output's column ranges straight into the scan's x, B and C
     const ConvColumns<T> xbc(acts.x, DI, DI, acts.Bm, DI + GN, GN, acts.Cm, CD, GN);
     if (x_shared) {
         mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.conv_in, acts.zxbcdt,
-                                                                                             x_shared, rows, DI, CD, DIP);
+                                                                                             x_shared, rows, DI, CD, LD);
         cudaCheckLast();
         gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
     } else {
         gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.zxbcdt + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream,
-                                 DIP);
+                                 LD);
     }
     // dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
     mamba2_split_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
         acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, (const T*)nullptr, acts.zxbcdt, p.dt_bias, p.A_log, rows, DI, GN, H,
-        DIP);
+        LD, dt_off);
     cudaCheckLast();
     // y = SSD(x, dt, A, B, C) + D·x from a zero state
     gpu::ssd_chunked_forward(acts.y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
                              (const T*)nullptr, (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
                              stream);
     // g = y ⊙ SiLU(z)
-    if (gate) mamba2_gate_forward(acts.g, acts.y, acts.zxbcdt, rows, DI, DIP, stream);
+    if (gate) mamba2_gate_forward(acts.g, acts.y, acts.zxbcdt, rows, DI, LD, stream);
 }
 
 // Backward of the branch, given dg (B, T, d_inner), the gradient of acts.g. dinp (B, T, d_model) is written;
@@ -328,25 +337,26 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
              "mamba2 (gpu): x_shared and dx_shared must be given exactly when shared_x is set");
     HL_CHECK(!dzxbcdt16 || (!dg && !x_shared), "mamba2 (gpu): a bf16 dzxbcdt needs the fused gate and no shared x");
     const int rows = B * T_, D = c.d_model, DI = c.d_inner, H = c.nheads(), GN = c.ngroups * c.d_state;
-    const int CD = c.conv_dim(), DIP = c.d_in_proj();
+    const int CD = c.conv_dim(), LD = c.in_proj_rows(), dt_off = c.d_in_proj() - H;
 
     // g = y ⊙ SiLU(z)  →  dy, and dz into dzxbcdt
-    if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, acts.y, acts.zxbcdt, rows, DI, DIP, stream);
+    if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, acts.y, acts.zxbcdt, rows, DI, LD, stream);
     // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
     cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
     gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr, acts.ssd_scratch,
                               acts.dy, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm,
                               p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
-    // dt = softplus(dt_raw + dt_bias) → the dt_raw columns of dzxbcdt; A = −exp(A_log) → dA_log += dA · A
+    // dt = softplus(dt_raw + dt_bias) → the dt_raw columns of dzxbcdt (and zeros in its pad columns);
+    // A = −exp(A_log) → dA_log += dA · A
     auto dt_backward = [&](auto* dst) {
-        mamba2_dt_backward_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
-            dst, dp.A_log, acts.ddt, acts.zxbcdt, p.dt_bias, acts.dA, acts.A, rows, H, DIP);
+        mamba2_dt_backward_kernel<<<elementwise_grid((size_t)rows * (LD - dt_off), 256), 256, 0, stream>>>(
+            dst, dp.A_log, acts.ddt, acts.zxbcdt, p.dt_bias, acts.dA, acts.A, rows, H, LD, dt_off);
         cudaCheckLast();
     };
     if (dzxbcdt16) dt_backward(dzxbcdt16);
     else dt_backward(acts.dzxbcdt);
     // dt_bias[h] += Σ_rows of that column (deterministic column sum)
-    gpu::colsum(dp.dt_bias, Mamba2DtGradTerm<T>{acts.ddt, acts.zxbcdt, p.dt_bias, H, DIP}, rows, H, stream);
+    gpu::colsum(dp.dt_bias, Mamba2DtGradTerm<T>{acts.ddt, acts.zxbcdt, p.dt_bias, H, LD, dt_off}, rows, H, stream);
     // [x, B, C] = SiLU(conv1d(conv_in)): the conv reads the gradient at its output from dx, dB and dC; without a
     // shared x, conv_in is in_proj's x, B, C columns, and its gradient goes straight into those columns of dzxbcdt
     const ConvColumns<const T> dxbc(acts.dx, DI, DI, acts.dBm, DI + GN, GN, acts.dCm, CD, GN);
@@ -354,17 +364,17 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
         gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.conv_in, p.conv_w, B,
                                   T_, CD, c.d_conv, acts.conv_scratch, stream);
         mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
-            acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, DIP);
+            acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, LD);
         cudaCheckLast();
     } else if (dzxbcdt16) {
         gpu::conv1d_silu_backward(dzxbcdt16 + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.zxbcdt + DI,
-                                  p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, DIP);
+                                  p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
     } else {
         gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.zxbcdt + DI,
-                                  p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, DIP);
+                                  p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
     }
-    // [z, xBC, dt_raw] = in_proj · u
-    gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, DIP, stream, false,
+    // [z, xBC, dt_raw, pad] = in_proj · u (over the gap rows too: their gradient stays zero, the pads being zero)
+    gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, LD, stream, false,
                          inp16, dzxbcdt16);
 }
 
@@ -381,7 +391,7 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
 // either reads or writes: the forward's choice decides whether acts.g exists for the backward).
 template <typename T>
 bool mamba2_gate_norm_fused(const Mamba2Config& c, const GpuMamba2Acts<T>& acts, const Mamba2Params<T>& p) {
-    return std::is_same_v<T, float> && rmsnorm_wide_row(c.d_inner / c.ngroups) && c.d_in_proj() % 4 == 0 &&
+    return std::is_same_v<T, float> && rmsnorm_wide_row(c.d_inner / c.ngroups) && c.in_proj_rows() % 4 == 0 &&
            vec4_aligned(acts.gn, acts.dgn, acts.dg, acts.y, acts.dy, acts.zxbcdt, acts.dzxbcdt, p.norm_w);
 }
 
@@ -389,11 +399,11 @@ bool mamba2_gate_norm_fused(const Mamba2Config& c, const GpuMamba2Acts<T>& acts,
 // (gn is out_proj's input only). grid: rows·G blocks of RMSNORM_BLOCK threads.
 template <int V, typename O>
 __global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float* y, const float* zxbcdt,
-                                                const float* norm_w, int G, int Cg, int DIP, float eps) {
+                                                const float* norm_w, int G, int Cg, int LD, float eps) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4, grp = r % G;
     const float* yr = y + (size_t)r * Cg;                                 // (Cg)
-    const float* zr = zxbcdt + (size_t)(r / G) * DIP + (size_t)grp * Cg;  // (Cg): z is columns [0, d_inner)
+    const float* zr = zxbcdt + (size_t)(r / G) * LD + (size_t)grp * Cg;  // (Cg): z is columns [0, d_inner)
     const float* wr = norm_w + (size_t)grp * Cg;                          // (Cg)
     float4 g[V];
     float ss = 0.0f;
@@ -414,7 +424,7 @@ __global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float*
 }
 
 // With g = y ⊙ SiLU(z), ĝ = g · rstd, d = dgn ⊙ norm_w:  dg = rstd · (d − ĝ · mean(d ⊙ ĝ)) over the group, then
-// dy = dg ⊙ SiLU(z) (rows, DI) and dz = dg ⊙ y ⊙ SiLU'(z) into the z columns of dzxbcdt (rows, DIP; ZO float, or
+// dy = dg ⊙ SiLU(z) (rows, DI) and dz = dg ⊙ y ⊙ SiLU'(z) into the z columns of dzxbcdt (rows, LD; ZO float, or
 // bf16 for the in_proj GEMM): both written.
 // grid (ceil(rows / MAMBA2_GN_ROWS), G): block (b, g) takes group g of rows b·R … b·R + R − 1 in turn and keeps its
 // threads' share of Σ_rows dgn ⊙ ĝ (norm_w's gradient) in registers, written to wpart row b (ceil(rows / R), DI):
@@ -424,7 +434,7 @@ constexpr int MAMBA2_GN_ROWS = 16;
 template <int V, typename ZO>
 __global__ void mamba2_gate_norm_backward_kernel(float* dy, ZO* dzxbcdt, float* wpart, const float* dgn,
                                                  const float* y, const float* zxbcdt, const float* norm_w,
-                                                 const float* rstd, int rows, int G, int Cg, int DIP) {
+                                                 const float* rstd, int rows, int G, int Cg, int LD) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int tid = threadIdx.x, C4 = Cg / 4, grp = blockIdx.y;
     const float* wr = norm_w + (size_t)grp * Cg;  // (Cg)
@@ -437,7 +447,7 @@ __global__ void mamba2_gate_norm_backward_kernel(float* dy, ZO* dzxbcdt, float* 
     }
     const int n1 = min(rows, (blockIdx.x + 1) * MAMBA2_GN_ROWS);
     for (int n = blockIdx.x * MAMBA2_GN_ROWS; n < n1; n++) {
-        const size_t r = (size_t)n * G + grp, zoff = (size_t)n * DIP + (size_t)grp * Cg;
+        const size_t r = (size_t)n * G + grp, zoff = (size_t)n * LD + (size_t)grp * Cg;
         const float s = rstd[r];
         float4 yv[V], z[V], gh[V], d[V];  // y, z, ĝ, d
         float dot = 0.0f;
@@ -494,7 +504,7 @@ void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Ma
             auto launch = [&](auto* o) {
                 rmsnorm_row_dispatch(Cg, [&](auto v) {
                     mamba2_gate_norm_forward_kernel<decltype(v)::value><<<rows * G, RMSNORM_BLOCK, 0, stream>>>(
-                        o, acts.rstd, acts.y, acts.zxbcdt, p.norm_w, G, Cg, c.d_in_proj(), float(MAMBA2_NORM_EPS));
+                        o, acts.rstd, acts.y, acts.zxbcdt, p.norm_w, G, Cg, c.in_proj_rows(), float(MAMBA2_NORM_EPS));
                 });
                 cudaCheckLast();
             };
@@ -516,7 +526,7 @@ void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
-    const int rows = B * T_, G = c.ngroups, Cg = c.d_inner / G, DIP = c.d_in_proj();
+    const int rows = B * T_, G = c.ngroups, Cg = c.d_inner / G, LD = c.in_proj_rows();
     gpu::matmul_backward(acts.dgn, dp.out_proj, (T*)nullptr, dout, acts.gn, p.out_proj, rows, c.d_inner, c.d_model,
                          stream, false, gpu::bf16_view(acts.gn), dout16);
     bf16* dzxbcdt16 = nullptr;  // in_proj's output gradient in bf16 (on the fused path)
@@ -527,7 +537,7 @@ void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba
             auto launch = [&](auto* dz) {
                 rmsnorm_row_dispatch(Cg, [&](auto v) {
                     mamba2_gate_norm_backward_kernel<decltype(v)::value><<<dim3(nb, G), RMSNORM_BLOCK, 0, stream>>>(
-                        acts.dy, dz, acts.dg, acts.dgn, acts.y, acts.zxbcdt, p.norm_w, acts.rstd, rows, G, Cg, DIP);
+                        acts.dy, dz, acts.dg, acts.dgn, acts.y, acts.zxbcdt, p.norm_w, acts.rstd, rows, G, Cg, LD);
                 });
                 cudaCheckLast();
             };

@@ -101,6 +101,8 @@ struct Arena {
         size += n;
         return p;
     }
+    // n elements left out after the last tensor (a gap, like the alignment's: no tensor of its own)
+    void reserve(size_t n) { size += n; }
     // Scoped prefix for nested modules: Arena<T>::Scope s(a, "mixer.");
     struct Scope {
         Arena& a;
