@@ -163,14 +163,15 @@ struct GpuModel {
         ops.params = params.ptr, ops.n = n_params, ops.params16 = params16.ptr;
         alloc_operand_scratch();
     }
-    // the two activation operands of any matmul of a (B, T) batch: rows ≤ B·T, width ≤ the widest parameter dim;
+    // the two activation operands of any matmul of a (B, T) batch: rows ≤ B·T, width ≤ the widest parameter dim
+    // rounded up to a multiple of 8 (Mamba-2's in_proj GEMMs run over in_proj_rows);
     // then the tensor-core attention's staging, sized for the largest attention of any layer (layers take turns)
     void alloc_operand_scratch() {
         if (precision != Precision::bf16 || B == 0) return;
         int width = 0;
         for (const TensorInfo& t : tensors)
             if (t.shape.size() >= 2)
-                for (int d : t.shape) width = std::max(width, d);
+                for (int d : t.shape) width = std::max(width, (d + 7) / 8 * 8);
         ops.scratch_n = (size_t(B) * T_ * size_t(width) + 7) / 8 * 8;  // keeps b16 and stage 16-byte aligned
         ops.stage_n = 0;
         for (const BlockConfig& c : blocks)

@@ -247,7 +247,7 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     d_dinp.alloc(dinp.size()); poison(d_dinp);
     d_dxs.alloc(dxs.size()); poison(d_dxs);
     std::optional<TestBf16> b16;
-    if (bf16) b16.emplace(pp.dev.ptr, pp.host.size(), (size_t)N * std::max({D, DI, c.d_in_proj()}));
+    if (bf16) b16.emplace(pp.dev.ptr, pp.host.size(), (size_t)N * std::max({D, DI, c.in_proj_rows()}));
     const hl::gpu::Bf16Scope scope(b16 ? &b16->ops : nullptr);
     const double out_tol = bf16 ? 2e-2 : FWD_TOL, grad_tol = bf16 ? 5e-2 : GRAD_TOL;
     const float* dx_ = c.shared_x ? d_xs.ptr : nullptr;
