@@ -369,8 +369,8 @@ struct GpuModel {
         gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream);
         // bf16: each norm backward also writes the residual stream's gradient in bf16, for the GEMMs after it
         bf16* res16 = precision == Precision::bf16 ? dres16.ptr : nullptr;
-        gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream, (const float*)nullptr,
-                              nullptr, res16);
+        gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream,
+                              (const float*)nullptr, nullptr, res16);
         for (int l = L - 1; l >= 0; l--) {
             gpu::block_backward(dres, dp.layers[size_t(l)], dres, bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
                                 blocks[size_t(l)], B, T_, stream, res16, l > 0);
