@@ -189,6 +189,7 @@ int train_main(const ModelFlags& flags, const TrainFlags& t, const std::string& 
     const bool ssd_tc = precision == "bf16" && !ssd_tc_off;
     gpu::ssd_detail::ssd_tensor_cores() = ssd_tc;
     dist.broadcast(model.params.ptr, model.params.n, model.stream);  // every rank starts from the lead's state
+    model.params_changed();
     if (!model.sharded()) {
         dist.broadcast(model.m.ptr, model.m.n, model.stream);
         dist.broadcast(model.v.ptr, model.v.n, model.stream);

@@ -19,6 +19,7 @@
 #include <cstdint>              // SIZE_MAX
 #include <cmath>                // std::pow
 #include <vector>               // std::vector
+#include <cuda_bf16.h>          // __nv_bfloat16, __float2bfloat16_rn: the parameters' bf16 copy
 #include "kernels/common.cuh"   // cudaCheckLast, DeviceBuffer, elementwise_grid
 #include "model/adamw.h"        // AdamWConfig, adamw_decays
 #include "model/common.h"       // TensorInfo, HL_CHECK
@@ -77,10 +78,13 @@ struct AdamWTable {
 // clip_norm (device scalar, or null): the gradient clipping fused in, g ← g · max_norm / *clip_norm when the norm is
 // above max_norm, the very product clip_scale_kernel stores (so, for fp32 gradients, the same update bit for bit as
 // clipping first, without that pass over the gradients; they are left unscaled in memory).
+// params16 (or null): the parameters' bf16 copy, each new value rounded into it as it is written (the model's matmul
+// weights under bf16: the same values as rounding all of them before the next forward, without that pass).
 template <typename TG>
 __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v, const AdamWRange* ranges,
                              int n_ranges, size_t total, size_t mv_base, float b1, float b2, float eps, float lr,
-                             float wd, float bc1, float bc2, const float* clip_norm, float max_norm) {
+                             float wd, float bc1, float bc2, const float* clip_norm, float max_norm,
+                             __nv_bfloat16* params16) {
     const float nrm = clip_norm ? *clip_norm : 0.0f;
     const bool clip = nrm > max_norm;  // (false without clip_norm: max_norm > 0 then is not required)
     const float scale = clip ? max_norm / nrm : 1.0f;
@@ -100,19 +104,20 @@ __global__ void adamw_kernel(float* params, const TG* grads, float* m, float* v,
         m[k] = mt;
         v[k] = vt;
         const float mhat = mt / bc1, vhat = vt / bc2;
-        const float p = params[j];
-        params[j] = p - lr * (mhat / (sqrtf(vhat) + eps) + (r.decay ? wd : 0.0f) * p);
+        const float p = params[j], p_new = p - lr * (mhat / (sqrtf(vhat) + eps) + (r.decay ? wd : 0.0f) * p);
+        params[j] = p_new;
+        if (params16) params16[j] = __float2bfloat16_rn(p_new);
     }
 }
 
 // One AdamW step over every tensor of the table. lr is this step's learning rate (cfg.lr is not read);
 // step is 1-based. Bias corrections are computed in double on the host, as the CPU does. clip_norm: the global
 // gradient norm (device scalar, from grad_norm) when the gradients are to be clipped to max_norm in the same pass
-// (what clip_by_norm would do first); null: no clipping.
+// (what clip_by_norm would do first); null: no clipping. params16: see adamw_kernel.
 template <typename TG>
 void adamw_update(float* params, const TG* grads, float* m, float* v, const AdamWTable& table,
                   const AdamWConfig& cfg, float lr, int step, cudaStream_t stream = 0, size_t mv_base = 0,
-                  const float* clip_norm = nullptr, float max_norm = 0.0f) {
+                  const float* clip_norm = nullptr, float max_norm = 0.0f, __nv_bfloat16* params16 = nullptr) {
     HL_CHECK(step >= 1, "adamw: step is 1-based (for bias correction), got ", step);
     HL_CHECK(clip_norm == nullptr || max_norm > 0.0f, "clip_grad_norm: max_norm must be positive, got ", max_norm);
     if (table.total == 0) return;
@@ -121,7 +126,7 @@ void adamw_update(float* params, const TG* grads, float* m, float* v, const Adam
     adamw_kernel<<<elementwise_grid(table.total, 256), 256, 0, stream>>>(params, grads, m, v, table.ranges.ptr,
                                                               table.n_ranges, table.total, mv_base, cfg.beta1, cfg.beta2,
                                                               cfg.eps, lr, cfg.weight_decay, bc1, bc2, clip_norm,
-                                                              max_norm);
+                                                              max_norm, params16);
     cudaCheckLast();
 }
 

@@ -843,15 +843,18 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
     mma::store_rows<DK>(dq, dq_acc, sc, b, qw, T_, H, h);
 }
 
-// dk, dv on sm_90a (wgmma): attention_backward_dkdv_tc_kernel's blocks and loops (a block is one warpgroup: 64 keys
-// of kv head g against the query tiles of head h), its four products per half query tile as warpgroup products:
+// dk, dv on sm_90a (wgmma): attention_backward_dkdv_tc_kernel's loops (a block is one warpgroup: 64 keys of kv head
+// g), but a block takes the query tiles of every query head of g's group in turn, head by head, and sums dk, dv over
+// them in its registers: it writes dk, dv (B, T, Hkv, ·) themselves (a fixed order: deterministic), where a block a
+// query head wrote per-head shares for attention_group_sum_kernel (100m, GQA 4: 128 MB of fp32 shares written and
+// read back, and the key tile loaded 4 times). Its four products per half query tile as warpgroup products:
 // Sᵀ = K Qᵀ and dPᵀ = V doutᵀ with both operands in swizzled shared memory, then dv += Pᵀ dout and dk += dSᵀ Q with
 // Pᵀ and dSᵀ from registers and the query tile's rows read MN-major. As in the forward, every product is issued for
 // every half tile, a fully masked one too (P = 0: ptxas serialises asynchronous products behind branches), and P is
 // exponentiated while dPᵀ is still being multiplied.
 template <int DK, int DV>
 __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3 : 1)  // 4 spilled 256 bytes
-    attention_backward_dkdv_wgmma_kernel(float* dk_part, float* dv_part, const bf16* dout, const float* lse,
+    attention_backward_dkdv_wgmma_kernel(float* dk, float* dv, const bf16* dout, const float* lse,
                                          const float* Dr, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
                                          int Hkv, int window, int sink, float scale, float scale_log2) {
     using namespace attn;
@@ -866,7 +869,7 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int kv0 = blockIdx.x * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
-    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+    const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
     float dk_acc[DK / 8][4], dv_acc[DV / 8][4];
     mma::zero(dk_acc);
     mma::zero(dv_acc);
@@ -874,12 +877,14 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3
 
     const long long w_end = (long long)kv0 + BKV + window - 1;  // as the mma.sync kernel
     const int q_end = (window <= 0 || kv0 < sink || w_end >= T_) ? T_ : (int)w_end;
+    const int n_q = ceil_div(q_end - kv0, BS), n_it = group * n_q;  // query tiles a head; iterations over the group
     const uint64_t dKa = wgmma::desc_k(sK), dVa = wgmma::desc_k(sV), dQk = wgmma::desc_k(sQ),
                    dOk = wgmma::desc_k(sO), dQm = wgmma::desc_mn<BS>(sQ), dOm = wgmma::desc_mn<BS>(sO);
     constexpr uint64_t Q_BUF = BS * DK * sizeof(bf16) / 16, O_BUF = BS * DV * sizeof(bf16) / 16;
     const wgmma::TileLoader<DK, BS, BWD_THREADS> load_q(H);
     const wgmma::TileLoader<DV, BS, BWD_THREADS> load_o(H);
-    auto load_tile = [&](int buf, int q0) {  // query rows q0 .. q0 + BS − 1 of head h
+    auto load_tile = [&](int buf, int it) {  // iteration it: query rows q0 .. q0 + BS − 1 of head h
+        const int h = g * group + it / n_q, q0 = kv0 + it % n_q * BS;
         const size_t row = ((size_t)b * T_ + q0) * H + h, row0 = ((size_t)b * H + h) * T_ + q0;
         load_q.load(sQ + buf * BS * DK, q + row * DK, T_ - q0);
         load_o.load(sO + buf * BS * DV, dout + row * DV, T_ - q0);
@@ -889,10 +894,11 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3
     const size_t row_kv = ((size_t)b * T_ + kv0) * Hkv + g;
     wgmma::TileLoader<DK, BKV, BWD_THREADS>(Hkv).load(sK, k + row_kv * DK, T_ - kv0);
     wgmma::TileLoader<DV, BKV, BWD_THREADS>(Hkv).load(sV, v + row_kv * DV, T_ - kv0);
-    load_tile(0, kv0);
+    load_tile(0, 0);
     mma::cp_async_commit();
-    for (int q0 = kv0, buf = 0; q0 < q_end; q0 += BS, buf ^= 1) {
-        if (q0 + BS < q_end) load_tile(buf ^ 1, q0 + BS);
+    for (int it = 0, buf = 0; it < n_it; it++, buf ^= 1) {
+        const int q0 = kv0 + it % n_q * BS;
+        if (it + 1 < n_it) load_tile(buf ^ 1, it + 1);
         mma::cp_async_commit();
         mma::cp_async_wait<1>();
         wgmma::fence_smem();
@@ -948,8 +954,8 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3
         __syncthreads();  // this buffer is refilled next iteration
     }
     const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
-    mma::store_rows<DV>(dv_part, dv_acc, one, b, jw, T_, H, h);
-    mma::store_rows<DK>(dk_part, dk_acc, sc, b, jw, T_, H, h);
+    mma::store_rows<DV>(dv, dv_acc, one, b, jw, T_, Hkv, g);
+    mma::store_rows<DK>(dk, dk_acc, sc, b, jw, T_, Hkv, g);
 }
 
 // dq on sm_90a (wgmma): attention_backward_dq_tc_kernel's blocks and loops (a block is one warpgroup: 64 queries),
@@ -1263,6 +1269,7 @@ struct AttnBf16In {
     const bf16* q = nullptr;     // (B, T, H, d_qk)
     const bf16* k = nullptr;     // (B, T, Hkv, d_qk)
     const bf16* dout = nullptr;  // (B, T, H, d_v)  backward only
+    const bf16* v = nullptr;     // (B, T, Hkv, d_v)
 };
 
 // Whether attention_forward/backward at these sizes take AttnBf16In: the tensor-core kernels do every product.
@@ -1281,7 +1288,8 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     HL_CHECK(out16 == nullptr || attention_use_tc<T>(d_qk, d_v),
              "attention: a bf16 output (out16) needs the tensor-core kernels (bf16 operands, compiled head dims)");
-    HL_CHECK((in16.q == nullptr && in16.k == nullptr) || attention_bf16_inputs<T>(T_, d_qk, d_v, window, sink),
+    HL_CHECK((in16.q == nullptr && in16.k == nullptr && in16.v == nullptr) ||
+                 attention_bf16_inputs<T>(T_, d_qk, d_v, window, sink),
              "attention: bf16 inputs (in16) need the tensor-core kernels for every product");
     const float scale_log2 = LOG2E / sqrtf((float)d_qk);
     const dim3 grid(ceil_div(T_, BR), B * H);
@@ -1295,7 +1303,8 @@ void attention_forward(T* out, float* lse, const T* q, const T* k, const T* v, i
             else round_bf16(q16, q, nq, stream);
             if (in16.k) k16 = const_cast<bf16*>(in16.k);
             else round_bf16(k16, k, nk, stream);
-            round_bf16(v16, v, nv, stream);
+            if (in16.v) v16 = const_cast<bf16*>(in16.v);
+            else round_bf16(v16, v, nv, stream);
             size_t smem_tc = attention_tc_smem_forward(d_qk, d_v);
             const dim3 grid_tc(ceil_div(T_, attn_tc::BQ), B * H);
             attention_tc_dispatch(d_qk, d_v, [&](auto dk_, auto dv_) {
@@ -1707,7 +1716,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                         AttnBf16In in16 = {}) {
     using namespace attn;
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
-    HL_CHECK((in16.q == nullptr && in16.k == nullptr && in16.dout == nullptr) ||
+    HL_CHECK((in16.q == nullptr && in16.k == nullptr && in16.v == nullptr && in16.dout == nullptr) ||
                  attention_bf16_inputs<T>(T_, d_qk, d_v, window, sink),
              "attention: bf16 inputs (in16) need the tensor-core kernels for every product");
     const float scale = 1.f / sqrtf((float)d_qk), scale_log2 = LOG2E * scale;
@@ -1762,7 +1771,8 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
             else round_bf16(q16, q, nq, stream);
             if (in16.k) k16 = const_cast<bf16*>(in16.k);
             else round_bf16(k16, k, nk, stream);
-            round_bf16(v16, v, nv, stream);
+            if (in16.v) v16 = const_cast<bf16*>(in16.v);
+            else round_bf16(v16, v, nv, stream);
             if (in16.dout) dout16 = const_cast<bf16*>(in16.dout);
             tc_dq = true;
             tc_dkdv = split.tiles == 0;
@@ -1771,8 +1781,10 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 kernel<<<grid, threads, smem, stream>>>(args...);
                 cudaCheckLast();
             };
-            const dim3 grid_tc(ceil_div(T_, attn_tc::BKV), B * H);  // both kernels: a block per query head
             const bool wg = attention_use_wgmma();
+            // dq: a block per query head; dk, dv: likewise with mma.sync, per kv head (the group in turn) with wgmma
+            const dim3 grid_tc(ceil_div(T_, attn_tc::BKV), B * H), grid_kv(grid_tc.x, wg ? B * Hkv : B * H);
+            if (wg) dk_part = dk, dv_part = dv;
             const size_t smem_tc = wg ? attention_wgmma_smem_backward(d_qk, d_v) : attention_tc_smem_backward(d_qk, d_v);
             const bf16 *cq = q16, *ck = k16, *cv = v16, *cdout = dout16;
             const float* cD = scratch_D;
@@ -1780,7 +1792,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 constexpr int DK = decltype(dk_)::value, DV = decltype(dv_)::value;
                 auto launch_kernels = [&](auto dkdv_kernel, auto dq_kernel) {
                     if (tc_dkdv)
-                        launch_tc(dkdv_kernel, grid_tc, attn_tc::BWD_THREADS, smem_tc, dk_part, dv_part, cdout, lse,
+                        launch_tc(dkdv_kernel, grid_kv, attn_tc::BWD_THREADS, smem_tc, dk_part, dv_part, cdout, lse,
                                   cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2);
                     launch_tc(dq_kernel, grid_tc, attn_tc::BWD_THREADS, smem_tc, dq, cdout, lse, cD, cq, ck, cv, T_, H,
                               Hkv, window, sink, scale, scale_log2);
@@ -1791,7 +1803,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 else
                     launch_kernels(attention_backward_dkdv_tc_kernel<DK, DV>, attention_backward_dq_tc_kernel<DK, DV>);
             });
-            if (tc_dkdv && H > Hkv) {  // each kv head's dk, dv: the sum of its query heads' shares
+            if (tc_dkdv && H > Hkv && !wg) {  // each kv head's dk, dv: the sum of its query heads' shares
                 HL_CHECK(vec4_aligned(dk, dv, (const float*)dk_part, (const float*)dv_part),
                          "attention (gpu): dk, dv must be 16-byte aligned");
                 attention_group_sum_kernel<><<<elementwise_grid(nk / 4, 256), 256, 0, stream>>>(dk, dk_part, nk, H,
@@ -1868,6 +1880,7 @@ struct GpuAttnActs {
     T* dy = nullptr;         // (B, T, H·d_v)     gradient of y (mixer backward only)
     float* D = nullptr;      // attention_backward's scratch: rowsum(dy ⊙ y) (B, H, T), then the sink split's
                              // partial sums (attention_backward_scratch_size)
+    bool v_fp32 = false;     // another consumer reads v in fp32 (the intra-layer block's shared values)
 };
 
 // Lays out GpuAttnActs in an arena (counting when the arena has no base), as attn_acts does on the CPU.
@@ -1899,13 +1912,14 @@ bf16* attn_y16(GpuAttnActs<T>& acts, const AttnConfig& c) {
     return attention_use_tc<T>(c.d_qk, c.d_v) ? bf16_view(acts.y) : nullptr;
 }
 
-// Likewise q and k, where the tensor-core kernels do every product (attention_bf16_inputs): only those kernels read
-// them, so their GEMMs write them in bf16 (acts.q's and acts.k's first halves), RoPE rotates them there in place,
-// and the kernels read them as they are (no staging copy, in the forward or the backward). Null fields otherwise.
+// Likewise q, k and v, where the tensor-core kernels do every product (attention_bf16_inputs): only those kernels
+// read them, so their GEMMs write them in bf16 (acts.q's, acts.k's and acts.v's first halves), RoPE rotates q and k
+// there in place, and the kernels read them as they are (no staging copy, in the forward or the backward). v stays
+// fp32 where another consumer reads it so (acts.v_fp32). Null fields otherwise.
 template <typename T>
 AttnBf16In attn_qk16(GpuAttnActs<T>& acts, const AttnConfig& c, int T_) {
     if (!attention_bf16_inputs<T>(T_, c.d_qk, c.d_v, c.window, c.sink)) return {};
-    return {bf16_view(acts.q), bf16_view(acts.k), nullptr};
+    return {bf16_view(acts.q), bf16_view(acts.k), nullptr, acts.v_fp32 ? nullptr : bf16_view(acts.v)};
 }
 
 // Branch: acts.y (B, T, H·d_v) = Attn(RoPE(Wq·inp), RoPE(Wk·inp), Wv·inp); no output projection.
@@ -1917,10 +1931,10 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     if (!inp16) inp16 = gpu::bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for all three)
     const AttnBf16In qk16 = attn_qk16(acts, c, T_);
-    bf16 *q16 = const_cast<bf16*>(qk16.q), *k16 = const_cast<bf16*>(qk16.k);
+    bf16 *q16 = const_cast<bf16*>(qk16.q), *k16 = const_cast<bf16*>(qk16.k), *v16 = const_cast<bf16*>(qk16.v);
     gpu::matmul_forward(acts.q, inp, p.wq, (const T*)nullptr, N, D, H * c.d_qk, stream, inp16, q16);
     gpu::matmul_forward(acts.k, inp, p.wk, (const T*)nullptr, N, D, Hkv * c.d_qk, stream, inp16, k16);
-    gpu::matmul_forward(acts.v, inp, p.wv, (const T*)nullptr, N, D, Hkv * c.d_v, stream, inp16);
+    gpu::matmul_forward(acts.v, inp, p.wv, (const T*)nullptr, N, D, Hkv * c.d_v, stream, inp16, v16);
     // positions enter only through q and k: rotated in place, the rotated versions are what is saved
     if (q16) {
         gpu::rope_forward(q16, q16, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
@@ -1962,6 +1976,25 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
         gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp, inp16,
                              d16);
     };
+    // Under bf16 operands, with wq, wk, wv stored one after another (and their gradients likewise, as model_params
+    // lays them out), the three projections are one (H·d_qk + Hkv·(d_qk + d_v), D) weight: dq, dk, dv are written
+    // side by side into one bf16 dout, and two GEMMs (input and weight gradient) replace six, with no beta = 1
+    // passes over dinp (100m: 3 × 2 GEMMs of 71, 58, 49, 20, 48 and 20 µs, and their split-K reductions)
+    const int Wq = H * c.d_qk, Wk = Hkv * c.d_qk, Wv = Hkv * c.d_v, Wqkv = Wq + Wk + Wv;
+    const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr;
+    const size_t WD = size_t(D);
+    const bool packed = p.wk == p.wq + Wq * WD && p.wv == p.wk + Wk * WD &&
+                        (dp.wq ? dp.wk == dp.wq + Wq * WD && dp.wv == dp.wk + Wk * WD : !dp.wk && !dp.wv);
+    if (ops && packed && size_t(N) * Wqkv <= ops->scratch_n) {
+        bf16* d16 = gpu::bf16_dout_scratch<T>(size_t(N) * Wqkv);
+        gpu::rope_backward(d16, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv));
+        gpu::rope_backward(d16 + Wq, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv));
+        gpu::round_bf16_rows(d16 + Wq + Wk, size_t(Wqkv), reinterpret_cast<const float*>(acts.dv), size_t(N), Wv,
+                             stream);
+        gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, (const T*)nullptr, inp, p.wq, N, D, Wqkv, stream, false,
+                             inp16, d16);
+        return;
+    }
     q_k_backward(acts.dq, H, dp.wq, p.wq, false);
     q_k_backward(acts.dk, Hkv, dp.wk, p.wk, true);
     gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true, inp16);

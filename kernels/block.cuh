@@ -64,17 +64,24 @@ inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, Arena<int>& ia, const
     return x;
 }
 
-// y (B,T,D) = block(x)
+// y (B,T,D) = block(x).
+// The last residual add, y = h + FFN(…), can be left to whatever reads y next, which is always a norm (the next
+// block's first, or the model's final one): with write_y false, y is not written here, and the next block, given
+// this block's acts as prev, writes its x = prev->h + prev->ffo in its first norm's pass (add_rmsnorm_forward: the
+// same values bit for bit, one (N, D) read and one launch less a block). x is then written, not read.
 template <typename T>
-void block_forward(T* y, GpuBlockActs<T>& acts, const T* x, const BlockParams<T>& p, const BlockConfig& c, int B,
-                   int T_, cudaStream_t stream = 0) {
+void block_forward(T* y, GpuBlockActs<T>& acts, T* x, const BlockParams<T>& p, const BlockConfig& c, int B, int T_,
+                   cudaStream_t stream = 0, const GpuBlockActs<T>* prev = nullptr, bool write_y = true) {
     const int N = B * T_, D = c.d_model;
     const size_t ND = (size_t)N * D;
     // bf16 runs: the two norms' outputs are only matmul inputs (the mixer's input projections, the SwiGLU's W1 and
     // W3), so the norms write them in bf16 (kernels/matmul.cuh's bf16_view), rounded once for the forward and the
     // backward both; the MoE reads n2 in fp32
     bf16* n1_16 = gpu::bf16_view(acts.n1);
-    gpu::rmsnorm_forward(acts.n1, acts.rstd1, x, p.norm1, N, 1, D, c.norm_eps, stream, n1_16);
+    if (prev)
+        gpu::add_rmsnorm_forward(x, acts.n1, acts.rstd1, prev->h, prev->ffo, p.norm1, N, D, c.norm_eps, stream,
+                                 n1_16);
+    else gpu::rmsnorm_forward(acts.n1, acts.rstd1, x, p.norm1, N, 1, D, c.norm_eps, stream, n1_16);
     if (c.kind == 'A') gpu::attn_mixer_forward(acts.mix, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16);
     if (c.kind == 'M') gpu::mamba2_mixer_forward(acts.mix, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16);
     if (c.kind == 'H')
@@ -83,7 +90,7 @@ void block_forward(T* y, GpuBlockActs<T>& acts, const T* x, const BlockParams<T>
     gpu::add_rmsnorm_forward(acts.h, acts.n2, acts.rstd2, x, acts.mix, p.norm2, N, D, c.norm_eps, stream, n2_16);
     if (c.use_moe) gpu::moe_forward(acts.ffo, acts.moe, acts.n2, p.moe, acts.moe_bias, c.moe, N, stream);
     else gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, n2_16);
-    gpu::add(y, acts.h, acts.ffo, ND, stream);
+    if (write_y) gpu::add(y, acts.h, acts.ffo, ND, stream);
 }
 
 // dx (B,T,D) written; dp.* accumulate. dx may alias dy (the model passes one residual-stream gradient): dy is

@@ -124,6 +124,53 @@ __device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast
 __device__ __forceinline__ float2 ld2(const __nv_bfloat16* p) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
+// Eight consecutive elements as fp32: two 16-byte accesses of fp32, one of bf16; p 16-byte aligned.
+__device__ __forceinline__ void ld8(const float* p, float (&x)[8]) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+__device__ __forceinline__ void ld8(const __nv_bfloat16* p, float (&x)[8]) {
+    const uint4 u = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[j]));
+        x[2 * j] = f.x, x[2 * j + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void st8(float* p, const float (&x)[8]) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+__device__ __forceinline__ void st8(__nv_bfloat16* p, const float (&x)[8]) {
+    unsigned w[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(x[2 * j], x[2 * j + 1]);
+        w[j] = *reinterpret_cast<const unsigned*>(&h);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+// V consecutive elements as fp32, V = 1, 4 (ld4/st4) or 8 (ld8/st8); p aligned as those need.
+template <typename T, int V>
+__device__ __forceinline__ void ldv(const T* p, float (&x)[V]) {
+    static_assert(V == 1 || V == 4 || V == 8, "ldv: 1, 4 or 8 elements");
+    if constexpr (V == 8) {
+        ld8(p, x);
+    } else if constexpr (V == 4) {
+        const float4 f = ld4(p, 0);
+        x[0] = f.x, x[1] = f.y, x[2] = f.z, x[3] = f.w;
+    } else {
+        x[0] = float(p[0]);
+    }
+}
+template <typename T, int V>
+__device__ __forceinline__ void stv(T* p, const float (&x)[V]) {
+    static_assert(V == 1 || V == 4 || V == 8, "stv: 1, 4 or 8 elements");
+    if constexpr (V == 8) st8(p, x);
+    else if constexpr (V == 4) st4(p, 0, make_float4(x[0], x[1], x[2], x[3]));
+    else p[0] = T(x[0]);
+}
 // f applied to the four lanes of a and b
 template <typename F>
 __device__ __forceinline__ float4 map4(float4 a, float4 b, F f) {

@@ -307,6 +307,7 @@ struct DataParallel {
                      model.stream, model.shard_lo, norm, train.grad_clip);  // (clipped as it reads them)
         float* p = model.params.ptr;
         ncclCheck(ncclAllGather(p + model.shard_lo, p, model.shard_n, ncclFloat32, d.comm, model.stream));
+        model.params_changed();
     }
 
     // Every rank calls it: the whole AdamW moments into m_host / v_host on the lead (sharded: gathered through

@@ -100,6 +100,33 @@ inline void round_bf16(bf16* out, const float* in, size_t n, cudaStream_t stream
     cudaCheckLast();
 }
 
+// out (rows, cols), rows ldo elements apart = in (rows, cols, packed) rounded to bf16: a slice of wider rows (the
+// attention's dv beside dq and dk, kernels/attention.cuh). Four elements a thread (float4 loads) when cols and ldo
+// are multiples of 4 and the pointers allow it.
+template <typename Unused = void>
+__global__ void round_bf16_rows_kernel(bf16* out, size_t ldo, const float* in, size_t rows, int cols, bool vec) {
+    const int per = vec ? 4 : 1, groups = cols / per;
+    const size_t n = rows * size_t(groups);
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const size_t r = i / size_t(groups);
+        const int c = int(i - r * size_t(groups)) * per;
+        if (vec) {
+            st4(out + r * ldo + c, 0, ld4(in + r * size_t(cols) + c, 0));
+        } else {
+            out[r * ldo + c] = __float2bfloat16_rn(in[r * size_t(cols) + c]);
+        }
+    }
+}
+
+inline void round_bf16_rows(bf16* out, size_t ldo, const float* in, size_t rows, int cols, cudaStream_t stream = 0) {
+    HL_CHECK(cols > 0 && ldo >= size_t(cols), "round_bf16_rows: ", cols, " columns in rows ", ldo, " apart");
+    if (rows == 0) return;
+    const bool vec = cols % 4 == 0 && ldo % 4 == 0 && vec4_aligned(in) && vec4_aligned(out);
+    round_bf16_rows_kernel<><<<elementwise_grid(rows * size_t(cols) / (vec ? 4 : 1), 256), 256, 0, stream>>>(
+        out, ldo, in, rows, cols, vec);
+    cudaCheckLast();
+}
+
 // What the GEMMs need while a model runs with bf16 operands (kernels/model.cuh owns the buffers): params16 is
 // the bf16 copy of the fp32 parameters [params, params + n) (the model refreshes it at the start of each
 // forward), a16 and b16 are scratch for the two activation operands of a GEMM, scratch_n elements each; stage

@@ -91,6 +91,7 @@ struct GpuModel {
     cudaStream_t stream = 0;             // every launch of this model goes here
     Precision precision = Precision::fp32;  // of the matmuls (set_precision)
     DeviceBuffer<bf16> params16, operand_scratch;  // bf16 only: the parameters' copy; a16 and b16 of `ops`
+    bool params16_valid = false;         // params16 holds params rounded: AdamW keeps it so, any other write ends it
     DeviceBuffer<bf16> dres16;           // bf16 only: the residual stream's gradient rounded (block_backward's res16)
     Bf16Operands ops;                    // what the matmuls read in bf16 (kernels/matmul.cuh)
 
@@ -100,7 +101,7 @@ struct GpuModel {
     DeviceBuffer<int> iact;              // index activations (MoE routing)
     std::vector<float*> xs;              // L+1 residual streams (B,T,D): xs[0] embeddings, xs[l+1] block l output
     std::vector<GpuBlockActs<float>> bacts;
-    float *xf = nullptr, *rstdf = nullptr;  // final norm (B,T,D), (B,T)
+    float *xf = nullptr, *rstdf = nullptr;  // final norm (B,T,D) (bf16: in bf16, in its first half), (B,T)
     float *logits = nullptr, *probs = nullptr, *losses = nullptr;  // (B,T,V) (B,T,V) (B,T)
     float *dlogits = nullptr, *dxf = nullptr, *dres = nullptr, *dlosses = nullptr;
     DeviceBuffer<int> tokens_buf, targets_buf;  // (B,T) the batch on the device (set_batch; targets of the last forward)
@@ -160,6 +161,7 @@ struct GpuModel {
         precision = pr;
         if (pr != Precision::bf16 || params16.n > 0) return;
         params16.alloc(n_params);
+        params16_valid = false;
         ops.params = params.ptr, ops.n = n_params, ops.params16 = params16.ptr;
         alloc_operand_scratch();
     }
@@ -207,7 +209,11 @@ struct GpuModel {
         check_host(host, "GpuModel::upload");
         cudaCheck(cudaMemcpy(params.ptr, host.params.data(), n_params * sizeof(float), cudaMemcpyHostToDevice));
         if (buffers.n > 0) buffers.upload(host.buffers);
+        params_changed();
     }
+    // Whoever writes the parameters other than through update() calls this: the next forward then rounds them all
+    // into the bf16 copy again (update() rounds each value it writes).
+    void params_changed() { params16_valid = false; }
     void download(Model<float>& host) const {
         check_host(host, "GpuModel::download");
         cudaCheck(cudaMemcpy(host.params.data(), params.ptr, n_params * sizeof(float), cudaMemcpyDeviceToHost));
@@ -236,6 +242,7 @@ struct GpuModel {
                  " parameters");
         cudaCheck(cudaMemcpyAsync(params.ptr, other.params.ptr, n_params * sizeof(float), cudaMemcpyDeviceToDevice,
                                   stream));
+        params_changed();
         if (buffers.n > 0)
             cudaCheck(cudaMemcpyAsync(buffers.ptr, other.buffers.ptr, buffers.n * sizeof(float),
                                       cudaMemcpyDeviceToDevice, stream));
@@ -322,13 +329,21 @@ struct GpuModel {
         alloc(B_, Tn);
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
         const Bf16Scope scope(matmul_operands());
-        if (precision == Precision::bf16) round_bf16(params16.ptr, params.ptr, n_params, stream);  // this step's weights
+        if (precision == Precision::bf16 && !params16_valid) {  // this step's weights (after an update: already)
+            round_bf16(params16.ptr, params.ptr, n_params, stream);
+            params16_valid = true;
+        }
         gpu::embedding_forward(xs[0], tokens_dev, p.embed, B, T_, V, D, stream);
+        // each block's last residual add is done by the norm after it, in the same pass (block_forward's write_y):
+        // block l + 1 writes xs[l + 1], the final norm xs[L]
         for (int l = 0; l < L; l++)
             gpu::block_forward(xs[size_t(l) + 1], bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
-                               blocks[size_t(l)], B, T_, stream);
-        gpu::rmsnorm_forward(xf, rstdf, xs[size_t(L)], p.norm_f, N, 1, D, float(cfg.norm_eps), stream);
-        gpu::matmul_forward(logits, xf, p.lm_head, (const float*)nullptr, N, D, V, stream);
+                               blocks[size_t(l)], B, T_, stream, l > 0 ? &bacts[size_t(l) - 1] : nullptr, false);
+        // bf16: the final norm's output is only lm_head's operand (forward and weight gradient): written in bf16
+        bf16* xf16 = gpu::bf16_view(xf);
+        gpu::add_rmsnorm_forward(xs[size_t(L)], xf, rstdf, bacts[size_t(L) - 1].h, bacts[size_t(L) - 1].ffo,
+                                 p.norm_f, N, D, float(cfg.norm_eps), stream, xf16);
+        gpu::matmul_forward(logits, xf, p.lm_head, (const float*)nullptr, N, D, V, stream, xf16);
         last_tokens = tokens_dev;
         have_targets = targets_dev != nullptr;
         if (!targets_dev) return;
@@ -366,7 +381,8 @@ struct GpuModel {
         }
         weighted = false;
         gpu::crossentropy_backward(dlogits, dlosses, probs, targets_buf.ptr, N, V, stream);
-        gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream);
+        gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream, false,
+                             gpu::bf16_view(xf));
         // bf16: each norm backward also writes the residual stream's gradient in bf16, for the GEMMs after it
         bf16* res16 = precision == Precision::bf16 ? dres16.ptr : nullptr;
         gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream,
@@ -387,8 +403,11 @@ struct GpuModel {
         HL_CHECK(!sharded(), "GpuModel::update: a sharded model steps through kernels/dist.cuh");
         HL_CHECK(grad_clip > 0.0f, "clip_grad_norm: max_norm must be positive, got ", grad_clip);
         gpu::grad_norm(scalars.ptr + 1, grads.ptr, grads.n, norm_scratch.ptr, stream);
+        // the bf16 copy follows the update where it held the parameters before it
+        const bool copy = precision == Precision::bf16 && params16_valid;
         gpu::adamw_update(params.ptr, grads.ptr, m.ptr, v.ptr, *adamw, opt, lr, step, stream, 0, scalars.ptr + 1,
-                          grad_clip);
+                          grad_clip, copy ? params16.ptr : nullptr);
+        params16_valid = copy;
     }
 
     // After an update: each MoE layer's bias moves towards balance, from the last forward's loads (on the device).

@@ -7,8 +7,9 @@
 #pragma once
 #include <algorithm>            // std::min
 #include <cstddef>              // size_t
+#include <cstdint>              // uintptr_t (the gate kernels' alignment test)
 #include <type_traits>          // std::is_same_v
-#include "kernels/common.cuh"   // cudaCheckLast, dev_silu, dev_silu_grad, elementwise_grid
+#include "kernels/common.cuh"   // cudaCheckLast, dev_silu, dev_silu_grad, elementwise_grid, ldv, stv
 #include "kernels/matmul.cuh"   // matmul_forward/backward, bf16_operand (W1 and W3 share one rounded input), bf16_view
 #include "model/swiglu.h"       // SwiGLUConfig, SwiGLUParams, SwiGLUActs, swiglu_check
 
@@ -16,40 +17,54 @@ namespace hl::gpu {
 
 // h (rows, F) = SiLU(h1) ⊙ h3, h packed, h1 and h3 with their rows ld elements apart (ld = F: packed; ld = 2F: the two
 // halves of one GEMM output, see swiglu_w13_fused). Block row y takes rows y, y + gridDim.y, …; in a row, threads
-// stride the columns, four a thread (float4 / 8-byte bf16 accesses) when vec, then one a thread for the rest.
-// Memory-bound: 3 coalesced streams. (A flat index split into row and column by a 64-bit division a group cost
-// 20% more time than the GEMM halves saved.) O: T, or bf16 when h is only a bf16 matmul operand.
-template <typename T, typename O>
-__global__ void swiglu_gate_forward_kernel(O* h, const T* h1, const T* h3, size_t rows, size_t F, size_t ld,
-                                           bool vec) {
+// stride the columns, V a thread (ldv/stv: 8 → 16-byte accesses of bf16, 4 → float4 / 8-byte bf16), then one a
+// thread for the rest. Memory-bound: 3 coalesced streams. (A flat index split into row and column by a 64-bit
+// division a group cost 20% more time than the GEMM halves saved. At 100m under bf16, 8 a thread moved the rows at
+// 4.x TB/s where 4 moved them at 3.4: 88 → xx µs forward, 130 → xx µs backward.) O: T, or bf16 when h is only a bf16
+// matmul operand.
+template <typename T, typename O, int V>
+__global__ void swiglu_gate_forward_kernel(O* h, const T* h1, const T* h3, size_t rows, size_t F, size_t ld) {
     const size_t c0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
-    const size_t F4 = vec ? F / 4 : 0;
-    auto gate = [](float x1, float x3) { return dev_silu(x1) * x3; };
+    const size_t FV = F / V;
     for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
         const T *a = h1 + r * ld, *b = h3 + r * ld;  // (F)
         O* o = h + r * F;                             // (F)
-        for (size_t q = c0; q < F4; q += stride) st4(o, q, map4(ld4(a, q), ld4(b, q), gate));
-        for (size_t i = 4 * F4 + c0; i < F; i += stride) o[i] = O(gate(float(a[i]), float(b[i])));
+        for (size_t q = c0; q < FV; q += stride) {
+            float x1[V], x3[V], y[V];
+            ldv(a + q * V, x1);
+            ldv(b + q * V, x3);
+#pragma unroll
+            for (int j = 0; j < V; j++) y[j] = dev_silu(x1[j]) * x3[j];
+            stv(o + q * V, y);
+        }
+        for (size_t i = V * FV + c0; i < F; i += stride) o[i] = O(dev_silu(float(a[i])) * float(b[i]));
     }
 }
 
 // dh1 = dh ⊙ h3 ⊙ SiLU'(h1),  dh3 = dh ⊙ SiLU(h1): (rows, F) each, written, as O (T, or bf16 as above); dh packed,
 // the others with row stride ld. Same mapping as the forward.
-template <typename T, typename O>
+template <typename T, typename O, int V>
 __global__ void swiglu_gate_backward_kernel(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3, size_t rows,
-                                            size_t F, size_t ld, bool vec) {
+                                            size_t F, size_t ld) {
     const size_t c0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
-    const size_t F4 = vec ? F / 4 : 0;
+    const size_t FV = F / V;
     for (size_t r = blockIdx.y; r < rows; r += gridDim.y) {
         const T *g_ = dh + r * F, *a = h1 + r * ld, *b = h3 + r * ld;  // (F)
         O *d1 = dh1 + r * ld, *d3 = dh3 + r * ld;                       // (F)
-        for (size_t q = c0; q < F4; q += stride) {
-            const float4 g = ld4(g_, q), x = ld4(a, q), x3 = ld4(b, q);
-            st4(d1, q, map4(map4(g, x3, [](float u, float w) { return u * w; }), x,
-                            [](float gx3, float x1) { return gx3 * dev_silu_grad(x1); }));
-            st4(d3, q, map4(g, x, [](float u, float x1) { return u * dev_silu(x1); }));
+        for (size_t q = c0; q < FV; q += stride) {
+            float g[V], x1[V], x3[V], y1[V], y3[V];
+            ldv(g_ + q * V, g);
+            ldv(a + q * V, x1);
+            ldv(b + q * V, x3);
+#pragma unroll
+            for (int j = 0; j < V; j++) {
+                y1[j] = g[j] * x3[j] * dev_silu_grad(x1[j]);
+                y3[j] = g[j] * dev_silu(x1[j]);
+            }
+            stv(d1 + q * V, y1);
+            stv(d3 + q * V, y3);
         }
-        for (size_t i = 4 * F4 + c0; i < F; i += stride) {
+        for (size_t i = V * FV + c0; i < F; i += stride) {
             const float g = float(g_[i]), x = float(a[i]);
             d1[i] = O(g * float(b[i]) * dev_silu_grad(x));
             d3[i] = O(g * dev_silu(x));
@@ -57,35 +72,52 @@ __global__ void swiglu_gate_backward_kernel(O* dh1, O* dh3, const T* dh, const T
     }
 }
 
-// The launch grid of the gate kernels over total = rows · F elements: a packed tensor (F = 0 given) is one long row,
-// strided by the whole grid; rows of F are spread over the grid's y (each row's groups of four over x).
-inline dim3 swiglu_gate_grid(size_t rows, size_t F, bool vec) {
-    const size_t per_row = vec ? F / 4 : F;  // threads a row wants
+// The launch grid of the gate kernels over rows of F elements, V a thread: a packed tensor (one long row) is strided by
+// the whole grid; rows are spread over the grid's y (each row's groups over x).
+inline dim3 swiglu_gate_grid(size_t rows, size_t F, int V) {
+    const size_t per_row = F / V;  // threads a row wants
     if (rows == 1) return dim3(elementwise_grid(per_row, 256));
     return dim3((unsigned)((per_row + 255) / 256), (unsigned)std::min(rows, (size_t)65535));
 }
 
-// F, ld: rows of F elements ld apart in h1, h3 (dh1, dh3); 0 = packed (the whole tensor one row). The four-a-thread
-// path where every row start is 16-byte aligned (8-byte for bf16).
+// The elements a thread of the gate kernels takes: 8 where every row start is 16-byte aligned, else 4 where it is
+// aligned for ld4/st4, else 1.
+template <typename... P>
+int swiglu_gate_width(size_t total, size_t F, size_t ld, const P*... p) {
+    auto rows_allow = [&](size_t v) { return F == total ? total >= v : F % v == 0 && ld % v == 0; };
+    if (rows_allow(8) && ((p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0) && ...)) return 8;
+    if (rows_allow(4) && vec4_aligned(p...)) return 4;
+    return 1;
+}
+
+// F, ld: rows of F elements ld apart in h1, h3 (dh1, dh3); 0 = packed (the whole tensor one row).
 template <typename T, typename O>
 void swiglu_gate_forward(O* h, const T* h1, const T* h3, size_t total, cudaStream_t stream, size_t F = 0,
                          size_t ld = 0) {
     if (total == 0) return;
     if (F == 0) F = ld = total;
-    const bool vec = vec4_count(total, h, h1, h3) > 0 && (F == total || (F % 4 == 0 && ld % 4 == 0));
-    swiglu_gate_forward_kernel<<<swiglu_gate_grid(total / F, F, vec), 256, 0, stream>>>(h, h1, h3, total / F, F, ld,
-                                                                                      vec);
-    cudaCheckLast();
+    const int V = swiglu_gate_width(total, F, ld, h, h1, h3);
+    auto launch = [&](auto kernel) {
+        kernel<<<swiglu_gate_grid(total / F, F, V), 256, 0, stream>>>(h, h1, h3, total / F, F, ld);
+        cudaCheckLast();
+    };
+    if (V == 8) launch(swiglu_gate_forward_kernel<T, O, 8>);
+    else if (V == 4) launch(swiglu_gate_forward_kernel<T, O, 4>);
+    else launch(swiglu_gate_forward_kernel<T, O, 1>);
 }
 template <typename T, typename O>
 void swiglu_gate_backward(O* dh1, O* dh3, const T* dh, const T* h1, const T* h3, size_t total, cudaStream_t stream,
                           size_t F = 0, size_t ld = 0) {
     if (total == 0) return;
     if (F == 0) F = ld = total;
-    const bool vec = vec4_count(total, dh1, dh3, dh, h1, h3) > 0 && (F == total || (F % 4 == 0 && ld % 4 == 0));
-    swiglu_gate_backward_kernel<<<swiglu_gate_grid(total / F, F, vec), 256, 0, stream>>>(dh1, dh3, dh, h1, h3,
-                                                                                         total / F, F, ld, vec);
-    cudaCheckLast();
+    const int V = swiglu_gate_width(total, F, ld, dh1, dh3, dh, h1, h3);
+    auto launch = [&](auto kernel) {
+        kernel<<<swiglu_gate_grid(total / F, F, V), 256, 0, stream>>>(dh1, dh3, dh, h1, h3, total / F, F, ld);
+        cudaCheckLast();
+    };
+    if (V == 8) launch(swiglu_gate_backward_kernel<T, O, 8>);
+    else if (V == 4) launch(swiglu_gate_backward_kernel<T, O, 4>);
+    else launch(swiglu_gate_backward_kernel<T, O, 1>);
 }
 
 // Whether W1 and W3 run as one GEMM of a (2F, D) weight: under bf16 operands, with W3 stored right after W1 (as

@@ -8,7 +8,9 @@
 // to write fails the test.
 #include <algorithm>                // std::max
 #include <cmath>                    // std::fabs, std::isfinite, std::exp, std::log, std::sqrt
+#include <cstdint>                  // uint16_t: bf16 bit patterns
 #include <cstdio>                   // std::printf for the measured errors
+#include <cstring>                  // std::memcpy
 #include <vector>                   // std::vector host buffers
 #include <doctest/doctest.h>        // TEST_CASE, CHECK, SUBCASE
 #include "kernels/attention.cuh"    // hl::gpu::attention_forward/backward
@@ -443,6 +445,30 @@ TEST_CASE("gpu rope forward/backward match the CPU (positions up to 8192, pos0 o
         std::vector<float> got(n);
         for (size_t i = 0; i < n; i++) got[i] = __bfloat162float(dx16[i]);
         CHECK(got == round_bf16_host(d_dx.download()));
+        // into a slice of wider rows (the attention's dq, dk, dv side by side for one GEMM): the same values there,
+        // the rest of each row untouched (the poison stays); 8 more columns keep the vector kernel's alignment, 3
+        // more take the one-pair kernel
+        for (int extra : {8, 3}) {
+            const size_t ld = size_t(s.H) * s.hd + size_t(extra), rows = size_t(s.B) * s.T;
+            DeviceBuffer<__nv_bfloat16> d_wide(rows * ld);
+            poison(d_wide);
+            hl::gpu::rope_backward(d_wide.ptr + extra, d_dy.ptr, s.B, s.T, s.H, s.hd, s.theta, s.pos0, 0, ld);
+            const std::vector<__nv_bfloat16> wide = d_wide.download();
+            const auto bits = [](__nv_bfloat16 x) {
+                uint16_t u;
+                std::memcpy(&u, &x, sizeof u);
+                return u;
+            };
+            bool slice_ok = true, rest_ok = true;
+            for (size_t r = 0; r < rows; r++)
+                for (size_t j = 0; j < ld; j++) {
+                    if (j < size_t(extra)) rest_ok = rest_ok && bits(wide[r * ld + j]) == 0xFFFF;  // (the poison)
+                    else slice_ok = slice_ok && bits(wide[r * ld + j]) == bits(dx16[r * (ld - extra) + (j - extra)]);
+                }
+            CAPTURE(extra);
+            CHECK(slice_ok);
+            CHECK(rest_ok);
+        }
     }
     DeviceBuffer<float> d(16);
     CHECK_THROWS_AS(hl::gpu::rope_forward(d.ptr, d.ptr, 1, 2, 1, 7, 10000.0), hl::Error);  // odd head dim

@@ -9,7 +9,7 @@
 // so an element a kernel forgets to write fails; parameter gradients start from random values (not zero)
 // so that "accumulate (+=)" is checked too. Each comparison prints one line with its measured error.
 #include <doctest/doctest.h>      // TEST_CASE, CHECK, INFO
-#include <cmath>                  // std::fabs, std::isfinite
+#include <cmath>                  // std::fabs, std::isfinite, std::isnan
 #include <cstdio>                 // std::printf
 #include <memory>                 // std::unique_ptr: the shard tables
 #include <string>                 // std::string
@@ -411,6 +411,32 @@ TEST_CASE("gpu rmsnorm and swiglu under bf16 operands: outputs that only feed ma
                      dh, 4e-3);
         expect_close(tag + " dinp", from_dev(dinp_), dinp, 1e-2);
         expect_close(tag + " dparams w1,w3,w2 (+=)", from_dev(dparams_), dparams, 1e-2);
+    }
+}
+
+TEST_CASE("gpu round_bf16_rows writes a slice of wider rows, each value rounded, the rest untouched") {
+    hl::Rng rng(103);
+    struct S { int rows, cols, ld, at; };  // at: the slice's first column in the wide rows
+    for (S s : {S{5, 4, 12, 8}, S{33, 256, 1536, 1280}, S{7, 5, 13, 3}, S{3, 8, 16, 4}}) {
+        CAPTURE(s.cols);
+        CAPTURE(s.ld);
+        CAPTURE(s.at);
+        const auto x = randn(rng, (size_t)s.rows * s.cols);
+        DeviceBuffer<float> dx;
+        to_dev(dx, x);
+        DeviceBuffer<__nv_bfloat16> wide;
+        alloc_poisoned(wide, (size_t)s.rows * s.ld);
+        hl::gpu::round_bf16_rows(wide.ptr + s.at, size_t(s.ld), dx.ptr, size_t(s.rows), s.cols);
+        const std::vector<float> got = from_dev_bf16(wide.ptr, wide.n), want = round_bf16_host(x);
+        bool slice_ok = true, rest_nan = true;
+        for (int r = 0; r < s.rows; r++)
+            for (int j = 0; j < s.ld; j++) {
+                const float g = got[(size_t)r * s.ld + j];
+                if (j >= s.at && j < s.at + s.cols) slice_ok = slice_ok && g == want[(size_t)r * s.cols + j - s.at];
+                else rest_nan = rest_nan && std::isnan(g);
+            }
+        CHECK(slice_ok);
+        CHECK(rest_nan);
     }
 }
 

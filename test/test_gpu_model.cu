@@ -627,6 +627,21 @@ TEST_CASE("gpu model with bf16 matmuls: a step's loss and gradients track the CP
                     tag.c_str(), le, worst_cos, worst_name.c_str(), worst_err, last_c, last_g, ce);
         INFO(tag, " after 50 steps: cpu ", last_c, " gpu ", last_g);
         CHECK(ce <= 3e-2);
+        // the weights' bf16 copy, which AdamW writes as it updates, is the parameters rounded, bit for bit; after an
+        // upload the next forward rounds them all again (a stale copy would hold the last update's weights)
+        auto copy_mismatches = [&] {
+            const std::vector<float> pf = from_dev(gpu.params);
+            const std::vector<__nv_bfloat16> p16 = gpu.params16.download();
+            size_t bad = 0;
+            for (size_t i = 0; i < gpu.n_params; i++) bad += __bfloat162float(p16[i]) != round_bf16_host(pf[i]);
+            return bad;
+        };
+        CHECK(gpu.params16_valid);
+        CHECK(copy_mismatches() == 0);
+        gpu.upload(cpu);
+        CHECK(!gpu.params16_valid);
+        gpu.forward(gpu.tokens_buf.ptr, gpu.targets_buf.ptr, B, T);
+        CHECK(copy_mismatches() == 0);
         // the SSD took its tensor-core kernels (aligned activations, P and N multiples of 4), as train_gpu's does
         CHECK(hl::gpu::ssd_detail::tc_fallbacks() == fallbacks);
     }
