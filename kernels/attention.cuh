@@ -868,8 +868,10 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3
     float* sStats = reinterpret_cast<float*>(sO + 2 * BS * DV);  // (2, 2, BS): each buffer's rows' lse, then D
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int kv0 = blockIdx.x * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
-    const int b = blockIdx.y / Hkv, g = blockIdx.y % Hkv, group = H / Hkv;
+    // blockIdx.y: the key tile, blockIdx.x: (b, g) fastest, so that the longest blocks (the first key tiles, which
+    // see every query tile after them) are launched first and the short ones fill the last wave
+    const int kv0 = blockIdx.y * BKV, jw = kv0 + warp * 16, j0 = jw + lane / 4;  // this lane's keys: j0, j0 + 8
+    const int b = blockIdx.x / Hkv, g = blockIdx.x % Hkv, group = H / Hkv;
     float dk_acc[DK / 8][4], dv_acc[DV / 8][4];
     mma::zero(dk_acc);
     mma::zero(dv_acc);
@@ -977,8 +979,10 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 4
     bf16* sV = sK + 2 * BS * DK;    // (2, BS, DV) and value tiles
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BKV, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
-    const int b = blockIdx.y / H, h = blockIdx.y % H, g = h / (H / Hkv);
+    // blockIdx.y: the query tile, last first; blockIdx.x: (b, h) fastest: the longest blocks (the last query tiles,
+    // which see every key tile before them) are launched first, the short ones fill the last wave
+    const int q0 = (gridDim.y - 1 - blockIdx.y) * BKV, qw = q0 + warp * 16, i0 = qw + lane / 4;  // rows i0, i0 + 8
+    const int b = blockIdx.x / H, h = blockIdx.x % H, g = h / (H / Hkv);
     float L2[2], Di[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -1782,8 +1786,11 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 cudaCheckLast();
             };
             const bool wg = attention_use_wgmma();
-            // dq: a block per query head; dk, dv: likewise with mma.sync, per kv head (the group in turn) with wgmma
-            const dim3 grid_tc(ceil_div(T_, attn_tc::BKV), B * H), grid_kv(grid_tc.x, wg ? B * Hkv : B * H);
+            // dq: a block per query head; dk, dv: likewise with mma.sync, per kv head (the group in turn) with wgmma.
+            // The wgmma kernels take the tile from blockIdx.y, the heads from x (longest blocks first)
+            const int tiles = ceil_div(T_, attn_tc::BKV);
+            const dim3 grid_q = wg ? dim3(B * H, tiles) : dim3(tiles, B * H),
+                       grid_kv = wg ? dim3(B * Hkv, tiles) : dim3(tiles, B * H);
             if (wg) dk_part = dk, dv_part = dv;
             const size_t smem_tc = wg ? attention_wgmma_smem_backward(d_qk, d_v) : attention_tc_smem_backward(d_qk, d_v);
             const bf16 *cq = q16, *ck = k16, *cv = v16, *cdout = dout16;
@@ -1794,7 +1801,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                     if (tc_dkdv)
                         launch_tc(dkdv_kernel, grid_kv, attn_tc::BWD_THREADS, smem_tc, dk_part, dv_part, cdout, lse,
                                   cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2);
-                    launch_tc(dq_kernel, grid_tc, attn_tc::BWD_THREADS, smem_tc, dq, cdout, lse, cD, cq, ck, cv, T_, H,
+                    launch_tc(dq_kernel, grid_q, attn_tc::BWD_THREADS, smem_tc, dq, cdout, lse, cD, cq, ck, cv, T_, H,
                               Hkv, window, sink, scale, scale_log2);
                 };
                 if (wg)
@@ -1880,6 +1887,7 @@ struct GpuAttnActs {
     T* dy = nullptr;         // (B, T, H·d_v)     gradient of y (mixer backward only)
     float* D = nullptr;      // attention_backward's scratch: rowsum(dy ⊙ y) (B, H, T), then the sink split's
                              // partial sums (attention_backward_scratch_size)
+    float* rope = nullptr;   // (2, T, d_qk/2)    RoPE's cosines and sines (rope_table), made by the forward
     bool v_fp32 = false;     // another consumer reads v in fp32 (the intra-layer block's shared values)
 };
 
@@ -1901,6 +1909,7 @@ inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, in
     s.dv = a.take("dv", {B, T_, Hkv, c.d_v});
     s.dy = a.take("dy", {B, T_, H * c.d_v});
     s.D = a.take("D", {(int)attention_backward_scratch_size(B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink)});
+    s.rope = a.take("rope", {2, T_, c.d_qk / 2});
     return s;
 }
 
@@ -1935,13 +1944,15 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
     gpu::matmul_forward(acts.q, inp, p.wq, (const T*)nullptr, N, D, H * c.d_qk, stream, inp16, q16);
     gpu::matmul_forward(acts.k, inp, p.wk, (const T*)nullptr, N, D, Hkv * c.d_qk, stream, inp16, k16);
     gpu::matmul_forward(acts.v, inp, p.wv, (const T*)nullptr, N, D, Hkv * c.d_v, stream, inp16, v16);
-    // positions enter only through q and k: rotated in place, the rotated versions are what is saved
+    // positions enter only through q and k: rotated in place, the rotated versions are what is saved; the angles'
+    // cosines and sines once, for these two rotations and the backward's
+    gpu::rope_table(acts.rope, T_, c.d_qk, c.rope_theta, 0, stream);
     if (q16) {
-        gpu::rope_forward(q16, q16, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
-        gpu::rope_forward(k16, k16, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
+        gpu::rope_forward(q16, q16, B, T_, H, c.d_qk, c.rope_theta, 0, stream, acts.rope);
+        gpu::rope_forward(k16, k16, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream, acts.rope);
     } else {
-        gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream);
-        gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream);
+        gpu::rope_forward(acts.q, acts.q, B, T_, H, c.d_qk, c.rope_theta, 0, stream, acts.rope);
+        gpu::rope_forward(acts.k, acts.k, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream, acts.rope);
     }
     gpu::attention_forward(acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink,
                            stream, y16, qk16);
@@ -1971,8 +1982,8 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
     // rotated straight into its GEMM's bf16 dout (bf16_dout_scratch), just before that GEMM
     auto q_k_backward = [&](T* d, int heads, T* dw, const T* w, bool accumulate_dinp) {
         bf16* d16 = gpu::bf16_dout_scratch<T>((size_t)N * heads * c.d_qk);
-        if (d16) gpu::rope_backward(d16, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
-        else gpu::rope_backward(d, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream);
+        if (d16) gpu::rope_backward(d16, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream, 0, acts.rope);
+        else gpu::rope_backward(d, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream, 0, acts.rope);
         gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp, inp16,
                              d16);
     };
@@ -1987,8 +1998,8 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
                         (dp.wq ? dp.wk == dp.wq + Wq * WD && dp.wv == dp.wk + Wk * WD : !dp.wk && !dp.wv);
     if (ops && packed && size_t(N) * Wqkv <= ops->scratch_n) {
         bf16* d16 = gpu::bf16_dout_scratch<T>(size_t(N) * Wqkv);
-        gpu::rope_backward(d16, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv));
-        gpu::rope_backward(d16 + Wq, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv));
+        gpu::rope_backward(d16, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv), acts.rope);
+        gpu::rope_backward(d16 + Wq, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv), acts.rope);
         gpu::round_bf16_rows(d16 + Wq + Wk, size_t(Wqkv), reinterpret_cast<const float*>(acts.dv), size_t(N), Wv,
                              stream);
         gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, (const T*)nullptr, inp, p.wq, N, D, Wqkv, stream, false,

@@ -15,8 +15,7 @@ namespace hl::gpu {
 namespace rope_detail {
 constexpr int THREADS = 256;
 constexpr int ROWS_PER_THREAD = 8;  // (b, h) rows one thread rotates with the angles it computed
-constexpr int VEC = 8;              // pairs a thread of the vector kernel takes from each half of a row
-constexpr int VEC_ROWS = 4;         // and (b, h) rows
+constexpr int VEC = 8;              // pairs a thread of the table kernel takes from each half of a row
 }  // namespace rope_detail
 
 // The angle of pair i at position pos, as cos and sin: in double, the CPU's formula in the same order.
@@ -64,67 +63,80 @@ __global__ void rope_rotate_kernel(O* out, const T* inp, int B, int T_, int H, i
     }
 }
 
-// The same rotation, VEC = 8 pairs a thread from each half of a row: 16-byte accesses (one of bf16, two of fp32),
-// where the one-pair kernel's 2- and 4-byte accesses left it waiting on memory latency at a quarter of the DRAM
-// bandwidth (100m q: 55 µs for 64 MB). A thread takes VEC_ROWS = 4 (b, h) rows: its loads are issued first and the
-// angles computed while they are in flight (8 rows of 8 pairs held 128 values a thread, and one block an SM).
-// Needs hd/2 a multiple of 8, ldo a multiple of 8 and 16-byte pointers.
-// Grid (ceil(T·hd/16 / 256), ceil(B·H / 4)): thread x ↔ (t, run of 8 pairs), runs fastest; y ↔ 4 (b, h) rows.
+// table (2, T, hd/2) = the cosines, then the sines, of the angles (pos0 + t) · θ^(−2i/hd) of every position t < T and
+// pair i < hd/2, in double as in rope_rotate_kernel (the same floats). The attention makes it once a forward (a few
+// µs), and its four rotations (q, k; dq, dk) read it from L2 instead of computing it: a thread computing its own
+// angles in double spent more time on them than on its memory (100m q: 30 µs for 64 MB; 41 with 4 rows a thread).
+template <typename Unused = void>
+__global__ void rope_table_kernel(float* table, int T_, int hd, double theta, int pos0) {
+    const int half = hd / 2, p = blockIdx.x * blockDim.x + threadIdx.x;  // over (T, hd/2)
+    if (p >= T_ * half) return;
+    const int t = p / half, i = p - t * half;
+    rope_cos_sin(table[p], table[(size_t)T_ * half + p], pos0 + t, i, hd, theta, 1);
+}
+
+inline void rope_table(float* table, int T_, int hd, double theta, int pos0 = 0, cudaStream_t stream = 0) {
+    HL_CHECK(T_ > 0 && hd > 0 && hd % 2 == 0 && theta > 0 && pos0 >= 0, "rope table (gpu): bad T=", T_, " hd=", hd,
+             " theta=", theta, " pos0=", pos0);
+    rope_table_kernel<><<<ceil_div(T_ * (hd / 2), rope_detail::THREADS), rope_detail::THREADS, 0, stream>>>(
+        table, T_, hd, theta, pos0);
+    cudaCheckLast();
+}
+
+// The rotation from a table (rope_table of the same T, hd, θ and pos0): VEC = 8 pairs of one (b, t, h) row a thread,
+// 16-byte accesses (one of bf16, two of fp32), the row's cosines and sines two float4 each from the table. The same
+// float products as rope_rotate_kernel on the same cos and sin (sign −1: sin(−a) = −sin a), so the same values bit
+// for bit. Needs hd/2 and ldo multiples of 8 and 16-byte pointers.
 template <typename T, typename O>
-__global__ void rope_rotate_vec_kernel(O* out, const T* inp, int B, int T_, int H, int hd, size_t ldo,
-                                       double theta, int pos0, int sign) {
+__global__ void rope_rotate_vec_kernel(O* out, const T* inp, const float* table, int B, int T_, int H, int hd,
+                                       size_t ldo, int sign) {
     using namespace rope_detail;
     const int half = hd / 2, runs = half / VEC;
-    const int p = blockIdx.x * blockDim.x + threadIdx.x;  // over (T, hd/16)
-    if (p >= T_ * runs) return;
-    const int t = p / runs, i0 = (p - t * runs) * VEC;
-    const int r_begin = blockIdx.y * VEC_ROWS, r_end = min(B * H, r_begin + VEC_ROWS);
-    // loads of every row first, as in the one-pair kernel (out may alias inp)
-    float x1[VEC_ROWS][VEC], x2[VEC_ROWS][VEC];
-#pragma unroll
-    for (int k = 0; k < VEC_ROWS; k++) {
-        const int r = min(r_begin + k, r_end - 1), b = r / H, h = r - b * H;  // (past the end: row r_end − 1 again)
-        const T* src = inp + (((size_t)b * T_ + t) * H + h) * hd + i0;
-        ld8(src, x1[k]);
-        ld8(src + half, x2[k]);
-    }
-    float c[VEC], s[VEC];
-#pragma unroll
-    for (int j = 0; j < VEC; j++) rope_cos_sin(c[j], s[j], pos0 + t, i0 + j, hd, theta, sign);
-#pragma unroll
-    for (int k = 0; k < VEC_ROWS; k++) {
-        const int r = r_begin + k, b = r / H, h = r - b * H;
-        if (r >= r_end) break;
+    const size_t n = (size_t)B * T_ * H * runs;
+    for (size_t p = blockIdx.x * (size_t)blockDim.x + threadIdx.x; p < n; p += (size_t)gridDim.x * blockDim.x) {
+        const size_t row = p / runs;  // (b·T + t)·H + h
+        const int i0 = int(p - row * runs) * VEC, h = int(row % H);
+        const size_t bt = row / H;
+        const int t = int(bt % T_);
+        float x1[VEC], x2[VEC], c[VEC], s[VEC];
+        const T* src = inp + row * hd + i0;
+        ld8(src, x1);
+        ld8(src + half, x2);
+        ld8(table + (size_t)t * half + i0, c);
+        ld8(table + ((size_t)T_ + t) * half + i0, s);
         float y1[VEC], y2[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; j++) {
-            y1[j] = x1[k][j] * c[j] - x2[k][j] * s[j];
-            y2[j] = x2[k][j] * c[j] + x1[k][j] * s[j];
+            const float sj = sign > 0 ? s[j] : -s[j];
+            y1[j] = x1[j] * c[j] - x2[j] * sj;
+            y2[j] = x2[j] * c[j] + x1[j] * sj;
         }
-        O* dst = out + ((size_t)b * T_ + t) * ldo + (size_t)h * hd + i0;
+        O* dst = out + bt * ldo + (size_t)h * hd + i0;
         st8(dst, y1);
         st8(dst + half, y2);
     }
 }
 
-// ldo: out's row stride (0: H·hd, packed). The vector kernel where the shapes and pointers allow it.
+// ldo: out's row stride (0: H·hd, packed). table: rope_table's for this T, hd, θ and pos0, or null; with it the
+// vector kernel runs where the shapes and pointers allow it.
 template <typename T, typename O>
 void rope_rotate(O* out, const T* inp, int B, int T_, int H, int hd, double theta, int pos0, int sign,
-                 cudaStream_t stream = 0, size_t ldo = 0) {
+                 cudaStream_t stream = 0, size_t ldo = 0, const float* table = nullptr) {
     using namespace rope_detail;
     HL_CHECK(B > 0 && T_ > 0 && H > 0 && hd > 0, "rope (gpu): bad sizes B=", B, " T=", T_, " H=", H, " hd=", hd);
     HL_CHECK(hd % 2 == 0, "rope (gpu): head dim must be even to pair channels (i, i + hd/2), got hd=", hd);
     HL_CHECK(theta > 0, "rope (gpu): theta must be positive, got ", theta);
     HL_CHECK(pos0 >= 0, "rope (gpu): pos0 must be non-negative, got ", pos0);
-    HL_CHECK(ceil_div(B * H, VEC_ROWS) <= 65535, "rope (gpu): B·H = ", B * H, " is too large for the grid");
+    HL_CHECK(ceil_div(B * H, ROWS_PER_THREAD) <= 65535, "rope (gpu): B·H = ", B * H, " is too large for the grid");
     if (ldo == 0) ldo = size_t(H) * hd;
     HL_CHECK(ldo >= size_t(H) * hd, "rope (gpu): out's row stride ", ldo, " is below H·hd = ", H * hd);
     HL_CHECK((void*)out == (const void*)inp ? ldo == size_t(H) * hd : true, "rope (gpu): in place needs packed rows");
-    const bool vec = (hd / 2) % VEC == 0 && ldo % VEC == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(inp) % 16 == 0;
+    const bool vec = table && (hd / 2) % VEC == 0 && ldo % VEC == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(inp) % 16 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0;
     if (vec) {
-        const dim3 grid(ceil_div(T_ * (hd / 2 / VEC), THREADS), ceil_div(B * H, VEC_ROWS));
-        rope_rotate_vec_kernel<<<grid, THREADS, 0, stream>>>(out, inp, B, T_, H, hd, ldo, theta, pos0, sign);
+        const size_t n = (size_t)B * T_ * H * (hd / 2 / VEC);
+        rope_rotate_vec_kernel<<<elementwise_grid(n, THREADS), THREADS, 0, stream>>>(out, inp, table, B, T_, H, hd,
+                                                                                     ldo, sign);
     } else {
         const dim3 grid(ceil_div(T_ * (hd / 2), THREADS), ceil_div(B * H, ROWS_PER_THREAD));
         rope_rotate_kernel<<<grid, THREADS, 0, stream>>>(out, inp, B, T_, H, hd, ldo, theta, pos0, sign);
@@ -132,11 +144,12 @@ void rope_rotate(O* out, const T* inp, int B, int T_, int H, int hd, double thet
     cudaCheckLast();
 }
 
-// out (B, T, H, hd) = RoPE(inp (B, T, H, hd)); token t sits at position pos0 + t. In place allowed.
+// out (B, T, H, hd) = RoPE(inp (B, T, H, hd)); token t sits at position pos0 + t. In place allowed. table: see
+// rope_rotate.
 template <typename T>
 void rope_forward(T* out, const T* inp, int B, int T_, int H, int hd, double theta, int pos0 = 0,
-                  cudaStream_t stream = 0) {
-    rope_rotate(out, inp, B, T_, H, hd, theta, pos0, +1, stream);
+                  cudaStream_t stream = 0, const float* table = nullptr) {
+    rope_rotate(out, inp, B, T_, H, hd, theta, pos0, +1, stream, 0, table);
 }
 
 // dinp (B, T, H, hd) is written: the transpose of a rotation is the rotation by −angle. In place allowed. O: T, or
@@ -144,8 +157,8 @@ void rope_forward(T* out, const T* inp, int B, int T_, int H, int hd, double the
 // rows (the attention's dq, dk, dv side by side, for one GEMM).
 template <typename T, typename O>
 void rope_backward(O* dinp, const T* dout, int B, int T_, int H, int hd, double theta, int pos0 = 0,
-                   cudaStream_t stream = 0, size_t ldo = 0) {
-    rope_rotate(dinp, dout, B, T_, H, hd, theta, pos0, -1, stream, ldo);
+                   cudaStream_t stream = 0, size_t ldo = 0, const float* table = nullptr) {
+    rope_rotate(dinp, dout, B, T_, H, hd, theta, pos0, -1, stream, ldo, table);
 }
 
 }  // namespace hl::gpu

@@ -445,6 +445,22 @@ TEST_CASE("gpu rope forward/backward match the CPU (positions up to 8192, pos0 o
         std::vector<float> got(n);
         for (size_t i = 0; i < n; i++) got[i] = __bfloat162float(dx16[i]);
         CHECK(got == round_bf16_host(d_dx.download()));
+        // from a table of the angles' cosines and sines (rope_table, as the attention's rotations run): the forward
+        // the same values bit for bit (the same floats, the same products), the backward within the tolerance (its
+        // sines negated from the table's, where the table-less kernel takes the sines of negated angles)
+        {
+            DeviceBuffer<float> table((size_t)2 * s.T * (s.hd / 2)), d_x2(n), d_y2(n), d_dx2(n);
+            hl::gpu::rope_table(table.ptr, s.T, s.hd, s.theta, s.pos0);
+            d_x2.upload(x);
+            poison(d_y2);
+            poison(d_dx2);
+            hl::gpu::rope_forward(d_y2.ptr, d_x2.ptr, s.B, s.T, s.H, s.hd, s.theta, s.pos0, 0, table.ptr);
+            hl::gpu::rope_backward(d_dx2.ptr, d_dy.ptr, s.B, s.T, s.H, s.hd, s.theta, s.pos0, 0, 0, table.ptr);
+            CHECK(d_y2.download() == d_y.download());
+            CHECK(rel_err(d_dx2.download(), dx) <= FWD_TOL);
+            hl::gpu::rope_forward(d_x2.ptr, d_x2.ptr, s.B, s.T, s.H, s.hd, s.theta, s.pos0, 0, table.ptr);  // in place
+            CHECK(d_x2.download() == d_y.download());
+        }
         // into a slice of wider rows (the attention's dq, dk, dv side by side for one GEMM): the same values there,
         // the rest of each row untouched (the poison stays); 8 more columns keep the vector kernel's alignment, 3
         // more take the one-pair kernel
@@ -453,6 +469,14 @@ TEST_CASE("gpu rope forward/backward match the CPU (positions up to 8192, pos0 o
             DeviceBuffer<__nv_bfloat16> d_wide(rows * ld);
             poison(d_wide);
             hl::gpu::rope_backward(d_wide.ptr + extra, d_dy.ptr, s.B, s.T, s.H, s.hd, s.theta, s.pos0, 0, ld);
+            // (and from the table, the vector kernel where the offset keeps it 16-byte aligned: within a bf16 step)
+            DeviceBuffer<float> table((size_t)2 * s.T * (s.hd / 2));
+            hl::gpu::rope_table(table.ptr, s.T, s.hd, s.theta, s.pos0);
+            DeviceBuffer<__nv_bfloat16> d_wide_t(rows * ld);
+            poison(d_wide_t);
+            hl::gpu::rope_backward(d_wide_t.ptr + extra, d_dy.ptr, s.B, s.T, s.H, s.hd, s.theta, s.pos0, 0, ld,
+                                   table.ptr);
+            const std::vector<__nv_bfloat16> wide_t = d_wide_t.download();
             const std::vector<__nv_bfloat16> wide = d_wide.download();
             const auto bits = [](__nv_bfloat16 x) {
                 uint16_t u;
@@ -462,8 +486,13 @@ TEST_CASE("gpu rope forward/backward match the CPU (positions up to 8192, pos0 o
             bool slice_ok = true, rest_ok = true;
             for (size_t r = 0; r < rows; r++)
                 for (size_t j = 0; j < ld; j++) {
-                    if (j < size_t(extra)) rest_ok = rest_ok && bits(wide[r * ld + j]) == 0xFFFF;  // (the poison)
-                    else slice_ok = slice_ok && bits(wide[r * ld + j]) == bits(dx16[r * (ld - extra) + (j - extra)]);
+                    if (j < size_t(extra)) {
+                        rest_ok = rest_ok && bits(wide[r * ld + j]) == 0xFFFF && bits(wide_t[r * ld + j]) == 0xFFFF;
+                    } else {
+                        const float want = __bfloat162float(dx16[r * (ld - extra) + (j - extra)]);
+                        slice_ok = slice_ok && bits(wide[r * ld + j]) == bits(dx16[r * (ld - extra) + (j - extra)]) &&
+                                   std::fabs(__bfloat162float(wide_t[r * ld + j]) - want) <= 1e-2f * std::fabs(want) + 1e-6f;
+                    }
                 }
             CAPTURE(extra);
             CHECK(slice_ok);
