@@ -16,7 +16,8 @@
 // Parameters, moments and the norm are fp32 on every path (master weights); gradients take the element type.
 #pragma once
 #include <algorithm>            // std::sort, std::max, std::min
-#include <cstdint>              // SIZE_MAX
+#include <cstdint>              // SIZE_MAX, uintptr_t
+#include <type_traits>          // std::is_same_v: grad_norm's vector path for fp32 gradients
 #include <cmath>                // std::pow
 #include <vector>               // std::vector
 #include <cuda_bf16.h>          // __nv_bfloat16, __float2bfloat16_rn: the parameters' bf16 copy
@@ -149,11 +150,29 @@ __device__ __forceinline__ double block_sum_double(double x) {
     return s;
 }
 
-// Stage 1: partial[b] = Σ g² over the elements block b visits (grid-stride; GRAD_NORM_BLOCKS blocks).
+// Stage 1: partial[b] = Σ g² over the elements block b visits (grid-stride; GRAD_NORM_BLOCKS blocks). fp32 gradients
+// on 16-byte boundaries go eight a thread an iteration (two float4 loads in flight: one 4-byte load a thread left
+// the pass at a quarter of the DRAM bandwidth, 0.29 ms for the 100m model's 0.45 GB), the rest one at a time. The
+// order of the sum is fixed by the grid, as before (deterministic).
 template <typename T>
 __global__ void grad_norm_partial_kernel(double* partial, const T* grads, size_t n) {
     double acc = 0.0;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t first = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    size_t done = 0;
+    if constexpr (std::is_same_v<T, float>) {
+        if (reinterpret_cast<uintptr_t>(grads) % 16 == 0) {
+            const size_t n8 = n / 8;
+            for (size_t i = first; i < n8; i += stride) {
+                const float4 a = reinterpret_cast<const float4*>(grads)[2 * i];
+                const float4 b = reinterpret_cast<const float4*>(grads)[2 * i + 1];
+                const float x[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc += double(x[j]) * double(x[j]);
+            }
+            done = n8 * 8;
+        }
+    }
+    for (size_t i = done + first; i < n; i += stride) {
         const double g = (double)float(grads[i]);
         acc += g * g;
     }

@@ -611,6 +611,10 @@ TEST_CASE("gpu grad_norm and clip_grad_norm equal the CPU (device scalar, no hos
         hl::gpu::grad_norm(norm_.ptr, g_.ptr, n, scratch.ptr);
         const float cpu_norm = hl::grad_norm(g.data(), n);
         expect_close(tag + " norm", from_dev(norm_), {cpu_norm}, FWD_TOL);
+        if (n > 1) {  // off a 16-byte boundary (a ZeRO-1 shard's slice): the one-at-a-time path
+            hl::gpu::grad_norm(norm_.ptr, g_.ptr + 1, n - 1, scratch.ptr);
+            expect_close(tag + " norm from element 1", from_dev(norm_), {hl::grad_norm(g.data() + 1, n - 1)}, FWD_TOL);
+        }
         // clipping to a third of the norm scales every gradient; to twice the norm changes nothing
         std::vector<float> gc = g;
         const float c1 = hl::clip_grad_norm(gc.data(), n, cpu_norm / 3);
