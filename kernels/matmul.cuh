@@ -128,8 +128,8 @@ inline void round_bf16_rows(bf16* out, size_t ldo, const float* in, size_t rows,
 }
 
 // What the GEMMs need while a model runs with bf16 operands (kernels/model.cuh owns the buffers): params16 is
-// the bf16 copy of the fp32 parameters [params, params + n) (the model refreshes it at the start of each
-// forward), a16 and b16 are scratch for the two activation operands of a GEMM, scratch_n elements each; stage
+// the bf16 copy of the fp32 parameters [params, params + n) (AdamW writes it as it updates them; the model rounds
+// it all at the start of a forward after any other write), a16 and b16 are scratch for the two activation operands of a GEMM, scratch_n elements each; stage
 // (stage_n elements) is the tensor-core attention's bf16 copy of its inputs (attention_tc_stage_size).
 struct Bf16Operands {
     const float* params = nullptr;
