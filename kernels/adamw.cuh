@@ -152,7 +152,7 @@ __device__ __forceinline__ double block_sum_double(double x) {
 
 // Stage 1: partial[b] = Σ g² over the elements block b visits (grid-stride; GRAD_NORM_BLOCKS blocks). fp32 gradients
 // on 16-byte boundaries go eight a thread an iteration (two float4 loads in flight: one 4-byte load a thread left
-// the pass at a quarter of the DRAM bandwidth, 0.29 ms for the 100m model's 0.45 GB), the rest one at a time. The
+// the pass at about a quarter of the DRAM bandwidth, 0.29 ms for the 100m model's 0.37 GB), the rest one at a time. The
 // order of the sum is fixed by the grid, as before (deterministic).
 template <typename T>
 __global__ void grad_norm_partial_kernel(double* partial, const T* grads, size_t n) {

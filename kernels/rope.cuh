@@ -85,8 +85,10 @@ inline void rope_table(float* table, int T_, int hd, double theta, int pos0 = 0,
 
 // The rotation from a table (rope_table of the same T, hd, θ and pos0): VEC = 8 pairs of one (b, t, h) row a thread,
 // 16-byte accesses (one of bf16, two of fp32), the row's cosines and sines two float4 each from the table. The same
-// float products as rope_rotate_kernel on the same cos and sin (sign −1: sin(−a) = −sin a), so the same values bit
-// for bit. Needs hd/2 and ldo multiples of 8 and 16-byte pointers.
+// float products as rope_rotate_kernel on the same cos and sin, so the forward gives its values bit for bit; the
+// backward (sign −1) negates the table's sine where that kernel takes the sine of −a (equal wherever the double sine
+// is odd to the last bit; the test holds it to the rotation's tolerance). Needs hd/2 and ldo multiples of 8 and
+// 16-byte pointers.
 template <typename T, typename O>
 __global__ void rope_rotate_vec_kernel(O* out, const T* inp, const float* table, int B, int T_, int H, int hd,
                                        size_t ldo, int sign) {

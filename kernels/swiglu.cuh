@@ -19,9 +19,8 @@ namespace hl::gpu {
 // halves of one GEMM output, see swiglu_w13_fused). Block row y takes rows y, y + gridDim.y, …; in a row, threads
 // stride the columns, V a thread (ldv/stv: 8 → 16-byte accesses of bf16, 4 → float4 / 8-byte bf16), then one a
 // thread for the rest. Memory-bound: 3 coalesced streams. (A flat index split into row and column by a 64-bit
-// division a group cost 20% more time than the GEMM halves saved. At 100m under bf16, 8 a thread moved the rows at
-// 4.x TB/s where 4 moved them at 3.4: 88 → xx µs forward, 130 → xx µs backward.) O: T, or bf16 when h is only a bf16
-// matmul operand.
+// division a group cost 20% more time than the GEMM halves saved. At 100m under bf16, 8 a thread against 4: 88 → 84 µs
+// forward, 130 → 120 µs backward, ncu at the GPU's clocks.) O: T, or bf16 when h is only a bf16 matmul operand.
 template <typename T, typename O, int V>
 __global__ void swiglu_gate_forward_kernel(O* h, const T* h1, const T* h3, size_t rows, size_t F, size_t ld) {
     const size_t c0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
