@@ -217,6 +217,32 @@ __device__ inline float row_reduce(const float (&acc)[N / 8][4], int r, F f) {
     reduce_levels<N / 16>(t, f);
     return t[0];
 }
+// One online-softmax step of the tensor-core forwards on a warp's score tile s (16 × BS, unscaled, masked to −∞):
+// each of the lane's two rows gets its running max m (log2 units) raised to the tile's, its running sum share l
+// rescaled by alpha = 2^(m_old − m_new) and then increased by the tile's, and s becomes P = 2^(s·scale_log2 − m) in
+// place. The caller rescales O by alpha. Row sums from the fp32 P (FlashAttention's choice; summing the bf16 values
+// P·V uses took two more instructions a pair).
+template <int BS>
+__device__ __forceinline__ void online_softmax_step(float (&s)[BS / 8][4], float (&m)[2], float (&l)[2],
+                                                    float (&alpha)[2], float scale_log2) {
+    float mx[2], m_use[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) mx[r] = row_reduce<BS>(s, r, [](float a, float b) { return fmaxf(a, b); });
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);  // the scale is positive
+        m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
+        alpha[r] = exp2_approx(m[r] - m_use[r]);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < BS / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[n][e] = exp2_approx(fmaf(s[n][e], scale_log2, -m_use[e / 2]));
+#pragma unroll
+    for (int r = 0; r < 2; r++) l[r] += row_reduce<BS>(s, r, [](float a, float b) { return a + b; });
+}
 }  // namespace attn_tc
 
 // Forward (as attention_forward_kernel, but 128 query rows a block): per key tile, S = Q Kᵀ (16 × 64 per warp) in
@@ -277,26 +303,8 @@ __global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64
                         const int i = i0 + 8 * (e / 2), j = kv0 + 8 * n + 2 * (lane % 4) + e % 2;
                         if (!(j < T_ && attn_visible(i, j, window, sink))) s[n][e] = -INFINITY;
                     }
-            float mx[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++) mx[r] = row_reduce<BS>(s, r, [](float a, float b) { return fmaxf(a, b); });
-            float alpha[2], m_use[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);  // the scale is positive
-                m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
-                alpha[r] = exp2_approx(m[r] - m_use[r]);
-                m[r] = m_new;
-                l[r] *= alpha[r];
-            }
-#pragma unroll
-            for (int n = 0; n < BS / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[n][e] = exp2_approx(fmaf(s[n][e], scale_log2, -m_use[e / 2]));
-            // the row sums from the fp32 P (FlashAttention's choice; summing the bf16 values P·V uses took two more
-            // instructions a pair)
-#pragma unroll
-            for (int r = 0; r < 2; r++) l[r] += row_reduce<BS>(s, r, [](float a, float b) { return a + b; });
+            float alpha[2];
+            online_softmax_step<BS>(s, m, l, alpha, scale_log2);
             uint32_t p[BS / 16][4];
             mma::to_a<BS>(p, s);  // P rounded to bf16 as it multiplies V
 #pragma unroll
@@ -407,23 +415,8 @@ __global__ void __launch_bounds__(attn_tc::THREADS, DV == 64 ? 2 : 1)  // d_v 64
                     const int i = i0 + 8 * (e / 2), j = kv + 8 * n + 2 * (lane % 4) + e % 2;
                     if (vis == AttnBlock::NONE || !(j < T_ && attn_visible(i, j, window, sink))) s[n][e] = -INFINITY;
                 }
-        float mx[2], m_use[2], alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) mx[r] = row_reduce<BS>(s, r, [](float a, float b) { return fmaxf(a, b); });
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);  // the scale is positive
-            m_use[r] = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: p = 0, not NaN
-            alpha[r] = exp2_approx(m[r] - m_use[r]);
-            m[r] = m_new;
-            l[r] *= alpha[r];
-        }
-#pragma unroll
-        for (int n = 0; n < BS / 8; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) s[n][e] = exp2_approx(fmaf(s[n][e], scale_log2, -m_use[e / 2]));
-#pragma unroll
-        for (int r = 0; r < 2; r++) l[r] += row_reduce<BS>(s, r, [](float a, float b) { return a + b; });
+        float alpha[2];
+        online_softmax_step<BS>(s, m, l, alpha, scale_log2);
         wgmma::fence_operand(s);  // the softmax stays here, overlapping the product, not sunk behind its wait
         wgmma::wait<0>();  // O += P_{j-1} V_{j-1} is done: O and p are free
         wgmma::fence_operand(o);
@@ -595,23 +588,8 @@ __global__ void __launch_bounds__(attn_ws::THREADS, 1)
                         const int i = i0 + 8 * (e / 2), j = kv + 8 * n + 2 * (lane % 4) + e % 2;
                         if (vis == AttnBlock::NONE || !(j < T_ && j <= i)) s[n][e] = -INFINITY;
                     }
-            float mx[2], m_use[2], alpha[2];
-#pragma unroll
-            for (int r = 0; r < 2; r++) mx[r] = row_reduce<BS>(s, r, [](float a, float b) { return fmaxf(a, b); });
-#pragma unroll
-            for (int r = 0; r < 2; r++) {
-                const float m_new = fmaxf(m[r], quad_max(mx[r]) * scale_log2);
-                m_use[r] = m_new == -INFINITY ? 0.f : m_new;
-                alpha[r] = exp2_approx(m[r] - m_use[r]);
-                m[r] = m_new;
-                l[r] *= alpha[r];
-            }
-#pragma unroll
-            for (int n = 0; n < BS / 8; n++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) s[n][e] = exp2_approx(fmaf(s[n][e], scale_log2, -m_use[e / 2]));
-#pragma unroll
-            for (int r = 0; r < 2; r++) l[r] += row_reduce<BS>(s, r, [](float a, float b) { return a + b; });
+            float alpha[2];
+            online_softmax_step<BS>(s, m, l, alpha, scale_log2);
             wgmma::fence_operand(s);
             wgmma::wait<0>();  // O += P_{j-1} V_{j-1} is done: O, p and V_{j-1}'s buffer are free
             wgmma::fence_operand(o);

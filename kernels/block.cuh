@@ -50,7 +50,7 @@ inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, Arena<int>& ia, const
     x.n1 = a.take("n1", {N, D});
     x.rstd1 = a.take("rstd1", {N});
     if (c.kind == 'A') x.attn = gpu_attn_acts(a, c.attn, B, T_);
-    if (c.kind == 'M') x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_);
+    if (c.kind == 'M') x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_, /*mixer=*/true);
     if (c.kind == 'H') x.intra = gpu_intra_acts(a, c.intra, B, T_);
     x.mix = a.take("mix", {N, D});
     x.h = a.take("h", {N, D});

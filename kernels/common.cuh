@@ -93,6 +93,12 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Max of v over the 32 lanes of a warp (every lane ends with it).
+__device__ __forceinline__ float warp_max(float v) {
+    for (int off = 16; off > 0; off /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
 // Blocks for a grid-stride loop over n elements with `block` threads each: enough to fill the GPU many
 // times over, capped so the index arithmetic in the kernels (size_t) never needs more than 2^16 blocks.
 inline int elementwise_grid(size_t n, int block) {

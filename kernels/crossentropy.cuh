@@ -6,7 +6,7 @@
 // losses and dlosses are fp32 on every path; logits, probs, dlogits take the element type.
 #pragma once
 #include <cfloat>               // FLT_MAX
-#include "kernels/common.cuh"   // cudaCheckLast
+#include "kernels/common.cuh"   // cudaCheckLast, ceil_div, warp_sum, warp_max
 #include "model/common.h"       // HL_CHECK
 
 namespace hl::gpu {
@@ -60,12 +60,55 @@ __global__ void crossentropy_forward_kernel(float* losses, T* probs, const T* lo
     }
 }
 
+// The same for short rows (V ≤ 32·CE_WARP_K: the byte vocabulary), a warp per row, 8 rows a block: each lane holds
+// its ≤ CE_WARP_K logits in registers, so the max and the sum are plain passes over them and two warp reductions
+// (fixed butterfly order: deterministic), with no online rescaling and no barrier. A block per row of 256 took 76 µs
+// for N = 16384, V = 256 on an H200, most of it in the per-block reductions, not in its 33 MB of traffic.
+constexpr int CE_WARP_K = 8;
+
+template <typename T>
+__global__ void crossentropy_forward_warp_kernel(float* losses, T* probs, const T* logits, const int* targets, int N,
+                                                 int V) {
+    const int n = blockIdx.x * (CE_BLOCK / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (n >= N) return;  // whole warps leave together
+    const T* z = logits + (size_t)n * V;  // (V)
+    T* p = probs + (size_t)n * V;         // (V)
+    float x[CE_WARP_K];
+    float m = -FLT_MAX;
+#pragma unroll
+    for (int k = 0; k < CE_WARP_K; k++) {
+        const int v = lane + 32 * k;
+        x[k] = v < V ? float(z[v]) : -FLT_MAX;
+        m = fmaxf(m, x[k]);
+    }
+    m = warp_max(m);
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < CE_WARP_K; k++) {
+        x[k] = lane + 32 * k < V ? expf(x[k] - m) : 0.0f;
+        s += x[k];
+    }
+    s = warp_sum(s);
+    const float inv = 1.0f / s;
+#pragma unroll
+    for (int k = 0; k < CE_WARP_K; k++)
+        if (lane + 32 * k < V) p[lane + 32 * k] = T(x[k] * inv);
+    if (lane == 0) {
+        const int t = targets[n];
+        losses[n] = (t >= 0 && t < V) ? logf(s) - (float(z[t]) - m) : __int_as_float(0x7fc00000);  // NaN: bad id
+    }
+}
+
 template <typename T>
 void crossentropy_forward(float* losses, T* probs, const T* logits, const int* targets, int N, int V,
                           cudaStream_t stream = 0) {
     HL_CHECK(N >= 0 && V > 0, "crossentropy: bad sizes N=", N, " V=", V);
     if (N == 0) return;
-    crossentropy_forward_kernel<<<N, CE_BLOCK, 0, stream>>>(losses, probs, logits, targets, V);
+    if (V <= 32 * CE_WARP_K)
+        crossentropy_forward_warp_kernel<<<ceil_div(N, CE_BLOCK / 32), CE_BLOCK, 0, stream>>>(losses, probs, logits,
+                                                                                              targets, N, V);
+    else
+        crossentropy_forward_kernel<<<N, CE_BLOCK, 0, stream>>>(losses, probs, logits, targets, V);
     cudaCheckLast();
 }
 

@@ -64,7 +64,7 @@ inline GpuIntraActs<float> gpu_intra_acts(Arena<float>& a, const IntraConfig& c,
     const int N = B * T_, D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width(), Wf = c.fused_width();
     x.attn = gpu_attn_acts(a, c.attn, B, T_);
     x.attn.v_fp32 = c.fusion.value == FusionValue::shared;  // the Mamba branch's x is V expanded
-    x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_);
+    x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_, /*mixer=*/false);
     x.x_shared = a.take("x_shared", {N, Ws});
     x.a1 = a.take("a1", {N, Wa});
     x.rstd_a = a.take("rstd_a", {N, c.attn.n_heads});

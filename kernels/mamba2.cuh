@@ -32,7 +32,8 @@
 #include "kernels/common.cuh"    // cudaCheck, cudaCheckLast, elementwise_grid, colsum, dev_silu, dev_softplus, ...
 #include "kernels/conv1d.cuh"    // conv1d_silu_forward/backward
 #include "kernels/matmul.cuh"    // matmul_forward/backward for in_proj and out_proj
-#include "kernels/rmsnorm.cuh"   // rmsnorm_forward/backward, rmsnorm_block_sum, rmsnorm_wide_row, rmsnorm_row_dispatch
+#include "kernels/rmsnorm.cuh"   // rmsnorm_forward/backward, rmsnorm_block_sum, rmsnorm_row_output, rmsnorm_wide_row,
+                                 // rmsnorm_row_dispatch
 #include "kernels/ssd.cuh"       // ssd_chunked_forward/backward, ssd_chunked_backward_scratch_size
 #include "model/common.h"        // Arena, HL_CHECK
 #include "model/mamba2.h"        // Mamba2Config, Mamba2Params, mamba2_config_check, MAMBA2_NORM_EPS
@@ -57,8 +58,8 @@ struct GpuMamba2Acts {
     T* A = nullptr;              // (H)                −exp(A_log)
     T* chunk_states = nullptr;   // (B, H, nchunks, P, N)  the state entering each chunk
     T* y = nullptr;              // (B, T, H, P)       SSD output, D·x included
-    T* g = nullptr;              // (B, T, d_inner)    y ⊙ SiLU(z): the branch output (not written by a mixer whose
-                                 //                    gate and norm are fused: mamba2_gate_norm_fused)
+    T* g = nullptr;              // (B, T, d_inner)    y ⊙ SiLU(z): the branch output (null for a mixer whose gate
+                                 //                    and norm are fused: mamba2_gate_norm_fused)
     T* gn = nullptr;             // (B, T, d_inner)    mixer: RMSNorm(g) · norm_w
     float* rstd = nullptr;       // (B, T, G)          mixer: the norm's 1/rms per group
     // backward scratch
@@ -76,9 +77,21 @@ struct GpuMamba2Acts {
     float* conv_scratch = nullptr;  // conv1d_backward_scratch_size(B, T, conv_dim, d_conv): the conv's dw partials
 };
 
+// Whether the mixer of config c takes the fused gate and norm (mamba2_gate_norm_forward_kernel below), forward and
+// backward alike: a property of the config, so that gpu_mamba2_acts leaves g out of the layout. The fused kernels'
+// float4 accesses need 16-byte aligned tensors, which the arenas give (activations 64 elements, parameters
+// kParamAlign), and rows of zxbcdt a multiple of 4 floats (in_proj_rows() is a multiple of 8);
+// mamba2_gate_norm_check checks the pointers at the launch.
+template <typename T>
+bool mamba2_gate_norm_fused(const Mamba2Config& c) {
+    return std::is_same_v<T, float> && rmsnorm_wide_row(c.d_inner / c.ngroups);
+}
+
 // Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU.
 // fp32 for now: one float arena holds the element tensors and the fp32 statistics alike.
-inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_) {
+// mixer: the M block's mixer (the gated norm's tensors; g only where its gate and norm are not fused), else the
+// intra-layer block's branch (g, its output, and none of the norm's).
+inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_, bool mixer) {
     mamba2_config_check(c);
     HL_CHECK(B > 0 && T_ > 0, "mamba2 activations (gpu): bad sizes B=", B, " T=", T_);
     const int H = c.nheads(), P = c.headdim, G = c.ngroups, N = c.d_state, CD = c.conv_dim();
@@ -96,11 +109,13 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.A = a.take("A", {H});
     x.chunk_states = a.take("chunk_states", {B, H, nchunks, P, N});
     x.y = a.take("y", {B, T_, H, P});
-    x.g = a.take("g", {B, T_, c.d_inner});
-    x.gn = a.take("gn", {B, T_, c.d_inner});
-    x.rstd = a.take("rstd", {B, T_, G});
-    x.dgn = a.take("dgn", {B, T_, c.d_inner});
-    x.dg = a.take("dg", {B, T_, c.d_inner});
+    if (!mixer || !mamba2_gate_norm_fused<float>(c)) x.g = a.take("g", {B, T_, c.d_inner});
+    if (mixer) {
+        x.gn = a.take("gn", {B, T_, c.d_inner});
+        x.rstd = a.take("rstd", {B, T_, G});
+        x.dgn = a.take("dgn", {B, T_, c.d_inner});
+        x.dg = a.take("dg", {B, T_, c.d_inner});
+    }
     x.dy = a.take("dy", {B, T_, H, P});
     x.dx = a.take("dx", {B, T_, H, P});
     x.dBm = a.take("dBm", {B, T_, G, N});
@@ -387,12 +402,10 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
 // was two (rows, d_inner) passes more each way. Other shapes (the tests' tiny ones, G groups narrower than 1024) go
 // through mamba2_gate_forward and rmsnorm_forward as before.
 
-// Whether the mixer of config c takes the fused kernels, forward and backward alike (one test over every tensor
-// either reads or writes: the forward's choice decides whether acts.g exists for the backward).
 template <typename T>
-bool mamba2_gate_norm_fused(const Mamba2Config& c, const GpuMamba2Acts<T>& acts, const Mamba2Params<T>& p) {
-    return std::is_same_v<T, float> && rmsnorm_wide_row(c.d_inner / c.ngroups) && c.in_proj_rows() % 4 == 0 &&
-           vec4_aligned(acts.gn, acts.dgn, acts.dg, acts.y, acts.dy, acts.zxbcdt, acts.dzxbcdt, p.norm_w);
+void mamba2_gate_norm_check(const GpuMamba2Acts<T>& acts, const Mamba2Params<T>& p) {
+    HL_CHECK(vec4_aligned(acts.gn, acts.dgn, acts.dg, acts.y, acts.dy, acts.zxbcdt, acts.dzxbcdt, p.norm_w),
+             "mamba2 mixer (gpu): the fused gate and norm need 16-byte aligned activations and norm_w");
 }
 
 // gn (rows, G·Cg) = y ⊙ SiLU(z) / rms(group) · norm_w, rstd (rows, G) saved. O: float, or bf16 under bf16 operands
@@ -414,13 +427,7 @@ __global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float*
                       : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         ss += g[q].x * g[q].x + g[q].y * g[q].y + g[q].z * g[q].z + g[q].w * g[q].w;
     }
-    const float s = 1.0f / sqrtf(rmsnorm_block_sum(ss, part) / Cg + eps);
-    if (tid == 0) rstd[r] = s;
-#pragma unroll
-    for (int q = 0; q < V; q++) {
-        const int c = tid + q * RMSNORM_BLOCK;
-        if (c < C4) st4(gn + (size_t)r * Cg, c, map4(g[q], ld4(wr, c), [s](float a, float w) { return a * s * w; }));
-    }
+    rmsnorm_row_output(gn + (size_t)r * Cg, rstd + r, g, ss, wr, Cg, eps, part);
 }
 
 // With g = y ⊙ SiLU(z), ĝ = g · rstd, d = dgn ⊙ norm_w:  dg = rstd · (d − ĝ · mean(d ⊙ ĝ)) over the group, then
@@ -497,7 +504,8 @@ void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Ma
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
     const int rows = B * T_, G = c.ngroups, Cg = c.d_inner / G;
     bf16* gn16 = gpu::bf16_view(acts.gn);  // (bf16 runs: gn is out_proj's input only, written in bf16 once)
-    const bool fused = mamba2_gate_norm_fused(c, acts, p);
+    const bool fused = mamba2_gate_norm_fused<T>(c);
+    if (fused) mamba2_gate_norm_check(acts, p);
     gpu::mamba2_branch_forward(acts, inp, (const T*)nullptr, p, c, B, T_, stream, inp16, !fused);
     if constexpr (std::is_same_v<T, float>) {
         if (fused) {
@@ -530,7 +538,8 @@ void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba
     gpu::matmul_backward(acts.dgn, dp.out_proj, (T*)nullptr, dout, acts.gn, p.out_proj, rows, c.d_inner, c.d_model,
                          stream, false, gpu::bf16_view(acts.gn), dout16);
     bf16* dzxbcdt16 = nullptr;  // in_proj's output gradient in bf16 (on the fused path)
-    const bool fused = mamba2_gate_norm_fused(c, acts, p);  // as the forward chose
+    const bool fused = mamba2_gate_norm_fused<T>(c);  // as the forward chose
+    if (fused) mamba2_gate_norm_check(acts, p);
     if constexpr (std::is_same_v<T, float>) {
         if (fused) {  // dy and the z columns of dzxbcdt, dnorm_w from the blocks' partials
             const int nb = ceil_div(rows, MAMBA2_GN_ROWS);  // the partials go to acts.dg, unused on this path

@@ -385,8 +385,10 @@ struct GpuModel {
                              gpu::bf16_view(xf));
         // bf16: each norm backward also writes the residual stream's gradient in bf16, for the GEMMs after it
         bf16* res16 = precision == Precision::bf16 ? dres16.ptr : nullptr;
+        // norm_f's weight gradient through the last block's ffo as scratch, as the blocks' norms do (the backward
+        // never reads ffo)
         gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream,
-                              (const float*)nullptr, nullptr, res16);
+                              (const float*)nullptr, bacts[size_t(L) - 1].ffo, res16);
         for (int l = L - 1; l >= 0; l--) {
             gpu::block_backward(dres, dp.layers[size_t(l)], dres, bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
                                 blocks[size_t(l)], B, T_, stream, res16, l > 0);
@@ -397,11 +399,10 @@ struct GpuModel {
 
     // One AdamW step at learning rate lr on the gradients clipped to global norm grad_clip (the norm before
     // clipping goes to scalars[1]; the clipping is applied inside the update, the gradients stay as they are);
-    // step is 1-based (bias correction).
+    // step is 1-based (bias correction). adamw_update checks grad_clip > 0.
     void update(const AdamWConfig& opt, float lr, int step, float grad_clip) {
         HL_CHECK(training, "GpuModel::update: this model was built without an optimizer");
         HL_CHECK(!sharded(), "GpuModel::update: a sharded model steps through kernels/dist.cuh");
-        HL_CHECK(grad_clip > 0.0f, "clip_grad_norm: max_norm must be positive, got ", grad_clip);
         gpu::grad_norm(scalars.ptr + 1, grads.ptr, grads.n, norm_scratch.ptr, stream);
         // the bf16 copy follows the update where it held the parameters before it
         const bool copy = precision == Precision::bf16 && params16_valid;

@@ -83,13 +83,21 @@ void rmsnorm_row_dispatch(int Cg, F&& f) {
     }
 }
 
-// four outputs at once: 16 bytes of fp32, or 8 of bf16 as two 4-byte stores (the form the bf16 block norms were
-// measured and tested with; common.cuh's st4 stores the 8 bytes at once)
-__device__ __forceinline__ void rmsnorm_st4(float* p, int i, float4 v) { reinterpret_cast<float4*>(p)[i] = v; }
-__device__ __forceinline__ void rmsnorm_st4(__nv_bfloat16* p, int i, float4 v) {
-    __nv_bfloat162* q = reinterpret_cast<__nv_bfloat162*>(p) + 2 * i;
-    q[0] = __floats2bfloat162_rn(v.x, v.y);
-    q[1] = __floats2bfloat162_rn(v.z, v.w);
+// The wide-row forwards' tail (this file's and mamba2.cuh's fused gated norm): from the block's sum of squares ss,
+// the row's 1/rms, saved to *rstd, then out = v · rstd · weight (weight null: 1) from the float4s v the thread holds.
+template <int V, typename O>
+__device__ __forceinline__ void rmsnorm_row_output(O* out, float* rstd, const float4 (&v)[V], float ss,
+                                                   const float* wt, int Cg, float eps, float* part) {
+    const float s = 1.0f / sqrtf(rmsnorm_block_sum(ss, part) / Cg + eps);
+    if (threadIdx.x == 0) *rstd = s;
+#pragma unroll
+    for (int q = 0; q < V; q++) {
+        const int c = threadIdx.x + q * RMSNORM_BLOCK;
+        if (c < Cg / 4) {
+            const float4 w4 = wt ? ld4(wt, c) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+            st4(out, c, make_float4(v[q].x * s * w4.x, v[q].y * s * w4.y, v[q].z * s * w4.z, v[q].w * s * w4.w));
+        }
+    }
 }
 
 template <int V, typename O>
@@ -108,21 +116,11 @@ __global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp
         if (res && c < C4) {  // add_rmsnorm_forward: the input is x + res, kept in sum
             const float4 b = ld4(res + (size_t)r * Cg, c);
             v[q] = make_float4(v[q].x + b.x, v[q].y + b.y, v[q].z + b.z, v[q].w + b.w);
-            rmsnorm_st4(sum + (size_t)r * Cg, c, v[q]);
+            st4(sum + (size_t)r * Cg, c, v[q]);
         }
         ss += v[q].x * v[q].x + v[q].y * v[q].y + v[q].z * v[q].z + v[q].w * v[q].w;
     }
-    const float s = 1.0f / sqrtf(rmsnorm_block_sum(ss, part) / Cg + eps);
-    if (tid == 0) rstd[r] = s;
-#pragma unroll
-    for (int q = 0; q < V; q++) {
-        const int c = tid + q * RMSNORM_BLOCK;
-        if (c < C4) {
-            const float4 w4 = wt ? ld4(wt, c) : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
-            rmsnorm_st4(out + (size_t)r * Cg, c,
-                        make_float4(v[q].x * s * w4.x, v[q].y * s * w4.y, v[q].z * s * w4.z, v[q].w * s * w4.w));
-        }
-    }
+    rmsnorm_row_output(out + (size_t)r * Cg, rstd + r, v, ss, wt, Cg, eps, part);
 }
 
 // The launch of both forwards: the wide-row kernel where it fits, else the warp kernel. res, sum: see
@@ -247,8 +245,8 @@ __global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, __nv_bfloat16* din
             if (c < C4) {
                 float4 g = map4(d[q], x[q], [s, mean](float dv, float xv) { return s * (dv - xv * mean); });
                 if (residual) g = map4(g, ld4(residual + base, c), [](float a, float b) { return a + b; });
-                rmsnorm_st4(dinp + base, c, g);
-                if (dinp16) rmsnorm_st4(dinp16 + base, c, g);
+                st4(dinp + base, c, g);
+                if (dinp16) st4(dinp16 + base, c, g);
             }
         }
     }

@@ -229,14 +229,15 @@ TEST_CASE("gpu add_rmsnorm_forward (the block's residual add and norm in one pas
 
 TEST_CASE("gpu embedding forward/backward equals the CPU (backward bit-exact: same summation order)") {
     hl::Rng rng(103);
-    struct S { int B, T, V, D; };
-    // (the last: text-like ids, a third of them one byte, so a row sums hundreds of positions, D over several tiles)
+    struct S { int B, T, V, D; bool text = false; };
+    // (text: text-like ids, a third of them one byte, so a row sums hundreds of positions, D over several tiles;
+    // the last: ~2700 of them, more than the kernel gathers before it adds them)
     for (S s : {S{1, 1, 1, 1}, S{3, 17, 256, 33}, S{1, 7, 5, 1500}, S{4, 129, 256, 768}, S{2, 50, 50257, 64},
-                S{4, 700, 256, 1030}}) {
+                S{4, 700, 256, 1030, true}, S{8, 1024, 256, 260, true}}) {
         const std::string tag = "embedding " + shape({s.B, s.T, s.V, s.D});
         const int N = s.B * s.T;
         std::vector<int> tok(N);
-        for (int& t : tok) t = s.D == 1030 && rng.next() % 3 == 0 ? 32 : int(rng.next() % (uint64_t)s.V);
+        for (int& t : tok) t = s.text && rng.next() % 3 == 0 ? 32 : int(rng.next() % (uint64_t)s.V);
         auto wte = randn(rng, (size_t)s.V * s.D), dout = randn(rng, (size_t)N * s.D), dwte0 = randn(rng, wte.size());
         std::vector<float> out((size_t)N * s.D), dwte = dwte0;
         hl::embedding_forward(out.data(), tok.data(), wte.data(), s.B, s.T, s.V, s.D);
@@ -253,17 +254,22 @@ TEST_CASE("gpu embedding forward/backward equals the CPU (backward bit-exact: sa
         CHECK(g_out == out);    // a copy: exact
         CHECK(g_dwte == dwte);  // same order of additions as the CPU: exact
     }
-    // an out-of-range id gives a NaN row (never a stray read), and matches no row in the backward
-    std::vector<int> tok = {0, 7, 2};
-    const int V = 4, D = 3;
-    DeviceBuffer<int> tok_;
-    DeviceBuffer<float> wte_, out_;
-    to_dev(tok_, tok); wte_.alloc(V * D); wte_.zero(); out_.alloc(tok.size() * D);
-    hl::gpu::embedding_forward(out_.ptr, tok_.ptr, wte_.ptr, 1, 3, V, D);
-    auto o = from_dev(out_);
-    CHECK(o[0] == 0.0f);
-    CHECK(std::isnan(o[3]));
-    CHECK(o[6] == 0.0f);
+    // an out-of-range id gives a NaN row (never a stray read), and matches no row in the backward; D = 3: one
+    // element a thread, D = 4: four
+    for (int D : {3, 4}) {
+        std::vector<int> tok = {0, 7, 2};
+        const int V = 4;
+        DeviceBuffer<int> tok_;
+        DeviceBuffer<float> wte_, out_;
+        to_dev(tok_, tok); wte_.alloc(V * D); wte_.zero(); out_.alloc(tok.size() * D);
+        hl::gpu::embedding_forward(out_.ptr, tok_.ptr, wte_.ptr, 1, 3, V, D);
+        auto o = from_dev(out_);
+        for (int d = 0; d < D; d++) {
+            CHECK(o[d] == 0.0f);
+            CHECK(std::isnan(o[D + d]));
+            CHECK(o[2 * D + d] == 0.0f);
+        }
+    }
 }
 
 TEST_CASE("gpu swiglu forward/backward equals the CPU (host layouts reused on device memory)") {

@@ -236,10 +236,13 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     }
 
     DeviceBuffer<float> abuf, d_inp, d_dout, d_out, d_dinp, d_xs, d_dxs;
-    auto dacts = device_acts<hl::gpu::GpuMamba2Acts<float>>(abuf, [&](Arena<float>& a) { return hl::gpu::gpu_mamba2_acts(a, c, B, T); });
-    // wide norm groups (d_inner / G ≥ 1024) take the mixer's fused gate and norm, the others the two kernels
+    auto dacts = device_acts<hl::gpu::GpuMamba2Acts<float>>(abuf, [&](Arena<float>& a) { return hl::gpu::gpu_mamba2_acts(a, c, B, T, !branch_only); });
+    // wide norm groups (d_inner / G ≥ 1024) take the mixer's fused gate and norm, the others the two kernels; the
+    // fused mixer's layout has no g (it is never written), the branch's has no norm tensors
     if (!branch_only)
-        CHECK(hl::gpu::mamba2_gate_norm_fused(c, dacts, dp_) == hl::gpu::rmsnorm_wide_row(c.d_inner / c.ngroups));
+        CHECK((dacts.g == nullptr) == hl::gpu::rmsnorm_wide_row(c.d_inner / c.ngroups));
+    else
+        CHECK((dacts.g != nullptr && dacts.gn == nullptr && dacts.dg == nullptr));
     d_inp.alloc(inp.size()); d_inp.upload(inp);
     d_dout.alloc(dout.size()); d_dout.upload(dout);
     d_xs.alloc(xs.size()); d_xs.upload(xs);
