@@ -1882,11 +1882,11 @@ inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, in
     s.v = a.take("v", {B, T_, Hkv, c.d_v});
     s.lse = a.take("lse", {B, H, T_});
     s.y = a.take("y", {B, T_, H * c.d_v});
-    s.dq = a.take("dq", {B, T_, H, c.d_qk});
-    s.dk = a.take("dk", {B, T_, Hkv, c.d_qk});
-    s.dv = a.take("dv", {B, T_, Hkv, c.d_v});
-    s.dy = a.take("dy", {B, T_, H * c.d_v});
-    s.D = a.take("D", {(int)attention_backward_scratch_size(B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink)});
+    s.dq = a.take_scratch("dq", {B, T_, H, c.d_qk});
+    s.dk = a.take_scratch("dk", {B, T_, Hkv, c.d_qk});
+    s.dv = a.take_scratch("dv", {B, T_, Hkv, c.d_v});
+    s.dy = a.take_scratch("dy", {B, T_, H * c.d_v});
+    s.D = a.take_scratch("D", {(int)attention_backward_scratch_size(B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink)});
     s.rope = a.take("rope", {2, T_, c.d_qk / 2});
     return s;
 }

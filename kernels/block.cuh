@@ -36,7 +36,8 @@ struct GpuBlockActs {
     GpuMoEActs<T> moe{};
     const T* moe_bias = nullptr;  // (E) the MoE's selection bias (model state, set by the model)
     T* ffo = nullptr;         // (B,T,D)  FFN output
-    // backward scratch
+    // backward scratch (with mix, and the mixers' and FFN's own, from Arena::take_scratch: in GpuModel one region all
+    // layers share)
     T* dn = nullptr;          // (B,T,D)
     T* dh = nullptr;          // (B,T,D)
 };
@@ -52,15 +53,15 @@ inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, Arena<int>& ia, const
     if (c.kind == 'A') x.attn = gpu_attn_acts(a, c.attn, B, T_);
     if (c.kind == 'M') x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_, /*mixer=*/true);
     if (c.kind == 'H') x.intra = gpu_intra_acts(a, c.intra, B, T_);
-    x.mix = a.take("mix", {N, D});
+    x.mix = a.take_scratch("mix", {N, D});
     x.h = a.take("h", {N, D});
     x.n2 = a.take("n2", {N, D});
     x.rstd2 = a.take("rstd2", {N});
     if (c.use_moe) x.moe = gpu_moe_acts(a, ia, c.moe, N);
     else x.ffn = swiglu_acts(a, c.ffn, N);
     x.ffo = a.take("ffo", {N, D});
-    x.dn = a.take("dn", {N, D});
-    x.dh = a.take("dh", {N, D});
+    x.dn = a.take_scratch("dn", {N, D});
+    x.dh = a.take_scratch("dh", {N, D});
     return x;
 }
 

@@ -65,7 +65,7 @@ inline GpuIntraActs<float> gpu_intra_acts(Arena<float>& a, const IntraConfig& c,
     x.attn = gpu_attn_acts(a, c.attn, B, T_);
     x.attn.v_fp32 = c.fusion.value == FusionValue::shared;  // the Mamba branch's x is V expanded
     x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_, /*mixer=*/false);
-    x.x_shared = a.take("x_shared", {N, Ws});
+    x.x_shared = a.take_scratch("x_shared", {N, Ws});
     x.a1 = a.take("a1", {N, Wa});
     x.rstd_a = a.take("rstd_a", {N, c.attn.n_heads});
     x.a3 = a.take("a3", {N, Wa});
@@ -73,16 +73,16 @@ inline GpuIntraActs<float> gpu_intra_acts(Arena<float>& a, const IntraConfig& c,
     x.rstd_s = a.take("rstd_s", {N, c.ssm.nheads()});
     x.s2 = a.take("s2", {N, Ws});
     x.f = a.take("f", {N, Wf});
-    x.tmp_out = a.take("tmp_out", {N, D});
-    x.df = a.take("df", {N, Wf});
-    x.da = a.take("da", {N, Wa});
-    x.ds = a.take("ds", {N, Ws});
-    x.dnorm_a = a.take("dnorm_a", {N, Wa});
-    x.dnorm_s = a.take("dnorm_s", {N, Ws});
-    x.dx_shared = a.take("dx_shared", {N, Ws});
-    x.dv_extra = a.take("dv_extra", {N, c.attn.n_kv_heads * c.attn.d_v});
-    x.dinp_ssm = a.take("dinp_ssm", {N, D});
-    x.scale_part = a.take("scale_part", {Wa});
+    x.tmp_out = a.take_scratch("tmp_out", {N, D});
+    x.df = a.take_scratch("df", {N, Wf});
+    x.da = a.take_scratch("da", {N, Wa});
+    x.ds = a.take_scratch("ds", {N, Ws});
+    x.dnorm_a = a.take_scratch("dnorm_a", {N, Wa});
+    x.dnorm_s = a.take_scratch("dnorm_s", {N, Ws});
+    x.dx_shared = a.take_scratch("dx_shared", {N, Ws});
+    x.dv_extra = a.take_scratch("dv_extra", {N, c.attn.n_kv_heads * c.attn.d_v});
+    x.dinp_ssm = a.take_scratch("dinp_ssm", {N, D});
+    x.scale_part = a.take_scratch("scale_part", {Wa});
     return x;
 }
 

@@ -113,19 +113,19 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     if (mixer) {
         x.gn = a.take("gn", {B, T_, c.d_inner});
         x.rstd = a.take("rstd", {B, T_, G});
-        x.dgn = a.take("dgn", {B, T_, c.d_inner});
-        x.dg = a.take("dg", {B, T_, c.d_inner});
+        x.dgn = a.take_scratch("dgn", {B, T_, c.d_inner});
+        x.dg = a.take_scratch("dg", {B, T_, c.d_inner});
     }
-    x.dy = a.take("dy", {B, T_, H, P});
-    x.dx = a.take("dx", {B, T_, H, P});
-    x.dBm = a.take("dBm", {B, T_, G, N});
-    x.dCm = a.take("dCm", {B, T_, G, N});
-    x.ddt = a.take("ddt", {B, T_, H});
-    x.dA = a.take("dA", {H});
-    if (c.shared_x) x.dconv_in = a.take("dconv_in", {B, T_, CD});
-    x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.in_proj_rows()});
-    x.ssd_scratch = a.take("ssd_scratch", {(int)scratch});
-    x.conv_scratch = a.take("conv_scratch", {(int)gpu::conv1d_backward_scratch_size(B, T_, CD, c.d_conv)});
+    x.dy = a.take_scratch("dy", {B, T_, H, P});
+    x.dx = a.take_scratch("dx", {B, T_, H, P});
+    x.dBm = a.take_scratch("dBm", {B, T_, G, N});
+    x.dCm = a.take_scratch("dCm", {B, T_, G, N});
+    x.ddt = a.take_scratch("ddt", {B, T_, H});
+    x.dA = a.take_scratch("dA", {H});
+    if (c.shared_x) x.dconv_in = a.take_scratch("dconv_in", {B, T_, CD});
+    x.dzxbcdt = a.take_scratch("dzxbcdt", {B, T_, c.in_proj_rows()});
+    x.ssd_scratch = a.take_scratch("ssd_scratch", {(int)scratch});
+    x.conv_scratch = a.take_scratch("conv_scratch", {(int)gpu::conv1d_backward_scratch_size(B, T_, CD, c.d_conv)});
     return x;
 }
 

@@ -19,7 +19,7 @@
 // layers); activations, gradients, the fp32 master weights, AdamW and every other kernel stay fp32, but for the
 // activations that only feed matmuls, which their producers write in bf16 (kernels/matmul.cuh's bf16_view).
 #pragma once
-#include <algorithm>              // std::min, std::copy
+#include <algorithm>              // std::min, std::max, std::copy
 #include <cstdint>                // uint64_t
 #include <functional>             // std::function: StepHooks
 #include <memory>                 // std::unique_ptr: the AdamW table
@@ -258,14 +258,24 @@ struct GpuModel {
         B = B_;
         T_ = Tn;
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        auto layout = [&](Arena<float>& a, Arena<int>& ia) {
+        // s: the layers' backward scratch (Arena::take_scratch: the gradients a block's backward makes and uses up,
+        // and a few forward temporaries), one region that every layer's layout starts at its beginning, sized for
+        // the largest layer: the backward takes the layers one at a time on one stream. At 350m, B 8, T 2048 that is
+        // about half of each block's activations (mamba2: 60 → 32 GiB in all).
+        auto layout = [&](Arena<float>& a, Arena<int>& ia, Arena<float>& s) {
             xs.clear();
             bacts.clear();
             for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
+            size_t scratch = 0;
+            a.scratch = &s;
             for (int l = 0; l < L; l++) {
+                s.size = 0;
                 bacts.push_back(gpu_block_acts(a, ia, blocks[size_t(l)], B, T_));
                 bacts.back().moe_bias = moe_bias[size_t(l)];
+                scratch = std::max(scratch, s.size);
             }
+            a.scratch = nullptr;
+            s.size = scratch;
             xf = a.take("xf", {N, D});
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});
@@ -278,17 +288,18 @@ struct GpuModel {
         };
         // Every activation 256-byte aligned (64 floats), as cudaMalloc aligns a buffer: the vectorised loads of the
         // SSD's tensor-core kernels need 16 bytes, and a small model's odd sizes would otherwise break that.
-        Arena<float> count;
+        Arena<float> count, scount;
         Arena<int> icount;
-        count.align = 64;
-        layout(count, icount);
-        act.alloc(count.size);
+        count.align = scount.align = 64;
+        layout(count, icount, scount);
+        const size_t main = (count.size + 63) / 64 * 64;  // the scratch region after the rest, 256-byte aligned
+        act.alloc(main + scount.size);
         act.zero();
         if (icount.size > 0) iact.alloc(icount.size);
-        Arena<float> a(act.ptr);
+        Arena<float> a(act.ptr), s(act.ptr + main);
         Arena<int> ia(iact.ptr);
-        a.align = 64;
-        layout(a, ia);
+        a.align = s.align = 64;
+        layout(a, ia, s);
         tokens_buf.alloc(size_t(N));
         targets_buf.alloc(size_t(N));
         alloc_operand_scratch();

@@ -47,8 +47,8 @@ struct GpuMoEActs : MoEActs<T> {
 inline GpuMoEActs<float> gpu_moe_acts(Arena<float>& a, Arena<int>& ia, const MoEConfig& c, int N) {
     GpuMoEActs<float> x;
     static_cast<MoEActs<float>&>(x) = moe_acts(a, ia, c, N);
-    x.dlogits = a.take("dlogits", {N, c.n_experts});
-    x.dx_router = a.take("dx_router", {N, c.d_model});
+    x.dlogits = a.take_scratch("dlogits", {N, c.n_experts});
+    x.dx_router = a.take_scratch("dx_router", {N, c.d_model});
     x.offsets_host.assign(size_t(c.n_experts) + 1, 0);
     return x;
 }

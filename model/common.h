@@ -7,6 +7,7 @@
 #include <sstream>    // std::ostringstream for error messages
 #include <stdexcept>  // std::runtime_error
 #include <string>     // std::string
+#include <utility>    // std::move
 #include <vector>     // std::vector
 
 namespace hl {
@@ -100,6 +101,13 @@ struct Arena {
         T* p = base ? base + size : nullptr;
         size += n;
         return p;
+    }
+    // A layer's backward scratch: a tensor that only that layer's backward (or one forward call, as a temporary)
+    // writes and reads, so that nothing in it must outlive the call. Taken from `scratch` where it is set: one region
+    // that every layer's layout starts again at its beginning (GpuModel::alloc), so the layers share it; else as take.
+    Arena* scratch = nullptr;
+    T* take_scratch(const std::string& name, std::vector<int> shape) {
+        return scratch ? scratch->take(prefix + name, std::move(shape)) : take(name, std::move(shape));
     }
     // n elements left out after the last tensor (a gap, like the alignment's: no tensor of its own)
     void reserve(size_t n) { size += n; }

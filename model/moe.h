@@ -111,7 +111,7 @@ MoEActs<T> moe_acts(Arena<T>& a, Arena<int>& ia, const MoEConfig& c, int N) {
         typename Arena<T>::Scope s(a, "shared.");
         x.shared = swiglu_acts(a, moe_expert_config(c), N);
     }
-    x.shared_out = a.take("shared_out", {N, D});
+    x.shared_out = a.take_scratch("shared_out", {N, D});
     x.logits = a.take("logits", {N, E});
     x.gate = a.take("gate", {N});
     x.expert = ia.take("expert", {N});
@@ -122,12 +122,12 @@ MoEActs<T> moe_acts(Arena<T>& a, Arena<int>& ia, const MoEConfig& c, int N) {
     x.h3 = a.take("h3", {N, F});
     x.h = a.take("h", {N, F});
     x.yp = a.take("yp", {N, D});
-    x.dyp = a.take("dyp", {N, D});
-    x.dh1 = a.take("dh1", {N, F});
-    x.dh3 = a.take("dh3", {N, F});
-    x.dh = a.take("dh", {N, F});
-    x.dxp = a.take("dxp", {N, D});
-    x.scratch_dxp = a.take("scratch_dxp", {N, D});
+    x.dyp = a.take_scratch("dyp", {N, D});
+    x.dh1 = a.take_scratch("dh1", {N, F});
+    x.dh3 = a.take_scratch("dh3", {N, F});
+    x.dh = a.take_scratch("dh", {N, F});
+    x.dxp = a.take_scratch("dxp", {N, D});
+    x.scratch_dxp = a.take_scratch("scratch_dxp", {N, D});
     x.dgate = a.take("dgate", {N});
     return x;
 }

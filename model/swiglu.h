@@ -55,10 +55,10 @@ SwiGLUActs<T> swiglu_acts(Arena<T>& a, const SwiGLUConfig& cfg, int N) {
     s.h1 = a.take("h1", {N, cfg.d_ff});
     s.h3 = a.take("h3", {N, cfg.d_ff});
     s.h = a.take("h", {N, cfg.d_ff});
-    s.dh1 = a.take("dh1", {N, cfg.d_ff});
-    s.dh3 = a.take("dh3", {N, cfg.d_ff});
-    s.dh = a.take("dh", {N, cfg.d_ff});
-    s.scratch_dinp = a.take("scratch_dinp", {N, cfg.d_model});
+    s.dh1 = a.take_scratch("dh1", {N, cfg.d_ff});
+    s.dh3 = a.take_scratch("dh3", {N, cfg.d_ff});
+    s.dh = a.take_scratch("dh", {N, cfg.d_ff});
+    s.scratch_dinp = a.take_scratch("scratch_dinp", {N, cfg.d_model});
     return s;
 }
 
