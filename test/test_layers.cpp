@@ -1,5 +1,5 @@
 // test_layers.cpp — embedding (and the tied LM head), SwiGLU, cross-entropy, AdamW and gradient
-// clipping: finite differences, values worked out by hand, and bad inputs.
+// clipping: finite differences, values worked out by hand, and bad inputs; the arena's scratch placement.
 #include <cmath>                // std::log, std::log1p, std::exp, std::sqrt, std::isfinite
 #include <vector>               // std::vector
 #include "test/gradcheck.h"     // check_grad, randn, dot
@@ -78,6 +78,40 @@ TEST_CASE("tied LM head: embed -> matmul with wte -> mean cross-entropy; dwte ge
     check_grad("wte (tied)", wte.data(), dwte.data(), dwte.size(), loss);
     // the lookup path really contributed: the head alone is not the full gradient
     CHECK(max_abs_diff(head_only.data(), dwte.data(), dwte.size()) > 1e-3);
+}
+
+TEST_CASE("arena: take_scratch is take without a scratch arena, and takes from it with one (the GPU model's shared region)") {
+    const SwiGLUConfig cfg{5, 9};
+    const int N = 7, F = cfg.d_ff, D = cfg.d_model;
+    std::vector<float> buf(size_t(N) * (6 * F + D)), sbuf(buf.size());
+    // no scratch: every tensor one after another, in the order taken (the CPU's layout)
+    Arena<float> plain(buf.data());
+    auto p = swiglu_acts(plain, cfg, N);
+    CHECK(plain.size == buf.size());
+    CHECK(p.dh1 == p.h + size_t(N) * F);
+    CHECK(p.scratch_dinp == p.dh + size_t(N) * F);
+    // with one: the activations the forward saves stay in the main arena, the backward's scratch comes from the other,
+    // in the same order, and the prefix goes with its names
+    std::vector<TensorInfo> sinfo;
+    Arena<float> main_(buf.data()), scratch(sbuf.data(), &sinfo);
+    main_.scratch = &scratch;
+    main_.prefix = "ffn.";
+    auto q = swiglu_acts(main_, cfg, N);
+    CHECK(main_.size == size_t(3) * N * F);
+    CHECK(scratch.size == size_t(N) * (3 * F + D));
+    CHECK(q.h1 == buf.data());
+    CHECK(q.h == buf.data() + size_t(2) * N * F);
+    CHECK(q.dh1 == sbuf.data());
+    CHECK(q.dh3 == sbuf.data() + size_t(N) * F);
+    CHECK(q.scratch_dinp == sbuf.data() + size_t(3) * N * F);
+    REQUIRE(sinfo.size() == 4);
+    CHECK(sinfo[0].name == "ffn.dh1");
+    CHECK(sinfo[3].name == "ffn.scratch_dinp");
+    // a second layer's layout starting the scratch arena again gets the same scratch, new saved tensors
+    scratch.size = 0;
+    auto r = swiglu_acts(main_, cfg, N);
+    CHECK(r.dh == q.dh);
+    CHECK(r.h1 == q.h1 + size_t(3) * N * F);
 }
 
 TEST_CASE("swiglu: forward matches the formula; backward passes the gradient check for w1, w3, w2, input") {
