@@ -242,11 +242,11 @@ AttnActs<T> attn_acts(Arena<T>& a, const AttnConfig& c, int B, int T_) {
     s.v = a.take("v", {B, T_, Hkv, c.d_v});
     s.att = a.take("att", {B, H, T_, T_});
     s.y = a.take("y", {B, T_, H * c.d_v});
-    s.dq = a.take("dq", {B, T_, H, c.d_qk});
-    s.dk = a.take("dk", {B, T_, Hkv, c.d_qk});
-    s.dv = a.take("dv", {B, T_, Hkv, c.d_v});
-    s.dy = a.take("dy", {B, T_, H * c.d_v});
-    s.dinp_part = a.take("dinp_part", {B, T_, D});
+    s.dq = a.take_scratch("dq", {B, T_, H, c.d_qk});
+    s.dk = a.take_scratch("dk", {B, T_, Hkv, c.d_qk});
+    s.dv = a.take_scratch("dv", {B, T_, Hkv, c.d_v});
+    s.dy = a.take_scratch("dy", {B, T_, H * c.d_v});
+    s.dinp_part = a.take_scratch("dinp_part", {B, T_, D});
     return s;
 }
 

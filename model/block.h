@@ -130,15 +130,15 @@ BlockActs<T> block_acts(Arena<T>& a, Arena<int>& ia, const BlockConfig& c, int B
     if (c.kind == 'A') x.attn = attn_acts(a, c.attn, B, T_);
     if (c.kind == 'M') x.ssm = mamba2_acts(a, c.ssm, B, T_);
     if (c.kind == 'H') x.intra = intra_acts(a, c.intra, B, T_);
-    x.mix = a.take("mix", {N, D});
+    x.mix = a.take_scratch("mix", {N, D});
     x.h = a.take("h", {N, D});
     x.n2 = a.take("n2", {N, D});
     x.rstd2 = a.take("rstd2", {N});
     if (c.use_moe) x.moe = moe_acts(a, ia, c.moe, N);
     else x.ffn = swiglu_acts(a, c.ffn, N);
     x.ffo = a.take("ffo", {N, D});
-    x.dn = a.take("dn", {N, D});
-    x.dh = a.take("dh", {N, D});
+    x.dn = a.take_scratch("dn", {N, D});
+    x.dh = a.take_scratch("dh", {N, D});
     return x;
 }
 

@@ -142,7 +142,7 @@ IntraActs<T> intra_acts(Arena<T>& a, const IntraConfig& c, int B, int T_) {
     const int N = B * T_, D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width(), Wf = c.fused_width();
     x.attn = attn_acts(a, c.attn, B, T_);
     x.ssm = mamba2_acts(a, c.ssm, B, T_);
-    x.x_shared = a.take("x_shared", {N, Ws});
+    x.x_shared = a.take_scratch("x_shared", {N, Ws});
     x.a1 = a.take("a1", {N, Wa});
     x.rstd_a = a.take("rstd_a", {N, c.attn.n_heads});
     x.a3 = a.take("a3", {N, Wa});
@@ -150,14 +150,14 @@ IntraActs<T> intra_acts(Arena<T>& a, const IntraConfig& c, int B, int T_) {
     x.rstd_s = a.take("rstd_s", {N, c.ssm.nheads()});
     x.s2 = a.take("s2", {N, Ws});
     x.f = a.take("f", {N, Wf});
-    x.tmp_out = a.take("tmp_out", {N, D});
-    x.df = a.take("df", {N, Wf});
-    x.da = a.take("da", {N, Wa});
-    x.ds = a.take("ds", {N, Ws});
-    x.dx_shared = a.take("dx_shared", {N, Ws});
-    x.dv_extra = a.take("dv_extra", {N, c.attn.n_kv_heads * c.attn.d_v});
-    x.dinp_ssm = a.take("dinp_ssm", {N, D});
-    x.dnorm = a.take("dnorm", {N, Wa > Ws ? Wa : Ws});
+    x.tmp_out = a.take_scratch("tmp_out", {N, D});
+    x.df = a.take_scratch("df", {N, Wf});
+    x.da = a.take_scratch("da", {N, Wa});
+    x.ds = a.take_scratch("ds", {N, Ws});
+    x.dx_shared = a.take_scratch("dx_shared", {N, Ws});
+    x.dv_extra = a.take_scratch("dv_extra", {N, c.attn.n_kv_heads * c.attn.d_v});
+    x.dinp_ssm = a.take_scratch("dinp_ssm", {N, D});
+    x.dnorm = a.take_scratch("dnorm", {N, Wa > Ws ? Wa : Ws});
     return x;
 }
 

@@ -166,18 +166,18 @@ Mamba2Acts<T> mamba2_acts(Arena<T>& a, const Mamba2Config& c, int B, int T_) {
     x.g = a.take("g", {B, T_, c.d_inner});
     x.gn = a.take("gn", {B, T_, c.d_inner});
     x.rstd = a.take("rstd", {B, T_, G});
-    x.dgn = a.take("dgn", {B, T_, c.d_inner});
-    x.dg = a.take("dg", {B, T_, c.d_inner});
-    x.dy = a.take("dy", {B, T_, H, P});
-    x.dx = a.take("dx", {B, T_, H, P});
-    x.dBm = a.take("dBm", {B, T_, G, N});
-    x.dCm = a.take("dCm", {B, T_, G, N});
-    x.ddt = a.take("ddt", {B, T_, H});
-    x.dA = a.take("dA", {H});
-    x.dxBC = a.take("dxBC", {B, T_, CD});
-    x.dconv_in = a.take("dconv_in", {B, T_, CD});
-    x.dzxbcdt = a.take("dzxbcdt", {B, T_, c.d_in_proj()});
-    x.ssd_scratch = a.take("ssd_scratch", {(int)ssd_backward_scratch_size(B, H, P, N)});
+    x.dgn = a.take_scratch("dgn", {B, T_, c.d_inner});
+    x.dg = a.take_scratch("dg", {B, T_, c.d_inner});
+    x.dy = a.take_scratch("dy", {B, T_, H, P});
+    x.dx = a.take_scratch("dx", {B, T_, H, P});
+    x.dBm = a.take_scratch("dBm", {B, T_, G, N});
+    x.dCm = a.take_scratch("dCm", {B, T_, G, N});
+    x.ddt = a.take_scratch("ddt", {B, T_, H});
+    x.dA = a.take_scratch("dA", {H});
+    x.dxBC = a.take_scratch("dxBC", {B, T_, CD});
+    x.dconv_in = a.take_scratch("dconv_in", {B, T_, CD});
+    x.dzxbcdt = a.take_scratch("dzxbcdt", {B, T_, c.d_in_proj()});
+    x.ssd_scratch = a.take_scratch("ssd_scratch", {(int)ssd_backward_scratch_size(B, H, P, N)});
     return x;
 }
 

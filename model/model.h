@@ -10,6 +10,7 @@
 //   the model keeps one non-trainable buffer per layer, layers.{i}.ffn.expert_bias (the balancing bias), which
 //   checkpoints store beside the parameters.
 #pragma once
+#include <algorithm>             // std::max
 #include <string>                // std::string, std::to_string
 #include <vector>                // std::vector
 #include "model/block.h"         // BlockConfig/Params/Acts, block_forward/backward
@@ -182,14 +183,23 @@ struct Model {
         B = B_;
         this->T_ = T_;
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        auto layout = [&](Arena<T>& a, Arena<int>& ia) {
+        // s: the layers' backward scratch (Arena::take_scratch: what a block's backward makes and uses up, and its
+        // forward temporaries), one region that every layer's layout starts at its beginning, sized for the largest
+        // layer: the backward takes the layers one at a time, so they share it.
+        auto layout = [&](Arena<T>& a, Arena<int>& ia, Arena<T>& s) {
             xs.clear();
             bacts.clear();
             for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
+            size_t scratch = 0;
+            a.scratch = &s;
             for (int l = 0; l < L; l++) {
+                s.size = 0;
                 bacts.push_back(block_acts(a, ia, blocks[l], B, T_));
                 bacts.back().moe_bias = moe_bias[l];
+                scratch = std::max(scratch, s.size);
             }
+            a.scratch = nullptr;
+            s.size = scratch;
             xf = a.take("xf", {N, D});
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});
@@ -200,14 +210,14 @@ struct Model {
             dres = a.take("dres", {N, D});
             dlosses = a.take("dlosses", {N});
         };
-        Arena<T> count;
+        Arena<T> count, scount;
         Arena<int> icount;
-        layout(count, icount);
-        act.assign(count.size, T(0));
+        layout(count, icount, scount);
+        act.assign(count.size + scount.size, T(0));  // the scratch region after the rest
         iact.assign(icount.size, 0);
-        Arena<T> a(act.data());
+        Arena<T> a(act.data()), s(act.data() + count.size);
         Arena<int> ia(iact.data());
-        layout(a, ia);
+        layout(a, ia, s);
         targets_buf.assign(size_t(N), 0);
     }
 
