@@ -35,7 +35,7 @@
 #include "kernels/matmul.cuh"     // the LM head; cublas() (created at construction)
 #include "kernels/rmsnorm.cuh"    // the final norm
 #include "model/adamw.h"          // AdamWConfig
-#include "model/common.h"         // Arena, TensorInfo, Rng, HL_CHECK
+#include "model/common.h"         // Arena, take_layers_sharing_scratch, TensorInfo, Rng, HL_CHECK
 #include "model/config.h"         // ModelConfig, config_check
 #include "model/embedding.h"      // embedding_check_tokens: host-side id checks before an upload
 #include "model/model.h"          // Model<float>, ModelParams, model_params, block_config
@@ -266,16 +266,10 @@ struct GpuModel {
             xs.clear();
             bacts.clear();
             for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
-            size_t scratch = 0;
-            a.scratch = &s;
-            for (int l = 0; l < L; l++) {
-                s.size = 0;
+            take_layers_sharing_scratch(a, s, L, [&](int l) {
                 bacts.push_back(gpu_block_acts(a, ia, blocks[size_t(l)], B, T_));
                 bacts.back().moe_bias = moe_bias[size_t(l)];
-                scratch = std::max(scratch, s.size);
-            }
-            a.scratch = nullptr;
-            s.size = scratch;
+            });
             xf = a.take("xf", {N, D});
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});

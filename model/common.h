@@ -1,6 +1,7 @@
 // common.h — shared helpers for the CPU reference: error checks, a seeded RNG,
 // scalar activations, and Arena, which carves named tensors out of one allocation.
 #pragma once
+#include <algorithm>  // std::max
 #include <cmath>      // std::exp, std::log1p, std::sqrt
 #include <cstdint>    // uint64_t
 #include <cstring>    // std::memset
@@ -119,6 +120,22 @@ struct Arena {
         ~Scope() { a.prefix.resize(len); }
     };
 };
+
+// Lays out L layers with take_layer(l), which takes each layer's tensors from a; their take_scratch tensors come from
+// s, which every layer starts again at its beginning, so the layers share that region (a layer's backward uses its
+// scratch up before the next layer's backward begins). s.size ends as the largest layer's need. The models' layouts.
+template <typename T, typename F>
+void take_layers_sharing_scratch(Arena<T>& a, Arena<T>& s, int L, F&& take_layer) {
+    size_t most = 0;
+    a.scratch = &s;
+    for (int l = 0; l < L; l++) {
+        s.size = 0;
+        take_layer(l);
+        most = std::max(most, s.size);
+    }
+    a.scratch = nullptr;
+    s.size = most;
+}
 
 // The number of values in the tensors listed (an Arena's size, less its alignment gaps).
 inline size_t count_params(const std::vector<TensorInfo>& tensors) {

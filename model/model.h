@@ -10,11 +10,10 @@
 //   the model keeps one non-trainable buffer per layer, layers.{i}.ffn.expert_bias (the balancing bias), which
 //   checkpoints store beside the parameters.
 #pragma once
-#include <algorithm>             // std::max
 #include <string>                // std::string, std::to_string
 #include <vector>                // std::vector
 #include "model/block.h"         // BlockConfig/Params/Acts, block_forward/backward
-#include "model/common.h"        // Arena, TensorInfo, Rng, HL_CHECK
+#include "model/common.h"        // Arena, take_layers_sharing_scratch, TensorInfo, Rng, HL_CHECK
 #include "model/config.h"        // ModelConfig, config_check
 #include "model/crossentropy.h"  // crossentropy_forward/backward
 #include "model/embedding.h"     // embedding_forward/backward
@@ -190,16 +189,10 @@ struct Model {
             xs.clear();
             bacts.clear();
             for (int l = 0; l <= L; l++) xs.push_back(a.take("x", {N, D}));
-            size_t scratch = 0;
-            a.scratch = &s;
-            for (int l = 0; l < L; l++) {
-                s.size = 0;
+            take_layers_sharing_scratch(a, s, L, [&](int l) {
                 bacts.push_back(block_acts(a, ia, blocks[l], B, T_));
                 bacts.back().moe_bias = moe_bias[l];
-                scratch = std::max(scratch, s.size);
-            }
-            a.scratch = nullptr;
-            s.size = scratch;
+            });
             xf = a.take("xf", {N, D});
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});

@@ -112,6 +112,15 @@ TEST_CASE("arena: take_scratch is take without a scratch arena, and takes from i
     auto r = swiglu_acts(main_, cfg, N);
     CHECK(r.dh == q.dh);
     CHECK(r.h1 == q.h1 + size_t(3) * N * F);
+    // take_layers_sharing_scratch does that for L layers (here of two widths) and leaves the scratch arena's size at
+    // the largest layer's, the main arena without a scratch arena
+    const SwiGLUConfig wide{5, 13};
+    Arena<float> m2, s2;
+    std::vector<SwiGLUActs<float>> layers;
+    take_layers_sharing_scratch(m2, s2, 3, [&](int l) { layers.push_back(swiglu_acts(m2, l == 1 ? wide : cfg, N)); });
+    CHECK(m2.scratch == nullptr);
+    CHECK(m2.size == size_t(3) * N * (2 * F + wide.d_ff));
+    CHECK(s2.size == size_t(N) * (3 * wide.d_ff + D));
 }
 
 TEST_CASE("swiglu: forward matches the formula; backward passes the gradient check for w1, w3, w2, input") {
