@@ -258,10 +258,8 @@ struct GpuModel {
         B = B_;
         T_ = Tn;
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        // s: the layers' backward scratch (Arena::take_scratch: the gradients a block's backward makes and uses up,
-        // and a few forward temporaries), one region that every layer's layout starts at its beginning, sized for
-        // the largest layer: the backward takes the layers one at a time on one stream. At 350m, B 8, T 2048 that is
-        // about half of each block's activations (mamba2: 60 → 32 GiB in all).
+        // s: the region the layers' backward scratch shares (take_layers_sharing_scratch; one stream takes the layers
+        // one at a time). At 350m, B 8, T 2048 that is about half of each block's activations (mamba2: 60 → 32 GiB).
         auto layout = [&](Arena<float>& a, Arena<int>& ia, Arena<float>& s) {
             xs.clear();
             bacts.clear();

@@ -104,8 +104,8 @@ struct Arena {
         return p;
     }
     // A layer's backward scratch: a tensor that only that layer's backward (or one forward call, as a temporary)
-    // writes and reads, so that nothing in it must outlive the call. Taken from `scratch` where it is set: one region
-    // that every layer's layout starts again at its beginning (GpuModel::alloc), so the layers share it; else as take.
+    // writes and reads, so that nothing in it must outlive the call. Taken from `scratch` where it is set (by
+    // take_layers_sharing_scratch, below: the layers then share one region); else as take.
     Arena* scratch = nullptr;
     T* take_scratch(const std::string& name, std::vector<int> shape) {
         return scratch ? scratch->take(prefix + name, std::move(shape)) : take(name, std::move(shape));

@@ -182,9 +182,7 @@ struct Model {
         B = B_;
         this->T_ = T_;
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
-        // s: the layers' backward scratch (Arena::take_scratch: what a block's backward makes and uses up, and its
-        // forward temporaries), one region that every layer's layout starts at its beginning, sized for the largest
-        // layer: the backward takes the layers one at a time, so they share it.
+        // s: the region the layers' backward scratch shares (take_layers_sharing_scratch)
         auto layout = [&](Arena<T>& a, Arena<int>& ia, Arena<T>& s) {
             xs.clear();
             bacts.clear();
