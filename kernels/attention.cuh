@@ -36,7 +36,7 @@
 #include "kernels/mma.cuh"      // mma::tile_abt, tile_ab, to_a, load_rows_async: the tensor-core kernels
 #include "kernels/matmul.cuh"   // matmul_forward/backward, bf16_operand: the mixer's projections (section 2); bf16,
                                 //   current_bf16, round_bf16: whether the tensor-core kernels run, and their
-                                //   staging (the tensor-core section above)
+                                //   staging (the tensor-core section above); bf16_only_shape (gpu_attn_acts)
 #include "kernels/rope.cuh"     // rope_forward/backward on q and k (section 2 below)
 #include "kernels/wgmma.cuh"    // wgmma::mma_ss, mma_rs, load_rows_async, available: the sm_90a kernels
 #include "model/attention.h"    // attn_visible, attn_block, attention_window_check; AttnConfig, AttnParams
@@ -1869,19 +1869,23 @@ struct GpuAttnActs {
     bool v_fp32 = false;     // another consumer reads v in fp32 (the intra-layer block's shared values)
 };
 
-// Lays out GpuAttnActs in an arena (counting when the arena has no base), as attn_acts does on the CPU.
-// fp32 for now: element tensors and statistics come out of one float arena (the bf16 path will need a
-// second arena for the fp32 statistics).
-inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, int B, int T_) {
+// Lays out GpuAttnActs in an arena (counting when the arena has no base), as attn_acts does on the CPU: element
+// tensors and fp32 statistics from one float arena. mixer: the A block's mixer (else the intra-layer block's branch,
+// whose y the fusion reads in fp32); v_fp32: see the field. Under a Bf16Scope (lay out under the scope the layer will
+// run in) q, k, v and the mixer's y take half the floats where they are held only in bf16 (attn_qk16, attn_y16).
+inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, int B, int T_, bool mixer = true,
+                                        bool v_fp32 = false) {
     attn_config_check(c);
     HL_CHECK(B > 0 && T_ > 0, "attention activations (gpu): bad sizes B=", B, " T=", T_);
     const int H = c.n_heads, Hkv = c.n_kv_heads;
+    const bool qkv16 = attention_bf16_inputs<float>(T_, c.d_qk, c.d_v, c.window, c.sink);
     GpuAttnActs<float> s;
-    s.q = a.take("q", {B, T_, H, c.d_qk});
-    s.k = a.take("k", {B, T_, Hkv, c.d_qk});
-    s.v = a.take("v", {B, T_, Hkv, c.d_v});
+    s.v_fp32 = v_fp32;
+    s.q = a.take("q", bf16_only_shape({B, T_, H, c.d_qk}, qkv16));
+    s.k = a.take("k", bf16_only_shape({B, T_, Hkv, c.d_qk}, qkv16));
+    s.v = a.take("v", bf16_only_shape({B, T_, Hkv, c.d_v}, qkv16 && !v_fp32));
     s.lse = a.take("lse", {B, H, T_});
-    s.y = a.take("y", {B, T_, H * c.d_v});
+    s.y = a.take("y", bf16_only_shape({B, T_, H * c.d_v}, mixer && attention_use_tc<float>(c.d_qk, c.d_v)));
     s.dq = a.take_scratch("dq", {B, T_, H, c.d_qk});
     s.dk = a.take_scratch("dk", {B, T_, Hkv, c.d_qk});
     s.dv = a.take_scratch("dv", {B, T_, Hkv, c.d_v});

@@ -4,20 +4,21 @@
 //   h = x + mixer(RMSNorm(x)),   y = h + FFN(RMSNorm(h))
 // Parameters: model/block.h's BlockParams over a device buffer (block_params gives the CPU's layout).
 // Activations: GpuBlockActs, the CPU's BlockActs with the GPU mixer acts and fp32 norm statistics; the FFN's
-// SwiGLUActs are the CPU struct itself (all of its tensors are element tensors).
+// SwiGLUActs are the CPU struct itself (all of its tensors are element tensors), laid out by gpu_swiglu_acts.
 #pragma once
 #include <cstddef>                // size_t
 #include <cuda_runtime.h>         // cudaStream_t
 #include "kernels/attention.cuh"  // GpuAttnActs, gpu_attn_acts, attn_mixer_forward/backward
 #include "kernels/common.cuh"     // add
+#include "kernels/matmul.cuh"     // current_bf16, bf16_only_shape, bf16_view
 #include "kernels/intra.cuh"      // GpuIntraActs, gpu_intra_acts, intra_mixer_forward/backward
 #include "kernels/mamba2.cuh"     // GpuMamba2Acts, gpu_mamba2_acts, mamba2_mixer_forward/backward
 #include "kernels/moe.cuh"        // GpuMoEActs, gpu_moe_acts, moe_forward/backward
 #include "kernels/rmsnorm.cuh"    // rmsnorm_forward/backward, add_rmsnorm_forward
-#include "kernels/swiglu.cuh"     // swiglu_forward/backward
+#include "kernels/swiglu.cuh"     // gpu_swiglu_acts, swiglu_forward/backward
 #include "model/block.h"          // BlockConfig, BlockParams, block_config_check
 #include "model/common.h"         // Arena
-#include "model/swiglu.h"         // SwiGLUActs, swiglu_acts
+#include "model/swiglu.h"         // SwiGLUActs
 
 namespace hl::gpu {
 
@@ -43,22 +44,26 @@ struct GpuBlockActs {
 };
 
 // Lays out GpuBlockActs in an arena (counting when it has no base), as block_acts does on the CPU; index tensors
-// (MoE routing) in ia. fp32 for now.
+// (MoE routing) in ia. Under a Bf16Scope, the tensors held only in bf16 take half the floats (bf16_only_shape): lay out
+// under the scope the block will run in.
 inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, Arena<int>& ia, const BlockConfig& c, int B, int T_) {
     block_config_check(c);
     GpuBlockActs<float> x;
     const int N = B * T_, D = c.d_model;
-    x.n1 = a.take("n1", {N, D});
+    // (under a Bf16Scope, as GpuModel lays out a bf16 model: the norms' outputs held in bf16 only, as block_forward
+    // writes them; n2 not with an MoE, which reads it in fp32)
+    const bool bf16 = current_bf16() != nullptr;
+    x.n1 = a.take("n1", bf16_only_shape({N, D}, bf16));
     x.rstd1 = a.take("rstd1", {N});
     if (c.kind == 'A') x.attn = gpu_attn_acts(a, c.attn, B, T_);
     if (c.kind == 'M') x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_, /*mixer=*/true);
     if (c.kind == 'H') x.intra = gpu_intra_acts(a, c.intra, B, T_);
     x.mix = a.take_scratch("mix", {N, D});
     x.h = a.take("h", {N, D});
-    x.n2 = a.take("n2", {N, D});
+    x.n2 = a.take("n2", bf16_only_shape({N, D}, bf16 && !c.use_moe));
     x.rstd2 = a.take("rstd2", {N});
     if (c.use_moe) x.moe = gpu_moe_acts(a, ia, c.moe, N);
-    else x.ffn = swiglu_acts(a, c.ffn, N);
+    else x.ffn = gpu_swiglu_acts(a, c.ffn, N);
     x.ffo = a.take("ffo", {N, D});
     x.dn = a.take_scratch("dn", {N, D});
     x.dh = a.take_scratch("dh", {N, D});

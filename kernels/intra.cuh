@@ -57,13 +57,14 @@ struct GpuIntraActs {
     T* scale_part = nullptr;  // (Wa)       scale=scalar: per-channel partial sums of the scalar's gradient
 };
 
-// Lays out GpuIntraActs in an arena (counting when it has no base), as intra_acts does on the CPU. fp32 for now.
+// Lays out GpuIntraActs in an arena (counting when it has no base), as intra_acts does on the CPU (under a Bf16Scope,
+// the attention branch's q, k, v held only in bf16 take half the floats: gpu_attn_acts).
 inline GpuIntraActs<float> gpu_intra_acts(Arena<float>& a, const IntraConfig& c, int B, int T_) {
     intra_config_check(c);
     GpuIntraActs<float> x;
     const int N = B * T_, D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width(), Wf = c.fused_width();
-    x.attn = gpu_attn_acts(a, c.attn, B, T_);
-    x.attn.v_fp32 = c.fusion.value == FusionValue::shared;  // the Mamba branch's x is V expanded
+    // (v in fp32 with value sharing: the Mamba branch's x is V expanded)
+    x.attn = gpu_attn_acts(a, c.attn, B, T_, /*mixer=*/false, /*v_fp32=*/c.fusion.value == FusionValue::shared);
     x.ssm = gpu_mamba2_acts(a, c.ssm, B, T_, /*mixer=*/false);
     x.x_shared = a.take_scratch("x_shared", {N, Ws});
     x.a1 = a.take("a1", {N, Wa});

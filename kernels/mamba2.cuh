@@ -31,7 +31,7 @@
 #include <cuda_runtime.h>        // cudaStream_t, cudaMemsetAsync
 #include "kernels/common.cuh"    // cudaCheck, cudaCheckLast, elementwise_grid, colsum, dev_silu, dev_softplus, ...
 #include "kernels/conv1d.cuh"    // conv1d_silu_forward/backward
-#include "kernels/matmul.cuh"    // matmul_forward/backward for in_proj and out_proj
+#include "kernels/matmul.cuh"    // matmul_forward/backward for in_proj and out_proj; bf16_view, bf16_only_shape
 #include "kernels/rmsnorm.cuh"   // rmsnorm_forward/backward, rmsnorm_block_sum, rmsnorm_row_output, rmsnorm_wide_row,
                                  // rmsnorm_row_dispatch
 #include "kernels/ssd.cuh"       // ssd_chunked_forward/backward, ssd_chunked_backward_scratch_size
@@ -87,8 +87,9 @@ bool mamba2_gate_norm_fused(const Mamba2Config& c) {
     return std::is_same_v<T, float> && rmsnorm_wide_row(c.d_inner / c.ngroups);
 }
 
-// Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU.
-// fp32 for now: one float arena holds the element tensors and the fp32 statistics alike.
+// Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU: one float arena
+// holds the element tensors and the fp32 statistics alike; under a Bf16Scope (the one the layer will run in) the
+// mixer's gn, held only in bf16, takes half the floats.
 // mixer: the M block's mixer (the gated norm's tensors; g only where its gate and norm are not fused), else the
 // intra-layer block's branch (g, its output, and none of the norm's).
 inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_, bool mixer) {
@@ -111,7 +112,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.y = a.take("y", {B, T_, H, P});
     if (!mixer || !mamba2_gate_norm_fused<float>(c)) x.g = a.take("g", {B, T_, c.d_inner});
     if (mixer) {
-        x.gn = a.take("gn", {B, T_, c.d_inner});
+        x.gn = a.take("gn", bf16_only_shape({B, T_, c.d_inner}, current_bf16() != nullptr));  // (bf16: gn16 only)
         x.rstd = a.take("rstd", {B, T_, G});
         x.dgn = a.take_scratch("dgn", {B, T_, c.d_inner});
         x.dg = a.take_scratch("dg", {B, T_, c.d_inner});

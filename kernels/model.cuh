@@ -156,14 +156,22 @@ struct GpuModel {
     }
 
     // fp32 or bf16 matmul operands from the next forward on (allocates the bf16 copy and scratch on the first
-    // switch to bf16; the scratch follows alloc's batch shape).
+    // switch to bf16; the scratch follows alloc's batch shape). The activations' layout depends on the precision
+    // (alloc): already allocated, they are laid out again (their values are lost: call it between steps).
     void set_precision(Precision pr) {
+        const bool relayout = pr != precision && B > 0;
         precision = pr;
-        if (pr != Precision::bf16 || params16.n > 0) return;
-        params16.alloc(n_params);
-        params16_valid = false;
-        ops.params = params.ptr, ops.n = n_params, ops.params16 = params16.ptr;
-        alloc_operand_scratch();
+        if (pr == Precision::bf16 && params16.n == 0) {
+            params16.alloc(n_params);
+            params16_valid = false;
+            ops.params = params.ptr, ops.n = n_params, ops.params16 = params16.ptr;
+            alloc_operand_scratch();
+        }
+        if (relayout) {
+            const int b = B, t = T_;
+            B = T_ = 0;
+            alloc(b, t);
+        }
     }
     // the two activation operands of any matmul of a (B, T) batch: rows ≤ B·T, width ≤ the widest parameter dim
     // rounded up to a multiple of 8 (Mamba-2's in_proj GEMMs run over in_proj_rows);
@@ -260,6 +268,10 @@ struct GpuModel {
         const int N = B * T_, D = cfg.d_model, V = cfg.vocab_size, L = cfg.n_layers;
         // s: the region the layers' backward scratch shares (take_layers_sharing_scratch; one stream takes the layers
         // one at a time). At 350m, B 8, T 2048 that is about half of each block's activations (mamba2: 60 → 32 GiB).
+        // Laid out under the Bf16Scope the forward and backward run in: under bf16 the tensors held only in bf16
+        // take half their floats (kernels/matmul.cuh's bf16_only_shape; 100m transformer 12.2 → 8.9 GiB).
+        const Bf16Scope scope(matmul_operands());
+        const bool bf16 = precision == Precision::bf16;
         auto layout = [&](Arena<float>& a, Arena<int>& ia, Arena<float>& s) {
             xs.clear();
             bacts.clear();
@@ -268,7 +280,7 @@ struct GpuModel {
                 bacts.push_back(gpu_block_acts(a, ia, blocks[size_t(l)], B, T_));
                 bacts.back().moe_bias = moe_bias[size_t(l)];
             });
-            xf = a.take("xf", {N, D});
+            xf = a.take("xf", bf16_only_shape({N, D}, bf16));  // (bf16: only lm_head's operand, xf16)
             rstdf = a.take("rstdf", {N});
             logits = a.take("logits", {N, V});
             probs = a.take("probs", {N, V});

@@ -129,6 +129,24 @@ bool swiglu_w13_fused(const SwiGLUParams<T>& p, const SwiGLUConfig& cfg) {
     return std::is_same_v<T, float> && current_bf16() != nullptr && p.w3 == p.w1 + (size_t)cfg.d_ff * cfg.d_model;
 }
 
+// Lays out SwiGLUActs for the GPU (model/swiglu.h's swiglu_acts less its scratch_dinp, which only the CPU uses). Under
+// a Bf16Scope (lay out under the scope the layer will run in) the weights are taken to be swiglu_params' (W3 right
+// after W1: swiglu_w13_fused; swiglu_forward checks it): h1 then holds the (N, 2F) bf16 product of [W1; W3] (its full
+// size), dh1 its gradient likewise, h and dh are bf16 only (half the floats) and h3, dh3 are not laid out (null).
+inline SwiGLUActs<float> gpu_swiglu_acts(Arena<float>& a, const SwiGLUConfig& cfg, int N) {
+    swiglu_check(cfg);
+    HL_CHECK(N > 0, "swiglu: need N > 0 rows for activations, got ", N);
+    const bool bf16 = current_bf16() != nullptr;
+    SwiGLUActs<float> s{};
+    s.h1 = a.take("h1", {N, cfg.d_ff});
+    if (!bf16) s.h3 = a.take("h3", {N, cfg.d_ff});
+    s.h = a.take("h", bf16_only_shape({N, cfg.d_ff}, bf16));
+    s.dh1 = a.take_scratch("dh1", {N, cfg.d_ff});
+    if (!bf16) s.dh3 = a.take_scratch("dh3", {N, cfg.d_ff});
+    s.dh = a.take_scratch("dh", bf16_only_shape({N, cfg.d_ff}, bf16));
+    return s;
+}
+
 // Under bf16 operands, h, dh1 and dh3 are used only as matmul operands, which are rounded to bf16 anyway: the gate
 // kernels write them in bf16 straight away (bf16_view: into the first half of their fp32 buffers acts.h, acts.dh1,
 // acts.dh3), instead of writing fp32 and rounding each into scratch before its GEMM: h is rounded once, for W2's
@@ -149,6 +167,8 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
     if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for W1 and W3)
     const size_t NF = (size_t)N * F;
     bf16 *h16 = bf16_view(acts.h), *h1_16 = bf16_view(acts.h1), *h3_16 = bf16_view(acts.h3);
+    HL_CHECK(acts.h3 || swiglu_w13_fused(p, cfg), "swiglu: activations laid out for bf16 with W1·W3 fused (no h3), "
+             "but ", current_bf16() ? "W3 does not follow W1" : "no bf16 operands are in effect");
     if (swiglu_w13_fused(p, cfg)) {  // h13 (N, 2F) = inp · [W1; W3]ᵀ, row n = [h1[n] h3[n]]
         matmul_forward(acts.h1, inp, p.w1, (const T*)nullptr, N, D, 2 * F, stream, inp16, h1_16);
         swiglu_gate_forward(h16, h1_16, h1_16 + F, NF, stream, F, 2 * F);

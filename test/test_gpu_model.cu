@@ -156,7 +156,6 @@ void run_attn_mixer(const hl::AttnConfig& c, int B, int T, uint64_t seed, bool b
     hl::attn_mixer_backward(dinp.data(), hdp, dout.data(), hacts, inp.data(), hp, c, B, T);
 
     DeviceBuffer<float> abuf, d_inp, d_dout, d_out, d_dinp;
-    auto dacts = device_acts<hl::gpu::GpuAttnActs<float>>(abuf, [&](Arena<float>& a) { return hl::gpu::gpu_attn_acts(a, c, B, T); });
     d_inp.alloc(inp.size()); d_inp.upload(inp);
     d_dout.alloc(dout.size()); d_dout.upload(dout);
     d_out.alloc(out.size()); poison(d_out);
@@ -166,9 +165,17 @@ void run_attn_mixer(const hl::AttnConfig& c, int B, int T, uint64_t seed, bool b
         b16.emplace(pp.dev.ptr, pp.host.size(), (size_t)N * std::max(D, c.n_heads * std::max(c.d_qk, c.d_v)),
                     hl::gpu::attention_tc_stage_size(B, T, c.n_heads, c.n_kv_heads, c.d_qk, c.d_v));
     const hl::gpu::Bf16Scope scope(b16 ? &b16->ops : nullptr);
+    // laid out under the scope, as a model does: in bf16 the tensors held only in bf16 take half the floats
+    auto attn_layout = [&](Arena<float>& a) { return hl::gpu::gpu_attn_acts(a, c, B, T); };
+    auto dacts = device_acts<hl::gpu::GpuAttnActs<float>>(abuf, attn_layout);
     if (bf16) {
-        INFO(tag, ": q, k, dy in bf16 from their GEMMs");
+        INFO(tag, ": q, k, dy in bf16 from their GEMMs; the layout smaller than fp32's");
         CHECK((hl::gpu::attn_qk16(dacts, c, T).q != nullptr) == qk16);
+        const hl::gpu::Bf16Scope fp32(nullptr);
+        Arena<float> count;
+        count.align = 64;
+        attn_layout(count);
+        CHECK(abuf.n < count.size);
     }
     const double out_tol = bf16 ? 2e-2 : FWD_TOL, grad_tol = bf16 ? 5e-2 : GRAD_TOL;
     hl::gpu::attn_mixer_forward(d_out.ptr, dacts, d_inp.ptr, dp_, c, B, T);
@@ -648,4 +655,64 @@ TEST_CASE("gpu model with bf16 matmuls: a step's loss and gradients track the CP
         // the SSD took its tensor-core kernels (aligned activations, P and N multiples of 4), as train_gpu's does
         CHECK(hl::gpu::ssd_detail::tc_fallbacks() == fallbacks);
     }
+}
+
+TEST_CASE("gpu model: set_precision lays the activations out again (bf16: the bf16-only tensors in half the floats)") {
+    // a transformer whose heads (d 64) take the tensor-core attention, so that q, k, v and y are held only in bf16 too,
+    // beside the norms' outputs, the SwiGLU's h and the final norm's; the activations poisoned at each layout
+    const int B = 2, T = 40;
+    hl::ModelConfig cfg = tiny_config(ARCHS[0], T);
+    cfg.d_model = 128, cfg.n_heads = 2, cfg.n_kv_heads = 1, cfg.head_dim = 64, cfg.d_ff = 256;
+    hl::Model<float> cpu(cfg);
+    cpu.init(77);
+    hl::gpu::GpuModel gpu(cfg);
+    gpu.upload(cpu);
+    Rng rng(5);
+    std::vector<int> tokens((size_t)B * T), targets((size_t)B * T);
+    for (auto& t : tokens) t = int(rng.next() % 256);
+    for (auto& t : targets) t = int(rng.next() % 256);
+    const double loss_cpu = cpu.forward(tokens.data(), targets.data(), B, T);
+    cpu.zero_grad();
+    cpu.backward();
+    auto step = [&] {  // loss and gradients on the GPU
+        gpu.set_batch(tokens.data(), targets.data(), B, T);
+        gpu.forward(gpu.tokens_buf.ptr, gpu.targets_buf.ptr, B, T);
+        gpu.zero_grad();
+        gpu.backward();
+        return (double)gpu.loss();
+    };
+    auto worst_cosine = [&] {
+        const std::vector<float> g = from_dev(gpu.grads);
+        double worst = 1;
+        for (const TensorInfo& t : cpu.tensors) {
+            double dot = 0, nc = 0, ng = 0;
+            for (size_t i = t.offset; i < t.offset + t.numel; i++)
+                dot += double(g[i]) * cpu.grads[i], nc += double(cpu.grads[i]) * cpu.grads[i], ng += double(g[i]) * g[i];
+            worst = std::min(worst, nc == 0 && ng == 0 ? 1.0 : dot / std::sqrt(nc * ng + 1e-300));
+        }
+        return worst;
+    };
+    gpu.alloc(B, T);
+    poison(gpu.act);
+    const double l32 = step();
+    const size_t n32 = gpu.act.n;
+    CHECK(std::fabs(l32 - loss_cpu) <= FWD_TOL * std::fabs(loss_cpu));
+    gpu.set_precision(hl::gpu::Precision::bf16);  // laid out again, smaller
+    const size_t n16 = gpu.act.n;
+    poison(gpu.act);
+    const double l16 = step();
+    const double cos16 = worst_cosine();
+    CHECK(gpu.act.n == n16);  // (the same batch shape: not laid out again)
+    CHECK(n16 < n32);
+    CHECK(std::fabs(l16 - loss_cpu) <= 1e-2 * std::fabs(loss_cpu));
+    CHECK(cos16 >= 0.99);
+    gpu.set_precision(hl::gpu::Precision::fp32);  // and back
+    CHECK(gpu.act.n == n32);
+    poison(gpu.act);
+    const double l32b = step();
+    CHECK(l32b == l32);  // deterministic: the same loss, bit for bit
+    CHECK(worst_cosine() >= 0.99999);
+    std::printf("  %-64s activations fp32 %.2f MB, bf16 %.2f MB | loss cpu %.6f gpu fp32 %.6f bf16 %.6f (tol 1e-2), "
+                "worst gradient cosine %.5f (tol 0.99) | fp32 again %.6f\n",
+                "transformer d_head 64 set_precision", n32 * 4e-6, n16 * 4e-6, loss_cpu, l32, l16, cos16, l32b);
 }
