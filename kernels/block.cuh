@@ -36,7 +36,7 @@ struct GpuBlockActs {
     SwiGLUActs<T> ffn{};
     GpuMoEActs<T> moe{};
     const T* moe_bias = nullptr;  // (E) the MoE's selection bias (model state, set by the model)
-    T* ffo = nullptr;         // (B,T,D)  FFN output
+    T* ffo = nullptr;         // (B,T,D)  FFN output (from the scratch: see gpu_block_acts)
     // backward scratch (with mix, and the mixers' and FFN's own, from Arena::take_scratch: in GpuModel one region all
     // layers share)
     T* dn = nullptr;          // (B,T,D)
@@ -64,7 +64,10 @@ inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, Arena<int>& ia, const
     x.rstd2 = a.take("rstd2", {N});
     if (c.use_moe) x.moe = gpu_moe_acts(a, ia, c.moe, N);
     else x.ffn = gpu_swiglu_acts(a, c.ffn, N);
-    x.ffo = a.take("ffo", {N, D});
+    // ffo outlives this block's forward, but only until the next block's first norm (or the final norm) has added it
+    // into the residual stream, which is that block's first step, before it writes any scratch; the backward uses it
+    // as scratch only (dw_part). So it can live in the shared scratch region too.
+    x.ffo = a.take_scratch("ffo", {N, D});
     x.dn = a.take_scratch("dn", {N, D});
     x.dh = a.take_scratch("dh", {N, D});
     return x;

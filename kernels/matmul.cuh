@@ -19,8 +19,9 @@
 // accumulating into) the same fp32 outputs. The weight comes from a bf16 copy of the model's parameters, the
 // activation operand (inp, or dout in the backward) is rounded into a scratch buffer just before its GEMM, unless the
 // caller passes it in bf16 (inp16, dout16). Activations, gradients, master weights and AdamW stay fp32, except the
-// tensors that are only ever matmul operands: their producers write them in bf16 once (bf16_view; the blocks' two
-// norm outputs, the SwiGLU's h and its gate's gradients, Mamba-2's gated norm output; and beside its fp32 values,
+// tensors that are only ever matmul operands: their producers write them in bf16 once (bf16_view, in half the
+// memory: bf16_only_shape; the blocks' two norm outputs, the SwiGLU's h and its gate's gradients, Mamba-2's gated
+// norm output; and beside its fp32 values,
 // the residual stream's gradient, which the norm backwards also write in bf16: block_backward's res16), which spares
 // a rounding pass before the forward's GEMM and another before the backward's (100m, H200: 6.6-8.7% more tokens/s;
 // the residual gradient's: +1.1% on the 100m transformer). Likewise a GEMM
@@ -181,9 +182,9 @@ const bf16* bf16_operand(const T* x, size_t count, cudaStream_t stream) {
     return ops ? ops->round(ops->a16, reinterpret_cast<const float*>(x), count, stream) : nullptr;
 }
 
-// The first half of an fp32 buffer `buf` as bf16 storage, when a Bf16Scope is open (null otherwise): for a tensor
-// that is only ever a matmul operand, its producer writes it in bf16 there, once, instead of fp32 that each GEMM
-// reading it rounds into scratch (the fp32 values are then not in the buffer).
+// A float buffer `buf` as bf16 storage, when a Bf16Scope is open (null otherwise): for a tensor that is only ever a
+// matmul operand, its producer writes it in bf16 there, once, instead of fp32 that each GEMM reading it rounds into
+// scratch (the fp32 values are then never in the buffer, which a model lays out with half the floats: below).
 template <typename T>
 bf16* bf16_view(T* buf) {
     return std::is_same_v<T, float> && current_bf16() ? reinterpret_cast<bf16*>(buf) : nullptr;
@@ -191,8 +192,8 @@ bf16* bf16_view(T* buf) {
 
 // The shape to lay out such a tensor with in a float arena: when bf16_only (under the Bf16Scope the model will run in,
 // the predicate by which its producer and every reader take the bf16_view) it holds only bf16 values, so half the
-// floats (flat); else its own. GpuModel::alloc lays out under its precision's scope (bf16 100m transformer: 12.2 →
-// 8.9 GiB).
+// floats (flat); else its own. GpuModel::alloc lays out under its precision's scope (H200, B 8, T 2048: the bf16
+// 100m transformer's device memory 12.16 → 8.41 GiB).
 inline std::vector<int> bf16_only_shape(std::vector<int> shape, bool bf16_only) {
     if (!bf16_only) return shape;
     size_t n = 1;

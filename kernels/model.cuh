@@ -269,7 +269,7 @@ struct GpuModel {
         // s: the region the layers' backward scratch shares (take_layers_sharing_scratch; one stream takes the layers
         // one at a time). At 350m, B 8, T 2048 that is about half of each block's activations (mamba2: 60 → 32 GiB).
         // Laid out under the Bf16Scope the forward and backward run in: under bf16 the tensors held only in bf16
-        // take half their floats (kernels/matmul.cuh's bf16_only_shape; 100m transformer 12.2 → 8.9 GiB).
+        // take half their floats (kernels/matmul.cuh's bf16_only_shape; 100m transformer 12.16 → 8.41 GiB).
         const Bf16Scope scope(matmul_operands());
         const bool bf16 = precision == Precision::bf16;
         auto layout = [&](Arena<float>& a, Arena<int>& ia, Arena<float>& s) {
