@@ -360,6 +360,22 @@ hl::ModelConfig tiny_config(const Arch& a, int T) {
     return hl::build_config(f);
 }
 
+// n random byte ids (tokens or targets)
+std::vector<int> random_ids(Rng& rng, size_t n) {
+    std::vector<int> ids(n);
+    for (auto& t : ids) t = int(rng.next() % 256);
+    return ids;
+}
+
+// The cosine between one parameter tensor's gradient in g (a GpuModel's gradients, downloaded) and the CPU's
+// (1 where both are zero): the bf16 comparisons' measure of direction.
+double grad_cosine(const std::vector<float>& g, const hl::Model<float>& cpu, const TensorInfo& t) {
+    double dot = 0, nc = 0, ng = 0;
+    for (size_t i = t.offset; i < t.offset + t.numel; i++)
+        dot += double(g[i]) * cpu.grads[i], nc += double(cpu.grads[i]) * cpu.grads[i], ng += double(g[i]) * g[i];
+    return nc == 0 && ng == 0 ? 1.0 : dot / std::sqrt(nc * ng + 1e-300);
+}
+
 std::string arch_tag(const Arch& a, const hl::ModelConfig& c) {
     return std::string(a.arch) + " " + c.pattern + (std::string(a.fusion) != "final" ? std::string(" ") + a.fusion : "") +
            (a.untied ? " untied" : "") + (a.moe ? " moe" : "");
@@ -436,9 +452,7 @@ TEST_CASE("gpu model: one training step of each architecture (tiny, B=2, T=33): 
         hl::gpu::GpuModel gpu(cfg);
         gpu.upload(cpu);
         Rng rng(99);
-        std::vector<int> tokens((size_t)B * T), targets((size_t)B * T);
-        for (auto& t : tokens) t = int(rng.next() % 256);
-        for (auto& t : targets) t = int(rng.next() % 256);
+        const std::vector<int> tokens = random_ids(rng, (size_t)B * T), targets = random_ids(rng, (size_t)B * T);
 
         const float loss_cpu = cpu.forward(tokens.data(), targets.data(), B, T);
         cpu.zero_grad();
@@ -488,9 +502,7 @@ TEST_CASE("gpu model: a step on per-token loss weights equals the CPU's (tiny, B
         hl::gpu::GpuModel gpu(cfg);
         gpu.upload(cpu);
         Rng rng(98);
-        std::vector<int> tokens(N), targets(N);
-        for (auto& t : tokens) t = int(rng.next() % 256);
-        for (auto& t : targets) t = int(rng.next() % 256);
+        const std::vector<int> tokens = random_ids(rng, size_t(N)), targets = random_ids(rng, size_t(N));
         std::vector<float> w(N, 0.0f);
         for (int i = N - 7; i < N; i++) w[size_t(i)] = 1.0f / 7;  // the last 7 targets only, as a needle's digits
         cpu.forward(tokens.data(), targets.data(), B, T);
@@ -591,9 +603,7 @@ TEST_CASE("gpu model with bf16 matmuls: a step's loss and gradients track the CP
         gpu.upload(cpu);
         gpu.set_precision(hl::gpu::Precision::bf16);
         Rng rng(99);
-        std::vector<int> tokens((size_t)B * T), targets((size_t)B * T);
-        for (auto& t : tokens) t = int(rng.next() % 256);
-        for (auto& t : targets) t = int(rng.next() % 256);
+        const std::vector<int> tokens = random_ids(rng, (size_t)B * T), targets = random_ids(rng, (size_t)B * T);
         const float loss_cpu = cpu.forward(tokens.data(), targets.data(), B, T);
         cpu.zero_grad();
         cpu.backward();
@@ -609,10 +619,7 @@ TEST_CASE("gpu model with bf16 matmuls: a step's loss and gradients track the CP
         double worst_cos = 1, worst_err = 0;
         std::string worst_name;
         for (const TensorInfo& t : cpu.tensors) {
-            double dot = 0, nc = 0, ng = 0;
-            for (size_t i = t.offset; i < t.offset + t.numel; i++)
-                dot += double(g[i]) * cpu.grads[i], nc += double(cpu.grads[i]) * cpu.grads[i], ng += double(g[i]) * g[i];
-            const double cos = nc == 0 && ng == 0 ? 1.0 : dot / std::sqrt(nc * ng + 1e-300);
+            const double cos = grad_cosine(g, cpu, t);
             const double e = rel_err(g.data() + t.offset, cpu.grads.data() + t.offset, t.numel);
             if (cos < worst_cos) worst_cos = cos, worst_name = t.name;
             worst_err = std::max(worst_err, e);
@@ -668,9 +675,7 @@ TEST_CASE("gpu model: set_precision lays the activations out again (bf16: the bf
     hl::gpu::GpuModel gpu(cfg);
     gpu.upload(cpu);
     Rng rng(5);
-    std::vector<int> tokens((size_t)B * T), targets((size_t)B * T);
-    for (auto& t : tokens) t = int(rng.next() % 256);
-    for (auto& t : targets) t = int(rng.next() % 256);
+    const std::vector<int> tokens = random_ids(rng, (size_t)B * T), targets = random_ids(rng, (size_t)B * T);
     const double loss_cpu = cpu.forward(tokens.data(), targets.data(), B, T);
     cpu.zero_grad();
     cpu.backward();
@@ -684,12 +689,7 @@ TEST_CASE("gpu model: set_precision lays the activations out again (bf16: the bf
     auto worst_cosine = [&] {
         const std::vector<float> g = from_dev(gpu.grads);
         double worst = 1;
-        for (const TensorInfo& t : cpu.tensors) {
-            double dot = 0, nc = 0, ng = 0;
-            for (size_t i = t.offset; i < t.offset + t.numel; i++)
-                dot += double(g[i]) * cpu.grads[i], nc += double(cpu.grads[i]) * cpu.grads[i], ng += double(g[i]) * g[i];
-            worst = std::min(worst, nc == 0 && ng == 0 ? 1.0 : dot / std::sqrt(nc * ng + 1e-300));
-        }
+        for (const TensorInfo& t : cpu.tensors) worst = std::min(worst, grad_cosine(g, cpu, t));
         return worst;
     };
     gpu.alloc(B, T);
