@@ -114,7 +114,7 @@ struct BlockActs {
     SwiGLUActs<T> ffn{};
     MoEActs<T> moe{};
     const T* moe_bias = nullptr;  // (E) the MoE's selection bias: model state (not a parameter), set by the model
-    T* ffo;    // (B,T,D)  FFN output
+    T* ffo;    // (B,T,D)  FFN output (a forward temporary: scratch)
     // backward scratch
     T* dn;     // (B,T,D)
     T* dh;     // (B,T,D)
@@ -136,7 +136,7 @@ BlockActs<T> block_acts(Arena<T>& a, Arena<int>& ia, const BlockConfig& c, int B
     x.rstd2 = a.take("rstd2", {N});
     if (c.use_moe) x.moe = moe_acts(a, ia, c.moe, N);
     else x.ffn = swiglu_acts(a, c.ffn, N);
-    x.ffo = a.take("ffo", {N, D});
+    x.ffo = a.take_scratch("ffo", {N, D});  // read only by block_forward's residual add
     x.dn = a.take_scratch("dn", {N, D});
     x.dh = a.take_scratch("dh", {N, D});
     return x;
