@@ -1896,15 +1896,15 @@ inline GpuAttnActs<float> gpu_attn_acts(Arena<float>& a, const AttnConfig& c, in
 }
 
 // Under bf16 operands with the tensor-core kernels, the branch output y feeds only Wo (and the backward's D, which
-// reads it in bf16 too): the forward kernel writes it in bf16 into acts.y's first half (bf16_view), rounded once.
-// Null otherwise (fp32 y: the fp32 kernels, or no Bf16Scope).
+// reads it in bf16 too): the forward kernel writes it in bf16 into acts.y (bf16_view; a bf16 layout sizes it so),
+// rounded once. Null otherwise (fp32 y: the fp32 kernels, or no Bf16Scope).
 template <typename T>
 bf16* attn_y16(GpuAttnActs<T>& acts, const AttnConfig& c) {
     return attention_use_tc<T>(c.d_qk, c.d_v) ? bf16_view(acts.y) : nullptr;
 }
 
 // Likewise q, k and v, where the tensor-core kernels do every product (attention_bf16_inputs): only those kernels
-// read them, so their GEMMs write them in bf16 (acts.q's, acts.k's and acts.v's first halves), RoPE rotates q and k
+// read them, so their GEMMs write them in bf16 (into acts.q, acts.k and acts.v: bf16_view), RoPE rotates q and k
 // there in place, and the kernels read them as they are (no staging copy, in the forward or the backward). v stays
 // fp32 where another consumer reads it so (acts.v_fp32). Null fields otherwise.
 template <typename T>

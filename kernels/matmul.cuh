@@ -21,8 +21,8 @@
 // caller passes it in bf16 (inp16, dout16). Activations, gradients, master weights and AdamW stay fp32, except the
 // tensors that are only ever matmul operands: their producers write them in bf16 once (bf16_view, in half the
 // memory: bf16_only_shape; the blocks' two norm outputs, the SwiGLU's h and its gate's gradients, Mamba-2's gated
-// norm output; and beside its fp32 values,
-// the residual stream's gradient, which the norm backwards also write in bf16: block_backward's res16), which spares
+// norm output; and beside its fp32 values, the residual stream's gradient, which the norm backwards also write in
+// bf16: block_backward's res16), which spares
 // a rounding pass before the forward's GEMM and another before the backward's (100m, H200: 6.6-8.7% more tokens/s;
 // the residual gradient's: +1.1% on the 100m transformer). Likewise a GEMM
 // output that only an elementwise kernel reads is written by the GEMM in bf16 (out16, dinp16: the SwiGLU's h1, h3 and

@@ -101,7 +101,7 @@ struct GpuModel {
     DeviceBuffer<int> iact;              // index activations (MoE routing)
     std::vector<float*> xs;              // L+1 residual streams (B,T,D): xs[0] embeddings, xs[l+1] block l output
     std::vector<GpuBlockActs<float>> bacts;
-    float *xf = nullptr, *rstdf = nullptr;  // final norm (B,T,D) (bf16: in bf16, in its first half), (B,T)
+    float *xf = nullptr, *rstdf = nullptr;  // final norm (B,T,D) (bf16: in bf16 only), (B,T)
     float *logits = nullptr, *probs = nullptr, *losses = nullptr;  // (B,T,V) (B,T,V) (B,T)
     float *dlogits = nullptr, *dxf = nullptr, *dres = nullptr, *dlosses = nullptr;
     DeviceBuffer<int> tokens_buf, targets_buf;  // (B,T) the batch on the device (set_batch; targets of the last forward)

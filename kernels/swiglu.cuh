@@ -148,8 +148,8 @@ inline SwiGLUActs<float> gpu_swiglu_acts(Arena<float>& a, const SwiGLUConfig& cf
 }
 
 // Under bf16 operands, h, dh1 and dh3 are used only as matmul operands, which are rounded to bf16 anyway: the gate
-// kernels write them in bf16 straight away (bf16_view: into the first half of their fp32 buffers acts.h, acts.dh1,
-// acts.dh3), instead of writing fp32 and rounding each into scratch before its GEMM: h is rounded once, for W2's
+// kernels write them in bf16 straight away (bf16_view: into their buffers acts.h, acts.dh1, acts.dh3), instead of
+// writing fp32 and rounding each into scratch before its GEMM: h is rounded once, for W2's
 // forward and dW2 both, and neither gradient is written in fp32. And h1, h3 and dh, which only the gate kernels read,
 // come out of their GEMMs in bf16 (out16, dinp16; into acts.h1, acts.h3, acts.dh the same way), as under PyTorch's
 // autocast: the gate kernels then move 6 bytes an element forward and 10 backward, not 10 and 16. These are the
