@@ -1944,12 +1944,14 @@ void attn_branch_forward(GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>
 // dv_extra (B, T, Hkv·d_v) or null: gradient reaching v from another consumer (value sharing in the intra-layer
 // hybrid), added before the Wv backward.
 // dinp (B, T, D) is written; dp.* accumulate (a null dp field skips that gradient).
+// dinp16 (bf16 runs; or null): dinp's bf16 view, offered for where dinp comes out of one GEMM (wq, wk, wv packed):
+// then it is written there in bf16 instead, as autocast keeps it, and dinp16 is returned; else null (dinp in fp32).
 // Uses acts.dq, dk, dv and D as scratch.
 template <typename T>
-void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_extra, GpuAttnActs<T>& acts,
-                          const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B, int T_,
-                          cudaStream_t stream = 0, const bf16* inp16 = nullptr, const bf16* y16 = nullptr,
-                          const bf16* dy16 = nullptr) {
+const bf16* attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_extra, GpuAttnActs<T>& acts,
+                                 const T* inp, const AttnParams<T>& p, const AttnConfig& c, int B, int T_,
+                                 cudaStream_t stream = 0, const bf16* inp16 = nullptr, const bf16* y16 = nullptr,
+                                 const bf16* dy16 = nullptr, bf16* dinp16 = nullptr) {
     attn_config_check(c);
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     AttnBf16In in16 = attn_qk16(acts, c, T_);
@@ -1985,37 +1987,44 @@ void attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const T* dv_e
         gpu::round_bf16_rows(d16 + Wq + Wk, size_t(Wqkv), reinterpret_cast<const float*>(acts.dv), size_t(N), Wv,
                              stream);
         gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, (const T*)nullptr, inp, p.wq, N, D, Wqkv, stream, false,
-                             inp16, d16);
-        return;
+                             inp16, d16, dinp16);
+        return dinp16;
     }
     q_k_backward(acts.dq, H, dp.wq, p.wq, false);
     q_k_backward(acts.dk, Hkv, dp.wk, p.wk, true);
     gpu::matmul_backward(dinp, dp.wv, (T*)nullptr, acts.dv, inp, p.wv, N, D, Hkv * c.d_v, stream, true, inp16);
+    return nullptr;
 }
 
-// Full mixer: out (B, T, D) = Wo · branch(inp).
+// Full mixer: out (B, T, D) = Wo · branch(inp). out16 (bf16 runs; or null): out's bf16 view, where Wo's GEMM writes
+// it instead (its one reader, the block's next norm, adds it into the residual stream); returned.
 template <typename T>
-void attn_mixer_forward(T* out, GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>& p, const AttnConfig& c,
-                        int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+const bf16* attn_mixer_forward(T* out, GpuAttnActs<T>& acts, const T* inp, const AttnParams<T>& p,
+                               const AttnConfig& c, int B, int T_, cudaStream_t stream = 0,
+                               const bf16* inp16 = nullptr, bf16* out16 = nullptr) {
     HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
     bf16* y16 = attn_y16(acts, c);
     gpu::attn_branch_forward(acts, inp, p, c, B, T_, stream, inp16, y16);
-    gpu::matmul_forward(out, acts.y, p.wo, (const T*)nullptr, B * T_, c.n_heads * c.d_v, c.d_model, stream, y16);
+    gpu::matmul_forward(out, acts.y, p.wo, (const T*)nullptr, B * T_, c.n_heads * c.d_v, c.d_model, stream, y16,
+                        out16);
+    return out16;
 }
 
 // dinp (B, T, D) written; dp.* accumulate. Uses acts.dy as the gradient of the branch output. dout16: dout in bf16
-// from its producer (the block's norm backward), for Wo's GEMM (matmul_backward's dout16), or null.
+// from its producer (the block's norm backward), for Wo's GEMM (matmul_backward's dout16), or null. dinp16 and the
+// value returned: as attn_branch_backward's.
 template <typename T>
-void attn_mixer_backward(T* dinp, AttnParams<T>& dp, const T* dout, GpuAttnActs<T>& acts, const T* inp,
-                         const AttnParams<T>& p, const AttnConfig& c, int B, int T_, cudaStream_t stream = 0,
-                         const bf16* inp16 = nullptr, const bf16* dout16 = nullptr) {
+const bf16* attn_mixer_backward(T* dinp, AttnParams<T>& dp, const T* dout, GpuAttnActs<T>& acts, const T* inp,
+                                const AttnParams<T>& p, const AttnConfig& c, int B, int T_, cudaStream_t stream = 0,
+                                const bf16* inp16 = nullptr, const bf16* dout16 = nullptr, bf16* dinp16 = nullptr) {
     HL_CHECK(p.wo != nullptr, "attention mixer (gpu): no output projection (params were made with with_wo = false)");
     const bf16* y16 = attn_y16(acts, c);
     // dy feeds only the attention backward: written in bf16 where that takes it so (attn_qk16's condition)
     bf16* dy16 = attn_qk16(acts, c, T_).q ? bf16_view(acts.dy) : nullptr;
     gpu::matmul_backward(acts.dy, dp.wo, (T*)nullptr, dout, acts.y, p.wo, B * T_, c.n_heads * c.d_v, c.d_model,
                          stream, false, y16, dout16, dy16);
-    gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream, inp16, y16, dy16);
+    return gpu::attn_branch_backward(dinp, dp, acts.dy, (const T*)nullptr, acts, inp, p, c, B, T_, stream, inp16, y16,
+                                     dy16, dinp16);
 }
 
 }  // namespace hl::gpu

@@ -37,6 +37,7 @@ struct GpuBlockActs {
     GpuMoEActs<T> moe{};
     const T* moe_bias = nullptr;  // (E) the MoE's selection bias (model state, set by the model)
     T* ffo = nullptr;         // (B,T,D)  FFN output (from the scratch: see gpu_block_acts)
+    const bf16* ffo16 = nullptr;  // ffo's bf16 view when the last forward wrote it so (block_forward), else null
     // backward scratch (with mix, and the mixers' and FFN's own, from Arena::take_scratch: in GpuModel one region all
     // layers share)
     T* dn = nullptr;          // (B,T,D)
@@ -78,6 +79,10 @@ inline GpuBlockActs<float> gpu_block_acts(Arena<float>& a, Arena<int>& ia, const
 // block's first, or the model's final one): with write_y false, y is not written here, and the next block, given
 // this block's acts as prev, writes its x = prev->h + prev->ffo in its first norm's pass (add_rmsnorm_forward: the
 // same values bit for bit, one (N, D) read and one launch less a block). x is then written, not read.
+// bf16 runs: the mixer's and the FFN's outputs are read only by the norm after them, which adds them into the fp32
+// residual stream; their GEMMs write them in bf16 (as autocast keeps them: half the bytes written there and read
+// here), where one GEMM makes them (not the MoE's, nor the intra block's out=sep sum): the mixers' and
+// swiglu_forward's out16, which they return when used; ffo16 records it for the next block's first norm.
 template <typename T>
 void block_forward(T* y, GpuBlockActs<T>& acts, T* x, const BlockParams<T>& p, const BlockConfig& c, int B, int T_,
                    cudaStream_t stream = 0, const GpuBlockActs<T>* prev = nullptr, bool write_y = true) {
@@ -89,16 +94,25 @@ void block_forward(T* y, GpuBlockActs<T>& acts, T* x, const BlockParams<T>& p, c
     bf16* n1_16 = gpu::bf16_view(acts.n1);
     if (prev)
         gpu::add_rmsnorm_forward(x, acts.n1, acts.rstd1, prev->h, prev->ffo, p.norm1, N, D, c.norm_eps, stream,
-                                 n1_16);
+                                 n1_16, prev->ffo16);
     else gpu::rmsnorm_forward(acts.n1, acts.rstd1, x, p.norm1, N, 1, D, c.norm_eps, stream, n1_16);
-    if (c.kind == 'A') gpu::attn_mixer_forward(acts.mix, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16);
-    if (c.kind == 'M') gpu::mamba2_mixer_forward(acts.mix, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16);
+    bf16* mix_view = gpu::bf16_view(acts.mix);
+    const bf16* mix16 = nullptr;
+    if (c.kind == 'A')
+        mix16 = gpu::attn_mixer_forward(acts.mix, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16, mix_view);
+    if (c.kind == 'M')
+        mix16 = gpu::mamba2_mixer_forward(acts.mix, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16, mix_view);
     if (c.kind == 'H')
-        gpu::intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream, n1_16);
+        mix16 = gpu::intra_mixer_forward(acts.mix, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream, n1_16,
+                                         mix_view);
     bf16* n2_16 = c.use_moe ? nullptr : gpu::bf16_view(acts.n2);
-    gpu::add_rmsnorm_forward(acts.h, acts.n2, acts.rstd2, x, acts.mix, p.norm2, N, D, c.norm_eps, stream, n2_16);
+    gpu::add_rmsnorm_forward(acts.h, acts.n2, acts.rstd2, x, acts.mix, p.norm2, N, D, c.norm_eps, stream, n2_16,
+                             mix16);
+    acts.ffo16 = nullptr;
     if (c.use_moe) gpu::moe_forward(acts.ffo, acts.moe, acts.n2, p.moe, acts.moe_bias, c.moe, N, stream);
-    else gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, n2_16);
+    else
+        acts.ffo16 = gpu::swiglu_forward(acts.ffo, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream, n2_16,
+                                         write_y ? nullptr : gpu::bf16_view(acts.ffo));  // (gpu::add reads fp32)
     if (write_y) gpu::add(y, acts.h, acts.ffo, ND, stream);
 }
 
@@ -108,32 +122,38 @@ void block_forward(T* y, GpuBlockActs<T>& acts, T* x, const BlockParams<T>& p, c
 // as their dout (W2's, the mixer's output projection's) read instead of rounding it in a pass of their own; the norm
 // backwards that make those gradients write the copies beside the fp32 ones. On entry it holds dy's copy, then dh's,
 // and on exit dx's (when dx16_out: the model's first block has no GEMM after it).
+// bf16 runs: the norms' input gradients (dn) are read only by the norm backwards; where one GEMM makes them (the
+// FFN's with W1·W3 fused, the attention's with wq, wk, wv packed, Mamba-2's in_proj) it writes them in bf16, as
+// autocast keeps them (the backwards' dinp16, returned when used).
 template <typename T>
 void block_backward(T* dx, BlockParams<T>& dp, const T* dy, GpuBlockActs<T>& acts, const T* x,
                     const BlockParams<T>& p, const BlockConfig& c, int B, int T_, cudaStream_t stream = 0,
                     bf16* res16 = nullptr, bool dx16_out = true) {
     const int N = B * T_, D = c.d_model;
+    bf16* dn_view = gpu::bf16_view(acts.dn);
+    const bf16* dn16 = nullptr;  // dn's bf16 view where its producer wrote it so
     // y = h + FFN(RMSNorm(h)):  dh = dy + RMSNorm'ᵀ FFN'ᵀ dy
     if (c.use_moe) gpu::moe_backward(acts.dn, dp.moe, dy, acts.moe, acts.n2, p.moe, c.moe, N, stream);
     else
-        gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream,
-                             gpu::bf16_view(acts.n2), res16);
+        dn16 = gpu::swiglu_backward(acts.dn, dp.ffn, dy, acts.ffn, acts.n2, p.ffn, c.ffn, N, stream,
+                                    gpu::bf16_view(acts.n2), res16, dn_view);
     // + dy; the norms' weight gradients are summed through acts.ffo, which the backward does not read (dw_part)
     gpu::rmsnorm_backward(acts.dh, dp.norm2, acts.dn, acts.h, p.norm2, acts.rstd2, N, 1, D, stream, dy, acts.ffo,
-                          res16);
+                          res16, dn16);
     // h = x + mixer(RMSNorm(x)):  dx = dh + RMSNorm'ᵀ mixer'ᵀ dh
     const bf16* n1_16 = gpu::bf16_view(acts.n1);
+    dn16 = nullptr;
     if (c.kind == 'A')
-        gpu::attn_mixer_backward(acts.dn, dp.attn, acts.dh, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream, n1_16,
-                                 res16);
+        dn16 = gpu::attn_mixer_backward(acts.dn, dp.attn, acts.dh, acts.attn, acts.n1, p.attn, c.attn, B, T_, stream,
+                                        n1_16, res16, dn_view);
     if (c.kind == 'M')
-        gpu::mamba2_mixer_backward(acts.dn, dp.ssm, acts.dh, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream, n1_16,
-                                   res16);
-    if (c.kind == 'H')
+        dn16 = gpu::mamba2_mixer_backward(acts.dn, dp.ssm, acts.dh, acts.ssm, acts.n1, p.ssm, c.ssm, B, T_, stream,
+                                          n1_16, res16, dn_view);
+    if (c.kind == 'H')  // (both branches' input gradients summed in fp32)
         gpu::intra_mixer_backward(acts.dn, dp.intra, acts.dh, acts.intra, acts.n1, p.intra, c.intra, B, T_, stream,
                                   n1_16, res16);
     gpu::rmsnorm_backward(dx, dp.norm1, acts.dn, x, p.norm1, acts.rstd1, N, 1, D, stream, acts.dh, acts.ffo,
-                          dx16_out ? res16 : nullptr);  // + dh
+                          dx16_out ? res16 : nullptr, dn16);  // + dh
 }
 
 }  // namespace hl::gpu

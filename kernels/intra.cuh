@@ -389,10 +389,11 @@ void intra_fuse_norm_join(const IntraFuseArgs<T>& x, cudaStream_t stream = 0) {
 
 // out (N, D) = Fuse(a (N, Wa), s (N, Ws)): per-head norms, scales, the sign of op=diff, then the output
 // projection(s). Fills acts.a1, rstd_a, s1, rstd_s (norm=group) and acts.f (out=joint) or acts.a3, s2, tmp_out
-// (out=sep).
+// (out=sep). out16 (bf16 runs; or null): out's bf16 view, where one output projection (out=joint) writes it instead;
+// returned then, else null (out in fp32: out=sep sums two products into it).
 template <typename T>
-void intra_fuse_forward(T* out, GpuIntraActs<T>& acts, const T* a, const T* s, const IntraParams<T>& p,
-                        const IntraConfig& c, int N, cudaStream_t stream = 0) {
+const bf16* intra_fuse_forward(T* out, GpuIntraActs<T>& acts, const T* a, const T* s, const IntraParams<T>& p,
+                               const IntraConfig& c, int N, cudaStream_t stream = 0, bf16* out16 = nullptr) {
     const FusionConfig& f = c.fusion;
     const int D = c.d_model, Wa = c.attn_width(), Ws = c.ssm_width();
 
@@ -402,15 +403,19 @@ void intra_fuse_forward(T* out, GpuIntraActs<T>& acts, const T* a, const T* s, c
         gpu::matmul_forward(out, acts.s2, p.out_s, (const T*)nullptr, N, Ws, D, stream);
         gpu::matmul_forward(acts.tmp_out, acts.a3, p.out_a, (const T*)nullptr, N, Wa, D, stream);
         gpu::accumulate(out, acts.tmp_out, (size_t)N * D, stream);
-    } else {  // out_proj · (s2 + a3)  or  out_proj · [s2; a3]
-        gpu::matmul_forward(out, acts.f, p.out_proj, (const T*)nullptr, N, c.fused_width(), D, stream);
+        return nullptr;
     }
+    // out_proj · (s2 + a3)  or  out_proj · [s2; a3]
+    gpu::matmul_forward(out, acts.f, p.out_proj, (const T*)nullptr, N, c.fused_width(), D, stream, nullptr, out16);
+    return out16;
 }
 
-// out (B,T,D) = Fuse(attention branch, Mamba branch) of inp (B,T,D)
+// out (B,T,D) = Fuse(attention branch, Mamba branch) of inp (B,T,D). out16 and the value returned: as
+// intra_fuse_forward's.
 template <typename T>
-void intra_mixer_forward(T* out, GpuIntraActs<T>& acts, const T* inp, const IntraParams<T>& p, const IntraConfig& c,
-                         int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+const bf16* intra_mixer_forward(T* out, GpuIntraActs<T>& acts, const T* inp, const IntraParams<T>& p,
+                                const IntraConfig& c, int B, int T_, cudaStream_t stream = 0,
+                                const bf16* inp16 = nullptr, bf16* out16 = nullptr) {
     const int N = B * T_;
     // (bf16 runs: both branches' projections take inp in bf16, rounded once here unless the caller has it)
     if (!inp16) inp16 = gpu::bf16_operand(inp, size_t(N) * c.d_model, stream);
@@ -426,7 +431,7 @@ void intra_mixer_forward(T* out, GpuIntraActs<T>& acts, const T* inp, const Intr
         x_shared = acts.x_shared;
     }
     gpu::mamba2_branch_forward(acts.ssm, inp, x_shared, p.ssm, c.ssm, B, T_, stream, inp16);
-    gpu::intra_fuse_forward(out, acts, acts.attn.y, acts.ssm.g, p, c, N, stream);
+    return gpu::intra_fuse_forward(out, acts, acts.attn.y, acts.ssm.g, p, c, N, stream, out16);
 }
 
 // dinp (B,T,D) written; dp.* accumulate. dout16: dout in bf16 for the output projections' GEMMs

@@ -343,10 +343,12 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
 // in_proj's output is written there in bf16 by its producers (the fused gate's backward wrote its z columns), for the
 // GEMM, and not in fp32, which nothing else reads: the GEMM's rounding pass over it is saved (0.15 ms a layer at
 // 350m, H200), and half the bytes written. Each value is rounded once from the same float: the same bf16 as before.
+// dinp16 (bf16 runs; or null): dinp's bf16 view, where in_proj's GEMM writes it instead; returned.
 template <typename T>
-void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T* dg, GpuMamba2Acts<T>& acts,
-                            const T* inp, const T* x_shared, const Mamba2Params<T>& p, const Mamba2Config& c, int B,
-                            int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr, bf16* dzxbcdt16 = nullptr) {
+const bf16* mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T* dg, GpuMamba2Acts<T>& acts,
+                                   const T* inp, const T* x_shared, const Mamba2Params<T>& p, const Mamba2Config& c,
+                                   int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr,
+                                   bf16* dzxbcdt16 = nullptr, bf16* dinp16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(B > 0 && T_ > 0, "mamba2 (gpu): bad sizes B=", B, " T=", T_);
     HL_CHECK(c.shared_x == (x_shared != nullptr) && c.shared_x == (dx_shared != nullptr),
@@ -391,7 +393,8 @@ void mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, const T*
     }
     // [z, xBC, dt_raw, pad] = in_proj · u (over the gap rows too: their gradient stays zero, the pads being zero)
     gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, LD, stream, false,
-                         inp16, dzxbcdt16);
+                         inp16, dzxbcdt16, dinp16);
+    return dinp16;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -496,10 +499,11 @@ __global__ void mamba2_gate_norm_backward_kernel(float* dy, ZO* dzxbcdt, float* 
 }
 
 // The M block's mixer: out (B, T, d_model) = out_proj(RMSNorm_grouped(g) · norm_w), g from the branch. The gated
-// norm normalises each group of d_inner/G channels on its own (as mamba_ssm does).
+// norm normalises each group of d_inner/G channels on its own (as mamba_ssm does). out16: as attn_mixer_forward's.
 template <typename T>
-void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Mamba2Params<T>& p,
-                          const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+const bf16* mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Mamba2Params<T>& p,
+                                 const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0,
+                                 const bf16* inp16 = nullptr, bf16* out16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
@@ -523,15 +527,17 @@ void mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, const Ma
     }
     if (!fused)
         gpu::rmsnorm_forward(acts.gn, acts.rstd, acts.g, p.norm_w, rows, G, Cg, float(MAMBA2_NORM_EPS), stream, gn16);
-    gpu::matmul_forward(out, acts.gn, p.out_proj, (const T*)nullptr, rows, c.d_inner, c.d_model, stream, gn16);
+    gpu::matmul_forward(out, acts.gn, p.out_proj, (const T*)nullptr, rows, c.d_inner, c.d_model, stream, gn16, out16);
+    return out16;
 }
 
 // dinp (B, T, d_model) is written; dp.* accumulate. dout16: dout in bf16 for out_proj's GEMM (matmul_backward's), or
-// null.
+// null. dinp16 (bf16 runs; or null): dinp's bf16 view, where in_proj's GEMM writes it instead; returned.
 template <typename T>
-void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba2Acts<T>& acts, const T* inp,
-                           const Mamba2Params<T>& p, const Mamba2Config& c, int B, int T_, cudaStream_t stream = 0,
-                           const bf16* inp16 = nullptr, const bf16* dout16 = nullptr) {
+const bf16* mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba2Acts<T>& acts, const T* inp,
+                                  const Mamba2Params<T>& p, const Mamba2Config& c, int B, int T_,
+                                  cudaStream_t stream = 0, const bf16* inp16 = nullptr, const bf16* dout16 = nullptr,
+                                  bf16* dinp16 = nullptr) {
     mamba2_config_check(c);
     HL_CHECK(!c.shared_x, "mamba2 mixer (gpu): shared_x is for the hybrid's branch; the mixer computes its own x");
     HL_CHECK(p.norm_w && p.out_proj, "mamba2 mixer (gpu): params have no norm_w/out_proj (with_norm_out=false)");
@@ -558,8 +564,8 @@ void mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, GpuMamba
         }
     }
     if (!fused) gpu::rmsnorm_backward(acts.dg, dp.norm_w, acts.dgn, acts.g, p.norm_w, acts.rstd, rows, G, Cg, stream);
-    gpu::mamba2_branch_backward(dinp, (T*)nullptr, dp, fused ? (const T*)nullptr : acts.dg, acts, inp,
-                                (const T*)nullptr, p, c, B, T_, stream, inp16, dzxbcdt16);
+    return gpu::mamba2_branch_backward(dinp, (T*)nullptr, dp, fused ? (const T*)nullptr : acts.dg, acts, inp,
+                                       (const T*)nullptr, p, c, B, T_, stream, inp16, dzxbcdt16, dinp16);
 }
 
 }  // namespace hl::gpu

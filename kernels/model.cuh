@@ -286,7 +286,7 @@ struct GpuModel {
             probs = a.take("probs", {N, V});
             losses = a.take("losses", {N});
             dlogits = a.take("dlogits", {N, V});
-            dxf = a.take("dxf", {N, D});
+            dxf = a.take("dxf", bf16_only_shape({N, D}, bf16));  // (bf16: written and read in bf16 only, dxf16)
             dres = a.take("dres", {N, D});
             dlosses = a.take("dlosses", {N});
         };
@@ -357,7 +357,7 @@ struct GpuModel {
         // bf16: the final norm's output is only lm_head's operand (forward and weight gradient): written in bf16
         bf16* xf16 = gpu::bf16_view(xf);
         gpu::add_rmsnorm_forward(xs[size_t(L)], xf, rstdf, bacts[size_t(L) - 1].h, bacts[size_t(L) - 1].ffo,
-                                 p.norm_f, N, D, float(cfg.norm_eps), stream, xf16);
+                                 p.norm_f, N, D, float(cfg.norm_eps), stream, xf16, bacts[size_t(L) - 1].ffo16);
         gpu::matmul_forward(logits, xf, p.lm_head, (const float*)nullptr, N, D, V, stream, xf16);
         last_tokens = tokens_dev;
         have_targets = targets_dev != nullptr;
@@ -396,14 +396,16 @@ struct GpuModel {
         }
         weighted = false;
         gpu::crossentropy_backward(dlogits, dlosses, probs, targets_buf.ptr, N, V, stream);
+        // bf16: dxf, read only by norm_f's backward, comes out of its GEMM in bf16 (as the blocks' dn)
+        bf16* dxf16 = gpu::bf16_view(dxf);
         gpu::matmul_backward(dxf, dp.lm_head, (float*)nullptr, dlogits, xf, p.lm_head, N, D, V, stream, false,
-                             gpu::bf16_view(xf));
+                             gpu::bf16_view(xf), nullptr, dxf16);
         // bf16: each norm backward also writes the residual stream's gradient in bf16, for the GEMMs after it
         bf16* res16 = precision == Precision::bf16 ? dres16.ptr : nullptr;
         // norm_f's weight gradient through the last block's ffo as scratch, as the blocks' norms do (the backward
         // never reads ffo)
         gpu::rmsnorm_backward(dres, dp.norm_f, dxf, xs[size_t(L)], p.norm_f, rstdf, N, 1, D, stream,
-                              (const float*)nullptr, bacts[size_t(L) - 1].ffo, res16);
+                              (const float*)nullptr, bacts[size_t(L) - 1].ffo, res16, dxf16);
         for (int l = L - 1; l >= 0; l--) {
             gpu::block_backward(dres, dp.layers[size_t(l)], dres, bacts[size_t(l)], xs[size_t(l)], p.layers[size_t(l)],
                                 blocks[size_t(l)], B, T_, stream, res16, l > 0);

@@ -12,7 +12,7 @@
 // rstd stays fp32 on every path (it is a statistic, as in every mixed-precision norm).
 #pragma once
 #include <climits>               // INT_MAX
-#include <type_traits>           // std::is_same_v, std::integral_constant
+#include <type_traits>           // std::is_same_v, std::integral_constant, std::remove_pointer_t
 #include <cuda_bf16.h>           // __nv_bfloat16, __floats2bfloat162_rn: out16
 #include "kernels/common.cuh"    // cudaCheckLast, ceil_div, warp_sum, colsum, ld4, map4, vec4_aligned
 #include "kernels/matmul.cuh"    // round_bf16: dinp16 off the wide-row path
@@ -24,9 +24,10 @@ constexpr int RMSNORM_BLOCK = 256;  // 8 warps = 8 (row, group) pairs per block
 
 // out (N, G·Cg) = inp / rms(inp over each group) · weight (G·Cg) [weight may be null]; rstd (N, G) saved.
 // grid: ceil(N·G / 8) blocks of 256 threads; warp w of the grid handles (n, g) = (w / G, w % G), which is
-// also its index into rstd (N, G). res, sum (add_rmsnorm_forward; else null): the input is inp + res, written to sum.
-template <typename T, typename O>
-__global__ void rmsnorm_forward_kernel(O* out, float* rstd, const T* inp, const T* res, T* sum, const T* weight, int N,
+// also its index into rstd (N, G). res, sum (add_rmsnorm_forward; else null): the input is inp + res, written to sum;
+// res of type R (T, or bf16 when its producer wrote it so).
+template <typename T, typename O, typename R>
+__global__ void rmsnorm_forward_kernel(O* out, float* rstd, const T* inp, const R* res, T* sum, const T* weight, int N,
                                        int G, int Cg, float eps) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -34,7 +35,7 @@ __global__ void rmsnorm_forward_kernel(O* out, float* rstd, const T* inp, const 
     const int g = w % G;
     const size_t base = (size_t)w * Cg;  // = n·G·Cg + g·Cg: rows of G groups are contiguous
     const T* x = inp + base;             // (Cg)
-    const T* xr = res ? res + base : nullptr;
+    const R* xr = res ? res + base : nullptr;
     auto in = [&](int c) { return xr ? float(T(float(x[c]) + float(xr[c]))) : float(x[c]); };  // as gpu::add's sum
     float ss = 0.0f;
     for (int c = lane; c < Cg; c += 32) {
@@ -100,8 +101,8 @@ __device__ __forceinline__ void rmsnorm_row_output(O* out, float* rstd, const fl
     }
 }
 
-template <int V, typename O>
-__global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp, const float* res, float* sum,
+template <int V, typename O, typename R>
+__global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp, const R* res, float* sum,
                                            const float* weight, int G, int Cg, float eps) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4;
@@ -125,8 +126,8 @@ __global__ void rmsnorm_forward_row_kernel(O* out, float* rstd, const float* inp
 
 // The launch of both forwards: the wide-row kernel where it fits, else the warp kernel. res, sum: see
 // add_rmsnorm_forward (null for rmsnorm_forward).
-template <typename T>
-void rmsnorm_forward_launch(T* out, float* rstd, const T* inp, const T* res, T* sum, const T* weight, int N, int G,
+template <typename T, typename R>
+void rmsnorm_forward_launch(T* out, float* rstd, const T* inp, const R* res, T* sum, const T* weight, int N, int G,
                             int Cg, float eps, cudaStream_t stream, __nv_bfloat16* out16) {
     HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
     HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
@@ -162,19 +163,24 @@ void rmsnorm_forward(T* out, float* rstd, const T* inp, const T* weight, int N, 
 // The block's residual add and second norm in one pass: sum (N, D) = x + res, written (saved: the norm's input for
 // its backward), and out = RMSNorm(sum) · weight, rstd as rmsnorm_forward (out16 too). The same values, bit for bit,
 // as gpu::add then rmsnorm_forward, without reading sum back (one (N, D) read less).
+// res16: under bf16 operands, res in bf16 (a branch output its GEMM wrote so, as autocast keeps it: half the bytes
+// read here and written there); then res is not read. The sum is still taken in fp32, into the fp32 residual stream.
 template <typename T>
 void add_rmsnorm_forward(T* sum, T* out, float* rstd, const T* x, const T* res, const T* weight, int N, int D,
-                         float eps, cudaStream_t stream = 0, __nv_bfloat16* out16 = nullptr) {
-    HL_CHECK(sum && res, "add_rmsnorm_forward: sum and res must be given");
-    rmsnorm_forward_launch(out, rstd, x, res, sum, weight, N, 1, D, eps, stream, out16);
+                         float eps, cudaStream_t stream = 0, __nv_bfloat16* out16 = nullptr,
+                         const __nv_bfloat16* res16 = nullptr) {
+    HL_CHECK(sum && (res || res16), "add_rmsnorm_forward: sum and res must be given");
+    if (res16) rmsnorm_forward_launch(out, rstd, x, res16, sum, weight, N, 1, D, eps, stream, out16);
+    else rmsnorm_forward_launch(out, rstd, x, res, sum, weight, N, 1, D, eps, stream, out16);
 }
 
 // dinp (N, G·Cg), written. Same mapping as the forward: one warp per (n, g). With x̂ = x·rstd, d = dout ⊙ w:
 //   dinp = rstd · (d − x̂ · mean(d ⊙ x̂))  [+ residual, when given]
 // residual: a gradient to add in the same pass (the block's residual stream: dh = norm2ᵀ(dn) + dy without a separate
-// accumulate pass over (N, D), which read and wrote dh once more); it may be dinp itself.
-template <typename T>
-__global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* inp, const T* weight,
+// accumulate pass over (N, D), which read and wrote dh once more); it may be dinp itself. dout of type DT (T, or bf16
+// when its producer wrote it so).
+template <typename T, typename DT>
+__global__ void rmsnorm_backward_dinp_kernel(T* dinp, const DT* dout, const T* inp, const T* weight,
                                              const float* rstd, const T* residual, int N, int G, int Cg) {
     const int w = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -182,7 +188,7 @@ __global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* in
     const int g = w % G;
     const size_t base = (size_t)w * Cg;
     const T* x = inp + base;                                   // (Cg)
-    const T* dy = dout + base;                                 // (Cg)
+    const DT* dy = dout + base;                                // (Cg)
     const T* wt = weight ? weight + (size_t)g * Cg : nullptr;  // (Cg)
     const float r = rstd[w];
     float dot = 0.0f;  // Σ d ⊙ x̂
@@ -206,8 +212,8 @@ __global__ void rmsnorm_backward_dinp_kernel(T* dinp, const T* dout, const T* in
 // and x once more (51 µs of the 61 µs this kernel takes at 100m, H200). Without DW, R = 1.
 constexpr int RMSNORM_DW_ROWS = 16;
 
-template <int V, bool DW>
-__global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, __nv_bfloat16* dinp16, float* dw_part, const float* dout,
+template <int V, bool DW, typename DT>
+__global__ void rmsnorm_backward_dinp_row_kernel(float* dinp, __nv_bfloat16* dinp16, float* dw_part, const DT* dout,
                                                  const float* inp, const float* weight, const float* rstd,
                                                  const float* residual, int N, int G, int Cg) {
     __shared__ float part[RMSNORM_BLOCK / 32];
@@ -266,9 +272,9 @@ inline size_t rmsnorm_dweight_part_size(int N, int G, int Cg) {
 }
 
 // f(n, c) = dout[n, c] · x̂[n, c], the summand of dweight[c]
-template <typename T>
+template <typename T, typename DT = T>
 struct RmsnormDweightTerm {
-    const T* dout;
+    const DT* dout;
     const T* inp;
     const float* rstd;
     int G, Cg;
@@ -284,40 +290,49 @@ struct RmsnormDweightTerm {
 // dinp16: under bf16 operands, dinp rounded to bf16 is written there too (N·G·Cg elements, its own buffer), for a
 // GEMM that takes dinp as its dout (the residual stream's gradient into W2's and the mixer's output projection's
 // backward), so that GEMM does not round it in a pass of its own (wide rows: in the same kernel).
+// dout16: under bf16 operands, dout in bf16 (an input gradient its GEMM wrote so, as autocast keeps it: half the
+// bytes read here and written there); then dout is not read.
 template <typename T>
 void rmsnorm_backward(T* dinp, T* dweight, const T* dout, const T* inp, const T* weight, const float* rstd, int N,
                       int G, int Cg, cudaStream_t stream = 0, const T* residual = nullptr, float* dw_part = nullptr,
-                      __nv_bfloat16* dinp16 = nullptr) {
+                      __nv_bfloat16* dinp16 = nullptr, const __nv_bfloat16* dout16 = nullptr) {
     HL_CHECK(N >= 0 && G > 0 && Cg > 0, "rmsnorm: bad sizes N=", N, " G=", G, " Cg=", Cg);
     HL_CHECK((long long)N * G < INT_MAX, "rmsnorm: N·G too large");
-    HL_CHECK(!dinp16 || (std::is_same_v<T, float>), "rmsnorm: a bf16 dinp16 beside non-fp32 storage");
+    HL_CHECK(!(dinp16 || dout16) || (std::is_same_v<T, float>), "rmsnorm: a bf16 dinp16 or dout16 beside non-fp32 "
+             "storage");
     if (N == 0) return;
-    bool row = false, fused = false;  // the wide-row kernel, on the rows the wide-row forward takes
-    if constexpr (std::is_same_v<T, float>) {
-        row = rmsnorm_wide_row(Cg) && vec4_aligned(dinp, dout, inp, weight, residual, dinp16);
-        fused = row && dweight && dw_part && vec4_aligned(dw_part);
-        if (row)
-            rmsnorm_row_dispatch(Cg, [&](auto v) {
-                constexpr int V = decltype(v)::value;
-                if (fused)
-                    rmsnorm_backward_dinp_row_kernel<V, true><<<dim3(ceil_div(N, RMSNORM_DW_ROWS), G), RMSNORM_BLOCK,
-                                                                0, stream>>>(dinp, dinp16, dw_part, dout, inp, weight,
-                                                                             rstd, residual, N, G, Cg);
-                else
-                    rmsnorm_backward_dinp_row_kernel<V, false><<<dim3(N, G), RMSNORM_BLOCK, 0, stream>>>(
-                        dinp, dinp16, nullptr, dout, inp, weight, rstd, residual, N, G, Cg);
-            });
-    }
-    if (!row) {
-        const int warps_per_block = RMSNORM_BLOCK / 32;
-        rmsnorm_backward_dinp_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(
-            dinp, dout, inp, weight, rstd, residual, N, G, Cg);
-        if constexpr (std::is_same_v<T, float>)
-            if (dinp16) round_bf16(dinp16, dinp, (size_t)N * G * Cg, stream);
-    }
-    cudaCheckLast();
-    if (fused) colsum(dweight, RowsTerm<float>{dw_part, G * Cg}, ceil_div(N, RMSNORM_DW_ROWS), G * Cg, stream);
-    else if (dweight) colsum(dweight, RmsnormDweightTerm<T>{dout, inp, rstd, G, Cg}, N, G * Cg, stream);
+    auto run = [&](const auto* dy) {
+        using DT = std::remove_cv_t<std::remove_pointer_t<decltype(dy)>>;
+        bool row = false, fused = false;  // the wide-row kernel, on the rows the wide-row forward takes
+        if constexpr (std::is_same_v<T, float>) {
+            row = rmsnorm_wide_row(Cg) && vec4_aligned(dinp, inp, weight, residual, dinp16) && vec4_aligned(dy);
+            fused = row && dweight && dw_part && vec4_aligned(dw_part);
+            if (row)
+                rmsnorm_row_dispatch(Cg, [&](auto v) {
+                    constexpr int V = decltype(v)::value;
+                    if (fused)
+                        rmsnorm_backward_dinp_row_kernel<V, true><<<dim3(ceil_div(N, RMSNORM_DW_ROWS), G),
+                                                                    RMSNORM_BLOCK, 0, stream>>>(
+                            dinp, dinp16, dw_part, dy, inp, weight, rstd, residual, N, G, Cg);
+                    else
+                        rmsnorm_backward_dinp_row_kernel<V, false><<<dim3(N, G), RMSNORM_BLOCK, 0, stream>>>(
+                            dinp, dinp16, nullptr, dy, inp, weight, rstd, residual, N, G, Cg);
+                });
+        }
+        if (!row) {
+            const int warps_per_block = RMSNORM_BLOCK / 32;
+            rmsnorm_backward_dinp_kernel<<<ceil_div(N * G, warps_per_block), RMSNORM_BLOCK, 0, stream>>>(
+                dinp, dy, inp, weight, rstd, residual, N, G, Cg);
+            if constexpr (std::is_same_v<T, float>)
+                if (dinp16) round_bf16(dinp16, dinp, (size_t)N * G * Cg, stream);
+        }
+        cudaCheckLast();
+        if (fused) colsum(dweight, RowsTerm<float>{dw_part, G * Cg}, ceil_div(N, RMSNORM_DW_ROWS), G * Cg, stream);
+        else if (dweight) colsum(dweight, RmsnormDweightTerm<T, DT>{dy, inp, rstd, G, Cg}, N, G * Cg, stream);
+    };
+    if constexpr (std::is_same_v<T, float>)
+        if (dout16) return run(dout16);
+    run(dout);
 }
 
 }  // namespace hl::gpu

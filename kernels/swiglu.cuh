@@ -156,13 +156,15 @@ inline SwiGLUActs<float> gpu_swiglu_acts(Arena<float>& a, const SwiGLUConfig& cf
 // largest tensors of a block ((N, d_ff) each).
 // out (N, D) = W2 · (SiLU(W1·inp) ⊙ W3·inp); acts.h1, acts.h3, acts.h are written (saved for the backward). inp16:
 // inp in bf16 when the caller has it (the block's norm writes it so), else it is rounded here; the same in the
-// backward.
+// backward. out16 (bf16 runs; or null): out's bf16 view, where W2's GEMM writes it instead (its one reader, the next
+// norm, adds it into the residual stream, as autocast keeps it); returned.
 template <typename T>
-void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParams<T>& p, const SwiGLUConfig& cfg,
-                    int N, cudaStream_t stream = 0, const bf16* inp16 = nullptr) {
+const bf16* swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParams<T>& p,
+                           const SwiGLUConfig& cfg, int N, cudaStream_t stream = 0, const bf16* inp16 = nullptr,
+                           bf16* out16 = nullptr) {
     swiglu_check(cfg);
     HL_CHECK(N >= 0, "swiglu: bad row count N=", N);
-    if (N == 0) return;
+    if (N == 0) return out16;
     const int D = cfg.d_model, F = cfg.d_ff;
     if (!inp16) inp16 = bf16_operand(inp, size_t(N) * D, stream);  // (bf16 runs: rounded once for W1 and W3)
     const size_t NF = (size_t)N * F;
@@ -178,7 +180,8 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
         if (h16) swiglu_gate_forward(h16, h1_16, h3_16, NF, stream);
         else swiglu_gate_forward(acts.h, acts.h1, acts.h3, NF, stream);
     }
-    matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream, h16);  // (N, D)
+    matmul_forward(out, acts.h, p.w2, (const T*)nullptr, N, F, D, stream, h16, out16);  // (N, D)
+    return out16;
 }
 
 // dinp (N, D) is written; dp.w1, dp.w3, dp.w2 accumulate (+=). acts.dh, dh1, dh3 are workspace (not
@@ -186,14 +189,16 @@ void swiglu_forward(T* out, SwiGLUActs<T>& acts, const T* inp, const SwiGLUParam
 //   dh  = dout · W2                      dW2 += doutᵀ · h
 //   dh1 = dh ⊙ h3 ⊙ SiLU'(h1)            dh3 = dh ⊙ SiLU(h1)
 //   dinp = dh1 · W1 + dh3 · W3           dW1 += dh1ᵀ · inp,  dW3 += dh3ᵀ · inp
-// dout16: dout in bf16 for W2's GEMM (matmul_backward's), from its producer, or null.
+// dout16: dout in bf16 for W2's GEMM (matmul_backward's), from its producer, or null. dinp16 (bf16 runs; or null):
+// dinp's bf16 view, offered for where dinp comes out of one GEMM (W1·W3 fused): then written there in bf16 instead
+// and dinp16 returned; else null (dinp in fp32).
 template <typename T>
-void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>& acts, const T* inp,
-                     const SwiGLUParams<T>& p, const SwiGLUConfig& cfg, int N, cudaStream_t stream = 0,
-                     const bf16* inp16 = nullptr, const bf16* dout16 = nullptr) {
+const bf16* swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>& acts, const T* inp,
+                            const SwiGLUParams<T>& p, const SwiGLUConfig& cfg, int N, cudaStream_t stream = 0,
+                            const bf16* inp16 = nullptr, const bf16* dout16 = nullptr, bf16* dinp16 = nullptr) {
     swiglu_check(cfg);
     HL_CHECK(N >= 0, "swiglu: bad row count N=", N);
-    if (N == 0) return;
+    if (N == 0) return nullptr;
     const int D = cfg.d_model, F = cfg.d_ff;
     bf16 *h16 = bf16_view(acts.h), *dh1_16 = bf16_view(acts.dh1), *dh3_16 = bf16_view(acts.dh3);
     bf16 *h1_16 = bf16_view(acts.h1), *h3_16 = bf16_view(acts.h3), *dh16 = bf16_view(acts.dh);
@@ -204,13 +209,15 @@ void swiglu_backward(T* dinp, SwiGLUParams<T>& dp, const T* dout, SwiGLUActs<T>&
     if (swiglu_w13_fused(p, cfg)) {  // dh13 (N, 2F) = [dh1 dh3]; both products over K = 2F at once
         HL_CHECK(dp.w3 == dp.w1 + (size_t)F * D, "swiglu: the gradients' W3 does not follow W1 as the weights' does");
         swiglu_gate_backward(dh1_16, dh1_16 + F, dh16, h1_16, h1_16 + F, NF, stream, F, 2 * F);
-        matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, 2 * F, stream, false, inp16, dh1_16);
-        return;
+        matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, 2 * F, stream, false, inp16, dh1_16,
+                        dinp16);
+        return dinp16;
     }
     if (h16) swiglu_gate_backward(dh1_16, dh3_16, dh16, h1_16, h3_16, NF, stream);
     else swiglu_gate_backward(acts.dh1, acts.dh3, acts.dh, acts.h1, acts.h3, NF, stream);
     matmul_backward(dinp, dp.w1, (T*)nullptr, acts.dh1, inp, p.w1, N, D, F, stream, false, inp16, dh1_16);  // W1 path
     matmul_backward(dinp, dp.w3, (T*)nullptr, acts.dh3, inp, p.w3, N, D, F, stream, true, inp16, dh3_16);   // W3, added
+    return nullptr;
 }
 
 }  // namespace hl::gpu

@@ -132,7 +132,7 @@ TEST_CASE("gpu matmul with bf16 operands (tensor cores) equals the CPU on the bf
     }
 }
 
-TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight; dweight by partial sums) equals the CPU") {
+TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight; dweight by partial sums; dout in bf16) equals the CPU") {
     hl::Rng rng(102);
     // (no Cg = 1: there x̂ = ±1 up to eps and dinp is pure cancellation, ill-conditioned on the CPU as well)
     struct S { int N, G, Cg; };
@@ -201,11 +201,40 @@ TEST_CASE("gpu rmsnorm (plain and grouped, with and without weight; dweight by p
                 mismatch += __bfloat162float(got16[i]) != round_bf16_host(got[i]);
             INFO(tag, ": dinp16 differs from dinp rounded at ", mismatch, " elements");
             CHECK(mismatch == 0);
+            // dout16 (dout in bf16, as a GEMM writes the block's dn in bf16 runs): bitwise what the same call gives
+            // on dout's rounded values in fp32 (dinp, dinp16 and dweight, through dw_part and through the column sum)
+            DeviceBuffer<float> doutr;
+            to_dev(doutr, round_bf16_host(dout));
+            DeviceBuffer<hl::gpu::bf16> dout16;
+            TestBf16::take_bf16(dout16, ddout);  // (ddout poisoned: a read of it would show)
+            for (bool with_part : {true, false}) {
+                DeviceBuffer<float> ra, rb, pa, pb, wa, wb;
+                DeviceBuffer<hl::gpu::bf16> ia(x.size()), ib(x.size());
+                to_dev(ra, res); to_dev(rb, res); to_dev(wa, dw0); to_dev(wb, dw0);
+                alloc_poisoned(pa, hl::gpu::rmsnorm_dweight_part_size(s.N, s.G, s.Cg));
+                alloc_poisoned(pb, pa.n);
+                float* wa_ = with_weight ? wa.ptr : nullptr;
+                float* wb_ = with_weight ? wb.ptr : nullptr;
+                hl::gpu::rmsnorm_backward(ra.ptr, wa_, doutr.ptr, dx_.ptr, wpd, rstd_.ptr, s.N, s.G, s.Cg, 0, ra.ptr,
+                                          with_part ? pa.ptr : nullptr, ia.ptr);
+                hl::gpu::rmsnorm_backward(rb.ptr, wb_, (const float*)nullptr, dx_.ptr, wpd, rstd_.ptr, s.N, s.G, s.Cg,
+                                          0, rb.ptr, with_part ? pb.ptr : nullptr, ib.ptr, dout16.ptr);
+                INFO(tag, with_part ? " (dw_part)" : " (column sum)", ": dout16 against its values in fp32");
+                const bool same = from_dev(rb) == from_dev(ra) && from_dev(wb) == from_dev(wa);
+                const std::vector<hl::gpu::bf16> a16 = ia.download(), b16 = ib.download();
+                size_t diff16 = 0;
+                for (size_t i = 0; i < a16.size(); i++) diff16 += __bfloat162float(a16[i]) != __bfloat162float(b16[i]);
+                CHECK(same);
+                CHECK(diff16 == 0);
+                if (with_part)
+                    std::printf("  %-64s bitwise equal to its fp32 values: %s\n", (tag + " dout16").c_str(),
+                                same && diff16 == 0 ? "yes" : "NO");
+            }
         }
     }
 }
 
-TEST_CASE("gpu add_rmsnorm_forward (the block's residual add and norm in one pass) equals add then rmsnorm, bitwise") {
+TEST_CASE("gpu add_rmsnorm_forward (the block's residual add and norm in one pass) equals add then rmsnorm, bitwise; res in bf16 too") {
     hl::Rng rng(108);
     for (int D : {33, 1024, 2048}) {  // the warp kernel, then the wide-row one
         const int N = 37;
@@ -224,6 +253,23 @@ TEST_CASE("gpu add_rmsnorm_forward (the block's residual add and norm in one pas
         CHECK(from_dev(s2) == from_dev(s1));
         std::printf("  add_rmsnorm (%d,%d): sum, out, rstd bitwise equal to add then rmsnorm: %s\n", N, D,
                     from_dev(o2) == from_dev(o1) && from_dev(h2) == from_dev(h1) ? "yes" : "NO");
+        // res16 (the branch output in bf16, as its GEMM writes it in bf16 runs): bitwise the same call on its
+        // values in fp32; sum still fp32 (the residual stream), out in bf16 as the block takes it (out16)
+        DeviceBuffer<float> rr;
+        to_dev(rr, round_bf16_host(r));
+        DeviceBuffer<hl::gpu::bf16> r16, oa(n), ob(n);
+        TestBf16::take_bf16(r16, r_);  // (r_ poisoned)
+        hl::gpu::add_rmsnorm_forward(h1.ptr, o1.ptr, s1.ptr, x_.ptr, rr.ptr, w_.ptr, N, D, 1e-5f, 0, oa.ptr);
+        hl::gpu::add_rmsnorm_forward(h2.ptr, o2.ptr, s2.ptr, x_.ptr, (const float*)nullptr, w_.ptr, N, D, 1e-5f, 0,
+                                     ob.ptr, r16.ptr);
+        const std::vector<hl::gpu::bf16> a16 = oa.download(), b16 = ob.download();
+        size_t diff16 = 0;
+        for (size_t i = 0; i < n; i++) diff16 += __bfloat162float(a16[i]) != __bfloat162float(b16[i]);
+        CHECK(from_dev(h2) == from_dev(h1));
+        CHECK(from_dev(s2) == from_dev(s1));
+        CHECK(diff16 == 0);
+        std::printf("  add_rmsnorm (%d,%d) with res16: bitwise equal to res's bf16 values in fp32: %s\n", N, D,
+                    from_dev(h2) == from_dev(h1) && diff16 == 0 ? "yes" : "NO");
     }
 }
 
