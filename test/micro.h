@@ -1,10 +1,17 @@
 // micro.h — a micro model config (vocab 16, d_model 8) for whole-model tests: small enough that a
-// finite-difference check of every parameter runs in a fraction of a second.
+// finite-difference check of every parameter runs in a fraction of a second; and cached decoding checked against
+// the full forward on such a model.
 #pragma once
-#include <string>          // std::string
-#include <vector>          // std::vector
-#include "model/config.h"  // ModelConfig
-#include "model/fusion.h"  // parse_fusion
+#include <algorithm>          // std::max
+#include <cmath>              // std::fabs
+#include <optional>           // std::optional: step_vs_full's own state
+#include <string>             // std::string
+#include <vector>             // std::vector
+#include <doctest/doctest.h>  // CHECK
+#include "model/config.h"     // ModelConfig
+#include "model/fusion.h"     // parse_fusion
+#include "model/generate.h"   // InferenceState, model_step
+#include "model/model.h"      // Model
 
 namespace hl::test {
 
@@ -28,6 +35,35 @@ inline ModelConfig micro(const std::string& pattern, const std::string& fusion =
 
 inline void random_tokens(Rng& rng, std::vector<int>& v, int V) {
     for (int& t : v) t = int(rng.next() % uint64_t(V));
+}
+
+// Runs tokens (B, T) through the full forward and through model_step one position at a time (from *state when
+// given, a fresh InferenceState for m at B, T; else its own); returns the largest |difference| of any logit, and
+// (through max_logit) the largest |logit|, so a vacuous zero fails.
+inline double step_vs_full(Model<double>& m, const std::vector<int>& tok, int B, int T, double& max_logit,
+                           InferenceState<double>* state = nullptr) {
+    const int V = m.cfg.vocab_size;
+    m.forward(tok.data(), nullptr, B, T);
+    std::vector<double> full(m.logits, m.logits + (size_t)B * T * V);  // (B, T, V)
+    std::optional<InferenceState<double>> own;
+    if (!state) own.emplace(m, B, T);
+    InferenceState<double>& st = state ? *state : *own;
+    std::vector<double> logits((size_t)B * V);  // (B, V)
+    std::vector<int> col((size_t)B);
+    double worst = 0;
+    max_logit = 0;
+    for (int t = 0; t < T; t++) {
+        for (int b = 0; b < B; b++) col[size_t(b)] = tok[size_t(b) * T + t];
+        model_step(logits.data(), st, m, col.data());
+        for (int b = 0; b < B; b++)
+            for (int v = 0; v < V; v++) {
+                const double ref = full[((size_t)b * T + t) * V + v];
+                worst = std::max(worst, std::fabs(logits[(size_t)b * V + v] - ref));
+                max_logit = std::max(max_logit, std::fabs(ref));
+            }
+    }
+    CHECK(st.pos == T);
+    return worst;
 }
 
 }  // namespace hl::test

@@ -6,7 +6,7 @@
 #include <set>                 // std::set: the visible keys of a row, built independently of attn_visible
 #include <vector>              // std::vector
 #include "test/gradcheck.h"    // check_grad, randn, dot, max_abs_diff, randomize_for_gradcheck, doctest
-#include "test/micro.h"        // micro, random_tokens: a tiny whole model for cached decoding
+#include "test/micro.h"        // micro, random_tokens, step_vs_full: a tiny whole model for cached decoding
 #include "model/attention.h"   // attention_*, attn_*
 #include "model/generate.h"    // attn_cache, attn_step_scratch, attn_branch_step, InferenceState, model_step
 #include "model/model.h"       // Model
@@ -620,20 +620,8 @@ TEST_CASE("step-by-step logits equal the full forward with windowed attention la
     InferenceState<double> st(m, B, T);
     CHECK(st.layers[0].attn.len == 4);  // S + W = 1 + 3 slots, not T
     CHECK(st.layers[2].attn.len == 4);  // 2 + 2
-    std::vector<double> logits((size_t)B * V);
-    std::vector<int> col((size_t)B);
-    double worst = 0, max_logit = 0;
-    for (int t = 0; t < T; t++) {
-        for (int b = 0; b < B; b++) col[size_t(b)] = tok[size_t(b) * T + t];
-        model_step(logits.data(), st, m, col.data());
-        for (int b = 0; b < B; b++)
-            for (int v = 0; v < V; v++) {
-                const double ref = full[((size_t)b * T + t) * V + v];
-                worst = std::max(worst, std::fabs(logits[(size_t)b * V + v] - ref));
-                max_logit = std::max(max_logit, std::fabs(ref));
-            }
-    }
-    CHECK(worst < 1e-10);
+    double max_logit = 0;
+    CHECK(step_vs_full(m, tok, B, T, max_logit, &st) < 1e-10);
     CHECK(max_logit > 1e-2);
 
     // the window matters: without it the same weights give other logits after position W + S

@@ -11,23 +11,18 @@
 #include <string>             // std::string
 #include <vector>             // std::vector
 #include <doctest/doctest.h>  // TEST_CASE, CHECK
-#include "test/files.h"       // TempDir, read_bytes
+#include "test/files.h"       // TempDir, read_bytes, write_bytes
 #include "model/checkpoint.h" // Json, save_safetensors, load_safetensors, load_into
 #include "model/common.h"     // Arena, Rng, TensorInfo
 
 using namespace hl;
 using hl::test::TempDir;
 using hl::test::read_bytes;
+using hl::test::write_bytes;
 namespace fs = std::filesystem;
 
 namespace {
 
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::FILE* f = std::fopen(path.c_str(), "wb");
-    REQUIRE(f != nullptr);
-    REQUIRE(std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size());
-    std::fclose(f);
-}
 uint64_t le64(const std::string& b, size_t at) {
     uint64_t v = 0;
     for (int k = 0; k < 8; k++) v |= uint64_t(uint8_t(b[at + k])) << (8 * k);

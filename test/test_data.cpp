@@ -1,38 +1,19 @@
 // test_data.cpp — byte tokenizer, token files (text and llm.c .bin shards), train/val split, and the
 // random / sequential window loaders, including their errors on bad input.
 #include <cstdint>           // uint16_t, uint32_t, uint64_t
-#include <cstdio>            // std::FILE, std::fopen, std::fwrite
-#include <cstdlib>           // mkdtemp
-#include <filesystem>        // std::filesystem::remove_all: clean up the temp dir
 #include <set>               // std::set: which window starts were drawn
 #include <string>            // std::string
 #include <vector>            // std::vector
 #include <doctest/doctest.h>  // TEST_CASE, CHECK
 #include "data/loader.h"     // load_tokens, split_tokens, WindowLoader, eval_windows
 #include "data/tokenizer.h"  // ByteTokenizer
+#include "test/files.h"      // TempDir, write_bytes
 
 using namespace hl;
+using hl::test::TempDir;
+using hl::test::write_bytes;
 
 namespace {
-
-// A fresh directory under /tmp for the files a test writes, removed with everything in it.
-struct TempDir {
-    std::string path;
-    TempDir() {
-        char tmpl[] = "/tmp/hl_test_data_XXXXXX";
-        REQUIRE(mkdtemp(tmpl) != nullptr);
-        path = tmpl;
-    }
-    ~TempDir() { std::filesystem::remove_all(path); }
-    std::string file(const std::string& name) const { return path + "/" + name; }
-};
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::FILE* f = std::fopen(path.c_str(), "wb");
-    REQUIRE(f != nullptr);
-    REQUIRE(std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size());
-    std::fclose(f);
-}
 
 void put_le(std::string& out, uint64_t v, int nbytes) {
     for (int k = 0; k < nbytes; k++) out += char(uint8_t(v >> (8 * k)));

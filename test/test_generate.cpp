@@ -5,8 +5,8 @@
 #include <cmath>           // std::exp, std::fabs
 #include <string>          // std::string
 #include <vector>          // std::vector
-#include "test/gradcheck.h"
-#include "test/micro.h"     // micro: a tiny whole-model config    // randomize_for_gradcheck, max_abs_diff, doctest
+#include "test/gradcheck.h"  // randomize_for_gradcheck, max_abs_diff, doctest
+#include "test/micro.h"     // micro, step_vs_full: a tiny whole-model config, decoding against the full forward
 #include "model/generate.h"    // InferenceState, model_step, model_prefill, sample_token, generate_cached
 #include "model/model.h"       // Model, ModelConfig
 
@@ -24,30 +24,6 @@ void randomize(Model<double>& m, uint64_t seed) {
     randomize_for_gradcheck(m.tensors, m.params.data(), rng);
 }
 
-// Runs tokens (B, T) through the full forward and through model_step one position at a time; returns the
-// largest |difference| of any logit, and (through max_logit) the largest |logit|, so a vacuous zero fails.
-double step_vs_full(Model<double>& m, const std::vector<int>& tok, int B, int T, double& max_logit) {
-    const int V = m.cfg.vocab_size;
-    m.forward(tok.data(), nullptr, B, T);
-    std::vector<double> full(m.logits, m.logits + (size_t)B * T * V);  // (B, T, V)
-    InferenceState<double> st(m, B, T);
-    std::vector<double> logits((size_t)B * V);  // (B, V)
-    std::vector<int> col((size_t)B);
-    double worst = 0;
-    max_logit = 0;
-    for (int t = 0; t < T; t++) {
-        for (int b = 0; b < B; b++) col[size_t(b)] = tok[size_t(b) * T + t];
-        model_step(logits.data(), st, m, col.data());
-        for (int b = 0; b < B; b++)
-            for (int v = 0; v < V; v++) {
-                const double ref = full[((size_t)b * T + t) * V + v];
-                worst = std::max(worst, std::fabs(logits[(size_t)b * V + v] - ref));
-                max_logit = std::max(max_logit, std::fabs(ref));
-            }
-    }
-    CHECK(st.pos == T);
-    return worst;
-}
 
 }  // namespace
 

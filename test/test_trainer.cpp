@@ -15,22 +15,16 @@
 #include <string>             // std::string
 #include <vector>             // std::vector
 #include <doctest/doctest.h>  // TEST_CASE, CHECK
-#include "test/files.h"       // TempDir, read_bytes
+#include "test/files.h"       // TempDir, read_bytes, write_bytes
 #include "model/trainer.h"    // lr_at, build_config, train_step, eval_loss, save_run, load_run, generate, ...
 
 using namespace hl;
 using hl::test::TempDir;
 using hl::test::read_bytes;
+using hl::test::write_bytes;
 namespace fs = std::filesystem;
 
 namespace {
-
-void write_bytes(const std::string& path, const std::string& bytes) {
-    std::FILE* f = std::fopen(path.c_str(), "wb");
-    REQUIRE(f != nullptr);
-    REQUIRE(std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size());
-    std::fclose(f);
-}
 
 // The message of the hl::Error that f throws ("(no error)" if none).
 template <typename F>
