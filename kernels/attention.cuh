@@ -1115,13 +1115,15 @@ inline size_t attention_wgmma_smem_backward(int d_qk, int d_v) {  // both sm_90a
 // bf16 values of staging the tensor-core kernels need (Bf16Operands::stage, owned by the caller; 0 where the
 // fp32 kernels run): q, k, v and dout are rounded into it once per call, so that every tile the kernels stream is
 // already bf16 and 16-byte rows, copied asynchronously (cp.async), and is not re-rounded by every block that
-// reads it; with GQA (H > Hkv) it also holds the backward's per-query-head dk, dv shares (fp32, two bf16 slots
-// each). Rewritten by every call: one buffer serves all the layers of a model.
-inline size_t attention_tc_stage_size(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
+// reads it; with GQA (H > Hkv) it also holds the mma.sync backward's per-query-head dk, dv shares (fp32, two bf16
+// slots each), unless shares is false: the wgmma dk, dv kernel sums a kv head's group in its registers and takes
+// none (a model sizes its staging for the family it runs, attention_use_wgmma(): 134 MB less at 100m, B 8, T 2048).
+// Rewritten by every call: one buffer serves all the layers of a model.
+inline size_t attention_tc_stage_size(int B, int T_, int H, int Hkv, int d_qk, int d_v, bool shares = true) {
     if (!attention_tc_dims(d_qk, d_v)) return 0;
     const size_t n = (size_t)B * T_;
-    return n * (H + Hkv) * (d_qk + d_v)                        // q, k, v, dout
-           + (H > Hkv ? 2 * n * H * (d_qk + d_v) : 0);          // dk_part, dv_part (B, T, H, d_qk | d_v) floats
+    return n * (H + Hkv) * (d_qk + d_v)                                 // q, k, v, dout
+           + (shares && H > Hkv ? 2 * n * H * (d_qk + d_v) : 0);        // dk_part, dv_part (B, T, H, d_qk | d_v) floats
 }
 inline bf16* attention_tc_stage(size_t need) {
     const Bf16Operands* ops = current_bf16();
@@ -1737,11 +1739,14 @@ bool attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk, nv = (size_t)B * T_ * Hkv * d_v,
                  no = (size_t)B * T_ * H * d_v;
     bf16 *q16 = nullptr, *k16 = nullptr, *v16 = nullptr, *dout16 = nullptr;
-    float *dk_part = dk, *dv_part = dv;  // the dk, dv kernel's per-query-head shares (itself when H = Hkv)
+    // the mma.sync dk, dv kernel's per-query-head shares (dk, dv themselves when H = Hkv, and for the wgmma kernel,
+    // which sums the group in registers)
+    float *dk_part = dk, *dv_part = dv;
+    const bool wg = tc && attention_use_wgmma();
     if (tc) {
-        q16 = attention_tc_stage(attention_tc_stage_size(B, T_, H, Hkv, d_qk, d_v));
+        q16 = attention_tc_stage(attention_tc_stage_size(B, T_, H, Hkv, d_qk, d_v, /*shares=*/!wg));
         k16 = q16 + nq, v16 = k16 + nk, dout16 = v16 + nv;
-        if (H > Hkv) {  // after the bf16 tensors: 16-byte aligned, as every size here is a multiple of 64
+        if (H > Hkv && !wg) {  // after the bf16 tensors: 16-byte aligned, as every size here is a multiple of 64
             dk_part = reinterpret_cast<float*>(dout16 + no);
             dv_part = dk_part + nq;
         }
@@ -1790,13 +1795,11 @@ bool attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 kernel<<<grid, threads, smem, stream>>>(args...);
                 cudaCheckLast();
             };
-            const bool wg = attention_use_wgmma();
             // dq: a block per query head; dk, dv: likewise with mma.sync, per kv head (the group in turn) with wgmma.
             // The wgmma kernels take the tile from blockIdx.y, the heads from x (longest blocks first)
             const int tiles = ceil_div(T_, attn_tc::BKV);
             const dim3 grid_q = wg ? dim3(B * H, tiles) : dim3(tiles, B * H),
                        grid_kv = wg ? dim3(B * Hkv, tiles) : dim3(tiles, B * H);
-            if (wg) dk_part = dk, dv_part = dv;
             const size_t smem_tc = wg ? attention_wgmma_smem_backward(d_qk, d_v) : attention_tc_smem_backward(d_qk, d_v);
             const bf16 *cq = q16, *ck = k16, *cv = v16, *cdout = dout16;
             const float* cD = scratch_D;

@@ -392,6 +392,41 @@ TEST_CASE("gpu attention backward writing dq, dk, dv in bf16 for the qkv GEMM (A
     }
 }
 
+TEST_CASE("gpu attention staging without the mma.sync kernels' dk, dv shares: enough for the wgmma kernels, a clear "
+          "error for mma.sync") {
+    const int B = 2, T = 130, H = 4, Hkv = 2, d = 64;
+    using hl::gpu::attention_tc_stage_size;
+    const size_t full = attention_tc_stage_size(B, T, H, Hkv, d, d), lean = attention_tc_stage_size(B, T, H, Hkv, d, d, false);
+    CHECK(lean == size_t(B) * T * (H + Hkv) * 2 * d);  // q, k, v, dout only
+    CHECK(full == lean + 2 * size_t(B) * T * H * 2 * d);
+    CHECK(attention_tc_stage_size(B, T, H, H, d, d, false) == attention_tc_stage_size(B, T, H, H, d, d));  // no GQA
+    const size_t nq = (size_t)B * T * H * d, nk = (size_t)B * T * Hkv * d;
+    hl::Rng rng(79);
+    DeviceBuffer<float> q(nq), k(nk), v(nk), dout(nq), out(nq), lse((size_t)B * H * T),
+        D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, d, d)), dq(nq), dk(nk), dv(nk), dq2(nq), dk2(nk), dv2(nk);
+    q.upload(randn(rng, nq)), k.upload(randn(rng, nk)), v.upload(randn(rng, nk)), dout.upload(randn(rng, nq));
+    DeviceBuffer<__nv_bfloat16> big(full), small(lean);
+    hl::gpu::Bf16Operands ops;
+    auto run = [&](DeviceBuffer<__nv_bfloat16>& st, DeviceBuffer<float>& gq, DeviceBuffer<float>& gk,
+                   DeviceBuffer<float>& gv) {
+        ops.stage = st.ptr, ops.stage_n = st.n;
+        const hl::gpu::Bf16Scope scope(&ops);
+        hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, T, H, Hkv, d, d);
+        hl::gpu::attention_backward(gq.ptr, gk.ptr, gv.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B,
+                                    T, H, Hkv, d, d);
+    };
+    if (hl::gpu::attention_use_wgmma()) {  // the same gradients, bit for bit, from the lean staging
+        run(big, dq, dk, dv);
+        run(small, dq2, dk2, dv2);
+        CHECK(dq2.download() == dq.download());
+        CHECK(dk2.download() == dk.download());
+        CHECK(dv2.download() == dv.download());
+    }
+    hl::gpu::attention_wgmma_on = false;  // the mma.sync kernels need the shares: refused in one line, not overrun
+    CHECK_THROWS_AS(run(small, dq2, dk2, dv2), hl::Error);
+    hl::gpu::attention_wgmma_on = true;
+}
+
 TEST_CASE("gpu attention backward scratch: D alone, plus the sink chunks' partial sums for long windowed T") {
     using hl::gpu::attention_backward_scratch_size;
     CHECK(attention_backward_scratch_size(2, 1100, 6, 2, 64, 128) == size_t(2 * 6 * 1100));
