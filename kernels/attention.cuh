@@ -830,11 +830,14 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS)
 // Pᵀ and dSᵀ from registers and the query tile's rows read MN-major. As in the forward, every product is issued for
 // every half tile, a fully masked one too (P = 0: ptxas serialises asynchronous products behind branches), and P is
 // exponentiated while dPᵀ is still being multiplied.
+// dk16 (or null): dk and dv are written in bf16 instead, into the rows of ld16 elements at dk16 and dv16 (the qkv
+// GEMM's dout), dk turned back by RoPE from its table rope (store_rows_unrope_bf16).
 template <int DK, int DV>
 __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3 : 1)  // 4 spilled 256 bytes
     attention_backward_dkdv_wgmma_kernel(float* dk, float* dv, const bf16* dout, const float* lse,
                                          const float* Dr, const bf16* q, const bf16* k, const bf16* v, int T_, int H,
-                                         int Hkv, int window, int sink, float scale, float scale_log2) {
+                                         int Hkv, int window, int sink, float scale, float scale_log2, bf16* dk16,
+                                         bf16* dv16, size_t ld16, const float* rope) {
     using namespace attn;
     using namespace attn_tc;
     constexpr int QH = BS / 2;
@@ -934,6 +937,11 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3
         __syncthreads();  // this buffer is refilled next iteration
     }
     const float one[2] = {1.f, 1.f}, sc[2] = {scale, scale};
+    if (dk16) {
+        mma::store_rows_ld<DV>(dv16, ld16, dv_acc, one, b, jw, T_, g);
+        mma::store_rows_unrope_bf16<DK>(dk16, ld16, dk_acc, scale, b, jw, T_, g, rope);
+        return;
+    }
     mma::store_rows<DV>(dv, dv_acc, one, b, jw, T_, Hkv, g);
     mma::store_rows<DK>(dk, dk_acc, sc, b, jw, T_, Hkv, g);
 }
@@ -941,12 +949,13 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 3
 // dq on sm_90a (wgmma): attention_backward_dq_tc_kernel's blocks and loops (a block is one warpgroup: 64 queries),
 // its three products per half key tile as warpgroup products: S = Q Kᵀ and dP = dout Vᵀ with the block's own q and
 // dout rows and the streamed tiles all in swizzled shared memory, then dq += dS K with dS from registers and the key
-// tile read MN-major. Every product issued for every half tile, as above.
+// tile read MN-major. Every product issued for every half tile, as above. dq16 (or null): dq written in bf16
+// instead, turned back by RoPE, as the dk, dv kernel's dk16.
 template <int DK, int DV>
 __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 4 : 1)
     attention_backward_dq_wgmma_kernel(float* dq, const bf16* dout, const float* lse, const float* Dr, const bf16* q,
                                        const bf16* k, const bf16* v, int T_, int H, int Hkv, int window, int sink,
-                                       float scale, float scale_log2) {
+                                       float scale, float scale_log2, bf16* dq16, size_t ld16, const float* rope) {
     using namespace attn;
     using namespace attn_tc;
     constexpr int KH = BS / 2;
@@ -1042,6 +1051,10 @@ __global__ void __launch_bounds__(attn_tc::BWD_THREADS, DK == 64 && DV == 64 ? 4
         __syncthreads();  // this buffer is refilled next iteration
         kv0 = next;
     }
+    if (dq16) {
+        mma::store_rows_unrope_bf16<DK>(dq16, ld16, dq_acc, scale, b, qw, T_, h, rope);
+        return;
+    }
     const float sc[2] = {scale, scale};
     mma::store_rows<DK>(dq, dq_acc, sc, b, qw, T_, H, h);
 }
@@ -1102,13 +1115,15 @@ inline size_t attention_wgmma_smem_backward(int d_qk, int d_v) {  // both sm_90a
 // bf16 values of staging the tensor-core kernels need (Bf16Operands::stage, owned by the caller; 0 where the
 // fp32 kernels run): q, k, v and dout are rounded into it once per call, so that every tile the kernels stream is
 // already bf16 and 16-byte rows, copied asynchronously (cp.async), and is not re-rounded by every block that
-// reads it; with GQA (H > Hkv) it also holds the backward's per-query-head dk, dv shares (fp32, two bf16 slots
-// each). Rewritten by every call: one buffer serves all the layers of a model.
-inline size_t attention_tc_stage_size(int B, int T_, int H, int Hkv, int d_qk, int d_v) {
+// reads it; with GQA (H > Hkv) it also holds the mma.sync backward's per-query-head dk, dv shares (fp32, two bf16
+// slots each), unless shares is false: the wgmma dk, dv kernel sums a kv head's group in its registers and takes
+// none (a model sizes its staging for the family it runs, attention_use_wgmma(): 134 MB less at 100m, B 8, T 2048).
+// Rewritten by every call: one buffer serves all the layers of a model.
+inline size_t attention_tc_stage_size(int B, int T_, int H, int Hkv, int d_qk, int d_v, bool shares = true) {
     if (!attention_tc_dims(d_qk, d_v)) return 0;
     const size_t n = (size_t)B * T_;
-    return n * (H + Hkv) * (d_qk + d_v)                        // q, k, v, dout
-           + (H > Hkv ? 2 * n * H * (d_qk + d_v) : 0);          // dk_part, dv_part (B, T, H, d_qk | d_v) floats
+    return n * (H + Hkv) * (d_qk + d_v)                                 // q, k, v, dout
+           + (shares && H > Hkv ? 2 * n * H * (d_qk + d_v) : 0);        // dk_part, dv_part (B, T, H, d_qk | d_v) floats
 }
 inline bf16* attention_tc_stage(size_t need) {
     const Bf16Operands* ops = current_bf16();
@@ -1252,6 +1267,17 @@ struct AttnBf16In {
     const bf16* k = nullptr;     // (B, T, Hkv, d_qk)
     const bf16* dout = nullptr;  // (B, T, H, d_v)  backward only
     const bf16* v = nullptr;     // (B, T, Hkv, d_v)
+};
+
+// The backward's gradients in bf16, for a caller whose only use of them is as one GEMM's dout (the attention branch
+// under bf16 operands, wq, wk, wv packed): dq, dk, dv (B·T rows of ld elements, at their columns of the qkv GEMM's
+// dout), dq and dk turned back by RoPE (rope: rope_table's, of this T and d_qk, position 0 first).
+struct AttnGrad16 {
+    bf16* dq = nullptr;
+    bf16* dk = nullptr;
+    bf16* dv = nullptr;
+    size_t ld = 0;
+    const float* rope = nullptr;
 };
 
 // Whether attention_forward/backward at these sizes take AttnBf16In: the tensor-core kernels do every product.
@@ -1691,11 +1717,14 @@ inline size_t attention_backward_scratch_size(int B, int T_, int H, int Hkv, int
 // dq, dk, dv (shapes of q, k, v) are written — dk, dv summed over the query heads sharing each kv head.
 // scratch (attention_backward_scratch_size floats) starts with D (B, H, T) = rowsum(dout ⊙ out). lse (B, H, T)
 // and out are the forward's, made with the same window and sink.
+// g16 (or empty): where the warpgroup kernels take every product (sm_90a, no sink split), they write the gradients
+// there instead (AttnGrad16), and true is returned; else false, and dq, dk, dv are written as above (the caller turns
+// and rounds them). At 100m that spares dq, dk and dv in fp32 written and read back, and three launches (45 µs a layer).
 template <typename T>
-void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, const T* out, const float* lse,
+bool attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, const T* out, const float* lse,
                         const T* q, const T* k, const T* v, int B, int T_, int H, int Hkv, int d_qk, int d_v,
                         int window = 0, int sink = 0, cudaStream_t stream = 0, const bf16* out16 = nullptr,
-                        AttnBf16In in16 = {}) {
+                        AttnBf16In in16 = {}, const AttnGrad16& g16 = {}) {
     using namespace attn;
     attention_check_gpu(B, T_, H, Hkv, d_qk, d_v, window, sink);
     HL_CHECK((in16.q == nullptr && in16.k == nullptr && in16.v == nullptr && in16.dout == nullptr) ||
@@ -1710,11 +1739,14 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     const size_t nq = (size_t)B * T_ * H * d_qk, nk = (size_t)B * T_ * Hkv * d_qk, nv = (size_t)B * T_ * Hkv * d_v,
                  no = (size_t)B * T_ * H * d_v;
     bf16 *q16 = nullptr, *k16 = nullptr, *v16 = nullptr, *dout16 = nullptr;
-    float *dk_part = dk, *dv_part = dv;  // the dk, dv kernel's per-query-head shares (itself when H = Hkv)
+    // the mma.sync dk, dv kernel's per-query-head shares (dk, dv themselves when H = Hkv, and for the wgmma kernel,
+    // which sums the group in registers)
+    float *dk_part = dk, *dv_part = dv;
+    const bool wg = tc && attention_use_wgmma();
     if (tc) {
-        q16 = attention_tc_stage(attention_tc_stage_size(B, T_, H, Hkv, d_qk, d_v));
+        q16 = attention_tc_stage(attention_tc_stage_size(B, T_, H, Hkv, d_qk, d_v, /*shares=*/!wg));
         k16 = q16 + nq, v16 = k16 + nk, dout16 = v16 + nv;
-        if (H > Hkv) {  // after the bf16 tensors: 16-byte aligned, as every size here is a multiple of 64
+        if (H > Hkv && !wg) {  // after the bf16 tensors: 16-byte aligned, as every size here is a multiple of 64
             dk_part = reinterpret_cast<float*>(dout16 + no);
             dv_part = dk_part + nq;
         }
@@ -1746,7 +1778,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
     const SinkSplit split = sink_split(T_, window, sink);
     // which products the tensor-core kernels take (the tensor-core section): both under bf16 operands, except the
     // sink split's dk, dv, which stay with the fp32 kernel
-    bool tc_dq = false, tc_dkdv = false;
+    bool tc_dq = false, tc_dkdv = false, wrote16 = false;
     if constexpr (std::is_same_v<T, float>) {
         if (tc) {
             if (in16.q) q16 = const_cast<bf16*>(in16.q);  // (only read from here on)
@@ -1763,30 +1795,35 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
                 kernel<<<grid, threads, smem, stream>>>(args...);
                 cudaCheckLast();
             };
-            const bool wg = attention_use_wgmma();
             // dq: a block per query head; dk, dv: likewise with mma.sync, per kv head (the group in turn) with wgmma.
             // The wgmma kernels take the tile from blockIdx.y, the heads from x (longest blocks first)
             const int tiles = ceil_div(T_, attn_tc::BKV);
             const dim3 grid_q = wg ? dim3(B * H, tiles) : dim3(tiles, B * H),
                        grid_kv = wg ? dim3(B * Hkv, tiles) : dim3(tiles, B * H);
-            if (wg) dk_part = dk, dv_part = dv;
             const size_t smem_tc = wg ? attention_wgmma_smem_backward(d_qk, d_v) : attention_tc_smem_backward(d_qk, d_v);
             const bf16 *cq = q16, *ck = k16, *cv = v16, *cdout = dout16;
             const float* cD = scratch_D;
+            wrote16 = wg && tc_dkdv && g16.dq != nullptr;
+            HL_CHECK(!wrote16 || (g16.dk && g16.dv && g16.rope && d_qk % 2 == 0), "attention: incomplete AttnGrad16");
+            bf16 *dq16 = wrote16 ? g16.dq : nullptr, *dk16 = wrote16 ? g16.dk : nullptr;
             attention_tc_dispatch(d_qk, d_v, [&](auto dk_, auto dv_) {
                 constexpr int DK = decltype(dk_)::value, DV = decltype(dv_)::value;
-                auto launch_kernels = [&](auto dkdv_kernel, auto dq_kernel) {
+                if (wg) {
                     if (tc_dkdv)
-                        launch_tc(dkdv_kernel, grid_kv, attn_tc::BWD_THREADS, smem_tc, dk_part, dv_part, cdout, lse,
-                                  cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2);
-                    launch_tc(dq_kernel, grid_q, attn_tc::BWD_THREADS, smem_tc, dq, cdout, lse, cD, cq, ck, cv, T_, H,
-                              Hkv, window, sink, scale, scale_log2);
-                };
-                if (wg)
-                    launch_kernels(attention_backward_dkdv_wgmma_kernel<DK, DV>,
-                                   attention_backward_dq_wgmma_kernel<DK, DV>);
-                else
-                    launch_kernels(attention_backward_dkdv_tc_kernel<DK, DV>, attention_backward_dq_tc_kernel<DK, DV>);
+                        launch_tc(attention_backward_dkdv_wgmma_kernel<DK, DV>, grid_kv, attn_tc::BWD_THREADS, smem_tc,
+                                  dk_part, dv_part, cdout, lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale,
+                                  scale_log2, dk16, g16.dv, g16.ld, g16.rope);
+                    launch_tc(attention_backward_dq_wgmma_kernel<DK, DV>, grid_q, attn_tc::BWD_THREADS, smem_tc, dq,
+                              cdout, lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2, dq16, g16.ld,
+                              g16.rope);
+                    return;
+                }
+                if (tc_dkdv)
+                    launch_tc(attention_backward_dkdv_tc_kernel<DK, DV>, grid_kv, attn_tc::BWD_THREADS, smem_tc,
+                              dk_part, dv_part, cdout, lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale,
+                              scale_log2);
+                launch_tc(attention_backward_dq_tc_kernel<DK, DV>, grid_q, attn_tc::BWD_THREADS, smem_tc, dq, cdout,
+                          lse, cD, cq, ck, cv, T_, H, Hkv, window, sink, scale, scale_log2);
             });
             if (tc_dkdv && H > Hkv && !wg) {  // each kv head's dk, dv: the sum of its query heads' shares
                 HL_CHECK(vec4_aligned(dk, dv, (const float*)dk_part, (const float*)dv_part),
@@ -1838,6 +1875,7 @@ void attention_backward(T* dq, T* dk, T* dv, float* scratch, const T* dout, cons
         if (bq == 64) launch_q(attention_backward_dq_kernel<T, 64>);
         else launch_q(attention_backward_dq_kernel<T, 128>);
     }
+    return wrote16;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1956,8 +1994,23 @@ const bf16* attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const 
     const int N = B * T_, D = c.d_model, H = c.n_heads, Hkv = c.n_kv_heads;
     AttnBf16In in16 = attn_qk16(acts, c, T_);
     in16.dout = dy16;
-    gpu::attention_backward(acts.dq, acts.dk, acts.dv, acts.D, dy, acts.y, acts.lse, acts.q, acts.k, acts.v, B, T_,
-                            H, Hkv, c.d_qk, c.d_v, c.window, c.sink, stream, y16, in16);
+    // Under bf16 operands, with wq, wk, wv stored one after another (and their gradients likewise, as model_params
+    // lays them out), the three projections are one (H·d_qk + Hkv·(d_qk + d_v), D) weight: dq, dk, dv are written
+    // side by side into one bf16 dout d16, and two GEMMs (input and weight gradient) replace six, with no beta = 1
+    // passes over dinp (100m: 3 × 2 GEMMs of 71, 58, 49, 20, 48 and 20 µs, and their split-K reductions). The
+    // attention's own kernels write them there where they can (AttnGrad16: not with a gradient for v to add first)
+    const int Wq = H * c.d_qk, Wk = Hkv * c.d_qk, Wv = Hkv * c.d_v, Wqkv = Wq + Wk + Wv;
+    const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr;
+    const size_t WD = size_t(D);
+    const bool packed = p.wk == p.wq + Wq * WD && p.wv == p.wk + Wk * WD &&
+                        (dp.wq ? dp.wk == dp.wq + Wq * WD && dp.wv == dp.wk + Wk * WD : !dp.wk && !dp.wv);
+    bf16* d16 = ops && packed && size_t(N) * Wqkv <= ops->scratch_n ? gpu::bf16_dout_scratch<T>(size_t(N) * Wqkv)
+                                                                      : nullptr;
+    AttnGrad16 g16;
+    if (d16 && !dv_extra) g16 = {d16, d16 + Wq, d16 + Wq + Wk, size_t(Wqkv), acts.rope};
+    const bool wrote16 = gpu::attention_backward(acts.dq, acts.dk, acts.dv, acts.D, dy, acts.y, acts.lse, acts.q,
+                                                 acts.k, acts.v, B, T_, H, Hkv, c.d_qk, c.d_v, c.window, c.sink,
+                                                 stream, y16, in16, g16);
     if (dv_extra) gpu::accumulate(acts.dv, dv_extra, (size_t)N * Hkv * c.d_v, stream);
     // inp feeds three projections: the first input gradient goes straight into dinp, the other two are added to
     // it by their GEMMs (beta = 1: the CPU's order of the sum, without its dinp_part pass)
@@ -1965,27 +2018,20 @@ const bf16* attn_branch_backward(T* dinp, AttnParams<T>& dp, const T* dy, const 
     // undo the rotations: then dq, dk are gradients of the projections' outputs. Under bf16 operands each is
     // rotated straight into its GEMM's bf16 dout (bf16_dout_scratch), just before that GEMM
     auto q_k_backward = [&](T* d, int heads, T* dw, const T* w, bool accumulate_dinp) {
-        bf16* d16 = gpu::bf16_dout_scratch<T>((size_t)N * heads * c.d_qk);
-        if (d16) gpu::rope_backward(d16, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream, 0, acts.rope);
+        bf16* r16 = gpu::bf16_dout_scratch<T>((size_t)N * heads * c.d_qk);
+        if (r16) gpu::rope_backward(r16, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream, 0, acts.rope);
         else gpu::rope_backward(d, d, B, T_, heads, c.d_qk, c.rope_theta, 0, stream, 0, acts.rope);
         gpu::matmul_backward(dinp, dw, (T*)nullptr, d, inp, w, N, D, heads * c.d_qk, stream, accumulate_dinp, inp16,
-                             d16);
+                             r16);
     };
-    // Under bf16 operands, with wq, wk, wv stored one after another (and their gradients likewise, as model_params
-    // lays them out), the three projections are one (H·d_qk + Hkv·(d_qk + d_v), D) weight: dq, dk, dv are written
-    // side by side into one bf16 dout, and two GEMMs (input and weight gradient) replace six, with no beta = 1
-    // passes over dinp (100m: 3 × 2 GEMMs of 71, 58, 49, 20, 48 and 20 µs, and their split-K reductions)
-    const int Wq = H * c.d_qk, Wk = Hkv * c.d_qk, Wv = Hkv * c.d_v, Wqkv = Wq + Wk + Wv;
-    const Bf16Operands* ops = std::is_same_v<T, float> ? current_bf16() : nullptr;
-    const size_t WD = size_t(D);
-    const bool packed = p.wk == p.wq + Wq * WD && p.wv == p.wk + Wk * WD &&
-                        (dp.wq ? dp.wk == dp.wq + Wq * WD && dp.wv == dp.wk + Wk * WD : !dp.wk && !dp.wv);
-    if (ops && packed && size_t(N) * Wqkv <= ops->scratch_n) {
-        bf16* d16 = gpu::bf16_dout_scratch<T>(size_t(N) * Wqkv);
-        gpu::rope_backward(d16, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv), acts.rope);
-        gpu::rope_backward(d16 + Wq, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv), acts.rope);
-        gpu::round_bf16_rows(d16 + Wq + Wk, size_t(Wqkv), reinterpret_cast<const float*>(acts.dv), size_t(N), Wv,
-                             stream);
+    if (d16) {
+        if (!wrote16) {
+            gpu::rope_backward(d16, acts.dq, B, T_, H, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv), acts.rope);
+            gpu::rope_backward(d16 + Wq, acts.dk, B, T_, Hkv, c.d_qk, c.rope_theta, 0, stream, size_t(Wqkv),
+                               acts.rope);
+            gpu::round_bf16_rows(d16 + Wq + Wk, size_t(Wqkv), reinterpret_cast<const float*>(acts.dv), size_t(N), Wv,
+                                 stream);
+        }
         gpu::matmul_backward(dinp, dp.wq, (T*)nullptr, (const T*)nullptr, inp, p.wq, N, D, Wqkv, stream, false,
                              inp16, d16, dinp16);
         return dinp16;

@@ -177,19 +177,57 @@ __device__ inline void load_floats_async(float* dst, const float* src, int n, in
 __device__ inline void store_pair(float* p, float x, float y) { p[0] = x, p[1] = y; }
 __device__ inline void store_pair(bf16* p, float x, float y) { *reinterpret_cast<uint32_t*>(p) = pack_bf16(x, y); }
 
-// The 16 rows of a warp's accumulator tiles (16 × N) to rows r0 .. r0+15 of head `head` of a (B, T, heads, N)
-// fp32 (or bf16) tensor, row g scaled by mul[0] and row g+8 by mul[1]; rows ≥ T skipped.
+// The 16 rows of a warp's accumulator tiles (16 × N) to rows r0 .. r0+15 of head `head` of a (B·T, ld) fp32 (or
+// bf16) tensor whose rows hold the heads' N columns side by side, row g scaled by mul[0] and row g+8 by mul[1]; rows ≥
+// T skipped.
 template <int N, typename O>
-__device__ inline void store_rows(O* dst, const float (&acc)[N / 8][4], const float (&mul)[2], int b, int r0,
-                                  int T_, int heads, int head) {
+__device__ inline void store_rows_ld(O* dst, size_t ld, const float (&acc)[N / 8][4], const float (&mul)[2], int b,
+                                     int r0, int T_, int head) {
     const int lane = threadIdx.x % 32;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
         const int t = r0 + lane / 4 + 8 * half;
         if (t >= T_) continue;
-        O* row = dst + (((size_t)b * T_ + t) * heads + head) * N + 2 * (lane % 4);
+        O* row = dst + ((size_t)b * T_ + t) * ld + (size_t)head * N + 2 * (lane % 4);
 #pragma unroll
         for (int n = 0; n < N / 8; n++) store_pair(row + 8 * n, acc[n][2 * half] * mul[half], acc[n][2 * half + 1] * mul[half]);
+    }
+}
+
+// The same rows of a (B, T, heads, N) tensor (packed rows).
+template <int N, typename O>
+__device__ inline void store_rows(O* dst, const float (&acc)[N / 8][4], const float (&mul)[2], int b, int r0,
+                                  int T_, int heads, int head) {
+    store_rows_ld<N>(dst, (size_t)heads * N, acc, mul, b, r0, T_, head);
+}
+
+// store_rows_ld's rows, scaled by mul, turned back by RoPE (the rotation by −angle, "rotate half": column c pairs with
+// c + N/2) and written in bf16: the attention backward's dq and dk, straight into the bf16 dout of the qkv GEMM.
+// table: rope_table's (2, T, N/2) cosines, then sines. The same float products as rope_rotate_vec_kernel with sign −1
+// on the fp32 gradient store_rows would write. A lane's accumulator columns are 8n + 2·(lane % 4) + {0, 1}: column c
+// (n < N/16) and its partner c + N/2 (n + N/16) are in the same lane, so the turn takes no exchange.
+template <int N>
+__device__ inline void store_rows_unrope_bf16(bf16* dst, size_t ld, const float (&acc)[N / 8][4], float mul, int b,
+                                              int r0, int T_, int head, const float* table) {
+    constexpr int HALF = N / 2;
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int t = r0 + lane / 4 + 8 * half;
+        if (t >= T_) continue;
+        bf16* row = dst + ((size_t)b * T_ + t) * ld + (size_t)head * N;
+        const float* cos_t = table + (size_t)t * HALF;          // (N/2)
+        const float* sin_t = table + ((size_t)T_ + t) * HALF;  // (N/2)
+#pragma unroll
+        for (int n = 0; n < N / 16; n++) {
+            const int c = 8 * n + 2 * (lane % 4);
+            const float2 co = *reinterpret_cast<const float2*>(cos_t + c), si = *reinterpret_cast<const float2*>(sin_t + c);
+            const float x1a = acc[n][2 * half] * mul, x1b = acc[n][2 * half + 1] * mul;
+            const float x2a = acc[n + N / 16][2 * half] * mul, x2b = acc[n + N / 16][2 * half + 1] * mul;
+            const float sa = -si.x, sb = -si.y;
+            store_pair(row + c, x1a * co.x - x2a * sa, x1b * co.y - x2b * sb);
+            store_pair(row + c + HALF, x2a * co.x + x1a * sa, x2b * co.y + x1b * sb);
+        }
     }
 }
 

@@ -175,7 +175,8 @@ struct GpuModel {
     }
     // the two activation operands of any matmul of a (B, T) batch: rows ≤ B·T, width ≤ the widest parameter dim
     // rounded up to a multiple of 8 (Mamba-2's in_proj GEMMs run over in_proj_rows);
-    // then the tensor-core attention's staging, sized for the largest attention of any layer (layers take turns)
+    // then the tensor-core attention's staging, sized for the largest attention of any layer (layers take turns) and
+    // the kernel family this GPU runs (no per-head dk, dv shares under the wgmma kernels)
     void alloc_operand_scratch() {
         if (precision != Precision::bf16 || B == 0) return;
         int width = 0;
@@ -188,7 +189,7 @@ struct GpuModel {
             if (c.kind == 'A' || c.kind == 'H') {
                 const AttnConfig& ac = c.kind == 'A' ? c.attn : c.intra.attn;
                 ops.stage_n = std::max(ops.stage_n, attention_tc_stage_size(B, T_, ac.n_heads, ac.n_kv_heads,
-                                                                            ac.d_qk, ac.d_v));
+                                                                            ac.d_qk, ac.d_v, !attention_use_wgmma()));
             }
         operand_scratch.alloc(2 * ops.scratch_n + ops.stage_n);
         ops.a16 = operand_scratch.ptr, ops.b16 = operand_scratch.ptr + ops.scratch_n;

@@ -339,6 +339,94 @@ TEST_CASE("gpu attention with a bf16 output (the mixer's y under bf16): the fp32
     }
 }
 
+TEST_CASE("gpu attention backward writing dq, dk, dv in bf16 for the qkv GEMM (AttnGrad16): the fp32 gradients, "
+          "RoPE undone, rounded") {
+    // the packed dout the attention branch hands its qkv GEMM under bf16: (B·T, Wq + Wk + Wv), dq and dk turned back
+    // by RoPE. Reference: the fp32 backward, then rope_backward and round_bf16_rows as the branch does without it.
+    const int B = 2, T = 200, H = 4, Hkv = 2, d = 64;
+    const double theta = 10000.0;
+    for (int dv : {64, 128}) {
+        CAPTURE(dv);
+        const int N = B * T, Wq = H * d, Wk = Hkv * d, Wv = Hkv * dv, W = Wq + Wk + Wv;
+        const size_t nq = (size_t)N * H * d, nk = (size_t)N * Hkv * d, nv = (size_t)N * Hkv * dv, no = (size_t)N * H * dv;
+        hl::Rng rng(78);
+        auto host = [&](size_t n) { std::vector<float> v(n); rng.fill_normal(v.data(), n, 1.0); return v; };
+        DeviceBuffer<float> q(nq), k(nk), v(nv), dout(no), out(no), lse((size_t)B * H * T),
+            D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, d, dv)), dq(nq), dk(nk), dvv(nv), dq2(nq),
+            dk2(nk), dv2(nv), table((size_t)T * d);
+        q.upload(host(nq)), k.upload(host(nk)), v.upload(host(nv)), dout.upload(host(no));
+        DeviceBuffer<__nv_bfloat16> stage(hl::gpu::attention_tc_stage_size(B, T, H, Hkv, d, dv)), want16((size_t)N * W),
+            got16((size_t)N * W);
+        cudaCheck(cudaMemset(got16.ptr, 0xFF, got16.n * sizeof(__nv_bfloat16)));
+        hl::gpu::rope_table(table.ptr, T, d, theta);
+        hl::gpu::Bf16Operands ops;
+        ops.stage = stage.ptr, ops.stage_n = stage.n;
+        const hl::gpu::Bf16Scope scope(&ops);
+        hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, T, H, Hkv, d, dv);
+        CHECK(!hl::gpu::attention_backward(dq.ptr, dk.ptr, dvv.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr, q.ptr, k.ptr,
+                                           v.ptr, B, T, H, Hkv, d, dv));
+        hl::gpu::rope_backward(want16.ptr, dq.ptr, B, T, H, d, theta, 0, 0, size_t(W), table.ptr);
+        hl::gpu::rope_backward(want16.ptr + Wq, dk.ptr, B, T, Hkv, d, theta, 0, 0, size_t(W), table.ptr);
+        hl::gpu::round_bf16_rows(want16.ptr + Wq + Wk, size_t(W), dvv.ptr, size_t(N), Wv);
+        poison(dq2), poison(dk2), poison(dv2);
+        const hl::gpu::AttnGrad16 g16{got16.ptr, got16.ptr + Wq, got16.ptr + Wq + Wk, size_t(W), table.ptr};
+        const bool wrote = hl::gpu::attention_backward(dq2.ptr, dk2.ptr, dv2.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr,
+                                                       q.ptr, k.ptr, v.ptr, B, T, H, Hkv, d, dv, 0, 0, 0, nullptr, {},
+                                                       g16);
+        CHECK(wrote == hl::gpu::attention_use_wgmma());  // the warpgroup kernels write it (sm_90a), else the caller
+        if (!wrote) continue;
+        const std::vector<__nv_bfloat16> w16 = want16.download(), g = got16.download();
+        std::vector<float> wf(w16.size()), gf(g.size());
+        size_t exact = 0, far = 0;
+        for (size_t i = 0; i < g.size(); i++) {
+            wf[i] = __bfloat162float(w16[i]), gf[i] = __bfloat162float(g[i]);
+            exact += wf[i] == gf[i];
+            // (the turn's products may fuse differently in the two kernels: one bf16 step apart at most)
+            far += !(std::fabs(gf[i] - wf[i]) <= std::ldexp(std::fabs(wf[i]), -7));
+        }
+        std::printf("attention backward into the bf16 qkv dout, d_v=%3d: %zu of %zu equal to the unfused path's, %zu "
+                    "more than one bf16 step away (rel err %.2e)\n", dv, exact, g.size(), far, rel_err(gf, wf));
+        CHECK(far == 0);
+        CHECK(exact >= g.size() * 99 / 100);
+        CHECK(rel_err(gf, wf) <= 1e-3);
+    }
+}
+
+TEST_CASE("gpu attention staging without the mma.sync kernels' dk, dv shares: enough for the wgmma kernels, a clear "
+          "error for mma.sync") {
+    const int B = 2, T = 130, H = 4, Hkv = 2, d = 64;
+    using hl::gpu::attention_tc_stage_size;
+    const size_t full = attention_tc_stage_size(B, T, H, Hkv, d, d), lean = attention_tc_stage_size(B, T, H, Hkv, d, d, false);
+    CHECK(lean == size_t(B) * T * (H + Hkv) * 2 * d);  // q, k, v, dout only
+    CHECK(full == lean + 2 * size_t(B) * T * H * 2 * d);
+    CHECK(attention_tc_stage_size(B, T, H, H, d, d, false) == attention_tc_stage_size(B, T, H, H, d, d));  // no GQA
+    const size_t nq = (size_t)B * T * H * d, nk = (size_t)B * T * Hkv * d;
+    hl::Rng rng(79);
+    DeviceBuffer<float> q(nq), k(nk), v(nk), dout(nq), out(nq), lse((size_t)B * H * T),
+        D(hl::gpu::attention_backward_scratch_size(B, T, H, Hkv, d, d)), dq(nq), dk(nk), dv(nk), dq2(nq), dk2(nk), dv2(nk);
+    q.upload(randn(rng, nq)), k.upload(randn(rng, nk)), v.upload(randn(rng, nk)), dout.upload(randn(rng, nq));
+    DeviceBuffer<__nv_bfloat16> big(full), small(lean);
+    hl::gpu::Bf16Operands ops;
+    auto run = [&](DeviceBuffer<__nv_bfloat16>& st, DeviceBuffer<float>& gq, DeviceBuffer<float>& gk,
+                   DeviceBuffer<float>& gv) {
+        ops.stage = st.ptr, ops.stage_n = st.n;
+        const hl::gpu::Bf16Scope scope(&ops);
+        hl::gpu::attention_forward(out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B, T, H, Hkv, d, d);
+        hl::gpu::attention_backward(gq.ptr, gk.ptr, gv.ptr, D.ptr, dout.ptr, out.ptr, lse.ptr, q.ptr, k.ptr, v.ptr, B,
+                                    T, H, Hkv, d, d);
+    };
+    if (hl::gpu::attention_use_wgmma()) {  // the same gradients, bit for bit, from the lean staging
+        run(big, dq, dk, dv);
+        run(small, dq2, dk2, dv2);
+        CHECK(dq2.download() == dq.download());
+        CHECK(dk2.download() == dk.download());
+        CHECK(dv2.download() == dv.download());
+    }
+    hl::gpu::attention_wgmma_on = false;  // the mma.sync kernels need the shares: refused in one line, not overrun
+    CHECK_THROWS_AS(run(small, dq2, dk2, dv2), hl::Error);
+    hl::gpu::attention_wgmma_on = true;
+}
+
 TEST_CASE("gpu attention backward scratch: D alone, plus the sink chunks' partial sums for long windowed T") {
     using hl::gpu::attention_backward_scratch_size;
     CHECK(attention_backward_scratch_size(2, 1100, 6, 2, 64, 128) == size_t(2 * 6 * 1100));
