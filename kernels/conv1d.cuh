@@ -3,6 +3,7 @@
 //   pre[t, c] = bias[c] + Σ_{k<K} w[c, k] · inp[t − (K−1) + k, c]      out = SiLU(pre)
 // Shapes: inp, pre, out, dout, dinp (B, T, C)   w (C, K)   bias (C). inp and dinp may be C columns of wider rows,
 // out and dout split by column into up to three tensors (ConvColumns): what Mamba-2 reads and writes in place.
+// inp may be bf16 (IT) and dinp bf16 (DT) under T = float: Mamba-2's in_proj output and its gradient in bf16 runs.
 //
 // Mapping shared by the kernels: threads run along channels (consecutive threads, consecutive c: every
 // warp access is one contiguous 128-byte row segment), and each thread walks a run of consecutive time
@@ -71,8 +72,8 @@ void conv1d_dispatch_k(int K, F&& f) {
 
 // grid: x over ceil(C / 128) channel blocks, y over (b, time tile of 32) pairs (grid-stride in y);
 // block: 128 threads along channels. Thread (c, b, tile) slides a K-window over times t0 … t0+31.
-template <int K, typename T>
-__global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, T* pre, const T* inp, const T* w, const T* bias, int B,
+template <int K, typename T, typename IT>
+__global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, T* pre, const IT* inp, const T* w, const T* bias, int B,
                                            int T_, int C, int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -117,9 +118,9 @@ __global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, T* pre, const T* 
 
 // out and pre (saved for the backward) are written. ld: the row stride of inp (0: C, dense rows); a larger one
 // reads the C channels out of wider rows in place (Mamba-2's x, B, C columns of its in_proj output). out: a dense
-// (B, T, C) tensor, or its columns split over up to three tensors (ConvColumns).
-template <typename T>
-void conv1d_silu_forward(const ConvColumns<T>& out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_,
+// (B, T, C) tensor, or its columns split over up to three tensors (ConvColumns). inp: T, or bf16 under T = float.
+template <typename T, typename IT>
+void conv1d_silu_forward(const ConvColumns<T>& out, T* pre, const IT* inp, const T* w, const T* bias, int B, int T_,
                          int C, int K, cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
@@ -204,9 +205,9 @@ __global__ void conv1d_silu_dinp_kernel(DT* dinp, ConvColumns<const T> dout, con
 // The first version had one block per 8 channels walking all rows (64 lanes of 256 rows each): too few threads at
 // the 100m width, and a warp's loads were four 32-byte pieces. At the 1B width on an H200 (dev/cuda/conv1d.cu)
 // it took 0.60 ms, this one 0.32 ms (0.19 ms at the 100m width).
-template <int K, typename T>
+template <int K, typename T, typename IT>
 __global__ void __launch_bounds__(CONV_DW_CH * CONV_DW_LANES)
-conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const T* pre, const T* inp, int B, int T_, int C,
+conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const T* pre, const IT* inp, int B, int T_, int C,
                            int ld) {
     __shared__ float red[K + 1][CONV_DW_LANES][CONV_DW_CH];
     const int tx = threadIdx.x, ty = threadIdx.y, c = blockIdx.x * CONV_DW_CH + tx;
@@ -290,9 +291,10 @@ inline size_t conv1d_backward_scratch_size(int B, int T_, int C, int K) {
 
 // dinp is written; dw and dbias accumulate (+=). scratch: conv1d_backward_scratch_size(B, T, C, K) floats,
 // caller-owned. ld: the row stride of inp and dinp (0: C), as in the forward; dout dense or split (ConvColumns).
-// dinp may be bf16 under T = float (DT): Mamba-2 writes it straight into its in_proj GEMM's bf16 dout.
-template <typename T, typename DT>
-void conv1d_silu_backward(DT* dinp, T* dw, T* dbias, const ConvColumns<const T>& dout, const T* pre, const T* inp,
+// dinp may be bf16 under T = float (DT): Mamba-2 writes it straight into its in_proj GEMM's bf16 dout; and inp (IT),
+// as in the forward.
+template <typename T, typename DT, typename IT>
+void conv1d_silu_backward(DT* dinp, T* dw, T* dbias, const ConvColumns<const T>& dout, const T* pre, const IT* inp,
                           const T* w, int B, int T_, int C, int K, float* scratch, cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");

@@ -11,6 +11,9 @@
 //   g = y ⊙ SiLU(z)                           mamba2_gate_forward_kernel
 //   mixer: gn = RMSNorm_grouped(g) · norm_w, out = out_proj · gn    kernels/rmsnorm.cuh, cuBLAS; on wide groups
 //          the gate and the norm are one kernel (mamba2_gate_norm_forward_kernel), g not stored
+// Under bf16 operands in_proj's output zxbcdt comes out of its GEMM in bf16 (as autocast keeps it), in half the
+// memory: its readers (the conv, the dt split, the gate or the fused gate and norm, and in the backward the gate, the
+// dt gradient and the conv's weight gradient) are templated on its type Z and take it through mamba2_zxbcdt.
 // in_proj's output and its gradient are (B, T, LD) with LD = in_proj_rows(), d_in_proj rounded up to a multiple of
 // 8: its GEMMs run over the parameter layout's extra rows after in_proj (model/mamba2.h), whose output columns
 // nothing reads, and whose gradient columns the dt backward writes as zeros (so they add nothing to the input's
@@ -48,7 +51,7 @@ template <typename T>
 struct GpuMamba2Acts {
     // forward, saved for the backward
     T* zxbcdt = nullptr;         // (B, T, LD)         in_proj output [z, xBC, dt_raw, pad] ([z, BC, dt_raw, pad] if
-                                 //                    shared_x); LD = in_proj_rows()
+                                 //                    shared_x); LD = in_proj_rows(); bf16 only in bf16 runs
     T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C], gathered with a shared x only
     T* conv_pre = nullptr;       // (B, T, conv_dim)   conv output before SiLU
     T* x = nullptr;              // (B, T, H, P)       the scan's inputs: the conv's output columns (no xBC tensor)
@@ -89,7 +92,7 @@ bool mamba2_gate_norm_fused(const Mamba2Config& c) {
 
 // Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU: one float arena
 // holds the element tensors and the fp32 statistics alike; under a Bf16Scope (the one the layer will run in) the
-// mixer's gn, held only in bf16, takes half the floats.
+// tensors held only in bf16, zxbcdt and the mixer's gn, take half the floats.
 // mixer: the M block's mixer (the gated norm's tensors; g only where its gate and norm are not fused), else the
 // intra-layer block's branch (g, its output, and none of the norm's).
 inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_, bool mixer) {
@@ -100,7 +103,8 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     const size_t scratch = ssd_chunked_backward_scratch_size(B, T_, H, P, G, N, c.chunk);
     HL_CHECK(scratch < (size_t)INT_MAX, "mamba2 activations (gpu): SSD scratch of ", scratch, " floats is too large");
     GpuMamba2Acts<float> x;
-    x.zxbcdt = a.take("zxbcdt", {B, T_, c.in_proj_rows()});
+    const bool b16 = current_bf16() != nullptr;
+    x.zxbcdt = a.take("zxbcdt", bf16_only_shape({B, T_, c.in_proj_rows()}, b16));  // (bf16: zxbcdt16 only)
     if (c.shared_x) x.conv_in = a.take("conv_in", {B, T_, CD});  // else the conv reads zxbcdt in place
     x.conv_pre = a.take("conv_pre", {B, T_, CD});
     x.x = a.take("x", {B, T_, H, P});
@@ -112,7 +116,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.y = a.take("y", {B, T_, H, P});
     if (!mixer || !mamba2_gate_norm_fused<float>(c)) x.g = a.take("g", {B, T_, c.d_inner});
     if (mixer) {
-        x.gn = a.take("gn", bf16_only_shape({B, T_, c.d_inner}, current_bf16() != nullptr));  // (bf16: gn16 only)
+        x.gn = a.take("gn", bf16_only_shape({B, T_, c.d_inner}, b16));  // (bf16: gn16 only)
         x.rstd = a.take("rstd", {B, T_, G});
         x.dgn = a.take_scratch("dgn", {B, T_, c.d_inner});
         x.dg = a.take_scratch("dg", {B, T_, c.d_inner});
@@ -130,6 +134,14 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     return x;
 }
 
+// Calls f with in_proj's output as its readers take it: its bf16_view under bf16 operands (the GEMM writes it so),
+// else the T tensor. Each reader is one instantiation over Z = T or bf16.
+template <typename T, typename F>
+void mamba2_zxbcdt(T* zxbcdt, F&& f) {
+    if (const bf16* z16 = bf16_view(zxbcdt)) f(z16);
+    else f(static_cast<const T*>(zxbcdt));
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise kernels of the branch. All grid-stride with one thread per element of a (rows, cols) view,
 // index i = r·cols + col: consecutive threads read and write consecutive columns of a row (coalesced; the
@@ -139,15 +151,15 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
 
 // conv_in (rows, CD) = [x, B, C]: columns [DI, DI+CD) of zxbcdt (rows, LD), or with x_shared (rows, DI)
 // non-null, x from x_shared and B, C from columns [DI, DI+2GN) of zxbcdt (which then has no x columns).
-template <typename T>
-__global__ void mamba2_conv_in_kernel(T* conv_in, const T* zxbcdt, const T* x_shared, int rows, int DI, int CD,
+template <typename T, typename Z>
+__global__ void mamba2_conv_in_kernel(T* conv_in, const Z* zxbcdt, const T* x_shared, int rows, int DI, int CD,
                                       int LD) {
     const size_t total = (size_t)rows * CD;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         const size_t r = i / CD;
         const int col = (int)(i % CD);
-        const T* zr = zxbcdt + r * LD;
-        conv_in[i] = x_shared ? (col < DI ? x_shared[r * DI + col] : zr[col]) : zr[DI + col];
+        const Z* zr = zxbcdt + r * LD;
+        conv_in[i] = x_shared ? (col < DI ? x_shared[r * DI + col] : T(float(zr[col]))) : T(float(zr[DI + col]));
     }
 }
 
@@ -156,8 +168,8 @@ __global__ void mamba2_conv_in_kernel(T* conv_in, const T* zxbcdt, const T* x_sh
 // One launch over rows·(CD + H) elements: columns col < CD are the split, col ≥ CD the dt of head col − CD
 // (the first H threads of the grid-stride loop also do A). With xBC null only dt and A (rows·H elements): the
 // training path's conv wrote x, B and C itself (ConvColumns); cached decoding splits here.
-template <typename T>
-__global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xBC, const T* zxbcdt,
+template <typename T, typename Z>
+__global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xBC, const Z* zxbcdt,
                                     const T* dt_bias, const T* A_log, int rows, int DI, int GN, int H, int LD,
                                     int dt_off) {
     const int CD = DI + 2 * GN, C0 = xBC ? 0 : CD, W = CD - C0 + H;
@@ -179,8 +191,8 @@ __global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xB
 
 // g (rows, DI) = y ⊙ SiLU(z), z = columns [0, DI) of zxbcdt (rows, LD). Four elements a thread on [0, 4·n4)
 // (mamba2_gate_vec4: then DI and LD are multiples of 4, so a group of four lies in one row), one on the rest.
-template <typename T>
-__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const T* zxbcdt, int rows, int DI, int LD, size_t n4) {
+template <typename T, typename Z>
+__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const Z* zxbcdt, int rows, int DI, int LD, size_t n4) {
     const size_t total = (size_t)rows * DI;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     auto gate = [](float yv, float z) { return yv * dev_silu(z); };
@@ -197,8 +209,8 @@ __global__ void mamba2_gate_forward_kernel(T* g, const T* y, const T* zxbcdt, in
 
 // Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI), and dz = dg ⊙ y ⊙ SiLU'(z) straight into the z columns
 // of dzxbcdt (rows, LD). Same mapping as the forward.
-template <typename T>
-__global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows,
+template <typename T, typename Z>
+__global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, const T* y, const Z* zxbcdt, int rows,
                                             int DI, int LD, size_t n4) {
     const size_t total = (size_t)rows * DI;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
@@ -223,15 +235,15 @@ template <typename... P>
 size_t mamba2_gate_vec4(int rows, int DI, int LD, const P*... p) {
     return DI % 4 == 0 && LD % 4 == 0 ? vec4_count((size_t)rows * DI, p...) : 0;
 }
-template <typename T>
-void mamba2_gate_forward(T* g, const T* y, const T* zxbcdt, int rows, int DI, int LD, cudaStream_t stream) {
+template <typename T, typename Z>
+void mamba2_gate_forward(T* g, const T* y, const Z* zxbcdt, int rows, int DI, int LD, cudaStream_t stream) {
     const size_t n4 = mamba2_gate_vec4(rows, DI, LD, g, y, zxbcdt);
     mamba2_gate_forward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
         g, y, zxbcdt, rows, DI, LD, n4);
     cudaCheckLast();
 }
-template <typename T>
-void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* zxbcdt, int rows, int DI, int LD,
+template <typename T, typename Z>
+void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const Z* zxbcdt, int rows, int DI, int LD,
                           cudaStream_t stream) {
     const size_t n4 = mamba2_gate_vec4(rows, DI, LD, dy, dzxbcdt, dg, y, zxbcdt);
     mamba2_gate_backward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
@@ -241,8 +253,8 @@ void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const T* z
 
 // The dt_raw gradient at (r, h), as mamba2_dt_backward_kernel writes it: colsum takes dt_bias's gradient from it
 // (recomputed, not read back: under bf16 the kernel writes it rounded, for the GEMM only).
-template <typename T>
-__device__ __forceinline__ float mamba2_dt_grad(const T* ddt, const T* zxbcdt, const T* dt_bias, size_t r, int h, int H,
+template <typename T, typename Z>
+__device__ __forceinline__ float mamba2_dt_grad(const T* ddt, const Z* zxbcdt, const T* dt_bias, size_t r, int h, int H,
                                                 int LD, int dt_off) {
     return float(ddt[r * H + h]) * dev_sigmoid(float(zxbcdt[r * LD + dt_off + h]) + float(dt_bias[h]));
 }
@@ -251,8 +263,8 @@ __device__ __forceinline__ float mamba2_dt_grad(const T* ddt, const T* zxbcdt, c
 // in_proj GEMM) get ddt · σ(dt_raw + dt_bias) (rows, H), and the pad columns after them (up to LD) zeros, which the
 // GEMM reads. The first H threads also finish A = −exp(A_log): dA_log += dA · A. (dt_bias's gradient is the column
 // sum of the same values: colsum with Mamba2DtGradTerm.)
-template <typename T, typename O>
-__global__ void mamba2_dt_backward_kernel(O* dzxbcdt, T* dA_log, const T* ddt, const T* zxbcdt, const T* dt_bias,
+template <typename T, typename O, typename Z>
+__global__ void mamba2_dt_backward_kernel(O* dzxbcdt, T* dA_log, const T* ddt, const Z* zxbcdt, const T* dt_bias,
                                           const T* dA, const T* A, int rows, int H, int LD, int dt_off) {
     const int W = LD - dt_off;  // dt columns and pads
     const size_t total = (size_t)rows * W;
@@ -266,9 +278,11 @@ __global__ void mamba2_dt_backward_kernel(O* dzxbcdt, T* dA_log, const T* ddt, c
 }
 
 // f(r, h) = mamba2_dt_grad at (r, h): colsum's term for dt_bias.
-template <typename T>
+template <typename T, typename Z>
 struct Mamba2DtGradTerm {
-    const T *ddt, *zxbcdt, *dt_bias;
+    const T* ddt;
+    const Z* zxbcdt;
+    const T* dt_bias;
     int H, LD, dt_off;
     __device__ float operator()(int r, int h) const {
         return mamba2_dt_grad(ddt, zxbcdt, dt_bias, r, h, H, LD, dt_off);
@@ -308,32 +322,36 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
     const int rows = B * T_, D = c.d_model, DI = c.d_inner, H = c.nheads(), GN = c.ngroups * c.d_state;
     const int CD = c.conv_dim(), LD = c.in_proj_rows(), dt_off = c.d_in_proj() - H;
 
-    // [z, xBC, dt_raw, pad] = in_proj · u (the pad columns from the parameter layout's gap rows: not read)
-    gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, LD, stream, inp16);
-    // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's
-    // output (rows LD apart), gathered first only with a shared x (x from x_shared, B and C from in_proj); it writes
-    // its output's column ranges straight into the scan's x, B and C
-    const ConvColumns<T> xbc(acts.x, DI, DI, acts.Bm, DI + GN, GN, acts.Cm, CD, GN);
-    if (x_shared) {
-        mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(acts.conv_in, acts.zxbcdt,
-                                                                                             x_shared, rows, DI, CD, LD);
+    // [z, xBC, dt_raw, pad] = in_proj · u (the pad columns from the parameter layout's gap rows: not read); in bf16
+    // under bf16 operands (zx below)
+    gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, LD, stream, inp16,
+                        gpu::bf16_view(acts.zxbcdt));
+    mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {
+        // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's
+        // output (rows LD apart), gathered first only with a shared x (x from x_shared, B and C from in_proj); it
+        // writes its output's column ranges straight into the scan's x, B and C
+        const ConvColumns<T> xbc(acts.x, DI, DI, acts.Bm, DI + GN, GN, acts.Cm, CD, GN);
+        if (x_shared) {
+            mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
+                acts.conv_in, zx, x_shared, rows, DI, CD, LD);
+            cudaCheckLast();
+            gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv,
+                                     stream);
+        } else {
+            gpu::conv1d_silu_forward(xbc, acts.conv_pre, zx + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream, LD);
+        }
+        // dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
+        mamba2_split_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
+            acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, (const T*)nullptr, zx, p.dt_bias, p.A_log, rows, DI, GN, H, LD,
+            dt_off);
         cudaCheckLast();
-        gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
-    } else {
-        gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.zxbcdt + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream,
-                                 LD);
-    }
-    // dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
-    mamba2_split_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
-        acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, (const T*)nullptr, acts.zxbcdt, p.dt_bias, p.A_log, rows, DI, GN, H,
-        LD, dt_off);
-    cudaCheckLast();
-    // y = SSD(x, dt, A, B, C) + D·x from a zero state
-    gpu::ssd_chunked_forward(acts.y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
-                             (const T*)nullptr, (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
-                             stream);
-    // g = y ⊙ SiLU(z)
-    if (gate) mamba2_gate_forward(acts.g, acts.y, acts.zxbcdt, rows, DI, LD, stream);
+        // y = SSD(x, dt, A, B, C) + D·x from a zero state
+        gpu::ssd_chunked_forward(acts.y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
+                                 (const T*)nullptr, (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
+                                 stream);
+        // g = y ⊙ SiLU(z)
+        if (gate) mamba2_gate_forward(acts.g, acts.y, zx, rows, DI, LD, stream);
+    });
 }
 
 // Backward of the branch, given dg (B, T, d_inner), the gradient of acts.g. dinp (B, T, d_model) is written;
@@ -357,40 +375,44 @@ const bf16* mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, c
     const int rows = B * T_, D = c.d_model, DI = c.d_inner, H = c.nheads(), GN = c.ngroups * c.d_state;
     const int CD = c.conv_dim(), LD = c.in_proj_rows(), dt_off = c.d_in_proj() - H;
 
-    // g = y ⊙ SiLU(z)  →  dy, and dz into dzxbcdt
-    if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, acts.y, acts.zxbcdt, rows, DI, LD, stream);
-    // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
-    cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
-    gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr, acts.ssd_scratch,
-                              acts.dy, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm,
-                              p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
-    // dt = softplus(dt_raw + dt_bias) → the dt_raw columns of dzxbcdt (and zeros in its pad columns);
-    // A = −exp(A_log) → dA_log += dA · A
-    auto dt_backward = [&](auto* dst) {
-        mamba2_dt_backward_kernel<<<elementwise_grid((size_t)rows * (LD - dt_off), 256), 256, 0, stream>>>(
-            dst, dp.A_log, acts.ddt, acts.zxbcdt, p.dt_bias, acts.dA, acts.A, rows, H, LD, dt_off);
-        cudaCheckLast();
-    };
-    if (dzxbcdt16) dt_backward(dzxbcdt16);
-    else dt_backward(acts.dzxbcdt);
-    // dt_bias[h] += Σ_rows of that column (deterministic column sum)
-    gpu::colsum(dp.dt_bias, Mamba2DtGradTerm<T>{acts.ddt, acts.zxbcdt, p.dt_bias, H, LD, dt_off}, rows, H, stream);
-    // [x, B, C] = SiLU(conv1d(conv_in)): the conv reads the gradient at its output from dx, dB and dC; without a
-    // shared x, conv_in is in_proj's x, B, C columns, and its gradient goes straight into those columns of dzxbcdt
-    const ConvColumns<const T> dxbc(acts.dx, DI, DI, acts.dBm, DI + GN, GN, acts.dCm, CD, GN);
-    if (x_shared) {
-        gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.conv_in, p.conv_w, B,
-                                  T_, CD, c.d_conv, acts.conv_scratch, stream);
-        mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
-            acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, LD);
-        cudaCheckLast();
-    } else if (dzxbcdt16) {
-        gpu::conv1d_silu_backward(dzxbcdt16 + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.zxbcdt + DI,
-                                  p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
-    } else {
-        gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, acts.zxbcdt + DI,
-                                  p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
-    }
+    mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {  // in_proj's output as the forward's GEMM wrote it
+        using Z = std::remove_const_t<std::remove_pointer_t<decltype(zx)>>;
+        // g = y ⊙ SiLU(z)  →  dy, and dz into dzxbcdt
+        if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, acts.y, zx, rows, DI, LD, stream);
+        // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
+        cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
+        gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr, acts.ssd_scratch,
+                                  acts.dy, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm,
+                                  acts.Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
+        // dt = softplus(dt_raw + dt_bias) → the dt_raw columns of dzxbcdt (and zeros in its pad columns);
+        // A = −exp(A_log) → dA_log += dA · A
+        auto dt_backward = [&](auto* dst) {
+            mamba2_dt_backward_kernel<<<elementwise_grid((size_t)rows * (LD - dt_off), 256), 256, 0, stream>>>(
+                dst, dp.A_log, acts.ddt, zx, p.dt_bias, acts.dA, acts.A, rows, H, LD, dt_off);
+            cudaCheckLast();
+        };
+        if (dzxbcdt16) dt_backward(dzxbcdt16);
+        else dt_backward(acts.dzxbcdt);
+        // dt_bias[h] += Σ_rows of that column (deterministic column sum)
+        gpu::colsum(dp.dt_bias, Mamba2DtGradTerm<T, Z>{acts.ddt, zx, p.dt_bias, H, LD, dt_off}, rows, H, stream);
+        // [x, B, C] = SiLU(conv1d(conv_in)): the conv reads the gradient at its output from dx, dB and dC; without a
+        // shared x, conv_in is in_proj's x, B, C columns, and its gradient goes straight into those columns of
+        // dzxbcdt
+        const ConvColumns<const T> dxbc(acts.dx, DI, DI, acts.dBm, DI + GN, GN, acts.dCm, CD, GN);
+        if (x_shared) {
+            gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre,
+                                      acts.conv_in, p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream);
+            mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
+                acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, LD);
+            cudaCheckLast();
+        } else if (dzxbcdt16) {
+            gpu::conv1d_silu_backward(dzxbcdt16 + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, zx + DI, p.conv_w, B,
+                                      T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
+        } else {
+            gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, zx + DI, p.conv_w,
+                                      B, T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
+        }
+    });
     // [z, xBC, dt_raw, pad] = in_proj · u (over the gap rows too: their gradient stays zero, the pads being zero)
     gpu::matmul_backward(dinp, dp.in_proj, (T*)nullptr, acts.dzxbcdt, inp, p.in_proj, rows, D, LD, stream, false,
                          inp16, dzxbcdt16, dinp16);
@@ -414,13 +436,13 @@ void mamba2_gate_norm_check(const GpuMamba2Acts<T>& acts, const Mamba2Params<T>&
 
 // gn (rows, G·Cg) = y ⊙ SiLU(z) / rms(group) · norm_w, rstd (rows, G) saved. O: float, or bf16 under bf16 operands
 // (gn is out_proj's input only). grid: rows·G blocks of RMSNORM_BLOCK threads.
-template <int V, typename O>
-__global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float* y, const float* zxbcdt,
+template <int V, typename O, typename Z>
+__global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float* y, const Z* zxbcdt,
                                                 const float* norm_w, int G, int Cg, int LD, float eps) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4, grp = r % G;
     const float* yr = y + (size_t)r * Cg;                                 // (Cg)
-    const float* zr = zxbcdt + (size_t)(r / G) * LD + (size_t)grp * Cg;  // (Cg): z is columns [0, d_inner)
+    const Z* zr = zxbcdt + (size_t)(r / G) * LD + (size_t)grp * Cg;      // (Cg): z is columns [0, d_inner)
     const float* wr = norm_w + (size_t)grp * Cg;                          // (Cg)
     float4 g[V];
     float ss = 0.0f;
@@ -442,9 +464,9 @@ __global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float*
 // a column sum over those few rows finishes it, instead of one over all rows that would read dgn, y and z again.
 constexpr int MAMBA2_GN_ROWS = 16;
 
-template <int V, typename ZO>
+template <int V, typename ZO, typename Z>
 __global__ void mamba2_gate_norm_backward_kernel(float* dy, ZO* dzxbcdt, float* wpart, const float* dgn,
-                                                 const float* y, const float* zxbcdt, const float* norm_w,
+                                                 const float* y, const Z* zxbcdt, const float* norm_w,
                                                  const float* rstd, int rows, int G, int Cg, int LD) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int tid = threadIdx.x, C4 = Cg / 4, grp = blockIdx.y;
@@ -515,9 +537,11 @@ const bf16* mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, c
     if constexpr (std::is_same_v<T, float>) {
         if (fused) {
             auto launch = [&](auto* o) {
-                rmsnorm_row_dispatch(Cg, [&](auto v) {
-                    mamba2_gate_norm_forward_kernel<decltype(v)::value><<<rows * G, RMSNORM_BLOCK, 0, stream>>>(
-                        o, acts.rstd, acts.y, acts.zxbcdt, p.norm_w, G, Cg, c.in_proj_rows(), float(MAMBA2_NORM_EPS));
+                mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {
+                    rmsnorm_row_dispatch(Cg, [&](auto v) {
+                        mamba2_gate_norm_forward_kernel<decltype(v)::value><<<rows * G, RMSNORM_BLOCK, 0, stream>>>(
+                            o, acts.rstd, acts.y, zx, p.norm_w, G, Cg, c.in_proj_rows(), float(MAMBA2_NORM_EPS));
+                    });
                 });
                 cudaCheckLast();
             };
@@ -551,9 +575,12 @@ const bf16* mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, G
         if (fused) {  // dy and the z columns of dzxbcdt, dnorm_w from the blocks' partials
             const int nb = ceil_div(rows, MAMBA2_GN_ROWS);  // the partials go to acts.dg, unused on this path
             auto launch = [&](auto* dz) {
-                rmsnorm_row_dispatch(Cg, [&](auto v) {
-                    mamba2_gate_norm_backward_kernel<decltype(v)::value><<<dim3(nb, G), RMSNORM_BLOCK, 0, stream>>>(
-                        acts.dy, dz, acts.dg, acts.dgn, acts.y, acts.zxbcdt, p.norm_w, acts.rstd, rows, G, Cg, LD);
+                mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {
+                    rmsnorm_row_dispatch(Cg, [&](auto v) {
+                        mamba2_gate_norm_backward_kernel<decltype(v)::value><<<dim3(nb, G), RMSNORM_BLOCK, 0,
+                                                                               stream>>>(
+                            acts.dy, dz, acts.dg, acts.dgn, acts.y, zx, p.norm_w, acts.rstd, rows, G, Cg, LD);
+                    });
                 });
                 cudaCheckLast();
             };

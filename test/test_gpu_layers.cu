@@ -9,6 +9,7 @@
 // so an element a kernel forgets to write fails; parameter gradients start from random values (not zero)
 // so that "accumulate (+=)" is checked too. Each comparison prints one line with its measured error.
 #include <doctest/doctest.h>      // TEST_CASE, CHECK, INFO
+#include <algorithm>              // std::equal
 #include <cmath>                  // std::fabs, std::isfinite, std::isnan
 #include <cstdio>                 // std::printf
 #include <memory>                 // std::unique_ptr: the shard tables
@@ -732,6 +733,33 @@ TEST_CASE("gpu conv1d + SiLU forward/backward equals the CPU (odd T, T < K, K = 
             }
         CHECK(same);
         CHECK(others_untouched);
+        // the input in bf16 in those wide rows (IT: Mamba-2's in_proj output in bf16 runs) gives, bit for bit, what
+        // the fp32 input holding the same rounded values gives: out, pre, dinp, dw, dbias
+        {
+            DeviceBuffer<float> xr_, dinpa, dinpb, dwa, dba, dwb, dbb;
+            to_dev(xr_, round_bf16_host(xw));
+            DeviceBuffer<hl::gpu::bf16> x16;
+            x16.alloc(NL);
+            hl::gpu::round_bf16(x16.ptr, xw_.ptr, NL);
+            to_dev(dwa, dw0); to_dev(dba, db0); to_dev(dwb, dw0); to_dev(dbb, db0);
+            alloc_poisoned(dinpa, NL); alloc_poisoned(dinpb, NL);
+            hl::gpu::conv1d_silu_forward(out_.ptr, pre_.ptr, xr_.ptr + 3, w_.ptr, b_.ptr, s.B, s.T, s.C, s.K, 0, ld);
+            const std::vector<float> outa = from_dev(out_), prea = from_dev(pre_);
+            hl::gpu::conv1d_silu_backward(dinpa.ptr + 3, dwa.ptr, dba.ptr, dout_.ptr, pre_.ptr, xr_.ptr + 3, w_.ptr, s.B,
+                                          s.T, s.C, s.K, scratch.ptr, 0, ld);
+            poison(out_); poison(pre_);
+            const hl::gpu::bf16* xin16 = x16.ptr + 3;
+            hl::gpu::conv1d_silu_forward(hl::gpu::ConvColumns<float>(out_.ptr, s.C), pre_.ptr, xin16, w_.ptr, b_.ptr,
+                                         s.B, s.T, s.C, s.K, 0, ld);
+            CHECK(from_dev(out_) == outa);
+            CHECK(from_dev(pre_) == prea);
+            hl::gpu::conv1d_silu_backward(dinpb.ptr + 3, dwb.ptr, dbb.ptr, hl::gpu::ConvColumns<const float>(dout_.ptr, s.C),
+                                          pre_.ptr, xin16, w_.ptr, s.B, s.T, s.C, s.K, scratch.ptr, 0, ld);
+            const std::vector<float> da = from_dev(dinpa), db = from_dev(dinpb);
+            CHECK(std::equal(da.begin(), da.end(), db.begin(), [](float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }));
+            CHECK(from_dev(dwb) == from_dev(dwa));
+            CHECK(from_dev(dbb) == from_dev(dba));
+        }
         // the output (and dout) split by column over three tensors, as Mamba-2's x, B and C: the same values
         if (s.C >= 3) {
             const int e0 = s.C / 3, e1 = 2 * s.C / 3, rows = s.B * s.T;

@@ -207,11 +207,12 @@ std::string mamba_tag(const char* what, const hl::Mamba2Config& c, int B, int T)
 }
 
 // The M block's mixer (branch + gated norm + out_proj), or with branch_only the branch alone (with shared_x
-// when c.shared_x): forward output and every gradient. bf16: under bf16 operands, as run_attn_mixer (with the fused
-// gate and norm, in_proj's output gradient is then written in bf16 by its producers, for its GEMM).
+// when c.shared_x): forward output and every gradient. bf16: under bf16 operands, as run_attn_mixer, laid out under
+// them as a model does (in_proj's output then comes out of its GEMM in bf16 for the conv, gate and dt kernels, in
+// half the floats; with the fused gate and norm its gradient is written in bf16 by its producers, for its GEMM).
 void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint64_t seed, bool bf16 = false) {
     const std::string tag = mamba_tag(branch_only ? (c.shared_x ? "mamba2 branch shared_x" : "mamba2 branch")
-                                      : bf16 ? "mamba2 mixer bf16" : "mamba2 mixer", c, B, T);
+                                                  : "mamba2 mixer", c, B, T) + (bf16 ? " bf16" : "");
     Rng rng(seed);
     const bool with_out = !branch_only;
     ParamPair pp([&](Arena<float>& a) { return hl::mamba2_params(a, c, with_out); });
@@ -243,7 +244,19 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     }
 
     DeviceBuffer<float> abuf, d_inp, d_dout, d_out, d_dinp, d_xs, d_dxs;
-    auto dacts = device_acts<hl::gpu::GpuMamba2Acts<float>>(abuf, [&](Arena<float>& a) { return hl::gpu::gpu_mamba2_acts(a, c, B, T, !branch_only); });
+    std::optional<TestBf16> b16;
+    if (bf16) b16.emplace(pp.dev.ptr, pp.host.size(), (size_t)N * std::max({D, DI, c.in_proj_rows()}));
+    const hl::gpu::Bf16Scope scope(b16 ? &b16->ops : nullptr);
+    auto layout = [&](Arena<float>& a) { return hl::gpu::gpu_mamba2_acts(a, c, B, T, !branch_only); };
+    auto dacts = device_acts<hl::gpu::GpuMamba2Acts<float>>(abuf, layout);
+    if (bf16) {
+        INFO(tag, ": zxbcdt (and the mixer's gn) in half the floats: the layout smaller than fp32's");
+        const hl::gpu::Bf16Scope fp32(nullptr);
+        Arena<float> count;
+        count.align = 64;
+        layout(count);
+        CHECK(abuf.n + (size_t)N * c.in_proj_rows() / 2 <= count.size + 64);  // (64: the alignment's slack)
+    }
     // wide norm groups (d_inner / G ≥ 1024) take the mixer's fused gate and norm, the others the two kernels; the
     // fused mixer's layout has no g (it is never written), the branch's has no norm tensors
     if (!branch_only)
@@ -256,17 +269,14 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     d_out.alloc(out.size()); poison(d_out);
     d_dinp.alloc(dinp.size()); poison(d_dinp);
     d_dxs.alloc(dxs.size()); poison(d_dxs);
-    std::optional<TestBf16> b16;
-    if (bf16) b16.emplace(pp.dev.ptr, pp.host.size(), (size_t)N * std::max({D, DI, c.in_proj_rows()}));
-    const hl::gpu::Bf16Scope scope(b16 ? &b16->ops : nullptr);
     const double out_tol = bf16 ? 2e-2 : FWD_TOL, grad_tol = bf16 ? 5e-2 : GRAD_TOL;
     const float* dx_ = c.shared_x ? d_xs.ptr : nullptr;
     if (branch_only) {
         hl::gpu::mamba2_branch_forward(dacts, d_inp.ptr, dx_, dp_, c, B, T);
-        expect_close(tag + " g", from_dev(dacts.g, out.size()), out, FWD_TOL);
+        expect_close(tag + " g", from_dev(dacts.g, out.size()), out, out_tol);
         hl::gpu::mamba2_branch_backward(d_dinp.ptr, c.shared_x ? d_dxs.ptr : nullptr, ddp, d_dout.ptr, dacts, d_inp.ptr,
                                         dx_, dp_, c, B, T);
-        if (c.shared_x) expect_close(tag + " dx_shared", from_dev(d_dxs), dxs, GRAD_TOL);
+        if (c.shared_x) expect_close(tag + " dx_shared", from_dev(d_dxs), dxs, grad_tol);
     } else {
         hl::gpu::mamba2_mixer_forward(d_out.ptr, dacts, d_inp.ptr, dp_, c, B, T);
         expect_close(tag + " out", from_dev(d_out), out, out_tol);
@@ -419,12 +429,15 @@ TEST_CASE("gpu mamba2 mixer and branch (incl. shared_x; fused gated norm at d_in
     }
 }
 
-TEST_CASE("gpu mamba2 mixer with bf16 matmuls (in_proj's gradient written in bf16 by the fused path) tracks the CPU") {
+TEST_CASE("gpu mamba2 mixer and branch with bf16 matmuls (in_proj's output in bf16; its gradient written in bf16 by the fused path) track the CPU") {
     uint64_t seed = 200;
     // the fused path writes in_proj's output gradient in bf16 (a poisoned column would show)
     run_mamba2(mamba_config(16, 1024, 64, 16, 1, 16), 2, 65, false, seed++, true);
     run_mamba2(mamba_config(32, 2048, 64, 16, 2, 64), 1, 100, false, seed++, true);
     run_mamba2(mamba_config(16, 32, 8, 8, 2, 4), 2, 65, false, seed++, true);  // unfused: rounded by the GEMM
+    // the branch (the intra block's): the gate kernels and, with shared_x, the conv's gather on the bf16 zxbcdt
+    run_mamba2(mamba_config(16, 32, 8, 8, 2, 4), 2, 65, true, seed++, true);
+    run_mamba2(mamba_config(16, 32, 8, 8, 1, 16, true), 2, 65, true, seed++, true);
 }
 
 TEST_CASE("gpu intra mixer forward/backward equals the CPU for several fusions (incl. value=shared, concat/joint)") {
