@@ -1,7 +1,11 @@
 // conv1d.cuh — GPU mirror of model/conv1d.h: the causal depthwise conv1d of the Mamba-2 mixer, with bias
 // and a fused SiLU, forward and backward.
 //   pre[t, c] = bias[c] + Σ_{k<K} w[c, k] · inp[t − (K−1) + k, c]      out = SiLU(pre)
-// Shapes: inp, pre, out, dout, dinp (B, T, C)   w (C, K)   bias (C). inp and dinp may be C columns of wider rows,
+// Recompute instead of store: unlike the CPU reference, the forward does not save pre. The backward kernels read the
+// input anyway (the weight gradient) or can slide the same window over it (dinp), and K multiply-adds a value are
+// cheaper than writing pre (B, T, C) in fp32 and reading it back twice: at the 100m Mamba-2 layer (C = 2304) that is
+// 151 MB of memory a layer and about 0.45 GB of traffic a step's layer.
+// Shapes: inp, out, dout, dinp (B, T, C)   w (C, K)   bias (C). inp and dinp may be C columns of wider rows,
 // out and dout split by column into up to three tensors (ConvColumns): what Mamba-2 reads and writes in place.
 // inp may be bf16 (IT) and dinp bf16 (DT) under T = float: Mamba-2's in_proj output and its gradient in bf16 runs.
 //
@@ -70,25 +74,40 @@ void conv1d_dispatch_k(int K, F&& f) {
     }
 }
 
+// pre from a window win[k] = inp at time t − (K−1) + k: the same sum in the same order in every kernel, so the
+// backward's recomputed pre is the forward's.
+template <int K>
+__device__ __forceinline__ float conv1d_pre(const float (&win)[K], const float (&wk)[K], float bc) {
+    float acc = bc;
+#pragma unroll
+    for (int k = 0; k < K; k++) acc += wk[k] * win[k];
+    return acc;
+}
+
+// Channel c's K weights and its bias, as floats.
+template <int K, typename T>
+__device__ __forceinline__ float conv1d_load_weights(float (&wk)[K], const T* w, const T* bias, int c) {
+#pragma unroll
+    for (int k = 0; k < K; k++) wk[k] = float(w[(size_t)c * K + k]);
+    return float(bias[c]);
+}
+
 // grid: x over ceil(C / 128) channel blocks, y over (b, time tile of 32) pairs (grid-stride in y);
 // block: 128 threads along channels. Thread (c, b, tile) slides a K-window over times t0 … t0+31.
 template <int K, typename T, typename IT>
-__global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, T* pre, const IT* inp, const T* w, const T* bias, int B,
-                                           int T_, int C, int ld) {
+__global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, const IT* inp, const T* w, const T* bias, int B, int T_,
+                                           int C, int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     int ldo;
     T* oc = out.column(c, ldo);
     float wk[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) wk[k] = float(w[(size_t)c * K + k]);
-    const float bc = float(bias[c]);
+    const float bc = conv1d_load_weights(wk, w, bias, c);
     const int tiles = ceil_div(T_, CONV_TILE_T);
     for (int bt = blockIdx.y; bt < B * tiles; bt += gridDim.y) {
         const int b = bt / tiles, t0 = (bt % tiles) * CONV_TILE_T;
         const int t1 = min(t0 + CONV_TILE_T, T_);
-        const size_t base = (size_t)b * T_ * C + c;   // (b, 0, c); time t at base + t·C
-        const size_t in = (size_t)b * T_ * ld + c;    // the same in inp, whose rows are ld apart
+        const size_t in = (size_t)b * T_ * ld + c;    // (b, 0, c) in inp, whose rows are ld apart
         float win[K];  // win[k] = inp at time t − (K−1) + k; the K−1 older taps preloaded (0 before t = 0)
 #pragma unroll
         for (int k = 0; k < K - 1; k++) {
@@ -106,22 +125,19 @@ __global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, T* pre, const IT*
 #pragma unroll
                 for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
                 win[K - 1] = x[u];
-                float acc = bc;
-#pragma unroll
-                for (int k = 0; k < K; k++) acc += wk[k] * win[k];
-                pre[base + (size_t)t * C] = T(acc);
-                oc[((size_t)b * T_ + t) * ldo] = T(dev_silu(acc));
+                oc[((size_t)b * T_ + t) * ldo] = T(dev_silu(conv1d_pre(win, wk, bc)));
             }
         }
     }
 }
 
-// out and pre (saved for the backward) are written. ld: the row stride of inp (0: C, dense rows); a larger one
-// reads the C channels out of wider rows in place (Mamba-2's x, B, C columns of its in_proj output). out: a dense
-// (B, T, C) tensor, or its columns split over up to three tensors (ConvColumns). inp: T, or bf16 under T = float.
+// out is written (nothing is saved: the backward recomputes pre). ld: the row stride of inp (0: C, dense rows); a
+// larger one reads the C channels out of wider rows in place (Mamba-2's x, B, C columns of its in_proj output). out:
+// a dense (B, T, C) tensor, or its columns split over up to three tensors (ConvColumns). inp: T, or bf16 under
+// T = float.
 template <typename T, typename IT>
-void conv1d_silu_forward(const ConvColumns<T>& out, T* pre, const IT* inp, const T* w, const T* bias, int B, int T_,
-                         int C, int K, cudaStream_t stream = 0, int ld = 0) {
+void conv1d_silu_forward(const ConvColumns<T>& out, const IT* inp, const T* w, const T* bias, int B, int T_, int C,
+                         int K, cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
     if (ld == 0) ld = C;
@@ -129,55 +145,57 @@ void conv1d_silu_forward(const ConvColumns<T>& out, T* pre, const IT* inp, const
     const int tiles = ceil_div(T_, CONV_TILE_T);
     dim3 grid(ceil_div(C, CONV_BLOCK), (unsigned)std::min(B * tiles, 65535));
     conv1d_dispatch_k(K, [&](auto kc) {
-        conv1d_silu_forward_kernel<decltype(kc)::value><<<grid, CONV_BLOCK, 0, stream>>>(out, pre, inp, w, bias, B, T_, C,
+        conv1d_silu_forward_kernel<decltype(kc)::value><<<grid, CONV_BLOCK, 0, stream>>>(out, inp, w, bias, B, T_, C,
                                                                                        ld);
         cudaCheckLast();
     });
 }
 template <typename T>
-void conv1d_silu_forward(T* out, T* pre, const T* inp, const T* w, const T* bias, int B, int T_, int C, int K,
+void conv1d_silu_forward(T* out, const T* inp, const T* w, const T* bias, int B, int T_, int C, int K,
                          cudaStream_t stream = 0, int ld = 0) {
-    conv1d_silu_forward(ConvColumns<T>(out, C), pre, inp, w, bias, B, T_, C, K, stream, ld);
+    conv1d_silu_forward(ConvColumns<T>(out, C), inp, w, bias, B, T_, C, K, stream, ld);
 }
 
-// dpre = dout ⊙ SiLU'(pre), recomputed where read (no scratch), as the CPU: dout from the thread's column (row n,
-// stride ldd), pre dense (its index i).
-template <typename T>
-__device__ __forceinline__ float conv1d_dpre(const T* dcol, int ldd, size_t n, const T* pre, size_t i) {
-    return float(dcol[n * ldd]) * dev_silu_grad(float(pre[i]));
-}
-
-// dinp[s, c] = Σ_k dpre[s + (K−1) − k, c] · w[c, k]: the gradient looks forward in time, so each thread
-// walks its tile backwards (s = t1−1 … t0) with a window of the next K dpre values (preloaded past the
-// tile's end, 0 past T). Same grid/block as the forward.
-template <int K, typename T, typename DT>
-__global__ void conv1d_silu_dinp_kernel(DT* dinp, ConvColumns<const T> dout, const T* pre, const T* w, int B, int T_,
-                                        int C, int ld) {
+// dinp[s, c] = Σ_k dpre[s + (K−1) − k, c] · w[c, k], dpre = dout ⊙ SiLU'(pre): the gradient looks forward in time,
+// so each thread walks its tile backwards (s = t1−1 … t0) with a window of the next K dpre values (preloaded past the
+// tile's end, 0 past T), and beside it the K inputs that make pre at s (win[k] = inp at s − (K−1) + k: each step
+// shifts in the input K steps back). Same grid/block as the forward.
+template <int K, typename T, typename DT, typename IT>
+__global__ void conv1d_silu_dinp_kernel(DT* dinp, ConvColumns<const T> dout, const IT* inp, const T* w, const T* bias,
+                                        int B, int T_, int C, int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     int ldd;
     const T* dc = dout.column(c, ldd);
     float wk[K];
-#pragma unroll
-    for (int k = 0; k < K; k++) wk[k] = float(w[(size_t)c * K + k]);
+    const float bc = conv1d_load_weights(wk, w, bias, c);
     const int tiles = ceil_div(T_, CONV_TILE_T);
     for (int bt = blockIdx.y; bt < B * tiles; bt += gridDim.y) {
         const int b = bt / tiles, t0 = (bt % tiles) * CONV_TILE_T;
         const int t1 = min(t0 + CONV_TILE_T, T_);
-        const size_t base = (size_t)b * T_ * C + c;
+        const size_t in = (size_t)b * T_ * ld + c;  // (b, 0, c) in inp and dinp, whose rows are ld apart
+        auto x_at = [&](int t) { return t >= 0 ? float(inp[in + (size_t)t * ld]) : 0.0f; };
+        float win[K];  // the window of the step at hand; first for t1 − 1 + j, the preloaded dpre's times
         float fut[K];  // fut[j] = dpre at time s + j
 #pragma unroll
         for (int j = 1; j < K; j++) {
             const int t = t1 - 1 + j;  // fut[j − 1] moves to fut[j] at the first step (s = t1 − 1)
-            fut[j - 1] = t < T_ ? conv1d_dpre(dc, ldd, (size_t)b * T_ + t, pre, base + (size_t)t * C) : 0.0f;
+            fut[j - 1] = 0.0f;
+            if (t < T_) {
+#pragma unroll
+                for (int k = 0; k < K; k++) win[k] = x_at(t - (K - 1) + k);
+                fut[j - 1] = float(dc[((size_t)b * T_ + t) * ldd]) * dev_silu_grad(conv1d_pre(win, wk, bc));
+            }
         }
+#pragma unroll
+        for (int k = 0; k < K; k++) win[k] = x_at(t1 - 1 - (K - 1) + k);  // pre's inputs at s = t1 − 1
         for (int sb = t1 - 1; sb >= t0; sb -= CONV_BATCH) {
-            float dv[CONV_BATCH], pv[CONV_BATCH];  // dout and pre at s = sb − u
+            float dv[CONV_BATCH], xv[CONV_BATCH];  // dout at s = sb − u, and the input at s − K (the next window's)
 #pragma unroll
             for (int u = 0; u < CONV_BATCH; u++) {
                 const int s = sb - u;
                 dv[u] = s >= t0 ? float(dc[((size_t)b * T_ + s) * ldd]) : 0.0f;
-                pv[u] = s >= t0 ? float(pre[base + (size_t)s * C]) : 0.0f;
+                xv[u] = s >= t0 ? x_at(s - K) : 0.0f;
             }
 #pragma unroll
             for (int u = 0; u < CONV_BATCH; u++) {
@@ -185,11 +203,14 @@ __global__ void conv1d_silu_dinp_kernel(DT* dinp, ConvColumns<const T> dout, con
                 if (s < t0) break;
 #pragma unroll
                 for (int j = K - 1; j > 0; j--) fut[j] = fut[j - 1];
-                fut[0] = dv[u] * dev_silu_grad(pv[u]);
+                fut[0] = dv[u] * dev_silu_grad(conv1d_pre(win, wk, bc));
                 float acc = 0.0f;
 #pragma unroll
                 for (int k = 0; k < K; k++) acc += fut[K - 1 - k] * wk[k];
-                dinp[(size_t)b * T_ * ld + c + (size_t)s * ld] = DT(acc);
+                dinp[in + (size_t)s * ld] = DT(acc);
+#pragma unroll
+                for (int k = K - 1; k > 0; k--) win[k] = win[k - 1];
+                win[0] = xv[u];
             }
         }
     }
@@ -199,7 +220,8 @@ __global__ void conv1d_silu_dinp_kernel(DT* dinp, ConvColumns<const T> dout, con
 // A reduction over all B·T rows, in two passes, deterministic (no atomics):
 //   1. conv1d_silu_dw_part_kernel: grid (ceil(C / 32), ceil(B·T / 512)), blocks of 32 channels × 8 row lanes. A
 //      warp reads one 128-byte segment of a row per load; each lane walks 64 consecutive rows with a K-window of
-//      inputs (zeros where a sequence starts: the conv is causal per sequence) and K + 1 sums in registers; the
+//      inputs (zeros where a sequence starts: the conv is causal per sequence; pre is recomputed from it) and K + 1
+//      sums in registers; the
 //      block adds its 8 lanes in a fixed tree order into part (row split, K + 1, C).
 //   2. conv1d_silu_dw_sum_kernel: one thread per (k, c) adds the row splits in order into dw, dbias.
 // The first version had one block per 8 channels walking all rows (64 lanes of 256 rows each): too few threads at
@@ -207,8 +229,8 @@ __global__ void conv1d_silu_dinp_kernel(DT* dinp, ConvColumns<const T> dout, con
 // it took 0.60 ms, this one 0.32 ms (0.19 ms at the 100m width).
 template <int K, typename T, typename IT>
 __global__ void __launch_bounds__(CONV_DW_CH * CONV_DW_LANES)
-conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const T* pre, const IT* inp, int B, int T_, int C,
-                           int ld) {
+conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const IT* inp, const T* w, const T* bias, int B,
+                           int T_, int C, int ld) {
     __shared__ float red[K + 1][CONV_DW_LANES][CONV_DW_CH];
     const int tx = threadIdx.x, ty = threadIdx.y, c = blockIdx.x * CONV_DW_CH + tx;
     const long long N = (long long)B * T_;
@@ -220,6 +242,8 @@ conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const T* pre,
     if (c < C && n0 < n1) {
         int ldd;
         const T* dc = dout.column(c, ldd);
+        float wk[K];
+        const float bc = conv1d_load_weights(wk, w, bias, c);
         float win[K];  // win[k] = inp at time t − (K−1) + k of the current row's sequence
         int t = (int)(n0 % T_);
 #pragma unroll
@@ -229,14 +253,13 @@ conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const T* pre,
         }
         t -= 1;  // time of row n, advanced incrementally (no 64-bit modulo per row)
         for (long long nb = n0; nb < n1; nb += CONV_BATCH) {
-            float x[CONV_BATCH], dv[CONV_BATCH], pv[CONV_BATCH];
+            float x[CONV_BATCH], dv[CONV_BATCH];
 #pragma unroll
             for (int u = 0; u < CONV_BATCH; u++) {
                 const long long n = nb + u;
                 const bool in = n < n1;
                 x[u] = in ? float(inp[(size_t)n * ld + c]) : 0.0f;
                 dv[u] = in ? float(dc[(size_t)n * ldd]) : 0.0f;
-                pv[u] = in ? float(pre[(size_t)n * C + c]) : 0.0f;
             }
 #pragma unroll
             for (int u = 0; u < CONV_BATCH; u++) {
@@ -249,7 +272,7 @@ conv1d_silu_dw_part_kernel(float* part, ConvColumns<const T> dout, const T* pre,
 #pragma unroll
                 for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
                 win[K - 1] = x[u];
-                const float d = dv[u] * dev_silu_grad(pv[u]);
+                const float d = dv[u] * dev_silu_grad(conv1d_pre(win, wk, bc));
 #pragma unroll
                 for (int k = 0; k < K; k++) acc[k] += d * win[k];
                 acc[K] += d;
@@ -289,13 +312,14 @@ inline size_t conv1d_backward_scratch_size(int B, int T_, int C, int K) {
     return (size_t)conv1d_dw_splits(B, T_) * (K + 1) * C;
 }
 
-// dinp is written; dw and dbias accumulate (+=). scratch: conv1d_backward_scratch_size(B, T, C, K) floats,
-// caller-owned. ld: the row stride of inp and dinp (0: C), as in the forward; dout dense or split (ConvColumns).
-// dinp may be bf16 under T = float (DT): Mamba-2 writes it straight into its in_proj GEMM's bf16 dout; and inp (IT),
-// as in the forward.
+// dinp is written; dw and dbias accumulate (+=). pre is recomputed from inp, w and bias. scratch:
+// conv1d_backward_scratch_size(B, T, C, K) floats, caller-owned. ld: the row stride of inp and dinp (0: C), as in the
+// forward; dout dense or split (ConvColumns). dinp may be bf16 under T = float (DT): Mamba-2 writes it straight into
+// its in_proj GEMM's bf16 dout; and inp (IT), as in the forward.
 template <typename T, typename DT, typename IT>
-void conv1d_silu_backward(DT* dinp, T* dw, T* dbias, const ConvColumns<const T>& dout, const T* pre, const IT* inp,
-                          const T* w, int B, int T_, int C, int K, float* scratch, cudaStream_t stream = 0, int ld = 0) {
+void conv1d_silu_backward(DT* dinp, T* dw, T* dbias, const ConvColumns<const T>& dout, const IT* inp, const T* w,
+                          const T* bias, int B, int T_, int C, int K, float* scratch, cudaStream_t stream = 0,
+                          int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");
     if (ld == 0) ld = C;
@@ -307,19 +331,20 @@ void conv1d_silu_backward(DT* dinp, T* dw, T* dbias, const ConvColumns<const T>&
     dim3 grid(ceil_div(C, CONV_BLOCK), (unsigned)std::min(B * tiles, 65535));
     conv1d_dispatch_k(K, [&](auto kc) {
         constexpr int KK = decltype(kc)::value;
-        conv1d_silu_dinp_kernel<KK><<<grid, CONV_BLOCK, 0, stream>>>(dinp, dout, pre, w, B, T_, C, ld);
+        conv1d_silu_dinp_kernel<KK><<<grid, CONV_BLOCK, 0, stream>>>(dinp, dout, inp, w, bias, B, T_, C, ld);
         cudaCheckLast();
         conv1d_silu_dw_part_kernel<KK><<<dim3(ceil_div(C, CONV_DW_CH), splits), dim3(CONV_DW_CH, CONV_DW_LANES), 0,
-                                         stream>>>(scratch, dout, pre, inp, B, T_, C, ld);
+                                         stream>>>(scratch, dout, inp, w, bias, B, T_, C, ld);
         cudaCheckLast();
         conv1d_silu_dw_sum_kernel<KK><<<ceil_div((KK + 1) * C, 256), 256, 0, stream>>>(dw, dbias, scratch, splits, C);
         cudaCheckLast();
     });
 }
 template <typename T>
-void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* pre, const T* inp, const T* w, int B,
+void conv1d_silu_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, const T* bias, int B,
                           int T_, int C, int K, float* scratch, cudaStream_t stream = 0, int ld = 0) {
-    conv1d_silu_backward(dinp, dw, dbias, ConvColumns<const T>(dout, C), pre, inp, w, B, T_, C, K, scratch, stream, ld);
+    conv1d_silu_backward(dinp, dw, dbias, ConvColumns<const T>(dout, C), inp, w, bias, B, T_, C, K, scratch, stream,
+                         ld);
 }
 
 }  // namespace hl::gpu

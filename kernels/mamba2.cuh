@@ -45,15 +45,14 @@
 namespace hl::gpu {
 
 // Saved activations and backward scratch of one Mamba-2 mixer (or branch) for a (B, T) batch: the fields of
-// model/mamba2.h's Mamba2Acts but xBC and dxBC (the conv writes x, B, C and reads their gradients in place), with
-// rstd and the SSD scratch in fp32.
+// model/mamba2.h's Mamba2Acts but xBC and dxBC (the conv writes x, B, C and reads their gradients in place) and
+// conv_pre (the conv's backward recomputes it: kernels/conv1d.cuh), with rstd and the SSD scratch in fp32.
 template <typename T>
 struct GpuMamba2Acts {
     // forward, saved for the backward
     T* zxbcdt = nullptr;         // (B, T, LD)         in_proj output [z, xBC, dt_raw, pad] ([z, BC, dt_raw, pad] if
                                  //                    shared_x); LD = in_proj_rows(); bf16 only in bf16 runs
     T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C], gathered with a shared x only
-    T* conv_pre = nullptr;       // (B, T, conv_dim)   conv output before SiLU
     T* x = nullptr;              // (B, T, H, P)       the scan's inputs: the conv's output columns (no xBC tensor)
     T* Bm = nullptr;             // (B, T, G, N)
     T* Cm = nullptr;             // (B, T, G, N)
@@ -106,7 +105,6 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     const bool b16 = current_bf16() != nullptr;
     x.zxbcdt = a.take("zxbcdt", bf16_only_shape({B, T_, c.in_proj_rows()}, b16));  // (bf16: zxbcdt16 only)
     if (c.shared_x) x.conv_in = a.take("conv_in", {B, T_, CD});  // else the conv reads zxbcdt in place
-    x.conv_pre = a.take("conv_pre", {B, T_, CD});
     x.x = a.take("x", {B, T_, H, P});
     x.Bm = a.take("Bm", {B, T_, G, N});
     x.Cm = a.take("Cm", {B, T_, G, N});
@@ -335,10 +333,9 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
             mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
                 acts.conv_in, zx, x_shared, rows, DI, CD, LD);
             cudaCheckLast();
-            gpu::conv1d_silu_forward(xbc, acts.conv_pre, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv,
-                                     stream);
+            gpu::conv1d_silu_forward(xbc, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
         } else {
-            gpu::conv1d_silu_forward(xbc, acts.conv_pre, zx + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream, LD);
+            gpu::conv1d_silu_forward(xbc, zx + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream, LD);
         }
         // dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
         mamba2_split_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
@@ -400,17 +397,17 @@ const bf16* mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, c
         // dzxbcdt
         const ConvColumns<const T> dxbc(acts.dx, DI, DI, acts.dBm, DI + GN, GN, acts.dCm, CD, GN);
         if (x_shared) {
-            gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre,
-                                      acts.conv_in, p.conv_w, B, T_, CD, c.d_conv, acts.conv_scratch, stream);
+            gpu::conv1d_silu_backward(acts.dconv_in, dp.conv_w, dp.conv_b, dxbc, acts.conv_in, p.conv_w, p.conv_b, B,
+                                      T_, CD, c.d_conv, acts.conv_scratch, stream);
             mamba2_conv_in_backward_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
                 acts.dzxbcdt, dx_shared, acts.dconv_in, rows, DI, CD, LD);
             cudaCheckLast();
         } else if (dzxbcdt16) {
-            gpu::conv1d_silu_backward(dzxbcdt16 + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, zx + DI, p.conv_w, B,
-                                      T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
+            gpu::conv1d_silu_backward(dzxbcdt16 + DI, dp.conv_w, dp.conv_b, dxbc, zx + DI, p.conv_w, p.conv_b, B, T_,
+                                      CD, c.d_conv, acts.conv_scratch, stream, LD);
         } else {
-            gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, dxbc, acts.conv_pre, zx + DI, p.conv_w,
-                                      B, T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
+            gpu::conv1d_silu_backward(acts.dzxbcdt + DI, dp.conv_w, dp.conv_b, dxbc, zx + DI, p.conv_w, p.conv_b, B,
+                                      T_, CD, c.d_conv, acts.conv_scratch, stream, LD);
         }
     });
     // [z, xBC, dt_raw, pad] = in_proj · u (over the gap rows too: their gradient stays zero, the pads being zero)

@@ -24,9 +24,11 @@
 // norm output; and beside its fp32 values, the residual stream's gradient, which the norm backwards also write in
 // bf16: block_backward's res16), which spares
 // a rounding pass before the forward's GEMM and another before the backward's (100m, H200: 6.6-8.7% more tokens/s;
-// the residual gradient's: +1.1% on the 100m transformer). Likewise a GEMM
-// output that only an elementwise kernel reads is written by the GEMM in bf16 (out16, dinp16: the SwiGLU's h1, h3 and
-// dh, as autocast keeps them), so the kernel reads half the bytes and the GEMM writes half. The
+// the residual gradient's: +1.1% on the 100m transformer). Likewise a GEMM output that only elementwise kernels, a
+// norm or the attention read is written by the GEMM in bf16 (out16, dinp16), as autocast keeps it, so its readers
+// read half the bytes and the GEMM writes half: the SwiGLU's h1, h3 and dh; the attention's q, k, v and dy; the
+// blocks' mixer and FFN outputs and the norms' input gradients; Mamba-2's in_proj output (block.cuh, attention.cuh,
+// mamba2.cuh say where). The
 // tensor-core attention and SSD kernels round their own operands (kernels/attention.cuh, kernels/ssd.cuh);
 // bf16_operand lets one rounded input serve several GEMMs.
 #pragma once

@@ -8,7 +8,7 @@
 //   v1  one thread per output element (b, t, c), K loads each
 //   v2  kernels/conv1d.cuh: one thread per (channel, run of 32 time steps) with a K-register sliding window,
 //       so each input is loaded once (plus a K−1 halo); since session 14 the loads of 8 steps are issued together
-//       (1B size, H200: 0.284 ms, 3.0 TB/s; v3 0.252 ms)
+//       (1B size, H200: 0.284 ms, 3.0 TB/s; v3 0.252 ms); since session 20 it writes only out (pre not saved)
 //   v3  v2 with 4 channels per thread (float4 loads/stores; C % 4 == 0)
 // Backward:
 //   v1  one thread per element for dinp (K dpre values recomputed each); one thread per channel for dw/dbias,
@@ -17,15 +17,17 @@
 //       channels × 8 row lanes of 64 rows each, a fixed-order tree over the lanes into per-split partials, then
 //       the splits added in order (deterministic, no atomics). Its first version (one block per 8 channels × 64
 //       lanes walking all rows, no second pass) took 0.61 ms for dw at the 1B size on an H200; this one 0.32 ms
-//       there and 0.19 ms at the 100m width.
-// Bandwidth = minimal bytes moved (forward: read inp, write pre and out; backward: dinp pass reads dout, pre and
-// writes dinp, dw pass reads dout, pre, inp) over the time.
+//       there and 0.19 ms at the 100m width. Since session 20 both kernels recompute pre from a window of inputs
+//       (dinp slides one beside its dpre window) instead of reading the forward's.
+// Bandwidth = minimal bytes moved over the time. v1, v3: forward reads inp and writes pre and out; backward's dinp
+// pass reads dout, pre and writes dinp, its dw pass reads dout, pre, inp. v2 (no pre): forward reads inp, writes out;
+// dinp pass reads dout, inp, writes dinp; dw pass reads dout, inp.
 //
 // Build: make dev/cuda/conv1d      (nvcc with the Makefile's NVFLAGS → build/dev/conv1d)
 // Run:   ./build/dev/conv1d [version]     (no argument: every version)
 #include <algorithm>              // std::sort, std::max
 #include <cmath>                  // std::fabs, std::isfinite
-#include <cstdio>                 // std::printf
+#include <cstdio>                 // std::printf, std::snprintf
 #include <cstdlib>                // std::atoi
 #include <vector>                 // std::vector
 #include <cuda_runtime.h>         // cudaEvent_*, cudaMemset
@@ -176,24 +178,29 @@ void forward(float* out, float* pre, const float* inp, const float* w, const flo
 // driver
 // ---------------------------------------------------------------------------------------------------------
 
+// One signature for every version: a forward that saves no pre ignores it; a backward reads pre (v1) or recomputes it
+// from inp, w and bias (v2). passes: the tensors of B·T·C floats each moves (the bandwidth's bytes).
 using Fwd = void (*)(float*, float*, const float*, const float*, const float*, int, int, int, int);
-using Bwd = void (*)(float*, float*, float*, const float*, const float*, const float*, const float*, int, int, int,
-                     int);
-struct FV { int v; Fwd f; };
-struct BV { int v; Bwd f; };
-void v2_forward(float* out, float* pre, const float* inp, const float* w, const float* bias, int B, int T, int C,
-                int K) {
-    hl::gpu::conv1d_silu_forward(out, pre, inp, w, bias, B, T, C, K);
+using Bwd = void (*)(float*, float*, float*, const float*, const float*, const float*, const float*, const float*, int,
+                     int, int, int);
+struct FV { int v; Fwd f; bool saves_pre; int passes; };
+struct BV { int v; Bwd f; int passes; };
+void v1_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* pre, const float* inp,
+                 const float* w, const float*, int B, int T, int C, int K) {
+    v1::backward(dinp, dw, dbias, dout, pre, inp, w, B, T, C, K);
 }
-void v2_backward(float* dinp, float* dw, float* dbias, const float* dout, const float* pre, const float* inp,
-                 const float* w, int B, int T, int C, int K) {
+void v2_forward(float* out, float*, const float* inp, const float* w, const float* bias, int B, int T, int C, int K) {
+    hl::gpu::conv1d_silu_forward(out, inp, w, bias, B, T, C, K);
+}
+void v2_backward(float* dinp, float* dw, float* dbias, const float* dout, const float*, const float* inp,
+                 const float* w, const float* bias, int B, int T, int C, int K) {
     static DeviceBuffer<float> scratch;  // grown to the largest size asked for, outside the timed loops' first call
     const size_t n = hl::gpu::conv1d_backward_scratch_size(B, T, C, K);
     if (scratch.n < n) scratch.alloc(n);
-    hl::gpu::conv1d_silu_backward(dinp, dw, dbias, dout, pre, inp, w, B, T, C, K, scratch.ptr);
+    hl::gpu::conv1d_silu_backward(dinp, dw, dbias, dout, inp, w, bias, B, T, C, K, scratch.ptr);
 }
-const FV FWDS[] = {{1, v1::forward}, {2, v2_forward}, {3, v3::forward}};
-const BV BWDS[] = {{1, v1::backward}, {2, v2_backward}};
+const FV FWDS[] = {{1, v1::forward, true, 3}, {2, v2_forward, false, 2}, {3, v3::forward, true, 3}};
+const BV BWDS[] = {{1, v1_backward, 6}, {2, v2_backward, 5}};
 
 struct Problem {
     int B, T, C, K;
@@ -235,14 +242,17 @@ int main(int argc, char** argv) {
             if (only && fv.v != only) continue;
             p.poison();
             fv.f(p.out_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T, p.C, K);
-            const double e1 = rel_err(p.out_.download(), out), e2 = rel_err(p.pre_.download(), pre);
-            std::printf("  forward  v%d: rel err out %.1e pre %.1e %s\n", fv.v, e1, e2,
+            const double e1 = rel_err(p.out_.download(), out), e2 = fv.saves_pre ? rel_err(p.pre_.download(), pre) : 0;
+            char pe[24] = "(not saved)";
+            if (fv.saves_pre) std::snprintf(pe, sizeof pe, "%.1e", e2);
+            std::printf("  forward  v%d: rel err out %.1e pre %s %s\n", fv.v, e1, pe,
                         e1 <= 1e-4 && e2 <= 1e-4 ? "ok" : "MISMATCH");
         }
         for (const BV& bv : BWDS) {
             if (only && bv.v != only) continue;
             p.poison();
-            bv.f(p.dinp_.ptr, p.dw_.ptr, p.db_.ptr, p.dout_.ptr, pre_cpu.ptr, p.x_.ptr, p.w_.ptr, p.B, p.T, p.C, K);
+            bv.f(p.dinp_.ptr, p.dw_.ptr, p.db_.ptr, p.dout_.ptr, pre_cpu.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T,
+                 p.C, K);
             const double e1 = rel_err(p.dinp_.download(), dinp), e2 = rel_err(p.dw_.download(), dw),
                          e3 = rel_err(p.db_.download(), db);
             std::printf("  backward v%d: rel err dinp %.1e dw %.1e dbias %.1e %s\n", bv.v, e1, e2, e3,
@@ -255,18 +265,19 @@ int main(int argc, char** argv) {
         std::printf("conv1d timing B=%d T=%d C=%d K=%d\n", p.B, p.T, p.C, p.K);
         const double bytes = (double)p.n() * sizeof(float);
         p.poison();
-        hl::gpu::conv1d_silu_forward(p.out_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T, p.C, K);
+        v1::forward(p.out_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T, p.C, K);  // pre for v1's backward
         for (const FV& fv : FWDS) {
             if (only && fv.v != only) continue;
             const float ms = median_ms([&] { fv.f(p.out_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T, p.C, K); });
-            std::printf("  forward  v%d: %8.4f ms %7.0f GB/s\n", fv.v, ms, 3 * bytes / ms / 1e6);
+            std::printf("  forward  v%d: %8.4f ms %7.0f GB/s\n", fv.v, ms, fv.passes * bytes / ms / 1e6);
         }
         for (const BV& bv : BWDS) {
             if (only && bv.v != only) continue;
             const float ms = median_ms([&] {
-                bv.f(p.dinp_.ptr, p.dw_.ptr, p.db_.ptr, p.dout_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.B, p.T, p.C, K);
+                bv.f(p.dinp_.ptr, p.dw_.ptr, p.db_.ptr, p.dout_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T,
+                     p.C, K);
             });
-            std::printf("  backward v%d: %8.4f ms %7.0f GB/s\n", bv.v, ms, 6 * bytes / ms / 1e6);
+            std::printf("  backward v%d: %8.4f ms %7.0f GB/s\n", bv.v, ms, bv.passes * bytes / ms / 1e6);
         }
         if (!only || only == 2) {  // v2's two kernels on their own
             const int tiles = ceil_div(p.T, hl::gpu::CONV_TILE_T);
@@ -275,20 +286,21 @@ int main(int argc, char** argv) {
             DeviceBuffer<float> scratch(hl::gpu::conv1d_backward_scratch_size(p.B, p.T, p.C, K));
             const hl::gpu::ConvColumns<const float> dout(p.dout_.ptr, p.C);  // dense
             const float ms1 = median_ms([&] {
-                hl::gpu::conv1d_silu_dinp_kernel<K><<<grid, hl::gpu::CONV_BLOCK>>>(p.dinp_.ptr, dout, p.pre_.ptr,
-                                                                                   p.w_.ptr, p.B, p.T, p.C, p.C);
+                hl::gpu::conv1d_silu_dinp_kernel<K><<<grid, hl::gpu::CONV_BLOCK>>>(p.dinp_.ptr, dout, p.x_.ptr,
+                                                                                   p.w_.ptr, p.b_.ptr, p.B, p.T, p.C,
+                                                                                   p.C);
                 cudaCheckLast();
             });
             const float ms2 = median_ms([&] {
                 hl::gpu::conv1d_silu_dw_part_kernel<K>
                     <<<dim3(ceil_div(p.C, hl::gpu::CONV_DW_CH), splits), dim3(hl::gpu::CONV_DW_CH, hl::gpu::CONV_DW_LANES)>>>(
-                        scratch.ptr, dout, p.pre_.ptr, p.x_.ptr, p.B, p.T, p.C, p.C);
+                        scratch.ptr, dout, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T, p.C, p.C);
                 hl::gpu::conv1d_silu_dw_sum_kernel<K><<<ceil_div((K + 1) * p.C, 256), 256>>>(p.dw_.ptr, p.db_.ptr,
                                                                                           scratch.ptr, splits, p.C);
                 cudaCheckLast();
             });
             std::printf("    v2 parts: dinp %.4f ms (%.0f GB/s), dw+dbias %.4f ms (%.0f GB/s)\n", ms1,
-                        3 * bytes / ms1 / 1e6, ms2, 3 * bytes / ms2 / 1e6);
+                        3 * bytes / ms1 / 1e6, ms2, 2 * bytes / ms2 / 1e6);
         }
         // the shipped kernels must also agree with v1 at this size (v1 was checked against the CPU above)
         if (!only) {
@@ -298,9 +310,9 @@ int main(int argc, char** argv) {
             v1::backward(p.dinp_.ptr, p.dw_.ptr, p.db_.ptr, p.dout_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.B, p.T, p.C, K);
             auto dinp1 = p.dinp_.download(), dw1 = p.dw_.download(), db1 = p.db_.download();
             p.poison();
-            hl::gpu::conv1d_silu_forward(p.out_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T, p.C, K);
-            v2_backward(p.dinp_.ptr, p.dw_.ptr, p.db_.ptr, p.dout_.ptr, p.pre_.ptr, p.x_.ptr, p.w_.ptr, p.B, p.T, p.C,
-                        K);
+            hl::gpu::conv1d_silu_forward(p.out_.ptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T, p.C, K);
+            v2_backward(p.dinp_.ptr, p.dw_.ptr, p.db_.ptr, p.dout_.ptr, nullptr, p.x_.ptr, p.w_.ptr, p.b_.ptr, p.B, p.T,
+                        p.C, K);
             std::printf("  v2 vs v1 at the timed size: out %.1e dinp %.1e dw %.1e dbias %.1e\n",
                         rel_err(p.out_.download(), out1), rel_err(p.dinp_.download(), dinp1),
                         rel_err(p.dw_.download(), dw1), rel_err(p.db_.download(), db1));
