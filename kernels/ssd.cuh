@@ -604,9 +604,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
 // causal j tiles j0 ≤ i0: the 64 × 64 tile of C·Bᵀ (K = N) goes to shared memory ms, is masked and
 // weighted there by exp(cum_i − cum_j)·dt_j, and multiplies the j tile of x (K = 64). Blocks are per
 // head, so C·Bᵀ is recomputed by each head of a group (a later version can share it).
-template <typename T, int BF>
+template <typename T, int BF, typename Y>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+ssd_chunk_output_kernel(Y* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
                         const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
@@ -660,7 +660,7 @@ ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, co
 #pragma unroll
         for (int cc = 0; cc < BF / TX; cc++) {
             const int p = tx * (BF / TX) + cc;
-            if (p < P) y[row + p] = T(acc[r][cc] + Dh * float(x[row + p]));
+            if (p < P) y[row + p] = Y(acc[r][cc] + Dh * float(x[row + p]));
         }
     }
 }
@@ -707,9 +707,9 @@ __host__ __device__ constexpr size_t tc_tile_smem(int stay_width) {
 // and turned straight into the A operand of the product with the j tile of x. (Both warps of a row block compute
 // the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
 // B and x tiles reuse (dynamic, tc_tile_smem).
-template <int NF, int PF>
+template <int NF, int PF, typename Y>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, const float* dt, const float* A,
+ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const float* x, const float* dt, const float* A,
                            const float* Bm, const float* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
@@ -764,22 +764,22 @@ ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, 
             const int p = WP * wn + 8 * n + 2 * (lane % 4);
             if (p >= P) continue;  // (P is a multiple of 4, so p + 1 < P too)
             const float2 xv = *reinterpret_cast<const float2*>(x + row + p);
-            *reinterpret_cast<float2*>(y + row + p) =
-                make_float2(acc[n][2 * half] + Dh * xv.x, acc[n][2 * half + 1] + Dh * xv.y);
+            st2(y + row + p, make_float2(acc[n][2 * half] + Dh * xv.x, acc[n][2 * half + 1] + Dh * xv.y));
         }
     }
 }
 
-// Launches chunk_output on the tensor-core kernel when it applies, else on ssd_chunk_output_kernel.
-template <typename T>
-void launch_chunk_output(T* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+// Launches chunk_output on the tensor-core kernel when it applies, else on ssd_chunk_output_kernel. y: T, or bf16
+// under T = float (its only readers are elementwise: Mamba-2's gate and norm).
+template <typename T, typename Y>
+void launch_chunk_output(Y* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
                          const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "chunk_output", {x, Bm, Cm, chunk_states}, {y})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF>;
+                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF, Y>;
                 const size_t smem = tc_tile_smem<NF, PF>(NF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
@@ -788,9 +788,9 @@ void launch_chunk_output(T* y, const T* chunk_states, const T* x, const T* dt, c
         }
     }
     if (feat_tile(d.P) == 64)
-        ssd_chunk_output_kernel<T, 64><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 64, Y><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     else
-        ssd_chunk_output_kernel<T, 128><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 128, Y><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     cudaCheckLast();
 }
 
@@ -1648,9 +1648,10 @@ inline size_t ssd_chunked_backward_scratch_size(int B, int T_, int H, int P, int
 
 // y (B,T,H,P) and chunk_states (B,H,nchunks,P,N) — the state entering each chunk — are written;
 // final_state (B,H,P,N) too when non-null. init_state (B,H,P,N) or null (zeros). Device pointers;
-// three launches on `stream`, no allocation, no sync. Same arguments as model/ssd.h.
-template <typename T>
-void ssd_chunked_forward(T* y, T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+// three launches on `stream`, no allocation, no sync. Same arguments as model/ssd.h. y may be bf16 under T = float
+// (Y): the output rounded once as it is stored, for readers that take it in bf16 (nothing in the backward reads y).
+template <typename T, typename Y>
+void ssd_chunked_forward(Y* y, T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
                          const T* D, const T* init_state, T* final_state, int B, int T_, int H, int P, int G, int N,
                          int Q, cudaStream_t stream = 0) {
     using namespace ssd_detail;

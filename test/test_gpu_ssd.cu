@@ -15,6 +15,7 @@
 #include <sstream>             // std::ostringstream for case names
 #include <string>              // std::string
 #include <vector>              // std::vector host copies
+#include <cuda_bf16.h>         // __float2bfloat16_rn, __bfloat162float: the bf16 y's check
 #include <cuda_runtime.h>      // cudaMemset, cudaDeviceSynchronize
 #include "kernels/common.cuh"  // DeviceBuffer, cudaCheck
 #include "kernels/ssd.cuh"     // hl::gpu::ssd_chunked_forward/backward, ssd_chunked_backward_scratch_size
@@ -138,8 +139,9 @@ Result run_cpu(const Case& k, const Inputs& in, int Q) {
     return r;
 }
 
-// The GPU version, chunked with k.Q; every output poisoned first.
-Result run_gpu(const Case& k, const Inputs& in) {
+// The GPU version, chunked with k.Q; every output poisoned first. y16 (non-null): the forward again with y in bf16
+// (as Mamba-2 runs it under bf16 operands), its values as floats.
+Result run_gpu(const Case& k, const Inputs& in, std::vector<float>* y16 = nullptr) {
     const int B = k.B, T = k.T, H = k.H, P = k.P, G = k.G, N = k.N, Q = k.Q;
     const size_t nx = in.x.size(), ns = in.init.size();
     DeviceBuffer<float> x(nx), dt(in.dt.size()), A(H), Bm(in.Bm.size()), Cm(in.Cm.size()), D(H), init(ns), dy(nx),
@@ -151,6 +153,16 @@ Result run_gpu(const Case& k, const Inputs& in) {
     hl::gpu::ssd_chunked_forward(y.ptr, states.ptr, x.ptr, dt.ptr, A.ptr, Bm.ptr, Cm.ptr, D.ptr,
                                  k.init ? init.ptr : nullptr, k.fin ? fin.ptr : nullptr, B, T, H, P, G, N, Q);
     cudaCheck(cudaDeviceSynchronize());
+    if (y16) {
+        DeviceBuffer<float> states2(states.n);
+        DeviceBuffer<hl::gpu::bf16> yb(nx);
+        cudaCheck(cudaMemset(yb.ptr, 0xFF, nx * sizeof(hl::gpu::bf16)));  // NaNs: an element not written shows
+        hl::gpu::ssd_chunked_forward(yb.ptr, states2.ptr, x.ptr, dt.ptr, A.ptr, Bm.ptr, Cm.ptr, D.ptr,
+                                     k.init ? init.ptr : nullptr, (float*)nullptr, B, T, H, P, G, N, Q);
+        const std::vector<hl::gpu::bf16> h = yb.download();
+        y16->resize(nx);
+        for (size_t i = 0; i < nx; i++) (*y16)[i] = __bfloat162float(h[i]);
+    }
 
     DeviceBuffer<float> dx(nx), ddt(in.dt.size()), dA(H), dBm(in.Bm.size()), dCm(in.Cm.size()), dD(H), dinit(ns);
     DeviceBuffer<float> scratch(hl::gpu::ssd_chunked_backward_scratch_size(B, T, H, P, G, N, Q));
@@ -293,10 +305,17 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
         const Case& k = cases[i];
         const Inputs in = make_inputs(k, 5000 + i);
         Result g;
+        std::vector<float> y16;
         {
             const hl::gpu::Bf16Scope scope(&ops);
-            g = run_gpu(k, in);
+            g = run_gpu(k, in, &y16);
         }
+        // y written in bf16 (Mamba-2's under bf16): the fp32 y rounded once, bit for bit, on both kernel families
+        size_t same = 0;
+        for (size_t j = 0; j < y16.size(); j++)
+            same += y16[j] == __bfloat162float(__float2bfloat16_rn(g.y[j]));
+        CHECK_MESSAGE(same == y16.size(), "bf16 " << k.name() << ": y in bf16 equals the fp32 y rounded at " << same
+                                                       << " of " << y16.size());
         const Result c = run_cpu(k, in, k.Q);
         const std::string ctx = "bf16 " + k.name();
         const double ey = max_rel_err(g.y, c.y);
