@@ -68,7 +68,7 @@ struct GpuMamba2Acts {
     // backward scratch
     T* dgn = nullptr;            // (B, T, d_inner)    mixer: gradient of gn
     T* dg = nullptr;             // (B, T, d_inner)    mixer: gradient of g (fused: the blocks' dnorm_w partials)
-    T* dy = nullptr;             // (B, T, H, P)
+    T* dy = nullptr;             // (B, T, H, P)       bf16 (its first half) where mamba2_dy16 says
     T* dx = nullptr;             // (B, T, H, P)
     T* dBm = nullptr;            // (B, T, G, N)
     T* dCm = nullptr;            // (B, T, G, N)
@@ -142,6 +142,14 @@ void mamba2_bf16_views(GpuMamba2Acts<T>& acts, F&& f) {
     else f(acts.zxbcdt, acts.y);
 }
 
+// The scan's input gradient dy in bf16 (its bf16_view), written so by the gate's backward, where the scan's products
+// round it to bf16 anyway (ssd_bf16_dy); else null (fp32). dy stays laid out in fp32: it is backward scratch, shared
+// by the layers, and --no-ssd-tensor-cores runs in bf16 keep it fp32.
+template <typename T>
+bf16* mamba2_dy16(GpuMamba2Acts<T>& acts) {
+    return ssd_bf16_dy() ? bf16_view(acts.dy) : nullptr;
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise kernels of the branch. All grid-stride with one thread per element of a (rows, cols) view,
 // index i = r·cols + col: consecutive threads read and write consecutive columns of a row (coalesced; the
@@ -207,10 +215,10 @@ __global__ void mamba2_gate_forward_kernel(T* g, const Y* y, const Z* zxbcdt, in
     }
 }
 
-// Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI), and dz = dg ⊙ y ⊙ SiLU'(z) straight into the z columns
-// of dzxbcdt (rows, LD). Same mapping as the forward.
-template <typename T, typename Y, typename Z>
-__global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, const Y* y, const Z* zxbcdt, int rows,
+// Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI; DYO = T, or bf16 for the scan), and dz = dg ⊙ y ⊙ SiLU'(z)
+// straight into the z columns of dzxbcdt (rows, LD). Same mapping as the forward.
+template <typename T, typename DYO, typename Y, typename Z>
+__global__ void mamba2_gate_backward_kernel(DYO* dy, T* dzxbcdt, const T* dg, const Y* y, const Z* zxbcdt, int rows,
                                             int DI, int LD, size_t n4) {
     const size_t total = (size_t)rows * DI;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
@@ -225,7 +233,7 @@ __global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, cons
         const size_t r = i / DI;
         const int col = (int)(i % DI);
         const float z = float(zxbcdt[r * LD + col]), d = float(dg[i]);
-        dy[i] = T(d * dev_silu(z));
+        dy[i] = DYO(d * dev_silu(z));
         dzxbcdt[r * LD + col] = T(d * float(y[i]) * dev_silu_grad(z));
     }
 }
@@ -242,8 +250,8 @@ void mamba2_gate_forward(T* g, const Y* y, const Z* zxbcdt, int rows, int DI, in
         g, y, zxbcdt, rows, DI, LD, n4);
     cudaCheckLast();
 }
-template <typename T, typename Y, typename Z>
-void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const Y* y, const Z* zxbcdt, int rows, int DI, int LD,
+template <typename T, typename DYO, typename Y, typename Z>
+void mamba2_gate_backward(DYO* dy, T* dzxbcdt, const T* dg, const Y* y, const Z* zxbcdt, int rows, int DI, int LD,
                           cudaStream_t stream) {
     const size_t n4 = mamba2_gate_vec4(rows, DI, LD, dy, dzxbcdt, dg, y, zxbcdt);
     mamba2_gate_backward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
@@ -376,13 +384,20 @@ const bf16* mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, c
 
     mamba2_bf16_views(acts, [&](auto* zx, auto* y) {  // in_proj's and the scan's outputs as the forward wrote them
         using Z = std::remove_pointer_t<decltype(zx)>;
+        bf16* dy16 = mamba2_dy16(acts);  // (the fused gate and norm's backward wrote dy so already)
         // g = y ⊙ SiLU(z)  →  dy, and dz into dzxbcdt
-        if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, y, zx, rows, DI, LD, stream);
+        if (dg && dy16) mamba2_gate_backward(dy16, acts.dzxbcdt, dg, y, zx, rows, DI, LD, stream);
+        else if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, y, zx, rows, DI, LD, stream);
         // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
         cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
-        gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr, acts.ssd_scratch,
-                                  acts.dy, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm,
-                                  acts.Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
+        auto scan_backward = [&](const auto* dyv) {
+            gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr,
+                                      acts.ssd_scratch, dyv, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt,
+                                      acts.A, acts.Bm, acts.Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
+                                      stream);
+        };
+        if (dy16) scan_backward(dy16);
+        else scan_backward(acts.dy);
         // dt = softplus(dt_raw + dt_bias) → the dt_raw columns of dzxbcdt (and zeros in its pad columns);
         // A = −exp(A_log) → dA_log += dA · A
         auto dt_backward = [&](auto* dst) {
@@ -456,15 +471,15 @@ __global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const Y* y, 
 }
 
 // With g = y ⊙ SiLU(z), ĝ = g · rstd, d = dgn ⊙ norm_w:  dg = rstd · (d − ĝ · mean(d ⊙ ĝ)) over the group, then
-// dy = dg ⊙ SiLU(z) (rows, DI) and dz = dg ⊙ y ⊙ SiLU'(z) into the z columns of dzxbcdt (rows, LD; ZO float, or
-// bf16 for the in_proj GEMM): both written.
+// dy = dg ⊙ SiLU(z) (rows, DI; DYO float, or bf16 for the scan) and dz = dg ⊙ y ⊙ SiLU'(z) into the z columns of
+// dzxbcdt (rows, LD; ZO float, or bf16 for the in_proj GEMM): both written.
 // grid (ceil(rows / MAMBA2_GN_ROWS), G): block (b, g) takes group g of rows b·R … b·R + R − 1 in turn and keeps its
 // threads' share of Σ_rows dgn ⊙ ĝ (norm_w's gradient) in registers, written to wpart row b (ceil(rows / R), DI):
 // a column sum over those few rows finishes it, instead of one over all rows that would read dgn, y and z again.
 constexpr int MAMBA2_GN_ROWS = 16;
 
-template <int V, typename ZO, typename Y, typename Z>
-__global__ void mamba2_gate_norm_backward_kernel(float* dy, ZO* dzxbcdt, float* wpart, const float* dgn,
+template <int V, typename DYO, typename ZO, typename Y, typename Z>
+__global__ void mamba2_gate_norm_backward_kernel(DYO* dy, ZO* dzxbcdt, float* wpart, const float* dgn,
                                                  const Y* y, const Z* zxbcdt, const float* norm_w,
                                                  const float* rstd, int rows, int G, int Cg, int LD) {
     __shared__ float part[RMSNORM_BLOCK / 32];
@@ -573,19 +588,21 @@ const bf16* mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, G
     if constexpr (std::is_same_v<T, float>) {
         if (fused) {  // dy and the z columns of dzxbcdt, dnorm_w from the blocks' partials
             const int nb = ceil_div(rows, MAMBA2_GN_ROWS);  // the partials go to acts.dg, unused on this path
-            auto launch = [&](auto* dz) {
+            auto launch = [&](auto* dyo, auto* dz) {
                 mamba2_bf16_views(acts, [&](auto* zx, auto* y) {
                     rmsnorm_row_dispatch(Cg, [&](auto v) {
                         mamba2_gate_norm_backward_kernel<decltype(v)::value><<<dim3(nb, G), RMSNORM_BLOCK, 0,
                                                                                stream>>>(
-                            acts.dy, dz, acts.dg, acts.dgn, y, zx, p.norm_w, acts.rstd, rows, G, Cg, LD);
+                            dyo, dz, acts.dg, acts.dgn, y, zx, p.norm_w, acts.rstd, rows, G, Cg, LD);
                     });
                 });
                 cudaCheckLast();
             };
             dzxbcdt16 = gpu::bf16_view(acts.dzxbcdt);  // under bf16: in_proj's GEMM is the only reader
-            if (dzxbcdt16) launch(dzxbcdt16);
-            else launch(acts.dzxbcdt);
+            bf16* dy16 = mamba2_dy16(acts);             // the scan's, as its backward will read it
+            if (dzxbcdt16 && dy16) launch(dy16, dzxbcdt16);
+            else if (dzxbcdt16) launch(acts.dy, dzxbcdt16);
+            else launch(acts.dy, acts.dzxbcdt);
             gpu::colsum(dp.norm_w, RowsTerm<float>{acts.dg, c.d_inner}, nb, c.d_inner, stream);  // the partials
         }
     }
