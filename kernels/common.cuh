@@ -130,6 +130,11 @@ __device__ __forceinline__ float2 ld2(const float* p) { return *reinterpret_cast
 __device__ __forceinline__ float2 ld2(const __nv_bfloat16* p) {
     return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
 }
+// Two fp32 values stored as two consecutive elements (8 bytes of fp32, 4 of bf16, rounded); p aligned to that.
+__device__ __forceinline__ void st2(float* p, float2 v) { *reinterpret_cast<float2*>(p) = v; }
+__device__ __forceinline__ void st2(__nv_bfloat16* p, float2 v) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(v.x, v.y);
+}
 // Eight consecutive elements as fp32: two 16-byte accesses of fp32, one of bf16; p 16-byte aligned.
 __device__ __forceinline__ void ld8(const float* p, float (&x)[8]) {
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];

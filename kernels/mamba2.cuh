@@ -13,7 +13,8 @@
 //          the gate and the norm are one kernel (mamba2_gate_norm_forward_kernel), g not stored
 // Under bf16 operands in_proj's output zxbcdt comes out of its GEMM in bf16 (as autocast keeps it), in half the
 // memory: its readers (the conv, the dt split, the gate or the fused gate and norm, and in the backward the gate, the
-// dt gradient and the conv's weight gradient) are templated on its type Z and take it through mamba2_zxbcdt.
+// dt gradient and the conv's weight gradient) are templated on its type Z. So does the scan's output y, which only
+// the gate (or the fused gate and norm) reads, forward and backward (type Y). Both through mamba2_bf16_views.
 // in_proj's output and its gradient are (B, T, LD) with LD = in_proj_rows(), d_in_proj rounded up to a multiple of
 // 8: its GEMMs run over the parameter layout's extra rows after in_proj (model/mamba2.h), whose output columns
 // nothing reads, and whose gradient columns the dt backward writes as zeros (so they add nothing to the input's
@@ -59,7 +60,7 @@ struct GpuMamba2Acts {
     T* dt = nullptr;             // (B, T, H)          softplus(dt_raw + dt_bias)
     T* A = nullptr;              // (H)                −exp(A_log)
     T* chunk_states = nullptr;   // (B, H, nchunks, P, N)  the state entering each chunk
-    T* y = nullptr;              // (B, T, H, P)       SSD output, D·x included
+    T* y = nullptr;              // (B, T, H, P)       SSD output, D·x included; bf16 only in bf16 runs
     T* g = nullptr;              // (B, T, d_inner)    y ⊙ SiLU(z): the branch output (null for a mixer whose gate
                                  //                    and norm are fused: mamba2_gate_norm_fused)
     T* gn = nullptr;             // (B, T, d_inner)    mixer: RMSNorm(g) · norm_w
@@ -67,7 +68,7 @@ struct GpuMamba2Acts {
     // backward scratch
     T* dgn = nullptr;            // (B, T, d_inner)    mixer: gradient of gn
     T* dg = nullptr;             // (B, T, d_inner)    mixer: gradient of g (fused: the blocks' dnorm_w partials)
-    T* dy = nullptr;             // (B, T, H, P)
+    T* dy = nullptr;             // (B, T, H, P)       bf16 (its first half) where mamba2_dy16 says
     T* dx = nullptr;             // (B, T, H, P)
     T* dBm = nullptr;            // (B, T, G, N)
     T* dCm = nullptr;            // (B, T, G, N)
@@ -91,7 +92,7 @@ bool mamba2_gate_norm_fused(const Mamba2Config& c) {
 
 // Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU: one float arena
 // holds the element tensors and the fp32 statistics alike; under a Bf16Scope (the one the layer will run in) the
-// tensors held only in bf16, zxbcdt and the mixer's gn, take half the floats.
+// tensors held only in bf16, zxbcdt, y and the mixer's gn, take half the floats.
 // mixer: the M block's mixer (the gated norm's tensors; g only where its gate and norm are not fused), else the
 // intra-layer block's branch (g, its output, and none of the norm's).
 inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_, bool mixer) {
@@ -111,7 +112,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.dt = a.take("dt", {B, T_, H});
     x.A = a.take("A", {H});
     x.chunk_states = a.take("chunk_states", {B, H, nchunks, P, N});
-    x.y = a.take("y", {B, T_, H, P});
+    x.y = a.take("y", bf16_only_shape({B, T_, H, P}, b16));  // (bf16: y16 only)
     if (!mixer || !mamba2_gate_norm_fused<float>(c)) x.g = a.take("g", {B, T_, c.d_inner});
     if (mixer) {
         x.gn = a.take("gn", bf16_only_shape({B, T_, c.d_inner}, b16));  // (bf16: gn16 only)
@@ -132,12 +133,21 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     return x;
 }
 
-// Calls f with in_proj's output as its readers take it: its bf16_view under bf16 operands (the GEMM writes it so),
-// else the T tensor. Each reader is one instantiation over Z = T or bf16.
+// Calls f(zx, y) with in_proj's output and the scan's output as their producers write them and their readers take
+// them: their bf16_views under bf16 operands, else the T tensors. Each kernel on them is one instantiation over
+// Z, Y = T or bf16.
 template <typename T, typename F>
-void mamba2_zxbcdt(T* zxbcdt, F&& f) {
-    if (const bf16* z16 = bf16_view(zxbcdt)) f(z16);
-    else f(static_cast<const T*>(zxbcdt));
+void mamba2_bf16_views(GpuMamba2Acts<T>& acts, F&& f) {
+    if (bf16* z16 = bf16_view(acts.zxbcdt)) f(z16, bf16_view(acts.y));
+    else f(acts.zxbcdt, acts.y);
+}
+
+// The scan's input gradient dy in bf16 (its bf16_view), written so by the gate's backward, where the scan's products
+// round it to bf16 anyway (ssd_bf16_dy); else null (fp32). dy stays laid out in fp32: it is backward scratch, shared
+// by the layers, and --no-ssd-tensor-cores runs in bf16 keep it fp32.
+template <typename T>
+bf16* mamba2_dy16(GpuMamba2Acts<T>& acts) {
+    return ssd_bf16_dy() ? bf16_view(acts.dy) : nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -189,8 +199,8 @@ __global__ void mamba2_split_kernel(T* x, T* Bm, T* Cm, T* dt, T* A, const T* xB
 
 // g (rows, DI) = y ⊙ SiLU(z), z = columns [0, DI) of zxbcdt (rows, LD). Four elements a thread on [0, 4·n4)
 // (mamba2_gate_vec4: then DI and LD are multiples of 4, so a group of four lies in one row), one on the rest.
-template <typename T, typename Z>
-__global__ void mamba2_gate_forward_kernel(T* g, const T* y, const Z* zxbcdt, int rows, int DI, int LD, size_t n4) {
+template <typename T, typename Y, typename Z>
+__global__ void mamba2_gate_forward_kernel(T* g, const Y* y, const Z* zxbcdt, int rows, int DI, int LD, size_t n4) {
     const size_t total = (size_t)rows * DI;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
     auto gate = [](float yv, float z) { return yv * dev_silu(z); };
@@ -205,10 +215,10 @@ __global__ void mamba2_gate_forward_kernel(T* g, const T* y, const Z* zxbcdt, in
     }
 }
 
-// Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI), and dz = dg ⊙ y ⊙ SiLU'(z) straight into the z columns
-// of dzxbcdt (rows, LD). Same mapping as the forward.
-template <typename T, typename Z>
-__global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, const T* y, const Z* zxbcdt, int rows,
+// Backward of the gate: dy = dg ⊙ SiLU(z) (rows, DI; DYO = T, or bf16 for the scan), and dz = dg ⊙ y ⊙ SiLU'(z)
+// straight into the z columns of dzxbcdt (rows, LD). Same mapping as the forward.
+template <typename T, typename DYO, typename Y, typename Z>
+__global__ void mamba2_gate_backward_kernel(DYO* dy, T* dzxbcdt, const T* dg, const Y* y, const Z* zxbcdt, int rows,
                                             int DI, int LD, size_t n4) {
     const size_t total = (size_t)rows * DI;
     const size_t i0 = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
@@ -223,7 +233,7 @@ __global__ void mamba2_gate_backward_kernel(T* dy, T* dzxbcdt, const T* dg, cons
         const size_t r = i / DI;
         const int col = (int)(i % DI);
         const float z = float(zxbcdt[r * LD + col]), d = float(dg[i]);
-        dy[i] = T(d * dev_silu(z));
+        dy[i] = DYO(d * dev_silu(z));
         dzxbcdt[r * LD + col] = T(d * float(y[i]) * dev_silu_grad(z));
     }
 }
@@ -233,15 +243,15 @@ template <typename... P>
 size_t mamba2_gate_vec4(int rows, int DI, int LD, const P*... p) {
     return DI % 4 == 0 && LD % 4 == 0 ? vec4_count((size_t)rows * DI, p...) : 0;
 }
-template <typename T, typename Z>
-void mamba2_gate_forward(T* g, const T* y, const Z* zxbcdt, int rows, int DI, int LD, cudaStream_t stream) {
+template <typename T, typename Y, typename Z>
+void mamba2_gate_forward(T* g, const Y* y, const Z* zxbcdt, int rows, int DI, int LD, cudaStream_t stream) {
     const size_t n4 = mamba2_gate_vec4(rows, DI, LD, g, y, zxbcdt);
     mamba2_gate_forward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
         g, y, zxbcdt, rows, DI, LD, n4);
     cudaCheckLast();
 }
-template <typename T, typename Z>
-void mamba2_gate_backward(T* dy, T* dzxbcdt, const T* dg, const T* y, const Z* zxbcdt, int rows, int DI, int LD,
+template <typename T, typename DYO, typename Y, typename Z>
+void mamba2_gate_backward(DYO* dy, T* dzxbcdt, const T* dg, const Y* y, const Z* zxbcdt, int rows, int DI, int LD,
                           cudaStream_t stream) {
     const size_t n4 = mamba2_gate_vec4(rows, DI, LD, dy, dzxbcdt, dg, y, zxbcdt);
     mamba2_gate_backward_kernel<<<elementwise_grid(n4 ? n4 : (size_t)rows * DI, 256), 256, 0, stream>>>(
@@ -324,7 +334,7 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
     // under bf16 operands (zx below)
     gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, LD, stream, inp16,
                         gpu::bf16_view(acts.zxbcdt));
-    mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {
+    mamba2_bf16_views(acts, [&](auto* zx, auto* y) {
         // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's
         // output (rows LD apart), gathered first only with a shared x (x from x_shared, B and C from in_proj); it
         // writes its output's column ranges straight into the scan's x, B and C
@@ -343,11 +353,11 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
             dt_off);
         cudaCheckLast();
         // y = SSD(x, dt, A, B, C) + D·x from a zero state
-        gpu::ssd_chunked_forward(acts.y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
+        gpu::ssd_chunked_forward(y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
                                  (const T*)nullptr, (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
                                  stream);
         // g = y ⊙ SiLU(z)
-        if (gate) mamba2_gate_forward(acts.g, acts.y, zx, rows, DI, LD, stream);
+        if (gate) mamba2_gate_forward(acts.g, y, zx, rows, DI, LD, stream);
     });
 }
 
@@ -372,15 +382,22 @@ const bf16* mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, c
     const int rows = B * T_, D = c.d_model, DI = c.d_inner, H = c.nheads(), GN = c.ngroups * c.d_state;
     const int CD = c.conv_dim(), LD = c.in_proj_rows(), dt_off = c.d_in_proj() - H;
 
-    mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {  // in_proj's output as the forward's GEMM wrote it
-        using Z = std::remove_const_t<std::remove_pointer_t<decltype(zx)>>;
+    mamba2_bf16_views(acts, [&](auto* zx, auto* y) {  // in_proj's and the scan's outputs as the forward wrote them
+        using Z = std::remove_pointer_t<decltype(zx)>;
+        bf16* dy16 = mamba2_dy16(acts);  // (the fused gate and norm's backward wrote dy so already)
         // g = y ⊙ SiLU(z)  →  dy, and dz into dzxbcdt
-        if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, acts.y, zx, rows, DI, LD, stream);
+        if (dg && dy16) mamba2_gate_backward(dy16, acts.dzxbcdt, dg, y, zx, rows, DI, LD, stream);
+        else if (dg) mamba2_gate_backward(acts.dy, acts.dzxbcdt, dg, y, zx, rows, DI, LD, stream);
         // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
         cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
-        gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr, acts.ssd_scratch,
-                                  acts.dy, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm,
-                                  acts.Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
+        auto scan_backward = [&](const auto* dyv) {
+            gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr,
+                                      acts.ssd_scratch, dyv, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt,
+                                      acts.A, acts.Bm, acts.Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
+                                      stream);
+        };
+        if (dy16) scan_backward(dy16);
+        else scan_backward(acts.dy);
         // dt = softplus(dt_raw + dt_bias) → the dt_raw columns of dzxbcdt (and zeros in its pad columns);
         // A = −exp(A_log) → dA_log += dA · A
         auto dt_backward = [&](auto* dst) {
@@ -433,12 +450,12 @@ void mamba2_gate_norm_check(const GpuMamba2Acts<T>& acts, const Mamba2Params<T>&
 
 // gn (rows, G·Cg) = y ⊙ SiLU(z) / rms(group) · norm_w, rstd (rows, G) saved. O: float, or bf16 under bf16 operands
 // (gn is out_proj's input only). grid: rows·G blocks of RMSNORM_BLOCK threads.
-template <int V, typename O, typename Z>
-__global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float* y, const Z* zxbcdt,
+template <int V, typename O, typename Y, typename Z>
+__global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const Y* y, const Z* zxbcdt,
                                                 const float* norm_w, int G, int Cg, int LD, float eps) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int r = blockIdx.x, tid = threadIdx.x, C4 = Cg / 4, grp = r % G;
-    const float* yr = y + (size_t)r * Cg;                                 // (Cg)
+    const Y* yr = y + (size_t)r * Cg;                                     // (Cg)
     const Z* zr = zxbcdt + (size_t)(r / G) * LD + (size_t)grp * Cg;      // (Cg): z is columns [0, d_inner)
     const float* wr = norm_w + (size_t)grp * Cg;                          // (Cg)
     float4 g[V];
@@ -454,16 +471,16 @@ __global__ void mamba2_gate_norm_forward_kernel(O* gn, float* rstd, const float*
 }
 
 // With g = y ⊙ SiLU(z), ĝ = g · rstd, d = dgn ⊙ norm_w:  dg = rstd · (d − ĝ · mean(d ⊙ ĝ)) over the group, then
-// dy = dg ⊙ SiLU(z) (rows, DI) and dz = dg ⊙ y ⊙ SiLU'(z) into the z columns of dzxbcdt (rows, LD; ZO float, or
-// bf16 for the in_proj GEMM): both written.
+// dy = dg ⊙ SiLU(z) (rows, DI; DYO float, or bf16 for the scan) and dz = dg ⊙ y ⊙ SiLU'(z) into the z columns of
+// dzxbcdt (rows, LD; ZO float, or bf16 for the in_proj GEMM): both written.
 // grid (ceil(rows / MAMBA2_GN_ROWS), G): block (b, g) takes group g of rows b·R … b·R + R − 1 in turn and keeps its
 // threads' share of Σ_rows dgn ⊙ ĝ (norm_w's gradient) in registers, written to wpart row b (ceil(rows / R), DI):
 // a column sum over those few rows finishes it, instead of one over all rows that would read dgn, y and z again.
 constexpr int MAMBA2_GN_ROWS = 16;
 
-template <int V, typename ZO, typename Z>
-__global__ void mamba2_gate_norm_backward_kernel(float* dy, ZO* dzxbcdt, float* wpart, const float* dgn,
-                                                 const float* y, const Z* zxbcdt, const float* norm_w,
+template <int V, typename DYO, typename ZO, typename Y, typename Z>
+__global__ void mamba2_gate_norm_backward_kernel(DYO* dy, ZO* dzxbcdt, float* wpart, const float* dgn,
+                                                 const Y* y, const Z* zxbcdt, const float* norm_w,
                                                  const float* rstd, int rows, int G, int Cg, int LD) {
     __shared__ float part[RMSNORM_BLOCK / 32];
     const int tid = threadIdx.x, C4 = Cg / 4, grp = blockIdx.y;
@@ -534,10 +551,10 @@ const bf16* mamba2_mixer_forward(T* out, GpuMamba2Acts<T>& acts, const T* inp, c
     if constexpr (std::is_same_v<T, float>) {
         if (fused) {
             auto launch = [&](auto* o) {
-                mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {
+                mamba2_bf16_views(acts, [&](auto* zx, auto* y) {
                     rmsnorm_row_dispatch(Cg, [&](auto v) {
                         mamba2_gate_norm_forward_kernel<decltype(v)::value><<<rows * G, RMSNORM_BLOCK, 0, stream>>>(
-                            o, acts.rstd, acts.y, zx, p.norm_w, G, Cg, c.in_proj_rows(), float(MAMBA2_NORM_EPS));
+                            o, acts.rstd, y, zx, p.norm_w, G, Cg, c.in_proj_rows(), float(MAMBA2_NORM_EPS));
                     });
                 });
                 cudaCheckLast();
@@ -571,19 +588,21 @@ const bf16* mamba2_mixer_backward(T* dinp, Mamba2Params<T>& dp, const T* dout, G
     if constexpr (std::is_same_v<T, float>) {
         if (fused) {  // dy and the z columns of dzxbcdt, dnorm_w from the blocks' partials
             const int nb = ceil_div(rows, MAMBA2_GN_ROWS);  // the partials go to acts.dg, unused on this path
-            auto launch = [&](auto* dz) {
-                mamba2_zxbcdt(acts.zxbcdt, [&](auto* zx) {
+            auto launch = [&](auto* dyo, auto* dz) {
+                mamba2_bf16_views(acts, [&](auto* zx, auto* y) {
                     rmsnorm_row_dispatch(Cg, [&](auto v) {
                         mamba2_gate_norm_backward_kernel<decltype(v)::value><<<dim3(nb, G), RMSNORM_BLOCK, 0,
                                                                                stream>>>(
-                            acts.dy, dz, acts.dg, acts.dgn, acts.y, zx, p.norm_w, acts.rstd, rows, G, Cg, LD);
+                            dyo, dz, acts.dg, acts.dgn, y, zx, p.norm_w, acts.rstd, rows, G, Cg, LD);
                     });
                 });
                 cudaCheckLast();
             };
             dzxbcdt16 = gpu::bf16_view(acts.dzxbcdt);  // under bf16: in_proj's GEMM is the only reader
-            if (dzxbcdt16) launch(dzxbcdt16);
-            else launch(acts.dzxbcdt);
+            bf16* dy16 = mamba2_dy16(acts);             // the scan's, as its backward will read it
+            if (dzxbcdt16 && dy16) launch(dy16, dzxbcdt16);
+            else if (dzxbcdt16) launch(acts.dy, dzxbcdt16);
+            else launch(acts.dy, acts.dzxbcdt);
             gpu::colsum(dp.norm_w, RowsTerm<float>{acts.dg, c.d_inner}, nb, c.d_inner, stream);  // the partials
         }
     }

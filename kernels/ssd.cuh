@@ -344,9 +344,9 @@ __device__ inline void chunk_state_weights(float* w, const float* cum, const flo
 // Grid (ceil(P/64), nchunks, B·H): one block per 64 rows p of one chunk's (P, N) state, all N
 // columns (BN ≥ N), K = the chunk's steps. A GEMM with M = P, N = N, K = len — shaped so, because the
 // output is tiny (P·N) and the K dimension is the chunk.
-template <typename T, typename S, int BN, bool BWD>
+template <typename T, typename S, int BN, bool BWD, typename UT>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A, const T* V, Dims d) {
+ssd_chunk_state_kernel(S* slots, T* end, const UT* U, const T* dt, const T* A, const T* V, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), p0 = blockIdx.x * BM;
     // where this chunk's result goes (a whole block leaves at once, before any barrier)
@@ -383,18 +383,19 @@ ssd_chunk_state_kernel(S* slots, T* end, const T* U, const T* dt, const T* A, co
 }
 
 // Stages a tile for the tensor-core kernels below: `rows` rows of `width` columns (a multiple of 4) into shared
-// memory as bf16 (row stride ld), four columns a thread at a time from float4 loads. src(r) is the fp32 row r or
-// null (a zero row: past the chunk, or past P); columns ≥ valid (a multiple of 4) are zeros; row r is multiplied
-// by scale(r). All threads of the block take part; complete after a __syncthreads.
+// memory as bf16 (row stride ld), four columns a thread at a time (ld4: a float4 load, or 8 bytes of bf16). src(r) is
+// row r (fp32, or bf16: the scan's dy under bf16 operands) or null (a zero row: past the chunk, or past P); columns
+// ≥ valid (a multiple of 4) are zeros; row r is multiplied by scale(r). All threads of the block take part; complete
+// after a __syncthreads.
 template <class Src, class Scale>
 __device__ inline void stage_bf16(bf16* dst, int ld, int rows, int width, int valid, const Src& src,
                                   const Scale& scale) {
     for (int idx = threadIdx.x; idx < rows * (width / 4); idx += blockDim.x) {
         const int r = idx / (width / 4), col = (idx % (width / 4)) * 4;
-        const float* row = src(r);
+        const auto* row = src(r);
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (row && col < valid) {
-            v = *reinterpret_cast<const float4*>(row + col);
+            v = ld4(row, col / 4);
             const float k = scale(r);
             v.x *= k, v.y *= k, v.z *= k, v.w *= k;
         }
@@ -444,9 +445,9 @@ void tc_dispatch(const Dims& d, Launch&& launch) {
 // memory, (t, p) and (t, n) rows; each warp then takes 16 rows p × BN/2 columns n with mma.sync, reading U
 // transposed through ldmatrix.trans (its rows are the K dimension), and stores its accumulators from registers.
 constexpr int CS_KT = 64;
-template <typename S, int BN, bool BWD>
+template <typename S, int BN, bool BWD, typename UT>
 __global__ void __launch_bounds__(NT, TC_STATE_MIN_BLOCKS)
-ssd_chunk_state_tc_kernel(S* slots, float* end, const float* U, const float* dt, const float* A, const float* V,
+ssd_chunk_state_tc_kernel(S* slots, float* end, const UT* U, const float* dt, const float* A, const float* V,
                           Dims d) {
     constexpr int WN = BN / 2, LU = BM + 8, LV = BN + 8;  // a warp's columns; row strides (mma.cuh's padding)
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
@@ -497,25 +498,25 @@ ssd_chunk_state_tc_kernel(S* slots, float* end, const float* U, const float* dt,
 }
 
 // Launches chunk_state (forward: U = x, V = Bm into chunk_states / final_state; backward: U = dy, V = Cm into the dS
-// slots / dinit_state) on the tensor-core kernel when it applies, else on ssd_chunk_state_kernel.
-template <bool BWD, typename T, typename S>
-void launch_chunk_state(S* slots, T* end, const T* U, const T* dt, const T* A, const T* V, const Dims& d,
+// slots / dinit_state) on the tensor-core kernel when it applies, else on ssd_chunk_state_kernel. U: T, or bf16 (dy).
+template <bool BWD, typename T, typename S, typename UT>
+void launch_chunk_state(S* slots, T* end, const UT* U, const T* dt, const T* A, const T* V, const Dims& d,
                         cudaStream_t stream) {
     const dim3 grid(ceil_div(d.P, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, BWD ? "chunk_state (backward)" : "chunk_state", {U, V}, {})) {
             if (feat_tile(d.N) == 64)
-                ssd_chunk_state_tc_kernel<S, 64, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+                ssd_chunk_state_tc_kernel<S, 64, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
             else
-                ssd_chunk_state_tc_kernel<S, 128, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+                ssd_chunk_state_tc_kernel<S, 128, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
             cudaCheckLast();
             return;
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_chunk_state_kernel<T, S, 64, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+        ssd_chunk_state_kernel<T, S, 64, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
     else
-        ssd_chunk_state_kernel<T, S, 128, BWD><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+        ssd_chunk_state_kernel<T, S, 128, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
     cudaCheckLast();
 }
 
@@ -604,9 +605,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
 // causal j tiles j0 ≤ i0: the 64 × 64 tile of C·Bᵀ (K = N) goes to shared memory ms, is masked and
 // weighted there by exp(cum_i − cum_j)·dt_j, and multiplies the j tile of x (K = 64). Blocks are per
 // head, so C·Bᵀ is recomputed by each head of a group (a later version can share it).
-template <typename T, int BF>
+template <typename T, int BF, typename Y>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+ssd_chunk_output_kernel(Y* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
                         const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
@@ -660,7 +661,7 @@ ssd_chunk_output_kernel(T* y, const T* chunk_states, const T* x, const T* dt, co
 #pragma unroll
         for (int cc = 0; cc < BF / TX; cc++) {
             const int p = tx * (BF / TX) + cc;
-            if (p < P) y[row + p] = T(acc[r][cc] + Dh * float(x[row + p]));
+            if (p < P) y[row + p] = Y(acc[r][cc] + Dh * float(x[row + p]));
         }
     }
 }
@@ -707,9 +708,9 @@ __host__ __device__ constexpr size_t tc_tile_smem(int stay_width) {
 // and turned straight into the A operand of the product with the j tile of x. (Both warps of a row block compute
 // the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
 // B and x tiles reuse (dynamic, tc_tile_smem).
-template <int NF, int PF>
+template <int NF, int PF, typename Y>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, const float* dt, const float* A,
+ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const float* x, const float* dt, const float* A,
                            const float* Bm, const float* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
@@ -764,22 +765,22 @@ ssd_chunk_output_tc_kernel(float* y, const float* chunk_states, const float* x, 
             const int p = WP * wn + 8 * n + 2 * (lane % 4);
             if (p >= P) continue;  // (P is a multiple of 4, so p + 1 < P too)
             const float2 xv = *reinterpret_cast<const float2*>(x + row + p);
-            *reinterpret_cast<float2*>(y + row + p) =
-                make_float2(acc[n][2 * half] + Dh * xv.x, acc[n][2 * half + 1] + Dh * xv.y);
+            st2(y + row + p, make_float2(acc[n][2 * half] + Dh * xv.x, acc[n][2 * half + 1] + Dh * xv.y));
         }
     }
 }
 
-// Launches chunk_output on the tensor-core kernel when it applies, else on ssd_chunk_output_kernel.
-template <typename T>
-void launch_chunk_output(T* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+// Launches chunk_output on the tensor-core kernel when it applies, else on ssd_chunk_output_kernel. y: T, or bf16
+// under T = float (its only readers are elementwise: Mamba-2's gate and norm).
+template <typename T, typename Y>
+void launch_chunk_output(Y* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
                          const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "chunk_output", {x, Bm, Cm, chunk_states}, {y})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF>;
+                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF, Y>;
                 const size_t smem = tc_tile_smem<NF, PF>(NF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
@@ -788,9 +789,9 @@ void launch_chunk_output(T* y, const T* chunk_states, const T* x, const T* dt, c
         }
     }
     if (feat_tile(d.P) == 64)
-        ssd_chunk_output_kernel<T, 64><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 64, Y><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     else
-        ssd_chunk_output_kernel<T, 128><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 128, Y><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     cudaCheckLast();
 }
 
@@ -883,9 +884,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
 //   v[b, h, t] = dt_j·⟨x_j, state part of acc_j⟩ (the (2) term of ∂L/∂cum_last, summed by finalize)
 // Grid (ceil(min(Q, T)/64), nchunks, B·H); the mirror of chunk_output with the causal loop over the
 // i tiles at or after j (B·Cᵀ tile in ms, masked and weighted, times the i tile of dy).
-template <typename T, int BF>
+template <typename T, int BF, typename DY>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const T* dy, const float* slots, const T* x, const T* dt, const T* A,
+ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const DY* dy, const float* slots, const T* x, const T* dt, const T* A,
                   const T* Bm, const T* Cm, const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
@@ -975,9 +976,9 @@ ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const T* dy, const float* slots
 // scaled by exp(cum_last − cum_j) in registers; per causal i tile (i ≥ j) the scores B_j·C_iᵀ are masked and weighted
 // by exp(cum_i − cum_j) in registers and multiply the i tile of dy. The row sums ⟨x_j, ·⟩ are taken in registers,
 // across a quad of lanes and then across the two warps of a row block, in a fixed order.
-template <int NF, int PF>
+template <int NF, int PF, typename DY>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const float* dy, const float* slots, const float* x,
+ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const DY* dy, const float* slots, const float* x,
                      const float* dt, const float* A, const float* Bm, const float* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
@@ -1050,7 +1051,7 @@ ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const float* dy, con
             const float a0 = acc[n][2 * half], a1 = acc[n][2 * half + 1];
             const float2 xv = x_at(j, p);
             (half ? db : da) += xv.x * a0 + xv.y * a1;
-            const float2 dyv = *reinterpret_cast<const float2*>(dy + row + p);
+            const float2 dyv = ld2(dy + row + p);
             *reinterpret_cast<float2*>(dx + row + p) = make_float2(Dh * dyv.x + dtj * a0, Dh * dyv.y + dtj * a1);
         }
     }
@@ -1070,16 +1071,17 @@ ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const float* dy, con
     }
 }
 
-// Launches the dx kernel on the tensor cores when it applies, else ssd_bwd_dx_kernel.
-template <typename T>
-void launch_bwd_dx(T* dx, T* ddt, float* v_state, const T* dy, const float* slots, const T* x, const T* dt,
+// Launches the dx kernel on the tensor cores when it applies, else ssd_bwd_dx_kernel. dy: T, or bf16 under T = float
+// (as for every backward kernel below).
+template <typename T, typename DY>
+void launch_bwd_dx(T* dx, T* ddt, float* v_state, const DY* dy, const float* slots, const T* x, const T* dt,
                    const T* A, const T* Bm, const T* Cm, const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "bwd_dx", {dy, x, Bm, Cm, slots}, {dx})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_bwd_dx_tc_kernel<NF, PF>;
+                const auto kernel = ssd_bwd_dx_tc_kernel<NF, PF, DY>;
                 const size_t smem = tc_tile_smem<NF, PF>(NF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
@@ -1088,9 +1090,9 @@ void launch_bwd_dx(T* dx, T* ddt, float* v_state, const T* dy, const float* slot
         }
     }
     if (feat_tile(d.P) == 64)
-        ssd_bwd_dx_kernel<T, 64><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
+        ssd_bwd_dx_kernel<T, 64, DY><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
     else
-        ssd_bwd_dx_kernel<T, 128><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
+        ssd_bwd_dx_kernel<T, 128, DY><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
     cudaCheckLast();
 }
 
@@ -1110,9 +1112,9 @@ inline int ssd_heads_per_slice(int hpg) {
 // (the weight folded into the A operand, so heads accumulate into the same registers), then the
 // causal i tiles: the (x·dyᵀ) tile (K = P) in ms, masked and weighted, times the i tile of C (K = 64).
 // Writes dBm (one slice per group) or the slice's partial sum part[slice] (B, T, G, N).
-template <typename T, int BF>
+template <typename T, int BF, typename DY>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dB_kernel(T* dBm, float* part, const T* dy, const float* slots, const T* x, const T* dt, const T* A,
+ssd_bwd_dB_kernel(T* dBm, float* part, const DY* dy, const float* slots, const T* x, const T* dt, const T* A,
                   const T* Cm, Dims d, int heads_per_slice) {
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
@@ -1183,9 +1185,9 @@ ssd_bwd_dB_kernel(T* dBm, float* part, const T* dy, const float* slots, const T*
 // and, per head, cdot[b, h, t] = ⟨C_i, dC^h_i⟩ (the C side of ∂L/∂cum_i). Grid (ceil(min(Q, T)/64),
 // nchunks, B·G·nslices). Per head the gradient is built in its own registers (for the dot), then
 // added to the slice total. Mirrors chunk_output with dy in place of C and the (dy·xᵀ) tile in ms.
-template <typename T, int BF>
+template <typename T, int BF, typename DY>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const T* dy, const T* chunk_states, const T* x, const T* dt,
+ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const T* x, const T* dt,
                   const T* A, const T* Bm, const T* Cm, Dims d, int heads_per_slice) {
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
@@ -1294,9 +1296,9 @@ __device__ inline void store_bc_tile(float* dst, const float (&acc)[WN / 8][4], 
 // dS_out, scaled by exp(cum_last − cum_j) in registers and added to the slice total; per causal i tile the scores
 // (dt_j·x_j)·dy_iᵀ (K = P) are masked and weighted by exp(cum_i − cum_j) in registers and multiply the i tile of C,
 // straight into the total. Each warp: 16 rows j × NF/2 columns n (both warps of a row block compute the scores).
-template <int NF, int PF>
+template <int NF, int PF, typename DY>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_bwd_dB_tc_kernel(float* dBm, float* part, const float* dy, const float* slots, const float* x, const float* dt,
+ssd_bwd_dB_tc_kernel(float* dBm, float* part, const DY* dy, const float* slots, const float* x, const float* dt,
                      const float* A, const float* Cm, Dims d, int heads_per_slice) {
     constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2;  // row strides; a warp's columns n
     const int nslices = d.hpg() / heads_per_slice;
@@ -1363,9 +1365,9 @@ template <int NF, int PF>
 __host__ __device__ constexpr size_t dC_tc_smem() {
     return tc_tile_smem<NF, PF>(PF) + sizeof(float) * BM * (NF + 8);
 }
-template <int NF, int PF>
+template <int NF, int PF, typename DY>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const float* dy, const float* chunk_states, const float* x,
+ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const float* chunk_states, const float* x,
                      const float* dt, const float* A, const float* Bm, const float* Cm, Dims d, int heads_per_slice) {
     constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2, LT = NF + 8;  // row strides; a warp's columns n
     const int nslices = d.hpg() / heads_per_slice;
@@ -1460,15 +1462,15 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const float* dy, cons
 
 // Launch dB and dC (summed over the heads of each slice of a group; grid (tiles, chunks, B·G·slices)) on the
 // tensor-core kernels when they apply, else on the block-GEMM ones.
-template <typename T>
-void launch_bwd_dB(T* dBm, float* part, const T* dy, const float* slots, const T* x, const T* dt, const T* A,
+template <typename T, typename DY>
+void launch_bwd_dB(T* dBm, float* part, const DY* dy, const float* slots, const T* x, const T* dt, const T* A,
                    const T* Cm, const Dims& d, int hps, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.G * (d.hpg() / hps));
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "bwd_dB", {dy, slots, x, Cm}, {dBm, part})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_bwd_dB_tc_kernel<NF, PF>;
+                const auto kernel = ssd_bwd_dB_tc_kernel<NF, PF, DY>;
                 const size_t smem = tc_tile_smem<NF, PF>(PF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
@@ -1477,20 +1479,20 @@ void launch_bwd_dB(T* dBm, float* part, const T* dy, const float* slots, const T
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_bwd_dB_kernel<T, 64><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
+        ssd_bwd_dB_kernel<T, 64, DY><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
     else
-        ssd_bwd_dB_kernel<T, 128><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
+        ssd_bwd_dB_kernel<T, 128, DY><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
     cudaCheckLast();
 }
-template <typename T>
-void launch_bwd_dC(T* dCm, float* part, float* cdot, const T* dy, const T* chunk_states, const T* x, const T* dt,
+template <typename T, typename DY>
+void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const T* x, const T* dt,
                    const T* A, const T* Bm, const T* Cm, const Dims& d, int hps, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.G * (d.hpg() / hps));
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "bwd_dC", {dy, chunk_states, x, Bm}, {Cm, dCm, part})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_bwd_dC_tc_kernel<NF, PF>;
+                const auto kernel = ssd_bwd_dC_tc_kernel<NF, PF, DY>;
                 const size_t smem = dC_tc_smem<NF, PF>();
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
@@ -1499,9 +1501,11 @@ void launch_bwd_dC(T* dCm, float* part, float* cdot, const T* dy, const T* chunk
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_bwd_dC_kernel<T, 64><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
+        ssd_bwd_dC_kernel<T, 64, DY><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
+                                                              hps);
     else
-        ssd_bwd_dC_kernel<T, 128><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
+        ssd_bwd_dC_kernel<T, 128, DY><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
+                                                               hps);
     cudaCheckLast();
 }
 
@@ -1521,10 +1525,10 @@ __global__ void __launch_bounds__(NT) ssd_sum_slices_kernel(T* out, const float*
 //   ∂L/∂a_i   = Σ_{i' ≥ i} ∂L/∂cum_i'   (reverse Hillis–Steele scan in shared memory)
 //   ddt_i     = ddt_direct_i + A_h·∂L/∂a_i;   dA_part = Σ_i dt_i·∂L/∂a_i;   dD_part = Σ_{i,p} dy·x
 // Grid (nchunks, B·H). The partial dA, dD go to (B, H, nchunks) scratch for head_grads.
-template <typename T>
+template <typename T, typename DY>
 __global__ void __launch_bounds__(NT) ssd_bwd_finalize_kernel(T* ddt, float* dA_part, float* dD_part,
                                                               const float* cdot, const float* v_state,
-                                                              const float* dot_part, int nsplit, const T* dy,
+                                                              const float* dot_part, int nsplit, const DY* dy,
                                                               const T* x, const T* dt, const T* A, Dims d) {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
     const int t0 = c * d.Q, len = d.chunk_len(c), i = threadIdx.x;
@@ -1638,6 +1642,11 @@ inline BwdScratch bwd_scratch(float* base, const Dims& d) {
 
 }  // namespace ssd_detail
 
+// Whether the scan's backward rounds dy to bf16 in every product (bf16 operands in effect and the SSD on the tensor
+// cores): a producer of dy may then write it in bf16 for ssd_chunked_backward (Mamba-2's gate does). Not with
+// --no-ssd-tensor-cores, whose scan stays fp32 from its input on.
+inline bool ssd_bf16_dy() { return ssd_detail::ssd_tensor_cores() && current_bf16() != nullptr; }
+
 // Floats of scratch ssd_chunked_backward needs (the GPU's layout differs from the CPU's
 // ssd_backward_scratch_size: it keeps dS_out of every chunk, ≈ B·H·nchunks·P·N floats, plus
 // O(B·H·T) and, when H/G > 4, the per-slice partial sums of dB and dC).
@@ -1648,9 +1657,10 @@ inline size_t ssd_chunked_backward_scratch_size(int B, int T_, int H, int P, int
 
 // y (B,T,H,P) and chunk_states (B,H,nchunks,P,N) — the state entering each chunk — are written;
 // final_state (B,H,P,N) too when non-null. init_state (B,H,P,N) or null (zeros). Device pointers;
-// three launches on `stream`, no allocation, no sync. Same arguments as model/ssd.h.
-template <typename T>
-void ssd_chunked_forward(T* y, T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+// three launches on `stream`, no allocation, no sync. Same arguments as model/ssd.h. y may be bf16 under T = float
+// (Y): the output rounded once as it is stored, for readers that take it in bf16 (nothing in the backward reads y).
+template <typename T, typename Y>
+void ssd_chunked_forward(Y* y, T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
                          const T* D, const T* init_state, T* final_state, int B, int T_, int H, int P, int G, int N,
                          int Q, cudaStream_t stream = 0) {
     using namespace ssd_detail;
@@ -1668,9 +1678,11 @@ void ssd_chunked_forward(T* y, T* chunk_states, const T* x, const T* dt, const T
 // Backward of ssd_chunked_forward, from the saved chunk_states. dx, ddt, dBm, dCm and dinit_state
 // (when non-null) are written; dA, dD accumulate. dfinal_state may be null (no gradient reaches the
 // final state). scratch: ssd_chunked_backward_scratch_size(...) floats, caller-owned. Same
-// arguments as model/ssd.h (scratch is float whatever T is); eight launches on `stream`.
-template <typename T>
-void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_state, float* scratch, const T* dy,
+// arguments as model/ssd.h (scratch is float whatever T is); eight launches on `stream`. dy may be bf16 under
+// T = float (DY; Mamba-2's gate writes it so under bf16 operands): its products round it to bf16 anyway, and the
+// rest (dx's D·dy, dD) read the same values as from an fp32 dy holding them.
+template <typename T, typename DY>
+void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_state, float* scratch, const DY* dy,
                           const T* dfinal_state, const T* chunk_states, const T* x, const T* dt, const T* A,
                           const T* Bm, const T* Cm, const T* D, int B, int T_, int H, int P, int G, int N, int Q,
                           cudaStream_t stream = 0) {
@@ -1700,8 +1712,8 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
         cudaCheckLast();
     }
     // 7. the decay gradients: ddt completed, per-chunk partial dA and dD
-    ssd_bwd_finalize_kernel<T><<<dim3(d.nchunks, B * H), NT, 0, stream>>>(ddt, s.dA_part, s.dD_part, s.cdot, s.v_state,
-                                                                          s.dot_part, s.nsplit, dy, x, dt, A, d);
+    ssd_bwd_finalize_kernel<T, DY><<<dim3(d.nchunks, B * H), NT, 0, stream>>>(
+        ddt, s.dA_part, s.dD_part, s.cdot, s.v_state, s.dot_part, s.nsplit, dy, x, dt, A, d);
     cudaCheckLast();
     // 8. dA, dD += their sums
     ssd_head_grads_kernel<T><<<ceil_div(H, NT), NT, 0, stream>>>(dA, dD, s.dA_part, s.dD_part, d);

@@ -208,8 +208,9 @@ std::string mamba_tag(const char* what, const hl::Mamba2Config& c, int B, int T)
 
 // The M block's mixer (branch + gated norm + out_proj), or with branch_only the branch alone (with shared_x
 // when c.shared_x): forward output and every gradient. bf16: under bf16 operands, as run_attn_mixer, laid out under
-// them as a model does (in_proj's output then comes out of its GEMM in bf16 for the conv, gate and dt kernels, in
-// half the floats; with the fused gate and norm its gradient is written in bf16 by its producers, for its GEMM).
+// them as a model does (in_proj's output then comes out of its GEMM in bf16 for the conv, gate and dt kernels, and
+// the scan's output y in bf16 for the gate, both in half the floats; with the fused gate and norm in_proj's output
+// gradient is written in bf16 by its producers, for its GEMM).
 void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint64_t seed, bool bf16 = false) {
     const std::string tag = mamba_tag(branch_only ? (c.shared_x ? "mamba2 branch shared_x" : "mamba2 branch")
                                                   : "mamba2 mixer", c, B, T) + (bf16 ? " bf16" : "");
@@ -250,12 +251,12 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     auto layout = [&](Arena<float>& a) { return hl::gpu::gpu_mamba2_acts(a, c, B, T, !branch_only); };
     auto dacts = device_acts<hl::gpu::GpuMamba2Acts<float>>(abuf, layout);
     if (bf16) {
-        INFO(tag, ": zxbcdt (and the mixer's gn) in half the floats: the layout smaller than fp32's");
+        INFO(tag, ": zxbcdt, y (and the mixer's gn) in half the floats: the layout smaller than fp32's");
         const hl::gpu::Bf16Scope fp32(nullptr);
         Arena<float> count;
         count.align = 64;
         layout(count);
-        CHECK(abuf.n + (size_t)N * c.in_proj_rows() / 2 <= count.size + 64);  // (64: the alignment's slack)
+        CHECK(abuf.n + (size_t)N * (c.in_proj_rows() + DI) / 2 <= count.size + 128);  // (the alignment's slack)
     }
     // wide norm groups (d_inner / G ≥ 1024) take the mixer's fused gate and norm, the others the two kernels; the
     // fused mixer's layout has no g (it is never written), the branch's has no norm tensors
