@@ -4,10 +4,11 @@
 // Recompute instead of store: unlike the CPU reference, the forward does not save pre. The backward kernels read the
 // input anyway (the weight gradient) or can slide the same window over it (dinp), and K multiply-adds a value are
 // cheaper than writing pre (B, T, C) in fp32 and reading it back twice: at the 100m Mamba-2 layer (C = 2304) that is
-// 151 MB of memory a layer and about 0.45 GB of traffic a step's layer.
+// 151 MB of memory a layer and about 0.45 GB of traffic a layer each step.
 // Shapes: inp, out, dout, dinp (B, T, C)   w (C, K)   bias (C). inp and dinp may be C columns of wider rows,
 // out and dout split by column into up to three tensors (ConvColumns): what Mamba-2 reads and writes in place.
-// inp may be bf16 (IT) and dinp bf16 (DT) under T = float: Mamba-2's in_proj output and its gradient in bf16 runs.
+// inp and out may be bf16 (IT, OT) and dinp bf16 (DT) under T = float: Mamba-2's in_proj output, its scan's x, B, C
+// and in_proj's output gradient in bf16 runs.
 //
 // Mapping shared by the kernels: threads run along channels (consecutive threads, consecutive c: every
 // warp access is one contiguous 128-byte row segment), and each thread walks a run of consecutive time
@@ -94,13 +95,13 @@ __device__ __forceinline__ float conv1d_load_weights(float (&wk)[K], const T* w,
 
 // grid: x over ceil(C / 128) channel blocks, y over (b, time tile of 32) pairs (grid-stride in y);
 // block: 128 threads along channels. Thread (c, b, tile) slides a K-window over times t0 … t0+31.
-template <int K, typename T, typename IT>
-__global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, const IT* inp, const T* w, const T* bias, int B, int T_,
+template <int K, typename T, typename IT, typename OT>
+__global__ void conv1d_silu_forward_kernel(ConvColumns<OT> out, const IT* inp, const T* w, const T* bias, int B, int T_,
                                            int C, int ld) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     int ldo;
-    T* oc = out.column(c, ldo);
+    OT* oc = out.column(c, ldo);
     float wk[K];
     const float bc = conv1d_load_weights(wk, w, bias, c);
     const int tiles = ceil_div(T_, CONV_TILE_T);
@@ -125,7 +126,7 @@ __global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, const IT* inp, co
 #pragma unroll
                 for (int k = 0; k < K - 1; k++) win[k] = win[k + 1];
                 win[K - 1] = x[u];
-                oc[((size_t)b * T_ + t) * ldo] = T(dev_silu(conv1d_pre(win, wk, bc)));
+                oc[((size_t)b * T_ + t) * ldo] = OT(dev_silu(conv1d_pre(win, wk, bc)));
             }
         }
     }
@@ -133,10 +134,10 @@ __global__ void conv1d_silu_forward_kernel(ConvColumns<T> out, const IT* inp, co
 
 // out is written (nothing is saved: the backward recomputes pre). ld: the row stride of inp (0: C, dense rows); a
 // larger one reads the C channels out of wider rows in place (Mamba-2's x, B, C columns of its in_proj output). out:
-// a dense (B, T, C) tensor, or its columns split over up to three tensors (ConvColumns). inp: T, or bf16 under
-// T = float.
-template <typename T, typename IT>
-void conv1d_silu_forward(const ConvColumns<T>& out, const IT* inp, const T* w, const T* bias, int B, int T_, int C,
+// a dense (B, T, C) tensor, or its columns split over up to three tensors (ConvColumns). inp and out: T, or bf16
+// under T = float (Mamba-2's in_proj output and its scan's x, B, C in bf16 runs).
+template <typename T, typename IT, typename OT>
+void conv1d_silu_forward(const ConvColumns<OT>& out, const IT* inp, const T* w, const T* bias, int B, int T_, int C,
                          int K, cudaStream_t stream = 0, int ld = 0) {
     HL_CHECK(B > 0 && T_ > 0 && C > 0 && K > 0, "conv1d: bad sizes B=", B, " T=", T_, " C=", C, " K=", K,
              " (all must be positive)");

@@ -14,7 +14,8 @@
 // Under bf16 operands in_proj's output zxbcdt comes out of its GEMM in bf16 (as autocast keeps it), in half the
 // memory: its readers (the conv, the dt split, the gate or the fused gate and norm, and in the backward the gate, the
 // dt gradient and the conv's weight gradient) are templated on its type Z. So does the scan's output y, which only
-// the gate (or the fused gate and norm) reads, forward and backward (type Y). Both through mamba2_bf16_views.
+// the gate (or the fused gate and norm) reads, forward and backward (type Y). Both through mamba2_bf16_views. And the
+// conv's output, the scan's x, B and C (type X, through mamba2_xbc_views), as autocast's conv1d gives them.
 // in_proj's output and its gradient are (B, T, LD) with LD = in_proj_rows(), d_in_proj rounded up to a multiple of
 // 8: its GEMMs run over the parameter layout's extra rows after in_proj (model/mamba2.h), whose output columns
 // nothing reads, and whose gradient columns the dt backward writes as zeros (so they add nothing to the input's
@@ -54,8 +55,8 @@ struct GpuMamba2Acts {
     T* zxbcdt = nullptr;         // (B, T, LD)         in_proj output [z, xBC, dt_raw, pad] ([z, BC, dt_raw, pad] if
                                  //                    shared_x); LD = in_proj_rows(); bf16 only in bf16 runs
     T* conv_in = nullptr;        // (B, T, conv_dim)   the conv's input [x, B, C], gathered with a shared x only
-    T* x = nullptr;              // (B, T, H, P)       the scan's inputs: the conv's output columns (no xBC tensor)
-    T* Bm = nullptr;             // (B, T, G, N)
+    T* x = nullptr;              // (B, T, H, P)       the scan's inputs: the conv's output columns (no xBC tensor);
+    T* Bm = nullptr;             // (B, T, G, N)       bf16 only in bf16 runs
     T* Cm = nullptr;             // (B, T, G, N)
     T* dt = nullptr;             // (B, T, H)          softplus(dt_raw + dt_bias)
     T* A = nullptr;              // (H)                −exp(A_log)
@@ -92,7 +93,7 @@ bool mamba2_gate_norm_fused(const Mamba2Config& c) {
 
 // Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU: one float arena
 // holds the element tensors and the fp32 statistics alike; under a Bf16Scope (the one the layer will run in) the
-// tensors held only in bf16, zxbcdt, y and the mixer's gn, take half the floats.
+// tensors held only in bf16, zxbcdt, x, B, C, y and the mixer's gn, take half the floats.
 // mixer: the M block's mixer (the gated norm's tensors; g only where its gate and norm are not fused), else the
 // intra-layer block's branch (g, its output, and none of the norm's).
 inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_, bool mixer) {
@@ -106,9 +107,9 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     const bool b16 = current_bf16() != nullptr;
     x.zxbcdt = a.take("zxbcdt", bf16_only_shape({B, T_, c.in_proj_rows()}, b16));  // (bf16: zxbcdt16 only)
     if (c.shared_x) x.conv_in = a.take("conv_in", {B, T_, CD});  // else the conv reads zxbcdt in place
-    x.x = a.take("x", {B, T_, H, P});
-    x.Bm = a.take("Bm", {B, T_, G, N});
-    x.Cm = a.take("Cm", {B, T_, G, N});
+    x.x = a.take("x", bf16_only_shape({B, T_, H, P}, b16));  // (bf16: x16, B16, C16 only)
+    x.Bm = a.take("Bm", bf16_only_shape({B, T_, G, N}, b16));
+    x.Cm = a.take("Cm", bf16_only_shape({B, T_, G, N}, b16));
     x.dt = a.take("dt", {B, T_, H});
     x.A = a.take("A", {H});
     x.chunk_states = a.take("chunk_states", {B, H, nchunks, P, N});
@@ -140,6 +141,14 @@ template <typename T, typename F>
 void mamba2_bf16_views(GpuMamba2Acts<T>& acts, F&& f) {
     if (bf16* z16 = bf16_view(acts.zxbcdt)) f(z16, bf16_view(acts.y));
     else f(acts.zxbcdt, acts.y);
+}
+
+// Calls f(x, Bm, Cm) with the scan's inputs as the conv writes them and the scan reads them: their bf16_views under
+// bf16 operands (whether or not the scan's products run on the tensor cores), else the T tensors.
+template <typename T, typename F>
+void mamba2_xbc_views(GpuMamba2Acts<T>& acts, F&& f) {
+    if (bf16* x16 = bf16_view(acts.x)) f(x16, bf16_view(acts.Bm), bf16_view(acts.Cm));
+    else f(acts.x, acts.Bm, acts.Cm);
 }
 
 // The scan's input gradient dy in bf16 (its bf16_view), written so by the gate's backward, where the scan's products
@@ -335,27 +344,29 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
     gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, LD, stream, inp16,
                         gpu::bf16_view(acts.zxbcdt));
     mamba2_bf16_views(acts, [&](auto* zx, auto* y) {
-        // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of in_proj's
-        // output (rows LD apart), gathered first only with a shared x (x from x_shared, B and C from in_proj); it
-        // writes its output's column ranges straight into the scan's x, B and C
-        const ConvColumns<T> xbc(acts.x, DI, DI, acts.Bm, DI + GN, GN, acts.Cm, CD, GN);
-        if (x_shared) {
-            mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
-                acts.conv_in, zx, x_shared, rows, DI, CD, LD);
+        mamba2_xbc_views(acts, [&](auto* x, auto* Bm, auto* Cm) {
+            // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of
+            // in_proj's output (rows LD apart), gathered first only with a shared x (x from x_shared, B and C from
+            // in_proj); it writes its output's column ranges straight into the scan's x, B and C
+            using X = std::remove_pointer_t<decltype(x)>;
+            const ConvColumns<X> xbc(x, DI, DI, Bm, DI + GN, GN, Cm, CD, GN);
+            if (x_shared) {
+                mamba2_conv_in_kernel<<<elementwise_grid((size_t)rows * CD, 256), 256, 0, stream>>>(
+                    acts.conv_in, zx, x_shared, rows, DI, CD, LD);
+                cudaCheckLast();
+                gpu::conv1d_silu_forward(xbc, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
+            } else {
+                gpu::conv1d_silu_forward(xbc, zx + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream, LD);
+            }
+            // dt = softplus(dt_raw + dt_bias); A = −exp(A_log) (no xBC: the kernel writes only those)
+            mamba2_split_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
+                (T*)nullptr, (T*)nullptr, (T*)nullptr, acts.dt, acts.A, (const T*)nullptr, zx, p.dt_bias, p.A_log,
+                rows, DI, GN, H, LD, dt_off);
             cudaCheckLast();
-            gpu::conv1d_silu_forward(xbc, acts.conv_in, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream);
-        } else {
-            gpu::conv1d_silu_forward(xbc, zx + DI, p.conv_w, p.conv_b, B, T_, CD, c.d_conv, stream, LD);
-        }
-        // dt = softplus(dt_raw + dt_bias); A = −exp(A_log)
-        mamba2_split_kernel<<<elementwise_grid((size_t)rows * H, 256), 256, 0, stream>>>(
-            acts.x, acts.Bm, acts.Cm, acts.dt, acts.A, (const T*)nullptr, zx, p.dt_bias, p.A_log, rows, DI, GN, H, LD,
-            dt_off);
-        cudaCheckLast();
-        // y = SSD(x, dt, A, B, C) + D·x from a zero state
-        gpu::ssd_chunked_forward(y, acts.chunk_states, acts.x, acts.dt, acts.A, acts.Bm, acts.Cm, p.D,
-                                 (const T*)nullptr, (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
-                                 stream);
+            // y = SSD(x, dt, A, B, C) + D·x from a zero state
+            gpu::ssd_chunked_forward(y, acts.chunk_states, x, acts.dt, acts.A, Bm, Cm, p.D, (const T*)nullptr,
+                                     (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
+        });
         // g = y ⊙ SiLU(z)
         if (gate) mamba2_gate_forward(acts.g, y, zx, rows, DI, LD, stream);
     });
@@ -391,10 +402,12 @@ const bf16* mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, c
         // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
         cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
         auto scan_backward = [&](const auto* dyv) {
-            gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr,
-                                      acts.ssd_scratch, dyv, (const T*)nullptr, acts.chunk_states, acts.x, acts.dt,
-                                      acts.A, acts.Bm, acts.Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
-                                      stream);
+            mamba2_xbc_views(acts, [&](const auto* x, const auto* Bm, const auto* Cm) {
+                gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr,
+                                          acts.ssd_scratch, dyv, (const T*)nullptr, acts.chunk_states, x, acts.dt,
+                                          acts.A, Bm, Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
+                                          stream);
+            });
         };
         if (dy16) scan_backward(dy16);
         else scan_backward(acts.dy);

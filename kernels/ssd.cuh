@@ -41,7 +41,9 @@
 // cannot without a sync). fp32 storage; the kernels are templated on the storage type T with fp32
 // accumulation and fp32 scratch. Under bf16 operands (a Bf16Scope, kernels/matmul.cuh) and ssd_tensor_cores()
 // (train_gpu turns it on under bf16: see there) the block GEMMs round their operands to bf16 and run on the tensor
-// cores; cumsums, decays and every accumulation stay fp32.
+// cores; cumsums, decays and every accumulation stay fp32. Under bf16 operands Mamba-2 also hands the scan x, B, C
+// and dy in bf16 and takes y so (X, DY, Y: bf16 under T = float), in half the bytes; every product rounds them to
+// bf16 anyway, and the other reads take the same values an fp32 tensor holding them gives.
 // Parameter gradients dA, dD accumulate (+=); every other gradient is written.
 #pragma once
 #include <cstddef>             // size_t
@@ -344,9 +346,9 @@ __device__ inline void chunk_state_weights(float* w, const float* cum, const flo
 // Grid (ceil(P/64), nchunks, B·H): one block per 64 rows p of one chunk's (P, N) state, all N
 // columns (BN ≥ N), K = the chunk's steps. A GEMM with M = P, N = N, K = len — shaped so, because the
 // output is tiny (P·N) and the K dimension is the chunk.
-template <typename T, typename S, int BN, bool BWD, typename UT>
+template <typename T, typename S, int BN, bool BWD, typename UT, typename VT>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_chunk_state_kernel(S* slots, T* end, const UT* U, const T* dt, const T* A, const T* V, Dims d) {
+ssd_chunk_state_kernel(S* slots, T* end, const UT* U, const T* dt, const T* A, const VT* V, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), p0 = blockIdx.x * BM;
     // where this chunk's result goes (a whole block leaves at once, before any barrier)
@@ -384,7 +386,7 @@ ssd_chunk_state_kernel(S* slots, T* end, const UT* U, const T* dt, const T* A, c
 
 // Stages a tile for the tensor-core kernels below: `rows` rows of `width` columns (a multiple of 4) into shared
 // memory as bf16 (row stride ld), four columns a thread at a time (ld4: a float4 load, or 8 bytes of bf16). src(r) is
-// row r (fp32, or bf16: the scan's dy under bf16 operands) or null (a zero row: past the chunk, or past P); columns
+// row r (fp32, or bf16: x, B, C and dy under bf16 operands) or null (a zero row: past the chunk, or past P); columns
 // ≥ valid (a multiple of 4) are zeros; row r is multiplied by scale(r). All threads of the block take part; complete
 // after a __syncthreads.
 template <class Src, class Scale>
@@ -445,9 +447,9 @@ void tc_dispatch(const Dims& d, Launch&& launch) {
 // memory, (t, p) and (t, n) rows; each warp then takes 16 rows p × BN/2 columns n with mma.sync, reading U
 // transposed through ldmatrix.trans (its rows are the K dimension), and stores its accumulators from registers.
 constexpr int CS_KT = 64;
-template <typename S, int BN, bool BWD, typename UT>
+template <typename S, int BN, bool BWD, typename UT, typename VT>
 __global__ void __launch_bounds__(NT, TC_STATE_MIN_BLOCKS)
-ssd_chunk_state_tc_kernel(S* slots, float* end, const UT* U, const float* dt, const float* A, const float* V,
+ssd_chunk_state_tc_kernel(S* slots, float* end, const UT* U, const float* dt, const float* A, const VT* V,
                           Dims d) {
     constexpr int WN = BN / 2, LU = BM + 8, LV = BN + 8;  // a warp's columns; row strides (mma.cuh's padding)
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
@@ -498,25 +500,26 @@ ssd_chunk_state_tc_kernel(S* slots, float* end, const UT* U, const float* dt, co
 }
 
 // Launches chunk_state (forward: U = x, V = Bm into chunk_states / final_state; backward: U = dy, V = Cm into the dS
-// slots / dinit_state) on the tensor-core kernel when it applies, else on ssd_chunk_state_kernel. U: T, or bf16 (dy).
-template <bool BWD, typename T, typename S, typename UT>
-void launch_chunk_state(S* slots, T* end, const UT* U, const T* dt, const T* A, const T* V, const Dims& d,
+// slots / dinit_state) on the tensor-core kernel when it applies, else on ssd_chunk_state_kernel. U, V: T, or bf16
+// under T = float (x, B, C and dy as bf16 runs hold them).
+template <bool BWD, typename T, typename S, typename UT, typename VT>
+void launch_chunk_state(S* slots, T* end, const UT* U, const T* dt, const T* A, const VT* V, const Dims& d,
                         cudaStream_t stream) {
     const dim3 grid(ceil_div(d.P, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, BWD ? "chunk_state (backward)" : "chunk_state", {U, V}, {})) {
             if (feat_tile(d.N) == 64)
-                ssd_chunk_state_tc_kernel<S, 64, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+                ssd_chunk_state_tc_kernel<S, 64, BWD, UT, VT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
             else
-                ssd_chunk_state_tc_kernel<S, 128, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+                ssd_chunk_state_tc_kernel<S, 128, BWD, UT, VT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
             cudaCheckLast();
             return;
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_chunk_state_kernel<T, S, 64, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+        ssd_chunk_state_kernel<T, S, 64, BWD, UT, VT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
     else
-        ssd_chunk_state_kernel<T, S, 128, BWD, UT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
+        ssd_chunk_state_kernel<T, S, 128, BWD, UT, VT><<<grid, NT, 0, stream>>>(slots, end, U, dt, A, V, d);
     cudaCheckLast();
 }
 
@@ -605,9 +608,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
 // causal j tiles j0 ≤ i0: the 64 × 64 tile of C·Bᵀ (K = N) goes to shared memory ms, is masked and
 // weighted there by exp(cum_i − cum_j)·dt_j, and multiplies the j tile of x (K = 64). Blocks are per
 // head, so C·Bᵀ is recomputed by each head of a group (a later version can share it).
-template <typename T, int BF, typename Y>
+template <typename T, int BF, typename Y, typename X>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_chunk_output_kernel(Y* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+ssd_chunk_output_kernel(Y* y, const T* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
                         const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
@@ -708,10 +711,10 @@ __host__ __device__ constexpr size_t tc_tile_smem(int stay_width) {
 // and turned straight into the A operand of the product with the j tile of x. (Both warps of a row block compute
 // the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
 // B and x tiles reuse (dynamic, tc_tile_smem).
-template <int NF, int PF, typename Y>
+template <int NF, int PF, typename Y, typename X>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const float* x, const float* dt, const float* A,
-                           const float* Bm, const float* Cm, const float* D, Dims d) {
+ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const X* x, const float* dt, const float* A,
+                           const X* Bm, const X* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
@@ -764,23 +767,23 @@ ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const float* x, cons
         for (int n = 0; n < WP / 8; n++) {
             const int p = WP * wn + 8 * n + 2 * (lane % 4);
             if (p >= P) continue;  // (P is a multiple of 4, so p + 1 < P too)
-            const float2 xv = *reinterpret_cast<const float2*>(x + row + p);
+            const float2 xv = ld2(x + row + p);
             st2(y + row + p, make_float2(acc[n][2 * half] + Dh * xv.x, acc[n][2 * half + 1] + Dh * xv.y));
         }
     }
 }
 
 // Launches chunk_output on the tensor-core kernel when it applies, else on ssd_chunk_output_kernel. y: T, or bf16
-// under T = float (its only readers are elementwise: Mamba-2's gate and norm).
-template <typename T, typename Y>
-void launch_chunk_output(Y* y, const T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+// under T = float (its only readers are elementwise: Mamba-2's gate and norm); x, Bm, Cm: T, or bf16 likewise.
+template <typename T, typename Y, typename X>
+void launch_chunk_output(Y* y, const T* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
                          const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "chunk_output", {x, Bm, Cm, chunk_states}, {y})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF, Y>;
+                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF, Y, X>;
                 const size_t smem = tc_tile_smem<NF, PF>(NF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
@@ -789,9 +792,9 @@ void launch_chunk_output(Y* y, const T* chunk_states, const T* x, const T* dt, c
         }
     }
     if (feat_tile(d.P) == 64)
-        ssd_chunk_output_kernel<T, 64, Y><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 64, Y, X><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     else
-        ssd_chunk_output_kernel<T, 128, Y><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 128, Y, X><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     cudaCheckLast();
 }
 
@@ -884,10 +887,10 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
 //   v[b, h, t] = dt_j·⟨x_j, state part of acc_j⟩ (the (2) term of ∂L/∂cum_last, summed by finalize)
 // Grid (ceil(min(Q, T)/64), nchunks, B·H); the mirror of chunk_output with the causal loop over the
 // i tiles at or after j (B·Cᵀ tile in ms, masked and weighted, times the i tile of dy).
-template <typename T, int BF, typename DY>
+template <typename T, int BF, typename DY, typename X>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const DY* dy, const float* slots, const T* x, const T* dt, const T* A,
-                  const T* Bm, const T* Cm, const T* D, Dims d) {
+ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const DY* dy, const float* slots, const X* x, const T* dt, const T* A,
+                  const X* Bm, const X* Cm, const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
     if (j0 >= len) return;
@@ -976,10 +979,10 @@ ssd_bwd_dx_kernel(T* dx, T* ddt, float* v_state, const DY* dy, const float* slot
 // scaled by exp(cum_last − cum_j) in registers; per causal i tile (i ≥ j) the scores B_j·C_iᵀ are masked and weighted
 // by exp(cum_i − cum_j) in registers and multiply the i tile of dy. The row sums ⟨x_j, ·⟩ are taken in registers,
 // across a quad of lanes and then across the two warps of a row block, in a fixed order.
-template <int NF, int PF, typename DY>
+template <int NF, int PF, typename DY, typename X>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const DY* dy, const float* slots, const float* x,
-                     const float* dt, const float* A, const float* Bm, const float* Cm, const float* D, Dims d) {
+ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const DY* dy, const float* slots, const X* x,
+                     const float* dt, const float* A, const X* Bm, const X* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
@@ -1009,7 +1012,7 @@ ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const DY* dy, const 
     const float ea = decay_exp(cum_last - cum[ja]), eb = decay_exp(cum_last - cum[jb]);
     // x at this lane's accumulator positions (zero past the chunk or P: P is a multiple of 4, so p < P covers p + 1)
     auto x_at = [&](int j, int p) {
-        return j < len && p < P ? *reinterpret_cast<const float2*>(x + d.x(b, t0 + j, h) + p) : make_float2(0.f, 0.f);
+        return j < len && p < P ? ld2(x + d.x(b, t0 + j, h) + p) : make_float2(0.f, 0.f);
     };
     float va = 0.f, vb = 0.f;  // ⟨x_j, state part⟩ over this lane's columns
 #pragma unroll
@@ -1071,17 +1074,17 @@ ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const DY* dy, const 
     }
 }
 
-// Launches the dx kernel on the tensor cores when it applies, else ssd_bwd_dx_kernel. dy: T, or bf16 under T = float
-// (as for every backward kernel below).
-template <typename T, typename DY>
-void launch_bwd_dx(T* dx, T* ddt, float* v_state, const DY* dy, const float* slots, const T* x, const T* dt,
-                   const T* A, const T* Bm, const T* Cm, const T* D, const Dims& d, cudaStream_t stream) {
+// Launches the dx kernel on the tensor cores when it applies, else ssd_bwd_dx_kernel. dy and x, Bm, Cm: T, or bf16
+// under T = float (as for every backward kernel below).
+template <typename T, typename DY, typename X>
+void launch_bwd_dx(T* dx, T* ddt, float* v_state, const DY* dy, const float* slots, const X* x, const T* dt,
+                   const T* A, const X* Bm, const X* Cm, const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "bwd_dx", {dy, x, Bm, Cm, slots}, {dx})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_bwd_dx_tc_kernel<NF, PF, DY>;
+                const auto kernel = ssd_bwd_dx_tc_kernel<NF, PF, DY, X>;
                 const size_t smem = tc_tile_smem<NF, PF>(NF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
@@ -1090,9 +1093,9 @@ void launch_bwd_dx(T* dx, T* ddt, float* v_state, const DY* dy, const float* slo
         }
     }
     if (feat_tile(d.P) == 64)
-        ssd_bwd_dx_kernel<T, 64, DY><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
+        ssd_bwd_dx_kernel<T, 64, DY, X><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
     else
-        ssd_bwd_dx_kernel<T, 128, DY><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
+        ssd_bwd_dx_kernel<T, 128, DY, X><<<grid, NT, 0, stream>>>(dx, ddt, v_state, dy, slots, x, dt, A, Bm, Cm, D, d);
     cudaCheckLast();
 }
 
@@ -1112,10 +1115,10 @@ inline int ssd_heads_per_slice(int hpg) {
 // (the weight folded into the A operand, so heads accumulate into the same registers), then the
 // causal i tiles: the (x·dyᵀ) tile (K = P) in ms, masked and weighted, times the i tile of C (K = 64).
 // Writes dBm (one slice per group) or the slice's partial sum part[slice] (B, T, G, N).
-template <typename T, int BF, typename DY>
+template <typename T, int BF, typename DY, typename X>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dB_kernel(T* dBm, float* part, const DY* dy, const float* slots, const T* x, const T* dt, const T* A,
-                  const T* Cm, Dims d, int heads_per_slice) {
+ssd_bwd_dB_kernel(T* dBm, float* part, const DY* dy, const float* slots, const X* x, const T* dt, const T* A,
+                  const X* Cm, Dims d, int heads_per_slice) {
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
     const int t0 = c * d.Q, len = d.chunk_len(c), j0 = blockIdx.x * BM;
@@ -1185,10 +1188,10 @@ ssd_bwd_dB_kernel(T* dBm, float* part, const DY* dy, const float* slots, const T
 // and, per head, cdot[b, h, t] = ⟨C_i, dC^h_i⟩ (the C side of ∂L/∂cum_i). Grid (ceil(min(Q, T)/64),
 // nchunks, B·G·nslices). Per head the gradient is built in its own registers (for the dot), then
 // added to the slice total. Mirrors chunk_output with dy in place of C and the (dy·xᵀ) tile in ms.
-template <typename T, int BF, typename DY>
+template <typename T, int BF, typename DY, typename X>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const T* x, const T* dt,
-                  const T* A, const T* Bm, const T* Cm, Dims d, int heads_per_slice) {
+ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const X* x, const T* dt,
+                  const T* A, const X* Bm, const X* Cm, Dims d, int heads_per_slice) {
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
@@ -1296,10 +1299,10 @@ __device__ inline void store_bc_tile(float* dst, const float (&acc)[WN / 8][4], 
 // dS_out, scaled by exp(cum_last − cum_j) in registers and added to the slice total; per causal i tile the scores
 // (dt_j·x_j)·dy_iᵀ (K = P) are masked and weighted by exp(cum_i − cum_j) in registers and multiply the i tile of C,
 // straight into the total. Each warp: 16 rows j × NF/2 columns n (both warps of a row block compute the scores).
-template <int NF, int PF, typename DY>
+template <int NF, int PF, typename DY, typename X>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_bwd_dB_tc_kernel(float* dBm, float* part, const DY* dy, const float* slots, const float* x, const float* dt,
-                     const float* A, const float* Cm, Dims d, int heads_per_slice) {
+ssd_bwd_dB_tc_kernel(float* dBm, float* part, const DY* dy, const float* slots, const X* x, const float* dt,
+                     const float* A, const X* Cm, Dims d, int heads_per_slice) {
     constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2;  // row strides; a warp's columns n
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
@@ -1365,10 +1368,10 @@ template <int NF, int PF>
 __host__ __device__ constexpr size_t dC_tc_smem() {
     return tc_tile_smem<NF, PF>(PF) + sizeof(float) * BM * (NF + 8);
 }
-template <int NF, int PF, typename DY>
+template <int NF, int PF, typename DY, typename X>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const float* chunk_states, const float* x,
-                     const float* dt, const float* A, const float* Bm, const float* Cm, Dims d, int heads_per_slice) {
+ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const float* chunk_states, const X* x,
+                     const float* dt, const float* A, const X* Bm, const X* Cm, Dims d, int heads_per_slice) {
     constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2, LT = NF + 8;  // row strides; a warp's columns n
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
@@ -1425,11 +1428,11 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const f
             const int col = WN * wn + 8 * n + 2 * (lane % 4);
             if (col < N) {  // (N is a multiple of 4, so col + 1 < N too)
                 if (ia < len) {
-                    const float2 cv = *reinterpret_cast<const float2*>(Cm + d.bc(b, t0 + ia, g) + col);
+                    const float2 cv = ld2(Cm + d.bc(b, t0 + ia, g) + col);
                     ca += cv.x * acc[n][0] + cv.y * acc[n][1];
                 }
                 if (ib < len) {
-                    const float2 cv = *reinterpret_cast<const float2*>(Cm + d.bc(b, t0 + ib, g) + col);
+                    const float2 cv = ld2(Cm + d.bc(b, t0 + ib, g) + col);
                     cb += cv.x * acc[n][2] + cv.y * acc[n][3];
                 }
             }
@@ -1462,15 +1465,15 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const f
 
 // Launch dB and dC (summed over the heads of each slice of a group; grid (tiles, chunks, B·G·slices)) on the
 // tensor-core kernels when they apply, else on the block-GEMM ones.
-template <typename T, typename DY>
-void launch_bwd_dB(T* dBm, float* part, const DY* dy, const float* slots, const T* x, const T* dt, const T* A,
-                   const T* Cm, const Dims& d, int hps, cudaStream_t stream) {
+template <typename T, typename DY, typename X>
+void launch_bwd_dB(T* dBm, float* part, const DY* dy, const float* slots, const X* x, const T* dt, const T* A,
+                   const X* Cm, const Dims& d, int hps, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.G * (d.hpg() / hps));
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "bwd_dB", {dy, slots, x, Cm}, {dBm, part})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_bwd_dB_tc_kernel<NF, PF, DY>;
+                const auto kernel = ssd_bwd_dB_tc_kernel<NF, PF, DY, X>;
                 const size_t smem = tc_tile_smem<NF, PF>(PF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
@@ -1479,20 +1482,20 @@ void launch_bwd_dB(T* dBm, float* part, const DY* dy, const float* slots, const 
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_bwd_dB_kernel<T, 64, DY><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
+        ssd_bwd_dB_kernel<T, 64, DY, X><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
     else
-        ssd_bwd_dB_kernel<T, 128, DY><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
+        ssd_bwd_dB_kernel<T, 128, DY, X><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
     cudaCheckLast();
 }
-template <typename T, typename DY>
-void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const T* x, const T* dt,
-                   const T* A, const T* Bm, const T* Cm, const Dims& d, int hps, cudaStream_t stream) {
+template <typename T, typename DY, typename X>
+void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const X* x, const T* dt,
+                   const T* A, const X* Bm, const X* Cm, const Dims& d, int hps, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.G * (d.hpg() / hps));
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "bwd_dC", {dy, chunk_states, x, Bm}, {Cm, dCm, part})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_bwd_dC_tc_kernel<NF, PF, DY>;
+                const auto kernel = ssd_bwd_dC_tc_kernel<NF, PF, DY, X>;
                 const size_t smem = dC_tc_smem<NF, PF>();
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
@@ -1501,10 +1504,10 @@ void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const T* chun
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_bwd_dC_kernel<T, 64, DY><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
+        ssd_bwd_dC_kernel<T, 64, DY, X><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
                                                               hps);
     else
-        ssd_bwd_dC_kernel<T, 128, DY><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
+        ssd_bwd_dC_kernel<T, 128, DY, X><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
                                                                hps);
     cudaCheckLast();
 }
@@ -1525,11 +1528,11 @@ __global__ void __launch_bounds__(NT) ssd_sum_slices_kernel(T* out, const float*
 //   ∂L/∂a_i   = Σ_{i' ≥ i} ∂L/∂cum_i'   (reverse Hillis–Steele scan in shared memory)
 //   ddt_i     = ddt_direct_i + A_h·∂L/∂a_i;   dA_part = Σ_i dt_i·∂L/∂a_i;   dD_part = Σ_{i,p} dy·x
 // Grid (nchunks, B·H). The partial dA, dD go to (B, H, nchunks) scratch for head_grads.
-template <typename T, typename DY>
+template <typename T, typename DY, typename X>
 __global__ void __launch_bounds__(NT) ssd_bwd_finalize_kernel(T* ddt, float* dA_part, float* dD_part,
                                                               const float* cdot, const float* v_state,
                                                               const float* dot_part, int nsplit, const DY* dy,
-                                                              const T* x, const T* dt, const T* A, Dims d) {
+                                                              const X* x, const T* dt, const T* A, Dims d) {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
     const int t0 = c * d.Q, len = d.chunk_len(c), i = threadIdx.x;
     __shared__ float red[NT], s[NT];
@@ -1659,8 +1662,11 @@ inline size_t ssd_chunked_backward_scratch_size(int B, int T_, int H, int P, int
 // final_state (B,H,P,N) too when non-null. init_state (B,H,P,N) or null (zeros). Device pointers;
 // three launches on `stream`, no allocation, no sync. Same arguments as model/ssd.h. y may be bf16 under T = float
 // (Y): the output rounded once as it is stored, for readers that take it in bf16 (nothing in the backward reads y).
-template <typename T, typename Y>
-void ssd_chunked_forward(Y* y, T* chunk_states, const T* x, const T* dt, const T* A, const T* Bm, const T* Cm,
+// x, Bm, Cm may be bf16 under T = float (X; Mamba-2's conv writes them so under bf16 operands, as autocast's conv
+// does): the products round them to bf16 anyway, and the rest (the D·x skip) reads the same values as from fp32
+// tensors holding them.
+template <typename T, typename Y, typename X>
+void ssd_chunked_forward(Y* y, T* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
                          const T* D, const T* init_state, T* final_state, int B, int T_, int H, int P, int G, int N,
                          int Q, cudaStream_t stream = 0) {
     using namespace ssd_detail;
@@ -1680,11 +1686,12 @@ void ssd_chunked_forward(Y* y, T* chunk_states, const T* x, const T* dt, const T
 // final state). scratch: ssd_chunked_backward_scratch_size(...) floats, caller-owned. Same
 // arguments as model/ssd.h (scratch is float whatever T is); eight launches on `stream`. dy may be bf16 under
 // T = float (DY; Mamba-2's gate writes it so under bf16 operands): its products round it to bf16 anyway, and the
-// rest (dx's D·dy, dD) read the same values as from an fp32 dy holding them.
-template <typename T, typename DY>
+// rest (dx's D·dy, dD) read the same values as from an fp32 dy holding them. x, Bm, Cm: as the forward took them
+// (X: T, or bf16 under T = float).
+template <typename T, typename DY, typename X>
 void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_state, float* scratch, const DY* dy,
-                          const T* dfinal_state, const T* chunk_states, const T* x, const T* dt, const T* A,
-                          const T* Bm, const T* Cm, const T* D, int B, int T_, int H, int P, int G, int N, int Q,
+                          const T* dfinal_state, const T* chunk_states, const X* x, const T* dt, const T* A,
+                          const X* Bm, const X* Cm, const T* D, int B, int T_, int H, int P, int G, int N, int Q,
                           cudaStream_t stream = 0) {
     using namespace ssd_detail;
     const Dims d = ssd_dims("ssd_chunked_backward", B, T_, H, P, G, N, Q);
@@ -1712,7 +1719,7 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
         cudaCheckLast();
     }
     // 7. the decay gradients: ddt completed, per-chunk partial dA and dD
-    ssd_bwd_finalize_kernel<T, DY><<<dim3(d.nchunks, B * H), NT, 0, stream>>>(
+    ssd_bwd_finalize_kernel<T, DY, X><<<dim3(d.nchunks, B * H), NT, 0, stream>>>(
         ddt, s.dA_part, s.dD_part, s.cdot, s.v_state, s.dot_part, s.nsplit, dy, x, dt, A, d);
     cudaCheckLast();
     // 8. dA, dD += their sums

@@ -139,10 +139,10 @@ Result run_cpu(const Case& k, const Inputs& in, int Q) {
     return r;
 }
 
-// The GPU version, chunked with k.Q; every output poisoned first. y16 (non-null): the forward again with y in bf16
-// (as Mamba-2 runs it under bf16 operands), its values as floats. g16 (non-null): the backward again with dy in bf16
-// (in.dy must hold bf16 values already), its gradients.
-Result run_gpu(const Case& k, const Inputs& in, std::vector<float>* y16 = nullptr, Result* g16 = nullptr) {
+// The GPU version, chunked with k.Q; every output poisoned first. r16 (non-null): the scan again as Mamba-2 runs it
+// under bf16 operands, from x, B, C and dy in bf16 (in's must hold bf16 values already) and writing y in bf16: its y
+// (as floats), chunk states and gradients.
+Result run_gpu(const Case& k, const Inputs& in, Result* r16 = nullptr) {
     const int B = k.B, T = k.T, H = k.H, P = k.P, G = k.G, N = k.N, Q = k.Q;
     const size_t nx = in.x.size(), ns = in.init.size();
     DeviceBuffer<float> x(nx), dt(in.dt.size()), A(H), Bm(in.Bm.size()), Cm(in.Cm.size()), D(H), init(ns), dy(nx),
@@ -154,16 +154,6 @@ Result run_gpu(const Case& k, const Inputs& in, std::vector<float>* y16 = nullpt
     hl::gpu::ssd_chunked_forward(y.ptr, states.ptr, x.ptr, dt.ptr, A.ptr, Bm.ptr, Cm.ptr, D.ptr,
                                  k.init ? init.ptr : nullptr, k.fin ? fin.ptr : nullptr, B, T, H, P, G, N, Q);
     cudaCheck(cudaDeviceSynchronize());
-    if (y16) {
-        DeviceBuffer<float> states2(states.n);
-        DeviceBuffer<hl::gpu::bf16> yb(nx);
-        cudaCheck(cudaMemset(yb.ptr, 0xFF, nx * sizeof(hl::gpu::bf16)));  // NaNs: an element not written shows
-        hl::gpu::ssd_chunked_forward(yb.ptr, states2.ptr, x.ptr, dt.ptr, A.ptr, Bm.ptr, Cm.ptr, D.ptr,
-                                     k.init ? init.ptr : nullptr, (float*)nullptr, B, T, H, P, G, N, Q);
-        const std::vector<hl::gpu::bf16> h = yb.download();
-        y16->resize(nx);
-        for (size_t i = 0; i < nx; i++) (*y16)[i] = __bfloat162float(h[i]);
-    }
 
     DeviceBuffer<float> dx(nx), ddt(in.dt.size()), dA(H), dBm(in.Bm.size()), dCm(in.Cm.size()), dD(H), dinit(ns);
     DeviceBuffer<float> scratch(hl::gpu::ssd_chunked_backward_scratch_size(B, T, H, P, G, N, Q));
@@ -173,21 +163,34 @@ Result run_gpu(const Case& k, const Inputs& in, std::vector<float>* y16 = nullpt
                                   scratch.ptr, dy.ptr, k.fin ? dfin.ptr : nullptr, states.ptr, x.ptr, dt.ptr, A.ptr,
                                   Bm.ptr, Cm.ptr, D.ptr, B, T, H, P, G, N, Q);
     cudaCheck(cudaDeviceSynchronize());
-    if (g16) {
-        std::vector<hl::gpu::bf16> h(nx);
-        for (size_t i = 0; i < nx; i++) h[i] = __float2bfloat16_rn(in.dy[i]);
-        DeviceBuffer<hl::gpu::bf16> dyb(nx);
-        dyb.upload(h);
-        DeviceBuffer<float> dx2(nx), ddt2(in.dt.size()), dA2(H), dBm2(in.Bm.size()), dCm2(in.Cm.size()), dD2(H),
-            dinit2(ns), scratch2(scratch.n);
-        poison(dx2), poison(ddt2), poison(dBm2), poison(dCm2), poison(dinit2), poison(scratch2);
+    if (r16) {
+        using hl::gpu::bf16;
+        auto upload16 = [](DeviceBuffer<bf16>& d, const std::vector<float>& v) {
+            std::vector<bf16> h(v.size());
+            for (size_t i = 0; i < v.size(); i++) h[i] = __float2bfloat16_rn(v[i]);
+            d.alloc(v.size());
+            d.upload(h);
+        };
+        DeviceBuffer<bf16> xb, Bb, Cb, dyb;
+        upload16(xb, in.x), upload16(Bb, in.Bm), upload16(Cb, in.Cm), upload16(dyb, in.dy);
+        DeviceBuffer<bf16> yb(nx);
+        cudaCheck(cudaMemset(yb.ptr, 0xFF, nx * sizeof(bf16)));  // NaNs: an element not written shows
+        DeviceBuffer<float> states2(states.n), dx2(nx), ddt2(in.dt.size()), dA2(H), dBm2(in.Bm.size()),
+            dCm2(in.Cm.size()), dD2(H), dinit2(ns), scratch2(scratch.n);
+        poison(states2), poison(dx2), poison(ddt2), poison(dBm2), poison(dCm2), poison(dinit2), poison(scratch2);
+        hl::gpu::ssd_chunked_forward(yb.ptr, states2.ptr, xb.ptr, dt.ptr, A.ptr, Bb.ptr, Cb.ptr, D.ptr,
+                                     k.init ? init.ptr : nullptr, (float*)nullptr, B, T, H, P, G, N, Q);
         dA2.upload(std::vector<float>(H, DA0)), dD2.upload(std::vector<float>(H, DD0));
         hl::gpu::ssd_chunked_backward(dx2.ptr, ddt2.ptr, dA2.ptr, dBm2.ptr, dCm2.ptr, dD2.ptr,
                                       k.init ? dinit2.ptr : nullptr, scratch2.ptr, dyb.ptr, k.fin ? dfin.ptr : nullptr,
-                                      states.ptr, x.ptr, dt.ptr, A.ptr, Bm.ptr, Cm.ptr, D.ptr, B, T, H, P, G, N, Q);
+                                      states2.ptr, xb.ptr, dt.ptr, A.ptr, Bb.ptr, Cb.ptr, D.ptr, B, T, H, P, G, N, Q);
         cudaCheck(cudaDeviceSynchronize());
-        g16->dx = dx2.download(), g16->ddt = ddt2.download(), g16->dA = dA2.download(), g16->dBm = dBm2.download();
-        g16->dCm = dCm2.download(), g16->dD = dD2.download(), g16->dinit = dinit2.download();
+        const std::vector<bf16> h = yb.download();
+        r16->y.resize(nx);
+        for (size_t i = 0; i < nx; i++) r16->y[i] = __bfloat162float(h[i]);
+        r16->states = states2.download();
+        r16->dx = dx2.download(), r16->ddt = ddt2.download(), r16->dA = dA2.download(), r16->dBm = dBm2.download();
+        r16->dCm = dCm2.download(), r16->dD = dD2.download(), r16->dinit = dinit2.download();
     }
     Result r;
     r.y = y.download(), r.states = states.download(), r.fin = fin.download();
@@ -321,24 +324,26 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
     for (size_t i = 0; i < cases.size(); i++) {
         const Case& k = cases[i];
         Inputs in = make_inputs(k, 5000 + i);
-        for (float& v : in.dy) v = __bfloat162float(__float2bfloat16_rn(v));  // bf16 values, for the bf16 dy's check
+        for (auto* v : {&in.x, &in.Bm, &in.Cm, &in.dy})  // bf16 values, for the bf16 tensors' check
+            for (float& e : *v) e = __bfloat162float(__float2bfloat16_rn(e));
         Result g, g16;
-        std::vector<float> y16;
         {
             const hl::gpu::Bf16Scope scope(&ops);
-            g = run_gpu(k, in, &y16, &g16);
+            g = run_gpu(k, in, &g16);
         }
-        // dy in bf16 (Mamba-2's gate writes it so for the scan under bf16): the same gradients as the fp32 dy holding
-        // those values, bit for bit (every product rounds dy to bf16; the rest reads the same floats)
+        // x, B, C and dy in bf16 (Mamba-2's conv and gate write them so for the scan under bf16): the same states and
+        // gradients as fp32 tensors holding those values, bit for bit (every product rounds them to bf16; the rest
+        // reads the same floats), on both kernel families
+        CHECK_MESSAGE(g16.states == g.states, "bf16 " << k.name() << ": chunk states from bf16 x, B, C differ");
         CHECK_MESSAGE((g16.dx == g.dx && g16.ddt == g.ddt && g16.dA == g.dA && g16.dBm == g.dBm && g16.dCm == g.dCm &&
                        g16.dD == g.dD && (!k.init || g16.dinit == g.dinit)),
-                      "bf16 " << k.name() << ": the backward on a bf16 dy differs from the fp32 dy's");
-        // y written in bf16 (Mamba-2's under bf16): the fp32 y rounded once, bit for bit, on both kernel families
+                      "bf16 " << k.name() << ": the backward on bf16 x, B, C, dy differs from the fp32 tensors'");
+        // y written in bf16 (Mamba-2's under bf16): the fp32 y rounded once, bit for bit
         size_t same = 0;
-        for (size_t j = 0; j < y16.size(); j++)
-            same += y16[j] == __bfloat162float(__float2bfloat16_rn(g.y[j]));
-        CHECK_MESSAGE(same == y16.size(), "bf16 " << k.name() << ": y in bf16 equals the fp32 y rounded at " << same
-                                                       << " of " << y16.size());
+        for (size_t j = 0; j < g16.y.size(); j++)
+            same += g16.y[j] == __bfloat162float(__float2bfloat16_rn(g.y[j]));
+        CHECK_MESSAGE(same == g16.y.size(), "bf16 " << k.name() << ": y in bf16 equals the fp32 y rounded at " << same
+                                                         << " of " << g16.y.size());
         const Result c = run_cpu(k, in, k.Q);
         const std::string ctx = "bf16 " + k.name();
         const double ey = max_rel_err(g.y, c.y);

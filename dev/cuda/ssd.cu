@@ -7,6 +7,8 @@
 //   v2  the chunked kernels of kernels/ssd.cuh (what we ship), with a per-kernel time breakdown.
 //   v3  v2 with its block GEMMs on the tensor cores (bf16 operands, fp32 accumulation: a Bf16Scope and
 //       ssd_tensor_cores(), which train_gpu sets under bf16); checked at a bf16 tolerance (5e-2), timed
+//   v4  v3 as Mamba-2 runs it under bf16: x, B, C and dy in bf16 (the inputs rounded), y written in bf16; the same
+//       kernels reading half the bytes; checked and timed as v3
 // Correctness: every version against the CPU chunked form (float) at a reduced shape (B=1, T≤512, H≤4, the
 // same P, N, G, Q), max-norm relative error max|g − c| / max|c| per tensor; at the full shape v1 and v2
 // are compared with each other.
@@ -15,7 +17,7 @@
 //
 // Compile (from the repo root):
 //   make dev/cuda/ssd      (nvcc with the Makefile's NVFLAGS → build/dev/ssd)
-// Run:   ./build/dev/ssd [version: 0 = all, 1, 2, 3] [B T H P N G Q]
+// Run:   ./build/dev/ssd [version: 0 = all, 1, 2, 3, 4] [B T H P N G Q]
 //        default shape: the paper's 350m Mamba layer, B=4 T=2048 H=24 P=128 N=128 G=1 Q=256
 #include <algorithm>           // std::sort, std::min, std::max
 #include <cmath>               // std::fabs
@@ -198,6 +200,7 @@ struct Problem {  // inputs, outputs and gradients of one scan, on the device
     DeviceBuffer<float> y, states, fin;                                   // forward outputs (v2: chunk states)
     DeviceBuffer<float> dx, ddt, dA, dBm, dCm, dD, dinit, scratch;        // gradients; v2 scratch
     DeviceBuffer<float> v1_states, v1_dBh, v1_dCh, v1_dAbh, v1_dDbh;      // v1 only
+    DeviceBuffer<hl::gpu::bf16> x16, Bm16, Cm16, dy16, y16;               // v4 only
     std::vector<float> hx, hdt, hA, hBm, hCm, hD, hinit, hdy, hdfin;
     explicit Problem(const Shape& sh, bool want_v1, bool want_v2) : s(sh) {
         nx = (size_t)s.B * s.T * s.H * s.P, ndt = (size_t)s.B * s.T * s.H, nbc = (size_t)s.B * s.T * s.G * s.N;
@@ -220,6 +223,16 @@ struct Problem {  // inputs, outputs and gradients of one scan, on the device
             states.alloc(nst);
             scratch.alloc(hl::gpu::ssd_chunked_backward_scratch_size(s.B, s.T, s.H, s.P, s.G, s.N, s.Q));
         }
+        if (want_v2) {  // v4's bf16 inputs (the same values rounded) and output
+            auto up16 = [](DeviceBuffer<hl::gpu::bf16>& d, const std::vector<float>& h) {
+                std::vector<hl::gpu::bf16> r(h.size());
+                for (size_t i = 0; i < h.size(); i++) r[i] = __float2bfloat16_rn(h[i]);
+                d.alloc(h.size());
+                d.upload(r);
+            };
+            up16(x16, hx), up16(Bm16, hBm), up16(Cm16, hCm), up16(dy16, hdy);
+            y16.alloc(nx);
+        }
         if (want_v1) {
             v1_states.alloc((size_t)s.B * s.H * s.T * s.P * s.N);
             v1_dBh.alloc((size_t)s.B * s.T * s.H * s.N), v1_dCh.alloc((size_t)s.B * s.T * s.H * s.N);
@@ -237,6 +250,12 @@ void forward(int version, Problem& p) {
                                                          p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, p.init.ptr, s.B, s.T,
                                                          s.H, s.P, s.G, s.N);
         cudaCheckLast();
+    } else if (version == 4) {
+        const hl::gpu::Bf16Operands ops;
+        const hl::gpu::Bf16Scope scope(&ops);
+        hl::gpu::ssd_detail::ssd_tensor_cores() = true;
+        hl::gpu::ssd_chunked_forward(p.y16.ptr, p.states.ptr, p.x16.ptr, p.dt.ptr, p.A.ptr, p.Bm16.ptr, p.Cm16.ptr,
+                                     p.D.ptr, p.init.ptr, p.fin.ptr, s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
     } else {
         const hl::gpu::Bf16Operands ops;  // v3: (only whether bf16 operands are in effect matters here)
         const hl::gpu::Bf16Scope scope(version == 3 ? &ops : nullptr);
@@ -259,6 +278,13 @@ void backward(int version, Problem& p) {
             p.dBm.ptr, p.dCm.ptr, p.dA.ptr, p.dD.ptr, p.v1_dBh.ptr, p.v1_dCh.ptr, p.v1_dAbh.ptr, p.v1_dDbh.ptr, s.B,
             s.T, s.H, s.G, s.N);
         cudaCheckLast();
+    } else if (version == 4) {
+        const hl::gpu::Bf16Operands ops;
+        const hl::gpu::Bf16Scope scope(&ops);
+        hl::gpu::ssd_detail::ssd_tensor_cores() = true;
+        hl::gpu::ssd_chunked_backward(p.dx.ptr, p.ddt.ptr, p.dA.ptr, p.dBm.ptr, p.dCm.ptr, p.dD.ptr, p.dinit.ptr,
+                                      p.scratch.ptr, p.dy16.ptr, p.dfin.ptr, p.states.ptr, p.x16.ptr, p.dt.ptr,
+                                      p.A.ptr, p.Bm16.ptr, p.Cm16.ptr, p.D.ptr, s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
     } else {
         const hl::gpu::Bf16Operands ops;
         const hl::gpu::Bf16Scope scope(version == 3 ? &ops : nullptr);
@@ -288,7 +314,12 @@ Outputs run_once(int version, Problem& p) {
     forward(version, p);
     backward(version, p);
     cudaCheck(cudaDeviceSynchronize());
-    return {p.y.download(),   p.fin.download(), p.dx.download(), p.ddt.download(), p.dA.download(),
+    std::vector<float> y = p.y.download();
+    if (version == 4) {  // y in bf16
+        const std::vector<hl::gpu::bf16> y16 = p.y16.download();
+        for (size_t i = 0; i < y.size(); i++) y[i] = __bfloat162float(y16[i]);
+    }
+    return {y,                p.fin.download(), p.dx.download(), p.ddt.download(), p.dA.download(),
             p.dBm.download(), p.dCm.download(), p.dD.download(), p.dinit.download()};
 }
 
@@ -370,6 +401,7 @@ int main(int argc, char** argv) {
     if (argc > 8) s = {std::atoi(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]),
                        std::atoi(argv[6]), std::atoi(argv[7]), std::atoi(argv[8])};
     const bool v1 = version == 0 || version == 1, v2 = version == 0 || version == 2, v3 = version == 0 || version == 3;
+    const bool v4 = version == 0 || version == 4;
     HL_CHECK(s.N <= V1_NMAX && s.P <= 128, "dev/ssd: P and N must be <= 128");
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
@@ -381,13 +413,13 @@ int main(int argc, char** argv) {
     std::printf("check vs CPU chunked (float) at B=%d T=%d H=%d P=%d N=%d G=%d Q=%d, max-norm rel err:\n", r.B, r.T,
                 r.H, r.P, r.N, r.G, r.Q);
     {
-        Problem pr(r, v1, v2 || v3);
+        Problem pr(r, v1, v2 || v3 || v4);
         const Outputs c = cpu_reference(pr);
-        for (int v = 1; v <= 3; v++) {
-            if ((v == 1 && !v1) || (v == 2 && !v2) || (v == 3 && !v3)) continue;
-            const double e = report(v == 1 ? "v1 naive" : v == 2 ? "v2 chunked" : "v3 chunked, tensor cores",
-                                    run_once(v, pr), c);
-            const double tol = v == 3 ? 5e-2 : 1e-3;  // v3: bf16 operands
+        const char* names[] = {"", "v1 naive", "v2 chunked", "v3 chunked, tensor cores", "v4 v3 on bf16 tensors"};
+        for (int v = 1; v <= 4; v++) {
+            if ((v == 1 && !v1) || (v == 2 && !v2) || (v == 3 && !v3) || (v == 4 && !v4)) continue;
+            const double e = report(names[v], run_once(v, pr), c);
+            const double tol = v >= 3 ? 5e-2 : 1e-3;  // v3, v4: bf16 operands
             std::printf("  -> %s (tol %.0e)\n", e <= tol ? "ok" : "MISMATCH", tol);
         }
     }
@@ -400,7 +432,7 @@ int main(int argc, char** argv) {
     if (v1 && !v1_fits) std::printf("v1 skipped at the full shape: its per-step states need %.1f GB\n", v1_bytes / 1e9);
     std::printf("full shape B=%d T=%d H=%d P=%d N=%d G=%d Q=%d (d_ssm=%d)\n", s.B, s.T, s.H, s.P, s.N, s.G, s.Q,
                 s.H * s.P);
-    Problem p(s, v1_fits, v2 || v3);
+    Problem p(s, v1_fits, v2 || v3 || v4);
     if (v1_fits && v2) report("v1 vs v2 (max-norm rel)", run_once(1, p), run_once(2, p));
 
     const double d_ssm = (double)s.H * s.P;
@@ -408,13 +440,13 @@ int main(int argc, char** argv) {
     const double flops_f = flops_fb / 3.0;
     std::printf("timings (median of repeats; TFLOP/s from the paper's count: fwd+bwd %.1f GFLOP, fwd a third):\n",
                 flops_fb / 1e9);
-    for (int v = 1; v <= 3; v++) {
-        if ((v == 1 && !v1_fits) || (v == 2 && !v2) || (v == 3 && !v3)) continue;
+    for (int v = 1; v <= 4; v++) {
+        if ((v == 1 && !v1_fits) || (v == 2 && !v2) || (v == 3 && !v3) || (v == 4 && !v4)) continue;
         const int reps = v == 1 ? 3 : 20;
         const float f = median_ms([&] { forward(v, p); }, 1, reps);
         const float fb = median_ms([&] { forward(v, p); backward(v, p); }, 1, reps);
         std::printf("  v%d %-8s fwd %9.3f ms (%6.2f TFLOP/s)   fwd+bwd %9.3f ms (%6.2f TFLOP/s)\n", v,
-                    v == 1 ? "naive" : v == 2 ? "chunked" : "tc", f, flops_f / f / 1e9, fb, flops_fb / fb / 1e9);
+                    v == 1 ? "naive" : v == 2 ? "chunked" : v == 3 ? "tc" : "tc bf16", f, flops_f / f / 1e9, fb, flops_fb / fb / 1e9);
         if (v == 3)
             std::printf("csv,ssd,hybridlm bf16 tensor cores,%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B,
                         s.T, s.H, s.P, s.N, s.G, s.Q, f, fb, flops_f / f / 1e9, flops_fb / fb / 1e9);
@@ -424,7 +456,7 @@ int main(int argc, char** argv) {
             std::printf("csv,ssd,hybridlm fp32,%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B, s.T, s.H, s.P, s.N,
                         s.G, s.Q, f, fb, flops_f / f / 1e9, flops_fb / fb / 1e9);
         }
-        if (v >= 2) v2_breakdown(p, reps, v == 3);
+        if (v == 2 || v == 3) v2_breakdown(p, reps, v == 3);
     }
     return 0;
 }
