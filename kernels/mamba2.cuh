@@ -15,7 +15,8 @@
 // memory: its readers (the conv, the dt split, the gate or the fused gate and norm, and in the backward the gate, the
 // dt gradient and the conv's weight gradient) are templated on its type Z. So does the scan's output y, which only
 // the gate (or the fused gate and norm) reads, forward and backward (type Y). Both through mamba2_bf16_views. And the
-// conv's output, the scan's x, B and C (type X, through mamba2_xbc_views), as autocast's conv1d gives them.
+// conv's output, the scan's x, B and C (type X), as autocast's conv1d gives them, and the scan's chunk states (type
+// ST), as mamba_ssm keeps them: both through mamba2_scan_views.
 // in_proj's output and its gradient are (B, T, LD) with LD = in_proj_rows(), d_in_proj rounded up to a multiple of
 // 8: its GEMMs run over the parameter layout's extra rows after in_proj (model/mamba2.h), whose output columns
 // nothing reads, and whose gradient columns the dt backward writes as zeros (so they add nothing to the input's
@@ -60,7 +61,7 @@ struct GpuMamba2Acts {
     T* Cm = nullptr;             // (B, T, G, N)
     T* dt = nullptr;             // (B, T, H)          softplus(dt_raw + dt_bias)
     T* A = nullptr;              // (H)                −exp(A_log)
-    T* chunk_states = nullptr;   // (B, H, nchunks, P, N)  the state entering each chunk
+    T* chunk_states = nullptr;   // (B, H, nchunks, P, N)  the state entering each chunk; bf16 only in bf16 runs
     T* y = nullptr;              // (B, T, H, P)       SSD output, D·x included; bf16 only in bf16 runs
     T* g = nullptr;              // (B, T, d_inner)    y ⊙ SiLU(z): the branch output (null for a mixer whose gate
                                  //                    and norm are fused: mamba2_gate_norm_fused)
@@ -93,7 +94,7 @@ bool mamba2_gate_norm_fused(const Mamba2Config& c) {
 
 // Lays out GpuMamba2Acts in an arena (counting when it has no base), as mamba2_acts does on the CPU: one float arena
 // holds the element tensors and the fp32 statistics alike; under a Bf16Scope (the one the layer will run in) the
-// tensors held only in bf16, zxbcdt, x, B, C, y and the mixer's gn, take half the floats.
+// tensors held only in bf16, zxbcdt, x, B, C, the chunk states, y and the mixer's gn, take half the floats.
 // mixer: the M block's mixer (the gated norm's tensors; g only where its gate and norm are not fused), else the
 // intra-layer block's branch (g, its output, and none of the norm's).
 inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config& c, int B, int T_, bool mixer) {
@@ -112,7 +113,7 @@ inline GpuMamba2Acts<float> gpu_mamba2_acts(Arena<float>& a, const Mamba2Config&
     x.Cm = a.take("Cm", bf16_only_shape({B, T_, G, N}, b16));
     x.dt = a.take("dt", {B, T_, H});
     x.A = a.take("A", {H});
-    x.chunk_states = a.take("chunk_states", {B, H, nchunks, P, N});
+    x.chunk_states = a.take("chunk_states", bf16_only_shape({B, H, nchunks, P, N}, b16));  // (bf16: states16 only)
     x.y = a.take("y", bf16_only_shape({B, T_, H, P}, b16));  // (bf16: y16 only)
     if (!mixer || !mamba2_gate_norm_fused<float>(c)) x.g = a.take("g", {B, T_, c.d_inner});
     if (mixer) {
@@ -143,12 +144,15 @@ void mamba2_bf16_views(GpuMamba2Acts<T>& acts, F&& f) {
     else f(acts.zxbcdt, acts.y);
 }
 
-// Calls f(x, Bm, Cm) with the scan's inputs as the conv writes them and the scan reads them: their bf16_views under
-// bf16 operands (whether or not the scan's products run on the tensor cores), else the T tensors.
+// Calls f(x, Bm, Cm, chunk_states) with the scan's inputs as the conv writes them and the scan reads them, and its
+// chunk states as the forward writes them for the backward: their bf16_views under bf16 operands (whether or not the
+// scan's products run on the tensor cores), else the T tensors.
 template <typename T, typename F>
-void mamba2_xbc_views(GpuMamba2Acts<T>& acts, F&& f) {
-    if (bf16* x16 = bf16_view(acts.x)) f(x16, bf16_view(acts.Bm), bf16_view(acts.Cm));
-    else f(acts.x, acts.Bm, acts.Cm);
+void mamba2_scan_views(GpuMamba2Acts<T>& acts, F&& f) {
+    if (bf16* x16 = bf16_view(acts.x))
+        f(x16, bf16_view(acts.Bm), bf16_view(acts.Cm), bf16_view(acts.chunk_states));
+    else
+        f(acts.x, acts.Bm, acts.Cm, acts.chunk_states);
 }
 
 // The scan's input gradient dy in bf16 (its bf16_view), written so by the gate's backward, where the scan's products
@@ -344,7 +348,7 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
     gpu::matmul_forward(acts.zxbcdt, inp, p.in_proj, (const T*)nullptr, rows, D, LD, stream, inp16,
                         gpu::bf16_view(acts.zxbcdt));
     mamba2_bf16_views(acts, [&](auto* zx, auto* y) {
-        mamba2_xbc_views(acts, [&](auto* x, auto* Bm, auto* Cm) {
+        mamba2_scan_views(acts, [&](auto* x, auto* Bm, auto* Cm, auto* states) {
             // [x, B, C] = SiLU(conv1d([x, B, C])): the conv reads its input in place, the x, B, C columns of
             // in_proj's output (rows LD apart), gathered first only with a shared x (x from x_shared, B and C from
             // in_proj); it writes its output's column ranges straight into the scan's x, B and C
@@ -363,9 +367,10 @@ void mamba2_branch_forward(GpuMamba2Acts<T>& acts, const T* inp, const T* x_shar
                 (T*)nullptr, (T*)nullptr, (T*)nullptr, acts.dt, acts.A, (const T*)nullptr, zx, p.dt_bias, p.A_log,
                 rows, DI, GN, H, LD, dt_off);
             cudaCheckLast();
-            // y = SSD(x, dt, A, B, C) + D·x from a zero state
-            gpu::ssd_chunked_forward(y, acts.chunk_states, x, acts.dt, acts.A, Bm, Cm, p.D, (const T*)nullptr,
-                                     (T*)nullptr, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk, stream);
+            // y = SSD(x, dt, A, B, C) + D·x from a zero state (bf16 states: their fp32 local states in the backward's
+            // scratch, free during the forward)
+            gpu::ssd_chunked_forward(y, states, x, acts.dt, acts.A, Bm, Cm, p.D, (const T*)nullptr, (T*)nullptr, B, T_,
+                                     H, c.headdim, c.ngroups, c.d_state, c.chunk, stream, acts.ssd_scratch);
         });
         // g = y ⊙ SiLU(z)
         if (gate) mamba2_gate_forward(acts.g, y, zx, rows, DI, LD, stream);
@@ -402,9 +407,9 @@ const bf16* mamba2_branch_backward(T* dinp, T* dx_shared, Mamba2Params<T>& dp, c
         // the scan: dx, ddt, dB, dC written; dA (zeroed here) and dp.D accumulate
         cudaCheck(cudaMemsetAsync(acts.dA, 0, sizeof(T) * H, stream));
         auto scan_backward = [&](const auto* dyv) {
-            mamba2_xbc_views(acts, [&](const auto* x, const auto* Bm, const auto* Cm) {
+            mamba2_scan_views(acts, [&](const auto* x, const auto* Bm, const auto* Cm, const auto* states) {
                 gpu::ssd_chunked_backward(acts.dx, acts.ddt, acts.dA, acts.dBm, acts.dCm, dp.D, (T*)nullptr,
-                                          acts.ssd_scratch, dyv, (const T*)nullptr, acts.chunk_states, x, acts.dt,
+                                          acts.ssd_scratch, dyv, (const T*)nullptr, states, x, acts.dt,
                                           acts.A, Bm, Cm, p.D, B, T_, H, c.headdim, c.ngroups, c.d_state, c.chunk,
                                           stream);
             });

@@ -42,8 +42,9 @@
 // accumulation and fp32 scratch. Under bf16 operands (a Bf16Scope, kernels/matmul.cuh) and ssd_tensor_cores()
 // (train_gpu turns it on under bf16: see there) the block GEMMs round their operands to bf16 and run on the tensor
 // cores; cumsums, decays and every accumulation stay fp32. Under bf16 operands Mamba-2 also hands the scan x, B, C
-// and dy in bf16 and takes y so (X, DY, Y: bf16 under T = float), in half the bytes; every product rounds them to
-// bf16 anyway, and the other reads take the same values an fp32 tensor holding them gives.
+// and dy in bf16 and takes y and the chunk states so (X, DY, Y, ST: bf16 under T = float), in half the bytes; every
+// product rounds them to bf16 anyway, and the other reads take the same values an fp32 tensor holding them gives
+// (but the backward's ⟨dS_out, S_in⟩, which then reads the rounded states).
 // Parameter gradients dA, dD accumulate (+=); every other gradient is written.
 #pragma once
 #include <cstddef>             // size_t
@@ -338,7 +339,8 @@ __device__ inline void chunk_state_weights(float* w, const float* cum, const flo
 // Chunk-local outer-product sum, the (2) of the forward and its mirror in the backward:
 //   out (P, N) = Σ_{t<len} w_t · U[t, :]ᵀ ⊗ V[t, :]
 //   forward  (BWD = false): U = x, V = Bm, w_t = exp(cum_last − cum_t)·dt_t: the chunk's end state from
-//            zero. Written to chunk_states[c + 1] (= S_in of the next chunk, completed by state_pass),
+//            zero. Written to chunk_states[c + 1] (= S_in of the next chunk, completed by state_pass; with bf16
+//            chunk states to the fp32 local_states[c + 1], which state_pass reads),
 //            or to final_state for the last chunk (skipped when final_state is null).
 //   backward (BWD = true):  U = dy, V = Cm, w_t = exp(cum_t): the chunk's own share of ∂L/∂S_in.
 //            Written to dS slot c − 1 (= ∂L/∂S_out of the previous chunk, completed by
@@ -541,10 +543,12 @@ __device__ void chunk_decays(float* dec, const T* dt, float A_h, const Dims& d, 
     __syncthreads();
 }
 
-// (3) Forward state passing, in place. On entry chunk_states[c + 1] holds chunk c's end state from
-// zero (and final_state the last chunk's); on exit chunk_states[c] is the state entering chunk c
-// (chunk 0: init_state or zeros) and final_state the state after the last chunk:
+// (3) Forward state passing. On entry local[c + 1] holds chunk c's end state from zero (and final_state the last
+// chunk's); on exit chunk_states[c] is the state entering chunk c (chunk 0: init_state or zeros) and final_state the
+// state after the last chunk:
 //   S_in[0] = init;   S_in[c + 1] = S_local[c] + exp(Σ_chunk a)·S_in[c]
+// In place (local = chunk_states) when the states are stored as T; bf16 states (ST, under T = float) take their
+// local states from a separate fp32 buffer of the same shape (the scan's backward scratch).
 // Grid (ceil(P·N / (PASS_ELEMS·NT)), B·H): the state elements are independent, so each block walks
 // all chunks in order for PASS_ELEMS·NT of them (coalesced: element k·NT + tid), holding them in
 // registers; the chunks' decays come NT chunks at a time (chunk_decays). Sequential in chunks, parallel in elements.
@@ -553,32 +557,29 @@ __device__ void chunk_decays(float* dec, const T* dt, float A_h, const Dims& d, 
 // thread need not wait a memory latency each chunk. Intra at 350m (H200, ncu, mean over a step's launches): the
 // forward, near the bandwidth already (a 24-head layer moves 0.8 GB), 214 → 206 µs; the backward, which reads two
 // tensors a chunk, 429 → 351 µs.
-template <typename T>
-__global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* final_state, const T* init_state,
-                                                            const T* dt, const T* A, Dims d) {
+template <typename T, typename ST, typename LT>
+__global__ void __launch_bounds__(NT) ssd_state_pass_kernel(ST* chunk_states, const LT* local, T* final_state,
+                                                            const T* init_state, const T* dt, const T* A, Dims d) {
     const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
     const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
     __shared__ float dec[NT];
     float run[PASS_ELEMS], ahead[PASS_AHEAD][PASS_ELEMS];
-    T* st0 = chunk_states + d.chunk(bh, 0);
-    // where the state after chunk c goes: chunk_states[c + 1], or final_state after the last chunk (null: not wanted)
-    auto dst_of = [&](int c) -> T* {
-        return c + 1 < d.nchunks ? chunk_states + d.chunk(bh, c + 1)
-               : c + 1 == d.nchunks && final_state ? final_state + (size_t)bh * PN : nullptr;
-    };
-    auto load = [&](float* v, int c) {  // chunk c's local end state, this thread's elements
-        const T* src = dst_of(c);
+    ST* st0 = chunk_states + d.chunk(bh, 0);
+    T* fin = final_state ? final_state + (size_t)bh * PN : nullptr;  // (null: not wanted)
+    auto load = [&](float* v, int c) {  // chunk c's local end state, this thread's elements (zeros past the end)
+        const LT* src = c + 1 < d.nchunks ? local + d.chunk(bh, c + 1) : nullptr;
+        const T* src_fin = c + 1 == d.nchunks ? fin : nullptr;
 #pragma unroll
         for (int k = 0; k < PASS_ELEMS; k++) {
             const size_t e = e0 + (size_t)k * NT;
-            v[k] = src && e < PN ? float(src[e]) : 0.f;
+            v[k] = e >= PN ? 0.f : src ? float(src[e]) : src_fin ? float(src_fin[e]) : 0.f;
         }
     };
 #pragma unroll
     for (int k = 0; k < PASS_ELEMS; k++) {
         const size_t e = e0 + (size_t)k * NT;
         run[k] = (init_state && e < PN) ? float(init_state[(size_t)bh * PN + e]) : 0.f;
-        if (e < PN) st0[e] = T(run[k]);
+        if (e < PN) st0[e] = ST(run[k]);
     }
 #pragma unroll
     for (int j = 0; j < PASS_AHEAD; j++) load(ahead[j], j);
@@ -586,8 +587,10 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
 #pragma unroll
         for (int j = 0; j < PASS_AHEAD; j++) {
             const int c = c0 + j;
-            T* dst = dst_of(c);
-            if (!dst) return;  // past the last chunk, or the last with no final state wanted (uniform over the block)
+            // where the state after chunk c goes: chunk_states[c + 1], or final_state after the last chunk
+            ST* dst = c + 1 < d.nchunks ? chunk_states + d.chunk(bh, c + 1) : nullptr;
+            T* dst_fin = c + 1 == d.nchunks ? fin : nullptr;
+            if (!dst && !dst_fin) return;  // past the last chunk, or the last with no final state wanted (uniform)
             if (c % NT == 0) chunk_decays(dec, dt, float(A[h]), d, b, h, c, min(c + NT, d.nchunks));
             const float decay = dec[c % NT];
 #pragma unroll
@@ -596,7 +599,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
 #pragma unroll
             for (int k = 0; k < PASS_ELEMS; k++) {
                 const size_t e = e0 + (size_t)k * NT;
-                if (e < PN) dst[e] = T(run[k]);
+                if (e >= PN) continue;
+                if (dst) dst[e] = ST(run[k]);
+                else dst_fin[e] = T(run[k]);
             }
         }
     }
@@ -608,9 +613,9 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_kernel(T* chunk_states, T* 
 // causal j tiles j0 ≤ i0: the 64 × 64 tile of C·Bᵀ (K = N) goes to shared memory ms, is masked and
 // weighted there by exp(cum_i − cum_j)·dt_j, and multiplies the j tile of x (K = 64). Blocks are per
 // head, so C·Bᵀ is recomputed by each head of a group (a later version can share it).
-template <typename T, int BF, typename Y, typename X>
+template <typename T, int BF, typename Y, typename X, typename ST>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_chunk_output_kernel(Y* y, const T* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
+ssd_chunk_output_kernel(Y* y, const ST* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
                         const T* D, Dims d) {
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
     const int t0 = c * d.Q, len = d.chunk_len(c), i0 = blockIdx.x * BM;
@@ -621,7 +626,7 @@ ssd_chunk_output_kernel(Y* y, const T* chunk_states, const X* x, const T* dt, co
     __shared__ __align__(32) float sb[KT][BF + PAD];
     __shared__ float ms[BM][BM + 1];  // the masked, weighted (C·Bᵀ) tile
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
-    const T* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
+    const ST* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
 
     float acc[TM][BF / TX];
     zero_acc<BF>(acc);
@@ -711,9 +716,9 @@ __host__ __device__ constexpr size_t tc_tile_smem(int stay_width) {
 // and turned straight into the A operand of the product with the j tile of x. (Both warps of a row block compute
 // the same scores: cheaper than passing them through shared memory.) Shared memory: C, then S_in, whose space the
 // B and x tiles reuse (dynamic, tc_tile_smem).
-template <int NF, int PF, typename Y, typename X>
+template <int NF, int PF, typename Y, typename X, typename ST>
 __global__ void __launch_bounds__(NT, TC_MIN_BLOCKS)
-ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const X* x, const float* dt, const float* A,
+ssd_chunk_output_tc_kernel(Y* y, const ST* chunk_states, const X* x, const float* dt, const float* A,
                            const X* Bm, const X* Cm, const float* D, Dims d) {
     constexpr int LN = NF + 8, LP = PF + 8, WP = PF / 2;  // row strides; a warp's columns p
     const int c = blockIdx.y, bh = blockIdx.z, b = bh / d.H, h = bh % d.H, g = h / d.hpg();
@@ -727,7 +732,7 @@ ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const X* x, const fl
     bf16* sB = sS;                                  // (64, LN) B rows j0 ..
     bf16* sx = sS + BM * LN;                        // (64, LP) x rows j0 ..
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
-    const float* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
+    const ST* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
     stage_bf16(
         sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; }, unscaled);
     stage_bf16(
@@ -774,16 +779,17 @@ ssd_chunk_output_tc_kernel(Y* y, const float* chunk_states, const X* x, const fl
 }
 
 // Launches chunk_output on the tensor-core kernel when it applies, else on ssd_chunk_output_kernel. y: T, or bf16
-// under T = float (its only readers are elementwise: Mamba-2's gate and norm); x, Bm, Cm: T, or bf16 likewise.
-template <typename T, typename Y, typename X>
-void launch_chunk_output(Y* y, const T* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
+// under T = float (its only readers are elementwise: Mamba-2's gate and norm); x, Bm, Cm and chunk_states: T, or bf16
+// likewise.
+template <typename T, typename Y, typename X, typename ST>
+void launch_chunk_output(Y* y, const ST* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
                          const T* D, const Dims& d, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.H);
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "chunk_output", {x, Bm, Cm, chunk_states}, {y})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF, Y, X>;
+                const auto kernel = ssd_chunk_output_tc_kernel<NF, PF, Y, X, ST>;
                 const size_t smem = tc_tile_smem<NF, PF>(NF);
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
@@ -792,9 +798,9 @@ void launch_chunk_output(Y* y, const T* chunk_states, const X* x, const T* dt, c
         }
     }
     if (feat_tile(d.P) == 64)
-        ssd_chunk_output_kernel<T, 64, Y, X><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 64, Y, X, ST><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     else
-        ssd_chunk_output_kernel<T, 128, Y, X><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
+        ssd_chunk_output_kernel<T, 128, Y, X, ST><<<grid, NT, 0, stream>>>(y, chunk_states, x, dt, A, Bm, Cm, D, d);
     cudaCheckLast();
 }
 
@@ -806,9 +812,9 @@ void launch_chunk_output(Y* y, const T* chunk_states, const X* x, const T* dt, c
 // Also writes dot_part[b, h, c, blockIdx.x] = exp(Σ_chunk c a)·⟨dS_out(c), S_in(c)⟩ over this block's
 // elements (S_in(c) = chunk_states[c]): the term (3) contributes to ∂L/∂cum_last. Grid and layout as
 // the forward pass.
-template <typename T>
+template <typename T, typename ST>
 __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T* dinit_state, float* dot_part,
-                                                                const T* dfinal_state, const T* chunk_states,
+                                                                const T* dfinal_state, const ST* chunk_states,
                                                                 const T* dt, const T* A, Dims d) {
     const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H, nsplit = gridDim.x, warp = threadIdx.x / 32;
     const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
@@ -819,7 +825,7 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
     // loaded PASS_AHEAD chunks ahead (nothing stores to them in between)
     float ahead_s[PASS_AHEAD][PASS_ELEMS], ahead_l[PASS_AHEAD][PASS_ELEMS];
     auto load = [&](int j, int c) {
-        const T* S_in = c >= 0 ? chunk_states + d.chunk(bh, c) : nullptr;
+        const ST* S_in = c >= 0 ? chunk_states + d.chunk(bh, c) : nullptr;
         const float* slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
         const T* init = c == 0 && dinit_state ? dinit_state + (size_t)bh * PN : nullptr;
 #pragma unroll
@@ -1188,9 +1194,9 @@ ssd_bwd_dB_kernel(T* dBm, float* part, const DY* dy, const float* slots, const X
 // and, per head, cdot[b, h, t] = ⟨C_i, dC^h_i⟩ (the C side of ∂L/∂cum_i). Grid (ceil(min(Q, T)/64),
 // nchunks, B·G·nslices). Per head the gradient is built in its own registers (for the dot), then
 // added to the slice total. Mirrors chunk_output with dy in place of C and the (dy·xᵀ) tile in ms.
-template <typename T, int BF, typename DY, typename X>
+template <typename T, int BF, typename DY, typename X, typename ST>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const X* x, const T* dt,
+ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const DY* dy, const ST* chunk_states, const X* x, const T* dt,
                   const T* A, const X* Bm, const X* Cm, Dims d, int heads_per_slice) {
     const int nslices = d.hpg() / heads_per_slice;
     const int c = blockIdx.y, z = blockIdx.z, s = z % nslices, g = (z / nslices) % d.G, b = z / (nslices * d.G);
@@ -1208,7 +1214,7 @@ ssd_bwd_dC_kernel(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk
     for (int hh = 0; hh < heads_per_slice; hh++) {
         const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
         chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, float(A[h]), len);
-        const T* S_in = chunk_states + d.chunk(bh, c);
+        const ST* S_in = chunk_states + d.chunk(bh, c);
         float acch[TM][BF / TX];
         zero_acc<BF>(acch);
         // (4): A(m = i, k = p) = exp(cum_i)·dy[i, p] (along p);  B(k = p, n) = S_in[p, n] (along n)
@@ -1368,9 +1374,9 @@ template <int NF, int PF>
 __host__ __device__ constexpr size_t dC_tc_smem() {
     return tc_tile_smem<NF, PF>(PF) + sizeof(float) * BM * (NF + 8);
 }
-template <int NF, int PF, typename DY, typename X>
+template <int NF, int PF, typename DY, typename X, typename ST>
 __global__ void __launch_bounds__(NT, GEMM_MIN_BLOCKS)
-ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const float* chunk_states, const X* x,
+ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const ST* chunk_states, const X* x,
                      const float* dt, const float* A, const X* Bm, const X* Cm, Dims d, int heads_per_slice) {
     constexpr int LN = NF + 8, LP = PF + 8, WN = NF / 2, LT = NF + 8;  // row strides; a warp's columns n
     const int nslices = d.hpg() / heads_per_slice;
@@ -1391,7 +1397,7 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const f
     for (int hh = 0; hh < heads_per_slice; hh++) {
         const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
         chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
-        const float* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
+        const ST* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
         stage_bf16(
             sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
             unscaled);
@@ -1487,15 +1493,15 @@ void launch_bwd_dB(T* dBm, float* part, const DY* dy, const float* slots, const 
         ssd_bwd_dB_kernel<T, 128, DY, X><<<grid, NT, 0, stream>>>(dBm, part, dy, slots, x, dt, A, Cm, d, hps);
     cudaCheckLast();
 }
-template <typename T, typename DY, typename X>
-void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const T* chunk_states, const X* x, const T* dt,
+template <typename T, typename DY, typename X, typename ST>
+void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const ST* chunk_states, const X* x, const T* dt,
                    const T* A, const X* Bm, const X* Cm, const Dims& d, int hps, cudaStream_t stream) {
     const dim3 grid(ceil_div(d.T_ < d.Q ? d.T_ : d.Q, BM), d.nchunks, d.B * d.G * (d.hpg() / hps));
     if constexpr (std::is_same_v<T, float>) {
         if (tc_fits(d, "bwd_dC", {dy, chunk_states, x, Bm}, {Cm, dCm, part})) {
             tc_dispatch(d, [&](auto nf, auto pf) {
                 constexpr int NF = decltype(nf)::value, PF = decltype(pf)::value;
-                const auto kernel = ssd_bwd_dC_tc_kernel<NF, PF, DY, X>;
+                const auto kernel = ssd_bwd_dC_tc_kernel<NF, PF, DY, X, ST>;
                 const size_t smem = dC_tc_smem<NF, PF>();
                 allow_smem(kernel, smem);
                 kernel<<<grid, NT, smem, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d, hps);
@@ -1504,10 +1510,10 @@ void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const T* chun
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_bwd_dC_kernel<T, 64, DY, X><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
+        ssd_bwd_dC_kernel<T, 64, DY, X, ST><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
                                                               hps);
     else
-        ssd_bwd_dC_kernel<T, 128, DY, X><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
+        ssd_bwd_dC_kernel<T, 128, DY, X, ST><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
                                                                hps);
     cudaCheckLast();
 }
@@ -1664,18 +1670,33 @@ inline size_t ssd_chunked_backward_scratch_size(int B, int T_, int H, int P, int
 // (Y): the output rounded once as it is stored, for readers that take it in bf16 (nothing in the backward reads y).
 // x, Bm, Cm may be bf16 under T = float (X; Mamba-2's conv writes them so under bf16 operands, as autocast's conv
 // does): the products round them to bf16 anyway, and the rest (the D·x skip) reads the same values as from fp32
-// tensors holding them.
-template <typename T, typename Y, typename X>
-void ssd_chunked_forward(Y* y, T* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
+// tensors holding them. chunk_states may be bf16 under T = float too (ST; Mamba-2's under bf16 operands, as
+// mamba_ssm keeps them): each state is passed on in fp32 registers and rounded once as it is stored, where the
+// products read it rounded anyway; its fp32 local states (before the passing) then go to local_states, (B, H, nchunks,
+// P, N) floats of caller-owned scratch (the backward's scratch will do: it is at least that large), instead of in
+// place.
+template <typename T, typename Y, typename X, typename ST>
+void ssd_chunked_forward(Y* y, ST* chunk_states, const X* x, const T* dt, const T* A, const X* Bm, const X* Cm,
                          const T* D, const T* init_state, T* final_state, int B, int T_, int H, int P, int G, int N,
-                         int Q, cudaStream_t stream = 0) {
+                         int Q, cudaStream_t stream = 0, float* local_states = nullptr) {
     using namespace ssd_detail;
+    static_assert(std::is_same_v<ST, T> || std::is_same_v<T, float>, "bf16 chunk states under T = float only");
     const Dims d = ssd_dims("ssd_chunked_forward", B, T_, H, P, G, N, Q);
     const int nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
-    // 1. each chunk's end state from zero → chunk_states[c + 1] / final_state
-    launch_chunk_state<false>(chunk_states, final_state, x, dt, A, Bm, d, stream);
-    // 2. pass the states across chunks
-    ssd_state_pass_kernel<T><<<dim3(nsplit, B * H), NT, 0, stream>>>(chunk_states, final_state, init_state, dt, A, d);
+    const dim3 pass_grid(nsplit, B * H);
+    if constexpr (std::is_same_v<ST, T>) {
+        // 1. each chunk's end state from zero → chunk_states[c + 1] / final_state
+        launch_chunk_state<false>(chunk_states, final_state, x, dt, A, Bm, d, stream);
+        // 2. pass the states across chunks, in place
+        ssd_state_pass_kernel<T, ST, T><<<pass_grid, NT, 0, stream>>>(chunk_states, chunk_states, final_state,
+                                                                      init_state, dt, A, d);
+    } else {
+        HL_CHECK(local_states, "ssd_chunked_forward: bf16 chunk states need local_states (B·H·nchunks·P·N floats)");
+        // 1. → local_states[c + 1] / final_state;  2. passed from there into chunk_states
+        launch_chunk_state<false>(local_states, final_state, x, dt, A, Bm, d, stream);
+        ssd_state_pass_kernel<T, ST, float><<<pass_grid, NT, 0, stream>>>(chunk_states, local_states, final_state,
+                                                                          init_state, dt, A, d);
+    }
     cudaCheckLast();
     // 3. the outputs
     launch_chunk_output(y, chunk_states, x, dt, A, Bm, Cm, D, d, stream);
@@ -1686,11 +1707,11 @@ void ssd_chunked_forward(Y* y, T* chunk_states, const X* x, const T* dt, const T
 // final state). scratch: ssd_chunked_backward_scratch_size(...) floats, caller-owned. Same
 // arguments as model/ssd.h (scratch is float whatever T is); eight launches on `stream`. dy may be bf16 under
 // T = float (DY; Mamba-2's gate writes it so under bf16 operands): its products round it to bf16 anyway, and the
-// rest (dx's D·dy, dD) read the same values as from an fp32 dy holding them. x, Bm, Cm: as the forward took them
-// (X: T, or bf16 under T = float).
-template <typename T, typename DY, typename X>
+// rest (dx's D·dy, dD) read the same values as from an fp32 dy holding them. x, Bm, Cm and chunk_states: as the
+// forward took and wrote them (X, ST: T, or bf16 under T = float).
+template <typename T, typename DY, typename X, typename ST>
 void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_state, float* scratch, const DY* dy,
-                          const T* dfinal_state, const T* chunk_states, const X* x, const T* dt, const T* A,
+                          const T* dfinal_state, const ST* chunk_states, const X* x, const T* dt, const T* A,
                           const X* Bm, const X* Cm, const T* D, int B, int T_, int H, int P, int G, int N, int Q,
                           cudaStream_t stream = 0) {
     using namespace ssd_detail;
@@ -1701,7 +1722,7 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
     // 1. each chunk's own share of dS_in: Σ_i exp(cum_i)·dy_i ⊗ C_i → slot c − 1 / dinit_state
     launch_chunk_state<true>(s.slots, dinit_state, dy, dt, A, Cm, d, stream);
     // 2. reverse state passing: dS_out of every chunk, dinit_state, and the ⟨dS_out, S_in⟩ partials
-    ssd_state_pass_bwd_kernel<T><<<dim3(s.nsplit, B * H), NT, 0, stream>>>(s.slots, dinit_state, s.dot_part,
+    ssd_state_pass_bwd_kernel<T, ST><<<dim3(s.nsplit, B * H), NT, 0, stream>>>(s.slots, dinit_state, s.dot_part,
                                                                            dfinal_state, chunk_states, dt, A, d);
     cudaCheckLast();
     // 3. dx and the direct part of ddt

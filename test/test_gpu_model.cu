@@ -251,13 +251,15 @@ void run_mamba2(const hl::Mamba2Config& c, int B, int T, bool branch_only, uint6
     auto layout = [&](Arena<float>& a) { return hl::gpu::gpu_mamba2_acts(a, c, B, T, !branch_only); };
     auto dacts = device_acts<hl::gpu::GpuMamba2Acts<float>>(abuf, layout);
     if (bf16) {
-        INFO(tag, ": zxbcdt, x, B, C, y (and the mixer's gn) in half the floats: the layout smaller than fp32's");
+        INFO(tag, ": zxbcdt, x, B, C, the chunk states, y (and the mixer's gn) in half the floats: the layout smaller "
+                  "than fp32's");
         const hl::gpu::Bf16Scope fp32(nullptr);
         Arena<float> count;
         count.align = 64;
         layout(count);
         // (x, B and C together are conv_dim wide; the slack: up to 64 floats of alignment a halved tensor)
-        CHECK(abuf.n + (size_t)N * (c.in_proj_rows() + c.conv_dim() + DI) / 2 <= count.size + 5 * 64);
+        const size_t states = (size_t)B * c.nheads() * hl::ssd_num_chunks(T, c.chunk) * c.headdim * c.d_state;
+        CHECK(abuf.n + ((size_t)N * (c.in_proj_rows() + c.conv_dim() + DI) + states) / 2 <= count.size + 6 * 64);
     }
     // wide norm groups (d_inner / G ≥ 1024) take the mixer's fused gate and norm, the others the two kernels; the
     // fused mixer's layout has no g (it is never written), the branch's has no norm tensors

@@ -140,8 +140,8 @@ Result run_cpu(const Case& k, const Inputs& in, int Q) {
 }
 
 // The GPU version, chunked with k.Q; every output poisoned first. r16 (non-null): the scan again as Mamba-2 runs it
-// under bf16 operands, from x, B, C and dy in bf16 (in's must hold bf16 values already) and writing y in bf16: its y
-// (as floats), chunk states and gradients.
+// under bf16 operands, from x, B, C and dy in bf16 (in's must hold bf16 values already) and writing y and the chunk
+// states in bf16 (their local states in the backward's scratch): its y and chunk states (as floats) and gradients.
 Result run_gpu(const Case& k, const Inputs& in, Result* r16 = nullptr) {
     const int B = k.B, T = k.T, H = k.H, P = k.P, G = k.G, N = k.N, Q = k.Q;
     const size_t nx = in.x.size(), ns = in.init.size();
@@ -173,22 +173,25 @@ Result run_gpu(const Case& k, const Inputs& in, Result* r16 = nullptr) {
         };
         DeviceBuffer<bf16> xb, Bb, Cb, dyb;
         upload16(xb, in.x), upload16(Bb, in.Bm), upload16(Cb, in.Cm), upload16(dyb, in.dy);
-        DeviceBuffer<bf16> yb(nx);
-        cudaCheck(cudaMemset(yb.ptr, 0xFF, nx * sizeof(bf16)));  // NaNs: an element not written shows
-        DeviceBuffer<float> states2(states.n), dx2(nx), ddt2(in.dt.size()), dA2(H), dBm2(in.Bm.size()),
+        DeviceBuffer<bf16> yb(nx), states2(states.n);
+        poison(yb), poison(states2);  // (NaNs in bf16 too: an element not written shows)
+        DeviceBuffer<float> dx2(nx), ddt2(in.dt.size()), dA2(H), dBm2(in.Bm.size()),
             dCm2(in.Cm.size()), dD2(H), dinit2(ns), scratch2(scratch.n);
-        poison(states2), poison(dx2), poison(ddt2), poison(dBm2), poison(dCm2), poison(dinit2), poison(scratch2);
+        poison(dx2), poison(ddt2), poison(dBm2), poison(dCm2), poison(dinit2), poison(scratch2);
         hl::gpu::ssd_chunked_forward(yb.ptr, states2.ptr, xb.ptr, dt.ptr, A.ptr, Bb.ptr, Cb.ptr, D.ptr,
-                                     k.init ? init.ptr : nullptr, (float*)nullptr, B, T, H, P, G, N, Q);
+                                     k.init ? init.ptr : nullptr, (float*)nullptr, B, T, H, P, G, N, Q, 0, scratch2.ptr);
         dA2.upload(std::vector<float>(H, DA0)), dD2.upload(std::vector<float>(H, DD0));
         hl::gpu::ssd_chunked_backward(dx2.ptr, ddt2.ptr, dA2.ptr, dBm2.ptr, dCm2.ptr, dD2.ptr,
                                       k.init ? dinit2.ptr : nullptr, scratch2.ptr, dyb.ptr, k.fin ? dfin.ptr : nullptr,
                                       states2.ptr, xb.ptr, dt.ptr, A.ptr, Bb.ptr, Cb.ptr, D.ptr, B, T, H, P, G, N, Q);
         cudaCheck(cudaDeviceSynchronize());
-        const std::vector<bf16> h = yb.download();
-        r16->y.resize(nx);
-        for (size_t i = 0; i < nx; i++) r16->y[i] = __bfloat162float(h[i]);
-        r16->states = states2.download();
+        auto to_float = [](const DeviceBuffer<bf16>& d) {
+            const std::vector<bf16> h = d.download();
+            std::vector<float> f(h.size());
+            for (size_t i = 0; i < h.size(); i++) f[i] = __bfloat162float(h[i]);
+            return f;
+        };
+        r16->y = to_float(yb), r16->states = to_float(states2);
         r16->dx = dx2.download(), r16->ddt = ddt2.download(), r16->dA = dA2.download(), r16->dBm = dBm2.download();
         r16->dCm = dCm2.download(), r16->dD = dD2.download(), r16->dinit = dinit2.download();
     }
@@ -331,19 +334,20 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
             const hl::gpu::Bf16Scope scope(&ops);
             g = run_gpu(k, in, &g16);
         }
-        // x, B, C and dy in bf16 (Mamba-2's conv and gate write them so for the scan under bf16): the same states and
-        // gradients as fp32 tensors holding those values, bit for bit (every product rounds them to bf16; the rest
-        // reads the same floats), on both kernel families
-        CHECK_MESSAGE(g16.states == g.states, "bf16 " << k.name() << ": chunk states from bf16 x, B, C differ");
-        CHECK_MESSAGE((g16.dx == g.dx && g16.ddt == g.ddt && g16.dA == g.dA && g16.dBm == g.dBm && g16.dCm == g.dCm &&
-                       g16.dD == g.dD && (!k.init || g16.dinit == g.dinit)),
-                      "bf16 " << k.name() << ": the backward on bf16 x, B, C, dy differs from the fp32 tensors'");
-        // y written in bf16 (Mamba-2's under bf16): the fp32 y rounded once, bit for bit
-        size_t same = 0;
-        for (size_t j = 0; j < g16.y.size(); j++)
-            same += g16.y[j] == __bfloat162float(__float2bfloat16_rn(g.y[j]));
-        CHECK_MESSAGE(same == g16.y.size(), "bf16 " << k.name() << ": y in bf16 equals the fp32 y rounded at " << same
-                                                         << " of " << g16.y.size());
+        // x, B, C and dy in bf16 (Mamba-2's conv and gate write them so for the scan under bf16), y and the chunk
+        // states stored in bf16: y and the states are the fp32 ones rounded once, and dx, dB, dC, dD, dinit_state the
+        // fp32 tensors' bit for bit (every product rounds its operands to bf16; the rest reads the same floats), on
+        // both kernel families. ddt and dA take ⟨dS_out, S_in⟩ from the rounded states: checked against the CPU below.
+        auto rounded = [](const std::vector<float>& v) {
+            std::vector<float> r(v.size());
+            for (size_t j = 0; j < v.size(); j++) r[j] = __bfloat162float(__float2bfloat16_rn(v[j]));
+            return r;
+        };
+        CHECK_MESSAGE(g16.y == rounded(g.y), "bf16 " << k.name() << ": y in bf16 is not the fp32 y rounded");
+        CHECK_MESSAGE(g16.states == rounded(g.states), "bf16 " << k.name() << ": bf16 states are not the fp32 ones rounded");
+        CHECK_MESSAGE((g16.dx == g.dx && g16.dBm == g.dBm && g16.dCm == g.dCm && g16.dD == g.dD &&
+                       (!k.init || g16.dinit == g.dinit)),
+                      "bf16 " << k.name() << ": the backward on bf16 tensors differs from the fp32 tensors'");
         const Result c = run_cpu(k, in, k.Q);
         const std::string ctx = "bf16 " + k.name();
         const double ey = max_rel_err(g.y, c.y);
@@ -355,6 +359,8 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
         expect_close("bf16 dBm", g.dBm, c.dBm, 5e-2, ctx);
         expect_close("bf16 dCm", g.dCm, c.dCm, 5e-2, ctx);
         expect_close("bf16 dA", minus(g.dA, DA0), minus(c.dA, DA0), 1e-1, ctx);
+        expect_close("bf16 ddt, bf16 states", g16.ddt, c.ddt, 5e-2, ctx);
+        expect_close("bf16 dA, bf16 states", minus(g16.dA, DA0), minus(c.dA, DA0), 1e-1, ctx);
         expect_close("bf16 dD", minus(g.dD, DD0), minus(c.dD, DD0), 5e-2, ctx);
         if (k.init) expect_close("bf16 dinit_state", g.dinit, c.dinit, 5e-2, ctx);
         CHECK(ey > 1e-6);  // the tensor-core path ran (fp32 agrees to ~1e-7 here)

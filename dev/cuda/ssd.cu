@@ -7,8 +7,9 @@
 //   v2  the chunked kernels of kernels/ssd.cuh (what we ship), with a per-kernel time breakdown.
 //   v3  v2 with its block GEMMs on the tensor cores (bf16 operands, fp32 accumulation: a Bf16Scope and
 //       ssd_tensor_cores(), which train_gpu sets under bf16); checked at a bf16 tolerance (5e-2), timed
-//   v4  v3 as Mamba-2 runs it under bf16: x, B, C and dy in bf16 (the inputs rounded), y written in bf16; the same
-//       kernels reading half the bytes; checked and timed as v3
+//   v4  v3 as Mamba-2 runs it under bf16: x, B, C and dy in bf16 (the inputs rounded), y and the chunk states written
+//       in bf16 (their local states in the backward's scratch); the same kernels moving half the bytes; checked and
+//       timed as v3
 // Correctness: every version against the CPU chunked form (float) at a reduced shape (B=1, T≤512, H≤4, the
 // same P, N, G, Q), max-norm relative error max|g − c| / max|c| per tensor; at the full shape v1 and v2
 // are compared with each other.
@@ -24,6 +25,7 @@
 #include <cstdio>              // std::printf
 #include <cstdlib>             // std::atoi
 #include <functional>          // std::function for the breakdown table
+#include <type_traits>         // std::is_same_v, std::remove_pointer_t: the breakdown on fp32 or bf16 tensors
 #include <vector>              // std::vector host copies
 #include <cuda_runtime.h>      // cudaEvent*, cudaMemGetInfo
 #include "dev/cuda/common.cuh"   // median_ms, rel_err, poison: the playgrounds' shared harness
@@ -200,7 +202,7 @@ struct Problem {  // inputs, outputs and gradients of one scan, on the device
     DeviceBuffer<float> y, states, fin;                                   // forward outputs (v2: chunk states)
     DeviceBuffer<float> dx, ddt, dA, dBm, dCm, dD, dinit, scratch;        // gradients; v2 scratch
     DeviceBuffer<float> v1_states, v1_dBh, v1_dCh, v1_dAbh, v1_dDbh;      // v1 only
-    DeviceBuffer<hl::gpu::bf16> x16, Bm16, Cm16, dy16, y16;               // v4 only
+    DeviceBuffer<hl::gpu::bf16> x16, Bm16, Cm16, dy16, y16, states16;     // v4 only
     std::vector<float> hx, hdt, hA, hBm, hCm, hD, hinit, hdy, hdfin;
     explicit Problem(const Shape& sh, bool want_v1, bool want_v2) : s(sh) {
         nx = (size_t)s.B * s.T * s.H * s.P, ndt = (size_t)s.B * s.T * s.H, nbc = (size_t)s.B * s.T * s.G * s.N;
@@ -231,7 +233,7 @@ struct Problem {  // inputs, outputs and gradients of one scan, on the device
                 d.upload(r);
             };
             up16(x16, hx), up16(Bm16, hBm), up16(Cm16, hCm), up16(dy16, hdy);
-            y16.alloc(nx);
+            y16.alloc(nx), states16.alloc(nst);
         }
         if (want_v1) {
             v1_states.alloc((size_t)s.B * s.H * s.T * s.P * s.N);
@@ -254,8 +256,9 @@ void forward(int version, Problem& p) {
         const hl::gpu::Bf16Operands ops;
         const hl::gpu::Bf16Scope scope(&ops);
         hl::gpu::ssd_detail::ssd_tensor_cores() = true;
-        hl::gpu::ssd_chunked_forward(p.y16.ptr, p.states.ptr, p.x16.ptr, p.dt.ptr, p.A.ptr, p.Bm16.ptr, p.Cm16.ptr,
-                                     p.D.ptr, p.init.ptr, p.fin.ptr, s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
+        hl::gpu::ssd_chunked_forward(p.y16.ptr, p.states16.ptr, p.x16.ptr, p.dt.ptr, p.A.ptr, p.Bm16.ptr, p.Cm16.ptr,
+                                     p.D.ptr, p.init.ptr, p.fin.ptr, s.B, s.T, s.H, s.P, s.G, s.N, s.Q, 0,
+                                     p.scratch.ptr);
     } else {
         const hl::gpu::Bf16Operands ops;  // v3: (only whether bf16 operands are in effect matters here)
         const hl::gpu::Bf16Scope scope(version == 3 ? &ops : nullptr);
@@ -283,7 +286,7 @@ void backward(int version, Problem& p) {
         const hl::gpu::Bf16Scope scope(&ops);
         hl::gpu::ssd_detail::ssd_tensor_cores() = true;
         hl::gpu::ssd_chunked_backward(p.dx.ptr, p.ddt.ptr, p.dA.ptr, p.dBm.ptr, p.dCm.ptr, p.dD.ptr, p.dinit.ptr,
-                                      p.scratch.ptr, p.dy16.ptr, p.dfin.ptr, p.states.ptr, p.x16.ptr, p.dt.ptr,
+                                      p.scratch.ptr, p.dy16.ptr, p.dfin.ptr, p.states16.ptr, p.x16.ptr, p.dt.ptr,
                                       p.A.ptr, p.Bm16.ptr, p.Cm16.ptr, p.D.ptr, s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
     } else {
         const hl::gpu::Bf16Operands ops;
@@ -356,9 +359,9 @@ Outputs cpu_reference(const Problem& p) {
     return o;
 }
 
-// v2's (or, with tc, v3's) kernels one by one (the launch sequence of kernels/ssd.cuh, each timed alone).
-// (Named for v2, it times v3 as well: the same launchers, with Dims::tc set.)
-void v2_breakdown(Problem& p, int reps, bool tc) {
+// v2's (or, with tc, v3's; with b16 too, v4's) kernels one by one (the launch sequence of kernels/ssd.cuh, each timed
+// alone). (Named for v2, it times v3 and v4 as well: the same launchers, with Dims::tc set, on the bf16 tensors.)
+void v2_breakdown(Problem& p, int reps, bool tc, bool b16 = false) {
     using namespace hl::gpu::ssd_detail;
     const Shape& s = p.s;
     Dims d = ssd_dims("dev", s.B, s.T, s.H, s.P, s.G, s.N, s.Q);
@@ -370,25 +373,33 @@ void v2_breakdown(Problem& p, int reps, bool tc) {
         const char* name;
         std::function<void()> f;
     };
-    std::vector<Item> items = {
-        {"fwd 1 chunk_state", [&] { launch_chunk_state<false>(p.states.ptr, p.fin.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, d, 0); }},
-        {"fwd 2 state_pass", [&] { ssd_state_pass_kernel<float><<<gp, NT>>>(p.states.ptr, p.fin.ptr, p.init.ptr, p.dt.ptr, p.A.ptr, d); }},
-        {"fwd 3 chunk_output", [&] { launch_chunk_output(p.y.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d, 0); }},
-        {"bwd 1 chunk_state(dy,C)", [&] { launch_chunk_state<true>(sc.slots, p.dinit.ptr, p.dy.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, 0); }},
-        {"bwd 2 state_pass_bwd", [&] { ssd_state_pass_bwd_kernel<float><<<gp, NT>>>(sc.slots, p.dinit.ptr, sc.dot_part, p.dfin.ptr, p.states.ptr, p.dt.ptr, p.A.ptr, d); }},
-        {"bwd 3 dx", [&] { launch_bwd_dx(p.dx.ptr, p.ddt.ptr, sc.v_state, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, p.D.ptr, d, 0); }},
-        {"bwd 4 dB", [&] { launch_bwd_dB(p.dBm.ptr, sc.dB_part, p.dy.ptr, sc.slots, p.x.ptr, p.dt.ptr, p.A.ptr, p.Cm.ptr, d, hps, 0); }},
-        {"bwd 5 dC", [&] { launch_bwd_dC(p.dCm.ptr, sc.dC_part, sc.cdot, p.dy.ptr, p.states.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, p.Bm.ptr, p.Cm.ptr, d, hps, 0); }},
-        {"bwd 6 sum_slices x2", [&] {
-             const size_t n = (size_t)s.B * s.T * s.G * s.N;
-             if (sc.nslices > 1) {
-                 ssd_sum_slices_kernel<float><<<4096, NT>>>(p.dBm.ptr, sc.dB_part, n, sc.nslices);
-                 ssd_sum_slices_kernel<float><<<4096, NT>>>(p.dCm.ptr, sc.dC_part, n, sc.nslices);
-             }
-         }},
-        {"bwd 7 finalize", [&] { ssd_bwd_finalize_kernel<float><<<dim3(d.nchunks, s.B * s.H), NT>>>(p.ddt.ptr, sc.dA_part, sc.dD_part, sc.cdot, sc.v_state, sc.dot_part, sc.nsplit, p.dy.ptr, p.x.ptr, p.dt.ptr, p.A.ptr, d); }},
-        {"bwd 8 head_grads", [&] { ssd_head_grads_kernel<float><<<ceil_div(s.H, NT), NT>>>(p.dA.ptr, p.dD.ptr, sc.dA_part, sc.dD_part, d); }},
+    // x, Bm, Cm, dy, y, states: fp32 (v2, v3) or bf16 (v4, whose local states go to the scratch's first region, as
+    // ssd_chunked_forward puts them)
+    auto items_on = [&](auto* x, auto* Bm, auto* Cm, auto* dy, auto* y, auto* st) {
+        using ST = std::remove_pointer_t<decltype(st)>;
+        float* local = std::is_same_v<ST, float> ? p.states.ptr : sc.slots;
+        return std::vector<Item>{
+            {"fwd 1 chunk_state", [=, &p] { launch_chunk_state<false>(local, p.fin.ptr, x, p.dt.ptr, p.A.ptr, Bm, d, 0); }},
+            {"fwd 2 state_pass", [=, &p] { ssd_state_pass_kernel<float, ST, float><<<gp, NT>>>(st, local, p.fin.ptr, p.init.ptr, p.dt.ptr, p.A.ptr, d); }},
+            {"fwd 3 chunk_output", [=, &p] { launch_chunk_output(y, st, x, p.dt.ptr, p.A.ptr, Bm, Cm, p.D.ptr, d, 0); }},
+            {"bwd 1 chunk_state(dy,C)", [=, &p] { launch_chunk_state<true>(sc.slots, p.dinit.ptr, dy, p.dt.ptr, p.A.ptr, Cm, d, 0); }},
+            {"bwd 2 state_pass_bwd", [=, &p] { ssd_state_pass_bwd_kernel<float, ST><<<gp, NT>>>(sc.slots, p.dinit.ptr, sc.dot_part, p.dfin.ptr, st, p.dt.ptr, p.A.ptr, d); }},
+            {"bwd 3 dx", [=, &p] { launch_bwd_dx(p.dx.ptr, p.ddt.ptr, sc.v_state, dy, sc.slots, x, p.dt.ptr, p.A.ptr, Bm, Cm, p.D.ptr, d, 0); }},
+            {"bwd 4 dB", [=, &p] { launch_bwd_dB(p.dBm.ptr, sc.dB_part, dy, sc.slots, x, p.dt.ptr, p.A.ptr, Cm, d, hps, 0); }},
+            {"bwd 5 dC", [=, &p] { launch_bwd_dC(p.dCm.ptr, sc.dC_part, sc.cdot, dy, st, x, p.dt.ptr, p.A.ptr, Bm, Cm, d, hps, 0); }},
+            {"bwd 6 sum_slices x2", [=, &p] {
+                 const size_t n = (size_t)s.B * s.T * s.G * s.N;
+                 if (sc.nslices > 1) {
+                     ssd_sum_slices_kernel<float><<<4096, NT>>>(p.dBm.ptr, sc.dB_part, n, sc.nslices);
+                     ssd_sum_slices_kernel<float><<<4096, NT>>>(p.dCm.ptr, sc.dC_part, n, sc.nslices);
+                 }
+             }},
+            {"bwd 7 finalize", [=, &p] { ssd_bwd_finalize_kernel<float><<<dim3(d.nchunks, s.B * s.H), NT>>>(p.ddt.ptr, sc.dA_part, sc.dD_part, sc.cdot, sc.v_state, sc.dot_part, sc.nsplit, dy, x, p.dt.ptr, p.A.ptr, d); }},
+            {"bwd 8 head_grads", [=, &p] { ssd_head_grads_kernel<float><<<ceil_div(s.H, NT), NT>>>(p.dA.ptr, p.dD.ptr, sc.dA_part, sc.dD_part, d); }},
+        };
     };
+    const std::vector<Item> items = b16 ? items_on(p.x16.ptr, p.Bm16.ptr, p.Cm16.ptr, p.dy16.ptr, p.y16.ptr, p.states16.ptr)
+                                        : items_on(p.x.ptr, p.Bm.ptr, p.Cm.ptr, p.dy.ptr, p.y.ptr, p.states.ptr);
     for (auto& it : items) {
         const float ms = median_ms([&] { it.f(); cudaCheckLast(); }, 2, reps);
         std::printf("    %-26s %8.3f ms\n", it.name, ms);
@@ -456,7 +467,7 @@ int main(int argc, char** argv) {
             std::printf("csv,ssd,hybridlm fp32,%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B, s.T, s.H, s.P, s.N,
                         s.G, s.Q, f, fb, flops_f / f / 1e9, flops_fb / fb / 1e9);
         }
-        if (v == 2 || v == 3) v2_breakdown(p, reps, v == 3);
+        if (v >= 2) v2_breakdown(p, reps, v >= 3, v == 4);
     }
     return 0;
 }
