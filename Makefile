@@ -9,6 +9,10 @@ INCLUDES := -I. -I.deps/include
 # sm_90a (H100/H200): the attention's wgmma kernels need the arch-specific target (kernels/wgmma.cuh). For another
 # GPU set NVFLAGS with its -arch: the wgmma products then compile to traps and the mma.sync kernels run instead.
 NVFLAGS  ?= -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-fopenmp
+# The compile check (`make cuda_check`, part of `make test`) builds objects that are never run: it keeps every stage
+# (front end, cicc, ptxas for sm_90a, the host compiler with the warnings) but optimizes little, which makes nvcc
+# 2.7x faster (test/test_gpu_model.cu: 108 s -> 41 s here). Binaries that run use NVFLAGS.
+NVCHECKFLAGS ?= $(subst -O3,-O0 -Xcicc -O1 -Xptxas -O0,$(NVFLAGS))
 BUILD    := build
 
 HEADERS   := $(wildcard model/*.h data/*.h test/*.h dev/study/*.h)
@@ -176,11 +180,11 @@ CUDA_CHECK_OBJS := $(CUDA_SRCS:%.cu=$(BUILD)/cuda_check/%.o)
 $(BUILD)/cuda_check/%.o: %.cu $(HEADERS) $(CUDA_HEADERS)
 	@mkdir -p $(dir $@)
 	@echo "nvcc -c $<"
-	@$(NVCC) $(NVFLAGS) $(INCLUDES) -c $< -o $@
+	@$(NVCC) $(NVCHECKFLAGS) $(INCLUDES) -c $< -o $@
 $(BUILD)/cuda_check/dev/dump_grads_gpu.o: dev/dump_grads.cpp $(HEADERS) $(KERNEL_HEADERS)
 	@mkdir -p $(dir $@)
 	@echo "nvcc -c -x cu $<"
-	@$(NVCC) $(NVFLAGS) $(INCLUDES) -x cu -c $< -o $@
+	@$(NVCC) $(NVCHECKFLAGS) $(INCLUDES) -x cu -c $< -o $@
 cuda_check: $(CUDA_CHECK_OBJS) $(BUILD)/cuda_check/dev/dump_grads_gpu.o
 	@[ -n "$(CUDA_SRCS)" ] || echo "cuda_check: no CUDA sources yet"
 

@@ -757,6 +757,12 @@ TEST_CASE("gpu conv1d + SiLU forward/backward (pre recomputed) equals the CPU (o
             CHECK(std::equal(da.begin(), da.end(), db.begin(), [](float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }));
             CHECK(from_dev(dwb) == from_dev(dwa));
             CHECK(from_dev(dbb) == from_dev(dba));
+            // the output in bf16 (OT: Mamba-2's x, B, C in bf16 runs): the fp32 output rounded, bit for bit
+            DeviceBuffer<hl::gpu::bf16> out16(NC);
+            poison(out16);
+            hl::gpu::conv1d_silu_forward(hl::gpu::ConvColumns<hl::gpu::bf16>(out16.ptr, s.C), xin16, w_.ptr, b_.ptr,
+                                         s.B, s.T, s.C, s.K, 0, ld);
+            CHECK(from_dev_bf16(out16.ptr, NC) == round_bf16_host(outa));
         }
         // the output (and dout) split by column over three tensors, as Mamba-2's x, B and C: the same values
         if (s.C >= 3) {
