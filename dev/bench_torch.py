@@ -17,7 +17,8 @@ and optionally --compile (torch.compile) and --dtype bf16 (autocast, fp32 master
 (reference.py's MoE gathers each token's expert weights: it checks gradients, it is not a speed baseline for MoE.)
 CKPT: any hybridlm checkpoint (train_cpu/train_gpu/dump_grads write one); only its config is used and the
 weights are initialised here. Prints tokens/s, ms/step, peak memory and, given the model's training FLOPs per
-token (DESIGN.md's formula, printed by the trainers), the MFU against --peak-tflops (H100/H200 bf16 dense: 989).
+token (DESIGN.md's formula, printed by the trainers), the MFU against --peak-tflops (H100/H200 bf16 dense: 989);
+then each timed step's GPU time and the host's time to issue it (where a launch-bound step's time goes).
 """
 import argparse  # the command line
 import math  # sqrt
@@ -110,10 +111,19 @@ def bench(args):
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    # Per step: the GPU's time between events recorded at each step's start, and the host's time to issue the step.
+    # A step bound by its launches shows the two close; one bound by the GPU, the host ahead (issue << GPU time).
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)] if device == "cuda" else []
+    issue = []
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for i in range(args.steps):
+        if marks:
+            marks[i].record()
+        h0 = time.perf_counter()
         loss = step()
-    if device == "cuda":
+        issue.append(time.perf_counter() - h0)
+    if marks:
+        marks[-1].record()
         torch.cuda.synchronize()
     dt = (time.perf_counter() - t0) / args.steps
     tok_s = args.batch * args.seq_len / dt
@@ -122,6 +132,10 @@ def bench(args):
     label = f"torch attn={args.attn} ssd={args.ssd} {'compile ' if args.compile else ''}{args.dtype}"
     print(f"{label}: {cfg.arch} {cfg.pattern} B={args.batch} T={args.seq_len}: {dt * 1e3:.2f} ms/step, "
           f"{tok_s:,.0f} tok/s, peak {peak:.2f} GiB, MFU {mfu * 100:.1f}%, loss {loss.item():.4f}")
+    if marks:
+        gpu_ms = [marks[i].elapsed_time(marks[i + 1]) for i in range(args.steps)]
+        print("  per step, GPU ms: " + " ".join(f"{t:.2f}" for t in gpu_ms))
+    print("  per step, host ms to issue: " + " ".join(f"{t * 1e3:.2f}" for t in issue))
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, "a") as f:

@@ -102,7 +102,7 @@ for mode in $MODES; do
             --steps "$STEPS" --attn "$ATTN" --ssd "$SSD" --dtype "$DTYPE" ${flops[$arch]:+--flops-per-token "${flops[$arch]}"} \
             $flag --csv "$csv" >"$log" 2>&1 || rc=$?
         if [ $rc -eq 0 ]; then
-            tail -n 1 "$log"
+            grep " ms/step, " "$log" | tail -n 1
         else
             why=$([ $rc -eq 124 ] && echo "timeout-${TIMEOUT}s" || echo "rc=$rc")
             echo "$label,$arch,${pattern[$arch]:-},$BATCH,$SEQ_LEN,failed:$why,,," >>"$csv"
