@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # kernels.sh OUT — the per-kernel table of issue 9, on the device machine (build/dev/* built, .whl/ carried):
-# our attention (fp32 and bf16-operand tensor-core kernels) and SSD (fp32, and bf16 on the tensor cores) against
+# our attention (fp32 and bf16-operand tensor-core kernels) and SSD (fp32; bf16 on the tensor cores, from fp32 and
+# from bf16 tensors, the latter as Mamba-2 runs it under bf16 and as the Triton kernel is given them) against
 # PyTorch's SDPA (flash and cuDNN backends) and mamba_ssm's Triton SSD on the same shapes over T, in one run. Each
 # side prints `csv,` lines (dev/cuda/attention.cu's last section, dev/cuda/ssd.cu's timing, dev/bench_kernels.py);
 # this joins them into OUT/attention.csv, OUT/ssd.csv and a table with PyTorch's fwd+bwd time over each of ours.
@@ -32,7 +33,7 @@ ssd_shapes+=("8 2048 16 128 128 1 64")
 [ "$ONLY" = attention ] && ssd_shapes=()
 for shape in "${ssd_shapes[@]}"; do
     tag=$(echo "$shape" | tr ' ' '-')
-    for v in 2 3; do  # the shipped fp32 kernels, and the same with tensor cores (train_gpu under bf16)
+    for v in 2 3 4; do  # the shipped fp32 kernels; on the tensor cores; and so on bf16 tensors (train_gpu under bf16)
         # shellcheck disable=SC2086  # the shape is seven numbers, split on purpose
         build/dev/ssd $v $shape >"$out/ssd-$tag-v$v.log" 2>&1 \
             || echo "(build/dev/ssd $v at $shape failed: see $out/ssd-$tag-v$v.log)"

@@ -458,9 +458,10 @@ int main(int argc, char** argv) {
         const float fb = median_ms([&] { forward(v, p); backward(v, p); }, 1, reps);
         std::printf("  v%d %-8s fwd %9.3f ms (%6.2f TFLOP/s)   fwd+bwd %9.3f ms (%6.2f TFLOP/s)\n", v,
                     v == 1 ? "naive" : v == 2 ? "chunked" : v == 3 ? "tc" : "tc bf16", f, flops_f / f / 1e9, fb, flops_fb / fb / 1e9);
-        if (v == 3)
-            std::printf("csv,ssd,hybridlm bf16 tensor cores,%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n", s.B,
-                        s.T, s.H, s.P, s.N, s.G, s.Q, f, fb, flops_f / f / 1e9, flops_fb / fb / 1e9);
+        if (v >= 3)  // v4: on bf16 x, B, C, dy, writing y and the states in bf16, as Mamba-2 and the Triton kernel run
+            std::printf("csv,ssd,hybridlm bf16 tensor cores%s,%d,%d,%d,%d,%d,%d,%d,%.4f,%.4f,%.2f,%.2f\n",
+                        v == 4 ? " bf16 tensors" : "", s.B, s.T, s.H, s.P, s.N, s.G, s.Q, f, fb, flops_f / f / 1e9,
+                        flops_fb / fb / 1e9);
         if (v == 2) {
             // the line bench/kernels.sh sets beside mamba_ssm's Triton kernel on the same shape (dev/bench_kernels.py)
             std::printf("csv,kernel,impl,B,T,H,P,N,G,Q,fwd_ms,fwd_bwd_ms,fwd_tflops,fwd_bwd_tflops\n");
