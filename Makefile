@@ -4,8 +4,9 @@
 CXX      ?= g++
 NVCC     ?= nvcc
 CXXFLAGS ?= -std=c++17 -O3 -Wall -Wextra -fopenmp
-# .deps/include holds copies of the header-only deps on machines without the Debian packages
-INCLUDES := -I. -I.deps/include
+# .deps/include holds copies of the header-only deps on machines without the Debian packages; -isystem, as for the
+# packages' /usr/include, so that their own warnings stay theirs (stb's fall-through at -O0 in the compile check)
+INCLUDES := -I. -isystem .deps/include
 # sm_90a (H100/H200): the attention's wgmma kernels need the arch-specific target (kernels/wgmma.cuh). For another
 # GPU set NVFLAGS with its -arch: the wgmma products then compile to traps and the mma.sync kernels run instead.
 NVFLAGS  ?= -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -Xcompiler -Wall,-Wextra,-fopenmp
