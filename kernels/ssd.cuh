@@ -809,17 +809,18 @@ void launch_chunk_output(Y* y, const ST* chunk_states, const X* x, const T* dt, 
 // dinit_state that of chunk 0; on exit slot c holds dS_out(c) = ∂L/∂S_out of chunk c (the last one:
 // dfinal_state or zeros), and dinit_state = ∂L/∂init_state:
 //   dS_out(nc−1) = dfinal;   dS_out(c−1) = local(c) + exp(Σ_chunk c a)·dS_out(c)
-// Also writes dot_part[b, h, c, blockIdx.x] = exp(Σ_chunk c a)·⟨dS_out(c), S_in(c)⟩ over this block's
-// elements (S_in(c) = chunk_states[c]): the term (3) contributes to ∂L/∂cum_last. Grid and layout as
-// the forward pass.
+// Also writes dot_part[b, h, c, part] = exp(Σ_chunk c a)·⟨dS_out(c), S_in(c)⟩ over one warp's elements
+// (S_in(c) = chunk_states[c]; part = blockIdx.x·(NT/32) + warp): the term (3) contributes to ∂L/∂cum_last. Each
+// warp writes its own share, so the walk over the chunks needs no barrier (the finalize kernel adds the shares up).
+// Grid and layout as the forward pass.
 template <typename T, typename ST>
 __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T* dinit_state, float* dot_part,
                                                                 const T* dfinal_state, const ST* chunk_states,
                                                                 const T* dt, const T* A, Dims d) {
-    const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H, nsplit = gridDim.x, warp = threadIdx.x / 32;
+    const int bh = blockIdx.y, b = bh / d.H, h = bh % d.H, nparts = gridDim.x * (NT / 32);
+    const int part = blockIdx.x * (NT / 32) + threadIdx.x / 32;
     const size_t PN = d.PN(), e0 = (size_t)blockIdx.x * PASS_ELEMS * NT + threadIdx.x;
     __shared__ float dec[NT];
-    __shared__ float red[2][NT / 32];  // the warps' shares of the dot, by chunk parity (thread 0 adds them up)
     float run[PASS_ELEMS];
     // the ring of the forward's kernel: chunk c's S_in and local share (slot c − 1, or dinit_state for chunk 0),
     // loaded PASS_AHEAD chunks ahead (nothing stores to them in between)
@@ -860,16 +861,8 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
 #pragma unroll
             for (int k = 0; k < PASS_ELEMS; k++) dot += run[k] * ahead_s[j][k], local[k] = ahead_l[j][k];
             load(j, c - PASS_AHEAD);
-            // the block's dot: warp sums, then thread 0 adds the warps' in order (red alternates with the chunk's
-            // parity, so the next chunk's writes cannot meet this chunk's reads: one barrier a chunk)
-            dot = warp_sum(dot);
-            if (threadIdx.x % 32 == 0) red[c & 1][warp] = dot;
-            __syncthreads();
-            if (threadIdx.x == 0) {
-                float sum = 0.f;
-                for (int w = 0; w < NT / 32; w++) sum += red[c & 1][w];
-                dot_part[((size_t)bh * d.nchunks + c) * nsplit + blockIdx.x] = decay * sum;
-            }
+            dot = warp_sum(dot);  // this warp's share (until session 22 the block's, summed behind a barrier)
+            if (threadIdx.x % 32 == 0) dot_part[((size_t)bh * d.nchunks + c) * nparts + part] = decay * dot;
             // dS_out(c − 1) = dS_in(c), kept in slot c − 1 (chunk 0: dinit_state, if wanted)
             float* dst_slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
             T* dst_init = c == 0 && dinit_state ? dinit_state + (size_t)bh * PN : nullptr;
@@ -1530,14 +1523,14 @@ __global__ void __launch_bounds__(NT) ssd_sum_slices_kernel(T* out, const float*
 }
 
 // Per (b, c, h), one thread per step i of the chunk:
-//   ∂L/∂cum_i = cdot_i − dt_i·ddt_direct_i + [i = len−1]·(Σ_j v_j + Σ_splits dot_part)
+//   ∂L/∂cum_i = cdot_i − dt_i·ddt_direct_i + [i = len−1]·(Σ_j v_j + Σ_parts dot_part)
 //   ∂L/∂a_i   = Σ_{i' ≥ i} ∂L/∂cum_i'   (reverse Hillis–Steele scan in shared memory)
 //   ddt_i     = ddt_direct_i + A_h·∂L/∂a_i;   dA_part = Σ_i dt_i·∂L/∂a_i;   dD_part = Σ_{i,p} dy·x
 // Grid (nchunks, B·H). The partial dA, dD go to (B, H, nchunks) scratch for head_grads.
 template <typename T, typename DY, typename X>
 __global__ void __launch_bounds__(NT) ssd_bwd_finalize_kernel(T* ddt, float* dA_part, float* dD_part,
                                                               const float* cdot, const float* v_state,
-                                                              const float* dot_part, int nsplit, const DY* dy,
+                                                              const float* dot_part, int nparts, const DY* dy,
                                                               const X* x, const T* dt, const T* A, Dims d) {
     const int c = blockIdx.x, bh = blockIdx.y, b = bh / d.H, h = bh % d.H;
     const int t0 = c * d.Q, len = d.chunk_len(c), i = threadIdx.x;
@@ -1546,8 +1539,9 @@ __global__ void __launch_bounds__(NT) ssd_bwd_finalize_kernel(T* ddt, float* dA_
     const size_t it = valid ? d.dt(b, t0 + i, h) : 0;
     const float dti = valid ? float(dt[it]) : 0.f;
     const float direct = valid ? float(ddt[it]) : 0.f;
-    float E = block_sum(valid ? v_state[(size_t)bh * d.T_ + t0 + i] : 0.f, red);
-    for (int k = 0; k < nsplit; k++) E += dot_part[((size_t)bh * d.nchunks + c) * nsplit + k];
+    float e = valid ? v_state[(size_t)bh * d.T_ + t0 + i] : 0.f;
+    for (int k = i; k < nparts; k += NT) e += dot_part[((size_t)bh * d.nchunks + c) * nparts + k];
+    const float E = block_sum(e, red);
     s[i] = valid ? cdot[(size_t)bh * d.T_ + t0 + i] - dti * direct + (i == len - 1 ? E : 0.f) : 0.f;
     for (int off = 1; off < NT; off <<= 1) {  // reverse inclusive scan
         __syncthreads();
@@ -1614,7 +1608,7 @@ inline Dims ssd_dims(const char* who, int B, int T_, int H, int P, int G, int N,
 // The backward's scratch, carved in this order out of one float buffer.
 struct BwdScratch {
     float* slots;     // (B, H, nchunks, P, N)  dS_out of every chunk
-    float* dot_part;  // (B, H, nchunks, nsplit)
+    float* dot_part;  // (B, H, nchunks, nparts)
     float* v_state;   // (B, H, T)
     float* cdot;      // (B, H, T)
     float* dA_part;   // (B, H, nchunks)
@@ -1622,12 +1616,13 @@ struct BwdScratch {
     float* dB_part;   // (nslices, B, T, G, N)  only when a group has several head slices
     float* dC_part;   // (nslices, B, T, G, N)
     size_t total;
-    int nsplit, nslices;
+    int nsplit, nparts, nslices;  // the state passes' blocks per (b, h); their warps (dot_part's shares); slices
 };
 
 inline BwdScratch bwd_scratch(float* base, const Dims& d) {
     BwdScratch s{};
     s.nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
+    s.nparts = s.nsplit * (NT / 32);
     s.nslices = d.hpg() / ssd_heads_per_slice(d.hpg());
     const size_t BH = (size_t)d.B * d.H;
     const size_t part = s.nslices > 1 ? (size_t)s.nslices * d.B * d.T_ * d.G * d.N : 0;
@@ -1638,7 +1633,7 @@ inline BwdScratch bwd_scratch(float* base, const Dims& d) {
         return p;
     };
     s.slots = take(BH * d.nchunks * d.PN());
-    s.dot_part = take(BH * d.nchunks * s.nsplit);
+    s.dot_part = take(BH * d.nchunks * s.nparts);
     s.v_state = take(BH * d.T_);
     s.cdot = take(BH * d.T_);
     s.dA_part = take(BH * d.nchunks);
@@ -1741,7 +1736,7 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
     }
     // 7. the decay gradients: ddt completed, per-chunk partial dA and dD
     ssd_bwd_finalize_kernel<T, DY, X><<<dim3(d.nchunks, B * H), NT, 0, stream>>>(
-        ddt, s.dA_part, s.dD_part, s.cdot, s.v_state, s.dot_part, s.nsplit, dy, x, dt, A, d);
+        ddt, s.dA_part, s.dD_part, s.cdot, s.v_state, s.dot_part, s.nparts, dy, x, dt, A, d);
     cudaCheckLast();
     // 8. dA, dD += their sums
     ssd_head_grads_kernel<T><<<ceil_div(H, NT), NT, 0, stream>>>(dA, dD, s.dA_part, s.dD_part, d);

@@ -394,7 +394,7 @@ void v2_breakdown(Problem& p, int reps, bool tc, bool b16 = false) {
                      ssd_sum_slices_kernel<float><<<4096, NT>>>(p.dCm.ptr, sc.dC_part, n, sc.nslices);
                  }
              }},
-            {"bwd 7 finalize", [=, &p] { ssd_bwd_finalize_kernel<float><<<dim3(d.nchunks, s.B * s.H), NT>>>(p.ddt.ptr, sc.dA_part, sc.dD_part, sc.cdot, sc.v_state, sc.dot_part, sc.nsplit, dy, x, p.dt.ptr, p.A.ptr, d); }},
+            {"bwd 7 finalize", [=, &p] { ssd_bwd_finalize_kernel<float><<<dim3(d.nchunks, s.B * s.H), NT>>>(p.ddt.ptr, sc.dA_part, sc.dD_part, sc.cdot, sc.v_state, sc.dot_part, sc.nparts, dy, x, p.dt.ptr, p.A.ptr, d); }},
             {"bwd 8 head_grads", [=, &p] { ssd_head_grads_kernel<float><<<ceil_div(s.H, NT), NT>>>(p.dA.ptr, p.dD.ptr, sc.dA_part, sc.dD_part, d); }},
         };
     };
