@@ -861,7 +861,7 @@ __global__ void __launch_bounds__(NT) ssd_state_pass_bwd_kernel(float* slots, T*
 #pragma unroll
             for (int k = 0; k < PASS_ELEMS; k++) dot += run[k] * ahead_s[j][k], local[k] = ahead_l[j][k];
             load(j, c - PASS_AHEAD);
-            dot = warp_sum(dot);  // this warp's share (until session 22 the block's, summed behind a barrier)
+            dot = warp_sum(dot);  // this warp's share; no barrier: the finalize kernel adds the shares
             if (threadIdx.x % 32 == 0) dot_part[((size_t)bh * d.nchunks + c) * nparts + part] = decay * dot;
             // dS_out(c − 1) = dS_in(c), kept in slot c − 1 (chunk 0: dinit_state, if wanted)
             float* dst_slot = c > 0 ? slots + d.chunk(bh, c - 1) : nullptr;
