@@ -102,7 +102,8 @@ inline std::string pattern_from_layers(int n_layers, const std::vector<int>& lay
 }
 
 // "1:5" → 1 attention (or hybrid) block per 5 Mamba blocks: round(n_layers · a / (a + m)), at least 1
-// and at most n_layers. So 1:1 → half, 1:3 → a quarter, 1:5 → a sixth, 1:12 → a thirteenth.
+// and, from 2 layers on, at most n_layers − 1 (a hybrid keeps a block of each kind: 12:1 on 4 layers is 3,
+// not 4). So 1:1 → half, 1:3 → a quarter, 1:5 → a sixth, 1:12 → a thirteenth.
 inline int ratio_to_count(const std::string& ratio, int n_layers) {
     HL_CHECK(n_layers > 0, "ratio: n_layers must be positive, got ", n_layers);
     size_t colon = ratio.find(':');
@@ -119,7 +120,7 @@ inline int ratio_to_count(const std::string& ratio, int n_layers) {
     HL_CHECK(a > 0 && m > 0, "ratio '", ratio, "': both sides must be positive (like 1:1, 1:3, 1:5, 1:12)");
     long n = std::lround(double(n_layers) * a / (a + m));
     if (n < 1) n = 1;
-    if (n > n_layers) n = n_layers;
+    if (n > n_layers - 1) n = n_layers > 1 ? n_layers - 1 : 1;
     return int(n);
 }
 

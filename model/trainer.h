@@ -131,6 +131,8 @@ inline ModelConfig build_config(const ModelFlags& f) {
         } else {
             const char letter = f.arch == "intra" ? 'H' : 'A', base = f.arch == "swa" ? 'S' : 'M';
             const std::string ratio = f.ratio.empty() ? "1:5" : f.ratio;  // the hybrid presets' ratio
+            HL_CHECK(L >= 2, "--layers ", L, ": a hybrid needs at least 2 layers, one block of each kind (--arch ",
+                     f.arch, ", ratio ", ratio, ")");
             c.pattern = make_pattern(L, ratio_to_count(ratio, L), letter, f.placement.empty() ? "middle" : f.placement,
                                      base);
         }

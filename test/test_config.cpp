@@ -243,6 +243,8 @@ TEST_CASE("ratio_to_count rounds to the share of attention, at least one block")
     CHECK(ratio_to_count("1:12", 26) == 2);
     CHECK(ratio_to_count("1:12", 4) == 1);  // at least one
     CHECK(ratio_to_count("2:1", 9) == 6);
+    CHECK(ratio_to_count("12:1", 4) == 3);  // at most n_layers − 1: a block of each kind
+    CHECK(ratio_to_count("1:3", 2) == 1);
     CHECK_THROWS_WITH_AS(ratio_to_count("1-5", 12), "ratio '1-5': expected attention:mamba as two integers, like 1:5",
                          hl::Error);
     CHECK_THROWS_AS(ratio_to_count("1:", 12), hl::Error);

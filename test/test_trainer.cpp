@@ -198,6 +198,14 @@ TEST_CASE("build_config and train_flags_check refuse bad flags with one clear li
     CHECK(has(err(f), "unknown value 'mul'"));
     f = tiny_flags(), f.arch = "mamba2", f.chunk = -1;
     CHECK(has(err(f), "--chunk must be in 1..256 (or 0 for the preset's), got -1"));
+    f = tiny_flags(), f.arch = "inter", f.layers = 1;  // one layer cannot hold both kinds (it was a transformer)
+    CHECK(has(err(f), "--layers 1: a hybrid needs at least 2 layers, one block of each kind (--arch inter, ratio 1:5)"));
+    f.arch = "transformer", f.ratio = "1:3";
+    CHECK(has(err(f), "--layers 1: a hybrid needs at least 2 layers"));
+    f.arch = "transformer", f.ratio = "", f.layers = 1;  // a pure model may have one layer
+    CHECK(build_config(f).pattern == "A");
+    f = tiny_flags(), f.arch = "inter", f.ratio = "12:1", f.layers = 4;
+    CHECK(build_config(f).count('M') == 1);
     f.chunk = 300;
     CHECK(has(err(f), "--chunk must be in 1..256 (or 0 for the preset's), got 300"));
     f = tiny_flags(), f.arch = "transformer", f.chunk = 32;
