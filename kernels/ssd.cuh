@@ -1503,11 +1503,11 @@ void launch_bwd_dC(T* dCm, float* part, float* cdot, const DY* dy, const ST* chu
         }
     }
     if (feat_tile(d.N) == 64)
-        ssd_bwd_dC_kernel<T, 64, DY, X, ST><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
-                                                              hps);
+        ssd_bwd_dC_kernel<T, 64, DY, X, ST><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm,
+                                                                     Cm, d, hps);
     else
-        ssd_bwd_dC_kernel<T, 128, DY, X, ST><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm, Cm, d,
-                                                               hps);
+        ssd_bwd_dC_kernel<T, 128, DY, X, ST><<<grid, NT, 0, stream>>>(dCm, part, cdot, dy, chunk_states, x, dt, A, Bm,
+                                                                      Cm, d, hps);
     cudaCheckLast();
 }
 
