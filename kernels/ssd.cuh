@@ -96,6 +96,8 @@ struct Dims {
     bool tc = false;  // every block_gemm on the tensor cores (ssd_tensor_cores() and bf16 operands in effect)
     __host__ __device__ int hpg() const { return H / G; }  // heads per group
     __host__ __device__ size_t PN() const { return (size_t)P * N; }
+    // the state passes' blocks per (b, h), each walking PASS_ELEMS·NT of the P·N state elements through the chunks
+    __host__ __device__ int pass_blocks() const { return (int)((PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT)); }
     __host__ __device__ size_t x(int b, int t, int h) const { return (((size_t)b * T_ + t) * H + h) * P; }   // (B,T,H,P)
     __host__ __device__ size_t dt(int b, int t, int h) const { return ((size_t)b * T_ + t) * H + h; }        // (B,T,H)
     __host__ __device__ size_t bc(int b, int t, int g) const { return (((size_t)b * T_ + t) * G + g) * N; }  // (B,T,G,N)
@@ -1649,7 +1651,7 @@ struct BwdScratch {
 
 inline BwdScratch bwd_scratch(float* base, const Dims& d) {
     BwdScratch s{};
-    s.nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
+    s.nsplit = d.pass_blocks();
     s.nparts = s.nsplit * (NT / 32);
     s.nslices = d.hpg() / ssd_heads_per_slice(d.hpg());
     const size_t BH = (size_t)d.B * d.H;
@@ -1705,8 +1707,7 @@ void ssd_chunked_forward(Y* y, ST* chunk_states, const X* x, const T* dt, const 
     using namespace ssd_detail;
     static_assert(std::is_same_v<ST, T> || std::is_same_v<T, float>, "bf16 chunk states under T = float only");
     const Dims d = ssd_dims("ssd_chunked_forward", B, T_, H, P, G, N, Q);
-    const int nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
-    const dim3 pass_grid(nsplit, B * H);
+    const dim3 pass_grid(d.pass_blocks(), B * H);
     if constexpr (std::is_same_v<ST, T>) {
         // 1. each chunk's end state from zero → chunk_states[c + 1] / final_state
         launch_chunk_state<false>(chunk_states, final_state, x, dt, A, Bm, d, stream);
