@@ -96,6 +96,8 @@ struct Dims {
     bool tc = false;  // every block_gemm on the tensor cores (ssd_tensor_cores() and bf16 operands in effect)
     __host__ __device__ int hpg() const { return H / G; }  // heads per group
     __host__ __device__ size_t PN() const { return (size_t)P * N; }
+    // the state passes' blocks per (b, h), each walking PASS_ELEMS·NT of the P·N state elements through the chunks
+    __host__ __device__ int pass_blocks() const { return (int)((PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT)); }
     __host__ __device__ size_t x(int b, int t, int h) const { return (((size_t)b * T_ + t) * H + h) * P; }   // (B,T,H,P)
     __host__ __device__ size_t dt(int b, int t, int h) const { return ((size_t)b * T_ + t) * H + h; }        // (B,T,H)
     __host__ __device__ size_t bc(int b, int t, int g) const { return (((size_t)b * T_ + t) * G + g) * N; }  // (B,T,G,N)
@@ -386,17 +388,25 @@ ssd_chunk_state_kernel(S* slots, T* end, const UT* U, const T* dt, const T* A, c
     }
 }
 
-// Stages a tile for the tensor-core kernels below: `rows` rows of `width` columns (a multiple of 4) into shared
-// memory as bf16 (row stride ld), four columns a thread at a time (ld4: a float4 load, or 8 bytes of bf16). src(r) is
-// row r (fp32, or bf16: x, B, C and dy under bf16 operands) or null (a zero row: past the chunk, or past P); columns
-// ≥ valid (a multiple of 4) are zeros; row r is multiplied by scale(r). All threads of the block take part; complete
-// after a __syncthreads.
-template <class Src, class Scale>
+// The scale of a tile staged as it is (stage_bf16's rows not multiplied).
+struct Unscaled {
+    __device__ float operator()(int) const { return 1.f; }
+};
+
+// Stages a tile for the tensor-core kernels below: `rows` rows of `width` columns (a multiple of 8) into shared
+// memory as bf16 (row stride ld, a multiple of 8). src(r) is row r (fp32, or bf16: x, B, C, dy and the chunk states
+// under bf16 tensors) or null (a zero row: past the chunk, or past P); columns ≥ valid (a multiple of 4) are zeros;
+// row r is multiplied by scale(r). Rounding or scaling goes through registers, four columns a thread at a time (ld4:
+// a float4 load, or 8 bytes of bf16). bf16 rows staged Unscaled are copied as they are, 16 bytes a cp.async, so
+// every copy of the thread is in flight at once and nothing passes through registers (a row not 16-byte aligned
+// there, or the last 4 columns when valid is not a multiple of 8, takes the register path). All threads of the block
+// take part; complete after a __syncthreads. stage_bf16<false> leaves its copies in flight for the next
+// stage_bf16 to wait for, so that two tiles load at once.
+template <bool WAIT = true, class Src, class Scale>
 __device__ inline void stage_bf16(bf16* dst, int ld, int rows, int width, int valid, const Src& src,
                                   const Scale& scale) {
-    for (int idx = threadIdx.x; idx < rows * (width / 4); idx += blockDim.x) {
-        const int r = idx / (width / 4), col = (idx % (width / 4)) * 4;
-        const auto* row = src(r);
+    using Row = std::remove_cv_t<std::remove_pointer_t<decltype(src(0))>>;
+    const auto through_registers = [&](int r, int col, const Row* row) {
         float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         if (row && col < valid) {
             v = ld4(row, col / 4);
@@ -404,9 +414,28 @@ __device__ inline void stage_bf16(bf16* dst, int ld, int rows, int width, int va
             v.x *= k, v.y *= k, v.z *= k, v.w *= k;
         }
         *reinterpret_cast<uint2*>(dst + r * ld + col) = make_uint2(mma::pack_bf16(v.x, v.y), mma::pack_bf16(v.z, v.w));
+    };
+    if constexpr (std::is_same_v<Row, bf16> && std::is_same_v<Scale, Unscaled>) {
+        for (int idx = threadIdx.x; idx < rows * (width / 8); idx += blockDim.x) {
+            const int r = idx / (width / 8), col = (idx % (width / 8)) * 8;
+            const bf16* row = src(r);
+            bf16* to = dst + r * ld + col;
+            if (!row || col >= valid)
+                *reinterpret_cast<uint4*>(to) = make_uint4(0u, 0u, 0u, 0u);
+            else if (col + 8 <= valid && reinterpret_cast<uintptr_t>(row + col) % 16 == 0)
+                mma::cp_async16(to, row + col, true);
+            else
+                through_registers(r, col, row), through_registers(r, col + 4, row);
+        }
+        mma::cp_async_commit();
+    } else {
+        for (int idx = threadIdx.x; idx < rows * (width / 4); idx += blockDim.x) {
+            const int r = idx / (width / 4), col = (idx % (width / 4)) * 4;
+            through_registers(r, col, src(r));
+        }
     }
+    if constexpr (WAIT) mma::cp_async_wait<0>();  // every copy of this thread's, earlier stagings' included
 }
-__device__ inline float unscaled(int) { return 1.f; }
 
 // Whether the tensor-core kernels apply: Dims::tc, P and N multiples of 4 (float4 staging), and every pointer in
 // `vec` 16-byte aligned (float4 loads), every one in `pair` 8-byte aligned (float2 loads and stores). When Dims::tc
@@ -469,13 +498,14 @@ ssd_chunk_state_tc_kernel(S* slots, float* end, const UT* U, const float* dt, co
     float acc[WN / 8][4];
     mma::zero(acc);
     for (int k0 = 0; k0 < len; k0 += CS_KT) {
+        // V first: staged as it is (by cp.async, when bf16), its copies load while U's rows are scaled
+        stage_bf16<false>(
+            &sv[0][0], LV, CS_KT, BN, N, [&](int r) { return k0 + r < len ? V + d.bc(b, t0 + k0 + r, g) : nullptr; },
+            Unscaled{});
         stage_bf16(
             &su[0][0], LU, CS_KT, BM, P - p0,
             [&](int r) { return k0 + r < len ? U + d.x(b, t0 + k0 + r, h) + p0 : nullptr; },
             [&](int r) { return w[k0 + r]; });
-        stage_bf16(
-            &sv[0][0], LV, CS_KT, BN, N, [&](int r) { return k0 + r < len ? V + d.bc(b, t0 + k0 + r, g) : nullptr; },
-            unscaled);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < CS_KT; kk += 16) {
@@ -733,10 +763,10 @@ ssd_chunk_output_tc_kernel(Y* y, const ST* chunk_states, const X* x, const float
     bf16* sx = sS + BM * LN;                        // (64, LP) x rows j0 ..
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
     const ST* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
+    stage_bf16<false>(
+        sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; }, Unscaled{});
     stage_bf16(
-        sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; }, unscaled);
-    stage_bf16(
-        sS, LN, PF, NF, N, [&](int p) { return p < P ? S_in + (size_t)p * N : nullptr; }, unscaled);
+        sS, LN, PF, NF, N, [&](int p) { return p < P ? S_in + (size_t)p * N : nullptr; }, Unscaled{});
     __syncthreads();
     // (4) exp(cum_i)·C_i·S_inᵀ
     float acc[WP / 8][4];
@@ -749,12 +779,12 @@ ssd_chunk_output_tc_kernel(Y* y, const ST* chunk_states, const X* x, const float
     __syncthreads();  // S_in's space is the B and x tiles' from here
     // (1) causal j tiles
     for (int j0 = 0; j0 <= i0; j0 += BM) {
-        stage_bf16(
+        stage_bf16<false>(
             sB, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; },
-            unscaled);
+            Unscaled{});
         stage_bf16(
             sx, LP, BM, PF, P, [&](int r) { return j0 + r < len ? x + d.x(b, t0 + j0 + r, h) : nullptr; },
-            unscaled);
+            Unscaled{});
         __syncthreads();
         // scores C_i·B_j, weighted exp(cum_i − cum_j)·dt_j for j ≤ i, times x_j (steps j ≥ len have sdt 0)
         causal_tile<NF, WP>(acc, sc + 16 * wm * LN, LN, sB, LN, sx + WP * wn, LP, i0 + 16 * wm, j0,
@@ -997,10 +1027,10 @@ ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const DY* dy, const 
     chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
     const float cum_last = cum[len - 1];
     const float* dS = slots + d.chunk(bh, c);  // dS_out of this chunk (P, N)
+    stage_bf16<false>(
+        sb, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; }, Unscaled{});
     stage_bf16(
-        sb, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; }, unscaled);
-    stage_bf16(
-        sS, LN, PF, NF, N, [&](int p) { return p < P ? dS + (size_t)p * N : nullptr; }, unscaled);
+        sS, LN, PF, NF, N, [&](int p) { return p < P ? dS + (size_t)p * N : nullptr; }, Unscaled{});
     __syncthreads();
     // state part: exp(cum_last − cum_j)·B_j·dS_outᵀ
     float acc[WP / 8][4];
@@ -1025,12 +1055,12 @@ ssd_bwd_dx_tc_kernel(float* dx, float* ddt, float* v_state, const DY* dy, const 
     __syncthreads();  // dS_out's space is the C and dy tiles' from here
     // intra-chunk part: causal i tiles from j0 on
     for (int i0 = j0; i0 < len; i0 += BM) {
-        stage_bf16(
+        stage_bf16<false>(
             sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; },
-            unscaled);
+            Unscaled{});
         stage_bf16(
             sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
-            unscaled);
+            Unscaled{});
         __syncthreads();
         // scores B_j·C_i, weighted exp(cum_i − cum_j) for i ≥ j, times dy_i (steps i ≥ len: zero C and dy rows)
         causal_tile<NF, WP>(acc, sb + 16 * wm * LN, LN, sc, LN, sdy + WP * wn, LP, j0 + 16 * wm, i0,
@@ -1321,11 +1351,11 @@ ssd_bwd_dB_tc_kernel(float* dBm, float* part, const DY* dy, const float* slots, 
         const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
         chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
         const float* dS = slots + d.chunk(bh, c);  // dS_out of this chunk (P, N)
-        stage_bf16(
+        stage_bf16<false>(
             sx, LP, BM, PF, P, [&](int r) { return j0 + r < len ? x + d.x(b, t0 + j0 + r, h) : nullptr; },
             [&](int r) { return sdt[j0 + r]; });
         stage_bf16(
-            sS, LN, PF, NF, N, [&](int p) { return p < P ? dS + (size_t)p * N : nullptr; }, unscaled);
+            sS, LN, PF, NF, N, [&](int p) { return p < P ? dS + (size_t)p * N : nullptr; }, Unscaled{});
         __syncthreads();
         {  // state part: exp(cum_last − cum_j)·(dt_j·x_j)·dS_out
             float st[WN / 8][4];
@@ -1340,12 +1370,12 @@ ssd_bwd_dB_tc_kernel(float* dBm, float* part, const DY* dy, const float* slots, 
         }
         __syncthreads();  // dS_out's space is the dy and C tiles' from here
         for (int i0 = j0; i0 < len; i0 += BM) {
-            stage_bf16(
+            stage_bf16<false>(
                 sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
-                unscaled);
+                Unscaled{});
             stage_bf16(
                 sc, LN, BM, NF, N, [&](int r) { return i0 + r < len ? Cm + d.bc(b, t0 + i0 + r, g) : nullptr; },
-                unscaled);
+                Unscaled{});
             __syncthreads();
             // scores (dt_j·x_j)·dy_i, weighted exp(cum_i − cum_j) for i ≥ j, times C_i (steps i ≥ len: zero rows)
             causal_tile<PF, WN>(acc, sx + 16 * wm * LP, LP, sdy, LP, sc + WN * wn, LN, j0 + 16 * wm, i0,
@@ -1391,11 +1421,11 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const S
         const int h = g * d.hpg() + s * heads_per_slice + hh, bh = b * d.H + h;
         chunk_cumsum(cum, sdt, dt + d.dt(b, t0, h), d.H, A[h], len);
         const ST* S_in = chunk_states + d.chunk(bh, c);  // (P, N)
-        stage_bf16(
+        stage_bf16<false>(
             sdy, LP, BM, PF, P, [&](int r) { return i0 + r < len ? dy + d.x(b, t0 + i0 + r, h) : nullptr; },
-            unscaled);
+            Unscaled{});
         stage_bf16(
-            sS, LN, PF, NF, N, [&](int p) { return p < P ? S_in + (size_t)p * N : nullptr; }, unscaled);
+            sS, LN, PF, NF, N, [&](int p) { return p < P ? S_in + (size_t)p * N : nullptr; }, Unscaled{});
         __syncthreads();
         // (4): exp(cum_i)·dy_i·S_in
         float acc[WN / 8][4];
@@ -1407,12 +1437,12 @@ ssd_bwd_dC_tc_kernel(float* dCm, float* part, float* cdot, const DY* dy, const S
         __syncthreads();  // S_in's space is the x and B tiles' from here
         // (1): causal j tiles
         for (int j0 = 0; j0 <= i0; j0 += BM) {
-            stage_bf16(
+            stage_bf16<false>(
                 sx, LP, BM, PF, P, [&](int r) { return j0 + r < len ? x + d.x(b, t0 + j0 + r, h) : nullptr; },
-                unscaled);
+                Unscaled{});
             stage_bf16(
                 sB, LN, BM, NF, N, [&](int r) { return j0 + r < len ? Bm + d.bc(b, t0 + j0 + r, g) : nullptr; },
-                unscaled);
+                Unscaled{});
             __syncthreads();
             // scores dy_i·x_j, weighted exp(cum_i − cum_j)·dt_j for j ≤ i, times B_j (steps j ≥ len have sdt 0)
             causal_tile<PF, WN>(acc, sdy + 16 * wm * LP, LP, sx, LP, sB + WN * wn, LN, i0 + 16 * wm, j0,
@@ -1621,7 +1651,7 @@ struct BwdScratch {
 
 inline BwdScratch bwd_scratch(float* base, const Dims& d) {
     BwdScratch s{};
-    s.nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
+    s.nsplit = d.pass_blocks();
     s.nparts = s.nsplit * (NT / 32);
     s.nslices = d.hpg() / ssd_heads_per_slice(d.hpg());
     const size_t BH = (size_t)d.B * d.H;
@@ -1677,8 +1707,7 @@ void ssd_chunked_forward(Y* y, ST* chunk_states, const X* x, const T* dt, const 
     using namespace ssd_detail;
     static_assert(std::is_same_v<ST, T> || std::is_same_v<T, float>, "bf16 chunk states under T = float only");
     const Dims d = ssd_dims("ssd_chunked_forward", B, T_, H, P, G, N, Q);
-    const int nsplit = (int)((d.PN() + PASS_ELEMS * NT - 1) / (PASS_ELEMS * NT));
-    const dim3 pass_grid(nsplit, B * H);
+    const dim3 pass_grid(d.pass_blocks(), B * H);
     if constexpr (std::is_same_v<ST, T>) {
         // 1. each chunk's end state from zero → chunk_states[c + 1] / final_state
         launch_chunk_state<false>(chunk_states, final_state, x, dt, A, Bm, d, stream);
