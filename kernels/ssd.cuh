@@ -79,8 +79,10 @@ constexpr int PASS_AHEAD = 4; // ... and how many chunks ahead they load
 // with nothing else to run; at 2 they spill 4–480 bytes and the scan is 25% faster (100m layer, Q = 64, H200:
 // fwd+bwd 8.89 → 6.63 ms). 3 (80 registers) spills up to 1.5 KB and is slower again.
 constexpr int GEMM_MIN_BLOCKS = 2;
-// The same for the tensor-core kernels, which are bound by the latency of staging their tiles (load, round, store,
+// The same for the tensor-core kernels, which were bound by the latency of staging their tiles (load, round, store,
 // barrier, multiply: nothing overlaps inside a block), so more blocks an SM pay even at a few spilled registers.
+// (Since session 24 bf16 tiles are copied by cp.async, two in flight, which took the scan at the 100m layer from
+// 2.69 to 2.10 ms; the block counts were not measured again after it.)
 // H200, dev/cuda/ssd.cu, 100m layer (Q = 64) / 350m layer (Q = 256), ms at 2 → 3 blocks (chunk_state 2 → 4):
 // chunk_state 0.370 → 0.232 / 0.187 → 0.128, chunk_output 0.469 → 0.391 / 0.526 → 0.406, dx 0.570 → 0.542 /
 // 0.566 → 0.504, dB 0.427 → 0.381 / 0.539 → 0.466. dC stays at 2: its 87 KB of shared memory allow no third
