@@ -1749,7 +1749,7 @@ void ssd_chunked_backward(T* dx, T* ddt, T* dA, T* dBm, T* dCm, T* dD, T* dinit_
     launch_chunk_state<true>(s.slots, dinit_state, dy, dt, A, Cm, d, stream);
     // 2. reverse state passing: dS_out of every chunk, dinit_state, and the ⟨dS_out, S_in⟩ partials
     ssd_state_pass_bwd_kernel<T, ST><<<dim3(s.nsplit, B * H), NT, 0, stream>>>(s.slots, dinit_state, s.dot_part,
-                                                                           dfinal_state, chunk_states, dt, A, d);
+                                                                               dfinal_state, chunk_states, dt, A, d);
     cudaCheckLast();
     // 3. dx and the direct part of ddt
     launch_bwd_dx(dx, ddt, s.v_state, dy, s.slots, x, dt, A, Bm, Cm, D, d, stream);
