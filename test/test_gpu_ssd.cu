@@ -321,6 +321,8 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
         {2, 100, 8, 16, 1, 16, 64, true, true},     // two head slices a group: dB, dC through the slice sums
         {1, 64, 24, 16, 1, 32, 32, true, false},    // six slices; N = 32 inside a 64-wide tile
         {2, 50, 6, 8, 2, 8, 16, false, true},       // 3 heads per group, two groups, 16-step chunks
+        {2, 90, 4, 12, 1, 20, 32, true, true},      // P, N multiples of 4, not 8: bf16 rows not all 16-byte aligned,
+                                                    // and a row's last 4 columns, staged through registers, not cp.async
     };
     const hl::gpu::Bf16Operands ops;  // (the scan only asks whether bf16 operands are in effect)
     hl::gpu::ssd_detail::ssd_tensor_cores() = true;  // (train_gpu: on under bf16, see kernels/ssd.cuh)
@@ -330,10 +332,13 @@ TEST_CASE("gpu ssd on tensor cores (bf16 operands) equals the CPU chunked scan w
         for (auto* v : {&in.x, &in.Bm, &in.Cm, &in.dy})  // bf16 values, for the bf16 tensors' check
             for (float& e : *v) e = __bfloat162float(__float2bfloat16_rn(e));
         Result g, g16;
+        const long fallbacks = hl::gpu::ssd_detail::tc_fallbacks();
         {
             const hl::gpu::Bf16Scope scope(&ops);
             g = run_gpu(k, in, &g16);
         }
+        if (k.P % 4 == 0 && k.N % 4 == 0)  // the shapes the tensor-core kernels take: none fell back
+            CHECK_MESSAGE(hl::gpu::ssd_detail::tc_fallbacks() == fallbacks, k.name() << ": not on the tensor cores");
         // x, B, C and dy in bf16 (Mamba-2's conv and gate write them so for the scan under bf16), y and the chunk
         // states stored in bf16: y and the states are the fp32 ones rounded once, and dx, dB, dC, dD, dinit_state the
         // fp32 tensors' bit for bit (every product rounds its operands to bf16; the rest reads the same floats), on
