@@ -10,7 +10,7 @@ metadata, so the two sides train the same config), with two layers swapped for w
 and optionally --compile (torch.compile) and --dtype bf16 (autocast, fp32 master weights, as train.cu's bf16).
 
     python3 dev/bench_torch.py --config CKPT --batch 8 --seq-len 2048 --steps 20 [--attn sdpa] [--ssd triton]
-                               [--compile] [--dtype bf16] [--flops-per-token F] [--csv out.csv]
+                               [--compile [--compile-mode M]] [--dtype bf16] [--flops-per-token F] [--csv out.csv]
     python3 dev/bench_torch.py --selfcheck      # the swapped layers equal the reference ones (SDPA: float64;
                                                 # Triton SSD: fp32, on a GPU only)
 
@@ -90,7 +90,9 @@ def bench(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     use_fast_layers(args.attn, args.ssd)
     model = build(cfg, device)
-    step_model = torch.compile(model) if args.compile else model
+    # mode "reduce-overhead" replays each compiled graph as a CUDA graph (fewer host launches; the Triton SSD, kept
+    # out of the graphs, still runs eagerly between them)
+    step_model = torch.compile(model, mode=args.compile_mode) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
                             fused=device == "cuda")
     amp = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
@@ -129,7 +131,9 @@ def bench(args):
     tok_s = args.batch * args.seq_len / dt
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
     mfu = args.flops_per_token * tok_s / (args.peak_tflops * 1e12) if args.flops_per_token > 0 else float("nan")
-    label = f"torch attn={args.attn} ssd={args.ssd} {'compile ' if args.compile else ''}{args.dtype}"
+    compiled = "" if not args.compile else "compile " if args.compile_mode == "default" else \
+        f"compile={args.compile_mode} "
+    label = f"torch attn={args.attn} ssd={args.ssd} {compiled}{args.dtype}"
     print(f"{label}: {cfg.arch} {cfg.pattern} B={args.batch} T={args.seq_len}: {dt * 1e3:.2f} ms/step, "
           f"{tok_s:,.0f} tok/s, peak {peak:.2f} GiB, MFU {mfu * 100:.1f}%, loss {loss.item():.4f}")
     if marks:
@@ -196,6 +200,8 @@ def main(argv=None):
     ap.add_argument("--attn", choices=["reference", "sdpa"], default="sdpa")
     ap.add_argument("--ssd", choices=["reference", "triton"], default="triton")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune"], default="default",
+                    help="torch.compile's mode (with --compile)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--flops-per-token", type=float, default=0.0, help="training FLOPs per token (the trainers print it)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak")

@@ -10,9 +10,10 @@
 #   MODES=eager bash dev/bench_torch.sh OUT1 && MODES=compile SELFCHECK=0 bash dev/bench_torch.sh OUT2   (two halves)
 #
 # Environment (defaults): PYTHON (python3), TRAINER (build/train_gpu), PRESET (100m), ARCHS (transformer mamba2 inter
-# intra), MODES (eager compile), BATCH (8), SEQ_LEN (2048), STEPS (10), TIMEOUT (240 s per python run), ATTN (sdpa),
-# SSD (triton), DTYPE (bf16), SELFCHECK (1: run --selfcheck first), CKPT_DIR (runs/bench_torch_ckpt, relative to the
-# repo root; a checkpoint of the same PRESET and SEQ_LEN found there is reused).
+# intra), MODES (eager compile; also compile-ro: torch.compile's mode "reduce-overhead", CUDA graphs), BATCH (8),
+# SEQ_LEN (2048), STEPS (10), TIMEOUT (240 s per python run), ATTN (sdpa), SSD (triton), DTYPE (bf16), SELFCHECK
+# (1: run --selfcheck first), CKPT_DIR (runs/bench_torch_ckpt, relative to the repo root; a checkpoint of the same
+# PRESET and SEQ_LEN found there is reused).
 # .whl/py holds einops and the trimmed mamba_ssm (ops/triton SSD only); .whl/py-fallback holds `packaging`, put on
 # the path only when the interpreter lacks it.
 set -euo pipefail
@@ -87,9 +88,14 @@ done
 
 # (b) the timed runs: every family eager, then every family compiled (so a cut-short session keeps the eager table)
 for mode in $MODES; do
-    case $mode in eager) flag="" ;; compile) flag="--compile" ;; *) echo "unknown mode '$mode'" >&2; exit 1 ;; esac
+    case $mode in
+        eager) flag="" tag="" ;;
+        compile) flag="--compile" tag="compile " ;;
+        compile-ro) flag="--compile --compile-mode reduce-overhead" tag="compile=reduce-overhead " ;;
+        *) echo "unknown mode '$mode'" >&2; exit 1 ;;
+    esac
     for arch in $ARCHS; do
-        label="torch attn=$ATTN ssd=$SSD ${flag:+compile }$DTYPE"
+        label="torch attn=$ATTN ssd=$SSD $tag$DTYPE"
         log=$out/logs/bench-$arch-$mode.log
         ckpt=$CKPT_DIR/$arch/model.safetensors
         if [ ! -s "$ckpt" ]; then
