@@ -16,5 +16,5 @@ if ! "$bin" --preset "$preset" --arch "$arch" --batch 8 --seq-len 2048 --steps 1
     exit 1
 fi
 mem=$(grep -m1 "device memory in use" "$out/log" | sed 's/device memory in use: //')
-awk -F, -v b="$bin" -v a="$arch" -v p="$preset" -v m="$mem" 'NR > 4 { s += $6; n++ }
+awk -F, -v b="$bin" -v a="$arch" -v p="$preset" -v m="$mem" 'NR > 1 && $1 >= 5 { s += $6; n++ }
     END { printf "%-28s %-12s %-5s %10.0f tok/s (n=%d)  mem %s\n", b, a, p, s / n, n, m }' "$out/run/log.csv"

@@ -4,7 +4,7 @@
 // and the paper's cost formulas (§2).
 // Pure configuration and arithmetic: no tensors, no math of the layers themselves.
 #pragma once
-#include <algorithm>       // std::min
+#include <algorithm>       // std::min, std::clamp
 #include <cmath>           // std::lround, std::isfinite
 #include <cstdio>          // std::snprintf for the cost report
 #include <map>             // std::map: config as checkpoint metadata
@@ -118,10 +118,8 @@ inline int ratio_to_count(const std::string& ratio, int n_layers) {
     HL_CHECK(digits(sa) && digits(sm), "ratio '", ratio, "': expected attention:mamba as two integers, like 1:5");
     int a = std::stoi(sa), m = std::stoi(sm);
     HL_CHECK(a > 0 && m > 0, "ratio '", ratio, "': both sides must be positive (like 1:1, 1:3, 1:5, 1:12)");
-    long n = std::lround(double(n_layers) * a / (a + m));
-    if (n < 1) n = 1;
-    if (n > n_layers - 1) n = n_layers > 1 ? n_layers - 1 : 1;
-    return int(n);
+    const long most = n_layers > 1 ? n_layers - 1 : 1;
+    return int(std::clamp(std::lround(double(n_layers) * a / (a + m)), 1L, most));
 }
 
 // Builds a pattern of n_layers blocks, n_attn of them `letter` (A for inter-layer, H for intra-layer
